@@ -1,0 +1,38 @@
+"""Test harness: Triton's interpreter on CPU-only machines, markers, shared fixtures."""
+
+import os
+
+import torch
+
+# Must happen before any @triton.jit runs (tkernels or vLLM kernels are imported by tests
+# after this file): on a machine with no CUDA device, kernels run under the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+HAS_SGLANG = importlib.util.find_spec("sglang") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    skips = {
+        "gpu": (HAS_CUDA, "needs a CUDA device"),
+        "vllm": (HAS_VLLM, "vLLM is not installed in this environment"),
+        "sglang": (HAS_SGLANG, "SGLang is not installed in this environment"),
+    }
+    for item in items:
+        for marker, (available, why) in skips.items():
+            if marker in item.keywords and not available:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
+@pytest.fixture
+def rng():
+    """A fresh, logged seed per test: random inputs differ run to run but failures replay."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)
