@@ -1,0 +1,20 @@
+"""Speculation: tree contract and templates, drafters, dynamic tree shapes, verification."""
+
+from .tree import (
+    TreeShape,
+    ancestor_bits,
+    ancestor_mask,
+    best_path,
+    chain,
+    depths,
+    from_child_counts,
+    from_rank_paths,
+    from_widths,
+    leaf_paths,
+    positions,
+    retrieve_indices,
+    to_sglang,
+    to_vllm_linear,
+    token_recycling_template,
+    validate_parents,
+)

@@ -1,0 +1,321 @@
+"""Speculation trees on the ``parents`` contract, their static templates and server formats.
+
+A tree of ``n`` nodes is ``parents: int32[n]`` in BFS order: ``parents[0] == -1`` (node 0 is the
+last committed token, whose logits predict the depth-1 children) and, for ``i >= 1``,
+``0 <= parents[i] < i`` with ``parents[1:]`` non-decreasing (BFS dequeues parents in order, so a
+node's children are contiguous and every depth is a contiguous slice). A batch of trees is
+ragged: ``parents`` holds LOCAL indices per request and ``cu_nodes: int32[B+1]`` the offsets.
+
+Every function works on CPU or device tensors; the derived quantities use pointer jumping (one
+vectorised gather per tree level), never a per-node Python loop. Only :func:`validate_parents`
+and the list-returning :func:`leaf_paths` read values back to the host.
+
+A *shape* (:class:`TreeShape`) adds ``ranks``: node ``i`` is its parent's ``ranks[i]``-th best
+candidate (column ``ranks[i]`` of Token Recycling's adjacency row, the ``ranks[i]``-th top-k
+token of a draft head). Drafters fill a shape with tokens; the verifier only needs ``parents``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "TreeShape",
+    "validate_parents",
+    "depths",
+    "positions",
+    "ancestor_bits",
+    "ancestor_mask",
+    "leaf_paths",
+    "retrieve_indices",
+    "best_path",
+    "chain",
+    "from_child_counts",
+    "from_rank_paths",
+    "from_widths",
+    "token_recycling_template",
+    "to_sglang",
+    "to_vllm_linear",
+    "TR_80_WIDTHS",
+]
+
+
+def _check_cu_nodes(parents: torch.Tensor, cu_nodes: torch.Tensor) -> None:
+    if cu_nodes.dim() != 1 or cu_nodes.numel() < 1 or cu_nodes.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_nodes must be a 1-D int32 tensor [B+1], got {tuple(cu_nodes.shape)} {cu_nodes.dtype}")
+    if cu_nodes.device != parents.device:
+        raise ValueError(f"cu_nodes is on {cu_nodes.device} but parents is on {parents.device}")
+    cu = cu_nodes.cpu()
+    if int(cu[0]) != 0 or int(cu[-1]) != parents.numel() or bool((cu[1:] <= cu[:-1]).any()):
+        raise ValueError(
+            "cu_nodes must start at 0, end at len(parents) and increase strictly (every tree has "
+            f"at least its root), got {cu.tolist()} for {parents.numel()} nodes"
+        )
+
+
+def validate_parents(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None) -> None:
+    """Raise ``ValueError`` naming ``parents`` unless it is a valid BFS tree (or ragged batch)."""
+    if not isinstance(parents, torch.Tensor) or parents.dim() != 1:
+        raise ValueError(f"parents must be a 1-D tensor, got {getattr(parents, 'shape', type(parents))}")
+    if parents.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"parents must be int32 (or int64), got {parents.dtype}")
+    if parents.numel() == 0:
+        raise ValueError("parents is empty: a tree has at least its root (node 0)")
+    if cu_nodes is None:
+        cu = torch.tensor([0, parents.numel()])
+    else:
+        _check_cu_nodes(parents, cu_nodes)
+        cu = cu_nodes.cpu().long()
+    p = parents.cpu().long()
+    for b, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        tree = p[start:end]
+        where = "" if cu_nodes is None else f" (request {b})"
+        if int(tree[0]) != -1:
+            raise ValueError(f"parents[0] must be -1 (node 0 is the root){where}, got {int(tree[0])}")
+        idx = torch.arange(tree.numel())
+        bad = ((tree < 0) | (tree >= idx))[1:].nonzero()
+        if bad.numel():
+            i = int(bad[0]) + 1
+            raise ValueError(f"parents[{i}] = {int(tree[i])} must satisfy 0 <= parents[i] < i{where}")
+        dec = (tree[2:] < tree[1:-1]).nonzero()
+        if dec.numel():
+            i = int(dec[0]) + 2
+            raise ValueError(
+                f"parents is not in BFS order{where}: parents[{i}] = {int(tree[i])} < "
+                f"parents[{i - 1}] = {int(tree[i - 1])} (parents[1:] must be non-decreasing)"
+            )
+
+
+def _global_parents(parents: torch.Tensor, cu_nodes: torch.Tensor | None) -> torch.Tensor:
+    """int64 parents in global indices (-1 for roots), so ragged batches reuse the 1-tree code."""
+    p = parents.long()
+    if cu_nodes is None:
+        return p
+    counts = (cu_nodes[1:] - cu_nodes[:-1]).long()
+    offsets = torch.repeat_interleave(cu_nodes[:-1].long(), counts)
+    return torch.where(p >= 0, p + offsets, p)
+
+
+def _jump(parents: torch.Tensor):
+    """Yield ``anc``: every node's ancestor one level further up each time (-1 past the root)."""
+    anc = parents
+    while bool((anc >= 0).any()):
+        yield anc
+        anc = torch.where(anc >= 0, parents[anc.clamp(min=0)], anc)
+
+
+def depths(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None) -> torch.Tensor:
+    """Depth of every node (root 0), int32, same device; one gather per level."""
+    p = _global_parents(parents, cu_nodes)
+    depth = torch.zeros_like(p)
+    for anc in _jump(p):
+        depth += (anc >= 0).long()
+    return depth.int()
+
+
+def positions(parents: torch.Tensor, start: int | torch.Tensor = 0, cu_nodes: torch.Tensor | None = None) -> torch.Tensor:
+    """Position ids of the tree tokens: ``start`` (node 0's position; int or int[B]) + depth."""
+    d = depths(parents, cu_nodes).long()
+    if isinstance(start, torch.Tensor) and start.dim() == 1 and cu_nodes is not None:
+        start = torch.repeat_interleave(start.long(), (cu_nodes[1:] - cu_nodes[:-1]).long())
+    return d + start
+
+
+def ancestor_bits(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None) -> torch.Tensor:
+    """Bit-packed attention rows, int64[n]: bit ``j`` set iff ``j`` is ``i`` or an ancestor.
+
+    Bits are LOCAL node indices (so every tree of a batch has ``n <= 64``); bit 63 is the sign
+    bit of the int64.
+    """
+    n_max = parents.numel() if cu_nodes is None else int((cu_nodes[1:] - cu_nodes[:-1]).max())
+    if n_max > 64:
+        raise ValueError(f"ancestor_bits packs a row into 64 bits: parents has a tree of {n_max} > 64 nodes; use ancestor_mask")
+    local = torch.arange(parents.numel(), device=parents.device)
+    if cu_nodes is not None:
+        local = local - torch.repeat_interleave(cu_nodes[:-1].long(), (cu_nodes[1:] - cu_nodes[:-1]).long())
+    offsets = torch.arange(parents.numel(), device=parents.device) - local
+    one = torch.ones((), dtype=torch.int64, device=parents.device)
+    bits = torch.bitwise_left_shift(one, local)
+    for anc in _jump(_global_parents(parents, cu_nodes)):
+        anc_local = (anc - offsets).clamp(min=0)
+        bits |= torch.where(anc >= 0, torch.bitwise_left_shift(one, anc_local), torch.zeros_like(bits))
+    return bits
+
+
+def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
+    """bool[n, n] tree attention mask of one tree: ``mask[i, j]`` iff j is i or an ancestor of i."""
+    n = parents.numel()
+    mask = torch.eye(n, dtype=torch.bool, device=parents.device)
+    rows = torch.arange(n, device=parents.device)
+    for anc in _jump(parents.long()):
+        ok = anc >= 0
+        mask[rows[ok], anc[ok]] = True
+    return mask
+
+
+def _leaves(parents: torch.Tensor) -> torch.Tensor:
+    is_parent = torch.zeros(parents.numel(), dtype=torch.bool, device=parents.device)
+    is_parent[parents.long()[1:]] = True
+    return (~is_parent).nonzero().flatten()
+
+
+def retrieve_indices(parents: torch.Tensor) -> torch.Tensor:
+    """int64[num_leaves, max_depth+1]: the root-to-leaf node paths, leaves in index order, -1 padded."""
+    p = parents.long()
+    leaves = _leaves(p)
+    d = depths(p).long()
+    width = int(d.max()) + 1
+    out = torch.full((leaves.numel(), width), -1, dtype=torch.int64, device=p.device)
+    rows = torch.arange(leaves.numel(), device=p.device)
+    node, col = leaves, d[leaves]
+    while True:  # walk every leaf up at once, writing each node at its depth's column
+        out[rows, col] = node
+        node = p[node]
+        keep = node >= 0
+        if not bool(keep.any()):
+            return out
+        rows, node, col = rows[keep], node[keep], col[keep] - 1
+
+
+def leaf_paths(parents: torch.Tensor) -> list[list[int]]:
+    """Root-to-leaf node paths (host lists), leaves in index order."""
+    return [[i for i in row if i >= 0] for row in retrieve_indices(parents).tolist()]
+
+
+def best_path(parents: torch.Tensor, node_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """Node indices (root first, int64) of the root-to-leaf path with the highest score sum.
+
+    With ``node_scores`` = each node's path probability (product of acceptance probabilities
+    from the root), the sum along a path is that linear draft's expected accepted length, so
+    this is the best linear draft inside the tree. Without scores: the first-child chain, which
+    for rank-ordered shapes is the top-1 chain. Ties go to the lowest leaf index.
+    """
+    paths = retrieve_indices(parents)
+    if node_scores is None:  # +1 on first children, a sure loss on any other: the first-child chain
+        first = torch.ones_like(parents, dtype=torch.bool)
+        first[1:] = parents[1:] != parents[:-1]
+        node_scores = torch.where(first, 1.0, -float(parents.numel()))
+    elif node_scores.shape != parents.shape:
+        raise ValueError(f"node_scores must have shape {tuple(parents.shape)}, got {tuple(node_scores.shape)}")
+    totals = torch.where(paths >= 0, node_scores.double()[paths.clamp(min=0)], 0.0).sum(1)
+    best = paths[int(totals.argmax())]
+    return best[best >= 0]
+
+
+# --- shapes -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """A tree (``parents``) whose nodes are ranked candidates of their parent (``ranks``, root -1)."""
+
+    parents: torch.Tensor  # int32[n]
+    ranks: torch.Tensor  # int32[n]
+
+    def __post_init__(self):
+        validate_parents(self.parents)
+        if self.ranks.shape != self.parents.shape or int(self.ranks[0]) != -1 or bool((self.ranks[1:] < 0).any()):
+            raise ValueError("ranks must match parents' shape, be -1 at the root and >= 0 elsewhere")
+
+    def __len__(self) -> int:
+        return self.parents.numel()
+
+    def truncate(self, n: int) -> "TreeShape":
+        """The first ``n`` nodes in BFS order (always a tree, since ``parents[i] < i``)."""
+        if not 1 <= n <= len(self):
+            raise ValueError(f"n must be in [1, {len(self)}], got {n}")
+        return TreeShape(self.parents[:n].clone(), self.ranks[:n].clone())
+
+    def to(self, device) -> "TreeShape":
+        return TreeShape(self.parents.to(device), self.ranks.to(device))
+
+
+def from_child_counts(child_counts: Sequence[int]) -> TreeShape:
+    """Shape from each node's number of children, nodes in BFS order; children take ranks 0..c-1."""
+    parents, ranks = [-1], [-1]
+    for node, count in enumerate(child_counts):
+        if node >= len(parents):
+            raise ValueError(f"child_counts names node {node} but only {len(parents)} nodes exist before it")
+        parents += [node] * count
+        ranks += list(range(count))
+    return TreeShape(torch.tensor(parents, dtype=torch.int32), torch.tensor(ranks, dtype=torch.int32))
+
+
+def from_rank_paths(rank_paths: Sequence[Sequence[int]]) -> TreeShape:
+    """Shape from Medusa-style rank paths (``(0,)``, ``(0, 1)``, ...; every prefix must be listed).
+
+    Nodes are ordered by depth, then parent, then rank, which is BFS order.
+    """
+    paths = sorted({tuple(p) for p in rank_paths if len(p)}, key=lambda p: (len(p), p))
+    index = {(): 0}
+    parents, ranks = [-1], [-1]
+    for p in paths:
+        if p[:-1] not in index:
+            raise ValueError(f"rank_paths has {p} but not its prefix {p[:-1]}")
+        index[p] = len(parents)
+        parents.append(index[p[:-1]])
+        ranks.append(p[-1])
+    # sorting by (len, path) orders same-depth nodes by their parents' paths, i.e. by parent index
+    return TreeShape(torch.tensor(parents, dtype=torch.int32), torch.tensor(ranks, dtype=torch.int32))
+
+
+def chain(n: int) -> TreeShape:
+    """A linear draft of ``n - 1`` tokens (rank 0 at every depth)."""
+    return from_child_counts([1] * (n - 1))
+
+
+# Token Recycling's static tree (Luo et al. 2024, "Turning Trash into Treasure"), written from
+# the paper's description: 80 nodes drawn from the adjacency matrix's top-k (k = 8) candidates,
+# wide at shallow depths and narrowing with depth. Our reading, as a rule: a node at depth d
+# whose root path used candidate ranks summing to s gets max(0, W[d] - s) children (ranks
+# 0, 1, ...), so the fan-out falls with depth and with how unlikely the path already is. With
+# W = TR_80_WIDTHS the tree has exactly 80 nodes counting the root (79 draft tokens; 80 query
+# tokens in the verify step): 1, 8, 21, 20, 15, 6, 7, 1, 1 nodes at depths 0..8.
+TR_80_WIDTHS: tuple[int, ...] = (8, 6, 4, 3, 2, 2, 1, 1)
+
+
+def from_widths(widths: Sequence[int]) -> TreeShape:
+    """Shape from the rank-sum fan-out rule above: max(0, widths[d] - rank sum) children."""
+    child_counts, rank_sums, node_depths = [], [0], [0]
+    node = 0
+    while node < len(rank_sums):  # BFS: children are appended behind the queue's tail
+        d, s = node_depths[node], rank_sums[node]
+        count = max(0, widths[d] - s) if d < len(widths) else 0
+        child_counts.append(count)
+        rank_sums += [s + r for r in range(count)]
+        node_depths += [d + 1] * count
+        node += 1
+    return from_child_counts(child_counts)
+
+
+def token_recycling_template() -> TreeShape:
+    """Token Recycling's static 80-node tree (see :data:`TR_80_WIDTHS`)."""
+    return from_widths(TR_80_WIDTHS)
+
+
+# --- server formats -------------------------------------------------------------------------
+
+
+def to_sglang(draft_tokens: torch.Tensor, parents: torch.Tensor, cu_nodes: torch.Tensor | None = None):
+    """SGLang's NGRAM format: ``(tokens int64[total], mask bool[sum n_b * n_b])``.
+
+    Per request, ``mask[i * n + j]`` is 1 iff j is i or an ancestor of i; requests' flattened
+    masks are concatenated in batch order.
+    """
+    if draft_tokens.shape != parents.shape:
+        raise ValueError(f"draft_tokens must have parents' shape {tuple(parents.shape)}, got {tuple(draft_tokens.shape)}")
+    if cu_nodes is None:
+        return draft_tokens.long(), ancestor_mask(parents).flatten()
+    bounds = cu_nodes.tolist()
+    masks = [ancestor_mask(parents[s:e]).flatten() for s, e in zip(bounds[:-1], bounds[1:])]
+    return draft_tokens.long(), torch.cat(masks)
+
+
+def to_vllm_linear(draft_tokens: torch.Tensor, parents: torch.Tensor, node_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """vLLM's linear draft: the tokens of :func:`best_path` without the root (int64[depth])."""
+    if draft_tokens.shape != parents.shape:
+        raise ValueError(f"draft_tokens must have parents' shape {tuple(parents.shape)}, got {tuple(draft_tokens.shape)}")
+    return draft_tokens.long()[best_path(parents, node_scores)[1:]]
