@@ -1,0 +1,207 @@
+"""Continuous speculative acceptance: trajectory log-ratios and first-rejection counts.
+
+A diffusion head draws a continuous token by a chain of Gaussian reverse transitions
+``x_{t-1} ~ N(mu(x_t, t, z), sigma_t^2 I)``. For a trajectory drawn by the draft, the log of the
+target-to-draft ratio of joint trajectory densities is (the shared prior on ``x_T`` cancels)
+
+    sum_s sum_d [(x - mu_q)^2 - (x - mu_p)^2] / (2 sigma_s^2)
+  = sum_s sum_d (mu_p - mu_q) * (2x - mu_p - mu_q) / (2 sigma_s^2)
+
+where ``x = x_{t-1}`` is the point reached at reverse step ``s``. The factored form is used in
+both the kernel and the reference: it has no cancellation between two large squares.
+
+Two kernels: :func:`trajectory_log_ratio` (rows x steps x dims -> one fp32 per row) and
+:func:`first_rejection` (log-ratios and uniforms over a speculation window -> number of draft
+tokens accepted per row). Each has a plain-PyTorch reference beside it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tkernels.registry import gpu_compile_check
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@gpu_compile_check(
+    {
+        "x_ptr": "*fp16", "mu_p_ptr": "*fp16", "mu_q_ptr": "*fp16", "sigma_ptr": "*fp32", "out_ptr": "*fp32",
+        "n_steps": "i32", "n_dims": "i32",
+        "x_sn": "i64", "x_ss": "i64", "x_sd": "i64",
+        "p_sn": "i64", "p_ss": "i64", "p_sd": "i64",
+        "q_sn": "i64", "q_ss": "i64", "q_sd": "i64",
+    },
+    BLOCK_S=16,
+    BLOCK_D=16,
+)
+@triton.jit
+def _trajectory_log_ratio_kernel(
+    x_ptr, mu_p_ptr, mu_q_ptr, sigma_ptr, out_ptr,
+    n_steps, n_dims,
+    x_sn, x_ss, x_sd,
+    p_sn, p_ss, p_sd,
+    q_sn, q_ss, q_sd,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per row (a token's whole trajectory): a row is a few thousand elements at
+    # MAR sizes (100 steps x 16 dims), so a serial loop over step blocks keeps the reduction
+    # in registers with no atomics.
+    row = tl.program_id(0).to(tl.int64)
+    steps = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, n_dims, BLOCK_D):
+        d = d0 + dims
+        d_ok = d < n_dims
+        for s0 in range(0, n_steps, BLOCK_S):
+            s = s0 + steps
+            s_ok = s < n_steps
+            mask = s_ok[:, None] & d_ok[None, :]
+            x = tl.load(x_ptr + row * x_sn + s[:, None] * x_ss + d[None, :] * x_sd, mask=mask, other=0.0)
+            mp = tl.load(mu_p_ptr + row * p_sn + s[:, None] * p_ss + d[None, :] * p_sd, mask=mask, other=0.0)
+            mq = tl.load(mu_q_ptr + row * q_sn + s[:, None] * q_ss + d[None, :] * q_sd, mask=mask, other=0.0)
+            sigma = tl.load(sigma_ptr + s, mask=s_ok, other=1.0)
+            x = x.to(tl.float32)
+            mp = mp.to(tl.float32)
+            mq = mq.to(tl.float32)
+            half_precision = 0.5 / (sigma * sigma)
+            acc += (mp - mq) * (2.0 * x - mp - mq) * half_precision[:, None]
+    tl.store(out_ptr + row, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+def _check_trajectories(x: torch.Tensor, mu_p: torch.Tensor, mu_q: torch.Tensor, sigma: torch.Tensor) -> None:
+    for name, t in (("x", x), ("mu_p", mu_p), ("mu_q", mu_q)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be [rows, steps, dims], got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be fp16, bf16 or fp32, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    for name, t in (("mu_p", mu_p), ("mu_q", mu_q)):
+        if t.shape != x.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but x has {tuple(x.shape)} (rows, steps, dims must match)")
+    if not isinstance(sigma, torch.Tensor) or sigma.dim() != 1 or sigma.shape[0] != x.shape[1]:
+        got = tuple(sigma.shape) if isinstance(sigma, torch.Tensor) else type(sigma).__name__
+        raise ValueError(f"sigma must be a 1-D tensor of {x.shape[1]} per-step stds (one per step of x), got {got}")
+    if sigma.device != x.device:
+        raise ValueError(f"sigma is on {sigma.device} but x is on {x.device}")
+    if not sigma.dtype.is_floating_point:
+        raise ValueError(f"sigma must be floating point, got {sigma.dtype}")
+    if sigma.numel() and not bool((sigma > 0).all() and torch.isfinite(sigma).all()):
+        raise ValueError("sigma must be finite and > 0 at every step (a zero-variance step has no density)")
+
+
+def trajectory_log_ratio(x: torch.Tensor, mu_p: torch.Tensor, mu_q: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``log p(x_{0:T}) - log q(x_{0:T})`` per row, for Gaussian reverse chains sharing ``sigma``.
+
+    ``x``, ``mu_p``, ``mu_q``: ``[rows, steps, dims]`` (fp16/bf16/fp32, any strides): the point
+    reached at each reverse step and the target / draft means of that transition. ``sigma``:
+    ``[steps]`` positive per-step stds. Returns fp32 ``[rows]``.
+    """
+    _check_trajectories(x, mu_p, mu_q, sigma)
+    rows, steps, dims = x.shape
+    out = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return out
+    if steps == 0 or dims == 0:
+        return out.zero_()
+    sigma = sigma.to(torch.float32).contiguous()
+    block_d = min(triton.next_power_of_2(dims), 64)
+    block_s = max(1, min(triton.next_power_of_2(steps), 1024 // block_d))
+    _trajectory_log_ratio_kernel[(rows,)](
+        x, mu_p, mu_q, sigma, out, steps, dims,
+        *x.stride(), *mu_p.stride(), *mu_q.stride(),
+        BLOCK_S=block_s, BLOCK_D=block_d,
+    )
+    return out
+
+
+def trajectory_log_ratio_reference(x: torch.Tensor, mu_p: torch.Tensor, mu_q: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch :func:`trajectory_log_ratio` (same validation, fp32 math)."""
+    _check_trajectories(x, mu_p, mu_q, sigma)
+    x, mu_p, mu_q = x.float(), mu_p.float(), mu_q.float()
+    half_precision = 0.5 / sigma.float().square()
+    return ((mu_p - mu_q) * (2 * x - mu_p - mu_q) * half_precision[None, :, None]).sum(dim=(1, 2))
+
+
+@gpu_compile_check(
+    {"log_ratio_ptr": "*fp32", "uniform_ptr": "*fp32", "out_ptr": "*i32", "rows": "i32", "window": "i32",
+     "lr_sb": "i64", "lr_sw": "i64", "u_sb": "i64", "u_sw": "i64"},
+    BLOCK_B=16,
+    BLOCK_W=32,
+)
+@triton.jit
+def _first_rejection_kernel(
+    log_ratio_ptr, uniform_ptr, out_ptr, rows, window,
+    lr_sb, lr_sw, u_sb, u_sw,
+    BLOCK_B: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    # Draft token j is accepted iff u_j < min(1, exp(log_ratio_j)), i.e. log(u_j) < log_ratio_j
+    # (u = 0 always accepts, NaN ratios reject). The answer is the first j that fails, or window.
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = b < rows
+    b64 = b.to(tl.int64)
+    first = tl.full((BLOCK_B,), 0, dtype=tl.int32) + window
+    for w0 in range(0, window, BLOCK_W):
+        w = w0 + tl.arange(0, BLOCK_W)
+        mask = b_ok[:, None] & (w < window)[None, :]
+        lr = tl.load(log_ratio_ptr + b64[:, None] * lr_sb + w[None, :] * lr_sw, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(uniform_ptr + b64[:, None] * u_sb + w[None, :] * u_sw, mask=mask, other=0.5).to(tl.float32)
+        accept = tl.log(u) < lr
+        rejected_at = tl.where(mask & (accept == 0), w[None, :], window)
+        first = tl.minimum(first, tl.min(rejected_at, axis=1))
+    tl.store(out_ptr + b, first, mask=b_ok)
+
+
+def _check_window(log_ratio: torch.Tensor, uniforms: torch.Tensor) -> None:
+    for name, t in (("log_ratio", log_ratio), ("uniforms", uniforms)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be [rows, window], got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be fp16, bf16 or fp32, got {t.dtype}")
+    if uniforms.shape != log_ratio.shape:
+        raise ValueError(f"uniforms has shape {tuple(uniforms.shape)} but log_ratio has {tuple(log_ratio.shape)}")
+    if uniforms.device != log_ratio.device:
+        raise ValueError(f"uniforms is on {uniforms.device} but log_ratio is on {log_ratio.device}")
+
+
+def first_rejection(log_ratio: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Number of draft tokens accepted per row: the index of the first rejection in the window.
+
+    ``log_ratio``: ``[rows, window]`` per-token ``log p/q``; ``uniforms``: same shape, in
+    ``[0, 1)``. Token j is accepted with probability ``min(1, exp(log_ratio[j]))``; returns int32
+    ``[rows]`` in ``[0, window]`` (``window`` when every token is accepted).
+    """
+    _check_window(log_ratio, uniforms)
+    rows, window = log_ratio.shape
+    out = torch.empty(rows, dtype=torch.int32, device=log_ratio.device)
+    if rows == 0:
+        return out
+    if window == 0:
+        return out.zero_()
+    block_w = min(triton.next_power_of_2(window), 64)
+    block_b = max(1, min(64, 2048 // block_w))
+    _first_rejection_kernel[(triton.cdiv(rows, block_b),)](
+        log_ratio, uniforms, out, rows, window, *log_ratio.stride(), *uniforms.stride(),
+        BLOCK_B=block_b, BLOCK_W=block_w,
+    )
+    return out
+
+
+def first_rejection_reference(log_ratio: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Plain-PyTorch :func:`first_rejection`."""
+    _check_window(log_ratio, uniforms)
+    rows, window = log_ratio.shape
+    rejected = ~(uniforms.float().log() < log_ratio.float())
+    index = torch.arange(window + 1, device=log_ratio.device).expand(rows, window + 1)
+    rejected = torch.cat([rejected, rejected.new_ones(rows, 1)], dim=1)  # a sentinel at `window`
+    return torch.where(rejected, index, window).amin(dim=1).to(torch.int32)
