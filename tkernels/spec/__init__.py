@@ -18,3 +18,6 @@ from .tree import (
     token_recycling_template,
     validate_parents,
 )
+from .ngram import propose_ngram
+from .token_recycling import TokenRecycling
+from .tree_policy import DynamicTreePolicy, PiecewiseLinearStepTime, StepTime, greedy_tree

@@ -1,0 +1,263 @@
+"""Acceptance length (MAT) of tkernels' drafters on SmolLM2-135M-Instruct, on the CPU.
+
+Workload (DESIGN.md): chat template, first turns of Spec-Bench's dev half
+(``../shared/data/specbench_dev.jsonl``), greedy, 128 new tokens. A reference decoding loop on
+transformers verifies each draft tree in ONE target forward: tree tokens at positions
+prefix + depth under a 4-D tree attention mask over the KV cache; after greedy verification
+(:func:`tkernels.spec.verify.verify_greedy_reference`) the accepted path's K/V is kept and the
+rest dropped, and the bonus token becomes the next root.
+
+MAT = mean accepted tokens per verify step, bonus counted (= tokens generated / target forward
+passes after the prefill; a step with no draft counts 1). Each speculative output is compared
+token-for-token with plain greedy decoding (``equal``). Drafters keep their state (TR's
+adjacency matrix, the dynamic policy's estimates) across the questions of a run, in file order.
+
+    python bench/spec_mat.py --questions-per-category 5 --max-new-tokens 128
+    python bench/spec_mat.py --methods pld,tr_static:80,tr_dynamic:80
+
+Writes ``bench/results/spec_mat_smollm2.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from tkernels.spec.ngram import propose_ngram
+from tkernels.spec.token_recycling import TokenRecycling
+from tkernels.spec.tree import ancestor_mask, depths, token_recycling_template
+from tkernels.spec.tree_policy import DynamicTreePolicy
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/specbench_dev.jsonl"
+DEFAULT_OUT = REPO / "bench/results/spec_mat_smollm2.json"
+DEFAULT_METHODS = "pld,tr_static:16,tr_static:32,tr_static:64,tr_static:80,tr_dynamic:16,tr_dynamic:32,tr_dynamic:64,tr_dynamic:80"
+
+
+# --- drafters: draft(history) -> ragged one-request tree; observe(...) after verification ---
+
+
+class PromptLookup:
+    """Prompt lookup (PLD): the tokens that followed the latest match of the last 1..3 tokens."""
+
+    method = "pld"
+
+    def __init__(self, num_draft: int = 10):
+        self.num_draft, self.nodes = num_draft, num_draft + 1
+
+    def draft(self, history: torch.Tensor):
+        return propose_ngram(history[None], torch.tensor([history.numel()]), num_draft=self.num_draft)
+
+    def observe(self, logits, draft_tokens, path_tokens):
+        pass
+
+
+class RecyclingStatic:
+    """Token Recycling on the static 80-node template's first ``nodes`` nodes (BFS order)."""
+
+    method = "tr_static"
+
+    def __init__(self, vocab_size: int, nodes: int):
+        self.recycling = TokenRecycling(vocab_size)
+        self.nodes = nodes
+        self.shape = token_recycling_template().truncate(nodes)
+
+    def draft(self, history: torch.Tensor):
+        return self.recycling.draft(history[-1:], self.shape)
+
+    def observe(self, logits, draft_tokens, path_tokens):
+        self.recycling.update(logits, draft_tokens)
+
+
+class RecyclingDynamic(RecyclingStatic):
+    """Token Recycling on the dynamic policy's tree, at most ``nodes`` nodes (batch of 1)."""
+
+    method = "tr_dynamic"
+
+    def __init__(self, vocab_size: int, nodes: int):
+        super().__init__(vocab_size, nodes)
+        self.policy = DynamicTreePolicy(k=self.recycling.k)
+
+    def draft(self, history: torch.Tensor):
+        self.shape = self.policy.choose(batch_size=1, max_nodes=self.nodes)
+        return super().draft(history)
+
+    def observe(self, logits, draft_tokens, path_tokens):
+        # which candidate rank the target chose at each depth, read before the adjacency changes
+        ranks = self.recycling.candidate_ranks(path_tokens[:-1], path_tokens[1:])
+        self.policy.update(ranks[None], torch.tensor([ranks.numel()]))
+        super().observe(logits, draft_tokens, path_tokens)
+
+
+def make_drafter(spec: str, vocab_size: int):
+    name, _, nodes = spec.partition(":")
+    if name == "pld":
+        return PromptLookup(int(nodes) - 1) if nodes else PromptLookup()
+    if name in ("tr_static", "tr_dynamic") and nodes.isdigit():
+        return (RecyclingStatic if name == "tr_static" else RecyclingDynamic)(vocab_size, int(nodes))
+    raise ValueError(f"--methods: unknown method {spec!r} (pld[:nodes], tr_static:N, tr_dynamic:N)")
+
+
+# --- decoding loops -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_decode(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int]) -> list[int]:
+    """Plain greedy decoding with a KV cache, one token per forward."""
+    out = model(input_ids=prompt[None], use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
+def _keep_kv(cache, prefix_len: int, keep: torch.Tensor) -> None:
+    """Keep the first ``prefix_len`` cached positions and the tree positions ``prefix_len + keep``."""
+    index = torch.cat([torch.arange(prefix_len), prefix_len + keep.long()])
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(-2, index)
+        layer.values = layer.values.index_select(-2, index)
+
+
+@torch.no_grad()
+def speculative_decode(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int], drafter):
+    """Greedy speculative decoding; returns (tokens, verify steps, accepted tokens, tree nodes)."""
+    from tkernels.spec.verify import verify_greedy_reference
+
+    out = model(input_ids=prompt[None], use_cache=True)
+    cache = out.past_key_values
+    tokens = [int(out.logits[0, -1].argmax())]
+    history = torch.cat([prompt, torch.tensor(tokens)])
+    steps = accepted = nodes = 0
+    while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+        draft_tokens, parents, cu_nodes = drafter.draft(history)
+        n, prefix_len = draft_tokens.numel(), cache.get_seq_length()
+        mask = torch.ones(1, 1, n, prefix_len + n, dtype=torch.bool)
+        mask[0, 0, :, prefix_len:] = ancestor_mask(parents)
+        logits = model(
+            input_ids=draft_tokens[None],
+            position_ids=(prefix_len + depths(parents).long())[None],
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[0]
+        accepted_tokens, accepted_nodes, num_accepted = verify_greedy_reference(logits, draft_tokens, parents, cu_nodes)
+        num = int(num_accepted[0])
+        path_nodes = accepted_nodes[0, :num].long()  # root + accepted drafts
+        path_tokens = torch.cat([draft_tokens[:1], accepted_tokens[0, :num]])  # root, accepted, bonus
+        drafter.observe(logits, draft_tokens, path_tokens)
+        _keep_kv(cache, prefix_len, path_nodes)
+        committed = path_tokens[1:].tolist()
+        steps, accepted, nodes = steps + 1, accepted + len(committed), nodes + n
+        for token in committed:
+            if len(tokens) < max_new_tokens and tokens[-1] not in eos:
+                tokens.append(token)
+        history = torch.cat([history, path_tokens[1:]])
+    return tokens, steps, accepted, nodes
+
+
+# --- workload and report --------------------------------------------------------------------
+
+
+def load_questions(path: Path, per_category: int | None) -> list[tuple[str, str]]:
+    """(category, first turn) in file order, at most ``per_category`` per category."""
+    taken: dict[str, int] = defaultdict(int)
+    questions = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if per_category is None or taken[row["category"]] < per_category:
+            taken[row["category"]] += 1
+            questions.append((row["category"], row["turns"][0]))
+    return questions
+
+
+def encode_prompt(tokenizer, question: str) -> torch.Tensor:
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+        return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return torch.tensor(tokenizer(question)["input_ids"])
+
+
+def run(model, tokenizer, questions, methods: list[str], max_new_tokens: int, log=print) -> list[dict]:
+    """MAT and equality per (method, category) and overall, as result records."""
+    eos = {model.config.eos_token_id} if isinstance(model.config.eos_token_id, int) else set(model.config.eos_token_id or [])
+    prompts = [encode_prompt(tokenizer, q) for _, q in questions]
+    reference = [greedy_decode(model, p, max_new_tokens, eos) for p in prompts]
+    records = []
+    for spec in methods:
+        drafter = make_drafter(spec, model.config.vocab_size)
+        per_cat: dict[str, list] = defaultdict(lambda: [0, 0, 0, True, 0])  # steps, accepted, nodes, equal, questions
+        start = time.perf_counter()
+        for (category, _), prompt, ref in zip(questions, prompts, reference):
+            tokens, steps, accepted, nodes = speculative_decode(model, prompt, max_new_tokens, eos, drafter)
+            for key in (category, "overall"):
+                acc = per_cat[key]
+                acc[0] += steps
+                acc[1] += accepted
+                acc[2] += nodes
+                acc[3] &= tokens == ref
+                acc[4] += 1
+        for category, (steps, accepted, nodes, equal, count) in per_cat.items():
+            records.append({
+                "method": drafter.method, "nodes": drafter.nodes, "category": category, "questions": count,
+                "mat": accepted / max(steps, 1), "equal": bool(equal), "mean_tree_nodes": nodes / max(steps, 1),
+            })
+        overall = per_cat["overall"]
+        log(f"{spec}: MAT {overall[1] / max(overall[0], 1):.3f}, equal={overall[3]} ({time.perf_counter() - start:.0f} s)")
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    categories = list(dict.fromkeys(r["category"] for r in records if r["category"] != "overall")) + ["overall"]
+    rows = defaultdict(dict)
+    for r in records:
+        rows[(r["method"], r["nodes"])][r["category"]] = r
+    lines = [f"{'method':<12}{'nodes':>6}{'used':>6}  " + "".join(f"{c[:11]:>12}" for c in categories) + "   equal"]
+    for (method, nodes), by_cat in rows.items():
+        cells = "".join(f"{by_cat[c]['mat']:>12.3f}" if c in by_cat else f"{'-':>12}" for c in categories)
+        lines.append(f"{method:<12}{nodes:>6}{by_cat['overall']['mean_tree_nodes']:>6.1f}  {cells}   {all(r['equal'] for r in by_cat.values())}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--model-dir", type=Path, default=None, help="HF folder (default: tkernels.models.smollm2_dir())")
+    parser.add_argument("--questions-per-category", type=int, default=None, help="default: all")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if not args.data.is_file():
+        raise SystemExit(f"--data: {args.data} not found (Spec-Bench dev questions live in ../shared/data/)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.model_dir is None:
+        from tkernels.models import smollm2_dir
+
+        args.model_dir = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    questions = load_questions(args.data, args.questions_per_category)
+    print(f"{len(questions)} questions, {args.max_new_tokens} new tokens, model {args.model_dir.name}")
+    records = run(model, tokenizer, questions, args.methods.split(","), args.max_new_tokens)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": "SmolLM2-135M-Instruct" if "smollm2" in str(args.model_dir).lower() else args.model_dir.name,
+            "max_new_tokens": args.max_new_tokens, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    args.out.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
+    print(format_table(records))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Hardware-aware dynamic sparse trees: pick each step's tree from live acceptance estimates.
+
+Model: at depth d, the target's next token is the parent's rank-r candidate with probability
+``p[d, r]`` (at most one rank matches, so siblings' events are disjoint). A node's *path
+probability* is the product of ``p`` along its root path, and a tree's expected accepted
+tokens per step is ``1 + sum of its nodes' path probabilities`` (the 1 is the bonus token).
+Path probabilities shrink along a path, so the ``m`` nodes of highest path probability form
+a tree, and it is the best ``m``-node tree: best-first expansion (Medusa / EAGLE-2) is exact
+here; the tests check it against exhaustive search (Sequoia's DP solves the same problem).
+
+Per step, with ``B`` requests drafting ``m`` nodes each (+ ``other_tokens`` in the batch), the
+policy picks ``m`` maximising ``E[accepted](m) / T(other_tokens + B * m)``, where ``T`` is the
+GPU's verify-step time: a 64-node tree is free at batch 1 and unaffordable at batch 32.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Protocol, Sequence
+
+import torch
+
+from .tree import TreeShape, from_rank_paths
+
+__all__ = [
+    "StepTime",
+    "PiecewiseLinearStepTime",
+    "H100_LLAMA3_8B_STEP_RATIOS",
+    "greedy_tree",
+    "DynamicTreePolicy",
+]
+
+# Verify-step time vs batch tokens relative to 1 token, H100, Llama-3-8B linear layers, bf16
+# (DESIGN.md). The documented default until `tkernels autotune` measures the GPU at hand.
+H100_LLAMA3_8B_STEP_RATIOS: tuple[tuple[int, float], ...] = ((1, 1.0), (64, 1.02), (128, 1.07), (256, 1.22), (512, 1.93))
+
+
+class StepTime(Protocol):
+    """A verify-step latency model; ``tkernels autotune`` supplies a per-GPU one."""
+
+    def step_time(self, batch_tokens: int) -> float: ...
+
+
+class PiecewiseLinearStepTime:
+    """Linear interpolation through ``(batch_tokens, time)`` points; the end segments extend."""
+
+    def __init__(self, points: Sequence[tuple[int, float]] = H100_LLAMA3_8B_STEP_RATIOS):
+        xs = [float(x) for x, _ in points]
+        if len(points) < 2 or any(b <= a for a, b in zip(xs, xs[1:])):
+            raise ValueError(f"points must hold >= 2 (batch_tokens, time) pairs with increasing batch_tokens, got {points}")
+        self.points = [(float(x), float(t)) for x, t in points]
+
+    def step_time(self, batch_tokens: int) -> float:
+        pts = self.points
+        i = next((i for i in range(1, len(pts) - 1) if batch_tokens < pts[i][0]), len(pts) - 1)
+        (x0, t0), (x1, t1) = pts[i - 1], pts[i]
+        return t0 + (t1 - t0) * (batch_tokens - x0) / (x1 - x0)
+
+
+def greedy_tree(accept_probs: torch.Tensor, num_nodes: int):
+    """Best ``num_nodes``-node tree (root included) under ``accept_probs[d, r]`` = p(depth d+1, rank r).
+
+    Returns ``(shape, expected)`` where ``expected[m - 1]`` is the expected accepted tokens
+    (bonus counted) of the best m-node tree, for every m <= len(shape): the best m-node tree is
+    the first m nodes the expansion picked. ``len(shape) < num_nodes`` only when every
+    depth/rank is used up.
+    """
+    if accept_probs.dim() != 2 or num_nodes < 1:
+        raise ValueError(f"accept_probs must be [max_depth, k] and num_nodes >= 1, got {tuple(accept_probs.shape)}, {num_nodes}")
+    p = accept_probs.detach().double().cpu()
+    if bool(((p < 0) | (p > 1)).any()):
+        raise ValueError("accept_probs must lie in [0, 1]")
+    max_depth, k = p.shape
+    order = p.argsort(dim=1, descending=True, stable=True).tolist()  # ranks, best first, per depth
+    p = p.tolist()
+    # heap entries: (-path probability, tie-break, rank path, index in its depth's order, parent's path probability)
+    heap = [(-p[0][order[0][0]], 0, (order[0][0],), 0, 1.0)]
+    picked, weights, tie = [], [], 1
+    while heap and len(picked) < num_nodes - 1:
+        neg_w, _, path, j, parent_w = heapq.heappop(heap)
+        picked.append(path)
+        weights.append(-neg_w)
+        d = len(path)
+        if d < max_depth:  # its best child
+            heapq.heappush(heap, (neg_w * p[d][order[d][0]], tie, path + (order[d][0],), 0, -neg_w))
+            tie += 1
+        if j + 1 < k:  # its next sibling
+            sibling = order[d - 1][j + 1]
+            heapq.heappush(heap, (-parent_w * p[d - 1][sibling], tie, path[:-1] + (sibling,), j + 1, parent_w))
+            tie += 1
+    expected = 1.0 + torch.tensor([0.0] + weights, dtype=torch.float64).cumsum(0)
+    return from_rank_paths(picked), expected
+
+
+class DynamicTreePolicy:
+    """Online per-(depth, rank) acceptance estimates + per-step tree choice.
+
+    Estimates are decayed counts: every :meth:`update` multiplies the counts by ``decay``
+    before adding the new observations, so old steps fade (window ~ 1 / (1 - decay) steps).
+    ``prior`` (default: 0.5 * 0.5**rank at every depth) enters as ``prior_weight``
+    pseudo-observations per depth, so a fresh policy is not wildly over- or under-confident.
+    """
+
+    def __init__(
+        self,
+        k: int = 8,
+        max_depth: int = 12,
+        decay: float = 0.99,
+        step_time: StepTime | None = None,
+        prior: torch.Tensor | None = None,
+        prior_weight: float = 2.0,
+    ):
+        if not 0 < decay <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        self.k, self.max_depth, self.decay = k, max_depth, decay
+        self.step_time = step_time or PiecewiseLinearStepTime()
+        if prior is None:
+            prior = (0.5 * 0.5 ** torch.arange(k, dtype=torch.float64)).expand(max_depth, k)
+        if prior.shape != (max_depth, k):
+            raise ValueError(f"prior must be [max_depth={max_depth}, k={k}], got {tuple(prior.shape)}")
+        self.hits = prior.double() * prior_weight  # decayed count of "rank r chosen at depth d"
+        self.trials = torch.full((max_depth,), float(prior_weight), dtype=torch.float64)  # decayed visits
+
+    def accept_probs(self) -> torch.Tensor:
+        """Current estimates p[d, r], float64 [max_depth, k]."""
+        return self.hits / self.trials[:, None]
+
+    def update(self, accepted_ranks: torch.Tensor, num_observed: torch.Tensor) -> None:
+        """Learn from one verify step.
+
+        ``accepted_ranks`` int[B, W]: entry d is the candidate rank (-1: none of the k) that the
+        target chose at depth d+1 below the accepted depth-d node; only the first
+        ``num_observed[b]`` entries of row b count (a request with a accepted draft tokens
+        observes a+1 depths: the bonus token's rank is observed too, see
+        :meth:`TokenRecycling.candidate_ranks`). Depths beyond ``max_depth`` are ignored.
+        """
+        if accepted_ranks.dim() != 2 or num_observed.shape != accepted_ranks.shape[:1]:
+            raise ValueError(f"accepted_ranks must be [B, W] and num_observed [B], got {tuple(accepted_ranks.shape)}, {tuple(num_observed.shape)}")
+        ranks = accepted_ranks[:, : self.max_depth].cpu().long()
+        depth = torch.arange(ranks.shape[1]).expand_as(ranks)
+        seen = depth < num_observed.cpu().long()[:, None]
+        self.hits *= self.decay
+        self.trials *= self.decay
+        self.trials += torch.bincount(depth[seen], minlength=self.max_depth)[: self.max_depth].double()
+        hit = seen & (ranks >= 0) & (ranks < self.k)
+        self.hits.index_put_((depth[hit], ranks[hit]), torch.ones(int(hit.sum()), dtype=torch.float64), accumulate=True)
+
+    def choose(self, batch_size: int, max_nodes: int, other_tokens: int = 0) -> TreeShape:
+        """This step's tree for each of ``batch_size`` requests, at most ``max_nodes`` nodes."""
+        if batch_size < 1 or max_nodes < 1:
+            raise ValueError(f"batch_size and max_nodes must be >= 1, got {batch_size}, {max_nodes}")
+        shape, expected = greedy_tree(self.accept_probs(), max_nodes)
+        sizes = torch.arange(1, expected.numel() + 1)
+        times = torch.tensor([self.step_time.step_time(other_tokens + batch_size * int(m)) for m in sizes], dtype=torch.float64)
+        best = int((expected / times).argmax()) + 1  # argmax takes the first: ties go to the smaller tree
+        return shape if best == len(shape) else greedy_tree(self.accept_probs(), best)[0]
