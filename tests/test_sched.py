@@ -1,0 +1,214 @@
+"""Decode-maximal token budget policy (tkernels.sched): pure-Python unit tests."""
+
+import random
+from pathlib import Path
+
+import pytest
+
+from tkernels.config import ConfigChoice, ConfigError
+from tkernels.sched import (
+    DEFAULT_RATES,
+    ENV_TBT_SLO_MS,
+    FALLBACK_BUDGET,
+    LLAMA3_8B,
+    DecodeMaximalPolicy,
+    LatencyModel,
+    LatencyRates,
+    ModelShape,
+    Prefill,
+)
+from tkernels.sched.latency_model import draft_cost, prefill_chunk_cost
+
+MODEL = LatencyModel(LLAMA3_8B, DEFAULT_RATES)
+NO_CONFIG = ConfigChoice(None, "fallback: test", {})
+
+
+def policy(**kwargs):
+    kwargs.setdefault("choice", NO_CONFIG)
+    return DecodeMaximalPolicy(LLAMA3_8B, **kwargs)
+
+
+def random_load(seed):
+    r = random.Random(seed)
+    decodes = [r.randint(1, 8192) for _ in range(r.choice([0, 1, 7, 64, 300]))]
+    spec = [r.choice([0, 0, 3, 15]) for _ in decodes]
+    prefills = [Prefill(r.choice([0, r.randint(0, 16384)]), r.randint(1, 5000)) for _ in range(r.randint(0, 3))]
+    return decodes, spec, prefills
+
+
+def predicted_us(decodes, spec, prefills):
+    """The step time of exactly this load, costed independently of the policy's prefix sums."""
+    kv = pairs = tokens = 0
+    for context_len, drafts in zip(decodes, spec):
+        draft_kv, draft_pairs = draft_cost(context_len, drafts)
+        kv, pairs, tokens = kv + context_len + draft_kv, pairs + context_len + draft_pairs, tokens + 1 + drafts
+    for prefix_len, chunk in prefills:
+        chunk_kv, chunk_pairs = prefill_chunk_cost(prefix_len, chunk)
+        kv, pairs, tokens = kv + chunk_kv, pairs + chunk_pairs, tokens + chunk
+    return MODEL.step_us(tokens, kv, pairs)
+
+
+def test_default_rates_match_measured_linear_scaling():
+    # DESIGN.md, H100, Llama-3-8B linear layers: x1.02 @64, x1.07 @128, x1.22 @256, x1.93 @512.
+    one = MODEL.step_us(1, 0, 0) - DEFAULT_RATES.overhead_us
+    for tokens, measured in [(64, 1.02), (128, 1.07), (256, 1.22), (512, 1.93)]:
+        ratio = (MODEL.step_us(tokens, 0, 0) - DEFAULT_RATES.overhead_us) / one
+        assert ratio == pytest.approx(measured, rel=0.06)
+
+
+@pytest.mark.parametrize("tile", [16, 32, 7])
+@pytest.mark.parametrize("slo_ms", [None, 12.0, 30.0, 200.0])
+def test_budget_is_tile_aligned_and_capped(tile, slo_ms):
+    p = policy(slo_ms=slo_ms, tile=tile, max_tokens=4096)
+    for seed in range(40):
+        decodes, spec, prefills = random_load(seed)
+        plan = p.plan(decodes, spec, prefills)
+        if plan.tokens == plan.decode_tokens and plan.spec_tokens == plan.prefill_tokens == 0:
+            continue  # decodes alone: exactly the decodes, aligned or not
+        assert plan.tokens % tile == 0 and tile <= plan.tokens <= 4096 // tile * tile
+        assert plan.decode_tokens + plan.spec_tokens + plan.prefill_tokens <= plan.tokens
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_budget_meets_slo_and_is_maximal(seed):
+    decodes, spec, prefills = random_load(seed)
+    slo_ms = random.Random(seed).choice([15.0, 40.0, 100.0])
+    plan = policy(slo_ms=slo_ms, margin=0.1).plan(decodes, spec, prefills)
+    target = slo_ms * 1e3 * 0.9
+    assert plan.predicted_us == pytest.approx(_granted_us(plan, decodes, spec, prefills), rel=1e-9)
+    if plan.tokens > len(decodes) or plan.spec_tokens or plan.prefill_tokens:
+        assert plan.predicted_us <= target or plan.tokens == 16  # one tile always runs
+    work = len(decodes) + sum(spec) + sum(p.remaining for p in prefills)
+    if work > plan.tokens:  # not limited by the work: one more tile would miss the SLO
+        bigger = DecodeMaximalPolicy(LLAMA3_8B, slo_ms=1e9, max_tokens=max(16, plan.tokens // 16 * 16 + 16),
+                                     choice=NO_CONFIG).plan(decodes, spec, prefills)
+        if bigger.tokens > max(plan.tokens, len(decodes)):
+            assert bigger.predicted_us > target
+
+
+def _granted_us(plan, decodes, spec, prefills):
+    """Cost of the plan's grant: all drafts of the first decodes, then prompts in order."""
+    drafts_left, granted_spec = plan.spec_tokens, []
+    for s in spec:
+        granted_spec.append(min(s, drafts_left))
+        drafts_left -= granted_spec[-1]
+    prompt_left, chunks = plan.prefill_tokens, []
+    for prefix_len, remaining in prefills:
+        chunks.append((prefix_len, min(remaining, prompt_left)))
+        prompt_left -= chunks[-1][1]
+    return predicted_us(decodes, granted_spec, [c for c in chunks if c[1]])
+
+
+def test_budget_grows_with_slo():
+    decodes, prefills = [2048] * 64, [Prefill(3584, 100_000)]
+    budgets = [policy(slo_ms=slo).plan(decodes, 0, prefills).tokens for slo in (5, 10, 14, 20, 30, 50, 80, 200)]
+    assert budgets == sorted(budgets) and budgets[0] == 64 and budgets[-1] > budgets[2] > 64
+
+
+def test_decodes_never_dropped():
+    p = policy(slo_ms=10.0)
+    for num_decodes in (1, 63, 64, 65, 300, 5000):
+        plan = p.plan([4096] * num_decodes, 4, [Prefill(0, 10_000)])
+        assert plan.decode_tokens == num_decodes and plan.tokens >= num_decodes
+    # 300 decodes at 4096 keys alone miss a 10 ms SLO: the step is exactly the decodes.
+    plan = p.plan([4096] * 300, 4, [Prefill(0, 10_000)])
+    assert (plan.tokens, plan.spec_tokens, plan.prefill_tokens) == (300, 0, 0)
+    # Decodes above max_tokens are still all granted.
+    assert policy(slo_ms=10.0, max_tokens=256).plan([16] * 1000).tokens == 1000
+
+
+def test_chunk_shrinks_as_prefix_grows():
+    p = policy(slo_ms=30.0)
+    chunks = [p.plan([2048] * 32, 0, [Prefill(prefix, 1_000_000)]).prefill_tokens
+              for prefix in (0, 1024, 4096, 16384, 65536)]
+    assert all(a > b for a, b in zip(chunks, chunks[1:])) and chunks[-1] > 0
+
+
+def test_running_chunk_then_new_prefills():
+    plan = policy(slo_ms=30.0).plan([1024] * 8, 0, [Prefill(8000, 40), Prefill(0, 100_000)])
+    assert plan.prefill_tokens > 40  # the running chunk's 40 tokens, the rest to the new prompt
+    # Costed with the new prompt at prefix 0, not at the running chunk's prefix.
+    assert plan.predicted_us == pytest.approx(
+        predicted_us([1024] * 8, [0] * 8, [(8000, 40), (0, plan.prefill_tokens - 40)]))
+
+
+def test_drafts_and_chunk_share_the_budget():
+    p = policy(slo_ms=25.0)
+    decodes, prefills = [2048] * 16, [Prefill(0, 100_000)]
+    plain = p.plan(decodes, 0, prefills)
+    spec = p.plan(decodes, 8, prefills)
+    capped = p.plan(decodes, 8, prefills, tree_budget=40)
+    assert spec.spec_tokens == 16 * 8 and capped.spec_tokens == 40  # drafts first, up to the tree budget
+    assert spec.prefill_tokens < capped.prefill_tokens < plain.prefill_tokens  # the rest to the chunk
+    for plan in (plain, spec, capped):
+        assert plan.decode_tokens + plan.spec_tokens + plan.prefill_tokens == plan.tokens
+    # A tight SLO cuts drafts (from the last decodes) before any decode.
+    tight = policy(slo_ms=10.0).plan(decodes, [64] * 16, prefills)
+    assert 0 < tight.spec_tokens < 16 * 64 and tight.prefill_tokens == 0 and tight.decode_tokens == 16
+
+
+def test_budget_stops_at_the_work():
+    p = policy(slo_ms=100.0)
+    assert p.plan([100] * 5, 0, [Prefill(0, 20)]).tokens == 32  # 25 tokens, rounded up to a tile
+    assert p.plan([]).tokens == 16  # nothing to run: one tile, never a zero budget
+
+
+def test_no_slo_uses_config_budget_else_fallback(monkeypatch):
+    monkeypatch.delenv(ENV_TBT_SLO_MS, raising=False)
+    assert policy().plan([10] * 3, 0, [Prefill(0, 10_000)]).tokens == FALLBACK_BUDGET
+    configured = ConfigChoice(Path("GPU.json"), "shipped: test", {"budgets": {"default_tokens": 1000}})
+    plan = policy(choice=configured).plan([10] * 3, 0, [Prefill(0, 10_000)])
+    assert plan.tokens == 992 and plan.prefill_tokens == 989  # aligned down to the tile
+    assert policy(default_budget=64, max_tokens=48).plan([], 0, [Prefill(0, 100)]).tokens == 48
+    bad = ConfigChoice(Path("GPU.json"), "shipped: test", {"budgets": {"default_tokens": "many"}})
+    with pytest.raises(ConfigError, match="budgets.default_tokens"):
+        policy(choice=bad)
+
+
+def test_slo_from_env(monkeypatch):
+    monkeypatch.setenv(ENV_TBT_SLO_MS, "25")
+    assert policy().slo_ms == 25.0
+    assert policy(slo_ms=40).slo_ms == 40  # the argument wins
+    monkeypatch.setenv(ENV_TBT_SLO_MS, "fast")
+    with pytest.raises(ValueError, match=ENV_TBT_SLO_MS):
+        policy()
+
+
+def test_rates_from_config():
+    rates = {"overhead_us": 10.0, "weight_gbps": 1000.0, "matmul_tflops": 300.0, "kv_gbps": 900.0, "attn_tflops": 100}
+    choice = ConfigChoice(Path("GPU.json"), "shipped: test", {"latency_model": rates})
+    assert policy(slo_ms=20, choice=choice).model.rates == LatencyRates(**rates)
+    assert policy(slo_ms=20).model.rates == DEFAULT_RATES  # empty section: analytic default
+    slower = policy(slo_ms=40, choice=choice).plan([2048] * 8, 0, [Prefill(0, 100_000)])
+    faster = policy(slo_ms=40).plan([2048] * 8, 0, [Prefill(0, 100_000)])
+    assert slower.tokens < faster.tokens
+    for section, field in [({k: v for k, v in rates.items() if k != "kv_gbps"}, "kv_gbps"),
+                           ({**rates, "attn_tflops": -1}, "attn_tflops")]:
+        with pytest.raises(ConfigError, match=f"latency_model.{field}"):
+            policy(slo_ms=20, choice=ConfigChoice(Path("GPU.json"), "shipped: test", {"latency_model": section}))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"tile": 0}, "tile"), ({"max_tokens": 8}, "max_tokens"), ({"margin": 1.0}, "margin"),
+    ({"slo_ms": 0}, "slo_ms"), ({"slo_ms": float("nan")}, "slo_ms"), ({"default_budget": 0}, "default_budget"),
+])
+def test_bad_policy_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        policy(**kwargs)
+
+
+@pytest.mark.parametrize("args, match", [
+    (([-1],), "decode_context_lens"), (([10, 20], [1]), "spec_tokens"), (([10], -2), "spec_tokens"),
+    (([10], 0, [(0, -5)]), "prefills"), (([10], 0, [(1.5, 5)]), "prefills"), (([10], 1, (), -1), "tree_budget"),
+])
+def test_bad_plan_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        policy(slo_ms=20).plan(*args)
+
+
+def test_bad_shape_and_rates():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ModelShape(num_layers=2, hidden_size=64, num_q_heads=2, num_kv_heads=0, head_dim=32,
+                   intermediate_size=128, vocab_size=256)
+    with pytest.raises(ValueError, match="kv_gbps"):
+        LatencyRates(overhead_us=0, weight_gbps=1, matmul_tflops=1, kv_gbps=0, attn_tflops=1)

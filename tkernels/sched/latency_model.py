@@ -1,0 +1,145 @@
+"""Step-latency cost model: predicted time of one forward step of a mixed batch.
+
+    step_us = overhead_us
+            + hypot(weight_bytes / weight_bw, 2 * linear_params * tokens / matmul_rate)   # linear layers
+            + kv_bytes / kv_bw                                                           # attention, bytes
+            + attn_flops / attn_rate                                                     # attention, FLOPs
+
+Linear layers stream every weight once per step (memory-bound) and do 2 FLOPs per weight per
+token (compute-bound); ``hypot`` blends the two regimes smoothly instead of a sharp roofline
+knee. Attention reads the cached K/V of every request (decodes are bound by these bytes) and
+does 4 * head_dim * query heads FLOPs per causal query-key pair (prefill chunks are bound by
+these FLOPs); the chunk's pairs grow with its cached prefix, so a chunk costs more the later it
+comes in its prompt. The two attention terms add (conservative: a POD-style kernel overlaps them).
+
+The five rates are per GPU and independent of the model, so one per-GPU config serves every
+model: they come from the ``latency_model`` section of the per-GPU config
+(:func:`tkernels.config.current`), written by ``tkernels autotune``::
+
+    "latency_model": {"overhead_us": 40.0, "weight_gbps": 3000.0, "matmul_tflops": 990.0,
+                      "kv_gbps": 2500.0, "attn_tflops": 400.0}
+
+Without that section (no config for this GPU, or an empty section) the analytic default
+:data:`DEFAULT_RATES` applies: H100-SXM-class rates whose ratio weight_gbps / matmul_tflops puts
+the linear layers' knee at ~330 tokens, matching the H100 measurement in DESIGN.md (Llama-3-8B
+linear layers, bf16: x1.02 at 64 tokens, x1.07 at 128, x1.22 at 256, x1.93 at 512 vs 1 token;
+this model predicts x1.02, x1.07, x1.27, x1.84).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from tkernels.config import ConfigChoice, ConfigError, current
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The per-GPU shard of a dense Llama-like decoder (heads and MLP divided by tensor parallelism)."""
+
+    num_layers: int
+    hidden_size: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    dtype_bytes: int = 2
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{f.name}: must be a positive integer, got {value!r}")
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the QKV/O projections, gated MLP and LM head."""
+        attn = self.hidden_size * (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
+        attn += self.num_q_heads * self.head_dim * self.hidden_size
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        return self.num_layers * (attn + mlp) + self.vocab_size * self.hidden_size
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def flops_per_pair(self) -> int:
+        """Attention FLOPs per (query, key) pair over all layers: QK^T and PV, 2 FLOPs per MAC each."""
+        return 4 * self.head_dim * self.num_q_heads * self.num_layers
+
+
+# Llama-3-8B in bf16, the benchmark workloads' model (DESIGN.md).
+LLAMA3_8B = ModelShape(num_layers=32, hidden_size=4096, num_q_heads=32, num_kv_heads=8, head_dim=128,
+                       intermediate_size=14336, vocab_size=128256, dtype_bytes=2)
+
+
+@dataclass(frozen=True)
+class LatencyRates:
+    """Effective per-GPU rates (see the module docstring for the formula they enter)."""
+
+    overhead_us: float  # fixed per-step cost: launches, sampling, host work
+    weight_gbps: float  # weight streaming bandwidth, GB/s
+    matmul_tflops: float  # dense matmul rate, TFLOP/s
+    kv_gbps: float  # attention K/V read bandwidth, GB/s
+    attn_tflops: float  # prefill attention rate, TFLOP/s
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or value < 0 or (value == 0 and f.name != "overhead_us"):
+                raise ValueError(f"{f.name}: must be a finite {'non-negative' if f.name == 'overhead_us' else 'positive'} "
+                                 f"number, got {value!r}")
+
+    @classmethod
+    def from_config(cls, choice: ConfigChoice | None = None) -> LatencyRates:
+        """The config's ``latency_model`` section, else :data:`DEFAULT_RATES`."""
+        choice = choice or current()
+        section: dict[str, Any] = choice.data.get("latency_model") or {}
+        if not section:
+            return DEFAULT_RATES
+        try:
+            return cls(**{f.name: section[f.name] for f in fields(cls)})
+        except KeyError as err:
+            raise ConfigError(f"{choice.path}: missing field 'latency_model.{err.args[0]}'") from err
+        except ValueError as err:
+            raise ConfigError(f"{choice.path}: field 'latency_model.{err}") from err
+
+
+DEFAULT_RATES = LatencyRates(overhead_us=40.0, weight_gbps=3000.0, matmul_tflops=990.0, kv_gbps=2500.0,
+                             attn_tflops=400.0)
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Predicts step time for a model shape on a GPU."""
+
+    shape: ModelShape
+    rates: LatencyRates
+
+    def step_us(self, tokens: int, kv_tokens: int, attn_pairs: int) -> float:
+        """Time of a step running ``tokens`` query tokens that read ``kv_tokens`` cached K/V
+        positions and score ``attn_pairs`` (query, key) pairs in total."""
+        rates, shape = self.rates, self.shape
+        weights_us = shape.linear_params * shape.dtype_bytes / (rates.weight_gbps * 1e3)
+        matmul_us = 2 * shape.linear_params * tokens / (rates.matmul_tflops * 1e6)
+        kv_us = kv_tokens * shape.kv_bytes_per_token / (rates.kv_gbps * 1e3)
+        attn_us = attn_pairs * shape.flops_per_pair / (rates.attn_tflops * 1e6)
+        return rates.overhead_us + math.hypot(weights_us, matmul_us) + kv_us + attn_us
+
+
+def prefill_chunk_cost(prefix_len: int, chunk: int) -> tuple[int, int]:
+    """(kv_tokens, attn_pairs) of a causal chunk of ``chunk`` tokens after ``prefix_len`` cached ones."""
+    return prefix_len + chunk, chunk * prefix_len + chunk * (chunk + 1) // 2
+
+
+def draft_cost(context_len: int, spec_tokens: int) -> tuple[int, int]:
+    """(kv_tokens, attn_pairs) that ``spec_tokens`` draft tokens add to a decode at ``context_len``
+    keys (the new token included; the plain decode costs ``(context_len, context_len)``). Every
+    query is counted against every key (a causal or tree mask only removes pairs):
+    (1 + s)(L + s) - L = s(L + 1 + s) pairs, s more keys."""
+    return spec_tokens, spec_tokens * (context_len + 1 + spec_tokens)
