@@ -1,0 +1,639 @@
+"""Lossless verification of speculation trees: greedy and exact sampling.
+
+Inputs follow the tree contract (``tkernels.spec.tree``): a ragged batch of BFS trees
+(``parents`` LOCAL indices, ``cu_nodes`` offsets), ``draft_tokens`` with node 0 of each request
+= its last committed token, and the target's ``logits`` at every node (row ``i`` predicts the
+children of node ``i``). Output per request: ``accepted_tokens`` int64[B, max_depth+1] (the
+accepted draft tokens along the path, then the bonus token; -1 padded), ``accepted_nodes``
+int32[B, max_depth+1] (local node indices of the path from node 0; -1 padded) and
+``num_accepted`` int32[B] (accepted drafts + 1).
+
+Rules:
+
+* greedy (:func:`verify_greedy`): descend while some child's token equals the target argmax at
+  the current node (first such child in BFS order); the bonus is the argmax at the last node.
+* sampling (:func:`verify_sampling`), target distribution ``p(v)`` = softmax(logits/T) after
+  top-k then top-p (temperature 0 = greedy):
+  - deterministic drafts (``draft_probs=None``), the target-only rule: at the current node draw
+    ``x ~ p(v)``, descend to the first child whose token is ``x``, else ``x`` is the bonus. The
+    draw at a node does not depend on the path that reached it, so every node's draw is made in
+    parallel and the walk only looks them up; exact for any draft.
+  - sampled drafts (``draft_probs[v]`` = the distribution ``q`` that node ``v``'s children were
+    drawn from, without replacement, in BFS order): recursive rejection sampling (SpecInfer /
+    Sequoia). For children c1, c2, ... in order, accept ``ci`` iff ``u_ci * q(ci) < p(ci)``
+    (probability min(1, p/q)); on rejection ``p <- norm(max(p - q, 0))`` (if that is all zero,
+    ``p`` falls back to the target ``p(v)``) and ``q <- norm(q with q(ci) = 0)`` (zero if
+    nothing is left); if every child is rejected the bonus is drawn from the last ``p``. With
+    one child per node (a chain) this is standard speculative sampling.
+
+Randomness: the kernels consume ``uniforms`` float32[total_nodes, 2]: column 0 is node ``i``'s
+acceptance test (a node is tested at most once, as a child of its parent), column 1 is the draw
+at node ``i`` (inverse CDF: the first token whose cumulative probability exceeds ``u * total``).
+Pass them explicitly (reproducible; the references take the same tensor and agree exactly up to
+float rounding at decision boundaries) or pass a seeded ``torch.Generator``.
+
+Cost: one pass over the vocabulary per node for the argmax (greedy) or for the max/sum-exp
+normaliser (sampling), plus an inverse-CDF pass that stops at the sampled token; no [N, V]
+probability tensor is ever materialised by the kernels. Top-k/top-p thresholds are computed in
+torch before the kernels with one descending sort of the fp32 logits ([N, V] values and
+indices: memory!) and only when ``top_k``/``top_p`` are given; a token is kept iff its logit is
+>= its node's threshold, so ties at the threshold are all kept. Recursive rejection keeps the
+residual ``p``/``q`` of the current node in a per-request fp32 scratch [B, V] and touches it
+only after a rejection, so accepted children cost two scalar loads.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tkernels.registry import gpu_compile_check
+from tkernels.spec.tree import depths, validate_parents
+
+__all__ = [
+    "verify_greedy",
+    "verify_sampling",
+    "verify_greedy_reference",
+    "verify_sampling_reference",
+    "target_probs",
+    "draw_uniforms",
+]
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# _node_pass_kernel modes
+_ARGMAX, _STATS, _SAMPLE = 0, 1, 2
+
+
+@triton.jit
+def _p_chunk(row_ptr, offs, V, inv_temp, thr, row_max, FROM_LOGITS: tl.constexpr):
+    """Unnormalised probabilities of tokens ``offs``: exp(logit/T - max) over kept logits, or a
+    stored residual row."""
+    in_vocab = offs < V
+    if FROM_LOGITS:
+        x = tl.load(row_ptr + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+        p = tl.where(in_vocab & (x >= thr), tl.exp(x * inv_temp - row_max), 0.0)
+    else:
+        p = tl.load(row_ptr + offs, mask=in_vocab, other=0.0)
+    return p
+
+
+@triton.jit
+def _inverse_cdf(row_ptr, V, inv_temp, thr, row_max, target, FROM_LOGITS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """First token whose running sum of _p_chunk exceeds ``target`` (the last positive token if
+    rounding left the total below it). Chunks after the hit are skipped."""
+    offs = tl.arange(0, BLOCK_V)
+    found = tl.full([], -1, tl.int32)
+    last = tl.full([], -1, tl.int32)
+    running = tl.zeros([], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        if found < 0:
+            o = v0 + offs
+            p = _p_chunk(row_ptr, o, V, inv_temp, thr, row_max, FROM_LOGITS)
+            cdf = tl.cumsum(p, 0) + running
+            first = tl.min(tl.where((cdf > target) & (o < V), o, V))
+            found = tl.where(first < V, first, found)
+            last = tl.maximum(last, tl.max(tl.where(p > 0, o, -1)))
+            running += tl.sum(p, 0)
+    return tl.where(found >= 0, found, last)
+
+
+@gpu_compile_check(
+    {
+        "logits_ptr": "*bf16", "stride_row": "i64", "V": "i32", "inv_temp_ptr": "*fp32", "thr_ptr": "*fp32",
+        "uniform_ptr": "*fp32", "token_ptr": "*i64", "max_ptr": "*fp32", "sum_ptr": "*fp32",
+    },
+    MODE=_SAMPLE,
+    BLOCK_V=2048,
+)
+@triton.jit
+def _node_pass_kernel(
+    logits_ptr, stride_row, V, inv_temp_ptr, thr_ptr, uniform_ptr, token_ptr, max_ptr, sum_ptr,
+    MODE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # One program per tree node (row of logits). MODE 0: argmax -> token. MODE 1: max and
+    # sum-exp of the processed distribution -> max/sum. MODE 2: inverse-CDF draw with the
+    # node's column-1 uniform -> token.
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    offs = tl.arange(0, BLOCK_V)
+    if MODE == 0:
+        best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        best_idx = offs
+        for v0 in range(0, V, BLOCK_V):
+            o = v0 + offs
+            x = tl.load(row_ptr + o, mask=o < V, other=float("-inf")).to(tl.float32)
+            better = x > best  # strict: each lane keeps its first maximum
+            best_idx = tl.where(better, o, best_idx)
+            best = tl.where(better, x, best)
+        top = tl.max(best, 0)
+        tl.store(token_ptr + row, tl.min(tl.where(best == top, best_idx, V), 0).to(tl.int64))
+    else:
+        inv_temp = tl.load(inv_temp_ptr + row)
+        thr = tl.load(thr_ptr + row)
+        row_max = tl.full([], float("-inf"), tl.float32)
+        total = tl.zeros([], tl.float32)
+        for v0 in range(0, V, BLOCK_V):  # online max / sum-exp over the kept tokens
+            o = v0 + offs
+            x = tl.load(row_ptr + o, mask=o < V, other=float("-inf")).to(tl.float32)
+            y = tl.where((o < V) & (x >= thr), x * inv_temp, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(y, 0))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no inf - inf before the first kept token
+            total = total * tl.exp(row_max - safe_max) + tl.sum(tl.exp(y - safe_max), 0)
+            row_max = new_max
+        if MODE == 1:
+            tl.store(max_ptr + row, row_max)
+            tl.store(sum_ptr + row, total)
+        else:
+            u = tl.load(uniform_ptr + row * 2 + 1)
+            token = _inverse_cdf(row_ptr, V, inv_temp, thr, row_max, u * total, True, BLOCK_V)
+            tl.store(token_ptr + row, token.to(tl.int64))
+
+
+@gpu_compile_check(
+    {
+        "node_token_ptr": "*i64", "draft_ptr": "*i64", "parents_ptr": "*i32", "cu_ptr": "*i32",
+        "out_tokens_ptr": "*i64", "out_nodes_ptr": "*i32", "num_ptr": "*i32", "W": "i32",
+    },
+    BLOCK_N=64,
+    BLOCK_W=16,
+)
+@triton.jit
+def _path_walk_kernel(
+    node_token_ptr, draft_ptr, parents_ptr, cu_ptr, out_tokens_ptr, out_nodes_ptr, num_ptr, W,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    # One program per request: descend to the first child whose draft token equals the current
+    # node's target token (argmax or draw); that token is the bonus where no child matches.
+    b = tl.program_id(0)
+    start = tl.load(cu_ptr + b)
+    n = tl.load(cu_ptr + b + 1) - start
+    idx = tl.arange(0, BLOCK_N)
+    valid = idx < n
+    par = tl.load(parents_ptr + start + idx, mask=valid, other=-2)
+    tok = tl.load(draft_ptr + start + idx, mask=valid, other=-1)
+    w = tl.arange(0, BLOCK_W)
+    path_nodes = tl.where(w == 0, 0, -1)
+    path_tokens = tl.full([BLOCK_W], -1, tl.int64)
+    cur = tl.zeros([], tl.int32)
+    count = tl.zeros([], tl.int32)
+    alive = tl.full([], 1, tl.int32)
+    for step in range(0, n - 1):
+        target = tl.load(node_token_ptr + start + cur)
+        child = tl.min(tl.where((par == cur) & (tok == target), idx, BLOCK_N), 0)
+        advance = (alive != 0) & (child < BLOCK_N)
+        path_tokens = tl.where(advance & (w == step), target, path_tokens)
+        path_nodes = tl.where(advance & (w == step + 1), child, path_nodes)
+        cur = tl.where(advance, child, cur)
+        count += advance.to(tl.int32)
+        alive = advance.to(tl.int32)
+    bonus = tl.load(node_token_ptr + start + cur)
+    path_tokens = tl.where(w == count, bonus, path_tokens)
+    tl.store(out_tokens_ptr + b * W + w, path_tokens, mask=w < W)
+    tl.store(out_nodes_ptr + b * W + w, path_nodes, mask=w < W)
+    tl.store(num_ptr + b, count + 1)
+
+
+@gpu_compile_check(
+    {
+        "logits_ptr": "*bf16", "stride_l": "i64", "q_ptr": "*fp32", "stride_q": "i64", "V": "i32",
+        "draft_ptr": "*i64", "parents_ptr": "*i32", "cu_ptr": "*i32", "inv_temp_ptr": "*fp32",
+        "thr_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "uniform_ptr": "*fp32",
+        "scratch_p_ptr": "*fp32", "scratch_q_ptr": "*fp32",
+        "out_tokens_ptr": "*i64", "out_nodes_ptr": "*i32", "num_ptr": "*i32", "W": "i32",
+    },
+    BLOCK_N=64,
+    BLOCK_W=16,
+    BLOCK_V=1024,
+)
+@triton.jit
+def _rejection_walk_kernel(
+    logits_ptr, stride_l, q_ptr, stride_q, V, draft_ptr, parents_ptr, cu_ptr,
+    inv_temp_ptr, thr_ptr, max_ptr, sum_ptr, uniform_ptr, scratch_p_ptr, scratch_q_ptr,
+    out_tokens_ptr, out_nodes_ptr, num_ptr, W,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # One program per request walks its tree with recursive rejection sampling. The current
+    # node's p and q are read from logits / draft_probs until the first rejection; after that
+    # the residuals live in this request's scratch rows (unnormalised, totals p_total/q_total).
+    b = tl.program_id(0)
+    start = tl.load(cu_ptr + b)
+    n = tl.load(cu_ptr + b + 1) - start
+    idx = tl.arange(0, BLOCK_N)
+    par = tl.load(parents_ptr + start + idx, mask=idx < n, other=-2)
+    sp_ptr = scratch_p_ptr + b.to(tl.int64) * V
+    sq_ptr = scratch_q_ptr + b.to(tl.int64) * V
+    offs = tl.arange(0, BLOCK_V)
+    w = tl.arange(0, BLOCK_W)
+    path_nodes = tl.where(w == 0, 0, -1)
+    path_tokens = tl.full([BLOCK_W], -1, tl.int64)
+    cur = tl.zeros([], tl.int32)
+    count = tl.zeros([], tl.int32)
+    alive = tl.full([], 1, tl.int32)
+    for step in range(0, n):  # one node visited per step (depth <= n - 1)
+        if alive != 0:
+            g = (start + cur).to(tl.int64)
+            row_l = logits_ptr + g * stride_l
+            row_q = q_ptr + g * stride_q
+            inv_temp = tl.load(inv_temp_ptr + g)
+            thr = tl.load(thr_ptr + g)
+            row_max = tl.load(max_ptr + g)
+            row_sum = tl.load(sum_ptr + g)
+            is_child = par == cur
+            first_child = tl.min(tl.where(is_child, idx, BLOCK_N), 0)  # BFS: children are contiguous
+            num_children = tl.sum(is_child.to(tl.int32), 0)
+            p_scratch = tl.zeros([], tl.int32)
+            q_scratch = tl.zeros([], tl.int32)
+            p_total = row_sum
+            q_total = tl.full([], 1.0, tl.float32)
+            accepted = tl.full([], -1, tl.int32)
+            for r in range(0, num_children):
+                if accepted < 0:
+                    c = first_child + r
+                    t = tl.load(draft_ptr + start + c)
+                    u = tl.load(uniform_ptr + (start + c).to(tl.int64) * 2)
+                    if p_scratch != 0:
+                        p_t = tl.load(sp_ptr + t) / p_total
+                    else:
+                        p_t = _p_chunk(row_l, t, V, inv_temp, thr, row_max, True) / p_total
+                    if q_scratch != 0:
+                        q_t = tl.where(q_total > 0, tl.load(sq_ptr + t) / q_total, 0.0)
+                    else:
+                        q_t = tl.load(row_q + t).to(tl.float32)
+                    if u * q_t < p_t:
+                        accepted = c
+                    else:  # residual pass: p <- max(p - q, 0), q <- q without t
+                        inv_q = tl.where(q_total > 0, 1.0 / q_total, 0.0)
+                        new_p_total = tl.zeros([], tl.float32)
+                        new_q_total = tl.zeros([], tl.float32)
+                        for v0 in range(0, V, BLOCK_V):
+                            o = v0 + offs
+                            if p_scratch != 0:
+                                p = _p_chunk(sp_ptr, o, V, 1.0, 0.0, 0.0, False) / p_total
+                            else:
+                                p = _p_chunk(row_l, o, V, inv_temp, thr, row_max, True) / p_total
+                            if q_scratch != 0:
+                                q = tl.load(sq_ptr + o, mask=o < V, other=0.0) * inv_q
+                            else:
+                                q = tl.load(row_q + o, mask=o < V, other=0.0).to(tl.float32)
+                            residual = tl.maximum(p - q, 0.0)
+                            q = tl.where(o == t, 0.0, q)
+                            tl.store(sp_ptr + o, residual, mask=o < V)
+                            tl.store(sq_ptr + o, q, mask=o < V)
+                            new_p_total += tl.sum(residual, 0)
+                            new_q_total += tl.sum(q, 0)
+                        tl.debug_barrier()  # the scratch rows are read back by other threads
+                        p_scratch = (new_p_total > 0).to(tl.int32)  # all-zero residual: back to p(v)
+                        p_total = tl.where(new_p_total > 0, new_p_total, row_sum)
+                        q_scratch = tl.full([], 1, tl.int32)
+                        q_total = new_q_total
+            if accepted >= 0:
+                t = tl.load(draft_ptr + start + accepted)
+                path_tokens = tl.where(w == step, t, path_tokens)
+                path_nodes = tl.where(w == step + 1, accepted, path_nodes)
+                cur = accepted
+                count += 1
+            else:
+                u = tl.load(uniform_ptr + g * 2 + 1)
+                if p_scratch != 0:
+                    bonus = _inverse_cdf(sp_ptr, V, 1.0, 0.0, 0.0, u * p_total, False, BLOCK_V)
+                else:
+                    bonus = _inverse_cdf(row_l, V, inv_temp, thr, row_max, u * p_total, True, BLOCK_V)
+                path_tokens = tl.where(w == step, bonus.to(tl.int64), path_tokens)
+                alive = tl.zeros([], tl.int32)
+    tl.store(out_tokens_ptr + b * W + w, path_tokens, mask=w < W)
+    tl.store(out_nodes_ptr + b * W + w, path_nodes, mask=w < W)
+    tl.store(num_ptr + b, count + 1)
+
+
+# --- input handling shared by kernels and references -----------------------------------------
+
+
+def _check_tree_batch(logits, draft_tokens, parents, cu_nodes) -> int:
+    """Validate the common inputs; return the output width max_depth + 1."""
+    for name, t in (("logits", logits), ("draft_tokens", draft_tokens), ("parents", parents), ("cu_nodes", cu_nodes)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits is on {logits.device}")
+    if logits.dim() != 2 or logits.dtype not in _LOGIT_DTYPES:
+        raise ValueError(f"logits must be [total_nodes, vocab] fp32/fp16/bf16, got {tuple(logits.shape)} {logits.dtype}")
+    if logits.shape[1] == 0 or logits.stride(1) != 1:
+        raise ValueError(f"logits must have a non-empty, contiguous vocab dimension, got shape {tuple(logits.shape)} strides {logits.stride()}")
+    if draft_tokens.dim() != 1 or draft_tokens.dtype != torch.int64:
+        raise ValueError(f"draft_tokens must be int64[total_nodes], got {tuple(draft_tokens.shape)} {draft_tokens.dtype}")
+    if parents.dim() != 1 or parents.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"parents must be int32[total_nodes], got {tuple(parents.shape)} {parents.dtype}")
+    if cu_nodes.dim() != 1 or cu_nodes.numel() < 1 or cu_nodes.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_nodes must be int32[B+1], got {tuple(cu_nodes.shape)} {cu_nodes.dtype}")
+    n = logits.shape[0]
+    if draft_tokens.numel() != n or parents.numel() != n:
+        raise ValueError(
+            f"logits, draft_tokens and parents must all have total_nodes rows: logits {n}, "
+            f"draft_tokens {draft_tokens.numel()}, parents {parents.numel()}"
+        )
+    if cu_nodes.numel() == 1:  # empty batch
+        if n != 0 or int(cu_nodes[0]) != 0:
+            raise ValueError(f"cu_nodes = {cu_nodes.tolist()} describes no request but there are {n} nodes")
+        return 1
+    validate_parents(parents, cu_nodes)
+    lo, hi = torch.aminmax(draft_tokens)
+    if int(lo) < 0 or int(hi) >= logits.shape[1]:
+        raise ValueError(f"draft_tokens must lie in [0, {logits.shape[1]}) (the vocab), got range [{int(lo)}, {int(hi)}]")
+    return int(depths(parents, cu_nodes).max()) + 1
+
+
+def _check_sampling_params(temperature, top_k, top_p, batch: int, device) -> None:
+    if not isinstance(temperature, torch.Tensor) or temperature.shape != (batch,) or not temperature.is_floating_point():
+        raise ValueError(f"temperature must be a float tensor [B={batch}], got {getattr(temperature, 'shape', temperature)}")
+    for name, t, floating in (("temperature", temperature, True), ("top_k", top_k, False), ("top_p", top_p, True)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (batch,) or t.is_floating_point() != floating:
+            kind = "float" if floating else "integer"
+            raise ValueError(f"{name} must be a {kind} tensor [B={batch}] or None, got {getattr(t, 'shape', t)} {getattr(t, 'dtype', '')}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but logits is on {device}")
+    if batch and bool(torch.isnan(temperature).any()):
+        raise ValueError("temperature has NaN entries")
+    if top_p is not None and batch and not bool(((top_p > 0) & (top_p <= 1)).all()):
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p.tolist()}")
+
+
+def _per_node(values: torch.Tensor, cu_nodes: torch.Tensor, total: int) -> torch.Tensor:
+    return torch.repeat_interleave(values, (cu_nodes[1:] - cu_nodes[:-1]).long(), output_size=total)
+
+
+def _processing(logits, cu_nodes, temperature, top_k, top_p):
+    """Per node: 1/T (1 for greedy) and the kept-logit threshold (top-k then top-p; the row max
+    for temperature <= 0, which makes p one-hot at the argmax), both fp32[total_nodes]."""
+    n, vocab = logits.shape
+    temp = _per_node(temperature.float(), cu_nodes, n)
+    greedy = temp <= 0
+    inv_temp = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, temp))
+    x = logits.float()
+    thr = torch.full((n,), float("-inf"), device=logits.device)
+    if n and (top_k is not None or top_p is not None):
+        ranked = x.sort(dim=-1, descending=True).values
+        if top_k is not None:
+            k = _per_node(top_k.long(), cu_nodes, n)
+            k = torch.where((k <= 0) | (k > vocab), vocab, k)
+            thr = ranked.gather(1, (k - 1)[:, None]).squeeze(1)
+        if top_p is not None:
+            scaled = torch.where(ranked >= thr[:, None], ranked * inv_temp[:, None], float("-inf"))
+            probs = torch.softmax(scaled, dim=-1)
+            mass_before = probs.cumsum(-1) - probs
+            kept = (mass_before < _per_node(top_p.float(), cu_nodes, n)[:, None]).sum(-1).clamp(min=1)
+            thr = torch.maximum(thr, ranked.gather(1, (kept - 1)[:, None]).squeeze(1))
+    thr = torch.where(greedy, x.amax(-1) if n else thr, thr)
+    return inv_temp.contiguous(), thr.contiguous()
+
+
+def draw_uniforms(total_nodes: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The uniforms the sampling kernels consume: float32[total_nodes, 2] in [0, 1)."""
+    if generator is not None and generator.device.type != torch.device(device).type:
+        raise ValueError(f"generator is on {generator.device} but the inputs are on {device}")
+    return torch.rand((total_nodes, 2), generator=generator, device=device)
+
+
+def _empty_outputs(batch: int, width: int, device):
+    return (
+        torch.empty((batch, width), dtype=torch.int64, device=device),
+        torch.empty((batch, width), dtype=torch.int32, device=device),
+        torch.empty((batch,), dtype=torch.int32, device=device),
+    )
+
+
+def _block_v(vocab: int, cap: int) -> int:
+    return min(cap, triton.next_power_of_2(vocab))
+
+
+# --- public API -------------------------------------------------------------------------------
+
+
+def verify_greedy(logits: torch.Tensor, draft_tokens: torch.Tensor, parents: torch.Tensor, cu_nodes: torch.Tensor):
+    """Greedy tree verification -> (accepted_tokens int64[B, W], accepted_nodes int32[B, W],
+    num_accepted int32[B]), W = max depth + 1. Chains are trees with parents[i] = i - 1."""
+    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
+    batch, (n, vocab) = cu_nodes.numel() - 1, logits.shape
+    out = _empty_outputs(batch, width, logits.device)
+    if batch == 0:
+        return out
+    node_token = torch.empty(n, dtype=torch.int64, device=logits.device)
+    _node_pass_kernel[(n,)](
+        logits, logits.stride(0), vocab, logits, logits, logits, node_token, logits, logits,
+        MODE=_ARGMAX, BLOCK_V=_block_v(vocab, 4096), num_warps=8,
+    )
+    _walk(node_token, draft_tokens, parents, cu_nodes, out)
+    return out
+
+
+def _walk(node_token, draft_tokens, parents, cu_nodes, out) -> None:
+    tokens, nodes, num = out
+    max_nodes = int((cu_nodes[1:] - cu_nodes[:-1]).max())
+    _path_walk_kernel[(num.numel(),)](
+        node_token, draft_tokens, parents.int(), cu_nodes.int(), tokens, nodes, num, tokens.shape[1],
+        BLOCK_N=triton.next_power_of_2(max_nodes), BLOCK_W=triton.next_power_of_2(tokens.shape[1]),
+    )
+
+
+def verify_sampling(
+    logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    parents: torch.Tensor,
+    cu_nodes: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | None = None,
+    *,
+    uniforms: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    draft_probs: torch.Tensor | None = None,
+):
+    """Exact (lossless) sampling verification; same outputs as :func:`verify_greedy`.
+
+    ``temperature`` float[B] (<= 0: greedy), ``top_k`` int[B] (<= 0 or >= vocab: off), ``top_p``
+    float[B] in (0, 1]; ``uniforms`` float32[total_nodes, 2] (see the module doc) or else drawn
+    from ``generator``; ``draft_probs`` float32[total_nodes, vocab]: the distribution each node's
+    children were sampled from (None for deterministic drafts).
+    """
+    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
+    batch, (n, vocab) = cu_nodes.numel() - 1, logits.shape
+    device = logits.device
+    _check_sampling_params(temperature, top_k, top_p, batch, device)
+    if uniforms is None:
+        uniforms = draw_uniforms(n, device, generator)
+    elif uniforms.shape != (n, 2) or uniforms.dtype != torch.float32 or uniforms.device != device or not uniforms.is_contiguous():
+        raise ValueError(f"uniforms must be contiguous float32[{n}, 2] on {device}, got {tuple(uniforms.shape)} {uniforms.dtype} on {uniforms.device}")
+    if draft_probs is not None and (
+        draft_probs.shape != logits.shape or draft_probs.dtype != torch.float32 or draft_probs.device != device or draft_probs.stride(1) != 1
+    ):
+        raise ValueError(f"draft_probs must be float32{list(logits.shape)} on {device} with a contiguous vocab dim, got {tuple(draft_probs.shape)} {draft_probs.dtype}")
+    out = _empty_outputs(batch, width, device)
+    if batch == 0:
+        return out
+    inv_temp, thr = _processing(logits, cu_nodes, temperature, top_k, top_p)
+    if draft_probs is None:
+        node_token = torch.empty(n, dtype=torch.int64, device=device)
+        _node_pass_kernel[(n,)](
+            logits, logits.stride(0), vocab, inv_temp, thr, uniforms, node_token, inv_temp, inv_temp,
+            MODE=_SAMPLE, BLOCK_V=_block_v(vocab, 4096), num_warps=8,
+        )
+        _walk(node_token, draft_tokens, parents, cu_nodes, out)
+        return out
+    row_max = torch.empty(n, dtype=torch.float32, device=device)
+    row_sum = torch.empty(n, dtype=torch.float32, device=device)
+    _node_pass_kernel[(n,)](
+        logits, logits.stride(0), vocab, inv_temp, thr, uniforms, draft_tokens, row_max, row_sum,
+        MODE=_STATS, BLOCK_V=_block_v(vocab, 4096), num_warps=8,
+    )
+    scratch = torch.empty((2, batch, vocab), dtype=torch.float32, device=device)
+    tokens, nodes, num = out
+    max_nodes = int((cu_nodes[1:] - cu_nodes[:-1]).max())
+    _rejection_walk_kernel[(batch,)](
+        logits, logits.stride(0), draft_probs, draft_probs.stride(0), vocab, draft_tokens, parents.int(), cu_nodes.int(),
+        inv_temp, thr, row_max, row_sum, uniforms, scratch[0], scratch[1], tokens, nodes, num, width,
+        BLOCK_N=triton.next_power_of_2(max_nodes), BLOCK_W=triton.next_power_of_2(width),
+        BLOCK_V=_block_v(vocab, 2048), num_warps=8,
+    )
+    return out
+
+
+# --- references (plain PyTorch, vectorised over requests) ------------------------------------
+
+
+def target_probs(logits, cu_nodes, temperature, top_k=None, top_p=None) -> torch.Tensor:
+    """The processed target distribution p(v) of every node, float64[total_nodes, vocab]."""
+    inv_temp, thr = _processing(logits, cu_nodes, temperature, top_k, top_p)
+    x = logits.float()
+    scaled = torch.where(x >= thr[:, None], x * inv_temp[:, None], float("-inf"))
+    return torch.softmax(scaled.double(), dim=-1)
+
+
+def _inverse_cdf_reference(probs: torch.Tensor, u: torch.Tensor):
+    """(token, margin): the kernels' inverse-CDF rule; margin = distance of the target to the
+    nearest cumulative boundary, relative to the total (small = rounding may flip the token)."""
+    cdf = probs.cumsum(-1)
+    total = cdf[:, -1:]
+    target = u.double()[:, None] * total
+    token = (cdf <= target).sum(-1)
+    last_positive = probs.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    token = torch.where(token < probs.shape[1], token, last_positive)
+    margin = ((cdf - target).abs() / total).amin(-1)
+    return token, margin
+
+
+class _Walk:
+    """Vectorised per-request walk state shared by the references."""
+
+    def __init__(self, draft_tokens, parents, cu_nodes, width):
+        self.starts = cu_nodes[:-1].long()
+        counts = (cu_nodes[1:] - cu_nodes[:-1]).long()
+        batch, n = counts.numel(), draft_tokens.numel()
+        gpar = torch.where(parents.long() >= 0, parents.long() + _per_node(self.starts, cu_nodes, n), -1)
+        has_parent = gpar >= 0
+        self.num_children = torch.bincount(gpar[has_parent], minlength=n)
+        self.max_children = int(self.num_children.max()) if n else 0
+        # BFS: a node's children are contiguous, starting at the first node naming it parent
+        self.first_child = torch.full((n,), n, dtype=torch.long, device=parents.device)
+        self.first_child.scatter_reduce_(0, gpar[has_parent], torch.arange(n, device=parents.device)[has_parent], "amin")
+        self.draft_tokens = draft_tokens
+        self.cur = self.starts.clone()
+        self.alive = torch.ones(batch, dtype=torch.bool, device=parents.device)
+        self.count = torch.zeros(batch, dtype=torch.long, device=parents.device)
+        self.tokens = torch.full((batch, width), -1, dtype=torch.int64, device=parents.device)
+        self.nodes = torch.full((batch, width), -1, dtype=torch.int32, device=parents.device)
+        self.nodes[:, 0] = 0
+        self.margin = torch.full((batch,), float("inf"), dtype=torch.float64, device=parents.device)
+
+    def step(self, step: int, child: torch.Tensor, bonus: torch.Tensor) -> None:
+        """Record one visited node: descend to ``child`` (global, -1: none) or stop with ``bonus``."""
+        advance = self.alive & (child >= 0)
+        rows = self.alive.nonzero().flatten()
+        token = torch.where(advance, self.draft_tokens[child.clamp(min=0)], bonus)
+        self.tokens[rows, step] = token[rows]
+        grow = advance.nonzero().flatten()
+        self.nodes[grow, step + 1] = (child - self.starts)[grow].int()
+        self.count += advance.long()
+        self.cur = torch.where(advance, child, self.cur)
+        self.alive = advance
+
+    def children(self, r: int) -> torch.Tensor:
+        """Global index of the current nodes' r-th child (-1 where there is none)."""
+        c = self.first_child[self.cur] + r
+        return torch.where(r < self.num_children[self.cur], c, -1)
+
+    def result(self):
+        return self.tokens, self.nodes, (self.count + 1).int()
+
+
+def _walk_reference(node_token, node_margin, draft_tokens, parents, cu_nodes, width):
+    """Descend to the first child whose token is the node's target token (greedy / target-only)."""
+    walk = _Walk(draft_tokens, parents, cu_nodes, width)
+    for step in range(width):
+        if not bool(walk.alive.any()):
+            break
+        target = node_token[walk.cur]
+        walk.margin = torch.where(walk.alive, torch.minimum(walk.margin, node_margin[walk.cur]), walk.margin)
+        child = torch.full_like(walk.cur, -1)
+        for r in reversed(range(walk.max_children)):  # reversed: the first matching child wins
+            c = walk.children(r)
+            hit = (c >= 0) & (draft_tokens[c.clamp(min=0)] == target)
+            child = torch.where(hit, c, child)
+        walk.step(step, child, target)
+    return walk
+
+
+def verify_greedy_reference(logits, draft_tokens, parents, cu_nodes):
+    """Plain-PyTorch :func:`verify_greedy` (same inputs, same outputs)."""
+    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
+    argmax = logits.argmax(-1) if logits.numel() else draft_tokens.clone()
+    no_margin = torch.full(argmax.shape, float("inf"), dtype=torch.float64, device=logits.device)
+    return _walk_reference(argmax, no_margin, draft_tokens, parents, cu_nodes, width).result()
+
+
+def _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs):
+    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
+    probs = target_probs(logits, cu_nodes, temperature, top_k, top_p)
+    if draft_probs is None:
+        token, margin = _inverse_cdf_reference(probs, uniforms[:, 1])
+        return _walk_reference(token, margin, draft_tokens, parents, cu_nodes, width)
+    walk = _Walk(draft_tokens, parents, cu_nodes, width)
+    rows = torch.arange(walk.cur.numel(), device=logits.device)
+    for step in range(width):
+        if not bool(walk.alive.any()):
+            break
+        p_node = probs[walk.cur]
+        p, q = p_node, draft_probs[walk.cur].double()
+        child = torch.full_like(walk.cur, -1)
+        for r in range(walk.max_children):
+            c = walk.children(r)
+            tested = walk.alive & (c >= 0) & (child < 0)
+            t = draft_tokens[c.clamp(min=0)]
+            u = uniforms[c.clamp(min=0), 0].double()
+            p_t, q_t = p[rows, t], q[rows, t]
+            walk.margin = torch.where(tested, torch.minimum(walk.margin, (u * q_t - p_t).abs()), walk.margin)
+            accept = tested & (u * q_t < p_t)
+            child = torch.where(accept, c, child)
+            reject = (tested & ~accept)[:, None]
+            residual = (p - q).clamp(min=0)
+            residual_total = residual.sum(-1, keepdim=True)
+            new_p = torch.where(residual_total > 0, residual / residual_total.clamp(min=1e-300), p_node)
+            new_q = q.clone()
+            new_q[rows, t] = 0
+            q_total = new_q.sum(-1, keepdim=True)
+            new_q = torch.where(q_total > 0, new_q / q_total.clamp(min=1e-300), 0.0)
+            p, q = torch.where(reject, new_p, p), torch.where(reject, new_q, q)
+        bonus, margin = _inverse_cdf_reference(p, uniforms[walk.cur, 1])
+        stops = walk.alive & (child < 0)
+        walk.margin = torch.where(stops, torch.minimum(walk.margin, margin), walk.margin)
+        walk.step(step, child, bonus)
+    return walk
+
+
+def verify_sampling_reference(
+    logits, draft_tokens, parents, cu_nodes, temperature, top_k=None, top_p=None, *, uniforms, draft_probs=None
+):
+    """Plain-PyTorch :func:`verify_sampling` on the same ``uniforms`` (float64 probabilities)."""
+    return _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs).result()
