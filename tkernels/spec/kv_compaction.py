@@ -1,0 +1,178 @@
+"""KV compaction after tree verification: the accepted path's K/V into contiguous positions.
+
+During verification, tree node ``i`` of request ``b`` wrote its K/V at position
+``prefix_lens[b] + i`` of the paged cache (slot ``block_table[b, pos // block_size] *
+block_size + pos % block_size``). After verification the accepted path (``accepted_nodes[b, :n]``
+from :mod:`tkernels.spec.verify`, ``n = num_accepted[b]``) must sit at positions
+``prefix_lens[b] + 0 .. n - 1``: path entry ``d`` moves from node ``accepted_nodes[b, d]`` to
+position ``d``. Entry 0 is node 0 (the last committed token) and stays; so does every entry whose
+node already is ``d``. The last entry is the bonus token's node: its K/V is needed too (the bonus
+token itself has no K/V yet and is written by the next step).
+
+In place and overlapping: path nodes increase strictly and ``d <= accepted_nodes[b, d]``, but a
+destination can be another entry's source (path 0, 2, 3: entry 1 reads position 2, which entry
+2 writes). Each program therefore loads all of its request's source rows (one column tile) into
+registers, synchronises, then stores.
+
+API: :func:`compact_kv` takes one cache tensor or a list of them (e.g. ``[k_cache, v_cache]`` of
+one layer, or every layer's); each is ``[..., num_blocks, block_size, num_kv_heads, head_dim]``
+(vLLM's layout, leading dims such as a stacked K/V or layer axis allowed) and gets one launch
+whose grid covers requests x leading planes x column tiles.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from tkernels.registry import gpu_compile_check
+
+__all__ = ["compact_kv", "compact_kv_reference"]
+
+
+@gpu_compile_check(
+    {
+        "cache_ptr": "*bf16", "stride_plane": "i64", "stride_block": "i64", "stride_slot": "i64",
+        "block_table_ptr": "*i32", "stride_bt": "i64", "prefix_ptr": "*i32", "nodes_ptr": "*i32",
+        "num_ptr": "*i32", "W": "i32", "HD": "i32", "block_size": "i32",
+    },
+    BLOCK_A=8,
+    BLOCK_HD=512,
+)
+@triton.jit
+def _compact_kv_kernel(
+    cache_ptr, stride_plane, stride_block, stride_slot, block_table_ptr, stride_bt, prefix_ptr,
+    nodes_ptr, num_ptr, W, HD, block_size,
+    BLOCK_A: tl.constexpr, BLOCK_HD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    plane = tl.program_id(1).to(tl.int64)
+    tile = tl.program_id(2)
+    num = tl.load(num_ptr + b)
+    prefix = tl.load(prefix_ptr + b)
+    d = tl.arange(0, BLOCK_A)
+    node = tl.load(nodes_ptr + b * W + d, mask=d < W, other=0)
+    move = (d >= 1) & (d < num) & (node != d)
+    table = block_table_ptr + b.to(tl.int64) * stride_bt
+    src_pos = prefix + node
+    dst_pos = prefix + d
+    src_block = tl.load(table + src_pos // block_size, mask=move, other=0).to(tl.int64)
+    dst_block = tl.load(table + dst_pos // block_size, mask=move, other=0).to(tl.int64)
+    src = src_block * stride_block + (src_pos % block_size).to(tl.int64) * stride_slot
+    dst = dst_block * stride_block + (dst_pos % block_size).to(tl.int64) * stride_slot
+    cols = tile * BLOCK_HD + tl.arange(0, BLOCK_HD)
+    mask = move[:, None] & (cols < HD)[None, :]
+    base = cache_ptr + plane * stride_plane
+    rows = tl.load(base + src[:, None] + cols[None, :], mask=mask)
+    tl.debug_barrier()  # every source row is read before any destination is written
+    tl.store(base + dst[:, None] + cols[None, :], rows, mask=mask)
+
+
+def _as_list(kv_caches) -> list[torch.Tensor]:
+    caches = [kv_caches] if isinstance(kv_caches, torch.Tensor) else list(kv_caches)
+    if not caches or not all(isinstance(c, torch.Tensor) for c in caches):
+        raise ValueError("kv_caches must be a tensor or a non-empty sequence of tensors")
+    return caches
+
+
+def _check(caches, block_table, prefix_lens, accepted_nodes, num_accepted) -> None:
+    device = block_table.device if isinstance(block_table, torch.Tensor) else None
+    for name, t, dtypes in (
+        ("block_table", block_table, (torch.int32,)),
+        ("prefix_lens", prefix_lens, (torch.int32, torch.int64)),
+        ("accepted_nodes", accepted_nodes, (torch.int32,)),
+        ("num_accepted", num_accepted, (torch.int32,)),
+    ):
+        if not isinstance(t, torch.Tensor) or t.dtype not in dtypes:
+            raise ValueError(f"{name} must be a {' or '.join(map(str, dtypes))} tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but block_table is on {device}")
+    if block_table.dim() != 2:
+        raise ValueError(f"block_table must be [B, max_blocks], got {tuple(block_table.shape)}")
+    batch = block_table.shape[0]
+    if prefix_lens.shape != (batch,) or num_accepted.shape != (batch,):
+        raise ValueError(f"prefix_lens and num_accepted must be [B={batch}], got {tuple(prefix_lens.shape)} and {tuple(num_accepted.shape)}")
+    if accepted_nodes.dim() != 2 or accepted_nodes.shape[0] != batch or accepted_nodes.shape[1] < 1:
+        raise ValueError(f"accepted_nodes must be [B={batch}, W>=1], got {tuple(accepted_nodes.shape)}")
+    if block_table.stride(1) != 1 or not accepted_nodes.is_contiguous():
+        raise ValueError("block_table rows and accepted_nodes must be contiguous")
+    shape = caches[0].shape
+    for i, c in enumerate(caches):
+        if c.dim() < 4 or c.shape != shape or c.device != device or not c.is_floating_point():
+            raise ValueError(
+                f"kv_caches[{i}] must be a float [..., num_blocks, block_size, num_kv_heads, head_dim] tensor "
+                f"on {device} shaped like kv_caches[0] {tuple(shape)}, got {tuple(c.shape)} {c.dtype} on {c.device}"
+            )
+        if c.stride(-1) != 1 or c.stride(-2) != c.shape[-1]:
+            raise ValueError(f"kv_caches[{i}]: each slot's [num_kv_heads, head_dim] must be contiguous, strides {c.stride()}")
+    if batch == 0:
+        return
+    width = accepted_nodes.shape[1]
+    num = num_accepted.long()
+    if bool(((num < 1) | (num > width)).any()):
+        raise ValueError(f"num_accepted must lie in [1, {width}], got {num_accepted.tolist()}")
+    d = torch.arange(width, device=device)
+    used = d[None, :] < num[:, None]
+    nodes = accepted_nodes.long()
+    ok_root = bool((nodes[:, 0] == 0).all())
+    ok_increasing = bool(((nodes[:, 1:] > nodes[:, :-1]) | ~used[:, 1:]).all())
+    if not (ok_root and ok_increasing):
+        raise ValueError("accepted_nodes must start at node 0 and increase strictly along each accepted path")
+    positions = prefix_lens.long()[:, None] + torch.where(used, nodes, 0)
+    block_size, num_blocks = shape[-3], shape[-4]
+    if bool((prefix_lens < 0).any()) or int(positions.max()) >= block_table.shape[1] * block_size:
+        raise ValueError(f"prefix_lens + accepted_nodes reach past block_table's {block_table.shape[1]} blocks of {block_size}")
+    blocks = block_table.long().gather(1, positions // block_size)
+    if bool((used & ((blocks < 0) | (blocks >= num_blocks))).any()):
+        raise ValueError(f"block_table has block ids outside [0, {num_blocks}) at accepted positions")
+
+
+def compact_kv(
+    kv_caches: torch.Tensor | Sequence[torch.Tensor],
+    block_table: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    accepted_nodes: torch.Tensor,
+    num_accepted: torch.Tensor,
+) -> None:
+    """Move every accepted node's K/V to its path position, in place, in each cache tensor.
+
+    ``block_table`` int32[B, max_blocks], ``prefix_lens`` int32[B] (position of node 0),
+    ``accepted_nodes`` int32[B, W] and ``num_accepted`` int32[B] as returned by verification.
+    """
+    caches = _as_list(kv_caches)
+    _check(caches, block_table, prefix_lens, accepted_nodes, num_accepted)
+    batch, width = accepted_nodes.shape
+    if batch == 0:
+        return
+    num_blocks, block_size, heads, head_dim = caches[0].shape[-4:]
+    hd = heads * head_dim
+    block_hd = min(512, triton.next_power_of_2(hd))
+    prefix = prefix_lens.int()
+    for cache in caches:
+        planes = cache.view(-1, num_blocks, block_size, heads, head_dim) if cache.dim() > 4 else cache[None]
+        grid = (batch, planes.shape[0], triton.cdiv(hd, block_hd))
+        _compact_kv_kernel[grid](
+            planes, planes.stride(0), planes.stride(1), planes.stride(2), block_table, block_table.stride(0), prefix,
+            accepted_nodes, num_accepted, width, hd, block_size,
+            BLOCK_A=triton.next_power_of_2(width), BLOCK_HD=block_hd,
+        )
+
+
+def compact_kv_reference(kv_caches, block_table, prefix_lens, accepted_nodes, num_accepted) -> None:
+    """Plain-PyTorch :func:`compact_kv` (in place): gather every source slot, then scatter."""
+    caches = _as_list(kv_caches)
+    _check(caches, block_table, prefix_lens, accepted_nodes, num_accepted)
+    block_size = caches[0].shape[-3]
+    rows, cols = (accepted_nodes >= 0).nonzero(as_tuple=True)
+    keep = (cols >= 1) & (cols < num_accepted.long()[rows])
+    rows, cols = rows[keep], cols[keep]
+    src_pos = prefix_lens.long()[rows] + accepted_nodes.long()[rows, cols]
+    dst_pos = prefix_lens.long()[rows] + cols
+    src_block = block_table.long()[rows, src_pos // block_size]
+    dst_block = block_table.long()[rows, dst_pos // block_size]
+    for cache in caches:
+        moved = cache[..., src_block, src_pos % block_size, :, :].clone()
+        cache[..., dst_block, dst_pos % block_size, :, :] = moved
