@@ -8,9 +8,9 @@ Path probabilities shrink along a path, so the ``m`` nodes of highest path proba
 a tree, and it is the best ``m``-node tree: best-first expansion (Medusa / EAGLE-2) is exact
 here; the tests check it against exhaustive search (Sequoia's DP solves the same problem).
 
-Per step, with ``B`` requests drafting ``m`` nodes each (+ ``other_tokens`` in the batch), the
-policy picks ``m`` maximising ``E[accepted](m) / T(other_tokens + B * m)``, where ``T`` is the
-GPU's verify-step time: a 64-node tree is free at batch 1 and unaffordable at batch 32.
+Per step, with ``B`` requests drafting ``m`` nodes each, the policy picks ``m`` maximising
+``E[accepted](m) / T(B * m)`` (plus other tokens sharing the step, see :meth:`choose`), where
+``T`` is the GPU's verify-step time: a 64-node tree is free at batch 1 and unaffordable at 32.
 """
 
 from __future__ import annotations
@@ -146,11 +146,17 @@ class DynamicTreePolicy:
         self.hits.index_put_((depth[hit], ranks[hit]), torch.ones(int(hit.sum()), dtype=torch.float64), accumulate=True)
 
     def choose(self, batch_size: int, max_nodes: int, other_tokens: int = 0) -> TreeShape:
-        """This step's tree for each of ``batch_size`` requests, at most ``max_nodes`` nodes."""
+        """This step's tree for each of ``batch_size`` requests, at most ``max_nodes`` nodes.
+
+        Maximises useful tokens per second, ``(other_tokens + B * E[accepted](m)) / T(other_tokens
+        + B * m)``: ``other_tokens`` (e.g. a prefill chunk sharing the step) count as useful work,
+        so a step already full of them leaves little room for speculative nodes.
+        """
         if batch_size < 1 or max_nodes < 1:
             raise ValueError(f"batch_size and max_nodes must be >= 1, got {batch_size}, {max_nodes}")
         shape, expected = greedy_tree(self.accept_probs(), max_nodes)
         sizes = torch.arange(1, expected.numel() + 1)
         times = torch.tensor([self.step_time.step_time(other_tokens + batch_size * int(m)) for m in sizes], dtype=torch.float64)
-        best = int((expected / times).argmax()) + 1  # argmax takes the first: ties go to the smaller tree
+        goodput = (other_tokens + batch_size * expected) / times
+        best = int(goodput.argmax()) + 1  # argmax takes the first: ties go to the smaller tree
         return shape if best == len(shape) else greedy_tree(self.accept_probs(), best)[0]

@@ -1,0 +1,177 @@
+"""Tree contract utilities, templates and server formats against slow Python references."""
+
+import pytest
+import torch
+
+from tkernels.spec.tree import (
+    TR_80_WIDTHS,
+    ancestor_bits,
+    ancestor_mask,
+    best_path,
+    chain,
+    depths,
+    from_child_counts,
+    from_rank_paths,
+    from_widths,
+    leaf_paths,
+    positions,
+    retrieve_indices,
+    to_sglang,
+    to_vllm_linear,
+    token_recycling_template,
+    validate_parents,
+)
+
+
+def random_tree(n: int, rng: torch.Generator) -> torch.Tensor:
+    """A random BFS tree: parents non-decreasing and < i."""
+    parents = [-1]
+    for i in range(1, n):
+        low = max(parents[-1], 0)
+        parents.append(int(torch.randint(low, i, (1,), generator=rng)))
+    return torch.tensor(parents, dtype=torch.int32)
+
+
+def ref_ancestors(parents: list[int], i: int) -> list[int]:
+    chain_ = [i]
+    while parents[chain_[-1]] >= 0:
+        chain_.append(parents[chain_[-1]])
+    return chain_[::-1]  # root first, i last
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 33, 64, 100])
+def test_derived_quantities_match_reference(n, rng):
+    parents = random_tree(n, rng)
+    validate_parents(parents)
+    p = parents.tolist()
+    paths = [ref_ancestors(p, i) for i in range(n)]
+    assert depths(parents).dtype == torch.int32
+    assert depths(parents).tolist() == [len(a) - 1 for a in paths]
+    assert positions(parents, 17).tolist() == [16 + len(a) for a in paths]
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, a in enumerate(paths):
+        mask[i, a] = True
+    assert torch.equal(ancestor_mask(parents), mask)
+    if n <= 64:
+        bits = ancestor_bits(parents)
+        assert bits.dtype == torch.int64
+        unpacked = (bits[:, None] >> torch.arange(n)) & 1
+        assert torch.equal(unpacked.bool(), mask)
+    leaves = [i for i in range(n) if i not in p[1:]]
+    assert leaf_paths(parents) == [paths[i] for i in leaves]
+    ri = retrieve_indices(parents)
+    assert ri.shape == (len(leaves), max(len(a) for a in paths))
+    for row, leaf in zip(ri.tolist(), leaves):
+        assert row == paths[leaf] + [-1] * (ri.shape[1] - len(paths[leaf]))
+
+
+def test_full_64_node_bits_use_the_sign_bit():
+    parents = chain(64).parents
+    assert ancestor_bits(parents)[-1].item() == -1  # all 64 bits set
+    with pytest.raises(ValueError, match="parents"):
+        ancestor_bits(chain(65).parents)
+
+
+def test_ragged_batch_equals_per_tree(rng):
+    trees = [random_tree(n, rng) for n in (5, 1, 64, 12)]
+    parents = torch.cat(trees)
+    cu_nodes = torch.tensor([0, 5, 6, 70, 82], dtype=torch.int32)
+    validate_parents(parents, cu_nodes)
+    assert torch.equal(depths(parents, cu_nodes), torch.cat([depths(t) for t in trees]))
+    assert torch.equal(ancestor_bits(parents, cu_nodes), torch.cat([ancestor_bits(t) for t in trees]))
+    start = torch.tensor([3, 4, 5, 6])
+    expected = torch.cat([positions(t, int(s)) for t, s in zip(trees, start)])
+    assert torch.equal(positions(parents, start, cu_nodes), expected)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [],  # empty
+        [0, 0],  # root not -1
+        [-1, 1],  # parent >= i
+        [-1, 0, -1],  # second root
+        [-1, 0, 0, 2, 1],  # not BFS: parents decrease
+        [-1, 0, 1, 0],  # not BFS: depth 1 node after a depth 2 node
+    ],
+)
+def test_bad_parents_raise(bad):
+    with pytest.raises(ValueError, match="parents"):
+        validate_parents(torch.tensor(bad, dtype=torch.int32))
+
+
+def test_bad_parents_types_and_cu_nodes_raise():
+    with pytest.raises(ValueError, match="parents"):
+        validate_parents(torch.tensor([[-1, 0]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="parents"):
+        validate_parents(torch.tensor([-1.0, 0.0]))
+    parents = torch.tensor([-1, 0, -1, 0], dtype=torch.int32)
+    validate_parents(parents, torch.tensor([0, 2, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_nodes"):
+        validate_parents(parents, torch.tensor([0, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"parents.*request 1"):
+        validate_parents(parents, torch.tensor([0, 1, 4], dtype=torch.int32))
+
+
+def test_token_recycling_template():
+    shape = token_recycling_template()
+    assert len(shape) == 80
+    assert torch.bincount(depths(shape.parents).long()).tolist() == [1, 8, 21, 20, 15, 6, 7, 1, 1]
+    assert int(shape.ranks.max()) == 7 and TR_80_WIDTHS[0] == 8
+    # the rank-sum rule: a node's child count is max(0, W[depth] - sum of its path's ranks)
+    d, p, r = depths(shape.parents).tolist(), shape.parents.tolist(), shape.ranks.tolist()
+    for i in range(80):
+        rank_sum = sum(r[j] for j in ref_ancestors(p, i)[1:])
+        width = TR_80_WIDTHS[d[i]] if d[i] < len(TR_80_WIDTHS) else 0
+        assert p.count(i) == max(0, width - rank_sum)
+    for n in (1, 16, 32, 64):
+        small = shape.truncate(n)
+        validate_parents(small.parents)
+        assert torch.equal(small.ranks, shape.ranks[:n])
+    with pytest.raises(ValueError):
+        shape.truncate(81)
+
+
+def test_shape_builders_agree():
+    by_counts = from_child_counts([2, 2, 1])
+    by_paths = from_rank_paths([(1,), (0,), (0, 0), (0, 1), (1, 0)])
+    assert torch.equal(by_counts.parents, by_paths.parents)
+    assert torch.equal(by_counts.ranks, by_paths.ranks)
+    assert by_counts.parents.tolist() == [-1, 0, 0, 1, 1, 2]
+    assert torch.equal(from_widths([2, 2]).parents, from_child_counts([2, 2, 1]).parents)
+    assert chain(4).parents.tolist() == [-1, 0, 1, 2]
+    with pytest.raises(ValueError, match="prefix"):
+        from_rank_paths([(0, 1)])
+    with pytest.raises(ValueError, match="child_counts"):
+        from_child_counts([1, 0, 3])
+
+
+def test_sglang_format(rng):
+    trees = [random_tree(n, rng) for n in (9, 1, 4)]
+    parents, cu_nodes = torch.cat(trees), torch.tensor([0, 9, 10, 14], dtype=torch.int32)
+    tokens = torch.randint(0, 1000, (14,), generator=rng)
+    out_tokens, mask = to_sglang(tokens, parents, cu_nodes)
+    assert torch.equal(out_tokens, tokens) and mask.dtype == torch.bool and mask.numel() == 81 + 1 + 16
+    tree = trees[0].tolist()
+    for i in range(9):
+        for j in range(9):
+            assert bool(mask[i * 9 + j]) == (j in ref_ancestors(tree, i))
+    assert torch.equal(to_sglang(tokens[:9], trees[0])[1], mask[:81])
+
+
+def test_best_path_and_vllm_linear(rng):
+    parents = random_tree(30, rng)
+    scores = torch.rand(30, generator=rng, dtype=torch.float64)
+    p = parents.tolist()
+    leaves = [i for i in range(30) if i not in p[1:]]
+    best = max(leaves, key=lambda leaf: sum(scores[j].item() for j in ref_ancestors(p, leaf)))
+    assert best_path(parents, scores).tolist() == ref_ancestors(p, best)
+    tokens = torch.arange(30) * 10
+    assert to_vllm_linear(tokens, parents, scores).tolist() == [10 * j for j in ref_ancestors(p, best)[1:]]
+    # without scores: the first-child (top-1) chain
+    shape = token_recycling_template()
+    top1 = best_path(shape.parents)
+    assert shape.ranks[top1[1:]].tolist() == [0] * 8
+    assert to_vllm_linear(torch.zeros(1, dtype=torch.int64), torch.tensor([-1], dtype=torch.int32)).numel() == 0
+    with pytest.raises(ValueError, match="draft_tokens"):
+        to_vllm_linear(tokens[:5], parents)
