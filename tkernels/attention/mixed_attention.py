@@ -1,0 +1,665 @@
+"""Mixed-batch paged attention: prefill chunks, decodes and speculation trees in one launch.
+
+Inputs follow vLLM: queries ``q [T, Hq, D]`` packed request after request (``cu_seqlens_q``),
+a paged K/V cache ``[num_blocks, block_size, Hkv, D]`` addressed through
+``block_table [B, max_blocks]``, and ``seq_lens [B]`` = context length INCLUDING the request's
+new tokens, whose K/V are already in the cache (key ``prefix + i`` belongs to new token ``i``,
+``prefix = seq_len - query_len``).
+
+Visibility. Every query token sees the whole cached prefix. Among the request's new tokens an
+ordinary request is causal (token i sees new tokens 0..i); a request flagged in ``is_tree`` is a
+speculation tree (``tree_parents`` holds its nodes' local parents, BFS order, parent[0] = -1,
+n <= 64) and node i sees exactly its ancestors and itself. Positions: token i of a causal
+request sits at ``prefix + i``, tree node i at ``prefix + depth(i)``. An optional sliding
+``window`` keeps keys with ``query_pos - key_pos < window``; an optional ``softcap`` maps a
+scaled logit s to ``softcap * tanh(s / softcap)``.
+
+Design.
+
+* Plan (:func:`plan_mixed_attention`, built on the host from ``cu_seqlens_q``/``seq_lens``, once
+  per step and shareable by every layer): each request is a *prefill* request (more than
+  ``decode_max_q`` new tokens; compute-bound) or a *decode* request (decodes and trees;
+  bandwidth-bound). Work items are (request, KV head, query tile, KV range). A tile packs
+  ``BLOCK_M // group`` query tokens times the ``group = Hq / Hkv`` query heads sharing one KV
+  head, so every K/V tile loaded feeds all heads of its group (GQA packing). Prefill tiles use
+  (``prefill_block_m``, ``prefill_block_n``), skip keys beyond the tile's causal frontier and
+  before its window. Decode tiles use (``decode_block_m``, ``decode_block_n``), the M size
+  shrunk to the batch's longest decode/tree query so a pure decode batch runs 16-row tiles;
+  when the batch has too few items to fill the GPU (``2 * SM count``) their context is split
+  into chunks of at least ``min_split_keys`` keys (split-KV). Items are ordered by FlashInfer's
+  cost estimate ``2 * tile_rows + kv_len``, largest first, so long prefill tiles start in the
+  first wave and short decode tiles fill the tail (longest-processing-time list scheduling over
+  the hardware's in-order block dispatch).
+* One launch of :func:`mixed_attention_kernel` runs every item; the class picks one of two
+  tile shapes compiled into the same kernel (POD-style). Scores use ``tl.dot`` with fp32
+  accumulation and ``exp2`` with ``scale * log2(e)`` folded in; K/V rows are gathered through
+  the block table per key, so any block size works with any BLOCK_N.
+* Split items write fp32 partial outputs and log-sum-exps to a workspace; a second small launch
+  (:func:`merge_split_kv_kernel`) merges them per token.
+
+Tile shapes, warps, stages and split parameters come from
+``tkernels.config.kernel_config("mixed_attention", ...)``. The defaults in
+:data:`DEFAULT_CONFIG` are unmeasured starting points (written before any GPU run), to be
+replaced by ``tkernels autotune``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from tkernels.config import kernel_config
+from tkernels.registry import gpu_compile_check
+
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # the same constant, readable inside kernels
+MAX_TREE_NODES = 64  # ancestor sets are one int64 bit mask per node
+
+PREFILL, DECODE = 0, 1
+# Columns of a plan's item table (int32 [num_items, ITEM_FIELDS]).
+ITEM_FIELDS = 8  # req, kv_head, class, q_start, kv_start, kv_end, ws_row, unused (alignment)
+# Columns of a plan's merge table (int32 [num_split_tokens, MERGE_FIELDS]).
+MERGE_FIELDS = 4  # token, first workspace row, row stride between splits, number of splits
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "prefill_block_m": 128,  # query rows (tokens x group heads) per prefill tile
+    "prefill_block_n": 64,
+    "decode_block_m": 64,  # upper bound; shrunk to the batch's longest decode/tree query
+    "decode_block_n": 64,
+    "decode_max_q": 64,  # requests with at most this many new tokens use decode tiles
+    "min_split_keys": 512,  # split-KV chunks hold at least this many keys
+    "max_splits": 32,
+    "num_warps": 8,  # shared by both tile classes; a 128x128 fp32 accumulator needs 8 warps
+    "num_stages": 2,
+}
+_DUMMY_SMS = 132  # SM count assumed when planning without a GPU (H100 SXM)
+
+
+@triton.jit
+def _attend_tile(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
+    block_table_ptr, is_tree_ptr, ancestors_ptr, positions_ptr,
+    req, kv_head, q_start, kv_start, kv_end, ws_row, token0, q_len, prefix,
+    scale_log2e, softcap, window,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ot, stride_oh, stride_bt, num_q_heads,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    # Row r of the tile is query token q_start + r // GROUP under query head kv_head*GROUP + r % GROUP.
+    rows = tl.arange(0, BLOCK_M)
+    tok = q_start + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_valid = (rows < (BLOCK_M // GROUP) * GROUP) & (tok < q_len)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+    q_rows = (token0 + tok).to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+
+    causal_last = prefix + tok  # last key a causal row sees
+    if HAS_TREE:
+        tree = tl.load(is_tree_ptr + req) != 0
+        ancestors = tl.load(ancestors_ptr + token0 + tok, mask=row_valid, other=0)
+    if HAS_WINDOW:
+        q_pos = tl.load(positions_ptr + token0 + tok, mask=row_valid, other=0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    kv_head_off = kv_head * stride_kh
+    for start in range(kv_start, kv_end, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_valid = keys < kv_end
+        page = tl.load(block_table_ptr + req * stride_bt + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
+        slot = keys % PAGE_SIZE
+        k_off = page * stride_kb + slot * stride_ks + kv_head_off
+        v_off = page * stride_vb + slot * stride_vs + kv_head * stride_vh
+        k = tl.load(k_cache_ptr + k_off[None, :] + dims[:, None], mask=key_valid[None, :] & dim_valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
+
+        s = tl.dot(q, k)
+        if HAS_SOFTCAP:
+            # softcap * tanh(s * scale / softcap), tanh from exp2 (portable across backends).
+            x = s * (scale_log2e / _LOG2E / softcap)
+            s = softcap * _LOG2E * (1.0 - 2.0 / (tl.exp2(2.0 * _LOG2E * x) + 1.0))
+        else:
+            s = s * scale_log2e
+
+        new_key = keys - prefix  # index among the request's new tokens (< 0: cached prefix)
+        visible = keys[None, :] <= causal_last[:, None]
+        if HAS_TREE:
+            bit = tl.maximum(new_key, 0).to(tl.int64)
+            is_ancestor = ((ancestors[:, None] >> bit[None, :]) & 1) != 0
+            visible = tl.where(tree, (new_key[None, :] < 0) | is_ancestor, visible)
+        if HAS_WINDOW:
+            # Tree nodes sit at prefix + depth, so new keys take their position from the table.
+            key_pos = tl.load(positions_ptr + token0 + new_key, mask=key_valid & (new_key >= 0), other=0)
+            key_pos = tl.where(new_key >= 0, key_pos, keys)
+            visible = visible & ((q_pos[:, None] - key_pos[None, :]) < window)
+        visible = visible & key_valid[None, :] & row_valid[:, None]
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    store_mask = row_valid[:, None] & dim_valid[None, :]
+    if ws_row < 0:
+        out_rows = (token0 + tok).to(tl.int64) * stride_ot + head * stride_oh
+        tl.store(out_ptr + out_rows[:, None] + dims[None, :], o.to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        ws_rows = (ws_row + rows // GROUP).to(tl.int64) * num_q_heads + head
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(ws_o_ptr + ws_rows[:, None] * HEAD_DIM + dims[None, :], o, mask=store_mask)
+        tl.store(ws_lse_ptr + ws_rows, lse, mask=row_valid)
+
+
+_ATTN_SIGNATURE = {
+    "q_ptr": "*fp16", "k_cache_ptr": "*fp16", "v_cache_ptr": "*fp16", "out_ptr": "*fp16",
+    "ws_o_ptr": "*fp32", "ws_lse_ptr": "*fp32", "items_ptr": "*i32", "cu_seqlens_q_ptr": "*i32",
+    "seq_lens_ptr": "*i32", "block_table_ptr": "*i32", "is_tree_ptr": "*i8", "ancestors_ptr": "*i64",
+    "positions_ptr": "*i32", "scale_log2e": "fp32", "softcap": "fp32", "window": "i32",
+    "stride_qt": "i32", "stride_qh": "i32", "stride_kb": "i64", "stride_ks": "i32", "stride_kh": "i32",
+    "stride_vb": "i64", "stride_vs": "i32", "stride_vh": "i32", "stride_ot": "i32", "stride_oh": "i32",
+    "stride_bt": "i32", "num_q_heads": "i32",
+}
+
+
+@gpu_compile_check(
+    _ATTN_SIGNATURE, HEAD_DIM=128, HEAD_DIM_PAD=128, GROUP=4, PAGE_SIZE=16,
+    PREFILL_BLOCK_M=128, PREFILL_BLOCK_N=64, DECODE_BLOCK_M=64, DECODE_BLOCK_N=64,
+    HAS_TREE=True, HAS_WINDOW=True, HAS_SOFTCAP=True,
+)
+@triton.jit
+def mixed_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, items_ptr,
+    cu_seqlens_q_ptr, seq_lens_ptr, block_table_ptr, is_tree_ptr, ancestors_ptr, positions_ptr,
+    scale_log2e, softcap, window,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ot, stride_oh, stride_bt, num_q_heads,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PREFILL_BLOCK_M: tl.constexpr, PREFILL_BLOCK_N: tl.constexpr,
+    DECODE_BLOCK_M: tl.constexpr, DECODE_BLOCK_N: tl.constexpr,
+    HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    item = items_ptr + tl.program_id(0) * 8  # ITEM_FIELDS
+    req = tl.load(item)
+    kv_head = tl.load(item + 1)
+    tile_class = tl.load(item + 2)
+    q_start = tl.load(item + 3)
+    kv_start = tl.load(item + 4)
+    kv_end = tl.load(item + 5)
+    ws_row = tl.load(item + 6)
+    token0 = tl.load(cu_seqlens_q_ptr + req)
+    q_len = tl.load(cu_seqlens_q_ptr + req + 1) - token0
+    prefix = tl.load(seq_lens_ptr + req) - q_len
+    if tile_class == 0:  # PREFILL
+        _attend_tile(
+            q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
+            block_table_ptr, is_tree_ptr, ancestors_ptr, positions_ptr,
+            req, kv_head, q_start, kv_start, kv_end, ws_row, token0, q_len, prefix,
+            scale_log2e, softcap, window,
+            stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_ot, stride_oh, stride_bt, num_q_heads,
+            HEAD_DIM, HEAD_DIM_PAD, GROUP, PAGE_SIZE, PREFILL_BLOCK_M, PREFILL_BLOCK_N,
+            HAS_TREE, HAS_WINDOW, HAS_SOFTCAP,
+        )
+    else:
+        _attend_tile(
+            q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
+            block_table_ptr, is_tree_ptr, ancestors_ptr, positions_ptr,
+            req, kv_head, q_start, kv_start, kv_end, ws_row, token0, q_len, prefix,
+            scale_log2e, softcap, window,
+            stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            stride_ot, stride_oh, stride_bt, num_q_heads,
+            HEAD_DIM, HEAD_DIM_PAD, GROUP, PAGE_SIZE, DECODE_BLOCK_M, DECODE_BLOCK_N,
+            HAS_TREE, HAS_WINDOW, HAS_SOFTCAP,
+        )
+
+
+@gpu_compile_check(
+    {"out_ptr": "*fp16", "ws_o_ptr": "*fp32", "ws_lse_ptr": "*fp32", "merge_ptr": "*i32",
+     "stride_ot": "i32", "stride_oh": "i32", "num_q_heads": "i32"},
+    HEADS_PAD=32, HEAD_DIM=128, HEAD_DIM_PAD=128,
+)
+@triton.jit
+def merge_split_kv_kernel(
+    out_ptr, ws_o_ptr, ws_lse_ptr, merge_ptr, stride_ot, stride_oh, num_q_heads,
+    HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    entry = merge_ptr + tl.program_id(0) * 4  # MERGE_FIELDS
+    token = tl.load(entry)
+    row0 = tl.load(entry + 1)
+    row_stride = tl.load(entry + 2)
+    num_splits = tl.load(entry + 3)
+    heads = tl.arange(0, HEADS_PAD)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    head_valid = heads < num_q_heads
+    mask = head_valid[:, None] & (dims < HEAD_DIM)[None, :]
+    m = tl.full([HEADS_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([HEADS_PAD], tl.float32)
+    acc = tl.zeros([HEADS_PAD, HEAD_DIM_PAD], tl.float32)
+    for split in range(num_splits):
+        ws_rows = (row0 + split * row_stride).to(tl.int64) * num_q_heads + heads
+        lse = tl.load(ws_lse_ptr + ws_rows, mask=head_valid, other=float("-inf"))
+        o = tl.load(ws_o_ptr + ws_rows[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        weight = tl.exp2(lse - m_safe)
+        total = total * alpha + weight
+        acc = acc * alpha[:, None] + weight[:, None] * o
+        m = m_new
+    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+    out_rows = token.to(tl.int64) * stride_ot + heads * stride_oh
+    tl.store(out_ptr + out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class MixedAttentionPlan:
+    """Per-step schedule shared by every layer (same batch, block table and tree shapes)."""
+
+    items: torch.Tensor  # int32 [num_items, ITEM_FIELDS], in launch order
+    merge: torch.Tensor  # int32 [num_split_tokens, MERGE_FIELDS]
+    ws_rows: int  # workspace rows (token x split) for split-KV partials
+    has_tree: bool  # some request is a tree
+    is_tree: torch.Tensor  # int8 [B]
+    ancestors: torch.Tensor  # int64 [T]: ancestor-or-self bits of tree nodes (0 elsewhere)
+    positions: torch.Tensor  # int32 [T]: position of each query token
+    num_tokens: int
+    batch: int
+    num_q_heads: int
+    num_kv_heads: int
+    window: int | None
+    config: dict[str, Any]  # final tile shapes and launch parameters
+
+
+def _fail(arg: str, why: str) -> None:
+    raise ValueError(f"{arg}: {why}")
+
+
+def _check_int_vector(t: Any, arg: str, length: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(arg, f"must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32 or t.dim() != 1:
+        _fail(arg, f"must be a 1-D int32 tensor, got {t.dtype} with shape {tuple(t.shape)}")
+    if length is not None and t.numel() != length:
+        _fail(arg, f"must have {length} entries, got {t.numel()}")
+    if not t.is_contiguous():
+        _fail(arg, "must be contiguous")
+
+
+def _tree_ancestors(parents: torch.Tensor, local: torch.Tensor, tree_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ancestor-or-self bits (int64) and depths of every tree token, by pointer doubling.
+
+    ``parents`` holds local parents; after step k each token's bits cover the ancestors
+    closer than 2**k and ``hop`` points 2**k generations up, so 6 steps cover 64 nodes.
+    """
+    T = parents.numel()
+    glob = torch.arange(T, dtype=torch.int64, device=parents.device)
+    hop = torch.where(tree_token & (parents >= 0), glob - local + parents.long(), torch.full_like(glob, -1))
+    one = torch.ones((), dtype=torch.int64, device=parents.device)
+    bits = torch.where(tree_token, one << local.clamp(0, MAX_TREE_NODES - 1), torch.zeros_like(glob))
+    for _ in range(int(math.log2(MAX_TREE_NODES))):
+        has_hop = hop >= 0
+        safe = hop.clamp(min=0)
+        bits = bits | torch.where(has_hop, bits[safe], torch.zeros_like(bits))
+        hop = torch.where(has_hop, hop[safe], hop)
+    bytes_ = bits.view(torch.uint8).view(T, 8).long()
+    popcount = sum(((bytes_ >> i) & 1) for i in range(8)).sum(1)
+    return bits, (popcount - 1).clamp(min=0).to(torch.int32)
+
+
+def plan_mixed_attention(
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    num_blocks: int,
+    block_size: int,
+    tree_parents: torch.Tensor | None = None,
+    is_tree: torch.Tensor | None = None,
+    window: int | None = None,
+    config: dict[str, Any] | None = None,
+    num_sms: int | None = None,
+) -> MixedAttentionPlan:
+    """Validate the batch description and schedule it (one host read of the small index tensors).
+
+    ``config`` overrides entries of the tuned/default launch config; ``num_sms`` overrides the
+    SM count used to decide split-KV (default: the current GPU's, else 132).
+    """
+    _check_int_vector(cu_seqlens_q, "cu_seqlens_q")
+    if cu_seqlens_q.numel() < 1:
+        _fail("cu_seqlens_q", "must have B + 1 >= 1 entries")
+    B = cu_seqlens_q.numel() - 1
+    _check_int_vector(seq_lens, "seq_lens", B)
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
+        _fail("block_table", "must be a 2-D int32 tensor [B, max_blocks]")
+    if block_table.shape[0] != B:
+        _fail("block_table", f"must have {B} rows (one per request), got {block_table.shape[0]}")
+    if block_table.stride(1) != 1:
+        _fail("block_table", "rows must be contiguous")
+    for arg, t in (("seq_lens", seq_lens), ("block_table", block_table)):
+        if t.device != cu_seqlens_q.device:
+            _fail(arg, f"must be on {cu_seqlens_q.device} like cu_seqlens_q, got {t.device}")
+    if num_q_heads <= 0 or num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+        _fail("num_q_heads", f"must be a positive multiple of num_kv_heads={num_kv_heads}, got {num_q_heads}")
+    if window is not None and window < 1:
+        _fail("window", f"must be >= 1 or None, got {window}")
+    device = cu_seqlens_q.device
+
+    cu = cu_seqlens_q.cpu().long()
+    ctx = seq_lens.cpu().long()
+    if B and cu[0] != 0:
+        _fail("cu_seqlens_q", f"must start at 0, got {int(cu[0])}")
+    q_len = cu[1:] - cu[:-1]
+    if (q_len < 0).any():
+        _fail("cu_seqlens_q", "must be non-decreasing")
+    T = int(cu[-1])
+    if (ctx < q_len).any():
+        r = int((ctx < q_len).nonzero()[0])
+        _fail("seq_lens", f"request {r} has seq_len {int(ctx[r])} < its {int(q_len[r])} new tokens")
+    max_blocks_needed = (ctx + block_size - 1) // block_size
+    if B and int(max_blocks_needed.max()) > block_table.shape[1]:
+        _fail("block_table", f"has {block_table.shape[1]} columns, seq_lens need up to {int(max_blocks_needed.max())}")
+    if B and block_table.shape[1]:
+        table = block_table.cpu()
+        used = torch.arange(block_table.shape[1])[None, :] < max_blocks_needed[:, None]
+        ids = table[used]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+            _fail("block_table", f"holds block ids outside [0, {num_blocks}) within seq_lens")
+
+    # Trees: validate parents, derive ancestor bits and positions.
+    token_req = torch.repeat_interleave(torch.arange(B), q_len)
+    local = torch.arange(T) - cu[:-1][token_req]
+    prefix = ctx - q_len
+    positions = prefix[token_req] + local
+    ancestors = torch.zeros(T, dtype=torch.int64)
+    tree_req = torch.zeros(B, dtype=torch.bool)
+    if (tree_parents is None) != (is_tree is None):
+        _fail("tree_parents" if tree_parents is None else "is_tree", "tree_parents and is_tree go together")
+    if tree_parents is not None:
+        _check_int_vector(tree_parents, "tree_parents", T)
+        if not isinstance(is_tree, torch.Tensor) or is_tree.dtype != torch.bool or is_tree.shape != (B,):
+            _fail("is_tree", f"must be a bool tensor of shape ({B},)")
+        for arg, t in (("tree_parents", tree_parents), ("is_tree", is_tree)):
+            if t.device != device:
+                _fail(arg, f"must be on {device} like cu_seqlens_q, got {t.device}")
+        tree_req = is_tree.cpu()
+        if (q_len[tree_req] > MAX_TREE_NODES).any():
+            _fail("tree_parents", f"trees hold at most {MAX_TREE_NODES} nodes")
+        parents = tree_parents.cpu().long()
+        tree_token = tree_req[token_req]
+        ok = torch.where(local == 0, parents == -1, (parents >= 0) & (parents < local))
+        if (tree_token & ~ok).any():
+            t = int((tree_token & ~ok).nonzero()[0])
+            _fail("tree_parents", f"token {t} (node {int(local[t])} of request {int(token_req[t])}) has parent "
+                  f"{int(parents[t])}; need parents[0] = -1 and 0 <= parents[i] < i")
+        bits, depth = _tree_ancestors(parents, local, tree_token)
+        ancestors = torch.where(tree_token, bits, ancestors)
+        positions = torch.where(tree_token, prefix[token_req] + depth, positions)
+
+    cfg = _launch_config(num_q_heads // num_kv_heads, head_dim, block_size, q_len, config)
+    items, merge, ws_rows = _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, num_q_heads // num_kv_heads,
+                                      window, num_sms or _num_sms(device))
+    return MixedAttentionPlan(
+        items=items.to(device), merge=merge.to(device), ws_rows=ws_rows, has_tree=bool(tree_req.any()),
+        is_tree=tree_req.to(torch.int8).to(device), ancestors=ancestors.to(device),
+        positions=positions.to(torch.int32).to(device), num_tokens=T, batch=B,
+        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, window=window, config=cfg,
+    )
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DUMMY_SMS
+
+
+def _launch_config(group: int, head_dim: int, block_size: int, q_len: torch.Tensor, override: dict | None) -> dict[str, Any]:
+    cfg = kernel_config("mixed_attention", key={"head_dim": head_dim, "group": group, "block_size": block_size},
+                        default=DEFAULT_CONFIG)
+    cfg = {**cfg, **(override or {})}
+    unknown = set(cfg) - set(DEFAULT_CONFIG)
+    if unknown:
+        _fail("config", f"unknown keys {sorted(unknown)}")
+    min_rows = triton.next_power_of_2(group)
+    cfg["prefill_block_m"] = max(cfg["prefill_block_m"], min_rows)
+    # A decode tile only needs as many rows as the longest decode/tree query fills (>= 16 for tl.dot).
+    decode_q = q_len[(q_len > 0) & (q_len <= cfg["decode_max_q"])]
+    longest = int(decode_q.max()) if decode_q.numel() else 1
+    cfg["decode_block_m"] = max(min(cfg["decode_block_m"], triton.next_power_of_2(group * longest)), 16, min_rows)
+    return cfg
+
+
+def _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, group, window, num_sms):
+    """Work items (see ITEM_FIELDS) ordered by cost, the merge table and the workspace size."""
+    B = q_len.numel()
+    prefill = q_len > cfg["decode_max_q"]
+    block_m = torch.where(prefill, cfg["prefill_block_m"], cfg["decode_block_m"])
+    block_n = torch.where(prefill, cfg["prefill_block_n"], cfg["decode_block_n"])
+    block_q = block_m // group
+    q_tiles = (q_len + block_q - 1) // block_q
+    prefix = ctx - q_len
+    # Split-KV only for decode requests, and only as far as needed to fill the GPU.
+    base_items = int((q_tiles * num_kv_heads).sum())
+    wanted = max(1, -(-2 * num_sms // max(base_items, 1)))
+    lo_req = torch.zeros(B, dtype=torch.long) if window is None else (prefix - window + 1).clamp(min=0) // block_n * block_n
+    span = ctx - lo_req
+    splits = torch.minimum(torch.full_like(span, min(wanted, cfg["max_splits"])),
+                           (span + cfg["min_split_keys"] - 1) // cfg["min_split_keys"]).clamp(min=1)
+    splits = torch.where(prefill | (q_len == 0), torch.ones_like(splits), splits)
+    split_len = ((span + splits - 1) // splits + block_n - 1) // block_n * block_n
+    splits = torch.where(split_len > 0, (span + split_len - 1) // split_len.clamp(min=1), splits).clamp(min=1)
+    split_len = torch.where(splits > 1, split_len, span.clamp(min=1))
+
+    per_req = q_tiles * splits * num_kv_heads
+    req = torch.repeat_interleave(torch.arange(B), per_req)
+    idx = torch.arange(req.numel()) - (torch.cumsum(per_req, 0) - per_req)[req]
+    kv_head = idx % num_kv_heads
+    rest = idx // num_kv_heads
+    split = rest % splits[req]
+    q_start = rest // splits[req] * block_q[req]
+    first_pos = torch.where(tree_req[req], prefix[req], prefix[req] + q_start)
+    tile_lo = torch.zeros_like(first_pos) if window is None else (first_pos - window + 1).clamp(min=0) // block_n[req] * block_n[req]
+    tile_hi = torch.where(tree_req[req], ctx[req], torch.minimum(ctx[req], prefix[req] + q_start + block_q[req]))
+    kv_start = torch.maximum(tile_lo, lo_req[req] + split * split_len[req])
+    kv_end = torch.minimum(tile_hi, lo_req[req] + (split + 1) * split_len[req])
+    kv_end = torch.maximum(kv_end, kv_start)
+
+    is_split = splits > 1
+    ws_first = torch.cumsum(torch.where(is_split, splits * q_len, 0), 0) - torch.where(is_split, splits * q_len, 0)
+    ws_row = torch.where(is_split[req], ws_first[req] + split * q_len[req] + q_start, -1)
+    cls = torch.where(prefill[req], PREFILL, DECODE)
+    items = torch.stack([req, kv_head, cls, q_start, kv_start, kv_end, ws_row, torch.zeros_like(req)], 1)
+    cost = 2 * block_m[req] + (kv_end - kv_start)
+    items = items[torch.argsort(-cost, stable=True)].to(torch.int32)
+
+    split_reqs = is_split.nonzero().flatten()
+    m_req = torch.repeat_interleave(split_reqs, q_len[split_reqs])
+    m_local = torch.arange(m_req.numel()) - (torch.cumsum(q_len[split_reqs], 0) - q_len[split_reqs]).repeat_interleave(q_len[split_reqs])
+    cu = torch.cumsum(q_len, 0) - q_len
+    merge = torch.stack([cu[m_req] + m_local, ws_first[m_req] + m_local, q_len[m_req], splits[m_req]], 1).to(torch.int32)
+    ws_rows = int((splits * q_len)[is_split].sum())
+    return items.contiguous(), merge.contiguous(), ws_rows
+
+
+def mixed_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    tree_parents: torch.Tensor | None = None,
+    is_tree: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    out: torch.Tensor | None = None,
+    plan: MixedAttentionPlan | None = None,
+) -> torch.Tensor:
+    """Attention of a mixed batch over a paged K/V cache; returns ``out [T, Hq, D]``.
+
+    ``scale`` defaults to ``D ** -0.5``. ``plan`` (from :func:`plan_mixed_attention` for the same
+    batch, trees and window) skips re-planning, e.g. across layers; without it the batch is
+    planned here.
+    """
+    _check_inputs(q, k_cache, v_cache, out)
+    T, Hq, D = q.shape
+    num_blocks, block_size, Hkv, _ = k_cache.shape
+    if softcap is not None and not softcap > 0:
+        _fail("softcap", f"must be > 0 or None, got {softcap}")
+    if plan is None:
+        plan = plan_mixed_attention(
+            cu_seqlens_q, seq_lens, block_table, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D,
+            num_blocks=num_blocks, block_size=block_size, tree_parents=tree_parents, is_tree=is_tree, window=window,
+        )
+    else:
+        if (plan.num_tokens, plan.batch, plan.num_q_heads, plan.num_kv_heads) != (T, cu_seqlens_q.numel() - 1, Hq, Hkv):
+            _fail("plan", "was built for another batch or head layout")
+        if plan.window != window:
+            _fail("plan", f"was built for window={plan.window}, called with window={window}")
+    for arg, t in (("cu_seqlens_q", cu_seqlens_q), ("seq_lens", seq_lens), ("block_table", block_table)):
+        if t.device != q.device:
+            _fail(arg, f"must be on {q.device} like q, got {t.device}")
+    if out is None:
+        out = torch.empty_like(q)
+    if T == 0 or plan.items.shape[0] == 0:
+        return out
+
+    cfg = plan.config
+    ws_o = torch.empty((plan.ws_rows, Hq, D), dtype=torch.float32, device=q.device)
+    ws_lse = torch.empty((plan.ws_rows, Hq), dtype=torch.float32, device=q.device)
+    scale = D ** -0.5 if scale is None else float(scale)
+    head_dim_pad = triton.next_power_of_2(D)
+    mixed_attention_kernel[(plan.items.shape[0],)](
+        q, k_cache, v_cache, out, ws_o, ws_lse, plan.items,
+        cu_seqlens_q, seq_lens, block_table, plan.is_tree, plan.ancestors, plan.positions,
+        scale * LOG2E, float(softcap or 1.0), int(window or 0),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        block_table.stride(0), Hq,
+        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, GROUP=Hq // Hkv, PAGE_SIZE=block_size,
+        PREFILL_BLOCK_M=cfg["prefill_block_m"], PREFILL_BLOCK_N=cfg["prefill_block_n"],
+        DECODE_BLOCK_M=cfg["decode_block_m"], DECODE_BLOCK_N=cfg["decode_block_n"],
+        HAS_TREE=plan.has_tree, HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if plan.merge.shape[0]:
+        merge_split_kv_kernel[(plan.merge.shape[0],)](
+            out, ws_o, ws_lse, plan.merge, out.stride(0), out.stride(1), Hq,
+            HEADS_PAD=triton.next_power_of_2(Hq), HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad,
+        )
+    return out
+
+
+def _check_inputs(q, k_cache, v_cache, out) -> None:
+    for arg, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            _fail(arg, f"must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3:
+        _fail("q", f"must be [T, num_q_heads, head_dim], got shape {tuple(q.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        _fail("q", f"dtype must be float16, bfloat16 or float32, got {q.dtype}")
+    T, Hq, D = q.shape
+    if not 16 <= D <= 256:
+        _fail("q", f"head_dim must be in [16, 256], got {D}")
+    if k_cache.dim() != 4:
+        _fail("k_cache", f"must be [num_blocks, block_size, num_kv_heads, head_dim], got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        _fail("v_cache", f"shape {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}")
+    _, block_size, Hkv, Dk = k_cache.shape
+    if Dk != D:
+        _fail("k_cache", f"head_dim {Dk} differs from q's {D}")
+    if Hkv == 0 or Hq % Hkv:
+        _fail("k_cache", f"num_kv_heads={Hkv} must divide q's num_q_heads={Hq}")
+    if block_size < 1:
+        _fail("k_cache", "block_size must be >= 1")
+    for arg, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            _fail(arg, f"dtype {t.dtype} differs from q's {q.dtype}")
+        if t.device != q.device:
+            _fail(arg, f"must be on {q.device} like q, got {t.device}")
+        if t.stride(3) != 1:
+            _fail(arg, "last dimension (head_dim) must be contiguous")
+    if q.stride(2) != 1:
+        _fail("q", "last dimension (head_dim) must be contiguous")
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            _fail("out", f"must be a tensor like q ({tuple(q.shape)}, {q.dtype}, {q.device})")
+        if out.stride(2) != 1:
+            _fail("out", "last dimension (head_dim) must be contiguous")
+
+
+def mixed_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    *,
+    tree_parents: torch.Tensor | None = None,
+    is_tree: torch.Tensor | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch fp32 reference: one request at a time, K/V gathered through the block table."""
+    T, Hq, D = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    scale = D ** -0.5 if scale is None else scale
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    for r, ctx in enumerate(seq_lens.tolist()):
+        t0, t1 = cu[r], cu[r + 1]
+        n = t1 - t0
+        if n == 0:
+            continue
+        prefix = ctx - n
+        key = torch.arange(ctx, device=q.device)
+        pages = block_table[r, key // block_size].long()
+        k = k_cache[pages, key % block_size].float().repeat_interleave(Hq // Hkv, dim=1)  # [ctx, Hq, D]
+        v = v_cache[pages, key % block_size].float().repeat_interleave(Hq // Hkv, dim=1)
+        s = torch.einsum("qhd,khd->hqk", q[t0:t1].float(), k) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        new = torch.tril(torch.ones(n, n, dtype=torch.bool, device=q.device))
+        q_pos = prefix + torch.arange(n, device=q.device)
+        k_pos = key.clone()
+        if is_tree is not None and bool(is_tree[r]):
+            parents = tree_parents[t0:t1].tolist()
+            new = torch.zeros(n, n, dtype=torch.bool, device=q.device)
+            depth = [0] * n
+            for i in range(n):
+                j = i
+                while j >= 0:
+                    new[i, j] = True
+                    j = parents[j]
+                depth[i] = int(new[i].sum()) - 1
+            q_pos = prefix + torch.tensor(depth, device=q.device)
+            k_pos[prefix:] = q_pos
+        visible = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=q.device), new], 1)
+        if window is not None:
+            visible &= (q_pos[:, None] - k_pos[None, :]) < window
+        s = s.masked_fill(~visible, float("-inf"))
+        out[t0:t1] = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v).to(q.dtype)
+    return out
