@@ -1,0 +1,1 @@
+"""Thin server adapters (installed as ``tkernels.plugins``): no kernels live here."""

@@ -161,7 +161,8 @@ def choose(device: DeviceInfo | None = None) -> ConfigChoice:
         choice = ConfigChoice(None, f"fallback: no config for '{name}'; built-in safe defaults")
     if name not in _warned:
         _warned.add(name)
-        logger.warning("tkernels: %s (run `tkernels autotune` on this GPU for a tuned config)", choice.reason)
+        hint = " (run `tkernels autotune` on this GPU for a tuned config)" if device.is_gpu else ""
+        logger.warning("tkernels: %s%s", choice.reason, hint)
     return choice
 
 

@@ -2,7 +2,8 @@
 
 Each kernel module decorates its kernels with :func:`gpu_compile_check`, giving a representative
 signature and constexprs; :data:`KERNEL_MODULES` names the modules to import to see them all.
-``python -m tkernels.registry [--fail-fast]`` compiles every registered kernel for the targets
+``python -m tkernels.registry [--fail-fast] [MODULE ...]`` compiles every registered kernel (or
+only those of the named modules) for the targets
 in :data:`TARGETS` (no GPU needed: codegen up to PTX/cubin and AMDGCN/HSACO runs on the CPU)
 and exits non-zero on any failure. It must run without ``TRITON_INTERPRET`` so that
 ``@triton.jit`` yields compilable functions: the tests call it in a subprocess.
@@ -78,8 +79,8 @@ def compile_entry(entry: KernelEntry, target: tuple[str, Any, int]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    extra = [a for a in argv if not a.startswith("--")]
-    entries = load_all(KERNEL_MODULES + tuple(extra))
+    modules = tuple(a for a in argv if not a.startswith("--")) or KERNEL_MODULES
+    entries = load_all(modules)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile check: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
@@ -100,4 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: kernel modules register into `tkernels.registry`, not
+    # into this `__main__` copy of it.
+    from tkernels.registry import main as registry_main
+
+    sys.exit(registry_main())

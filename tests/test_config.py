@@ -1,0 +1,136 @@
+"""Per-GPU config lookup: naming, override folder, shipped files, fallback, bad files."""
+
+import json
+import logging
+
+import pytest
+
+from tkernels import config
+from tkernels.config import ConfigError, DeviceInfo
+
+H100 = DeviceInfo("NVIDIA H100 80GB HBM3", 132, 79.1, True)
+
+
+def make_config(device: DeviceInfo, **overrides) -> dict:
+    data = {
+        "schema_version": config.SCHEMA_VERSION,
+        "device": device.name,
+        "is_gpu": device.is_gpu,
+        "sm_count": device.sm_count,
+        "total_memory_gb": device.total_memory_gb,
+        "versions": {"tkernels": "0.1.0", "triton": "3.6.0", "torch": "2.11.0"},
+        "date": "2026-11-26",
+        "kernels": {"mixed_attention": {"buckets": [
+            {"key": {"kv_len": 512}, "config": {"BLOCK_N": 32}},
+            {"key": {"kv_len": 4096}, "config": {"BLOCK_N": 128}},
+        ]}},
+        "latency_model": {},
+        "budgets": {},
+        "tree_budgets": {},
+    }
+    data.update(overrides)
+    return data
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    monkeypatch.setattr(config, "SHIPPED_DIR", folder)
+    monkeypatch.delenv(config.ENV_CONFIG_DIR, raising=False)
+    monkeypatch.setattr(config, "_warned", set())
+    return folder
+
+
+def write(folder, device, data):
+    path = folder / f"{config.device_file_name(device.name)}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("NVIDIA H100 80GB HBM3", "NVIDIA_H100_80GB_HBM3"),
+    ("NVIDIA H200", "NVIDIA_H200"),
+    ("NVIDIA H200 NVL", "NVIDIA_H200"),
+    ("NVIDIA A100-SXM4-80GB", "NVIDIA_A100-SXM4-80GB"),
+])
+def test_device_file_name_follows_vllm(name, expected):
+    assert config.device_file_name(name) == expected
+
+
+def test_device_file_name_rejects_empty():
+    with pytest.raises(ValueError, match="device_name"):
+        config.device_file_name(" ")
+
+
+def test_known_gpu_uses_shipped_file(shipped):
+    path = write(shipped, H100, make_config(H100))
+    choice = config.choose(H100)
+    assert choice.path == path and choice.reason.startswith("shipped") and not choice.is_fallback
+
+
+def test_override_folder_wins(shipped, tmp_path, monkeypatch):
+    write(shipped, H100, make_config(H100))
+    override = tmp_path / "override"
+    override.mkdir()
+    path = write(override, H100, make_config(H100, date="2027-01-01"))
+    monkeypatch.setenv(config.ENV_CONFIG_DIR, str(override))
+    choice = config.choose(H100)
+    assert choice.path == path and choice.data["date"] == "2027-01-01"
+
+
+def test_unknown_gpu_falls_back_to_nearest_with_one_warning(shipped, caplog):
+    write(shipped, H100, make_config(H100))
+    h800 = DeviceInfo("NVIDIA H800", 132, 79.6, True)
+    with caplog.at_level(logging.WARNING, logger="tkernels"):
+        first = config.choose(h800)
+        second = config.choose(h800)
+    assert first.is_fallback and first.path.name == "NVIDIA_H100_80GB_HBM3.json"
+    assert second.path == first.path
+    assert len([r for r in caplog.records if "fallback" in r.getMessage()]) == 1
+
+
+def test_no_shipped_config_gives_builtin_defaults(shipped):
+    choice = config.choose(DeviceInfo("NVIDIA L4", 58, 22.0, True))
+    assert choice.path is None and choice.data == {} and "defaults" in choice.reason
+    assert config.kernel_config("mixed_attention", {"kv_len": 100}, {"BLOCK_N": 64}, choice) == {"BLOCK_N": 64}
+
+
+def test_kernel_config_picks_nearest_bucket(shipped):
+    write(shipped, H100, make_config(H100))
+    choice = config.choose(H100)
+    assert config.kernel_config("mixed_attention", {"kv_len": 3000}, {"BLOCK_N": 64, "num_warps": 4}, choice) == {
+        "BLOCK_N": 128, "num_warps": 4}
+    assert config.kernel_config("mixed_attention", {"kv_len": 600}, {"BLOCK_N": 64}, choice)["BLOCK_N"] == 32
+
+
+def test_malformed_json_names_the_file(shipped):
+    path = shipped / "NVIDIA_H100_80GB_HBM3.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="NVIDIA_H100_80GB_HBM3.json: not valid JSON"):
+        config.choose(H100)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("schema_version", 2, "field 'schema_version' is 2"),
+    ("sm_count", "many", "field 'sm_count' must be an integer"),
+    ("is_gpu", 1, "field 'is_gpu' must be true/false"),
+    ("kernels", {"mixed_attention": {"buckets": [{"config": {}}]}}, "kernels.mixed_attention.buckets"),
+])
+def test_wrong_field_names_file_and_field(shipped, field, value, message):
+    write(shipped, H100, make_config(H100, **{field: value}))
+    with pytest.raises(ConfigError, match=message):
+        config.choose(H100)
+
+
+def test_missing_field_is_named(shipped):
+    data = make_config(H100)
+    del data["latency_model"]
+    write(shipped, H100, data)
+    with pytest.raises(ConfigError, match="missing field 'latency_model'"):
+        config.choose(H100)
+
+
+def test_shipped_configs_are_valid():
+    for path in sorted(config.SHIPPED_DIR.glob("*.json")):
+        config.load(path)

