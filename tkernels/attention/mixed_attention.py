@@ -57,7 +57,6 @@ from tkernels.config import kernel_config
 from tkernels.registry import gpu_compile_check
 
 LOG2E = 1.4426950408889634
-_LOG2E = tl.constexpr(LOG2E)  # the same constant, readable inside kernels
 MAX_TREE_NODES = 64  # ancestor sets are one int64 bit mask per node
 
 PREFILL, DECODE = 0, 1
@@ -81,11 +80,17 @@ _DUMMY_SMS = 132  # SM count assumed when planning without a GPU (H100 SXM)
 
 
 @triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^2x + 1) through exp2: portable across backends (no libdevice), exact at +-inf.
+    return 1.0 - 2.0 / (tl.exp2(2.8853900817779268 * x) + 1.0)  # 2 * log2(e)
+
+
+@triton.jit
 def _attend_tile(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
     block_table_ptr, is_tree_ptr, ancestors_ptr, positions_ptr,
     req, kv_head, q_start, kv_start, kv_end, ws_row, token0, q_len, prefix,
-    scale_log2e, softcap, window,
+    qk_scale, softcap_log2e, window,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_bt, num_q_heads,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -125,11 +130,9 @@ def _attend_tile(
 
         s = tl.dot(q, k)
         if HAS_SOFTCAP:
-            # softcap * tanh(s * scale / softcap), tanh from exp2 (portable across backends).
-            x = s * (scale_log2e / _LOG2E / softcap)
-            s = softcap * _LOG2E * (1.0 - 2.0 / (tl.exp2(2.0 * _LOG2E * x) + 1.0))
+            s = softcap_log2e * _tanh(s * qk_scale)  # qk_scale = scale / softcap
         else:
-            s = s * scale_log2e
+            s = s * qk_scale  # qk_scale = scale * log2(e)
 
         new_key = keys - prefix  # index among the request's new tokens (< 0: cached prefix)
         visible = keys[None, :] <= causal_last[:, None]
@@ -170,7 +173,7 @@ _ATTN_SIGNATURE = {
     "q_ptr": "*fp16", "k_cache_ptr": "*fp16", "v_cache_ptr": "*fp16", "out_ptr": "*fp16",
     "ws_o_ptr": "*fp32", "ws_lse_ptr": "*fp32", "items_ptr": "*i32", "cu_seqlens_q_ptr": "*i32",
     "seq_lens_ptr": "*i32", "block_table_ptr": "*i32", "is_tree_ptr": "*i8", "ancestors_ptr": "*i64",
-    "positions_ptr": "*i32", "scale_log2e": "fp32", "softcap": "fp32", "window": "i32",
+    "positions_ptr": "*i32", "qk_scale": "fp32", "softcap_log2e": "fp32", "window": "i32",
     "stride_qt": "i32", "stride_qh": "i32", "stride_kb": "i64", "stride_ks": "i32", "stride_kh": "i32",
     "stride_vb": "i64", "stride_vs": "i32", "stride_vh": "i32", "stride_ot": "i32", "stride_oh": "i32",
     "stride_bt": "i32", "num_q_heads": "i32",
@@ -186,7 +189,7 @@ _ATTN_SIGNATURE = {
 def mixed_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, ws_o_ptr, ws_lse_ptr, items_ptr,
     cu_seqlens_q_ptr, seq_lens_ptr, block_table_ptr, is_tree_ptr, ancestors_ptr, positions_ptr,
-    scale_log2e, softcap, window,
+    qk_scale, softcap_log2e, window,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_ot, stride_oh, stride_bt, num_q_heads,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -210,7 +213,7 @@ def mixed_attention_kernel(
             q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
             block_table_ptr, is_tree_ptr, ancestors_ptr, positions_ptr,
             req, kv_head, q_start, kv_start, kv_end, ws_row, token0, q_len, prefix,
-            scale_log2e, softcap, window,
+            qk_scale, softcap_log2e, window,
             stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             stride_ot, stride_oh, stride_bt, num_q_heads,
             HEAD_DIM, HEAD_DIM_PAD, GROUP, PAGE_SIZE, PREFILL_BLOCK_M, PREFILL_BLOCK_N,
@@ -221,7 +224,7 @@ def mixed_attention_kernel(
             q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, ws_o_ptr, ws_lse_ptr,
             block_table_ptr, is_tree_ptr, ancestors_ptr, positions_ptr,
             req, kv_head, q_start, kv_start, kv_end, ws_row, token0, q_len, prefix,
-            scale_log2e, softcap, window,
+            qk_scale, softcap_log2e, window,
             stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             stride_ot, stride_oh, stride_bt, num_q_heads,
             HEAD_DIM, HEAD_DIM_PAD, GROUP, PAGE_SIZE, DECODE_BLOCK_M, DECODE_BLOCK_N,
@@ -552,7 +555,7 @@ def mixed_attention(
     mixed_attention_kernel[(plan.items.shape[0],)](
         q, k_cache, v_cache, out, ws_o, ws_lse, plan.items,
         cu_seqlens_q, seq_lens, block_table, plan.is_tree, plan.ancestors, plan.positions,
-        scale * LOG2E, float(softcap or 1.0), int(window or 0),
+        scale / softcap if softcap else scale * LOG2E, (softcap or 0.0) * LOG2E, int(window or 0),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         block_table.stride(0), Hq,

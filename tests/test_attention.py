@@ -1,0 +1,234 @@
+"""Mixed-batch paged attention vs its plain-PyTorch reference (CPU interpreter, fp16/fp32)."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention
+from tkernels.attention.batch import random_paged_batch, random_parents
+from tkernels.attention.mixed_attention import MAX_TREE_NODES
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=3e-3, rtol=1e-2)}
+# Splits a context into 16-key chunks whenever the batch is small, so split-KV runs on CPU shapes.
+SPLIT_CONFIG = {"min_split_keys": 16, "decode_block_n": 16}
+
+
+def run_and_check(batch, dtype, *, window=None, softcap=None, config=None, num_sms=None, scale=None):
+    """Kernel (into a NaN-poisoned output) vs reference; returns the plan used."""
+    num_blocks, block_size, num_kv_heads, head_dim = batch.k_cache.shape
+    plan = plan_mixed_attention(
+        batch.cu_seqlens_q, batch.seq_lens, batch.block_table, num_q_heads=batch.q.shape[1],
+        num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,
+        window=window, config=config, num_sms=num_sms, **batch.tree_kwargs(),
+    )
+    out = torch.full_like(batch.q, float("nan"))
+    got = mixed_attention(*batch.inputs(), scale, window=window, softcap=softcap, out=out, plan=plan, **batch.tree_kwargs())
+    assert got is out
+    want = mixed_attention_reference(*batch.inputs(), scale, window=window, softcap=softcap, **batch.tree_kwargs())
+    assert not out.isnan().any(), "some output element was never written"
+    torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
+    return plan
+
+
+def make(q_lens, seq_lens, rng, *, group=4, num_kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32, trees=None):
+    return random_paged_batch(
+        q_lens, seq_lens, num_q_heads=group * num_kv_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        block_size=block_size, dtype=dtype, generator=rng, trees=trees,
+    )
+
+
+@pytest.mark.parametrize(
+    "group,head_dim,block_size,dtype",
+    [(1, 32, 16, torch.float32), (4, 64, 32, torch.float16), (8, 32, 64, torch.float16), (4, 32, 16, torch.float16)],
+)
+def test_random_mixed_batch(group, head_dim, block_size, dtype, rng):
+    # chunk over a prefix, decode, empty request, tree, chunk with no prefix
+    q_lens = [int(torch.randint(65, 100, (1,), generator=rng)), 1, 0, 9, 23]
+    prefixes = torch.randint(0, 90, (5,), generator=rng).tolist()
+    batch = make(q_lens, [q + p for q, p in zip(q_lens, prefixes)], rng, group=group, num_kv_heads=1 if group == 8 else 2,
+                 head_dim=head_dim, block_size=block_size, dtype=dtype, trees=[False, False, False, True, False])
+    run_and_check(batch, dtype)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_prefix_on_and_across_block_boundaries(block_size, rng):
+    b = block_size
+    seq_lens = [b, b + 1, 2 * b - 1, 2 * b, 2 * b + 3, 3 * b]
+    q_lens = [1, 2, b - 1, b, 5, b + 1]  # new tokens start on, just after and before block edges
+    run_and_check(make(q_lens, seq_lens, rng, block_size=block_size), torch.float32)
+
+
+def test_decode_only_with_split_kv(rng):
+    seq_lens = torch.randint(1, 120, (6,), generator=rng).tolist()
+    batch = make([1] * 6, seq_lens, rng, group=8, num_kv_heads=1, dtype=torch.float16)
+    plan = run_and_check(batch, torch.float16, config=SPLIT_CONFIG)
+    assert plan.merge.shape[0] > 0, "split-KV was not exercised"
+    assert plan.config["decode_block_m"] == 16  # 1 token x 8 heads fits the smallest tile
+
+
+def test_chunk_only(rng):
+    q_lens = [70, 130, 66]
+    batch = make(q_lens, [q + p for q, p in zip(q_lens, [0, 17, 48])], rng, group=4, num_kv_heads=1, dtype=torch.float16)
+    plan = run_and_check(batch, torch.float16)
+    assert plan.merge.shape[0] == 0 and (plan.items[:, 2] == 0).all()  # prefill tiles only, no splits
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 17, MAX_TREE_NODES])
+def test_trees(nodes, rng):
+    # a tree beside an ordinary short chunk, so both visibility rules meet in one tile class
+    batch = make([nodes, 3], [nodes + 40, 35], rng, group=4, num_kv_heads=1, trees=[True, False])
+    run_and_check(batch, torch.float32, config=SPLIT_CONFIG)
+
+
+def test_tree_nodes_see_only_ancestors(rng):
+    # chain 0-1-2 plus 3 hanging off 0: node 3 must not see nodes 1 and 2
+    batch = make([4], [4], rng, group=1, num_kv_heads=1)
+    batch.tree_parents = torch.tensor([-1, 0, 1, 0], dtype=torch.int32)
+    batch.is_tree = torch.tensor([True])
+    run_and_check(batch, torch.float32)
+    v = batch.v_cache[batch.block_table[0, 0].long(), :4, 0]  # values of keys 0..3
+    batch.q.zero_()  # uniform attention: node 3 averages keys {0, 3}
+    out = mixed_attention(*batch.inputs(), **batch.tree_kwargs())
+    torch.testing.assert_close(out[3, 0], (v[0] + v[3]) / 2, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 7, 40])
+def test_sliding_window(window, rng):
+    q_lens = [80, 1, 12, 6]
+    batch = make(q_lens, [150, 70, 60, 50], rng, trees=[False, False, False, True])
+    run_and_check(batch, torch.float32, window=window, config=SPLIT_CONFIG)
+
+
+def test_softcap_and_scale(rng):
+    batch = make([70, 1, 8], [100, 33, 8], rng, dtype=torch.float16, trees=[False, False, True])
+    run_and_check(batch, torch.float16, softcap=2.5, scale=0.7, config=SPLIT_CONFIG)
+
+
+def test_empty_batch_and_no_tokens(rng):
+    batch = make([0, 0], [5, 0], rng)
+    assert mixed_attention(*batch.inputs()).shape == (0, 8, 32)
+    batch = make([], [], rng)
+    assert mixed_attention(*batch.inputs()).shape == (0, 8, 32)
+
+
+def test_vllm_kv_layout_and_strided_out(rng):
+    """K and V as views of one [num_blocks, 2, block_size, Hkv, D] cache; out a slice of a wider buffer."""
+    batch = make([70, 1, 5], [90, 20, 40], rng, dtype=torch.float16)
+    kv = torch.stack([batch.k_cache, batch.v_cache], 1)
+    k, v = kv[:, 0], kv[:, 1]
+    assert not k.is_contiguous()
+    wide = torch.full((batch.q.shape[0], batch.q.shape[1], 2 * batch.q.shape[2]), float("nan"), dtype=torch.float16)
+    out = wide[..., : batch.q.shape[2]]
+    mixed_attention(batch.q, k, v, *batch.inputs()[3:], out=out)
+    want = mixed_attention_reference(*batch.inputs())
+    torch.testing.assert_close(out.float(), want.float(), **TOL[torch.float16])
+    assert wide[..., batch.q.shape[2]:].isnan().all()  # nothing written outside out
+
+
+def test_random_parents_are_valid(rng):
+    for n in (1, 2, 64):
+        p = random_parents(n, rng)
+        assert p[0] == -1 and all(0 <= p[i] < i for i in range(1, n))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    requests=st.lists(
+        st.tuples(st.sampled_from(["decode", "chunk", "tree", "empty"]), st.integers(1, 24), st.integers(0, 60)),
+        min_size=1, max_size=4,
+    ),
+    group=st.sampled_from([1, 4, 8]),
+    block_size=st.sampled_from([16, 32, 64]),
+    split=st.booleans(),
+)
+def test_property_batch_composition(requests, group, block_size, split):
+    rng = torch.Generator().manual_seed(hash((tuple(requests), group, block_size)) % 2**31)
+    q_lens = [{"decode": 1, "chunk": n, "tree": n, "empty": 0}[kind] for kind, n, _ in requests]
+    seq_lens = [q + prefix for q, (_, _, prefix) in zip(q_lens, requests)]
+    trees = [kind == "tree" for kind, _, _ in requests]
+    batch = make(q_lens, seq_lens, rng, group=group, num_kv_heads=1, block_size=block_size, trees=trees)
+    run_and_check(batch, torch.float32, config=SPLIT_CONFIG if split else None)
+
+
+def _bad_inputs():
+    """(argument expected in the message, mutation of (args, kwargs))."""
+
+    def set_arg(i, value):
+        def mutate(args, kwargs):
+            args[i] = value(args[i]) if callable(value) else value
+        return mutate
+
+    def both_caches(value):
+        def mutate(args, kwargs):
+            args[1], args[2] = value(args[1]), value(args[2])
+        return mutate
+
+    def set_kw(name, value):
+        def mutate(args, kwargs):
+            kwargs[name] = value(kwargs) if callable(value) else value
+        return mutate
+
+    return [
+        ("q", set_arg(0, lambda q: q[0])),
+        ("q", set_arg(0, lambda q: q.to(torch.int32))),
+        ("q", set_arg(0, lambda q: q.transpose(1, 2).contiguous().transpose(1, 2))),
+        ("k_cache", set_arg(1, lambda k: k.half())),
+        ("k_cache", both_caches(lambda k: k[:, :, :1].expand(-1, -1, 3, -1).contiguous())),  # 3 KV heads, 8 q heads
+        ("v_cache", set_arg(2, lambda v: v[:-1])),
+        ("block_table", set_arg(3, lambda t: t.long())),
+        ("block_table", set_arg(3, lambda t: t[:, :1])),
+        ("block_table", set_arg(3, lambda t: torch.where(t[:, :1] >= 0, t.shape[0] + 1000, t))),
+        ("block_table", set_arg(3, lambda t: t[:1])),
+        ("cu_seqlens_q", set_arg(4, lambda c: c.flip(0))),
+        ("cu_seqlens_q", set_arg(4, lambda c: c.long())),
+        ("seq_lens", set_arg(5, lambda s: s - 2)),
+        ("seq_lens", set_arg(5, lambda s: s[:1])),
+        ("tree_parents", set_kw("tree_parents", lambda kw: torch.zeros_like(kw["tree_parents"]))),
+        ("tree_parents", set_kw("tree_parents", lambda kw: kw["tree_parents"][:-1])),
+        ("is_tree", set_kw("is_tree", lambda kw: kw["is_tree"].int())),
+        ("is_tree", set_kw("is_tree", None)),
+        ("out", set_kw("out", lambda kw: torch.empty(3, 3))),
+        ("window", set_kw("window", 0)),
+        ("softcap", set_kw("softcap", -1.0)),
+    ]
+
+
+@pytest.mark.parametrize("arg,mutate", _bad_inputs())
+def test_bad_inputs_name_the_argument(arg, mutate, rng):
+    batch = make([3, 1], [20, 2], rng, trees=[True, False])
+    args = list(batch.inputs())
+    kwargs = dict(batch.tree_kwargs())
+    mutate(args, kwargs)
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        mixed_attention(*args, **kwargs)
+
+
+def test_bad_tree_size_and_stale_plan(rng):
+    batch = make([MAX_TREE_NODES + 1], [70], rng, trees=[True])
+    with pytest.raises(ValueError, match="^tree_parents"):
+        mixed_attention(*batch.inputs(), **batch.tree_kwargs())
+    batch = make([3], [10], rng)
+    plan = plan_mixed_attention(batch.cu_seqlens_q, batch.seq_lens, batch.block_table, num_q_heads=8, num_kv_heads=2,
+                                head_dim=32, num_blocks=batch.k_cache.shape[0], block_size=16, window=4)
+    with pytest.raises(ValueError, match="^plan"):
+        mixed_attention(*batch.inputs(), plan=plan)
+    with pytest.raises(ValueError, match="^config"):
+        plan_mixed_attention(batch.cu_seqlens_q, batch.seq_lens, batch.block_table, num_q_heads=8, num_kv_heads=2,
+                             head_dim=32, num_blocks=batch.k_cache.shape[0], block_size=16, config={"block_m": 3})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_gpu_mixed_batch(dtype, head_dim):
+    gen = torch.Generator("cuda").manual_seed(head_dim)
+    q_lens = [300, 1, 1, 64, 0, 17]
+    batch = random_paged_batch(q_lens, [q + p for q, p in zip(q_lens, [700, 2000, 5, 900, 3, 0])], num_q_heads=32,
+                               num_kv_heads=8, head_dim=head_dim, block_size=16, dtype=dtype, device="cuda",
+                               generator=gen, trees=[False, False, False, True, False, False])
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else TOL[torch.float16]
+    for window, softcap in ((None, None), (256, 30.0)):
+        out = mixed_attention(*batch.inputs(), window=window, softcap=softcap, **batch.tree_kwargs())
+        want = mixed_attention_reference(*batch.inputs(), window=window, softcap=softcap, **batch.tree_kwargs())
+        torch.testing.assert_close(out.float(), want.float(), **tol)
