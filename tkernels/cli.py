@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("model", help="build (once) and print the path of the embedded SmolLM2 model")
     p.add_argument("--tiny", action="store_true", help="the tiny random Llama used by tests instead")
     p.set_defaults(func=model)
+    from tkernels import autotune
     from tkernels.plugins.vllm import demo
+
+    p = sub.add_parser("autotune", help="tune kernels, fit the step-latency model, write this GPU's config")
+    autotune.add_arguments(p)
+    p.set_defaults(func=autotune.run)
 
     p = sub.add_parser("demo", help="greedy generation on vLLM with the tkernels plugin loaded")
     demo.add_arguments(p)

@@ -1,0 +1,102 @@
+"""From step measurements to the per-GPU config's ``latency_model``, ``budgets`` and ``tree_budgets``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+
+import numpy as np
+
+from tkernels.sched.budget import DecodeMaximalPolicy, Prefill
+from tkernels.sched.latency_model import DEFAULT_RATES, LatencyModel, LatencyRates, ModelShape
+from tkernels.spec.tree_policy import DynamicTreePolicy
+
+# The load each SLO's budget is derived for (DESIGN.md's W1: 64 decodes at context 2048 while
+# a long prompt is being prefilled), and the batch sizes tree budgets are derived for.
+REFERENCE_DECODES = 64
+REFERENCE_CONTEXT = 2048
+TREE_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+TREE_MAX_NODES = 80
+
+
+def fit_rates(shape: ModelShape, costs: list[tuple[int, int, int]], measured_us: list[float]) -> LatencyRates:
+    """Least squares on log(predicted / measured) over the five rates (kept positive by fitting
+    their logarithms), starting from the analytic default."""
+    from scipy.optimize import least_squares
+
+    names = [f.name for f in fields(LatencyRates)]
+    start = np.log([max(getattr(DEFAULT_RATES, n), 1e-3) for n in names])
+    measured = np.asarray(measured_us, dtype=np.float64)
+
+    def residuals(log_rates: np.ndarray) -> np.ndarray:
+        model = LatencyModel(shape, LatencyRates(**dict(zip(names, np.exp(log_rates).tolist()))))
+        return np.log([model.step_us(*c) for c in costs]) - np.log(measured)
+
+    solution = least_squares(residuals, start, method="trf")
+    return LatencyRates(**{n: float(v) for n, v in zip(names, np.exp(solution.x))})
+
+
+def derive(shape: ModelShape, costs, measured_us, slos_ms: list[float]) -> dict:
+    """latency_model, budgets and tree_budgets sections (plus fit quality) for the config."""
+    rates = fit_rates(shape, costs, measured_us)
+    model = LatencyModel(shape, rates)
+    predicted = [model.step_us(*c) for c in costs]
+    errors = [abs(p / m - 1) for p, m in zip(predicted, measured_us)]
+
+    reference = dict(decode_context_lens=[REFERENCE_CONTEXT] * REFERENCE_DECODES, prefills=[Prefill(0, 1 << 20)])
+    per_slo = {}
+    for slo in slos_ms:
+        policy = DecodeMaximalPolicy(shape, slo_ms=slo, rates=rates)
+        per_slo[f"{slo:g}"] = policy.plan(**reference).tokens
+    default_slo = sorted(slos_ms)[len(slos_ms) // 2]
+
+    step_time = _DecodeStepTime(model)
+    tree = DynamicTreePolicy(step_time=step_time)
+    tree_budgets = {str(b): len(tree.choose(b, TREE_MAX_NODES)) for b in TREE_BATCH_SIZES}
+    return {
+        "latency_model": {**asdict(rates), "fit_max_rel_error": max(errors), "fit_median_rel_error":
+                          float(np.median(errors)), "points": len(costs)},
+        "budgets": {"default_tokens": per_slo[f"{default_slo:g}"], "default_slo_ms": default_slo,
+                    "per_slo_ms": per_slo, "reference_load": f"{REFERENCE_DECODES} decodes at context "
+                    f"{REFERENCE_CONTEXT} + a long prefill"},
+        "tree_budgets": {"nodes_per_request": tree_budgets, "context": REFERENCE_CONTEXT,
+                         "acceptance": "DynamicTreePolicy prior (measured acceptance replaces it online)"},
+    }, predicted
+
+
+class _DecodeStepTime:
+    """Verify-step time of ``batch_tokens`` tree tokens spread over decodes at the reference
+    context, for the tree policy (its StepTime protocol)."""
+
+    def __init__(self, model: LatencyModel):
+        self.model = model
+
+    def step_time(self, batch_tokens: int) -> float:
+        # Each token reads the context once (a tree's nodes share one prefix but query it each).
+        return self.model.step_us(batch_tokens, REFERENCE_CONTEXT, batch_tokens * REFERENCE_CONTEXT)
+
+
+def plot(path, points, measured_us, predicted_us, budgets: dict, title: str) -> None:
+    """PNG: measured vs fitted step time per point, and the token budget per SLO."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    order = sorted(range(len(points)), key=lambda i: measured_us[i])
+    ax1.plot(range(len(order)), [measured_us[i] / 1e3 for i in order], "o", label="measured")
+    ax1.plot(range(len(order)), [predicted_us[i] / 1e3 for i in order], "x", label="fitted model")
+    ax1.set_xticks(range(len(order)), [points[i].id for i in order], rotation=90, fontsize=6)
+    ax1.set_ylabel("step time (ms)")
+    ax1.set_yscale("log")
+    ax1.legend()
+    ax1.set_title("decoder step: measured vs latency model")
+    slos = sorted(budgets["per_slo_ms"], key=float)
+    ax2.plot([float(s) for s in slos], [budgets["per_slo_ms"][s] for s in slos], "o-")
+    ax2.set_xlabel("TBT SLO (ms)")
+    ax2.set_ylabel("token budget per step")
+    ax2.set_title(f"budget for {budgets['reference_load']}", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

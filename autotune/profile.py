@@ -1,0 +1,262 @@
+"""What ``tkernels autotune`` measures: kernel launch configs and decoder-step latency.
+
+Kernels. Every tunable kernel has a search space and representative cases per shape bucket;
+each candidate config is run once and compared with the kernel's PyTorch reference (a config
+that fails to compile or gives a wrong answer is recorded as failed, never chosen), then timed.
+Today the tunable kernel is the mixed-batch attention (its tile shapes per query class,
+split-KV threshold, warps and stages); tuning is coordinate-wise: decode-tile parameters on a
+decode-only case, prefill-tile parameters on a prefill-only case, then warps and stages on the
+decode-maximal mix, each stage starting from the previous stage's best.
+
+Decoder step. A real forward step of ``PROFILE_LAYERS`` decoder layers of the model's shape with
+random weights (RMSNorm, fused QKV, K/V written into a paged cache, the mixed-batch attention
+kernel, output projection, gated MLP; RoPE left out: elementwise, negligible) plus the LM head,
+scaled to the model's layer count, over prefill-chunk tokens x decodes x context x tree tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention
+from tkernels.attention.batch import random_paged_batch
+from tkernels.attention.mixed_attention import DEFAULT_CONFIG
+from tkernels.sched.latency_model import ModelShape, draft_cost, prefill_chunk_cost
+
+PROFILE_LAYERS = 2
+BLOCK_SIZE = 16
+
+
+def time_us(fn: Callable[[], Any], on_gpu: bool) -> float:
+    """Median time of ``fn`` (GPU: ``triton.testing.do_bench`` with CUDA events; CPU dry run:
+    one wall-clock call, enough to exercise the flow)."""
+    if on_gpu:
+        import triton.testing
+
+        return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    start = time.perf_counter()
+    fn()
+    return 1e6 * (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel tuning
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    name: str
+    q_lens: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+
+
+def attention_cases(dry_run: bool, quick: bool) -> dict[str, AttentionCase]:
+    """Cases per tuning stage (DESIGN.md's W3 / W4 / W1 workloads, shrunk for ``--quick``)."""
+    if dry_run:
+        return {"decode": AttentionCase("decode", (1,) * 3, (40, 17, 33)),
+                "prefill": AttentionCase("prefill", (24,), (40,)),
+                "mix": AttentionCase("mix", (24, 1, 1), (56, 33, 20))}
+    scale = 4 if quick else 1
+    return {"decode": AttentionCase("W3", (1,) * (256 // scale), (4096,) * (256 // scale)),
+            "prefill": AttentionCase("W4", (1024,), (8192,)),
+            "mix": AttentionCase("W1", (512,) + (1,) * (64 // scale), (4096,) + (2048,) * (64 // scale))}
+
+
+def attention_search_space(dry_run: bool, quick: bool) -> dict[str, list[dict[str, int]]]:
+    if dry_run:
+        return {"decode": [{"decode_block_n": n} for n in (16, 32)],
+                "prefill": [{"prefill_block_m": 32, "prefill_block_n": n} for n in (16, 32)],
+                "mix": [{"num_warps": 4, "num_stages": 2}]}
+    block_n = (32, 64, 128)
+    return {
+        "decode": [{"decode_block_n": n, "min_split_keys": s} for n in block_n
+                   for s in ((512,) if quick else (256, 512, 1024))],
+        "prefill": [{"prefill_block_m": m, "prefill_block_n": n} for m in (64, 128) for n in block_n],
+        "mix": [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in ((2,) if quick else (2, 3))],
+    }
+
+
+def tune_attention(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry_run: bool, quick: bool) -> dict:
+    """Best config for the model's (head_dim, group, block size) bucket, with default vs tuned time."""
+    on_gpu = device == "cuda"
+    cases = attention_cases(dry_run, quick)
+    space = attention_search_space(dry_run, quick)
+    best: dict[str, Any] = {}
+    for stage in ("decode", "prefill", "mix"):
+        run = _attention_runner(cases[stage], shape, dtype, device)
+        timings = {}
+        for candidate in space[stage]:
+            config = {**best, **candidate}
+            job = f"kernel/mixed_attention/{cases[stage].name}/" + ",".join(f"{k}={v}" for k, v in sorted(config.items()))
+            timings[json_key(candidate)] = (candidate, measure.get(job, lambda: run(config, on_gpu)))
+        ok = [(us, cand) for cand, us in timings.values() if us is not None]
+        if ok:
+            best.update(min(ok, key=lambda t: t[0])[1])
+    mix = _attention_runner(cases["mix"], shape, dtype, device)
+    default_us = measure.get(f"kernel/mixed_attention/{cases['mix'].name}/default", lambda: mix({}, on_gpu))
+    tuned_us = measure.get(f"kernel/mixed_attention/{cases['mix'].name}/tuned/{json_key(best)}",
+                           lambda: mix(best, on_gpu))
+    if tuned_us is None or (default_us is not None and default_us <= tuned_us):
+        best, tuned_us = {}, default_us  # the defaults are a candidate too
+    return {
+        "key": {"head_dim": shape.head_dim, "group": shape.num_q_heads // shape.num_kv_heads, "block_size": BLOCK_SIZE},
+        "config": best,
+        "measured": {"workload": cases["mix"].name, "default_us": default_us, "tuned_us": tuned_us},
+    }
+
+
+def json_key(config: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(config.items())) or "default"
+
+
+def _attention_runner(case: AttentionCase, shape: ModelShape, dtype, device) -> Callable[[dict, bool], float | None]:
+    """Returns run(config, on_gpu) -> median us, or None if the config fails or is wrong."""
+    batch = random_paged_batch(
+        case.q_lens, case.seq_lens, num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim, block_size=BLOCK_SIZE, dtype=dtype, device=device,
+        generator=torch.Generator(device=device).manual_seed(0),
+    )
+    reference = mixed_attention_reference(*batch.inputs()).float()
+    tolerance = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
+
+    def run(config: dict, on_gpu: bool) -> float | None:
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens = batch.inputs()
+        try:
+            plan = plan_mixed_attention(
+                cu_seqlens_q, seq_lens, block_table, num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
+                head_dim=shape.head_dim, num_blocks=k_cache.shape[0], block_size=BLOCK_SIZE,
+                config={**DEFAULT_CONFIG, **config} if config else None,
+            )
+            out = mixed_attention(*batch.inputs(), plan=plan)
+            error = float((out.float() - reference).norm() / reference.norm())
+            if not error < tolerance:  # NaN fails too
+                return None
+            return time_us(lambda: mixed_attention(*batch.inputs(), plan=plan, out=out), on_gpu)
+        except Exception:  # a config that does not compile or fit is simply not a candidate
+            return None
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder-step profile
+
+
+@dataclass(frozen=True)
+class StepPoint:
+    """One step's batch: ``decodes`` requests at ``context`` keys (each with ``tree`` draft
+    nodes), plus one prefill chunk of ``chunk`` tokens after ``prefix`` cached ones."""
+
+    decodes: int = 0
+    context: int = 0
+    tree: int = 0
+    chunk: int = 0
+    prefix: int = 0
+
+    @property
+    def id(self) -> str:
+        return f"d{self.decodes}@{self.context}+t{self.tree}/c{self.chunk}@{self.prefix}"
+
+    @property
+    def tokens(self) -> int:
+        return self.decodes * (1 + self.tree) + self.chunk
+
+    def cost(self) -> tuple[int, int, int]:
+        """(tokens, kv_tokens, attn_pairs) as the latency model counts them."""
+        kv = pairs = self.decodes * self.context
+        extra_kv, extra_pairs = draft_cost(self.context, self.tree)
+        kv, pairs = kv + self.decodes * extra_kv, pairs + self.decodes * extra_pairs
+        if self.chunk:
+            chunk_kv, chunk_pairs = prefill_chunk_cost(self.prefix, self.chunk)
+            kv, pairs = kv + chunk_kv, pairs + chunk_pairs
+        return self.tokens, kv, pairs
+
+
+def step_points(dry_run: bool, quick: bool) -> list[StepPoint]:
+    if dry_run:
+        return [StepPoint(decodes=2, context=24), StepPoint(chunk=16), StepPoint(decodes=1, context=40, tree=3),
+                StepPoint(decodes=2, context=24, chunk=16, prefix=16)]
+    batches = (1, 32, 128) if quick else (1, 8, 32, 64, 128, 256)
+    contexts = (2048,) if quick else (1024, 4096)
+    points = [StepPoint(decodes=b, context=c) for b in batches for c in contexts]
+    for chunk in ((512, 2048) if quick else (128, 512, 1024, 2048)):
+        points += [StepPoint(chunk=chunk), StepPoint(chunk=chunk, prefix=4096),
+                   StepPoint(decodes=64, context=2048, chunk=chunk)]
+    for b in ((1, 32) if quick else (1, 8, 32)):
+        points += [StepPoint(decodes=b, context=2048, tree=n) for n in ((16, 64) if quick else (4, 16, 64))]
+    return points
+
+
+class RandomDecoder:
+    """``PROFILE_LAYERS`` decoder layers + LM head of ``shape`` with random weights."""
+
+    def __init__(self, shape: ModelShape, dtype: torch.dtype, device: str):
+        gen = torch.Generator(device=device).manual_seed(0)
+        h, d = shape.hidden_size, shape.head_dim
+
+        def weight(rows: int, cols: int) -> torch.Tensor:
+            return (torch.randn(rows, cols, generator=gen, device=device) / math.sqrt(rows)).to(dtype)
+
+        self.shape = shape
+        self.layers = [
+            {"qkv": weight(h, (shape.num_q_heads + 2 * shape.num_kv_heads) * d),
+             "o": weight(shape.num_q_heads * d, h),
+             "gate_up": weight(h, 2 * shape.intermediate_size),
+             "down": weight(shape.intermediate_size, h)}
+            for _ in range(PROFILE_LAYERS)
+        ]
+        self.lm_head = weight(h, shape.vocab_size)
+
+    def step(self, x: torch.Tensor, caches, slots: torch.Tensor, attn_args: dict) -> torch.Tensor:
+        s = self.shape
+        q_size, kv_size = s.num_q_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        for layer, (k_cache, v_cache) in zip(self.layers, caches):
+            qkv = _rms_norm(x) @ layer["qkv"]
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            k_cache.view(-1, s.num_kv_heads, s.head_dim).index_copy_(0, slots, k.view(-1, s.num_kv_heads, s.head_dim))
+            v_cache.view(-1, s.num_kv_heads, s.head_dim).index_copy_(0, slots, v.view(-1, s.num_kv_heads, s.head_dim))
+            attn = mixed_attention(q.reshape(-1, s.num_q_heads, s.head_dim), k_cache, v_cache, **attn_args)
+            x = x + attn.view(-1, q_size) @ layer["o"]
+            gate, up = (_rms_norm(x) @ layer["gate_up"]).chunk(2, dim=-1)
+            x = x + (torch.nn.functional.silu(gate) * up) @ layer["down"]
+        return _rms_norm(x) @ self.lm_head
+
+
+def _rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+
+
+def profile_step(decoder: RandomDecoder, point: StepPoint, dtype, device: str) -> float:
+    """Measured time of one full step at ``point``, scaled from PROFILE_LAYERS to all layers."""
+    s = decoder.shape
+    q_lens = [1 + point.tree] * point.decodes + ([point.chunk] if point.chunk else [])
+    seq_lens = [point.context + point.tree] * point.decodes + ([point.prefix + point.chunk] if point.chunk else [])
+    trees = [point.tree > 0] * point.decodes + ([False] if point.chunk else [])
+    batch = random_paged_batch(q_lens, seq_lens, num_q_heads=s.num_q_heads, num_kv_heads=s.num_kv_heads,
+                               head_dim=s.head_dim, block_size=BLOCK_SIZE, dtype=dtype, device=device,
+                               generator=torch.Generator(device=device).manual_seed(1), trees=trees)
+    caches = [(batch.k_cache, batch.v_cache)] + [(batch.k_cache.clone(), batch.v_cache.clone())
+                                                 for _ in range(PROFILE_LAYERS - 1)]
+    slots = torch.cat(list(_new_token_slots(batch.block_table, q_lens, seq_lens))).to(device)
+    plan = plan_mixed_attention(batch.cu_seqlens_q, batch.seq_lens, batch.block_table, num_q_heads=s.num_q_heads,
+                                num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, num_blocks=batch.k_cache.shape[0],
+                                block_size=BLOCK_SIZE, **batch.tree_kwargs())
+    attn_args = dict(block_table=batch.block_table, cu_seqlens_q=batch.cu_seqlens_q, seq_lens=batch.seq_lens,
+                     plan=plan, **batch.tree_kwargs())
+    x = torch.randn(point.tokens, s.hidden_size, device=device).to(dtype)
+    measured = time_us(lambda: decoder.step(x, caches, slots, attn_args), device == "cuda")
+    # The LM head runs once per step, the layers num_layers times: split the measurement.
+    head_us = time_us(lambda: _rms_norm(x) @ decoder.lm_head, device == "cuda")
+    return (measured - head_us) * s.num_layers / PROFILE_LAYERS + head_us
+
+
+def _new_token_slots(block_table, q_lens, seq_lens) -> Iterator[torch.Tensor]:
+    table = block_table.cpu().long()
+    for r, (q, n) in enumerate(zip(q_lens, seq_lens)):
+        pos = torch.arange(n - q, n)
+        yield table[r, pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE

@@ -1,0 +1,74 @@
+"""Resumable measurements and atomic file writes for ``tkernels autotune``.
+
+Every measurement is a job with a stable id; its result is saved to a state file beside the
+output right after it is taken, so an interrupted run resumes where it stopped (a state file
+written for other arguments or versions is ignored and replaced). Final outputs are written to
+a temporary file and renamed into place: a config file is never seen half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; configs are read by servers run as others
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class Measurements:
+    """Job id -> result, persisted after every new result; prints progress with an ETA."""
+
+    def __init__(self, path: Path, run_key: dict[str, Any], total_jobs: int, quiet: bool = False):
+        self.path, self.run_key, self.total, self.quiet = path, run_key, total_jobs, quiet
+        self.results: dict[str, Any] = {}
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                saved = {}
+            if saved.get("run_key") == run_key:
+                self.results = saved.get("results", {})
+                self._say(f"resuming: {len(self.results)} of {total_jobs} measurements already taken ({path})\n")
+        self.resumed = len(self.results)
+        self.started = time.monotonic()
+
+    def get(self, job: str, measure: Callable[[], Any]) -> Any:
+        if job not in self.results:
+            self._progress(job)
+            self.results[job] = measure()
+            write_atomic(self.path, json.dumps({"run_key": self.run_key, "results": self.results}))
+        return self.results[job]
+
+    def done(self) -> None:
+        self._say("\n")
+        self.path.unlink(missing_ok=True)
+
+    def _progress(self, job: str) -> None:
+        taken = len(self.results) - self.resumed
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / taken * (self.total - len(self.results)) if taken else float("nan")
+        eta_text = "?" if eta != eta else f"{eta:4.0f}s"
+        width = 30
+        filled = width * len(self.results) // max(self.total, 1)
+        self._say(f"\r[{'#' * filled}{'.' * (width - filled)}] {len(self.results)}/{self.total} "
+                  f"eta {eta_text}  {job[:60]:<60}")
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            sys.stderr.write(text)
+            sys.stderr.flush()

@@ -1,0 +1,85 @@
+"""`tkernels autotune --dry-run`: the whole flow on tiny shapes under the interpreter."""
+
+import argparse
+import json
+
+import pytest
+
+from tkernels import autotune, config
+from tkernels.autotune import profile
+
+
+def run_autotune(out, *extra):
+    parser = argparse.ArgumentParser()
+    autotune.add_arguments(parser)
+    return autotune.run(parser.parse_args(["--dry-run", "--out", str(out), *extra]))
+
+
+@pytest.fixture(scope="module")
+def dry_run_output(tmp_path_factory):
+    out = tmp_path_factory.mktemp("autotune")
+    assert run_autotune(out) == 0
+    return out
+
+
+def test_dry_run_writes_a_valid_cpu_config_and_plot(dry_run_output):
+    path = dry_run_output / "cpu-dry-run.json"
+    data = config.load(path)
+    assert data["is_gpu"] is False
+    (bucket,) = data["kernels"]["mixed_attention"]["buckets"]
+    assert bucket["key"] == {"head_dim": 32, "group": 2, "block_size": 16}
+    assert set(data["latency_model"]) >= {"overhead_us", "weight_gbps", "matmul_tflops", "kv_gbps", "attn_tflops"}
+    assert data["budgets"]["default_tokens"] >= 1
+    assert all(n >= 1 for n in data["tree_budgets"]["nodes_per_request"].values())
+    assert (dry_run_output / "cpu-dry-run.png").stat().st_size > 1000
+    assert not list(dry_run_output.glob(".*")), "state or temporary files left behind"
+
+
+def test_malformed_existing_config_is_a_clear_error_and_left_untouched(tmp_path):
+    path = tmp_path / "cpu-dry-run.json"
+    path.write_text('{"schema_version": 1')
+    with pytest.raises(config.ConfigError, match="cpu-dry-run.json: not valid JSON"):
+        run_autotune(tmp_path)
+    assert path.read_text() == '{"schema_version": 1'
+
+
+def test_wrong_schema_version_is_a_clear_error(tmp_path, dry_run_output):
+    data = json.loads((dry_run_output / "cpu-dry-run.json").read_text())
+    data["schema_version"] = 99
+    (tmp_path / "cpu-dry-run.json").write_text(json.dumps(data))
+    with pytest.raises(config.ConfigError, match="field 'schema_version' is 99"):
+        run_autotune(tmp_path)
+
+
+def test_interrupted_run_resumes_without_remeasuring(tmp_path, monkeypatch):
+    real_profile_step = profile.profile_step
+    calls = []
+
+    def counting(*args, interrupt_at=None):
+        calls.append(args[1].id)
+        if len(calls) == interrupt_at:
+            raise RuntimeError("interrupted")
+        return real_profile_step(*args)
+
+    monkeypatch.setattr(profile, "profile_step", lambda *a: counting(*a, interrupt_at=2))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_autotune(tmp_path)
+    assert not (tmp_path / "cpu-dry-run.json").exists(), "no output from an interrupted run"
+    assert (tmp_path / ".cpu-dry-run.autotune-state.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(profile, "profile_step", counting)
+    new_jobs = []
+    real_get = autotune.state.Measurements.get
+
+    def spy(self, job, measure):
+        if job not in self.results:
+            new_jobs.append(job)
+        return real_get(self, job, measure)
+
+    monkeypatch.setattr(autotune.state.Measurements, "get", spy)
+    assert run_autotune(tmp_path) == 0
+    # The first step point was measured before the interrupt: the rerun skips it and every kernel job.
+    assert len(calls) == len(profile.step_points(True, False)) - 1
+    assert new_jobs and all(job.startswith("step/") for job in new_jobs)
+    config.load(tmp_path / "cpu-dry-run.json")
