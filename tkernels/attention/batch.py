@@ -18,7 +18,7 @@ class PagedBatch:
     q: torch.Tensor  # [T, Hq, D]
     k_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor
-    block_table: torch.Tensor  # int32 [B, max_blocks]; columns past a request's blocks hold -1
+    block_table: torch.Tensor  # int32 [B, max_blocks]
     cu_seqlens_q: torch.Tensor  # int32 [B + 1]
     seq_lens: torch.Tensor  # int32 [B]
     tree_parents: torch.Tensor | None = None  # int32 [T], local parents (trees only)
@@ -55,10 +55,13 @@ def random_paged_batch(
     generator: torch.Generator | None = None,
     trees: Sequence[bool] | None = None,
     spare_blocks: int = 3,
+    pad_block: int = -1,
 ) -> PagedBatch:
     """Random q/K/V, a shuffled block table and (for ``trees[r]``) random tree parents.
 
-    ``generator`` may live on ``device`` (fast for large caches) or on the CPU.
+    ``generator`` may live on ``device`` (fast for large caches) or on the CPU. Block-table
+    columns past a request's blocks hold ``pad_block`` (-1 catches reads past ``seq_lens``;
+    benchmarks pass 0 like vLLM, whose kernels may read one padded entry).
     """
     assert len(q_lens) == len(seq_lens) and all(s >= q for q, s in zip(q_lens, seq_lens))
     generator = generator or torch.Generator().manual_seed(0)
@@ -67,7 +70,7 @@ def random_paged_batch(
     blocks = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks) + spare_blocks
     order = torch.randperm(num_blocks, generator=generator, device=gen_device).to(torch.int32).cpu()
-    table = torch.full((len(q_lens), max(blocks, default=0) or 1), -1, dtype=torch.int32)
+    table = torch.full((len(q_lens), max(blocks, default=0) or 1), pad_block, dtype=torch.int32)
     used = 0
     for r, n in enumerate(blocks):
         table[r, :n] = order[used:used + n]

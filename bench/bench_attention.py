@@ -1,0 +1,242 @@
+"""Mixed-batch attention benchmark: tkernels vs vLLM, SGLang and torch on workloads W1-W5.
+
+Run on a GPU: ``pytest bench/bench_attention.py --benchmark-enable``. Every implementation gets
+the same inputs (``bench/workloads.py``); each output is checked against the fp32 reference
+before timing. Times are ``triton.testing.do_bench`` medians; each run also records us, TB/s,
+TFLOP/s and % of the roofline floor max(min bytes / copy bandwidth, FLOPs / bf16 matmul rate),
+both measured here, into ``bench/results/<device file name>.json`` (DESIGN.md "Result files").
+Without a GPU the module skips, unless ``TKERNELS_BENCH_TINY=1`` runs tiny shapes under the
+Triton interpreter (nothing is written then).
+
+tkernels is timed with its plan built beforehand: a server builds it once per step and reuses
+it in every layer. vLLM's ``unified_attention`` runs its single-launch path (no 3D split-softmax
+buffers), W5 with the shared tree as ``qq_bias``. SGLang runs ``decode_attention_fwd`` on W3 and
+``extend_attention_fwd`` elsewhere (decodes as one-token extends, W5 with its custom mask).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+TINY = os.environ.get("TKERNELS_BENCH_TINY") == "1"
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
+
+import pytest  # noqa: E402
+import triton  # noqa: E402
+import workloads  # noqa: E402  (bench/ is on sys.path: pytest's rootdir-relative import)
+
+from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention  # noqa: E402
+from tkernels.config import device_file_name  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not HAS_CUDA and not TINY, reason="GPU benchmark (TKERNELS_BENCH_TINY=1 runs tiny shapes)")
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MAX_REL_ERR = 2e-2  # bf16 inputs and probabilities vs the fp32 reference
+
+
+@functools.lru_cache(maxsize=None)
+def workload(name: str) -> workloads.Workload:
+    return workloads.build(name, device=DEVICE, tiny=not HAS_CUDA)
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name: str) -> torch.Tensor:
+    b = workload(name).batch
+    return mixed_attention_reference(*b.inputs(), **b.tree_kwargs())
+
+
+def _tkernels(w: workloads.Workload):
+    b = w.batch
+    num_blocks, block_size, num_kv_heads, head_dim = b.k_cache.shape
+    plan = plan_mixed_attention(b.cu_seqlens_q, b.seq_lens, b.block_table, num_q_heads=b.q.shape[1],
+                                num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=num_blocks,
+                                block_size=block_size, **b.tree_kwargs())
+    out = torch.empty_like(b.q)
+    return lambda: mixed_attention(*b.inputs(), out=out, plan=plan, **b.tree_kwargs())
+
+
+def _torch(w: workloads.Workload):
+    b = w.batch
+    return lambda: mixed_attention_reference(*b.inputs(), **b.tree_kwargs())
+
+
+def _shared_tree_visibility(w: workloads.Workload) -> torch.Tensor:
+    """bool [n, n] ancestor-or-self matrix of the tree every W5 request shares."""
+    b = w.batch
+    n = int(b.cu_seqlens_q[1])
+    parents = b.tree_parents[:n].tolist()
+    visible = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j >= 0:
+            visible[i, j] = True
+            j = parents[j]
+    return visible.to(b.q.device)
+
+
+def _vllm(w: workloads.Workload):
+    if not pytest.importorskip("vllm.triton_utils").HAS_TRITON:
+        pytest.skip("vLLM disabled its Triton kernels here (no GPU backend)")
+    unified_attention = pytest.importorskip("vllm.v1.attention.ops.triton_unified_attention").unified_attention
+    b = w.batch
+    q_lens = (b.cu_seqlens_q[1:] - b.cu_seqlens_q[:-1]).tolist()
+    qq_bias = None
+    if b.is_tree is not None:
+        qq_bias = torch.zeros(max(q_lens), max(q_lens), dtype=torch.float32, device=b.q.device)
+        qq_bias.masked_fill_(~_shared_tree_visibility(w), float("-inf"))
+    out = torch.empty_like(b.q)
+    kwargs = dict(
+        q=b.q, k=b.k_cache, v=b.v_cache, out=out, cu_seqlens_q=b.cu_seqlens_q, max_seqlen_q=max(q_lens),
+        seqused_k=b.seq_lens, max_seqlen_k=int(b.seq_lens.max()), softmax_scale=b.q.shape[2] ** -0.5, causal=True,
+        window_size=(-1, -1), block_table=b.block_table, softcap=0, q_descale=None, k_descale=None, v_descale=None,
+        qq_bias=qq_bias,
+    )
+
+    def run():
+        unified_attention(**kwargs)
+        return out
+
+    return run
+
+
+def _token_indices(b, r: int, start: int, stop: int) -> torch.Tensor:
+    """Flat cache slots (page size 1 view, SGLang's layout) of keys start..stop-1 of request r."""
+    key = torch.arange(start, stop, device=b.q.device)
+    block_size = b.k_cache.shape[1]
+    return b.block_table[r, key // block_size].long() * block_size + key % block_size
+
+
+def _sglang(w: workloads.Workload):
+    b = w.batch
+    num_blocks, block_size, num_kv_heads, head_dim = b.k_cache.shape
+    k_buffer = b.k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    v_buffer = b.v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    cu = b.cu_seqlens_q.tolist()
+    seq_lens = b.seq_lens.tolist()
+    q_lens = [cu[r + 1] - cu[r] for r in range(len(seq_lens))]
+    scale = head_dim ** -0.5
+    out = torch.empty_like(b.q)
+    as_int32 = functools.partial(torch.tensor, dtype=torch.int32, device=b.q.device)
+
+    if all(n == 1 for n in q_lens):
+        decode = pytest.importorskip("sglang.srt.layers.attention.triton_ops.decode_attention").decode_attention_fwd
+        max_kv_splits = 8  # SGLang's default
+        B, num_q_heads = len(seq_lens), b.q.shape[1]
+        kwargs = dict(
+            q=b.q, k_buffer=k_buffer, v_buffer=v_buffer, o=out,
+            kv_indptr=as_int32([0, *torch.tensor(seq_lens).cumsum(0).tolist()]),
+            kv_indices=torch.cat([_token_indices(b, r, 0, s) for r, s in enumerate(seq_lens)]).to(torch.int32),
+            attn_logits=torch.empty(B, num_q_heads, max_kv_splits, head_dim, dtype=torch.float32, device=b.q.device),
+            attn_lse=torch.empty(B, num_q_heads, max_kv_splits, dtype=torch.float32, device=b.q.device),
+            num_kv_splits=torch.full((B,), max_kv_splits, dtype=torch.int32, device=b.q.device),
+            max_kv_splits=max_kv_splits, sm_scale=scale,
+        )
+
+        def run():
+            decode(**kwargs)
+            return out
+
+        return run
+
+    extend = pytest.importorskip("sglang.srt.layers.attention.triton_ops.extend_attention").extend_attention_fwd
+    prefixes = [s - n for s, n in zip(seq_lens, q_lens)]
+    new_slots = torch.cat([_token_indices(b, r, p, s) for r, (p, s) in enumerate(zip(prefixes, seq_lens))])
+    custom_mask = mask_indptr = None
+    if b.is_tree is not None:
+        # Per request, row-major [n, prefix + n]: the prefix is visible, then the tree mask.
+        tree = _shared_tree_visibility(w)
+        custom_mask = torch.cat([torch.cat([torch.ones(n, p, dtype=torch.bool, device=b.q.device), tree[:n, :n]], 1).flatten()
+                                 for n, p in zip(q_lens, prefixes)])
+        mask_indptr = as_int32([0, *torch.tensor([n * s for n, s in zip(q_lens, seq_lens)]).cumsum(0).tolist()])
+    kwargs = dict(
+        q_extend=b.q, k_extend=k_buffer[new_slots].contiguous(), v_extend=v_buffer[new_slots].contiguous(),
+        o_extend=out, k_buffer=k_buffer, v_buffer=v_buffer, qo_indptr=b.cu_seqlens_q,
+        kv_indptr=as_int32([0, *torch.tensor(prefixes).cumsum(0).tolist()]),
+        kv_indices=torch.cat([_token_indices(b, r, 0, p) for r, p in enumerate(prefixes)]).to(torch.int32),
+        custom_mask=custom_mask, is_causal=True, mask_indptr=mask_indptr, max_len_extend=max(q_lens), sm_scale=scale,
+    )
+
+    def run():
+        extend(**kwargs)
+        return out
+
+    return run
+
+
+IMPLS = {"tkernels": _tkernels, "vllm": _vllm, "sglang": _sglang, "torch": _torch}
+
+
+def _median_ms(fn) -> float:
+    if HAS_CUDA:
+        return triton.testing.do_bench(fn, return_mode="median")
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@pytest.fixture(scope="session")
+def roofline():
+    """(copy bandwidth in bytes/s, bf16 matmul FLOP/s), measured on this GPU; None on CPU."""
+    if not HAS_CUDA:
+        return None
+    x = torch.empty(2**28, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    bandwidth = 2 * x.nbytes / (triton.testing.do_bench(lambda: y.copy_(x), return_mode="median") * 1e-3)
+    n = 8192
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    matmul = 2 * n**3 / (triton.testing.do_bench(lambda: a @ b, return_mode="median") * 1e-3)
+    del x, y, a, b
+    return bandwidth, matmul
+
+
+@pytest.fixture(scope="session")
+def records():
+    """Collects result records; on a GPU merges them into bench/results/<device>.json at the end."""
+    collected: list[dict] = []
+    yield collected
+    if not HAS_CUDA or not collected:
+        return
+    path = RESULTS_DIR / f"{device_file_name(torch.cuda.get_device_name())}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"records": []}
+    fresh = {(r["workload"], r["impl"]) for r in collected}
+    data.update(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.date.today().isoformat())
+    data["records"] = [r for r in data["records"] if (r.get("workload"), r.get("impl")) not in fresh] + collected
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("name", list(workloads.WORKLOADS))
+def test_attention(benchmark, name, impl, roofline, records):
+    w = workload(name)
+    fn = IMPLS[impl](w)
+    want = reference(name).float()
+    got = fn().float()
+    rel_err = float((got - want).norm() / want.norm())
+    assert rel_err < MAX_REL_ERR, f"{impl} on {name}: relative error {rel_err:.3g}"
+
+    ms = benchmark.pedantic(_median_ms, args=(fn,), rounds=1, iterations=1)
+    seconds = ms * 1e-3
+    record = {"workload": name, "impl": impl, "us": ms * 1e3, "rel_err": rel_err,
+              "tbps": w.min_bytes / seconds / 1e12, "tflops": w.flops / seconds / 1e12}
+    if roofline is not None:
+        bandwidth, matmul = roofline
+        record["roofline_pct"] = 100.0 * max(w.min_bytes / bandwidth, w.flops / matmul) / seconds
+    benchmark.extra_info.update(record, description=w.description)
+    records.append(record)
