@@ -1,0 +1,132 @@
+"""DecodeMaximalScheduler: the decode-maximal budget inside vLLM's AsyncScheduler."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+MAX_BATCHED = 512
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    from tkernels.models import tiny_llama_dir
+
+    return tiny_llama_dir()
+
+
+def create_scheduler(model_dir, scheduler_cls, max_num_batched_tokens=MAX_BATCHED, max_num_seqs=16,
+                     long_prefill_token_threshold=256, num_blocks=2000):
+    """As vLLM's tests/v1/core/utils.py::create_scheduler: a scheduler with no engine behind it."""
+    import torch
+    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    model_config = ModelConfig(model=str(model_dir), skip_tokenizer_init=True, max_model_len=2048, seed=0)
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=2048,
+        long_prefill_token_threshold=long_prefill_token_threshold, enable_chunked_prefill=True,
+        is_encoder_decoder=False, async_scheduling=True,
+    )
+    cache_config = CacheConfig(block_size=16, gpu_memory_utilization=0.9, cache_dtype="auto")
+    cache_config.num_gpu_blocks = num_blocks
+    vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config, cache_config=cache_config)
+    kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec(["layer"], FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=1, dtype=torch.float32))])
+    return scheduler_cls(vllm_config=vllm_config, kv_cache_config=kv_cache_config, block_size=16, log_stats=True,
+                         structured_output_manager=StructuredOutputManager(vllm_config))
+
+
+def make_request(request_id, num_prompt_tokens, max_tokens):
+    from vllm import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    init_none_hash(sha256)
+    prompt = [(hash(request_id) + i) % 500 for i in range(num_prompt_tokens)]  # distinct: no prefix-cache hits
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return Request(request_id, prompt, params, pooling_params=None, block_hasher=get_request_block_hasher(16, sha256))
+
+
+def step(scheduler, output):
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    ids = list(output.num_scheduled_tokens)
+    sampled = [[7] if not scheduler.requests[i].is_prefill_chunk else [] for i in ids]
+    scheduler.update_from_output(output, ModelRunnerOutput(
+        req_ids=ids, req_id_to_index={i: n for n, i in enumerate(ids)}, sampled_token_ids=sampled,
+        logprobs=None, prompt_logprobs_dict={}, pooler_output=[]))
+
+
+def test_mixed_load_respects_budget_and_never_skips_a_decode(model_dir):
+    from tkernels.config import ConfigChoice
+    from tkernels.plugins.vllm.scheduler import DecodeMaximalScheduler
+    from tkernels.sched import LLAMA3_8B, DecodeMaximalPolicy
+
+    scheduler = create_scheduler(model_dir, DecodeMaximalScheduler, long_prefill_token_threshold=128)
+    # Cost the steps as an 8B model on the analytic H100 rates, so that the budget binds. The SLO
+    # tightens at step 14 to 5.65 ms, barely above the 5.0 ms of streaming the weights: from then
+    # on the decodes alone often fill the budget, and "s4", decoding behind the still-prefilling
+    # "long1" (admitted before it), would get no token if the chunk went first.
+    slo_ms_from_step = {0: 8.0, 14: 5.65}
+    arrivals = {0: [("s0", 40, 60), ("s1", 90, 60), ("s2", 25, 60), ("s3", 130, 60)],
+                3: [("long0", 1500, 8)], 10: [("long1", 1800, 8), ("s4", 30, 30)], 25: [("long2", 900, 8)]}
+    budgets, shared_steps, decodes_alone = set(), 0, 0
+    for step_index in range(3000):
+        if step_index in slo_ms_from_step:
+            scheduler.policy = DecodeMaximalPolicy(LLAMA3_8B, slo_ms=slo_ms_from_step[step_index], tile=4,
+                                                   max_tokens=scheduler.max_budget,
+                                                   choice=ConfigChoice(None, "fallback: test", {}))
+        for args in arrivals.get(step_index, []):
+            scheduler.add_request(make_request(*args))
+        if not scheduler.requests:
+            break
+        decodes = {r.request_id for r in scheduler.running if r.num_computed_tokens >= r.num_prompt_tokens}
+        output = scheduler.schedule()
+        plan = scheduler.last_plan
+        scheduled = output.num_scheduled_tokens
+        assert decodes <= set(scheduled), f"step {step_index}: decodes {decodes - set(scheduled)} skipped"
+        assert all(scheduled[r] == 1 for r in decodes)
+        assert scheduler.max_num_scheduled_tokens == min(plan.tokens, MAX_BATCHED)
+        if plan.tokens == plan.decode_tokens and plan.prefill_tokens == 0:
+            assert output.total_num_scheduled_tokens == len(decodes)  # decodes alone: exactly the decodes
+            decodes_alone += 1
+        else:
+            assert output.total_num_scheduled_tokens <= plan.tokens
+        budgets.add(plan.tokens)
+        shared_steps += bool(decodes) and output.total_num_scheduled_tokens > len(decodes)
+        step(scheduler, output)
+    assert not scheduler.requests, "load did not finish"
+    # Prompts were chunked beside decodes, the budget varied, and some steps were decodes only.
+    assert shared_steps > 3 and len(budgets) > 3 and decodes_alone > 3
+
+
+def test_default_budget_and_config_options(model_dir, monkeypatch):
+    from tkernels.plugins.vllm.scheduler import DecodeMaximalScheduler
+    from tkernels.sched import FALLBACK_BUDGET, ENV_TBT_SLO_MS
+
+    monkeypatch.delenv(ENV_TBT_SLO_MS, raising=False)
+    scheduler = create_scheduler(model_dir, DecodeMaximalScheduler, max_num_batched_tokens=2048)
+    assert scheduler.policy.slo_ms is None and scheduler.policy.max_tokens == 2048
+    assert scheduler.policy.model.shape.head_dim == json.loads((model_dir / "config.json").read_text())["head_dim"]
+    scheduler.add_request(make_request("long", 3000, 4))
+    assert scheduler.schedule().total_num_scheduled_tokens == FALLBACK_BUDGET
+    monkeypatch.setenv(ENV_TBT_SLO_MS, "30")
+    assert create_scheduler(model_dir, DecodeMaximalScheduler).policy.slo_ms == 30.0
+
+
+def test_unsupported_vllm_version_fails_at_import(monkeypatch):
+    import vllm
+
+    import tkernels.plugins.vllm.scheduler as installed
+
+    monkeypatch.setattr(vllm, "__version__", "0.40.0")
+    # A fresh module object from the same file: the installed module stays untouched.
+    spec = importlib.util.spec_from_file_location("_scheduler_under_vllm_0_40", installed.__file__)
+    with pytest.raises(RuntimeError, match=r"vLLM 0.40.0 is not supported .*>=0.32,<0.34"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
