@@ -118,6 +118,11 @@ def _attend_tile(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     kv_head_off = kv_head * stride_kh
+    # Tiles wholly inside the cached prefix and the item's range are visible to every row:
+    # without a window they skip the mask (most tiles of a long prefill or decode).
+    mask_from = tl.minimum(prefix, kv_end)
+    if HAS_WINDOW:
+        mask_from = kv_start
     for start in range(kv_start, kv_end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_valid = keys < kv_end
@@ -134,19 +139,20 @@ def _attend_tile(
         else:
             s = s * qk_scale  # qk_scale = scale * log2(e)
 
-        new_key = keys - prefix  # index among the request's new tokens (< 0: cached prefix)
-        visible = keys[None, :] <= causal_last[:, None]
-        if HAS_TREE:
-            bit = tl.maximum(new_key, 0).to(tl.int64)
-            is_ancestor = ((ancestors[:, None] >> bit[None, :]) & 1) != 0
-            visible = tl.where(tree, (new_key[None, :] < 0) | is_ancestor, visible)
-        if HAS_WINDOW:
-            # Tree nodes sit at prefix + depth, so new keys take their position from the table.
-            key_pos = tl.load(positions_ptr + token0 + new_key, mask=key_valid & (new_key >= 0), other=0)
-            key_pos = tl.where(new_key >= 0, key_pos, keys)
-            visible = visible & ((q_pos[:, None] - key_pos[None, :]) < window)
-        visible = visible & key_valid[None, :] & row_valid[:, None]
-        s = tl.where(visible, s, float("-inf"))
+        if start + BLOCK_N > mask_from:
+            new_key = keys - prefix  # index among the request's new tokens (< 0: cached prefix)
+            visible = keys[None, :] <= causal_last[:, None]
+            if HAS_TREE:
+                bit = tl.maximum(new_key, 0).to(tl.int64)
+                is_ancestor = ((ancestors[:, None] >> bit[None, :]) & 1) != 0
+                visible = tl.where(tree, (new_key[None, :] < 0) | is_ancestor, visible)
+            if HAS_WINDOW:
+                # Tree nodes sit at prefix + depth, so new keys take their position from the table.
+                key_pos = tl.load(positions_ptr + token0 + new_key, mask=key_valid & (new_key >= 0), other=0)
+                key_pos = tl.where(new_key >= 0, key_pos, keys)
+                visible = visible & ((q_pos[:, None] - key_pos[None, :]) < window)
+            visible = visible & key_valid[None, :] & row_valid[:, None]
+            s = tl.where(visible, s, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
