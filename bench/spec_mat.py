@@ -110,10 +110,10 @@ def make_drafter(spec: str, vocab_size: int):
 def greedy_decode(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int]) -> list[int]:
     """Plain greedy decoding with a KV cache, one token per forward."""
     out = model(input_ids=prompt[None], use_cache=True)
-    tokens = [int(out.logits[0, -1].argmax())]
+    tokens = [int(out.logits[0, -1].float().argmax())]
     while len(tokens) < max_new_tokens and tokens[-1] not in eos:
         out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-        tokens.append(int(out.logits[0, -1].argmax()))
+        tokens.append(int(out.logits[0, -1].float().argmax()))
     return tokens
 
 
@@ -128,11 +128,11 @@ def _keep_kv(cache, prefix_len: int, keep: torch.Tensor) -> None:
 @torch.no_grad()
 def speculative_decode(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int], drafter):
     """Greedy speculative decoding; returns (tokens, verify steps, accepted tokens, tree nodes)."""
-    from tkernels.spec.verify import verify_greedy_reference
+    from tkernels.spec.verify import verify_greedy, verify_greedy_reference
 
     out = model(input_ids=prompt[None], use_cache=True)
     cache = out.past_key_values
-    tokens = [int(out.logits[0, -1].argmax())]
+    tokens = [int(out.logits[0, -1].float().argmax())]
     history = torch.cat([prompt, torch.tensor(tokens)])
     steps = accepted = nodes = 0
     while len(tokens) < max_new_tokens and tokens[-1] not in eos:
@@ -146,11 +146,15 @@ def speculative_decode(model, prompt: torch.Tensor, max_new_tokens: int, eos: se
             attention_mask=mask,
             past_key_values=cache,
             use_cache=True,
-        ).logits[0]
-        accepted_tokens, accepted_nodes, num_accepted = verify_greedy_reference(logits, draft_tokens, parents, cu_nodes)
-        num = int(num_accepted[0])
-        path_nodes = accepted_nodes[0, :num].long()  # root + accepted drafts
-        path_tokens = torch.cat([draft_tokens[:1], accepted_tokens[0, :num]])  # root, accepted, bonus
+        ).logits[0].float()  # verification takes fp32/fp16/bf16; greedy_decode argmaxes fp32 too
+        if n == 1:  # no draft: a plain decode step, nothing to verify
+            path_nodes, path_tokens = torch.zeros(1, dtype=torch.int64), torch.stack([draft_tokens[0], logits[0].argmax()])
+        else:
+            verify = verify_greedy if logits.is_cuda else verify_greedy_reference  # the kernel needs a GPU
+            accepted_tokens, accepted_nodes, num_accepted = verify(logits, draft_tokens, parents, cu_nodes)
+            num = int(num_accepted[0])
+            path_nodes = accepted_nodes[0, :num].long()  # root + accepted drafts
+            path_tokens = torch.cat([draft_tokens[:1], accepted_tokens[0, :num]])  # root, accepted, bonus
         drafter.observe(logits, draft_tokens, path_tokens)
         _keep_kv(cache, prefix_len, path_nodes)
         committed = path_tokens[1:].tolist()

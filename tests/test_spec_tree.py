@@ -118,6 +118,7 @@ def test_token_recycling_template():
     assert len(shape) == 80
     assert torch.bincount(depths(shape.parents).long()).tolist() == [1, 8, 21, 20, 15, 6, 7, 1, 1]
     assert int(shape.ranks.max()) == 7 and TR_80_WIDTHS[0] == 8
+    assert shape.levels[:3] == [(1, 9), (9, 30), (30, 50)] and shape.levels[-1] == (79, 80)
     # the rank-sum rule: a node's child count is max(0, W[depth] - sum of its path's ranks)
     d, p, r = depths(shape.parents).tolist(), shape.parents.tolist(), shape.ranks.tolist()
     for i in range(80):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .tree import TreeShape, depths
+from .tree import TreeShape
 
 __all__ = ["TokenRecycling"]
 
@@ -29,7 +29,6 @@ class TokenRecycling:
             raise ValueError(f"need vocab_size >= 1 and 1 <= k <= vocab_size, got vocab_size={vocab_size}, k={k}")
         self.k = k
         self.adjacency = torch.arange(k, dtype=torch.int32, device=device).repeat(vocab_size, 1)
-        self._levels: dict[tuple, list[tuple[int, int]]] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -39,15 +38,6 @@ class TokenRecycling:
     def memory_bytes(self) -> int:
         """Size of the adjacency matrix: vocab_size * k * 4 bytes (e.g. 128256 * 8 * 4 = 4.1 MB)."""
         return self.adjacency.numel() * self.adjacency.element_size()
-
-    def _level_bounds(self, shape: TreeShape) -> list[tuple[int, int]]:
-        """[start, end) of every depth >= 1 (contiguous in BFS order), cached per shape."""
-        key = tuple(shape.parents.tolist()), tuple(shape.ranks.tolist())
-        if key not in self._levels:
-            counts = torch.bincount(depths(shape.parents.cpu()).long()).tolist()
-            ends = torch.tensor(counts).cumsum(0).tolist()
-            self._levels[key] = list(zip(ends[:-1], ends[1:]))
-        return self._levels[key]
 
     def draft(self, last_tokens: torch.Tensor, shape: TreeShape):
         """Fill ``shape`` from every request's last committed token.
@@ -65,7 +55,7 @@ class TokenRecycling:
         ranks = shape.ranks.to(device).long()
         tokens = torch.empty(batch, n, dtype=torch.int64, device=device)
         tokens[:, 0] = last_tokens.to(device)
-        for start, end in self._level_bounds(shape):
+        for start, end in shape.levels:
             parent_tokens = tokens[:, parents[start:end]]
             tokens[:, start:end] = self.adjacency[parent_tokens, ranks[start:end]].long()
         cu_nodes = torch.arange(0, (batch + 1) * n, n, dtype=torch.int32, device=device)

@@ -18,6 +18,7 @@ token of a draft head). Drafters fill a shape with tokens; the verifier only nee
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -222,6 +223,12 @@ class TreeShape:
 
     def __len__(self) -> int:
         return self.parents.numel()
+
+    @cached_property
+    def levels(self) -> list[tuple[int, int]]:
+        """``[start, end)`` of every depth >= 1 (contiguous in BFS order)."""
+        ends = torch.bincount(depths(self.parents.cpu()).long()).cumsum(0).tolist()
+        return list(zip(ends[:-1], ends[1:]))
 
     def truncate(self, n: int) -> "TreeShape":
         """The first ``n`` nodes in BFS order (always a tree, since ``parents[i] < i``)."""
