@@ -3,8 +3,9 @@
     vllm serve MODEL --scheduler-cls tkernels.plugins.vllm.scheduler.DecodeMaximalScheduler
 
 TBT SLO from ``$TKERNELS_TBT_SLO_MS`` or ``--additional-config '{"tkernels_sched":
-{"slo_ms": 50, "margin": 0.1, "tile": 16}}'`` (the policy's arguments of those names); latency
-rates and the no-SLO budget from the per-GPU config. Written for vLLM 0.32–0.33: importing this
+{"slo_ms": 50, "margin": 0.1, "tile": 16}}'`` (the policy's arguments of those names, and
+``default_budget``: the fixed budget without an SLO); latency rates and the no-SLO budget
+otherwise from the per-GPU config. Written for vLLM 0.32–0.33: importing this
 module under another version raises RuntimeError (vLLM's scheduler internals move between
 releases; :mod:`tkernels.plugins.vllm.compat`). Importing :mod:`tkernels.plugins.vllm` alone
 never imports vLLM.
@@ -38,6 +39,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 from tkernels.sched import DecodeMaximalPolicy, ModelShape, Prefill, StepBudget  # noqa: E402
 
 CONFIG_KEY = "tkernels_sched"
+OPTIONS = ("slo_ms", "margin", "tile", "default_budget")  # DecodeMaximalPolicy's keyword arguments
 
 
 def model_shape(vllm_config) -> ModelShape:
@@ -65,10 +67,9 @@ class DecodeMaximalScheduler(AsyncScheduler):
         super().__init__(*args, **kwargs)
         self.max_budget = self.max_num_scheduled_tokens
         options = dict((self.vllm_config.additional_config or {}).get(CONFIG_KEY, {}))
-        unknown = set(options) - {"slo_ms", "margin", "tile"}
+        unknown = set(options) - set(OPTIONS)
         if unknown:
-            raise ValueError(f"additional_config['{CONFIG_KEY}']: unknown keys {sorted(unknown)}; "
-                             "known: slo_ms, margin, tile")
+            raise ValueError(f"additional_config['{CONFIG_KEY}']: unknown keys {sorted(unknown)}; known: {OPTIONS}")
         self.policy = DecodeMaximalPolicy(model_shape(self.vllm_config), max_tokens=self.max_budget, **options)
         self.last_plan: StepBudget | None = None
 

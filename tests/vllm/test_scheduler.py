@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 
 import pytest
 
@@ -19,7 +18,7 @@ def model_dir():
 
 
 def create_scheduler(model_dir, scheduler_cls, max_num_batched_tokens=MAX_BATCHED, max_num_seqs=16,
-                     long_prefill_token_threshold=256, num_blocks=2000):
+                     long_prefill_token_threshold=256, num_blocks=2000, additional_config=None):
     """As vLLM's tests/v1/core/utils.py::create_scheduler: a scheduler with no engine behind it."""
     import torch
     from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
@@ -34,7 +33,8 @@ def create_scheduler(model_dir, scheduler_cls, max_num_batched_tokens=MAX_BATCHE
     )
     cache_config = CacheConfig(block_size=16, gpu_memory_utilization=0.9, cache_dtype="auto")
     cache_config.num_gpu_blocks = num_blocks
-    vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config, cache_config=cache_config)
+    vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config, cache_config=cache_config,
+                             additional_config=additional_config or {})
     kv_cache_config = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[
         KVCacheGroupSpec(["layer"], FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=1, dtype=torch.float32))])
     return scheduler_cls(vllm_config=vllm_config, kv_cache_config=kv_cache_config, block_size=16, log_stats=True,
@@ -130,3 +130,77 @@ def test_unsupported_vllm_version_fails_at_import(monkeypatch):
     spec = importlib.util.spec_from_file_location("_scheduler_under_vllm_0_40", installed.__file__)
     with pytest.raises(RuntimeError, match=r"vLLM 0.40.0 is not supported .*>=0.32,<0.34"):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+def test_drafts_beyond_the_grant_are_dropped_from_the_last_decodes(model_dir):
+    from tkernels.plugins.vllm.scheduler import DecodeMaximalScheduler
+
+    scheduler = create_scheduler(model_dir, DecodeMaximalScheduler,
+                                 additional_config={"tkernels_sched": {"default_budget": 8, "tile": 1}})
+    for n in range(3):
+        scheduler.add_request(make_request(f"r{n}", 20, 10))
+    step(scheduler, scheduler.schedule())  # prompts, 8 tokens at a time
+    while any(r.is_prefill_chunk or r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.running):
+        step(scheduler, scheduler.schedule())
+    for request in scheduler.running:
+        request.spec_token_ids = [11, 12, 13, 14]
+    output = scheduler.schedule()
+    # Budget 8: one token per decode, then 5 drafts in serving order.
+    assert scheduler.last_plan.spec_tokens == 5 and output.total_num_scheduled_tokens == 8
+    assert [output.num_scheduled_tokens[r.request_id] for r in scheduler.running] == [5, 2, 1]
+    assert [len(output.scheduled_spec_decode_tokens.get(r.request_id, [])) for r in scheduler.running] == [4, 1, 0]
+
+
+def test_unknown_option_is_rejected(model_dir):
+    from tkernels.plugins.vllm.scheduler import DecodeMaximalScheduler
+
+    with pytest.raises(ValueError, match="unknown keys \\['slo'\\]"):
+        create_scheduler(model_dir, DecodeMaximalScheduler, additional_config={"tkernels_sched": {"slo": 5}})
+
+
+ENGINE_BATCHED = 256
+PROMPT_LENGTHS = [5, 37, 150, 300, 64]
+
+
+def generate(model_dir, **llm_kwargs):
+    """Greedy tokens of an in-process engine, and each step's scheduled token count."""
+    from vllm import LLM, SamplingParams
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+                  max_num_batched_tokens=ENGINE_BATCHED, enable_chunked_prefill=True, **llm_kwargs)
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    step_tokens, schedule = [], scheduler.schedule
+
+    def recording_schedule(*args, **kwargs):
+        output = schedule(*args, **kwargs)
+        step_tokens.append(output.total_num_scheduled_tokens)
+        return output
+
+    scheduler.schedule = recording_schedule
+    prompts = [{"prompt_token_ids": [(7 * n + 3 * i) % 500 + 7 for i in range(length)]}
+               for n, length in enumerate(PROMPT_LENGTHS)]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    scheduler_cls = type(scheduler)
+    del llm, scheduler
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    cleanup_dist_env_and_memory()
+    return tokens, step_tokens, scheduler_cls
+
+
+@pytest.mark.slow
+def test_engine_greedy_outputs_match_default_scheduler(model_dir):
+    from tkernels.plugins.vllm.scheduler import DecodeMaximalScheduler
+
+    ours, our_steps, cls = generate(
+        model_dir, scheduler_cls="tkernels.plugins.vllm.scheduler.DecodeMaximalScheduler",
+        additional_config={"tkernels_sched": {"default_budget": 32}})
+    default, default_steps, _ = generate(model_dir)
+    assert cls is DecodeMaximalScheduler
+    assert max(our_steps) <= 32 < max(default_steps)  # prompts really were chunked differently
+    assert all(len(t) == 16 for t in ours) and len({tuple(t) for t in ours}) > 1
+    assert ours == default
