@@ -1,0 +1,229 @@
+"""vLLM attention backend running tkernels' mixed-batch kernel (``--attention-backend CUSTOM``).
+
+A thin adapter over :func:`tkernels.attention.mixed_attention`: the metadata builder plans the
+step once (prefill chunks and decodes scheduled together, split-KV where decodes leave the GPU
+idle) and every layer of the KV-cache group reuses that plan; each layer writes its new K/V
+into vLLM's paged cache and runs one launch for the whole mixed batch.
+
+KV cache: vLLM's logical per-layer cache ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``
+(K and V side by side in the last dimension, any physical layout), viewed as the kernel's
+``[num_blocks, block_size, num_kv_heads, head_size]`` K and V tensors through strides, exactly
+as vLLM's Triton backend does; new K/V are written with vLLM's own Triton
+``reshape_and_cache_flash`` on a GPU (inherited from ``TritonAttentionImpl``) and with an
+indexed copy on the CPU.
+
+Supported: decoder self-attention, fp16/bf16 (fp32 too), GQA/MQA, head sizes 16-256, sliding
+window, logits softcap, any block size, KV cache dtype ``auto``/``float16``/``bfloat16``.
+Not supported (rejected when vLLM validates the backend or builds a layer): FP8/quantized KV
+caches, ALiBi, attention sinks, encoder/cross attention, non-causal decoders, multimodal
+bidirectional prefixes, full CUDA graphs (vLLM falls back to piecewise graphs, where attention
+runs eagerly).
+
+Where the kernel cannot run. vLLM never picks CUSTOM on its own, so this backend only runs
+when asked for; when the Triton kernel cannot launch (no CUDA/ROCm device and no
+``TRITON_INTERPRET=1``) the request fails with a clear error rather than dying inside Triton.
+vLLM's CPU platform ignores ``--attention-backend`` altogether and uses ``CPU_ATTN`` (logging
+"Cannot use ... CUSTOM backend on CPU"). For CPU tests, ``TKERNELS_VLLM_CPU_TEST_BACKEND=1``
+(with ``TRITON_INTERPRET=1``) makes :func:`register_attention_backend` put this backend in
+``CPU_ATTN``'s place, running the kernel under Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_layers_from_vllm_config
+from vllm.model_executor.layers.attention import Attention
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+from vllm.v1.attention.backends.utils import get_num_attention_heads_from_layers
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from tkernels.attention import MixedAttentionPlan, mixed_attention, plan_mixed_attention
+from tkernels.plugins.vllm.compat import require_supported_vllm
+
+logger = logging.getLogger("tkernels")
+
+BACKEND_PATH = "tkernels.plugins.vllm.attention.TkernelsAttentionBackend"
+CPU_TEST_ENV = "TKERNELS_VLLM_CPU_TEST_BACKEND"
+
+
+def register_attention_backend() -> None:
+    """Register this backend as vLLM's ``CUSTOM`` one (and, in CPU test mode, as ``CPU_ATTN``).
+
+    Idempotent; called from the plugin's ``register()`` in every vLLM process.
+    """
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
+    if os.environ.get(CPU_TEST_ENV) != "1":
+        return
+    import triton
+
+    if not triton.knobs.runtime.interpret:
+        raise RuntimeError(
+            f"tkernels: {CPU_TEST_ENV}=1 runs the attention kernel under Triton's CPU interpreter: "
+            "set TRITON_INTERPRET=1 as well (before any Triton kernel is defined)"
+        )
+    if not AttentionBackendEnum.CPU_ATTN.is_overridden():
+        logger.warning("tkernels: %s=1: vLLM's CPU_ATTN backend is replaced by tkernels' mixed-batch attention "
+                       "under the Triton interpreter (for tests; slow)", CPU_TEST_ENV)
+    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+
+
+def kernel_unavailable_reason() -> str | None:
+    """Why the Triton kernel cannot launch in this process, or None when it can."""
+    import triton
+
+    if triton.knobs.runtime.interpret or torch.cuda.is_available():
+        return None
+    return ("tkernels' attention backend runs a Triton GPU kernel: it needs a CUDA or ROCm device "
+            "(or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)")
+
+
+@dataclass
+class TkernelsAttentionMetadata:
+    query_start_loc: torch.Tensor  # int32 [B + 1]
+    seq_lens: torch.Tensor  # int32 [B], context including the new tokens
+    block_table: torch.Tensor  # int32 [B, max_blocks]
+    plans: dict[int | None, MixedAttentionPlan]  # one per sliding window in the group
+
+
+class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentionMetadata]):
+    """Plans each step once for every layer of its KV-cache group (one plan per window size)."""
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig,
+                 device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        model_config = vllm_config.model_config
+        self.num_q_heads = get_num_attention_heads_from_layers(vllm_config, layer_names) or \
+            model_config.get_num_attention_heads(vllm_config.parallel_config)
+        self.num_kv_heads = kv_cache_spec.num_kv_heads
+        self.head_dim = kv_cache_spec.head_size
+        self.block_size = kv_cache_spec.block_size
+        self.layers = list(get_layers_from_vllm_config(vllm_config, Attention, layer_names).values())
+        # Layers sharing a KV-cache group may still differ in window (e.g. Gemma-3 without the
+        # hybrid KV-cache manager); each window gets its own plan.
+        self.windows = {getattr(layer.impl, "window", None) for layer in self.layers} or {None}
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> TkernelsAttentionMetadata:
+        m = common_attn_metadata
+        if m.causal is not True:
+            raise NotImplementedError("tkernels' attention backend supports causal decoder attention only")
+        num_blocks = self.layers[0].kv_cache.shape[0]
+        plans = {
+            window: plan_mixed_attention(
+                m.query_start_loc, m.seq_lens, m.block_table_tensor, num_q_heads=self.num_q_heads,
+                num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, num_blocks=num_blocks,
+                block_size=self.block_size, window=window,
+            )
+            for window in self.windows
+        }
+        return TkernelsAttentionMetadata(
+            query_start_loc=m.query_start_loc, seq_lens=m.seq_lens, block_table=m.block_table_tensor, plans=plans,
+        )
+
+
+class TkernelsAttentionImpl(TritonAttentionImpl):
+    """Triton backend's layer (construction, GPU cache writes) with tkernels' kernel in forward."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, sinks: torch.Tensor | None = None,
+                 use_alibi_sqrt: bool = False, chunk_lookback: int = -1) -> None:
+        require_supported_vllm()
+        reason = kernel_unavailable_reason()
+        if reason:
+            raise RuntimeError(reason)
+        unsupported = [
+            name for name, asked in (
+                ("ALiBi", alibi_slopes is not None or use_alibi_sqrt),
+                ("attention sinks", sinks is not None),
+                ("chunked local attention", chunk_lookback != -1),
+                (f"attention type {attn_type}", attn_type != AttentionType.DECODER),
+                (f"KV cache dtype {kv_cache_dtype}",
+                 kv_cache_dtype not in TkernelsAttentionBackend.supported_kv_cache_dtypes),
+            ) if asked
+        ]
+        if unsupported:
+            raise NotImplementedError(f"tkernels' attention backend does not support {', '.join(unsupported)}")
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
+        self.window = sliding_window
+        self.softcap = logits_soft_cap or None  # vLLM passes 0 or None for "no softcap"
+
+    def _kv_caches(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # [blocks, kv_heads, block_size, 2 * head_size] -> K, V views [blocks, block_size, kv_heads, head_size]
+        return kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+
+    def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: TkernelsAttentionMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("tkernels' attention backend does not fuse output quantization")
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0)
+        plan = attn_metadata.plans[self.window]
+        num_tokens = plan.num_tokens  # the batch's real tokens; rows beyond are padding
+        k_cache, v_cache = self._kv_caches(kv_cache)
+        mixed_attention(
+            query[:num_tokens], k_cache, v_cache, attn_metadata.block_table, attn_metadata.query_start_loc,
+            attn_metadata.seq_lens, self.scale, window=self.window, softcap=self.softcap,
+            out=output[:num_tokens], plan=plan,
+        )
+        return output
+
+    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if kv_cache.is_cuda:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        # CPU (interpreter tests): vLLM's Triton cache writer needs a GPU; slot -1 marks padding.
+        k_cache, v_cache = self._kv_caches(kv_cache)
+        real = slot_mapping[: key.shape[0]] >= 0
+        slots = slot_mapping[: key.shape[0]][real].long()
+        block, offset = slots // k_cache.shape[1], slots % k_cache.shape[1]
+        k_cache[block, offset] = key[real]
+        v_cache[block, offset] = value[real]
+
+
+class TkernelsAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"  # vLLM looks the layer's backend up in AttentionBackendEnum by this name
+
+    @staticmethod
+    def get_impl_cls() -> type[TkernelsAttentionImpl]:
+        return TkernelsAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[TkernelsAttentionMetadataBuilder]:
+        return TkernelsAttentionMetadataBuilder
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        return 16 <= head_size <= 256
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_combination(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink, use_sparse,
+                             use_mm_prefix, device_capability) -> str | None:
+        return kernel_unavailable_reason()
