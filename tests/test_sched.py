@@ -56,6 +56,14 @@ def test_default_rates_match_measured_linear_scaling():
         assert ratio == pytest.approx(measured, rel=0.06)
 
 
+def test_latency_model_prices_the_tree_policy():
+    from tkernels.spec import DynamicTreePolicy
+
+    trees = DynamicTreePolicy(k=4, max_depth=16, step_time=MODEL)
+    # DESIGN.md: a 64-node tree is free at batch 1 and unaffordable at batch 32.
+    assert len(trees.choose(1, 64)) == 64 and len(trees.choose(32, 64)) < 16
+
+
 @pytest.mark.parametrize("tile", [16, 32, 7])
 @pytest.mark.parametrize("slo_ms", [None, 12.0, 30.0, 200.0])
 def test_budget_is_tile_aligned_and_capped(tile, slo_ms):

@@ -111,7 +111,7 @@ class DecodeMaximalPolicy:
                                  f"got {os.environ[ENV_TBT_SLO_MS]!r}") from None
         if slo_ms is not None and not (isinstance(slo_ms, (int, float)) and math.isfinite(slo_ms) and slo_ms > 0):
             raise ValueError(f"slo_ms: must be a positive number of milliseconds, got {slo_ms!r}")
-        if default_budget is not None and (not isinstance(default_budget, int) or default_budget < 1):
+        if default_budget is not None and (type(default_budget) is not int or default_budget < 1):
             raise ValueError(f"default_budget: must be a positive integer, got {default_budget!r}")
 
         needs_config = rates is None or (slo_ms is None and default_budget is None)

@@ -131,6 +131,11 @@ class LatencyModel:
         attn_us = attn_pairs * shape.flops_per_pair / (rates.attn_tflops * 1e6)
         return rates.overhead_us + math.hypot(weights_us, matmul_us) + kv_us + attn_us
 
+    def step_time(self, batch_tokens: int) -> float:
+        """Step time without attention, in µs: :class:`tkernels.spec.StepTime`, so the tree policy
+        prices its trees with the same per-GPU model as the token budget."""
+        return self.step_us(batch_tokens, 0, 0)
+
 
 def prefill_chunk_cost(prefix_len: int, chunk: int) -> tuple[int, int]:
     """(kv_tokens, attn_pairs) of a causal chunk of ``chunk`` tokens after ``prefix_len`` cached ones."""
