@@ -1,0 +1,217 @@
+"""Token Recycling as a vLLM ``custom_class`` proposer: no patch to vLLM's source.
+
+    --speculative-config '{"method": "custom_class", "num_speculative_tokens": 5,
+                           "model": "tkernels.plugins.vllm.proposer.TokenRecyclingProposer"}'
+
+vLLM (0.32-0.33) builds the class as ``Cls(vllm_config)`` inside the model runner, calls
+``load_model(target_model)`` once the target is loaded, and after every step's bookkeeping
+``propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings)``: one linear
+draft per persistent-batch row (an empty one skips speculation for that row). vLLM verifies
+it with its own rejection sampler, so outputs are exactly the target's.
+
+**Drafting.** Per request, Token Recycling (:class:`tkernels.spec.TokenRecycling`) fills a tree
+of depth ``num_speculative_tokens`` (the TR template's fan-out, :func:`draft_tree`) from the
+last committed token, and the request's draft is the tree's :func:`~tkernels.spec.best_path`
+under node scores = path probability from the online per-(depth, rank) acceptance estimates
+(:class:`tkernels.spec.DynamicTreePolicy`), zeroed below any node whose adjacency row the
+target never wrote (such rows hold placeholder tokens 0..k-1). The draft stops at the first
+zero-score node, so it may be shorter than ``num_speculative_tokens`` or empty. vLLM 0.33
+verifies linear drafts only; the other branches of the tree are not verified (tree
+speculation needs the patches listed in DESIGN.md).
+
+**Recycling (what the target's logits teach the drafter).** The proposer receives only
+sampled tokens, and vLLM's logits processors do not see the draft positions (the rejection
+sampler applies only built-in ones there). So :meth:`load_model` wraps ``compute_logits`` on
+the target model *instance* vLLM hands it (an instance attribute; no vLLM class or module is
+changed) and keeps a reference to each call's logits until the next :meth:`propose`. There
+the rows are matched to tokens: the persistent batch's row ``i`` owns ``1 + d_i`` consecutive
+logits rows, its last committed token before the step and the ``d_i`` draft tokens it was
+given; ``d_i`` is recovered from this proposer's previous draft for row ``i`` (checked by the
+row's length, last token and accepted prefix). Every verified position is recycled, the
+accepted ones *and* the rejected drafts (adjacency row of the token := the target's top-k
+there), which is the paper's update restricted to a linear draft. Not recycled: the prompt
+(vLLM computes logits at its last position only), partial prefill chunks, and any step whose
+logits rows do not add up (the scheduler cut a draft, rows were reordered before the step,
+or a request resumed): such a step is counted in ``stats["skipped_steps"]``, never guessed.
+The top-k is taken from the logits as ``compute_logits`` returned them (before sampling-time
+penalties, which the greedy benchmark does not use).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tkernels.spec import DynamicTreePolicy, TokenRecycling, TreeShape, best_path, depths, from_widths
+from tkernels.spec.tree import TR_80_WIDTHS
+
+__all__ = ["TokenRecyclingProposer", "draft_tree"]
+
+TOP_K = 8  # adjacency columns, as in the paper's 80-node tree
+
+
+def draft_tree(depth: int) -> TreeShape:
+    """The TR template's fan-out rule (:func:`~tkernels.spec.tree.from_widths`) cut or extended
+    (one child per node along the top-1 chain) to exactly ``depth`` levels below the root."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    widths = TR_80_WIDTHS[:depth] + (1,) * max(0, depth - len(TR_80_WIDTHS))
+    return from_widths(widths)
+
+
+@dataclass
+class _Draft:
+    """What row ``i`` was proposed last step, to find its logits rows in the next step."""
+
+    num_tokens: int  # committed tokens of the row when the draft was made
+    last_token: int  # its last committed token (the root of the draft)
+    tokens: list[int]
+
+
+class TokenRecyclingProposer:
+    """vLLM ``custom_class`` proposer; see the module docstring for what it does and does not do."""
+
+    def __init__(self, vllm_config) -> None:
+        from tkernels.plugins.vllm.compat import require_supported_vllm
+
+        require_supported_vllm()
+        spec = vllm_config.speculative_config
+        self.num_speculative_tokens = int(spec.num_speculative_tokens)
+        self.max_model_len = int(vllm_config.model_config.max_model_len)
+        vocab_size = int(vllm_config.model_config.get_vocab_size())
+        self.drafter = TokenRecycling(vocab_size, TOP_K)  # CPU: drafting works on host lists anyway
+        self.policy = DynamicTreePolicy(k=TOP_K, max_depth=self.num_speculative_tokens)
+        self.recycled = torch.zeros(vocab_size, dtype=torch.bool)  # rows the target has written
+        self.shape = draft_tree(self.num_speculative_tokens)
+        node_depths = depths(self.shape.parents).long()
+        self._levels = [(node_depths == d).nonzero().flatten() for d in range(1, int(node_depths.max()) + 1)]
+        self._node_depths = node_depths
+        self._captured: list[torch.Tensor] = []  # logits of compute_logits calls since the last propose
+        self._drafts: list[_Draft | None] = []  # per persistent-batch row
+        self.stats = {"steps": 0, "recycled_steps": 0, "skipped_steps": 0, "recycled_rows": 0}
+
+    def load_model(self, target_model) -> None:
+        """Keep a reference to every ``compute_logits`` result of the target (see module doc)."""
+        original = target_model.compute_logits
+
+        def compute_logits(*args, **kwargs):
+            logits = original(*args, **kwargs)
+            if isinstance(logits, torch.Tensor):
+                self._captured.append(logits)
+            return logits
+
+        target_model.compute_logits = compute_logits
+
+    def propose(
+        self,
+        sampled_token_ids: list[list[int]],
+        num_tokens_no_spec: np.ndarray,
+        token_ids_cpu: np.ndarray,
+        slot_mappings=None,
+    ) -> list[list[int]]:
+        """One linear draft per batch row (``[]`` for rows that sampled nothing this step)."""
+        self.stats["steps"] += 1
+        captured, self._captured = self._captured, []
+        self._recycle(captured, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        drafts = self._draft(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        self._drafts = [
+            _Draft(int(num_tokens_no_spec[i]), int(token_ids_cpu[i, num_tokens_no_spec[i] - 1]), d) if d else None
+            for i, d in enumerate(drafts)
+        ]
+        return drafts
+
+    # --- recycling ----------------------------------------------------------------------------
+
+    def _verified_drafts(self, row: int, sampled: list[int], num_tokens: int, token_ids_cpu: np.ndarray) -> list[int]:
+        """The draft tokens row ``row`` was verified with this step ([] if it had none)."""
+        prev = self._drafts[row] if row < len(self._drafts) else None
+        before = num_tokens - len(sampled)  # committed tokens before this step
+        if (
+            prev is None
+            or not sampled
+            or prev.num_tokens != before
+            or prev.last_token != int(token_ids_cpu[row, before - 1])
+            or prev.tokens[: len(sampled) - 1] != list(sampled[:-1])
+        ):
+            return []
+        return prev.tokens
+
+    def _recycle(self, captured, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> None:
+        rows, tokens, offset = [], [], 0
+        parents, children = [], []  # committed (token, next token) pairs for the policy
+        for i, sampled in enumerate(sampled_token_ids):
+            n = int(num_tokens_no_spec[i])
+            drafts = self._verified_drafts(i, sampled, n, token_ids_cpu)
+            if sampled:
+                committed = token_ids_cpu[i, n - len(sampled) - 1 : n].tolist()
+                parents.append(committed[:-1])
+                children.append(committed[1:])
+                rows += range(offset, offset + 1 + len(drafts))
+                tokens += committed[:1] + drafts
+            offset += 1 + len(drafts)
+        if not rows:
+            return
+        logits = next((t for t in captured if t.dim() == 2 and t.shape[0] == offset), None)
+        if logits is None:
+            self.stats["skipped_steps"] += 1
+            return
+        self._observe(parents, children)
+        token_tensor = torch.tensor(tokens, dtype=torch.int64)
+        self.drafter.update(logits[torch.tensor(rows, device=logits.device)], token_tensor)
+        self.recycled[token_tensor] = True
+        self.stats["recycled_steps"] += 1
+        self.stats["recycled_rows"] += len(rows)
+
+    def _observe(self, parents: list[list[int]], children: list[list[int]]) -> None:
+        """Teach the policy which candidate rank the target chose at each committed depth, against
+        the rows the drafts were made from (before this step's update). A request's observations
+        stop at its first unwritten row: placeholders say nothing about recycled rows."""
+        width = max(map(len, children))
+        flat_parents = torch.tensor(sum(parents, []))
+        ranks = self.drafter.candidate_ranks(flat_parents, torch.tensor(sum(children, [])))
+        known = self.recycled[flat_parents]
+        padded = torch.full((len(children), width), -1, dtype=torch.int64)
+        observed = torch.zeros(len(children), dtype=torch.int64)
+        start = 0
+        for b, count in enumerate(map(len, children)):
+            padded[b, :count] = ranks[start : start + count]
+            observed[b] = int(known[start : start + count].int().cumprod(0).sum())
+            start += count
+        self.policy.update(padded, observed)
+
+    # --- drafting -----------------------------------------------------------------------------
+
+    def _node_scores(self, tree_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, n] path probabilities, zero below any node whose adjacency row is unwritten."""
+        p = self.policy.accept_probs().float()
+        depth, ranks = self._node_depths, self.shape.ranks.long()
+        node_p = torch.ones(len(self.shape))
+        node_p[1:] = p[depth[1:] - 1, ranks[1:]]
+        scores = torch.ones_like(tree_tokens, dtype=torch.float32)
+        parents = self.shape.parents.long()
+        for level in self._levels:  # parents' scores are final before their children's
+            par = parents[level]
+            scores[:, level] = scores[:, par] * node_p[level] * self.recycled[tree_tokens[:, par]]
+        return scores
+
+    def _draft(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> list[list[int]]:
+        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
+        active = [
+            i for i, s in enumerate(sampled_token_ids)
+            if s and int(num_tokens_no_spec[i]) + 1 < self.max_model_len
+        ]
+        if not active:
+            return drafts
+        lengths = np.asarray(num_tokens_no_spec)[active]
+        last = torch.from_numpy(np.asarray(token_ids_cpu[active, lengths - 1], dtype=np.int64))
+        tree_tokens, _, _ = self.drafter.draft(last, self.shape)
+        tree_tokens = tree_tokens.view(len(active), -1)
+        scores = self._node_scores(tree_tokens)
+        for b, i in enumerate(active):
+            path = best_path(self.shape.parents, scores[b])[1:]
+            path = path[scores[b, path] > 0]  # a zero node's descendants are zero: a prefix
+            room = self.max_model_len - int(lengths[b]) - 1
+            drafts[i] = tree_tokens[b, path[:room]].tolist()
+        return drafts

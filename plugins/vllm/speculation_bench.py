@@ -1,0 +1,205 @@
+"""Speculative decoding in vLLM: no speculation vs vLLM's ``ngram`` vs tkernels' Token Recycling.
+
+    python -m tkernels.plugins.vllm.speculation_bench [--model smollm2|tiny|DIR] [--questions 8]
+        [--max-tokens 128] [--num-spec-tokens 5] [--rounds 1] [--method none|ngram|tr] [--json]
+
+DESIGN.md's acceptance-length workload: first turns of the Spec-Bench dev questions through the
+chat template, greedy, ``--max-tokens`` new tokens (EOS ignored, so every method generates the
+same number), all questions submitted at once; with ``--rounds R`` the set is submitted R times
+in sequence on the same engine (Token Recycling keeps its adjacency across requests, so later
+rounds measure a warm drafter; round 1 alone is the cold start). Each method runs in its own
+subprocess (one in-process engine per process; engines in one process conflict); ``--method``
+runs one in this process.
+
+Reported per method:
+
+* tokens/s: generated tokens of all questions / wall time of the generation loop.
+* MAT (mean accepted tokens per step, bonus counted, as Spec-Bench): per request, generated
+  tokens / target forward passes that produced tokens for it (its prefill's last chunk counts as
+  one step giving one token; every verify step gives 1 + accepted drafts). The engine is
+  driven step by step with delta outputs, and a request's step is counted whenever its output
+  grows, so this is exact: vLLM's counters are NOT used for it, because their
+  ``spec_decode_num_accepted_tokens`` also counts drafts accepted past ``max_tokens`` in the
+  last step (discarded from the output) and their acceptance length ``1 + accepted / drafts``
+  ignores the steps where the proposer drafted nothing. Overall MAT = sum of tokens / sum of
+  steps (per category likewise). No speculation gives exactly 1.
+* vLLM's own counters from ``llm.get_metrics()``: ``spec_decode_num_drafts``,
+  ``_num_draft_tokens``, ``_num_accepted_tokens``, and the derived acceptance length
+  ``1 + accepted / drafts`` (drafting steps only) and draft acceptance rate.
+* equal: whether every question's tokens equal the no-speculation run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from tkernels.plugins.vllm.demo import resolve_model
+
+METHODS = ("none", "ngram", "tr")
+NGRAM_MIN, NGRAM_MAX = 1, 3  # as tkernels.spec.propose_ngram's defaults (prompt lookup, PLD)
+SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "specbench_dev.jsonl"
+
+
+def load_questions(n: int, path: Path = DATA) -> list[dict]:
+    """``[{"category", "prompt"}]``: the first ``n`` Spec-Bench dev questions' first turns."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Spec-Bench dev data not found at {path}")
+    with open(path) as f:
+        rows = [json.loads(line) for line, _ in zip(f, range(n))]
+    return [{"category": r["category"], "prompt": r["turns"][0]} for r in rows]
+
+
+def speculative_config(method: str, num_spec_tokens: int) -> dict | None:
+    if method == "none":
+        return None
+    if method == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": num_spec_tokens,
+                "prompt_lookup_min": NGRAM_MIN, "prompt_lookup_max": NGRAM_MAX}
+    if method == "tr":
+        return {"method": "custom_class", "num_speculative_tokens": num_spec_tokens,
+                "model": "tkernels.plugins.vllm.proposer.TokenRecyclingProposer"}
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def run_method(model_dir: Path, questions: list[dict], method: str, max_tokens: int, num_spec_tokens: int,
+               rounds: int = 1) -> dict:
+    """Generate in this process with one engine; returns token ids and step counts per request
+    (``rounds`` times the questions, round after round), wall time and vLLM's counters."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+
+    kwargs = dict(model=str(model_dir), enforce_eager=True, max_model_len=2048, seed=0, disable_log_stats=False,
+                  speculative_config=speculative_config(method, num_spec_tokens))
+    if not torch.cuda.is_available():
+        kwargs["dtype"] = "float32"
+    llm = LLM(**kwargs)
+    tokenizer = llm.get_tokenizer()
+    prompts = [
+        tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q["prompt"]}], tokenize=False,
+                                                       add_generation_prompt=True), add_special_tokens=False)
+        for q in questions
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    engine = llm.llm_engine
+    tokens: dict[str, list[int]] = {f"{r}-{i}": [] for r in range(rounds) for i in range(len(prompts))}
+    steps = dict.fromkeys(tokens, 0)
+    start = time.perf_counter()
+    for r in range(rounds):
+        for i, ids in enumerate(prompts):
+            engine.add_request(f"{r}-{i}", TokensPrompt(prompt_token_ids=ids), params)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                new = list(out.outputs[0].token_ids)
+                if new:
+                    tokens[out.request_id] += new
+                    steps[out.request_id] += 1
+    elapsed = time.perf_counter() - start
+    counters = {m.name: m.value for m in llm.get_metrics() if m.name in SPEC_COUNTERS}
+    return {
+        "method": method,
+        "rounds": rounds,
+        "token_ids": list(tokens.values()),
+        "steps": list(steps.values()),
+        "seconds": elapsed,
+        "counters": {name.removeprefix("vllm:"): int(counters.get(name, 0)) for name in SPEC_COUNTERS},
+    }
+
+
+def _run_subprocess(args: argparse.Namespace, method: str) -> dict:
+    command = [sys.executable, "-m", "tkernels.plugins.vllm.speculation_bench", "--method", method, "--raw",
+               "--model", args.model, "--questions", str(args.questions), "--max-tokens", str(args.max_tokens),
+               "--num-spec-tokens", str(args.num_spec_tokens), "--rounds", str(args.rounds)]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"method {method} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarize(runs: list[dict], questions: list[dict]) -> list[dict]:
+    """One record per method: tokens/s, MAT overall and per category, vLLM counters, equality."""
+    reference = next((r["token_ids"] for r in runs if r["method"] == "none"), None)
+    records = []
+    for run in runs:
+        by_category = defaultdict(lambda: [0, 0])
+        for q, ids, steps in zip(questions * run["rounds"], run["token_ids"], run["steps"]):
+            for key in (q["category"], "overall"):
+                by_category[key][0] += len(ids)
+                by_category[key][1] += steps
+        generated = sum(map(len, run["token_ids"]))
+        c = run["counters"]
+        records.append({
+            "method": run["method"],
+            "questions": len(questions),
+            "rounds": run["rounds"],
+            "tokens": generated,
+            "tokens_per_s": generated / run["seconds"],
+            "mat": by_category["overall"][0] / by_category["overall"][1],
+            "mat_by_category": {k: t / s for k, (t, s) in by_category.items() if k != "overall"},
+            **c,
+            "vllm_acceptance_length": 1 + c["spec_decode_num_accepted_tokens"] / c["spec_decode_num_drafts"]
+            if c["spec_decode_num_drafts"] else None,
+            "draft_acceptance_rate": c["spec_decode_num_accepted_tokens"] / c["spec_decode_num_draft_tokens"]
+            if c["spec_decode_num_draft_tokens"] else None,
+            "equal": None if reference is None else run["token_ids"] == reference,
+        })
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    lines = [f"{'method':<7} {'tokens/s':>9} {'MAT':>6} {'vLLM AL':>8} {'accept':>7} {'drafts':>7} {'equal':>6}"]
+    for r in records:
+        lines.append(f"{r['method']:<7} {r['tokens_per_s']:>9.1f} {r['mat']:>6.3f} {fmt(r['vllm_acceptance_length'], '.3f'):>8} "
+                     f"{fmt(r['draft_acceptance_rate'], '.3f'):>7} {r['spec_decode_num_drafts']:>7} {str(r['equal']):>6}")
+    categories = sorted({c for r in records for c in r["mat_by_category"]})
+    lines.append("MAT by category: " + "; ".join(
+        f"{c}: " + ", ".join(f"{r['method']} {r['mat_by_category'][c]:.3f}" for r in records) for c in categories))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tkernels.plugins.vllm.speculation_bench",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", help="HF folder, 'smollm2' (embedded) or 'tiny'")
+    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--num-spec-tokens", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1, help="submit the questions this many times in sequence")
+    parser.add_argument("--method", choices=METHODS, help="run only this method, in this process")
+    parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # a method's raw run, for the parent
+    args = parser.parse_args(argv)
+    if min(args.questions, args.max_tokens, args.num_spec_tokens, args.rounds) < 1:
+        parser.error("--questions, --max-tokens, --num-spec-tokens and --rounds must be >= 1")
+    questions = load_questions(args.questions)
+    model_dir = resolve_model(args.model)
+    if args.method:
+        runs = [run_method(model_dir, questions, args.method, args.max_tokens, args.num_spec_tokens, args.rounds)]
+        if args.raw:
+            print(json.dumps(runs[0]))
+            return 0
+    else:
+        runs = [_run_subprocess(args, method) for method in METHODS]
+    records = summarize(runs, questions)
+    result = {"model": str(model_dir), "max_tokens": args.max_tokens, "num_spec_tokens": args.num_spec_tokens,
+              "rounds": args.rounds, "records": records}
+    print(json.dumps(result) if args.json else f"model: {model_dir}\n{format_table(records)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
