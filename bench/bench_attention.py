@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import datetime
 import functools
+import importlib
+import inspect
 import json
 import os
 import statistics
@@ -32,8 +34,9 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
 
 import pytest  # noqa: E402
+import server_kernels  # noqa: E402  (bench/ is on sys.path: pytest's rootdir-relative import)
 import triton  # noqa: E402
-import workloads  # noqa: E402  (bench/ is on sys.path: pytest's rootdir-relative import)
+import workloads  # noqa: E402
 
 from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention  # noqa: E402
 from tkernels.config import device_file_name  # noqa: E402
@@ -85,11 +88,28 @@ def _shared_tree_visibility(w: workloads.Workload) -> torch.Tensor:
     return visible.to(b.q.device)
 
 
+def _server_kernel(name: str, module: str, function: str):
+    """The server's own kernel when it is installed and usable, else the copy prepared by
+    ``bench/server_kernels.py`` (``bench/.server_kernels/``), else skip."""
+    package = module.split(".")[0]
+    try:
+        # vLLM's CPU build swaps Triton for placeholders: its kernels only run from the copy.
+        if package != "vllm" or importlib.import_module("vllm.triton_utils").HAS_TRITON:
+            return getattr(importlib.import_module(module), function)
+    except ImportError:
+        pass
+    try:
+        return server_kernels.load(name)
+    except FileNotFoundError as err:
+        pytest.skip(f"{package} is not usable here and {err}")
+
+
 def _vllm(w: workloads.Workload):
-    if not pytest.importorskip("vllm.triton_utils").HAS_TRITON:
-        pytest.skip("vLLM disabled its Triton kernels here (no GPU backend)")
-    unified_attention = pytest.importorskip("vllm.v1.attention.ops.triton_unified_attention").unified_attention
+    unified_attention = _server_kernel(
+        "vllm_unified_attention", "vllm.v1.attention.ops.triton_unified_attention", "unified_attention")
     b = w.batch
+    if b.is_tree is not None and not HAS_CUDA:
+        pytest.skip("vLLM's qq_bias tile loader uses Python `and` on tensors, which the interpreter gets wrong")
     q_lens = (b.cu_seqlens_q[1:] - b.cu_seqlens_q[:-1]).tolist()
     qq_bias = None
     if b.is_tree is not None:
@@ -117,6 +137,12 @@ def _token_indices(b, r: int, start: int, stop: int) -> torch.Tensor:
     return b.block_table[r, key // block_size].long() * block_size + key % block_size
 
 
+def _unit_kv_scales(kernel) -> dict:
+    """SGLang 0.5.23 made ``k_scale``/``v_scale`` required (1.0: unquantized cache); older ones lack them."""
+    params = inspect.signature(kernel).parameters
+    return {name: 1.0 for name in ("k_scale", "v_scale") if name in params}
+
+
 def _sglang(w: workloads.Workload):
     b = w.batch
     num_blocks, block_size, num_kv_heads, head_dim = b.k_cache.shape
@@ -130,7 +156,8 @@ def _sglang(w: workloads.Workload):
     as_int32 = functools.partial(torch.tensor, dtype=torch.int32, device=b.q.device)
 
     if all(n == 1 for n in q_lens):
-        decode = pytest.importorskip("sglang.srt.layers.attention.triton_ops.decode_attention").decode_attention_fwd
+        decode = _server_kernel(
+            "sglang_decode_attention", "sglang.kernels.ops.attention.decode_attention", "decode_attention_fwd")
         max_kv_splits = 8  # SGLang's default
         B, num_q_heads = len(seq_lens), b.q.shape[1]
         kwargs = dict(
@@ -140,7 +167,7 @@ def _sglang(w: workloads.Workload):
             attn_logits=torch.empty(B, num_q_heads, max_kv_splits, head_dim, dtype=torch.float32, device=b.q.device),
             attn_lse=torch.empty(B, num_q_heads, max_kv_splits, dtype=torch.float32, device=b.q.device),
             num_kv_splits=torch.full((B,), max_kv_splits, dtype=torch.int32, device=b.q.device),
-            max_kv_splits=max_kv_splits, sm_scale=scale,
+            max_kv_splits=max_kv_splits, sm_scale=scale, **_unit_kv_scales(decode),
         )
 
         def run():
@@ -149,7 +176,8 @@ def _sglang(w: workloads.Workload):
 
         return run
 
-    extend = pytest.importorskip("sglang.srt.layers.attention.triton_ops.extend_attention").extend_attention_fwd
+    extend = _server_kernel(
+        "sglang_extend_attention", "sglang.kernels.ops.attention.extend_attention", "extend_attention_fwd")
     prefixes = [s - n for s, n in zip(seq_lens, q_lens)]
     new_slots = torch.cat([_token_indices(b, r, p, s) for r, (p, s) in enumerate(zip(prefixes, seq_lens))])
     custom_mask = mask_indptr = None
@@ -165,6 +193,7 @@ def _sglang(w: workloads.Workload):
         kv_indptr=as_int32([0, *torch.tensor(prefixes).cumsum(0).tolist()]),
         kv_indices=torch.cat([_token_indices(b, r, 0, p) for r, p in enumerate(prefixes)]).to(torch.int32),
         custom_mask=custom_mask, is_causal=True, mask_indptr=mask_indptr, max_len_extend=max(q_lens), sm_scale=scale,
+        **_unit_kv_scales(extend),
     )
 
     def run():
