@@ -21,6 +21,7 @@ Writes ``bench/results/spec_mat_smollm2.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from collections import defaultdict
@@ -107,13 +108,20 @@ def make_drafter(spec: str, vocab_size: int):
 
 
 @torch.no_grad()
-def greedy_decode(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int]) -> list[int]:
-    """Plain greedy decoding with a KV cache, one token per forward."""
+def prefill(model, prompt: torch.Tensor):
+    """The prompt's forward, shared by every decoding of one question: (KV cache, first token)."""
     out = model(input_ids=prompt[None], use_cache=True)
-    tokens = [int(out.logits[0, -1].float().argmax())]
+    return out.past_key_values, int(out.logits[0, -1].float().argmax())
+
+
+@torch.no_grad()
+def greedy_decode(model, prefilled, max_new_tokens: int, eos: set[int]) -> list[int]:
+    """Plain greedy decoding with a KV cache, one token per forward."""
+    cache, first = copy.deepcopy(prefilled[0]), prefilled[1]
+    tokens = [first]
     while len(tokens) < max_new_tokens and tokens[-1] not in eos:
-        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-        tokens.append(int(out.logits[0, -1].float().argmax()))
+        logits = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits
+        tokens.append(int(logits[0, -1].float().argmax()))
     return tokens
 
 
@@ -126,13 +134,12 @@ def _keep_kv(cache, prefix_len: int, keep: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def speculative_decode(model, prompt: torch.Tensor, max_new_tokens: int, eos: set[int], drafter):
+def speculative_decode(model, prompt: torch.Tensor, prefilled, max_new_tokens: int, eos: set[int], drafter):
     """Greedy speculative decoding; returns (tokens, verify steps, accepted tokens, tree nodes)."""
     from tkernels.spec.verify import verify_greedy, verify_greedy_reference
 
-    out = model(input_ids=prompt[None], use_cache=True)
-    cache = out.past_key_values
-    tokens = [int(out.logits[0, -1].float().argmax())]
+    cache, first = copy.deepcopy(prefilled[0]), prefilled[1]
+    tokens = [first]
     history = torch.cat([prompt, torch.tensor(tokens)])
     steps = accepted = nodes = 0
     while len(tokens) < max_new_tokens and tokens[-1] not in eos:
@@ -170,15 +177,14 @@ def speculative_decode(model, prompt: torch.Tensor, max_new_tokens: int, eos: se
 
 
 def load_questions(path: Path, per_category: int | None) -> list[tuple[str, str]]:
-    """(category, first turn) in file order, at most ``per_category`` per category."""
-    taken: dict[str, int] = defaultdict(int)
-    questions = []
+    """(category, first turn), at most ``per_category`` per category, round-robin over categories
+    (file order within each), so a run cut short still covers every category."""
+    by_category: dict[str, list[str]] = defaultdict(list)
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        if per_category is None or taken[row["category"]] < per_category:
-            taken[row["category"]] += 1
-            questions.append((row["category"], row["turns"][0]))
-    return questions
+        by_category[row["category"]].append(row["turns"][0])
+    rounds = max(map(len, by_category.values()), default=0) if per_category is None else per_category
+    return [(c, qs[i]) for i in range(rounds) for c, qs in by_category.items() if i < len(qs)]
 
 
 def encode_prompt(tokenizer, question: str) -> torch.Tensor:
@@ -188,32 +194,42 @@ def encode_prompt(tokenizer, question: str) -> torch.Tensor:
     return torch.tensor(tokenizer(question)["input_ids"])
 
 
-def run(model, tokenizer, questions, methods: list[str], max_new_tokens: int, log=print) -> list[dict]:
-    """MAT and equality per (method, category) and overall, as result records."""
+def run(model, tokenizer, questions, methods: list[str], max_new_tokens: int, log=print, on_question=None) -> list[dict]:
+    """MAT and equality per (method, category) and overall, as result records.
+
+    Questions run in order, each prefilled once for greedy decoding and every method; each
+    method's drafter keeps its state across questions. ``on_question(records)`` is called with
+    the records so far after every question (for partial results on long runs).
+    """
     eos = {model.config.eos_token_id} if isinstance(model.config.eos_token_id, int) else set(model.config.eos_token_id or [])
-    prompts = [encode_prompt(tokenizer, q) for _, q in questions]
-    reference = [greedy_decode(model, p, max_new_tokens, eos) for p in prompts]
+    drafters = [make_drafter(spec, model.config.vocab_size) for spec in methods]
+    # per drafter and category: [verify steps, accepted tokens, tree nodes, all equal, questions]
+    totals = [defaultdict(lambda: [0, 0, 0, True, 0]) for _ in drafters]
     records = []
-    for spec in methods:
-        drafter = make_drafter(spec, model.config.vocab_size)
-        per_cat: dict[str, list] = defaultdict(lambda: [0, 0, 0, True, 0])  # steps, accepted, nodes, equal, questions
+    for index, (category, question) in enumerate(questions):
         start = time.perf_counter()
-        for (category, _), prompt, ref in zip(questions, prompts, reference):
-            tokens, steps, accepted, nodes = speculative_decode(model, prompt, max_new_tokens, eos, drafter)
+        prompt = encode_prompt(tokenizer, question)
+        prefilled = prefill(model, prompt)
+        reference = greedy_decode(model, prefilled, max_new_tokens, eos)
+        for drafter, per_cat in zip(drafters, totals):
+            tokens, steps, accepted, nodes = speculative_decode(model, prompt, prefilled, max_new_tokens, eos, drafter)
             for key in (category, "overall"):
                 acc = per_cat[key]
-                acc[0] += steps
-                acc[1] += accepted
-                acc[2] += nodes
-                acc[3] &= tokens == ref
+                acc[0], acc[1], acc[2] = acc[0] + steps, acc[1] + accepted, acc[2] + nodes
+                acc[3] &= tokens == reference
                 acc[4] += 1
-        for category, (steps, accepted, nodes, equal, count) in per_cat.items():
-            records.append({
-                "method": drafter.method, "nodes": drafter.nodes, "category": category, "questions": count,
+        records = [
+            {
+                "method": drafter.method, "nodes": drafter.nodes, "category": cat, "questions": count,
                 "mat": accepted / max(steps, 1), "equal": bool(equal), "mean_tree_nodes": nodes / max(steps, 1),
-            })
-        overall = per_cat["overall"]
-        log(f"{spec}: MAT {overall[1] / max(overall[0], 1):.3f}, equal={overall[3]} ({time.perf_counter() - start:.0f} s)")
+            }
+            for drafter, per_cat in zip(drafters, totals)
+            for cat, (steps, accepted, nodes, equal, count) in per_cat.items()
+        ]
+        mats = " ".join(f"{r['mat']:.2f}" for r in records if r["category"] == "overall")
+        log(f"[{index + 1}/{len(questions)}] {category}: {prompt.numel()} prompt tokens, {time.perf_counter() - start:.0f} s; overall MAT {mats}")
+        if on_question:
+            on_question(records)
     return records
 
 
@@ -254,11 +270,14 @@ def main(argv=None) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     questions = load_questions(args.data, args.questions_per_category)
     print(f"{len(questions)} questions, {args.max_new_tokens} new tokens, model {args.model_dir.name}")
-    records = run(model, tokenizer, questions, args.methods.split(","), args.max_new_tokens)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": "SmolLM2-135M-Instruct" if "smollm2" in str(args.model_dir).lower() else args.model_dir.name,
             "max_new_tokens": args.max_new_tokens, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    args.out.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(records):
+        args.out.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
+
+    records = run(model, tokenizer, questions, args.methods.split(","), args.max_new_tokens, on_question=save)
     print(format_table(records))
     print(f"wrote {args.out}")
 
