@@ -12,6 +12,8 @@ tkernels is timed with its plan built beforehand: a server builds it once per st
 it in every layer. vLLM's ``unified_attention`` runs its single-launch path (no 3D split-softmax
 buffers), W5 with the shared tree as ``qq_bias``. SGLang runs ``decode_attention_fwd`` on W3 and
 ``extend_attention_fwd`` elsewhere (decodes as one-token extends, W5 with its custom mask).
+Where a server is not installed (or, like vLLM's CPU build, has no usable Triton), its kernels
+come from ``bench/.server_kernels/``, filled beforehand by ``python bench/server_kernels.py prepare``.
 """
 
 from __future__ import annotations
