@@ -182,6 +182,7 @@ def _bad_inputs():
         ("block_table", set_arg(3, lambda t: t[:1])),
         ("cu_seqlens_q", set_arg(4, lambda c: c.flip(0))),
         ("cu_seqlens_q", set_arg(4, lambda c: c.long())),
+        ("cu_seqlens_q", set_arg(4, lambda c: torch.cat([c[:-1], c[-1:] - 1]))),  # fewer tokens than q
         ("seq_lens", set_arg(5, lambda s: s - 2)),
         ("seq_lens", set_arg(5, lambda s: s[:1])),
         ("tree_parents", set_kw("tree_parents", lambda kw: torch.zeros_like(kw["tree_parents"]))),

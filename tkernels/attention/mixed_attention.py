@@ -346,11 +346,13 @@ def plan_mixed_attention(
     window: int | None = None,
     config: dict[str, Any] | None = None,
     num_sms: int | None = None,
+    num_tokens: int | None = None,
 ) -> MixedAttentionPlan:
     """Validate the batch description and schedule it (one host read of the small index tensors).
 
     ``config`` overrides entries of the tuned/default launch config; ``num_sms`` overrides the
-    SM count used to decide split-KV (default: the current GPU's, else 132).
+    SM count used to decide split-KV (default: the current GPU's, else 132); ``num_tokens``
+    (q's length) is checked against ``cu_seqlens_q``.
     """
     _check_int_vector(cu_seqlens_q, "cu_seqlens_q")
     if cu_seqlens_q.numel() < 1:
@@ -380,6 +382,8 @@ def plan_mixed_attention(
     if (q_len < 0).any():
         _fail("cu_seqlens_q", "must be non-decreasing")
     T = int(cu[-1])
+    if num_tokens is not None and T != num_tokens:
+        _fail("cu_seqlens_q", f"ends at {T} but q holds {num_tokens} tokens")
     if (ctx < q_len).any():
         r = int((ctx < q_len).nonzero()[0])
         _fail("seq_lens", f"request {r} has seq_len {int(ctx[r])} < its {int(q_len[r])} new tokens")
@@ -387,10 +391,10 @@ def plan_mixed_attention(
     if B and int(max_blocks_needed.max()) > block_table.shape[1]:
         _fail("block_table", f"has {block_table.shape[1]} columns, seq_lens need up to {int(max_blocks_needed.max())}")
     if B and block_table.shape[1]:
-        table = block_table.cpu()
-        used = torch.arange(block_table.shape[1])[None, :] < max_blocks_needed[:, None]
-        ids = table[used]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        # Checked where the table lives: only one flag crosses to the host.
+        needed = max_blocks_needed.to(device)
+        used = torch.arange(block_table.shape[1], device=device)[None, :] < needed[:, None]
+        if (used & ((block_table < 0) | (block_table >= num_blocks))).any():
             _fail("block_table", f"holds block ids outside [0, {num_blocks}) within seq_lens")
 
     # Trees: validate parents, derive ancestor bits and positions.
@@ -527,8 +531,8 @@ def mixed_attention(
     """Attention of a mixed batch over a paged K/V cache; returns ``out [T, Hq, D]``.
 
     ``scale`` defaults to ``D ** -0.5``. ``plan`` (from :func:`plan_mixed_attention` for the same
-    batch, trees and window) skips re-planning, e.g. across layers; without it the batch is
-    planned here.
+    batch, trees and window) skips re-planning, e.g. across layers; the trees are then taken
+    from the plan. Without it the batch is planned (and its index tensors validated) here.
     """
     _check_inputs(q, k_cache, v_cache, out)
     T, Hq, D = q.shape
@@ -539,6 +543,7 @@ def mixed_attention(
         plan = plan_mixed_attention(
             cu_seqlens_q, seq_lens, block_table, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D,
             num_blocks=num_blocks, block_size=block_size, tree_parents=tree_parents, is_tree=is_tree, window=window,
+            num_tokens=T,
         )
     else:
         if (plan.num_tokens, plan.batch, plan.num_q_heads, plan.num_kv_heads) != (T, cu_seqlens_q.numel() - 1, Hq, Hkv):
