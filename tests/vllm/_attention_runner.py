@@ -1,9 +1,10 @@
 """Greedy generation on the in-process vLLM CPU engine, with vLLM's CPU attention or tkernels'.
 
-``python tests/vllm/_attention_runner.py [--tkernels]`` prints one JSON line: the generated token
-ids per prompt, the attention impl class of every layer and, with ``--tkernels``, the query
-lengths of every step the backend planned. A subprocess per engine, because vLLM's backend
-registry and plugin loading are once per process. ``--tkernels`` needs TRITON_INTERPRET=1.
+``python tests/vllm/_attention_runner.py [--tkernels]`` prints one JSON line: per prompt the
+generated token ids and the log-probabilities of every prompt and generated token, the attention
+impl classes of the layers and, with ``--tkernels``, the query lengths of every step planned.
+One subprocess per engine, because vLLM's backend registry and plugin loading are once per
+process. ``--tkernels`` needs TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ def prompts(vocab: int) -> list[list[int]]:
 
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(10, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+def chosen_logprobs(token_ids, logprobs) -> list[float]:
+    return [position[token].logprob for token, position in zip(token_ids, logprobs)]
 
 
 def main() -> None:
@@ -55,12 +60,16 @@ def main() -> None:
 
     llm = LLM(model=str(tiny_llama_dir()), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
               block_size=32, max_num_batched_tokens=MAX_BATCHED, max_num_seqs=8, enable_prefix_caching=False)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    # Log-probabilities of every prompt and generated token: the tiny random model's attention is
+    # nearly uniform, so greedy tokens alone barely notice attention errors.
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0, prompt_logprobs=0)
     vocab = llm.llm_engine.model_config.get_vocab_size()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts(vocab)], params, use_tqdm=False)
     layers = llm.llm_engine.vllm_config.compilation_config.static_forward_context
     print(json.dumps({
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "logprobs": [chosen_logprobs(o.prompt_token_ids[1:], o.prompt_logprobs[1:])
+                     + chosen_logprobs(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outputs],
         "impls": sorted({type(layer.impl).__name__ for layer in layers.values() if hasattr(layer, "impl")}),
         "query_lens": query_lens,
     }))
