@@ -113,7 +113,7 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
         self.layers = list(get_layers_from_vllm_config(vllm_config, Attention, layer_names).values())
         # Layers sharing a KV-cache group may still differ in window (e.g. Gemma-3 without the
         # hybrid KV-cache manager); each window gets its own plan.
-        self.windows = {getattr(layer.impl, "window", None) for layer in self.layers} or {None}
+        self.windows = {layer.impl.window for layer in self.layers} or {None}
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TkernelsAttentionMetadata:
@@ -190,12 +190,13 @@ class TkernelsAttentionImpl(TritonAttentionImpl):
         if kv_cache.is_cuda:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         # CPU (interpreter tests): vLLM's Triton cache writer needs a GPU; slot -1 marks padding.
+        # As there, tokens beyond slot_mapping are not cached.
         k_cache, v_cache = self._kv_caches(kv_cache)
-        real = slot_mapping[: key.shape[0]] >= 0
-        slots = slot_mapping[: key.shape[0]][real].long()
+        real = slot_mapping >= 0
+        slots = slot_mapping[real].long()
         block, offset = slots // k_cache.shape[1], slots % k_cache.shape[1]
-        k_cache[block, offset] = key[real]
-        v_cache[block, offset] = value[real]
+        k_cache[block, offset] = key[: slot_mapping.shape[0]][real]
+        v_cache[block, offset] = value[: slot_mapping.shape[0]][real]
 
 
 class TkernelsAttentionBackend(AttentionBackend):
