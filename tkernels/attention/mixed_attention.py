@@ -445,8 +445,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _launch_config(group: int, head_dim: int, block_size: int, q_len: torch.Tensor, override: dict | None) -> dict[str, Any]:
+    # Past head_dim 128 a 128-row fp32 accumulator alone would fill the registers of 8 warps.
+    default = DEFAULT_CONFIG if head_dim <= 128 else {**DEFAULT_CONFIG, "prefill_block_m": 64}
     cfg = kernel_config("mixed_attention", key={"head_dim": head_dim, "group": group, "block_size": block_size},
-                        default=DEFAULT_CONFIG)
+                        default=default)
     cfg = {**cfg, **(override or {})}
     unknown = set(cfg) - set(DEFAULT_CONFIG)
     if unknown:
