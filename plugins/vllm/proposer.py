@@ -23,8 +23,9 @@ speculation needs the patches listed in DESIGN.md).
 sampled tokens, and vLLM's logits processors do not see the draft positions (the rejection
 sampler applies only built-in ones there). So :meth:`load_model` wraps ``compute_logits`` on
 the target model *instance* vLLM hands it (an instance attribute; no vLLM class or module is
-changed) and keeps a reference to each call's logits until the next :meth:`propose`. There
-the rows are matched to tokens: the persistent batch's row ``i`` owns ``1 + d_i`` consecutive
+changed) and keeps each call's top-k token ids (``[rows, k]``, never the ``[rows, vocab]``
+logits: warm-up calls come with hundreds of rows) until the next :meth:`propose`. There the
+rows are matched to tokens: the persistent batch's row ``i`` owns ``1 + d_i`` consecutive
 logits rows, its last committed token before the step and the ``d_i`` draft tokens it was
 given; ``d_i`` is recovered from this proposer's previous draft for row ``i`` (checked by the
 row's length, last token and accepted prefix). Every verified position is recycled, the
@@ -88,18 +89,18 @@ class TokenRecyclingProposer:
         node_depths = depths(self.shape.parents).long()
         self._levels = [(node_depths == d).nonzero().flatten() for d in range(1, int(node_depths.max()) + 1)]
         self._node_depths = node_depths
-        self._captured: list[torch.Tensor] = []  # logits of compute_logits calls since the last propose
+        self._captured: list[torch.Tensor] = []  # top-k ids of compute_logits calls since the last propose
         self._drafts: list[_Draft | None] = []  # per persistent-batch row
         self.stats = {"steps": 0, "recycled_steps": 0, "skipped_steps": 0, "recycled_rows": 0}
 
     def load_model(self, target_model) -> None:
-        """Keep a reference to every ``compute_logits`` result of the target (see module doc)."""
+        """Keep the top-k of every ``compute_logits`` result of the target (see module doc)."""
         original = target_model.compute_logits
 
         def compute_logits(*args, **kwargs):
             logits = original(*args, **kwargs)
-            if isinstance(logits, torch.Tensor):
-                self._captured.append(logits)
+            if isinstance(logits, torch.Tensor) and logits.dim() == 2:
+                self._captured.append(logits.topk(self.drafter.k, dim=-1).indices)
             return logits
 
         target_model.compute_logits = compute_logits
@@ -153,13 +154,15 @@ class TokenRecyclingProposer:
             offset += 1 + len(drafts)
         if not rows:
             return
-        logits = next((t for t in captured if t.dim() == 2 and t.shape[0] == offset), None)
-        if logits is None:
+        top = next((t for t in captured if t.shape[0] == offset), None)
+        if top is None:
             self.stats["skipped_steps"] += 1
             return
         self._observe(parents, children)
         token_tensor = torch.tensor(tokens, dtype=torch.int64)
-        self.drafter.update(logits[torch.tensor(rows, device=logits.device)], token_tensor)
+        # TokenRecycling.update(logits, tokens) with the top-k taken already (module doc)
+        top = top[torch.tensor(rows, device=top.device)]
+        self.drafter.adjacency[token_tensor] = top.to(self.drafter.adjacency.device, torch.int32)
         self.recycled[token_tensor] = True
         self.stats["recycled_steps"] += 1
         self.stats["recycled_rows"] += len(rows)
