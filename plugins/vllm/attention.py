@@ -24,14 +24,13 @@ when asked for; when the Triton kernel cannot launch (no CUDA/ROCm device and no
 ``TRITON_INTERPRET=1``) the request fails with a clear error rather than dying inside Triton.
 vLLM's CPU platform ignores ``--attention-backend`` altogether and uses ``CPU_ATTN`` (logging
 "Cannot use ... CUSTOM backend on CPU"). For CPU tests, ``TKERNELS_VLLM_CPU_TEST_BACKEND=1``
-(with ``TRITON_INTERPRET=1``) makes :func:`register_attention_backend` put this backend in
+(with ``TRITON_INTERPRET=1``) makes :func:`tkernels.plugins.vllm.register_attention_backend` put this backend in
 ``CPU_ATTN``'s place, running the kernel under Triton's interpreter.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -52,33 +51,6 @@ from tkernels.attention import MixedAttentionPlan, mixed_attention, plan_mixed_a
 from tkernels.plugins.vllm.compat import require_supported_vllm
 
 logger = logging.getLogger("tkernels")
-
-BACKEND_PATH = "tkernels.plugins.vllm.attention.TkernelsAttentionBackend"
-CPU_TEST_ENV = "TKERNELS_VLLM_CPU_TEST_BACKEND"
-
-
-def register_attention_backend() -> None:
-    """Register this backend as vLLM's ``CUSTOM`` one (and, in CPU test mode, as ``CPU_ATTN``).
-
-    Idempotent; called from the plugin's ``register()`` in every vLLM process.
-    """
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
-    if os.environ.get(CPU_TEST_ENV) != "1":
-        return
-    import triton
-
-    if not triton.knobs.runtime.interpret:
-        raise RuntimeError(
-            f"tkernels: {CPU_TEST_ENV}=1 runs the attention kernel under Triton's CPU interpreter: "
-            "set TRITON_INTERPRET=1 as well (before any Triton kernel is defined)"
-        )
-    if not AttentionBackendEnum.CPU_ATTN.is_overridden():
-        logger.warning("tkernels: %s=1: vLLM's CPU_ATTN backend is replaced by tkernels' mixed-batch attention "
-                       "under the Triton interpreter (for tests; slow)", CPU_TEST_ENV)
-    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
-
 
 def kernel_unavailable_reason() -> str | None:
     """Why the Triton kernel cannot launch in this process, or None when it can."""

@@ -47,9 +47,9 @@ def main() -> None:
     query_lens: list[list[int]] = []
     if args.tkernels:
         os.environ["TKERNELS_VLLM_CPU_TEST_BACKEND"] = "1"
-        from tkernels.plugins.vllm import attention
+        from tkernels.plugins.vllm import attention, register_attention_backend
 
-        attention.register_attention_backend()
+        register_attention_backend()
         build = attention.TkernelsAttentionMetadataBuilder.build
 
         def recording_build(self, common_prefix_len, common_attn_metadata, fast_build=False):

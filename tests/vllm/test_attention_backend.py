@@ -25,7 +25,8 @@ def clean_registry(monkeypatch):
 
 
 def test_register_attention_backend_sets_custom_only_by_default(clean_registry, monkeypatch):
-    from tkernels.plugins.vllm.attention import BACKEND_PATH, TkernelsAttentionBackend, register_attention_backend
+    from tkernels.plugins.vllm import BACKEND_PATH, register_attention_backend
+    from tkernels.plugins.vllm.attention import TkernelsAttentionBackend
 
     monkeypatch.delenv("TKERNELS_VLLM_CPU_TEST_BACKEND", raising=False)
     register_attention_backend()
@@ -40,7 +41,7 @@ def test_register_attention_backend_sets_custom_only_by_default(clean_registry, 
 def test_cpu_test_mode_replaces_cpu_attn_and_needs_the_interpreter(clean_registry, monkeypatch):
     import triton
 
-    from tkernels.plugins.vllm.attention import BACKEND_PATH, register_attention_backend
+    from tkernels.plugins.vllm import BACKEND_PATH, register_attention_backend
 
     monkeypatch.setenv("TKERNELS_VLLM_CPU_TEST_BACKEND", "1")
     monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
