@@ -44,6 +44,8 @@ only after a rejection, so accepted children cost two scalar loads.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -67,132 +69,155 @@ _ARGMAX, _STATS, _SAMPLE = 0, 1, 2
 
 
 @triton.jit
-def _p_chunk(row_ptr, offs, V, inv_temp, thr, row_max, FROM_LOGITS: tl.constexpr):
-    """Unnormalised probabilities of tokens ``offs``: exp(logit/T - max) over kept logits, or a
-    stored residual row."""
-    in_vocab = offs < V
-    if FROM_LOGITS:
-        x = tl.load(row_ptr + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-        p = tl.where(in_vocab & (x >= thr), tl.exp(x * inv_temp - row_max), 0.0)
-    else:
-        p = tl.load(row_ptr + offs, mask=in_vocab, other=0.0)
-    return p
+def _p_tile(logits_ptr, l_off, scratch_ptr, s_off, offs, V, live, from_scratch, inv_temp, thr, row_max):
+    """Unnormalised probabilities of tokens ``offs`` [R, C] for rows ``l_off``/``s_off`` [R, 1]:
+    exp(logit/T - max) over kept logits, or the row's stored residual where ``from_scratch``."""
+    in_vocab = (offs < V) & live
+    x = tl.load(logits_ptr + l_off + offs, mask=in_vocab & (from_scratch == 0), other=float("-inf")).to(tl.float32)
+    p = tl.where(in_vocab & (x >= thr), tl.exp(x * inv_temp - row_max), 0.0)
+    stored = tl.load(scratch_ptr + s_off + offs, mask=in_vocab & (from_scratch != 0), other=0.0)
+    return tl.where(from_scratch != 0, stored, p)
 
 
 @triton.jit
-def _inverse_cdf(row_ptr, V, inv_temp, thr, row_max, target, FROM_LOGITS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """First token whose running sum of _p_chunk exceeds ``target`` (the last positive token if
-    rounding left the total below it). Chunks after the hit are skipped."""
-    offs = tl.arange(0, BLOCK_V)
-    found = tl.full([], -1, tl.int32)
-    last = tl.full([], -1, tl.int32)
-    running = tl.zeros([], tl.float32)
+def _inverse_cdf(logits_ptr, l_off, scratch_ptr, s_off, V, live, from_scratch, inv_temp, thr, row_max, target,
+                 BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Per row [R]: first token whose running sum of _p_tile exceeds ``target`` (the last
+    positive token if rounding left the total below it). Chunks where every row is done are skipped."""
+    offs = tl.arange(0, BLOCK_V)[None, :]
+    found = tl.full([BLOCK_R], -1, tl.int32)
+    last = tl.full([BLOCK_R], -1, tl.int32)
+    running = tl.zeros([BLOCK_R], tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        if found < 0:
+        pending = live & (found < 0)
+        if tl.max(pending.to(tl.int32), 0) > 0:
             o = v0 + offs
-            p = _p_chunk(row_ptr, o, V, inv_temp, thr, row_max, FROM_LOGITS)
-            cdf = tl.cumsum(p, 0) + running
-            first = tl.min(tl.where((cdf > target) & (o < V), o, V))
-            found = tl.where(first < V, first, found)
-            last = tl.maximum(last, tl.max(tl.where(p > 0, o, -1)))
-            running += tl.sum(p, 0)
+            p = _p_tile(logits_ptr, l_off[:, None], scratch_ptr, s_off[:, None], o, V, pending[:, None],
+                        from_scratch[:, None], inv_temp[:, None], thr[:, None], row_max[:, None])
+            cdf = tl.cumsum(p, 1) + running[:, None]
+            first = tl.min(tl.where((cdf > target[:, None]) & (o < V), o, V), 1)
+            found = tl.where(pending & (first < V), first, found)
+            last = tl.where(pending, tl.maximum(last, tl.max(tl.where(p > 0, o, -1), 1)), last)
+            running += tl.sum(p, 1)
     return tl.where(found >= 0, found, last)
 
 
 @gpu_compile_check(
     {
-        "logits_ptr": "*bf16", "stride_row": "i64", "V": "i32", "inv_temp_ptr": "*fp32", "thr_ptr": "*fp32",
+        "logits_ptr": "*bf16", "stride_row": "i64", "N": "i32", "V": "i32", "inv_temp_ptr": "*fp32", "thr_ptr": "*fp32",
         "uniform_ptr": "*fp32", "token_ptr": "*i64", "max_ptr": "*fp32", "sum_ptr": "*fp32",
     },
     MODE=_SAMPLE,
+    BLOCK_R=1,
     BLOCK_V=2048,
 )
 @triton.jit
 def _node_pass_kernel(
-    logits_ptr, stride_row, V, inv_temp_ptr, thr_ptr, uniform_ptr, token_ptr, max_ptr, sum_ptr,
-    MODE: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr, stride_row, N, V, inv_temp_ptr, thr_ptr, uniform_ptr, token_ptr, max_ptr, sum_ptr,
+    MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # One program per tree node (row of logits). MODE 0: argmax -> token. MODE 1: max and
+    # BLOCK_R tree nodes (rows of logits) per program. MODE 0: argmax -> token. MODE 1: max and
     # sum-exp of the processed distribution -> max/sum. MODE 2: inverse-CDF draw with the
     # node's column-1 uniform -> token.
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    offs = tl.arange(0, BLOCK_V)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = rows < N
+    l_off = rows.to(tl.int64) * stride_row
+    offs = tl.arange(0, BLOCK_V)[None, :]
     if MODE == 0:
-        best = tl.full([BLOCK_V], float("-inf"), tl.float32)
-        best_idx = offs
+        best = tl.full([BLOCK_R, BLOCK_V], float("-inf"), tl.float32)
+        best_idx = tl.zeros([BLOCK_R, BLOCK_V], tl.int32) + offs
         for v0 in range(0, V, BLOCK_V):
             o = v0 + offs
-            x = tl.load(row_ptr + o, mask=o < V, other=float("-inf")).to(tl.float32)
+            x = tl.load(logits_ptr + l_off[:, None] + o, mask=live[:, None] & (o < V), other=float("-inf")).to(tl.float32)
             better = x > best  # strict: each lane keeps its first maximum
             best_idx = tl.where(better, o, best_idx)
             best = tl.where(better, x, best)
-        top = tl.max(best, 0)
-        tl.store(token_ptr + row, tl.min(tl.where(best == top, best_idx, V), 0).to(tl.int64))
+        top = tl.max(best, 1)
+        token = tl.min(tl.where(best == top[:, None], best_idx, V), 1)
+        tl.store(token_ptr + rows, token.to(tl.int64), mask=live)
     else:
-        inv_temp = tl.load(inv_temp_ptr + row)
-        thr = tl.load(thr_ptr + row)
-        row_max = tl.full([], float("-inf"), tl.float32)
-        total = tl.zeros([], tl.float32)
+        inv_temp = tl.load(inv_temp_ptr + rows, mask=live, other=1.0)
+        thr = tl.load(thr_ptr + rows, mask=live, other=0.0)
+        row_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_R], tl.float32)
         for v0 in range(0, V, BLOCK_V):  # online max / sum-exp over the kept tokens
             o = v0 + offs
-            x = tl.load(row_ptr + o, mask=o < V, other=float("-inf")).to(tl.float32)
-            y = tl.where((o < V) & (x >= thr), x * inv_temp, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(y, 0))
+            x = tl.load(logits_ptr + l_off[:, None] + o, mask=live[:, None] & (o < V), other=float("-inf")).to(tl.float32)
+            y = tl.where((o < V) & (x >= thr[:, None]), x * inv_temp[:, None], float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(y, 1))
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no inf - inf before the first kept token
-            total = total * tl.exp(row_max - safe_max) + tl.sum(tl.exp(y - safe_max), 0)
+            total = total * tl.exp(row_max - safe_max) + tl.sum(tl.exp(y - safe_max[:, None]), 1)
             row_max = new_max
         if MODE == 1:
-            tl.store(max_ptr + row, row_max)
-            tl.store(sum_ptr + row, total)
+            tl.store(max_ptr + rows, row_max, mask=live)
+            tl.store(sum_ptr + rows, total, mask=live)
         else:
-            u = tl.load(uniform_ptr + row * 2 + 1)
-            token = _inverse_cdf(row_ptr, V, inv_temp, thr, row_max, u * total, True, BLOCK_V)
-            tl.store(token_ptr + row, token.to(tl.int64))
+            u = tl.load(uniform_ptr + rows.to(tl.int64) * 2 + 1, mask=live, other=0.0)
+            no_scratch = tl.zeros([BLOCK_R], tl.int32)
+            token = _inverse_cdf(logits_ptr, l_off, max_ptr, l_off, V, live, no_scratch, inv_temp, thr,
+                                 tl.where(live, row_max, 0.0), u * total, BLOCK_R, BLOCK_V)
+            tl.store(token_ptr + rows, token.to(tl.int64), mask=live)
+
+
+@triton.jit
+def _load_trees(parents_ptr, cu_ptr, B, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """BLOCK_B requests' node offsets, sizes and parents [BLOCK_B, BLOCK_N] (-2 past the end)."""
+    reqs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    live = reqs < B
+    start = tl.load(cu_ptr + reqs, mask=live, other=0)
+    n = tl.load(cu_ptr + reqs + 1, mask=live, other=0) - start
+    idx = tl.arange(0, BLOCK_N)[None, :]
+    par = tl.load(parents_ptr + start[:, None] + idx, mask=idx < n[:, None], other=-2)
+    return reqs, live, start, par
+
+
+@triton.jit
+def _store_paths(out_tokens_ptr, out_nodes_ptr, num_ptr, reqs, live, W, path_tokens, path_nodes, count, BLOCK_W: tl.constexpr):
+    w = tl.arange(0, BLOCK_W)[None, :]
+    out = reqs[:, None].to(tl.int64) * W + w
+    mask = live[:, None] & (w < W)
+    tl.store(out_tokens_ptr + out, path_tokens, mask=mask)
+    tl.store(out_nodes_ptr + out, path_nodes, mask=mask)
+    tl.store(num_ptr + reqs, count + 1, mask=live)
 
 
 @gpu_compile_check(
     {
         "node_token_ptr": "*i64", "draft_ptr": "*i64", "parents_ptr": "*i32", "cu_ptr": "*i32",
-        "out_tokens_ptr": "*i64", "out_nodes_ptr": "*i32", "num_ptr": "*i32", "W": "i32",
+        "out_tokens_ptr": "*i64", "out_nodes_ptr": "*i32", "num_ptr": "*i32", "B": "i32", "W": "i32", "max_nodes": "i32",
     },
+    BLOCK_B=4,
     BLOCK_N=64,
     BLOCK_W=16,
 )
 @triton.jit
 def _path_walk_kernel(
-    node_token_ptr, draft_ptr, parents_ptr, cu_ptr, out_tokens_ptr, out_nodes_ptr, num_ptr, W,
-    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    node_token_ptr, draft_ptr, parents_ptr, cu_ptr, out_tokens_ptr, out_nodes_ptr, num_ptr, B, W, max_nodes,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    # One program per request: descend to the first child whose draft token equals the current
-    # node's target token (argmax or draw); that token is the bonus where no child matches.
-    b = tl.program_id(0)
-    start = tl.load(cu_ptr + b)
-    n = tl.load(cu_ptr + b + 1) - start
-    idx = tl.arange(0, BLOCK_N)
-    valid = idx < n
-    par = tl.load(parents_ptr + start + idx, mask=valid, other=-2)
-    tok = tl.load(draft_ptr + start + idx, mask=valid, other=-1)
-    w = tl.arange(0, BLOCK_W)
-    path_nodes = tl.where(w == 0, 0, -1)
-    path_tokens = tl.full([BLOCK_W], -1, tl.int64)
-    cur = tl.zeros([], tl.int32)
-    count = tl.zeros([], tl.int32)
-    alive = tl.full([], 1, tl.int32)
-    for step in range(0, n - 1):
-        target = tl.load(node_token_ptr + start + cur)
-        child = tl.min(tl.where((par == cur) & (tok == target), idx, BLOCK_N), 0)
-        advance = (alive != 0) & (child < BLOCK_N)
-        path_tokens = tl.where(advance & (w == step), target, path_tokens)
-        path_nodes = tl.where(advance & (w == step + 1), child, path_nodes)
+    # BLOCK_B requests per program: descend to the first child whose draft token equals the
+    # current node's target token (argmax or draw); that token is the bonus where none does.
+    reqs, live, start, par = _load_trees(parents_ptr, cu_ptr, B, BLOCK_B, BLOCK_N)
+    idx = tl.arange(0, BLOCK_N)[None, :]
+    tok = tl.load(draft_ptr + start[:, None] + idx, mask=par != -2, other=-1)
+    w = tl.arange(0, BLOCK_W)[None, :]
+    path_nodes = tl.zeros([BLOCK_B, BLOCK_W], tl.int32) + tl.where(w == 0, 0, -1)
+    path_tokens = tl.full([BLOCK_B, BLOCK_W], -1, tl.int64)
+    cur = tl.zeros([BLOCK_B], tl.int32)
+    count = tl.zeros([BLOCK_B], tl.int32)
+    alive = live
+    for step in range(0, max_nodes - 1):
+        target = tl.load(node_token_ptr + start + cur, mask=live, other=-1)
+        child = tl.min(tl.where((par == cur[:, None]) & (tok == target[:, None]), idx, BLOCK_N), 1)
+        advance = alive & (child < BLOCK_N)
+        path_tokens = tl.where(advance[:, None] & (w == step), target[:, None], path_tokens)
+        path_nodes = tl.where(advance[:, None] & (w == step + 1), child[:, None], path_nodes)
         cur = tl.where(advance, child, cur)
         count += advance.to(tl.int32)
-        alive = advance.to(tl.int32)
-    bonus = tl.load(node_token_ptr + start + cur)
-    path_tokens = tl.where(w == count, bonus, path_tokens)
-    tl.store(out_tokens_ptr + b * W + w, path_tokens, mask=w < W)
-    tl.store(out_nodes_ptr + b * W + w, path_nodes, mask=w < W)
-    tl.store(num_ptr + b, count + 1)
+        alive = advance
+    bonus = tl.load(node_token_ptr + start + cur, mask=live, other=-1)
+    path_tokens = tl.where(w == count[:, None], bonus[:, None], path_tokens)
+    _store_paths(out_tokens_ptr, out_nodes_ptr, num_ptr, reqs, live, W, path_tokens, path_nodes, count, BLOCK_W)
 
 
 @gpu_compile_check(
@@ -201,8 +226,10 @@ def _path_walk_kernel(
         "draft_ptr": "*i64", "parents_ptr": "*i32", "cu_ptr": "*i32", "inv_temp_ptr": "*fp32",
         "thr_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "uniform_ptr": "*fp32",
         "scratch_p_ptr": "*fp32", "scratch_q_ptr": "*fp32",
-        "out_tokens_ptr": "*i64", "out_nodes_ptr": "*i32", "num_ptr": "*i32", "W": "i32",
+        "out_tokens_ptr": "*i64", "out_nodes_ptr": "*i32", "num_ptr": "*i32",
+        "B": "i32", "W": "i32", "max_nodes": "i32", "max_children": "i32",
     },
+    BLOCK_B=1,
     BLOCK_N=64,
     BLOCK_W=16,
     BLOCK_V=1024,
@@ -211,107 +238,107 @@ def _path_walk_kernel(
 def _rejection_walk_kernel(
     logits_ptr, stride_l, q_ptr, stride_q, V, draft_ptr, parents_ptr, cu_ptr,
     inv_temp_ptr, thr_ptr, max_ptr, sum_ptr, uniform_ptr, scratch_p_ptr, scratch_q_ptr,
-    out_tokens_ptr, out_nodes_ptr, num_ptr, W,
-    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_V: tl.constexpr,
+    out_tokens_ptr, out_nodes_ptr, num_ptr, B, W, max_nodes, max_children,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # One program per request walks its tree with recursive rejection sampling. The current
-    # node's p and q are read from logits / draft_probs until the first rejection; after that
-    # the residuals live in this request's scratch rows (unnormalised, totals p_total/q_total).
-    b = tl.program_id(0)
-    start = tl.load(cu_ptr + b)
-    n = tl.load(cu_ptr + b + 1) - start
-    idx = tl.arange(0, BLOCK_N)
-    par = tl.load(parents_ptr + start + idx, mask=idx < n, other=-2)
-    sp_ptr = scratch_p_ptr + b.to(tl.int64) * V
-    sq_ptr = scratch_q_ptr + b.to(tl.int64) * V
-    offs = tl.arange(0, BLOCK_V)
-    w = tl.arange(0, BLOCK_W)
-    path_nodes = tl.where(w == 0, 0, -1)
-    path_tokens = tl.full([BLOCK_W], -1, tl.int64)
-    cur = tl.zeros([], tl.int32)
-    count = tl.zeros([], tl.int32)
-    alive = tl.full([], 1, tl.int32)
-    for step in range(0, n):  # one node visited per step (depth <= n - 1)
-        if alive != 0:
-            g = (start + cur).to(tl.int64)
-            row_l = logits_ptr + g * stride_l
-            row_q = q_ptr + g * stride_q
-            inv_temp = tl.load(inv_temp_ptr + g)
-            thr = tl.load(thr_ptr + g)
-            row_max = tl.load(max_ptr + g)
-            row_sum = tl.load(sum_ptr + g)
-            is_child = par == cur
-            first_child = tl.min(tl.where(is_child, idx, BLOCK_N), 0)  # BFS: children are contiguous
-            num_children = tl.sum(is_child.to(tl.int32), 0)
-            p_scratch = tl.zeros([], tl.int32)
-            q_scratch = tl.zeros([], tl.int32)
-            p_total = row_sum
-            q_total = tl.full([], 1.0, tl.float32)
-            accepted = tl.full([], -1, tl.int32)
-            for r in range(0, num_children):
-                if accepted < 0:
-                    c = first_child + r
-                    t = tl.load(draft_ptr + start + c)
-                    u = tl.load(uniform_ptr + (start + c).to(tl.int64) * 2)
-                    if p_scratch != 0:
-                        p_t = tl.load(sp_ptr + t) / p_total
-                    else:
-                        p_t = _p_chunk(row_l, t, V, inv_temp, thr, row_max, True) / p_total
-                    if q_scratch != 0:
-                        q_t = tl.where(q_total > 0, tl.load(sq_ptr + t) / q_total, 0.0)
-                    else:
-                        q_t = tl.load(row_q + t).to(tl.float32)
-                    if u * q_t < p_t:
-                        accepted = c
-                    else:  # residual pass: p <- max(p - q, 0), q <- q without t
-                        inv_q = tl.where(q_total > 0, 1.0 / q_total, 0.0)
-                        new_p_total = tl.zeros([], tl.float32)
-                        new_q_total = tl.zeros([], tl.float32)
-                        for v0 in range(0, V, BLOCK_V):
-                            o = v0 + offs
-                            if p_scratch != 0:
-                                p = _p_chunk(sp_ptr, o, V, 1.0, 0.0, 0.0, False) / p_total
-                            else:
-                                p = _p_chunk(row_l, o, V, inv_temp, thr, row_max, True) / p_total
-                            if q_scratch != 0:
-                                q = tl.load(sq_ptr + o, mask=o < V, other=0.0) * inv_q
-                            else:
-                                q = tl.load(row_q + o, mask=o < V, other=0.0).to(tl.float32)
-                            residual = tl.maximum(p - q, 0.0)
-                            q = tl.where(o == t, 0.0, q)
-                            tl.store(sp_ptr + o, residual, mask=o < V)
-                            tl.store(sq_ptr + o, q, mask=o < V)
-                            new_p_total += tl.sum(residual, 0)
-                            new_q_total += tl.sum(q, 0)
-                        tl.debug_barrier()  # the scratch rows are read back by other threads
-                        p_scratch = (new_p_total > 0).to(tl.int32)  # all-zero residual: back to p(v)
-                        p_total = tl.where(new_p_total > 0, new_p_total, row_sum)
-                        q_scratch = tl.full([], 1, tl.int32)
-                        q_total = new_q_total
-            if accepted >= 0:
-                t = tl.load(draft_ptr + start + accepted)
-                path_tokens = tl.where(w == step, t, path_tokens)
-                path_nodes = tl.where(w == step + 1, accepted, path_nodes)
-                cur = accepted
-                count += 1
-            else:
-                u = tl.load(uniform_ptr + g * 2 + 1)
-                if p_scratch != 0:
-                    bonus = _inverse_cdf(sp_ptr, V, 1.0, 0.0, 0.0, u * p_total, False, BLOCK_V)
-                else:
-                    bonus = _inverse_cdf(row_l, V, inv_temp, thr, row_max, u * p_total, True, BLOCK_V)
-                path_tokens = tl.where(w == step, bonus.to(tl.int64), path_tokens)
-                alive = tl.zeros([], tl.int32)
-    tl.store(out_tokens_ptr + b * W + w, path_tokens, mask=w < W)
-    tl.store(out_nodes_ptr + b * W + w, path_nodes, mask=w < W)
-    tl.store(num_ptr + b, count + 1)
+    # BLOCK_B requests per program walk their trees with recursive rejection sampling. A node's
+    # p and q are read from logits / draft_probs until its first rejected child; after that the
+    # residuals live in the request's scratch rows (unnormalised; totals p_total / q_total).
+    reqs, live, start, par = _load_trees(parents_ptr, cu_ptr, B, BLOCK_B, BLOCK_N)
+    idx = tl.arange(0, BLOCK_N)[None, :]
+    s_off = reqs.to(tl.int64) * V
+    offs = tl.arange(0, BLOCK_V)[None, :]
+    w = tl.arange(0, BLOCK_W)[None, :]
+    path_nodes = tl.zeros([BLOCK_B, BLOCK_W], tl.int32) + tl.where(w == 0, 0, -1)
+    path_tokens = tl.full([BLOCK_B, BLOCK_W], -1, tl.int64)
+    cur = tl.zeros([BLOCK_B], tl.int32)
+    count = tl.zeros([BLOCK_B], tl.int32)
+    alive = live
+    for step in range(0, max_nodes):  # one node visited per step (depth <= n - 1)
+        g = (start + cur).to(tl.int64)
+        l_off = g * stride_l
+        q_off = g * stride_q
+        inv_temp = tl.load(inv_temp_ptr + g, mask=alive, other=1.0)
+        thr = tl.load(thr_ptr + g, mask=alive, other=0.0)
+        row_max = tl.load(max_ptr + g, mask=alive, other=0.0)
+        row_sum = tl.load(sum_ptr + g, mask=alive, other=1.0)
+        is_child = par == cur[:, None]
+        first_child = tl.min(tl.where(is_child, idx, BLOCK_N), 1)  # BFS: children are contiguous
+        num_children = tl.sum(is_child.to(tl.int32), 1)
+        p_scratch = tl.zeros([BLOCK_B], tl.int32)
+        q_scratch = tl.zeros([BLOCK_B], tl.int32)
+        p_total = row_sum
+        q_total = tl.full([BLOCK_B], 1.0, tl.float32)
+        accepted = tl.full([BLOCK_B], -1, tl.int32)
+        for r in range(0, max_children):
+            tested = alive & (r < num_children) & (accepted < 0)
+            if tl.max(tested.to(tl.int32), 0) > 0:
+                c = first_child + r
+                t = tl.load(draft_ptr + start + c, mask=tested, other=0)
+                u = tl.load(uniform_ptr + (start + c).to(tl.int64) * 2, mask=tested, other=0.0)
+                p_t = _p_tile(logits_ptr, l_off, scratch_p_ptr, s_off, t, V, tested, p_scratch, inv_temp, thr, row_max) / p_total
+                inv_q = tl.where(q_total > 0, 1.0 / q_total, 0.0)
+                q_t = tl.where(
+                    q_scratch != 0,
+                    tl.load(scratch_q_ptr + s_off + t, mask=tested & (q_scratch != 0), other=0.0) * inv_q,
+                    tl.load(q_ptr + q_off + t, mask=tested & (q_scratch == 0), other=0.0).to(tl.float32),
+                )
+                accept = tested & (u * q_t < p_t)
+                accepted = tl.where(accept, c, accepted)
+                reject = tested & ~accept
+                if tl.max(reject.to(tl.int32), 0) > 0:  # residual pass: p <- max(p - q, 0), q <- q without t
+                    new_p_total = tl.zeros([BLOCK_B], tl.float32)
+                    new_q_total = tl.zeros([BLOCK_B], tl.float32)
+                    rows = reject[:, None]
+                    for v0 in range(0, V, BLOCK_V):
+                        o = v0 + offs
+                        m = rows & (o < V)
+                        p = _p_tile(logits_ptr, l_off[:, None], scratch_p_ptr, s_off[:, None], o, V, rows,
+                                    p_scratch[:, None], inv_temp[:, None], thr[:, None], row_max[:, None]) / p_total[:, None]
+                        q = tl.where(
+                            q_scratch[:, None] != 0,
+                            tl.load(scratch_q_ptr + s_off[:, None] + o, mask=m & (q_scratch[:, None] != 0), other=0.0) * inv_q[:, None],
+                            tl.load(q_ptr + q_off[:, None] + o, mask=m & (q_scratch[:, None] == 0), other=0.0).to(tl.float32),
+                        )
+                        residual = tl.where(m, tl.maximum(p - q, 0.0), 0.0)
+                        q = tl.where(m & (o != t[:, None]), q, 0.0)
+                        tl.store(scratch_p_ptr + s_off[:, None] + o, residual, mask=m)
+                        tl.store(scratch_q_ptr + s_off[:, None] + o, q, mask=m)
+                        new_p_total += tl.sum(residual, 1)
+                        new_q_total += tl.sum(q, 1)
+                    tl.debug_barrier()  # the scratch rows are read back by other threads
+                    has_residual = new_p_total > 0  # an all-zero residual falls back to p(v)
+                    p_scratch = tl.where(reject, has_residual.to(tl.int32), p_scratch)
+                    p_total = tl.where(reject, tl.where(has_residual, new_p_total, row_sum), p_total)
+                    q_scratch = tl.where(reject, 1, q_scratch)
+                    q_total = tl.where(reject, new_q_total, q_total)
+        advance = alive & (accepted >= 0)
+        stop = alive & (accepted < 0)
+        t_acc = tl.load(draft_ptr + start + accepted, mask=advance, other=-1)
+        path_tokens = tl.where(advance[:, None] & (w == step), t_acc[:, None], path_tokens)
+        path_nodes = tl.where(advance[:, None] & (w == step + 1), accepted[:, None], path_nodes)
+        if tl.max(stop.to(tl.int32), 0) > 0:
+            u = tl.load(uniform_ptr + g * 2 + 1, mask=stop, other=0.0)
+            bonus = _inverse_cdf(logits_ptr, l_off, scratch_p_ptr, s_off, V, stop, p_scratch, inv_temp, thr, row_max,
+                                 u * p_total, BLOCK_B, BLOCK_V)
+            path_tokens = tl.where(stop[:, None] & (w == step), bonus[:, None].to(tl.int64), path_tokens)
+        cur = tl.where(advance, accepted, cur)
+        count += advance.to(tl.int32)
+        alive = advance
+    _store_paths(out_tokens_ptr, out_nodes_ptr, num_ptr, reqs, live, W, path_tokens, path_nodes, count, BLOCK_W)
 
 
 # --- input handling shared by kernels and references -----------------------------------------
 
 
-def _check_tree_batch(logits, draft_tokens, parents, cu_nodes) -> int:
-    """Validate the common inputs; return the output width max_depth + 1."""
+class _Shape(NamedTuple):
+    width: int  # max depth + 1: the output rows' length
+    max_nodes: int
+    max_children: int
+
+
+def _check_tree_batch(logits, draft_tokens, parents, cu_nodes) -> _Shape:
+    """Validate the common inputs (one host sync for the tree checks, one for the token range)."""
     for name, t in (("logits", logits), ("draft_tokens", draft_tokens), ("parents", parents), ("cu_nodes", cu_nodes)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -336,12 +363,15 @@ def _check_tree_batch(logits, draft_tokens, parents, cu_nodes) -> int:
     if cu_nodes.numel() == 1:  # empty batch
         if n != 0 or int(cu_nodes[0]) != 0:
             raise ValueError(f"cu_nodes = {cu_nodes.tolist()} describes no request but there are {n} nodes")
-        return 1
+        return _Shape(1, 0, 0)
     validate_parents(parents, cu_nodes)
     lo, hi = torch.aminmax(draft_tokens)
     if int(lo) < 0 or int(hi) >= logits.shape[1]:
         raise ValueError(f"draft_tokens must lie in [0, {logits.shape[1]}) (the vocab), got range [{int(lo)}, {int(hi)}]")
-    return int(depths(parents, cu_nodes).max()) + 1
+    global_parents = parents.long() + _per_node(cu_nodes[:-1].long(), cu_nodes, n)
+    children = torch.bincount(global_parents[parents >= 0], minlength=n)
+    sizes = cu_nodes[1:] - cu_nodes[:-1]
+    return _Shape(int(depths(parents, cu_nodes).max()) + 1, int(sizes.max()), int(children.max()))
 
 
 def _check_sampling_params(temperature, top_k, top_p, batch: int, device) -> None:
@@ -409,33 +439,46 @@ def _block_v(vocab: int, cap: int) -> int:
     return min(cap, triton.next_power_of_2(vocab))
 
 
+def _per_program(count: int, row_elems: int, budget: int = 4096) -> int:
+    """Rows per program: many small rows share a program (tiny vocabularies, big batches)."""
+    return max(1, min(triton.next_power_of_2(max(count, 1)), budget // row_elems))
+
+
+def _node_pass(mode: int, logits, inv_temp, thr, uniforms, token, row_max, row_sum) -> None:
+    n, vocab = logits.shape
+    block_v = _block_v(vocab, 4096)
+    block_r = _per_program(n, block_v)
+    _node_pass_kernel[(triton.cdiv(n, block_r),)](
+        logits, logits.stride(0), n, vocab, inv_temp, thr, uniforms, token, row_max, row_sum,
+        MODE=mode, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8 if block_v * block_r >= 2048 else 4,
+    )
+
+
+def _walk(node_token, draft_tokens, parents, cu_nodes, shape: _Shape, out) -> None:
+    tokens, nodes, num = out
+    block_n = triton.next_power_of_2(shape.max_nodes)
+    block_b = _per_program(num.numel(), block_n)
+    _path_walk_kernel[(triton.cdiv(num.numel(), block_b),)](
+        node_token, draft_tokens, parents.int(), cu_nodes.int(), tokens, nodes, num, num.numel(), shape.width, shape.max_nodes,
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_W=triton.next_power_of_2(shape.width),
+    )
+
+
 # --- public API -------------------------------------------------------------------------------
 
 
 def verify_greedy(logits: torch.Tensor, draft_tokens: torch.Tensor, parents: torch.Tensor, cu_nodes: torch.Tensor):
     """Greedy tree verification -> (accepted_tokens int64[B, W], accepted_nodes int32[B, W],
     num_accepted int32[B]), W = max depth + 1. Chains are trees with parents[i] = i - 1."""
-    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
-    batch, (n, vocab) = cu_nodes.numel() - 1, logits.shape
-    out = _empty_outputs(batch, width, logits.device)
+    shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
+    batch = cu_nodes.numel() - 1
+    out = _empty_outputs(batch, shape.width, logits.device)
     if batch == 0:
         return out
-    node_token = torch.empty(n, dtype=torch.int64, device=logits.device)
-    _node_pass_kernel[(n,)](
-        logits, logits.stride(0), vocab, logits, logits, logits, node_token, logits, logits,
-        MODE=_ARGMAX, BLOCK_V=_block_v(vocab, 4096), num_warps=8,
-    )
-    _walk(node_token, draft_tokens, parents, cu_nodes, out)
+    node_token = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    _node_pass(_ARGMAX, logits, logits, logits, logits, node_token, logits, logits)
+    _walk(node_token, draft_tokens, parents, cu_nodes, shape, out)
     return out
-
-
-def _walk(node_token, draft_tokens, parents, cu_nodes, out) -> None:
-    tokens, nodes, num = out
-    max_nodes = int((cu_nodes[1:] - cu_nodes[:-1]).max())
-    _path_walk_kernel[(num.numel(),)](
-        node_token, draft_tokens, parents.int(), cu_nodes.int(), tokens, nodes, num, tokens.shape[1],
-        BLOCK_N=triton.next_power_of_2(max_nodes), BLOCK_W=triton.next_power_of_2(tokens.shape[1]),
-    )
 
 
 def verify_sampling(
@@ -458,7 +501,7 @@ def verify_sampling(
     from ``generator``; ``draft_probs`` float32[total_nodes, vocab]: the distribution each node's
     children were sampled from (None for deterministic drafts).
     """
-    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
+    shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
     batch, (n, vocab) = cu_nodes.numel() - 1, logits.shape
     device = logits.device
     _check_sampling_params(temperature, top_k, top_p, batch, device)
@@ -470,32 +513,28 @@ def verify_sampling(
         draft_probs.shape != logits.shape or draft_probs.dtype != torch.float32 or draft_probs.device != device or draft_probs.stride(1) != 1
     ):
         raise ValueError(f"draft_probs must be float32{list(logits.shape)} on {device} with a contiguous vocab dim, got {tuple(draft_probs.shape)} {draft_probs.dtype}")
-    out = _empty_outputs(batch, width, device)
+    out = _empty_outputs(batch, shape.width, device)
     if batch == 0:
         return out
     inv_temp, thr = _processing(logits, cu_nodes, temperature, top_k, top_p)
     if draft_probs is None:
         node_token = torch.empty(n, dtype=torch.int64, device=device)
-        _node_pass_kernel[(n,)](
-            logits, logits.stride(0), vocab, inv_temp, thr, uniforms, node_token, inv_temp, inv_temp,
-            MODE=_SAMPLE, BLOCK_V=_block_v(vocab, 4096), num_warps=8,
-        )
-        _walk(node_token, draft_tokens, parents, cu_nodes, out)
+        _node_pass(_SAMPLE, logits, inv_temp, thr, uniforms, node_token, inv_temp, inv_temp)
+        _walk(node_token, draft_tokens, parents, cu_nodes, shape, out)
         return out
     row_max = torch.empty(n, dtype=torch.float32, device=device)
     row_sum = torch.empty(n, dtype=torch.float32, device=device)
-    _node_pass_kernel[(n,)](
-        logits, logits.stride(0), vocab, inv_temp, thr, uniforms, draft_tokens, row_max, row_sum,
-        MODE=_STATS, BLOCK_V=_block_v(vocab, 4096), num_warps=8,
-    )
+    _node_pass(_STATS, logits, inv_temp, thr, uniforms, draft_tokens, row_max, row_sum)
     scratch = torch.empty((2, batch, vocab), dtype=torch.float32, device=device)
+    block_v = _block_v(vocab, 1024)
+    block_b = _per_program(batch, block_v, budget=1024)
     tokens, nodes, num = out
-    max_nodes = int((cu_nodes[1:] - cu_nodes[:-1]).max())
-    _rejection_walk_kernel[(batch,)](
+    _rejection_walk_kernel[(triton.cdiv(batch, block_b),)](
         logits, logits.stride(0), draft_probs, draft_probs.stride(0), vocab, draft_tokens, parents.int(), cu_nodes.int(),
-        inv_temp, thr, row_max, row_sum, uniforms, scratch[0], scratch[1], tokens, nodes, num, width,
-        BLOCK_N=triton.next_power_of_2(max_nodes), BLOCK_W=triton.next_power_of_2(width),
-        BLOCK_V=_block_v(vocab, 2048), num_warps=8,
+        inv_temp, thr, row_max, row_sum, uniforms, scratch[0], scratch[1], tokens, nodes, num,
+        batch, shape.width, shape.max_nodes, shape.max_children,
+        BLOCK_B=block_b, BLOCK_N=triton.next_power_of_2(shape.max_nodes), BLOCK_W=triton.next_power_of_2(shape.width),
+        BLOCK_V=block_v, num_warps=8 if block_v * block_b >= 1024 else 4,
     )
     return out
 
@@ -554,7 +593,8 @@ class _Walk:
         token = torch.where(advance, self.draft_tokens[child.clamp(min=0)], bonus)
         self.tokens[rows, step] = token[rows]
         grow = advance.nonzero().flatten()
-        self.nodes[grow, step + 1] = (child - self.starts)[grow].int()
+        if grow.numel():
+            self.nodes[grow, step + 1] = (child - self.starts)[grow].int()
         self.count += advance.long()
         self.cur = torch.where(advance, child, self.cur)
         self.alive = advance
@@ -587,14 +627,14 @@ def _walk_reference(node_token, node_margin, draft_tokens, parents, cu_nodes, wi
 
 def verify_greedy_reference(logits, draft_tokens, parents, cu_nodes):
     """Plain-PyTorch :func:`verify_greedy` (same inputs, same outputs)."""
-    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
+    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes).width
     argmax = logits.argmax(-1) if logits.numel() else draft_tokens.clone()
     no_margin = torch.full(argmax.shape, float("inf"), dtype=torch.float64, device=logits.device)
     return _walk_reference(argmax, no_margin, draft_tokens, parents, cu_nodes, width).result()
 
 
 def _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs):
-    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
+    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes).width
     probs = target_probs(logits, cu_nodes, temperature, top_k, top_p)
     if draft_probs is None:
         token, margin = _inverse_cdf_reference(probs, uniforms[:, 1])
