@@ -100,6 +100,12 @@ def test_bad_parents_raise(bad):
         validate_parents(torch.tensor(bad, dtype=torch.int32))
 
 
+def test_derived_quantities_reject_non_trees():
+    for bad in ([-1, 1], [-1, 2, 1], [-1, 5]):  # a cycle, a 2-cycle, out of range
+        with pytest.raises(ValueError, match="parents"):
+            depths(torch.tensor(bad, dtype=torch.int32))
+
+
 def test_bad_parents_types_and_cu_nodes_raise():
     with pytest.raises(ValueError, match="parents"):
         validate_parents(torch.tensor([[-1, 0]], dtype=torch.int32))

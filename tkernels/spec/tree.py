@@ -101,11 +101,21 @@ def _global_parents(parents: torch.Tensor, cu_nodes: torch.Tensor | None) -> tor
 
 
 def _jump(parents: torch.Tensor):
-    """Yield ``anc``: every node's ancestor one level further up each time (-1 past the root)."""
+    """Yield ``anc``: every node's ancestor one level further up each time (-1 past the root).
+
+    Cheap guards instead of :func:`validate_parents` (which reads the tree to the host):
+    out-of-range entries and parent chains that never reach a root raise, never hang.
+    """
+    n = parents.numel()
+    if bool(((parents < -1) | (parents >= n)).any()):
+        raise ValueError(f"parents holds an index outside [-1, {n}); see validate_parents")
     anc = parents
-    while bool((anc >= 0).any()):
+    for _ in range(n):
+        if not bool((anc >= 0).any()):
+            return
         yield anc
         anc = torch.where(anc >= 0, parents[anc.clamp(min=0)], anc)
+    raise ValueError("parents is not a tree: a parent chain never reaches the root; see validate_parents")
 
 
 def depths(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None) -> torch.Tensor:
