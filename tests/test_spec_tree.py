@@ -158,7 +158,7 @@ def test_sglang_format(rng):
     parents, cu_nodes = torch.cat(trees), torch.tensor([0, 9, 10, 14], dtype=torch.int32)
     tokens = torch.randint(0, 1000, (14,), generator=rng)
     out_tokens, mask = to_sglang(tokens, parents, cu_nodes)
-    assert torch.equal(out_tokens, tokens) and mask.dtype == torch.bool and mask.numel() == 81 + 1 + 16
+    assert torch.equal(out_tokens, tokens) and mask.dtype == torch.int64 and mask.numel() == 81 + 1 + 16
     tree = trees[0].tolist()
     for i in range(9):
         for j in range(9):

@@ -317,7 +317,8 @@ def token_recycling_template() -> TreeShape:
 
 
 def to_sglang(draft_tokens: torch.Tensor, parents: torch.Tensor, cu_nodes: torch.Tensor | None = None):
-    """SGLang's NGRAM format: ``(tokens int64[total], mask bool[sum n_b * n_b])``.
+    """SGLang's NGRAM format (``NGRAMWorker._prepare_draft_tokens``): ``(tokens int64[total],
+    mask int64[sum n_b * n_b])``.
 
     Per request, ``mask[i * n + j]`` is 1 iff j is i or an ancestor of i; requests' flattened
     masks are concatenated in batch order.
@@ -325,10 +326,10 @@ def to_sglang(draft_tokens: torch.Tensor, parents: torch.Tensor, cu_nodes: torch
     if draft_tokens.shape != parents.shape:
         raise ValueError(f"draft_tokens must have parents' shape {tuple(parents.shape)}, got {tuple(draft_tokens.shape)}")
     if cu_nodes is None:
-        return draft_tokens.long(), ancestor_mask(parents).flatten()
+        return draft_tokens.long(), ancestor_mask(parents).flatten().long()
     bounds = cu_nodes.tolist()
     masks = [ancestor_mask(parents[s:e]).flatten() for s, e in zip(bounds[:-1], bounds[1:])]
-    return draft_tokens.long(), torch.cat(masks)
+    return draft_tokens.long(), torch.cat(masks).long()
 
 
 def to_vllm_linear(draft_tokens: torch.Tensor, parents: torch.Tensor, node_scores: torch.Tensor | None = None) -> torch.Tensor:
