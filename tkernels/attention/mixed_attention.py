@@ -38,9 +38,9 @@ Design.
   (:func:`merge_split_kv_kernel`) merges them per token.
 
 Tile shapes, warps, stages and split parameters come from
-``tkernels.config.kernel_config("mixed_attention", ...)``. The defaults in
-:data:`DEFAULT_CONFIG` are unmeasured starting points (written before any GPU run), to be
-replaced by ``tkernels autotune``.
+``tkernels.config.kernel_config("mixed_attention", ...)``. The defaults
+(:func:`default_config`) are unmeasured starting points (written before any GPU run), chosen
+only so that the tiles compile without register spills; ``tkernels autotune`` replaces them.
 """
 
 from __future__ import annotations
@@ -67,15 +67,28 @@ MERGE_FIELDS = 4  # token, first workspace row, row stride between splits, numbe
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "prefill_block_m": 128,  # query rows (tokens x group heads) per prefill tile
-    "prefill_block_n": 64,
+    # K/V tiles are gathered through the block table with one 64-bit address per element, so
+    # BLOCK_N costs registers fast: at head_dim 128, 64-key tiles spill (ptxas, sm_90), 32 do not.
+    "prefill_block_n": 32,
     "decode_block_m": 64,  # upper bound; shrunk to the batch's longest decode/tree query
-    "decode_block_n": 64,
+    "decode_block_n": 32,
     "decode_max_q": 64,  # requests with at most this many new tokens use decode tiles
     "min_split_keys": 512,  # split-KV chunks hold at least this many keys
     "max_splits": 32,
     "num_warps": 8,  # shared by both tile classes; a 128x128 fp32 accumulator needs 8 warps
     "num_stages": 2,
 }
+
+
+def default_config(head_dim: int) -> dict[str, Any]:
+    """:data:`DEFAULT_CONFIG` adjusted to the head size (register budget of one tile)."""
+    if head_dim <= 64:
+        return {**DEFAULT_CONFIG, "prefill_block_n": 64, "decode_block_n": 64}
+    if head_dim > 128:  # a 128-row fp32 accumulator alone would fill the registers of 8 warps
+        return {**DEFAULT_CONFIG, "prefill_block_m": 64}
+    return dict(DEFAULT_CONFIG)
+
+
 _DUMMY_SMS = 132  # SM count assumed when planning without a GPU (H100 SXM)
 
 
@@ -188,7 +201,7 @@ _ATTN_SIGNATURE = {
 
 @gpu_compile_check(
     _ATTN_SIGNATURE, HEAD_DIM=128, HEAD_DIM_PAD=128, GROUP=4, PAGE_SIZE=16,
-    PREFILL_BLOCK_M=128, PREFILL_BLOCK_N=64, DECODE_BLOCK_M=64, DECODE_BLOCK_N=64,
+    PREFILL_BLOCK_M=128, PREFILL_BLOCK_N=32, DECODE_BLOCK_M=64, DECODE_BLOCK_N=32,
     HAS_TREE=True, HAS_WINDOW=True, HAS_SOFTCAP=True,
 )
 @triton.jit
@@ -445,10 +458,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _launch_config(group: int, head_dim: int, block_size: int, q_len: torch.Tensor, override: dict | None) -> dict[str, Any]:
-    # Past head_dim 128 a 128-row fp32 accumulator alone would fill the registers of 8 warps.
-    default = DEFAULT_CONFIG if head_dim <= 128 else {**DEFAULT_CONFIG, "prefill_block_m": 64}
     cfg = kernel_config("mixed_attention", key={"head_dim": head_dim, "group": group, "block_size": block_size},
-                        default=default)
+                        default=default_config(head_dim))
     cfg = {**cfg, **(override or {})}
     unknown = set(cfg) - set(DEFAULT_CONFIG)
     if unknown:
