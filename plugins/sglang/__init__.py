@@ -1,24 +1,99 @@
 """SGLang plugin, loaded by SGLang through the ``sglang.srt.plugins`` entry point.
 
-SGLang's ``load_plugins()`` calls :func:`register` in every process it starts (CLI, Engine, each
-scheduler process), so it is idempotent and cheap: it imports nothing heavy (not even SGLang)
-and launches no kernel. It registers no hook yet; each hook, when added, calls
-:func:`tkernels.plugins.sglang.compat.require_supported_sglang` first, so an unsupported SGLang
-fails loudly only when a tkernels feature is actually patched in.
+SGLang's ``load_plugins()`` calls :func:`register` in every process it starts (CLI before
+argument parsing, Engine, each scheduler process), then applies the hooks registered here. So
+:func:`register` is idempotent and cheap: it checks the SGLang version from package metadata,
+adds the attention backend name, and registers hooks by dotted target name; the hook bodies
+import tkernels' SGLang modules (and SGLang's internals) only when SGLang first calls them.
+
+What each feature is selected by (nothing changes behind the user's back):
+
+- ``--attention-backend tkernels``: :class:`tkernels.plugins.sglang.attention.TkernelsAttnBackend`;
+- ``TKERNELS_SGLANG=budget`` (with ``--enable-mixed-chunk``): the decode-maximal chunk budget,
+  :mod:`tkernels.plugins.sglang.budget`;
+- ``TKERNELS_SGLANG=token_recycling`` (with ``--speculative-algorithm NGRAM``): the Token
+  Recycling drafter and tkernels' tree verification, :mod:`tkernels.plugins.sglang.drafter`.
+
+Features combine: ``TKERNELS_SGLANG=budget,token_recycling``. An SGLang outside the supported
+range makes :func:`register` raise (SGLang logs it and starts without tkernels, so
+``--attention-backend tkernels`` is then rejected by the CLI).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 logger = logging.getLogger("tkernels")
 
+ENV_FEATURES = "TKERNELS_SGLANG"
+FEATURES = ("budget", "token_recycling")
+BACKEND_NAME = "tkernels"
+
 REGISTERED = False
+
+
+def selected_features() -> tuple[str, ...]:
+    """The features named in ``$TKERNELS_SGLANG`` (comma-separated); ValueError on unknown names."""
+    names = tuple(n.strip() for n in os.environ.get(ENV_FEATURES, "").split(",") if n.strip())
+    unknown = sorted(set(names) - set(FEATURES))
+    if unknown:
+        raise ValueError(f"${ENV_FEATURES}: unknown features {unknown}; known: {', '.join(FEATURES)}")
+    return names
+
+
+def create_attention_backend(model_runner):
+    from tkernels.plugins.sglang.attention import TkernelsAttnBackend
+
+    return TkernelsAttnBackend(model_runner)
+
+
+def get_prefill_adder_class(scheduler):
+    """REPLACE hook of ``Scheduler.get_prefill_adder_class``."""
+    from tkernels.plugins.sglang.budget import prefill_adder_for
+
+    return prefill_adder_for(scheduler)
+
+
+def create_worker(worker_cls, *args, **kwargs):
+    """AFTER hook of ``SpeculativeAlgorithm.create_worker``: NGRAM -> the Token Recycling worker."""
+    from tkernels.plugins.sglang.drafter import replace_ngram_worker
+
+    return replace_ngram_worker(worker_cls)
+
+
+def eagle_sample(original, *args, **kwargs):
+    """AROUND hook of ``eagle_utils.eagle_sample``: tkernels' tree verification for tkernels' drafts."""
+    from tkernels.plugins.sglang.verify import eagle_sample as tkernels_eagle_sample
+
+    return tkernels_eagle_sample(original, *args, **kwargs)
 
 
 def register() -> None:
     global REGISTERED
     if REGISTERED:
         return
+    from tkernels.plugins.sglang.compat import require_supported_sglang
+
+    version = require_supported_sglang()  # before anything touches SGLang's internals
+    features = selected_features()
+
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])
+    register_attention_backend(BACKEND_NAME)(create_attention_backend)
+    if "budget" in features:
+        HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_prefill_adder_class",
+                              get_prefill_adder_class, HookType.REPLACE)
+    if "token_recycling" in features:
+        HookRegistry.register("sglang.srt.speculative.spec_info.SpeculativeAlgorithm.create_worker",
+                              create_worker, HookType.AFTER)
+        HookRegistry.register("sglang.srt.speculative.eagle_utils.eagle_sample", eagle_sample, HookType.AROUND)
+        logger.info("tkernels: NGRAM runs without mixed chunks (SGLang switches --enable-mixed-chunk off for "
+                    "NGRAM; tkernels does not lift that, see the README)")
     REGISTERED = True
-    logger.info("tkernels: SGLang plugin registered (no hooks yet)")
+    logger.info("tkernels: SGLang plugin registered (SGLang %s; attention backend '%s'; features: %s)",
+                version, BACKEND_NAME, ", ".join(features) or "none")

@@ -14,24 +14,65 @@ def test_entry_point_is_declared():
     assert ep.value == "tkernels.plugins.sglang:register"
 
 
-def test_register_is_idempotent(monkeypatch, caplog):
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """A clean plugin state: tkernels not registered yet, SGLang's hook and backend tables restored after."""
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
     monkeypatch.setattr(plugin, "REGISTERED", False)
+    monkeypatch.setattr(HookRegistry, "_hooks", type(HookRegistry._hooks)(list))
+    monkeypatch.setattr(HookRegistry, "apply_hooks", classmethod(lambda cls: None))  # no patching in tests
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    yield HookRegistry
+    while plugin.BACKEND_NAME in ATTENTION_BACKEND_CHOICES:
+        ATTENTION_BACKEND_CHOICES.remove(plugin.BACKEND_NAME)
+    ATTENTION_BACKENDS.pop(plugin.BACKEND_NAME, None)
+
+
+@pytest.mark.sglang
+def test_register_is_idempotent(fresh_registry, monkeypatch, caplog):
+    monkeypatch.setenv(plugin.ENV_FEATURES, "budget")
     with caplog.at_level(logging.INFO, logger="tkernels"):
         plugin.register()
         plugin.register()
     assert plugin.REGISTERED
-    assert [r.getMessage() for r in caplog.records] == ["tkernels: SGLang plugin registered (no hooks yet)"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"tkernels: SGLang plugin registered (SGLang {compat.installed_version('sglang')}; attention backend "
+        "'tkernels'; features: budget)"]
+    assert len(fresh_registry._hooks["sglang.srt.managers.scheduler.Scheduler.get_prefill_adder_class"]) == 1
+
+
+HOOKS = {
+    "budget": ["sglang.srt.managers.scheduler.Scheduler.get_prefill_adder_class"],
+    "token_recycling": ["sglang.srt.speculative.spec_info.SpeculativeAlgorithm.create_worker",
+                        "sglang.srt.speculative.eagle_utils.eagle_sample"],
+}
 
 
 @pytest.mark.sglang
-def test_load_plugins_calls_register(monkeypatch):
+@pytest.mark.parametrize("features", ["", "budget", "token_recycling", "budget,token_recycling"])
+def test_load_plugins_registers_everything(fresh_registry, monkeypatch, features):
     import sglang.srt.plugins
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.server_args import prepare_server_args
 
     monkeypatch.setattr(sglang.srt.plugins, "_plugins_loaded", False)
-    monkeypatch.setattr(plugin, "REGISTERED", False)
-    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    monkeypatch.setenv(plugin.ENV_FEATURES, features)
     sglang.srt.plugins.load_plugins()
     assert plugin.REGISTERED
+    assert ATTENTION_BACKENDS[plugin.BACKEND_NAME] is plugin.create_attention_backend
+    expected = sorted(t for f in filter(None, features.split(",")) for t in HOOKS[f])
+    assert sorted(t for t, hooks in fresh_registry._hooks.items() if hooks) == expected
+    args = prepare_server_args(["--model-path", "dummy", "--attention-backend", "tkernels"])
+    assert args.attention_backend == "tkernels"
+
+
+def test_unknown_feature_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(plugin.ENV_FEATURES, "budget, tree")
+    with pytest.raises(ValueError, match=r"TKERNELS_SGLANG: unknown features \['tree'\]; known: budget, token_recycling"):
+        plugin.selected_features()
 
 
 @pytest.mark.parametrize("version", ["0.5.23", "0.5.23.post1", "0.5.24rc0", "0.5.99+cu130"])
