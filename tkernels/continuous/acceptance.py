@@ -23,54 +23,60 @@ import triton.language as tl
 
 from tkernels.registry import gpu_compile_check
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _max_tile(device: torch.device) -> int:
+    # Elements per program: a register budget on a GPU; under the CPU interpreter a program's
+    # cost is mostly fixed overhead, so few large programs run much faster.
+    return 2048 if device.type == "cuda" else 1 << 16
 
 
 @gpu_compile_check(
     {
         "x_ptr": "*fp16", "mu_p_ptr": "*fp16", "mu_q_ptr": "*fp16", "sigma_ptr": "*fp32", "out_ptr": "*fp32",
-        "n_steps": "i32", "n_dims": "i32",
+        "rows": "i32", "n_steps": "i32", "n_dims": "i32",
         "x_sn": "i64", "x_ss": "i64", "x_sd": "i64",
         "p_sn": "i64", "p_ss": "i64", "p_sd": "i64",
         "q_sn": "i64", "q_ss": "i64", "q_sd": "i64",
     },
-    BLOCK_S=16,
-    BLOCK_D=16,
+    BLOCK_N=4,
+    BLOCK_K=512,
 )
 @triton.jit
 def _trajectory_log_ratio_kernel(
     x_ptr, mu_p_ptr, mu_q_ptr, sigma_ptr, out_ptr,
-    n_steps, n_dims,
+    rows, n_steps, n_dims,
     x_sn, x_ss, x_sd,
     p_sn, p_ss, p_sd,
     q_sn, q_ss, q_sd,
-    BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    # One program per row (a token's whole trajectory): a row is a few thousand elements at
-    # MAR sizes (100 steps x 16 dims), so a serial loop over step blocks keeps the reduction
-    # in registers with no atomics.
-    row = tl.program_id(0).to(tl.int64)
-    steps = tl.arange(0, BLOCK_S)
-    dims = tl.arange(0, BLOCK_D)
-    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
-    for d0 in range(0, n_dims, BLOCK_D):
-        d = d0 + dims
-        d_ok = d < n_dims
-        for s0 in range(0, n_steps, BLOCK_S):
-            s = s0 + steps
-            s_ok = s < n_steps
-            mask = s_ok[:, None] & d_ok[None, :]
-            x = tl.load(x_ptr + row * x_sn + s[:, None] * x_ss + d[None, :] * x_sd, mask=mask, other=0.0)
-            mp = tl.load(mu_p_ptr + row * p_sn + s[:, None] * p_ss + d[None, :] * p_sd, mask=mask, other=0.0)
-            mq = tl.load(mu_q_ptr + row * q_sn + s[:, None] * q_ss + d[None, :] * q_sd, mask=mask, other=0.0)
-            sigma = tl.load(sigma_ptr + s, mask=s_ok, other=1.0)
-            x = x.to(tl.float32)
-            mp = mp.to(tl.float32)
-            mq = mq.to(tl.float32)
-            half_precision = 0.5 / (sigma * sigma)
-            acc += (mp - mq) * (2.0 * x - mp - mq) * half_precision[:, None]
-    tl.store(out_ptr + row, tl.sum(tl.sum(acc, axis=1), axis=0))
+    # A program owns BLOCK_N rows (tokens) and walks their flattened (step, dim) axis in chunks
+    # of BLOCK_K: a row is a few thousand elements at MAR sizes (100 steps x 16 dims) and a few
+    # dozen in toys, so one tile shape serves both by trading rows for columns, and the
+    # reduction stays in registers with no atomics.
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < rows
+    n64 = n.to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, n_steps * n_dims, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        s = k // n_dims
+        d = k % n_dims
+        k_ok = s < n_steps
+        mask = n_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptr + n64[:, None] * x_sn + (s * x_ss + d * x_sd)[None, :], mask=mask, other=0.0)
+        mp = tl.load(mu_p_ptr + n64[:, None] * p_sn + (s * p_ss + d * p_sd)[None, :], mask=mask, other=0.0)
+        mq = tl.load(mu_q_ptr + n64[:, None] * q_sn + (s * q_ss + d * q_sd)[None, :], mask=mask, other=0.0)
+        sigma = tl.load(sigma_ptr + s, mask=k_ok, other=1.0)
+        x = x.to(tl.float32)
+        mp = mp.to(tl.float32)
+        mq = mq.to(tl.float32)
+        half_precision = 0.5 / (sigma * sigma)
+        acc += (mp - mq) * (2.0 * x - mp - mq) * half_precision[None, :]
+    tl.store(out_ptr + n, tl.sum(acc, axis=1), mask=n_ok)
 
 
 def _check_trajectories(x: torch.Tensor, mu_p: torch.Tensor, mu_q: torch.Tensor, sigma: torch.Tensor) -> None:
@@ -80,7 +86,7 @@ def _check_trajectories(x: torch.Tensor, mu_p: torch.Tensor, mu_q: torch.Tensor,
         if t.dim() != 3:
             raise ValueError(f"{name} must be [rows, steps, dims], got shape {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} must be fp16, bf16 or fp32, got {t.dtype}")
+            raise ValueError(f"{name} must be fp16, bf16, fp32 or fp64, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     for name, t in (("mu_p", mu_p), ("mu_q", mu_q)):
@@ -112,12 +118,12 @@ def trajectory_log_ratio(x: torch.Tensor, mu_p: torch.Tensor, mu_q: torch.Tensor
     if steps == 0 or dims == 0:
         return out.zero_()
     sigma = sigma.to(torch.float32).contiguous()
-    block_d = min(triton.next_power_of_2(dims), 64)
-    block_s = max(1, min(triton.next_power_of_2(steps), 1024 // block_d))
-    _trajectory_log_ratio_kernel[(rows,)](
-        x, mu_p, mu_q, sigma, out, steps, dims,
+    block_k = min(triton.next_power_of_2(steps * dims), 512)
+    block_n = max(1, min(triton.next_power_of_2(rows), _max_tile(x.device) // block_k))
+    _trajectory_log_ratio_kernel[(triton.cdiv(rows, block_n),)](
+        x, mu_p, mu_q, sigma, out, rows, steps, dims,
         *x.stride(), *mu_p.stride(), *mu_q.stride(),
-        BLOCK_S=block_s, BLOCK_D=block_d,
+        BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return out
 
@@ -167,7 +173,7 @@ def _check_window(log_ratio: torch.Tensor, uniforms: torch.Tensor) -> None:
         if t.dim() != 2:
             raise ValueError(f"{name} must be [rows, window], got shape {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} must be fp16, bf16 or fp32, got {t.dtype}")
+            raise ValueError(f"{name} must be fp16, bf16, fp32 or fp64, got {t.dtype}")
     if uniforms.shape != log_ratio.shape:
         raise ValueError(f"uniforms has shape {tuple(uniforms.shape)} but log_ratio has {tuple(log_ratio.shape)}")
     if uniforms.device != log_ratio.device:
@@ -189,7 +195,7 @@ def first_rejection(log_ratio: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     if window == 0:
         return out.zero_()
     block_w = min(triton.next_power_of_2(window), 64)
-    block_b = max(1, min(64, 2048 // block_w))
+    block_b = max(1, min(triton.next_power_of_2(rows), _max_tile(log_ratio.device) // block_w))
     _first_rejection_kernel[(triton.cdiv(rows, block_b),)](
         log_ratio, uniforms, out, rows, window, *log_ratio.stride(), *uniforms.stride(),
         BLOCK_B=block_b, BLOCK_W=block_w,
