@@ -31,7 +31,8 @@ Design.
   first wave and short decode tiles fill the tail (longest-processing-time list scheduling over
   the hardware's in-order block dispatch).
 * One launch of :func:`mixed_attention_kernel` runs every item; the class picks one of two
-  tile shapes compiled into the same kernel (POD-style). Scores use ``tl.dot`` with fp32
+  tile shapes compiled into the same kernel (POD-style; a batch of one class compiles its
+  shape into both branches so the absent one does not raise the register count). Scores use ``tl.dot`` with fp32
   accumulation and ``exp2`` with ``scale * log2(e)`` folded in; K/V rows are gathered through
   the block table per key, so any block size works with any BLOCK_N.
 * Split items write fp32 partial outputs and log-sum-exps to a workspace; a second small launch
@@ -443,6 +444,13 @@ def plan_mixed_attention(
     cfg = _launch_config(num_q_heads // num_kv_heads, head_dim, block_size, q_len, config)
     items, merge, ws_rows = _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, num_q_heads // num_kv_heads,
                                       window, num_sms or _num_sms(device))
+    # Registers are allocated for the larger of the two compiled tile shapes: a batch with one
+    # class only compiles that shape into both branches, so it runs at that shape's occupancy.
+    classes = set(items[:, 2].tolist())
+    if classes == {DECODE}:
+        cfg["prefill_block_m"], cfg["prefill_block_n"] = cfg["decode_block_m"], cfg["decode_block_n"]
+    elif classes == {PREFILL}:
+        cfg["decode_block_m"], cfg["decode_block_n"] = cfg["prefill_block_m"], cfg["prefill_block_n"]
     return MixedAttentionPlan(
         items=items.to(device), merge=merge.to(device), ws_rows=ws_rows, has_tree=bool(tree_req.any()),
         is_tree=tree_req.to(torch.int8).to(device), ancestors=ancestors.to(device),
