@@ -30,11 +30,13 @@ Design.
   cost estimate ``2 * tile_rows + kv_len``, largest first, so long prefill tiles start in the
   first wave and short decode tiles fill the tail (longest-processing-time list scheduling over
   the hardware's in-order block dispatch).
-* One launch of :func:`mixed_attention_kernel` runs every item; the class picks one of two
-  tile shapes compiled into the same kernel (POD-style; a batch of one class compiles its
-  shape into both branches so the absent one does not raise the register count). Scores use ``tl.dot`` with fp32
-  accumulation and ``exp2`` with ``scale * log2(e)`` folded in; K/V rows are gathered through
-  the block table per key, so any block size works with any BLOCK_N.
+* One launch of :func:`mixed_attention_kernel` runs every item, one program per item in plan
+  order (not a persistent grid); the class picks one of two tile shapes compiled into the same
+  kernel (POD-style). Registers are allocated for the larger shape, so a batch of one class
+  compiles its shape into both branches. Scores use ``tl.dot`` with fp32 accumulation and
+  ``exp2`` with ``scale * log2(e)`` folded in; key tiles wholly inside the cached prefix skip
+  the mask. K/V rows are gathered through the block table per key, so any block size works
+  with any BLOCK_N.
 * Split items write fp32 partial outputs and log-sum-exps to a workspace; a second small launch
   (:func:`merge_split_kv_kernel`) merges them per token.
 
