@@ -1,0 +1,113 @@
+"""Token Recycling drafts for SGLang's NGRAM speculation path.
+
+    TKERNELS_SGLANG=token_recycling python -m sglang.launch_server --model-path M \\
+        --speculative-algorithm NGRAM --speculative-num-draft-tokens 16
+
+``--speculative-algorithm NGRAM`` is kept so SGLang's scheduler, KV allocation, verify forward
+(TARGET_VERIFY with a tree mask) and KV moves are reused unchanged; the plugin swaps the worker
+class (:class:`TokenRecyclingWorker`, an ``NGRAMWorker``) and verification
+(:mod:`tkernels.plugins.sglang.verify`):
+
+- drafting (:meth:`TokenRecyclingWorker._prepare_draft_tokens`): every request's last committed
+  token is node 0 of a d-node tree (d = ``--speculative-num-draft-tokens``) filled from the
+  shared adjacency matrix (:class:`tkernels.spec.TokenRecycling`); the tree is the best d-node
+  tree under the hardware-aware policy's live acceptance estimates
+  (:class:`tkernels.spec.DynamicTreePolicy`; d is fixed by SGLang's buffers, so the policy picks
+  which d-node tree, not its size). Output in NGRAM's format: BFS tokens ``int64[bs*d]`` and
+  ancestor masks ``bool[bs*d*d]``;
+- after verification, the target logits at ALL tree nodes refresh the adjacency rows and the
+  accepted path updates the policy (:meth:`TreeDrafter.observe`, called by the verify hook).
+
+Mixed chunks: SGLang's NGRAM server-args handling turns ``--enable-mixed-chunk`` off, and its
+mixed step runs decodes as plain one-token decodes; the plugin keeps that (see the README).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sglang.srt.speculative.ngram_worker import NGRAMWorker
+
+from tkernels.spec import DynamicTreePolicy, TokenRecycling, ancestor_mask
+from tkernels.spec.tree_policy import greedy_tree
+
+TOP_K = 8  # adjacency candidates per token (Token Recycling's k)
+
+
+class TreeDrafter:
+    """Token Recycling drafter with policy-chosen d-node trees, in SGLang's NGRAM format."""
+
+    def __init__(self, vocab_size: int, num_nodes: int, k: int = TOP_K, device: torch.device | str = "cpu"):
+        self.num_nodes = num_nodes
+        self.recycling = TokenRecycling(vocab_size, k, device=device)
+        self.policy = DynamicTreePolicy(k=k)
+        if len(self.shape()) != num_nodes:
+            raise ValueError(f"--speculative-num-draft-tokens={num_nodes}: the tree policy builds trees of at most "
+                             f"{self.policy.max_depth * k + 1} nodes")
+
+    def shape(self):
+        return greedy_tree(self.policy.accept_probs(), self.num_nodes)[0]
+
+    def draft(self, last_tokens: torch.Tensor):
+        """``(tokens int64[B*d], mask bool[B*d*d], parents int32[B*d])`` from the requests' last tokens.
+
+        Every request drafts the same shape, so one ancestor mask serves all: ``mask[b*d*d + i*d + j]``
+        is 1 iff j is i or an ancestor of i (:func:`tkernels.spec.to_sglang`'s layout).
+        """
+        shape = self.shape()
+        tokens, parents, _ = self.recycling.draft(last_tokens, shape)
+        mask = ancestor_mask(shape.parents).flatten().repeat(last_tokens.numel())
+        return tokens, mask, parents
+
+    def observe(self, logits: torch.Tensor, draft_tokens: torch.Tensor, predict: torch.Tensor,
+                accept_lens: torch.Tensor, accept_index: torch.Tensor) -> None:
+        """Learn from one verify step given in SGLang's ``eagle_sample`` outputs.
+
+        ``accept_index[b, j]`` is the flat index of the j-th accepted node (node 0 first, -1
+        padded) and ``predict`` there holds the token the target chose after it, so the ranks of
+        those tokens in their parents' adjacency rows (read before the rows are refreshed) are
+        the policy's observations; then every node's row takes its logits' top-k.
+        """
+        nodes = accept_index.long().clamp(min=0)
+        ranks = self.recycling.candidate_ranks(draft_tokens[nodes].flatten(), predict[nodes].flatten().long())
+        self.policy.update(ranks.view(nodes.shape), accept_lens)
+        self.recycling.update(logits[:, : self.recycling.vocab_size], draft_tokens)
+
+
+def last_committed_tokens(worker, batch) -> list[int]:
+    """Each request's last committed token; under overlap scheduling the last round's accepted
+    tokens are not yet in ``req.output_ids`` and come from ``batch.spec_info`` (as NGRAM does)."""
+    last = [(req.output_ids or req.origin_input_ids_unpadded)[-1] for req in batch.reqs]
+    if worker.enable_overlap and not batch.grammar_needs_sync():
+        accept_lens = batch.spec_info.accept_lens.tolist()
+        accept_tokens = batch.spec_info.accept_tokens.view(len(last), -1).tolist()
+        last = [row[n - 1] if n > 0 else t for row, n, t in zip(accept_tokens, accept_lens, last)]
+    return last
+
+
+class TokenRecyclingWorker(NGRAMWorker):
+    """SGLang's NGRAM worker drafting with Token Recycling (see the module docstring)."""
+
+    def __init__(self, server_args, gpu_id, nccl_port, target_worker):
+        super().__init__(server_args, gpu_id, nccl_port, target_worker)
+        self.drafter = TreeDrafter(self.model_runner.model_config.vocab_size, self.draft_token_num, device=self.device)
+        self.draft_parents: torch.Tensor | None = None
+
+    def _prepare_draft_tokens(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        last = torch.tensor(last_committed_tokens(self, batch), dtype=torch.int64)
+        tokens, mask, self.draft_parents = self.drafter.draft(last)
+        return tokens.cpu().numpy(), mask.cpu().numpy()
+
+    def _prepare_for_speculative_decoding(self, batch) -> None:
+        super()._prepare_for_speculative_decoding(batch)
+        if batch.forward_mode.is_target_verify():  # tell the verify hook whose tree this is
+            batch.spec_info.tkernels_drafter = self.drafter
+            batch.spec_info.tkernels_parents = self.draft_parents.to(batch.spec_info.draft_token.device)
+
+    def _update_ngram_corpus(self, batch) -> None:
+        """No n-gram corpus: the adjacency matrix learnt from the verify logits (in the verify hook)."""
+
+
+def replace_ngram_worker(worker_cls):
+    """``SpeculativeAlgorithm.create_worker``'s result with NGRAM's worker swapped for ours."""
+    return TokenRecyclingWorker if worker_cls is NGRAMWorker else worker_cls
