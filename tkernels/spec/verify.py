@@ -526,15 +526,15 @@ def verify_sampling(
     row_sum = torch.empty(n, dtype=torch.float32, device=device)
     _node_pass(_STATS, logits, inv_temp, thr, uniforms, draft_tokens, row_max, row_sum)
     scratch = torch.empty((2, batch, vocab), dtype=torch.float32, device=device)
-    block_v = _block_v(vocab, 1024)
-    block_b = _per_program(batch, block_v, budget=1024)
+    block_v = _block_v(vocab, 4096)
+    block_b = _per_program(batch, block_v)
     tokens, nodes, num = out
     _rejection_walk_kernel[(triton.cdiv(batch, block_b),)](
         logits, logits.stride(0), draft_probs, draft_probs.stride(0), vocab, draft_tokens, parents.int(), cu_nodes.int(),
         inv_temp, thr, row_max, row_sum, uniforms, scratch[0], scratch[1], tokens, nodes, num,
         batch, shape.width, shape.max_nodes, shape.max_children,
         BLOCK_B=block_b, BLOCK_N=triton.next_power_of_2(shape.max_nodes), BLOCK_W=triton.next_power_of_2(shape.width),
-        BLOCK_V=block_v, num_warps=8 if block_v * block_b >= 1024 else 4,
+        BLOCK_V=block_v, num_warps=8 if block_v * block_b >= 2048 else 4,
     )
     return out
 
@@ -633,8 +633,8 @@ def verify_greedy_reference(logits, draft_tokens, parents, cu_nodes):
     return _walk_reference(argmax, no_margin, draft_tokens, parents, cu_nodes, width).result()
 
 
-def _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs):
-    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes).width
+def _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs, width):
+    """The walk behind :func:`verify_sampling_reference` on validated inputs (``width`` = max depth + 1)."""
     probs = target_probs(logits, cu_nodes, temperature, top_k, top_p)
     if draft_probs is None:
         token, margin = _inverse_cdf_reference(probs, uniforms[:, 1])
@@ -653,7 +653,8 @@ def _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, to
             t = draft_tokens[c.clamp(min=0)]
             u = uniforms[c.clamp(min=0), 0].double()
             p_t, q_t = p[rows, t], q[rows, t]
-            walk.margin = torch.where(tested, torch.minimum(walk.margin, (u * q_t - p_t).abs()), walk.margin)
+            gap = (u * q_t - p_t).abs() / torch.maximum(u * q_t, p_t).clamp(min=1e-300)  # relative, like rounding
+            walk.margin = torch.where(tested, torch.minimum(walk.margin, gap), walk.margin)
             accept = tested & (u * q_t < p_t)
             child = torch.where(accept, c, child)
             reject = (tested & ~accept)[:, None]
@@ -676,4 +677,5 @@ def verify_sampling_reference(
     logits, draft_tokens, parents, cu_nodes, temperature, top_k=None, top_p=None, *, uniforms, draft_probs=None
 ):
     """Plain-PyTorch :func:`verify_sampling` on the same ``uniforms`` (float64 probabilities)."""
-    return _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs).result()
+    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes).width
+    return _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs, width).result()

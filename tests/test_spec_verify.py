@@ -1,0 +1,347 @@
+"""Tree verification: kernels vs references, greedy = plain greedy, statistical losslessness."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from tkernels.spec import verify as V
+from tkernels.spec.tree import depths, from_child_counts
+
+SHAPES = {  # parents of one tree
+    "single": [-1],
+    "chain": [-1, 0, 1, 2, 3],
+    "binary": [-1, 0, 0, 1, 1, 2, 2],
+    "star": [-1, 0, 0, 0, 0, 0],
+    "mixed": from_child_counts([3, 2, 0, 1, 1, 0, 0, 1]).parents.tolist(),
+}
+
+
+def random_parents(n, rng):
+    """A random BFS tree: parents[1:] non-decreasing, parents[i] < i."""
+    parents = [-1]
+    for i in range(1, n):
+        low = max(parents[-1], 0)
+        parents.append(int(torch.randint(low, i, (1,), generator=rng)))
+    return parents
+
+
+def make_batch(trees, vocab, rng, dtype=torch.float32, match=0.6):
+    """Ragged batch of ``trees`` (parents lists); draft tokens copy the parent's argmax w.p. ``match``."""
+    parents = torch.tensor([p for tree in trees for p in tree], dtype=torch.int32)
+    cu = torch.tensor([0] + [len(t) for t in trees], dtype=torch.int32).cumsum(0).int()
+    n = int(cu[-1])
+    logits = (torch.randn(n, vocab, generator=rng) * 3).to(dtype)
+    argmax = logits.argmax(-1)
+    tokens = torch.randint(0, vocab, (n,), generator=rng)
+    offsets = torch.repeat_interleave(cu[:-1].long(), (cu[1:] - cu[:-1]).long())
+    gpar = parents.long() + offsets
+    copy = (parents >= 0) & (torch.rand(n, generator=rng) < match)
+    tokens[copy] = argmax[gpar[copy]]
+    return logits, tokens, parents, cu
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Outputs start as a sentinel, so any element the kernels fail to write shows up."""
+    def empty_outputs(batch, width, device):
+        return (
+            torch.full((batch, width), 777, dtype=torch.int64, device=device),
+            torch.full((batch, width), 777, dtype=torch.int32, device=device),
+            torch.full((batch,), 777, dtype=torch.int32, device=device),
+        )
+    monkeypatch.setattr(V, "_empty_outputs", empty_outputs)
+
+
+def assert_same(out, ref):
+    for a, b, name in zip(out, ref, ("accepted_tokens", "accepted_nodes", "num_accepted")):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), f"{name}:\n{a}\n{b}"
+
+
+def check_greedy_contract(out, logits, tokens, parents, cu):
+    """Independent check of the greedy rule on the kernel's output (python loops)."""
+    acc_tokens, acc_nodes, num = out
+    argmax = logits.argmax(-1)
+    for b in range(num.numel()):
+        s, n = int(cu[b]), int(cu[b + 1] - cu[b])
+        k = int(num[b])
+        path = acc_nodes[b, :k].tolist()
+        assert path[0] == 0 and (acc_nodes[b, k:] == -1).all() and (acc_tokens[b, k:] == -1).all()
+        for d in range(1, k):
+            assert int(parents[s + path[d]]) == path[d - 1]
+            assert int(tokens[s + path[d]]) == int(argmax[s + path[d - 1]]) == int(acc_tokens[b, d - 1])
+        last = path[-1]
+        assert int(acc_tokens[b, k - 1]) == int(argmax[s + last])
+        children = [i for i in range(n) if int(parents[s + i]) == last]
+        assert all(int(tokens[s + c]) != int(argmax[s + last]) for c in children)  # maximal
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_greedy_random_trees(rng, poisoned, dtype):
+    sizes = [1, 7, 16, 3, 33, 2, 9]
+    trees = [random_parents(n, rng) for n in sizes] + [SHAPES["chain"], SHAPES["star"]]
+    batch = make_batch(trees, 1000, rng, dtype)
+    out = V.verify_greedy(*batch)
+    assert_same(out, V.verify_greedy_reference(*batch))
+    check_greedy_contract(out, *batch)
+
+
+def test_greedy_large_vocab(rng, poisoned):
+    batch = make_batch([SHAPES["chain"], [-1], SHAPES["binary"]], 128256, rng, torch.float16)
+    out = V.verify_greedy(*batch)
+    assert_same(out, V.verify_greedy_reference(*batch))
+    check_greedy_contract(out, *batch)
+
+
+def test_single_node_trees_and_empty_batch(rng, poisoned):
+    batch = make_batch([[-1]] * 5, 50, rng)
+    tokens, nodes, num = V.verify_greedy(*batch)
+    assert tokens.shape == (5, 1) and torch.equal(tokens[:, 0], batch[0].argmax(-1))
+    assert (nodes == 0).all() and (num == 1).all()
+    temp = torch.ones(5)
+    tokens, nodes, num = V.verify_sampling(*batch, temp, uniforms=torch.rand(5, 2, generator=rng))
+    assert (num == 1).all() and (nodes == 0).all() and tokens.shape == (5, 1)
+    empty = (torch.empty(0, 50), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
+    for out in (V.verify_greedy(*empty), V.verify_sampling(*empty, torch.ones(0)),
+                V.verify_sampling(*empty, torch.ones(0), draft_probs=torch.empty(0, 50))):
+        assert [tuple(t.shape) for t in out] == [(0, 1), (0, 1), (0,)]
+
+
+def test_greedy_speculation_equals_plain_greedy(rng):
+    """Target = a fixed random bigram-context model; drafts partially follow its greedy path."""
+    vocab = 12
+    table = torch.randn(vocab, vocab, vocab, generator=rng)  # logits given (previous, last) token
+
+    def greedy_next(prev, last):
+        return int(table[prev, last].argmax())
+
+    trees, logits, tokens, expected = [], [], [], []
+    for b in range(12):
+        parents = random_parents(int(torch.randint(1, 20, (1,), generator=rng)), rng)
+        prev, root = (int(x) for x in torch.randint(0, vocab, (2,), generator=rng))
+        ctx = [(prev, root)]  # (previous, last) token of every node's context
+        node_tokens = [root]
+        for i in range(1, len(parents)):
+            p_prev, p_last = ctx[parents[i]]
+            follow = bool(torch.rand(1, generator=rng) < 0.7)
+            t = greedy_next(p_prev, p_last) if follow else int(torch.randint(0, vocab, (1,), generator=rng))
+            node_tokens.append(t)
+            ctx.append((p_last, t))
+        trees.append(parents)
+        logits.append(torch.stack([table[a, c] for a, c in ctx]))
+        tokens += node_tokens
+        # plain greedy from the root, as long as the tree can hold it, + 1 bonus
+        longest, frontier, seq = 0, 0, []
+        a, c = prev, root
+        while True:
+            nxt = greedy_next(a, c)
+            seq.append(nxt)
+            kids = [i for i in range(len(parents)) if parents[i] == frontier and node_tokens[i] == nxt]
+            if not kids:
+                break
+            frontier, longest, (a, c) = kids[0], longest + 1, (c, nxt)
+        expected.append(seq)
+    parents = torch.tensor([p for t in trees for p in t], dtype=torch.int32)
+    cu = torch.tensor([0] + [len(t) for t in trees]).cumsum(0).int()
+    out_tokens, _, num = V.verify_greedy(torch.cat(logits), torch.tensor(tokens), parents, cu)
+    for b, seq in enumerate(expected):
+        assert int(num[b]) == len(seq)
+        assert out_tokens[b, : len(seq)].tolist() == seq
+
+
+def test_target_probs_definition(rng):
+    """Temperature, then top-k, then top-p (smallest top set with mass >= top_p), per request."""
+    vocab = 40
+    batch = make_batch([[-1, 0], [-1], [-1, 0, 0]], vocab, rng)
+    logits, _, _, cu = batch
+    temp = torch.tensor([0.7, 1.3, 0.0])
+    top_k = torch.tensor([5, 0, 3])
+    top_p = torch.tensor([0.8, 0.5, 1.0])
+    probs = V.target_probs(logits, cu, temp, top_k, top_p)
+    for row in range(logits.shape[0]):
+        b = int(torch.searchsorted(cu, row, right=True)) - 1
+        x = logits[row].double()
+        if temp[b] == 0:
+            expect = torch.zeros(vocab, dtype=torch.float64)
+            expect[x.argmax()] = 1
+        else:
+            order = x.argsort(descending=True)
+            k = int(top_k[b]) if 0 < int(top_k[b]) < vocab else vocab
+            keep = order[:k]
+            p = torch.softmax(x[keep] / float(temp[b]), 0)
+            mass_before = p.cumsum(0) - p
+            keep = keep[mass_before < float(top_p[b])]
+            expect = torch.zeros(vocab, dtype=torch.float64)
+            expect[keep] = torch.softmax(x[keep] / float(temp[b]), 0)
+        torch.testing.assert_close(probs[row], expect, atol=1e-6, rtol=1e-5)
+
+
+# --- sampling: kernels vs references on identical uniforms -----------------------------------
+
+SAMPLING_PARAMS = {
+    "plain": (1.0, None, None),
+    "temp_topk_topp": (0.8, 4, 0.9),
+    "greedy_rows": (0.0, None, None),
+}
+
+
+def exact_compare(logits, tokens, parents, cu, params, uniforms, draft_probs):
+    batch = cu.numel() - 1
+    temp_value, k, p = params
+    temp = torch.full((batch,), temp_value)
+    temp[::3] = 0.5 if temp_value else 0.0
+    top_k = None if k is None else torch.full((batch,), k, dtype=torch.int64)
+    top_p = None if p is None else torch.full((batch,), p)
+    out = V.verify_sampling(logits, tokens, parents, cu, temp, top_k, top_p, uniforms=uniforms, draft_probs=draft_probs)
+    width = V._check_tree_batch(logits, tokens, parents, cu).width
+    walk = V._sampling_reference(logits, tokens, parents, cu, temp, top_k, top_p, uniforms, draft_probs, width)
+    ref = walk.result()
+    # Float rounding (fp32 kernel vs fp64 reference) may flip a decision only where a uniform
+    # lies within ~1e-6 of its threshold: those draws may differ, every other draw must not.
+    same = torch.ones_like(walk.margin, dtype=torch.bool)
+    for a, b in zip(out, ref):
+        same &= (a == b).reshape(a.shape[0], -1).all(1)
+    assert (same | (walk.margin <= 1e-5)).all(), walk.margin[~same]
+    assert same.float().mean() > 0.99
+    return out
+
+
+@pytest.mark.parametrize("shape", ["chain", "binary", "star", "mixed"])
+@pytest.mark.parametrize("params", list(SAMPLING_PARAMS))
+def test_sampling_target_only_matches_reference(rng, poisoned, shape, params):
+    trees = [SHAPES[shape]] * 100 + [random_parents(12, rng) for _ in range(10)]
+    logits, tokens, parents, cu = make_batch(trees, 24, rng, torch.float16, match=0.8)
+    uniforms = torch.rand(logits.shape[0], 2, generator=rng)
+    exact_compare(logits, tokens, parents, cu, SAMPLING_PARAMS[params], uniforms, None)
+
+
+@pytest.mark.parametrize("shape", ["chain", "binary", "star", "mixed"])
+@pytest.mark.parametrize("params", list(SAMPLING_PARAMS))
+def test_sampling_rejection_matches_reference(rng, poisoned, shape, params):
+    trees = [SHAPES[shape]] * 60 + [random_parents(12, rng) for _ in range(10)]
+    logits, tokens, parents, cu = make_batch(trees, 24, rng, torch.float32, match=0.5)
+    draft_probs = torch.softmax(logits + torch.randn(logits.shape, generator=rng), -1)
+    uniforms = torch.rand(logits.shape[0], 2, generator=rng)
+    exact_compare(logits, tokens, parents, cu, SAMPLING_PARAMS[params], uniforms, draft_probs)
+
+
+def test_sampling_large_vocab(rng, poisoned):
+    trees = [[-1, 0, 0, 1], [-1, 0]]
+    logits, tokens, parents, cu = make_batch(trees, 128256, rng, torch.float16, match=0.9)
+    draft_probs = torch.softmax(logits.float() + torch.randn(logits.shape, generator=rng), -1)
+    uniforms = torch.rand(logits.shape[0], 2, generator=rng)
+    exact_compare(logits, tokens, parents, cu, SAMPLING_PARAMS["temp_topk_topp"], uniforms, None)
+    exact_compare(logits, tokens, parents, cu, SAMPLING_PARAMS["plain"], uniforms, draft_probs)
+
+
+def test_sampling_temperature_zero_is_greedy(rng):
+    batch = make_batch([random_parents(n, rng) for n in (5, 9, 1, 14)], 300, rng)
+    greedy = V.verify_greedy(*batch)
+    zero = torch.zeros(4)
+    assert_same(V.verify_sampling(*batch, zero, generator=rng), greedy)
+    q = torch.softmax(torch.randn(batch[0].shape, generator=rng), -1)
+    assert_same(V.verify_sampling(*batch, zero, generator=rng, draft_probs=q), greedy)
+
+
+# --- statistical losslessness (reference, vectorised over 1e5 draws) --------------------------
+
+
+@pytest.mark.parametrize(
+    "shape,sampled,params",
+    [
+        ("chain", False, (1.0, None, None)),
+        ("binary", False, (0.7, 5, None)),
+        ("star", False, (1.0, None, 0.8)),
+        ("chain", True, (1.0, None, None)),
+        ("binary", True, (1.3, None, None)),
+        ("star", True, (0.9, 6, 0.9)),
+    ],
+)
+def test_sampling_is_lossless(rng, shape, sampled, params):
+    """Given that the output reached node v, the next output token is distributed as p(v)."""
+    draws, vocab = 100_000, 8
+    tree = SHAPES[shape]
+    n = len(tree)
+    parents = torch.tensor(tree * draws, dtype=torch.int32)
+    cu = torch.arange(0, n * draws + 1, n, dtype=torch.int32)
+    node_logits = torch.randn(n, vocab, generator=rng) * 1.5
+    logits = node_logits.repeat(draws, 1)
+    temp_value, k, p = params
+    temp = torch.full((draws,), temp_value)
+    top_k = None if k is None else torch.full((draws,), k)
+    top_p = None if p is None else torch.full((draws,), p)
+    p_node = V.target_probs(node_logits, torch.tensor([0, n], dtype=torch.int32), temp[:1],
+                            None if k is None else top_k[:1], None if p is None else top_p[:1])
+    children = {v: [i for i in range(n) if tree[i] == v] for v in range(n)}
+    if sampled:  # children drawn from q(v) without replacement, fresh per draw
+        q_node = torch.softmax(torch.randn(n, vocab, generator=rng), -1)
+        draft_probs = q_node.repeat(draws, 1)
+        tokens = torch.zeros(draws, n, dtype=torch.int64)
+        for v, kids in children.items():
+            if kids:
+                # Gumbel-top-k: the perturbed order is sequential sampling without replacement
+                gumbel = -torch.log(-torch.log(torch.rand(draws, vocab, generator=rng)))
+                tokens[:, kids] = (q_node[v].log() + gumbel).topk(len(kids), dim=-1).indices
+        tokens = tokens.flatten()
+    else:  # fixed drafts: the target's top tokens
+        draft_probs = None
+        tokens = torch.zeros(n, dtype=torch.int64)
+        for v, kids in children.items():
+            tokens[kids] = p_node[v].argsort(descending=True)[: len(kids)]
+        tokens = tokens.repeat(draws)
+    uniforms = torch.rand(n * draws, 2, generator=rng)
+    width = int(depths(torch.tensor(tree)).max()) + 1  # 1e5 identical trees: validated by the other tests
+    out_tokens, out_nodes, num = V._sampling_reference(
+        logits, tokens, parents, cu, temp, top_k, top_p, uniforms, draft_probs, width
+    ).result()
+    checked = 0
+    for depth in range(out_nodes.shape[1]):
+        reached = num > depth  # output token at index `depth` follows node out_nodes[:, depth]
+        for v in range(n):
+            rows = reached & (out_nodes[:, depth] == v)
+            count = int(rows.sum())
+            if count < 2000:
+                continue
+            observed = torch.bincount(out_tokens[rows, depth], minlength=vocab).double()
+            expected = p_node[v] * count
+            assert observed[expected == 0].sum() == 0  # tokens outside top-k/top-p never appear
+            keep = expected > 0
+            if int(keep.sum()) > 1:
+                assert chisquare(observed[keep], expected[keep]).pvalue > 1e-5, (depth, v, observed, expected)
+            checked += 1
+    assert checked >= 2
+
+
+# --- bad inputs -------------------------------------------------------------------------------
+
+
+def test_bad_inputs(rng):
+    logits, tokens, parents, cu = make_batch([SHAPES["binary"], SHAPES["chain"]], 30, rng)
+    temp = torch.ones(2)
+    cases = [
+        ("parents", (logits, tokens, torch.tensor([-1, 0, 1, 0, 1, 2, 2, -1, 0, 1, 2, 3], dtype=torch.int32), cu)),
+        ("parents", (logits, tokens, torch.tensor([0, 0, 0, 1, 1, 2, 2, -1, 0, 1, 2, 3], dtype=torch.int32), cu)),
+        ("draft_tokens", (logits, torch.where(tokens == tokens[3], 30, tokens), parents, cu)),
+        ("draft_tokens", (logits, tokens.int(), parents, cu)),
+        ("logits", (logits.long(), tokens, parents, cu)),
+        ("logits", (logits[:-1], tokens, parents, cu)),
+        ("cu_nodes", (logits, tokens, parents, torch.tensor([0, 7, 13], dtype=torch.int32))),
+        ("cu_nodes", (logits, tokens, parents, cu.float())),
+        ("logits", (logits.t().contiguous().t(), tokens, parents, cu)),
+    ]
+    for name, args in cases:
+        with pytest.raises(ValueError, match=name):
+            V.verify_greedy(*args)
+        with pytest.raises(ValueError, match=name):
+            V.verify_sampling(*args, temp)
+    good = (logits, tokens, parents, cu)
+    with pytest.raises(ValueError, match="temperature"):
+        V.verify_sampling(*good, torch.ones(3))
+    with pytest.raises(ValueError, match="top_k"):
+        V.verify_sampling(*good, temp, torch.ones(2))
+    with pytest.raises(ValueError, match="top_p"):
+        V.verify_sampling(*good, temp, None, torch.tensor([0.5, 1.5]))
+    with pytest.raises(ValueError, match="uniforms"):
+        V.verify_sampling(*good, temp, uniforms=torch.rand(logits.shape[0], 1))
+    with pytest.raises(ValueError, match="draft_probs"):
+        V.verify_sampling(*good, temp, draft_probs=torch.rand(logits.shape, dtype=torch.float64))
