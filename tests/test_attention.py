@@ -65,6 +65,8 @@ def test_decode_only_with_split_kv(rng):
     plan = run_and_check(batch, torch.float16, config=SPLIT_CONFIG)
     assert plan.merge.shape[0] > 0, "split-KV was not exercised"
     assert plan.config["decode_block_m"] == 16  # 1 token x 8 heads fits the smallest tile
+    # no prefill items: the prefill branch is compiled with the decode shape
+    assert (plan.config["prefill_block_m"], plan.config["prefill_block_n"]) == (16, 16)
 
 
 def test_chunk_only(rng):
