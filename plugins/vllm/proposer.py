@@ -100,6 +100,9 @@ class TokenRecyclingProposer:
         def compute_logits(*args, **kwargs):
             logits = original(*args, **kwargs)
             if isinstance(logits, torch.Tensor) and logits.dim() == 2:
+                if logits.shape[1] != self.drafter.vocab_size:
+                    raise ValueError(f"TokenRecyclingProposer: the target's logits have {logits.shape[1]} columns "
+                                     f"but model_config.get_vocab_size() is {self.drafter.vocab_size}")
                 self._captured.append(logits.topk(self.drafter.k, dim=-1).indices)
             return logits
 
