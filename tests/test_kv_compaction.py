@@ -1,0 +1,105 @@
+"""KV compaction after verification: kernel vs reference vs a slot-by-slot model."""
+
+import pytest
+import torch
+
+from tkernels.spec.kv_compaction import compact_kv, compact_kv_reference
+
+
+def random_case(rng, batch=5, block_size=4, heads=2, head_dim=8, width=6, num_blocks=64, lead=(), dtype=torch.float16):
+    max_blocks = 8
+    cache = torch.randn(*lead, num_blocks, block_size, heads, head_dim, generator=rng).to(dtype)
+    block_table = torch.randperm(num_blocks, generator=rng)[: batch * max_blocks].view(batch, max_blocks).int()
+    tree_size = 12
+    prefix = torch.randint(0, max_blocks * block_size - tree_size, (batch,), generator=rng).int()
+    nodes = torch.full((batch, width), -1, dtype=torch.int32)
+    num = torch.randint(1, width + 1, (batch,), generator=rng).int()
+    for b in range(batch):  # strictly increasing path from node 0 inside the tree
+        path = [0] + sorted(torch.randperm(tree_size - 1, generator=rng)[: int(num[b]) - 1].add(1).tolist())
+        nodes[b, : len(path)] = torch.tensor(path, dtype=torch.int32)
+    return cache, block_table, prefix, nodes, num
+
+
+def expected_after(cache, block_table, prefix, nodes, num):
+    """Slot-by-slot model: read every source first, then write."""
+    out = cache.clone()
+    block_size = cache.shape[-3]
+
+    def slot(b, pos):
+        return int(block_table[b, pos // block_size]), pos % block_size
+
+    for b in range(block_table.shape[0]):
+        moves = [(slot(b, int(prefix[b]) + int(nodes[b, d])), slot(b, int(prefix[b]) + d)) for d in range(1, int(num[b]))]
+        values = [cache[..., s[0], s[1], :, :].clone() for s, _ in moves]
+        for (_, dst), value in zip(moves, values):
+            out[..., dst[0], dst[1], :, :] = value
+    return out
+
+
+@pytest.mark.parametrize("lead", [(), (2,), (3, 2)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_compact_matches_model(rng, lead, dtype):
+    cache, *meta = random_case(rng, lead=lead, dtype=dtype)
+    expected = expected_after(cache, *meta)
+    ours, ref = cache.clone(), cache.clone()
+    compact_kv(ours, *meta)
+    compact_kv_reference(ref, *meta)
+    assert torch.equal(ours, expected)  # every other slot untouched, bit for bit
+    assert torch.equal(ref, expected)
+
+
+def test_list_of_caches_overlap_and_block_boundaries(rng):
+    # path 0, 2, 3: entry 1 reads position 2 which entry 2 writes; prefix 3 with blocks of 4
+    # puts the tree across a block boundary.
+    block_table = torch.tensor([[5, 1, 7, 2], [0, 3, 6, 4]], dtype=torch.int32)
+    prefix = torch.tensor([3, 0], dtype=torch.int32)
+    nodes = torch.tensor([[0, 2, 3, -1, -1], [0, 1, 4, 6, 9]], dtype=torch.int32)
+    num = torch.tensor([3, 5], dtype=torch.int32)
+    caches = [torch.randn(8, 4, 3, 16, generator=rng) for _ in range(2)]
+    original = caches[0].clone()
+    expected = [expected_after(c, block_table, prefix, nodes, num) for c in caches]
+    compact_kv(caches, block_table, prefix, nodes, num)
+    for c, e in zip(caches, expected):
+        assert torch.equal(c, e)
+    # request 0: position 4 (block 1, slot 0) <- node 2 at position 5 (block 1, slot 1),
+    # position 5 <- node 3 at position 6 (block 1, slot 2); node 0 at position 3 (block 5, slot 3) stays
+    assert torch.equal(caches[0][1, 0], original[1, 1]) and torch.equal(caches[0][1, 1], original[1, 2])
+    assert torch.equal(caches[0][5, 3], original[5, 3])
+
+
+def test_nothing_to_move(rng):
+    cache, block_table, prefix, _, _ = random_case(rng, batch=3)
+    nodes = torch.tensor([[0, 1, 2], [0, -1, -1], [0, 1, -1]], dtype=torch.int32)
+    num = torch.tensor([3, 1, 2], dtype=torch.int32)
+    before = cache.clone()
+    compact_kv(cache, block_table, prefix, nodes, num)
+    assert torch.equal(cache, before)
+    empty = torch.empty(0, 8, dtype=torch.int32)
+    compact_kv(cache, empty, torch.empty(0, dtype=torch.int32), torch.empty(0, 3, dtype=torch.int32), torch.empty(0, dtype=torch.int32))
+    assert torch.equal(cache, before)
+
+
+def test_bad_inputs(rng):
+    cache, block_table, prefix, nodes, num = random_case(rng, batch=3, width=4)
+    good = (cache, block_table, prefix, nodes, num)
+
+    def bad(index, value):
+        args = list(good)
+        args[index] = value
+        return args
+
+    cases = [
+        ("num_accepted", bad(4, torch.tensor([1, 5, 1], dtype=torch.int32))),
+        ("num_accepted", bad(4, num.long())),
+        ("accepted_nodes", bad(3, torch.tensor([[0, 2, 1, -1]] * 3, dtype=torch.int32))[:4] + [torch.full((3,), 3, dtype=torch.int32)]),
+        ("accepted_nodes", bad(3, nodes[:2])),
+        ("block_table", bad(1, block_table.long())),
+        ("block ids", bad(1, torch.full_like(block_table, 999))),
+        ("prefix_lens", bad(2, torch.full((3,), 10_000, dtype=torch.int32))),
+        ("kv_caches", bad(0, cache.transpose(-1, -2))),
+        ("kv_caches", bad(0, [cache, cache[:-1]])),
+        ("kv_caches", bad(0, [])),
+    ]
+    for name, args in cases:
+        with pytest.raises(ValueError, match=name):
+            compact_kv(*args)
