@@ -25,7 +25,7 @@ import torch
 
 from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention
 from tkernels.attention.batch import random_paged_batch
-from tkernels.attention.mixed_attention import DEFAULT_CONFIG
+from tkernels.attention.mixed_attention import default_config
 from tkernels.sched.latency_model import ModelShape, draft_cost, prefill_chunk_cost
 
 PROFILE_LAYERS = 2
@@ -130,7 +130,8 @@ def _attention_runner(case: AttentionCase, shape: ModelShape, dtype, device) -> 
             plan = plan_mixed_attention(
                 cu_seqlens_q, seq_lens, block_table, num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
                 head_dim=shape.head_dim, num_blocks=k_cache.shape[0], block_size=BLOCK_SIZE,
-                config={**DEFAULT_CONFIG, **config} if config else None,
+                # Candidates overlay the built-in defaults, never a tuned file already in use.
+                config={**default_config(shape.head_dim), **config},
             )
             out = mixed_attention(*batch.inputs(), plan=plan)
             error = float((out.float() - reference).norm() / reference.norm())
