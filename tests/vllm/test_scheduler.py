@@ -162,7 +162,7 @@ ENGINE_BATCHED = 256
 PROMPT_LENGTHS = [5, 37, 150, 300, 64]
 
 
-def generate(model_dir, **llm_kwargs):
+def generate(model_dir, prompt_lengths=PROMPT_LENGTHS, **llm_kwargs):
     """Greedy tokens of an in-process engine, and each step's scheduled token count."""
     from vllm import LLM, SamplingParams
 
@@ -181,7 +181,7 @@ def generate(model_dir, **llm_kwargs):
 
     scheduler.schedule = recording_schedule
     prompts = [{"prompt_token_ids": [(7 * n + 3 * i) % 500 + 7 for i in range(length)]}
-               for n, length in enumerate(PROMPT_LENGTHS)]
+               for n, length in enumerate(prompt_lengths)]
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
     scheduler_cls = type(scheduler)
@@ -203,4 +203,19 @@ def test_engine_greedy_outputs_match_default_scheduler(model_dir):
     assert cls is DecodeMaximalScheduler
     assert max(our_steps) <= 32 < max(default_steps)  # prompts really were chunked differently
     assert all(len(t) == 16 for t in ours) and len({tuple(t) for t in ours}) > 1
+    assert ours == default
+
+
+@pytest.mark.slow
+def test_64_concurrent_mixed_requests_match_default_engine(model_dir):
+    # The load acceptance test: 64 requests of 3..400 prompt tokens submitted at once, so long
+    # prompts are chunked while earlier ones decode, under a budget much smaller than the load.
+    lengths = [3 + (97 * n) % 398 for n in range(64)]
+    ours, our_steps, _ = generate(
+        model_dir, lengths, max_num_seqs=64,
+        scheduler_cls="tkernels.plugins.vllm.scheduler.DecodeMaximalScheduler",
+        additional_config={"tkernels_sched": {"default_budget": 128}})
+    default, _, _ = generate(model_dir, lengths, max_num_seqs=64)
+    assert len(ours) == 64 and all(len(t) == 16 for t in ours)
+    assert max(our_steps) <= 128
     assert ours == default
