@@ -149,7 +149,8 @@ def compact_kv(
         return
     num_blocks, block_size, heads, head_dim = caches[0].shape[-4:]
     hd = heads * head_dim
-    block_hd = min(512, triton.next_power_of_2(hd))
+    block_a = triton.next_power_of_2(width)
+    block_hd = min(512, triton.next_power_of_2(hd), max(16, 4096 // block_a))  # <= 4096 elements in registers
     prefix = prefix_lens.int()
     for cache in caches:
         planes = cache.view(-1, num_blocks, block_size, heads, head_dim) if cache.dim() > 4 else cache[None]
@@ -157,7 +158,7 @@ def compact_kv(
         _compact_kv_kernel[grid](
             planes, planes.stride(0), planes.stride(1), planes.stride(2), block_table, block_table.stride(0), prefix,
             accepted_nodes, num_accepted, width, hd, block_size,
-            BLOCK_A=triton.next_power_of_2(width), BLOCK_HD=block_hd,
+            BLOCK_A=block_a, BLOCK_HD=block_hd,
         )
 
 
