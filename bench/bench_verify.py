@@ -94,7 +94,7 @@ def _torch_baseline(tree, mode):
     logits, tokens, parents, cu, temperature, draft_probs = inputs(tree, mode)
     if mode == "greedy":
         return lambda: V.verify_greedy_reference(logits, tokens, parents, cu)
-    uniforms = V.draw_uniforms(logits.shape[0], DEVICE)
+    uniforms = V.draw_uniforms(cu)
     if mode == "sampling-q":
         return lambda: V.verify_sampling_reference(logits, tokens, parents, cu, temperature, uniforms=uniforms, draft_probs=draft_probs)
     width = int(depths(TREES[tree]).max()) + 1
@@ -173,7 +173,7 @@ def _check(impl, tree, mode, out):
         assert torch.equal(out_tokens[b, : k - 1], flat[b, path[1:]]), f"{impl} request {b}"
         assert all(int(parents[b * n + int(path[d])]) == int(path[d - 1]) for d in range(1, k))
     if impl == "tkernels":  # against the reference on shared uniforms (fp32 vs fp64 may flip a borderline draw)
-        uniforms = V.draw_uniforms(logits.shape[0], DEVICE)
+        uniforms = V.draw_uniforms(cu)
         got = V.verify_sampling(logits, tokens, parents, cu, temperature, uniforms=uniforms, draft_probs=draft_probs)
         want = V.verify_sampling_reference(logits, tokens, parents, cu, temperature, uniforms=uniforms, draft_probs=draft_probs)
         same = torch.ones(BATCH, dtype=torch.bool, device=DEVICE)

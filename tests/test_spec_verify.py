@@ -234,6 +234,22 @@ def test_sampling_large_vocab(rng, poisoned):
     exact_compare(logits, tokens, parents, cu, SAMPLING_PARAMS["plain"], uniforms, draft_probs)
 
 
+def test_per_request_generators_are_batch_independent(rng):
+    logits, tokens, parents, cu = make_batch([random_parents(n, rng) for n in (6, 3, 9)], 64, rng)
+    temp = torch.ones(3)
+    seeded = lambda: {1: torch.Generator().manual_seed(7)}  # noqa: E731
+    first = V.verify_sampling(logits, tokens, parents, cu, temp, generator=rng, generators=seeded())
+    alone = slice(int(cu[1]), int(cu[2]))
+    second = V.verify_sampling(logits[alone], tokens[alone], parents[alone], torch.tensor([0, 3], dtype=torch.int32),
+                               temp[:1], generators={0: torch.Generator().manual_seed(7)})
+    width = second[0].shape[1]  # the lone request's depth + 1 (the batch may be deeper)
+    for a, b in zip(first[:2], second[:2]):
+        assert torch.equal(a[1, :width], b[0]) and (a[1, width:] == -1).all()
+    assert int(first[2][1]) == int(second[2][0])
+    with pytest.raises(ValueError, match="generators"):
+        V.verify_sampling(logits, tokens, parents, cu, temp, generators={3: torch.Generator()})
+
+
 def test_sampling_temperature_zero_is_greedy(rng):
     batch = make_batch([random_parents(n, rng) for n in (5, 9, 1, 14)], 300, rng)
     greedy = V.verify_greedy(*batch)

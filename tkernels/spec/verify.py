@@ -420,11 +420,26 @@ def _processing(logits, cu_nodes, temperature, top_k, top_p):
     return inv_temp.contiguous(), thr.contiguous()
 
 
-def draw_uniforms(total_nodes: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The uniforms the sampling kernels consume: float32[total_nodes, 2] in [0, 1)."""
-    if generator is not None and generator.device.type != torch.device(device).type:
-        raise ValueError(f"generator is on {generator.device} but the inputs are on {device}")
-    return torch.rand((total_nodes, 2), generator=generator, device=device)
+def draw_uniforms(
+    cu_nodes: torch.Tensor, generator: torch.Generator | None = None, generators: dict[int, torch.Generator] | None = None
+) -> torch.Tensor:
+    """The uniforms the sampling kernels consume: float32[total_nodes, 2] in [0, 1).
+
+    Drawn from ``generator`` (or torch's default), except that request ``b``'s rows come from
+    ``generators[b]`` where given (vLLM's per-request seeded generators): those depend only on
+    that request's seed and tree size, not on the rest of the batch.
+    """
+    bounds = cu_nodes.tolist()
+    device = cu_nodes.device
+    for g in [generator, *(generators or {}).values()]:
+        if g is not None and g.device.type != device.type:
+            raise ValueError(f"generator is on {g.device} but the inputs are on {device}")
+    uniforms = torch.rand((bounds[-1], 2), generator=generator, device=device)
+    for b, g in (generators or {}).items():
+        if not 0 <= b < len(bounds) - 1:
+            raise ValueError(f"generators has request {b} but the batch has {len(bounds) - 1}")
+        uniforms[bounds[b] : bounds[b + 1]] = torch.rand((bounds[b + 1] - bounds[b], 2), generator=g, device=device)
+    return uniforms
 
 
 def _empty_outputs(batch: int, width: int, device):
@@ -492,13 +507,14 @@ def verify_sampling(
     *,
     uniforms: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    generators: dict[int, torch.Generator] | None = None,
     draft_probs: torch.Tensor | None = None,
 ):
     """Exact (lossless) sampling verification; same outputs as :func:`verify_greedy`.
 
     ``temperature`` float[B] (<= 0: greedy), ``top_k`` int[B] (<= 0 or >= vocab: off), ``top_p``
     float[B] in (0, 1]; ``uniforms`` float32[total_nodes, 2] (see the module doc) or else drawn
-    from ``generator``; ``draft_probs`` float32[total_nodes, vocab]: the distribution each node's
+    by :func:`draw_uniforms` from ``generator`` / per-request ``generators``; ``draft_probs`` float32[total_nodes, vocab]: the distribution each node's
     children were sampled from (None for deterministic drafts).
     """
     shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
@@ -506,7 +522,7 @@ def verify_sampling(
     device = logits.device
     _check_sampling_params(temperature, top_k, top_p, batch, device)
     if uniforms is None:
-        uniforms = draw_uniforms(n, device, generator)
+        uniforms = draw_uniforms(cu_nodes, generator, generators)
     elif uniforms.shape != (n, 2) or uniforms.dtype != torch.float32 or uniforms.device != device or not uniforms.is_contiguous():
         raise ValueError(f"uniforms must be contiguous float32[{n}, 2] on {device}, got {tuple(uniforms.shape)} {uniforms.dtype} on {uniforms.device}")
     if draft_probs is not None and (
