@@ -10,7 +10,8 @@ rest dropped, and the bonus token becomes the next root.
 MAT = mean accepted tokens per verify step, bonus counted (= tokens generated / target forward
 passes after the prefill; a step with no draft counts 1). Each speculative output is compared
 token-for-token with plain greedy decoding (``equal``). Drafters keep their state (TR's
-adjacency matrix, the dynamic policy's estimates) across the questions of a run, in file order.
+adjacency matrix, the dynamic policy's estimates) across the questions of a run, which go
+round-robin over the categories (file order within each) and share one prefill per question.
 
     python bench/spec_mat.py --questions-per-category 5 --max-new-tokens 128
     python bench/spec_mat.py --methods pld,tr_static:80,tr_dynamic:80
