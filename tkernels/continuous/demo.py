@@ -43,10 +43,11 @@ def _save_grid(path: str, panels: list[tuple[str, torch.Tensor]], per_class: int
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 0.5 * per_class + 1.2))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 0.4 * per_class + 0.5))
     for ax, (title, tokens) in zip(axes, panels):
         images = unpatchify(tokens.clamp(-1, 1)).reshape(per_class, 10, 8, 8)  # rows: samples, cols: classes
-        ax.imshow(images.permute(0, 2, 1, 3).reshape(per_class * 8, 80).numpy(), cmap="gray_r", vmin=-1, vmax=1)
+        images = torch.nn.functional.pad(images, (0, 1, 0, 1), value=-1.0)  # a blank line between digits
+        ax.imshow(images.permute(0, 2, 1, 3).reshape(per_class * 9, 90).numpy(), cmap="gray_r", vmin=-1, vmax=1)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()

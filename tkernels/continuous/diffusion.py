@@ -125,15 +125,17 @@ class GaussianMixtureHead:
         self.token_dim = self.means.shape[1]
 
     def mean(self, x_t: torch.Tensor, step: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        alpha_bar = self.schedule.alpha_bars_reverse[step][:, None, None]  # [M, 1, 1]
-        var0 = self.stds.square()[None, :, None]  # [1, K, 1]
-        var_t = alpha_bar * var0 + (1 - alpha_bar)
+        alpha_bar = self.schedule.alpha_bars_reverse[step][:, None]  # [M, 1]
+        root = alpha_bar.sqrt()
+        var0 = self.stds.square()[None, :]  # [1, K]
+        var_t = alpha_bar * var0 + (1 - alpha_bar)  # [M, K]
         means = self.means[None] + z[:, None, :] if z.shape[-1] else self.means[None]  # [M or 1, K, D]
-        diff = x_t[:, None, :] - alpha_bar.sqrt() * means  # [M, K, D]
-        log_lik = -0.5 * (diff.square() / var_t + var_t.log()).sum(-1) + self.log_weights  # [M, K]
-        resp = log_lik.softmax(dim=1)[:, :, None]
-        x0_given_k = means + alpha_bar.sqrt() * var0 / var_t * diff
-        return self.schedule.mean_from_x0(x_t, step, (resp * x0_given_k).sum(1))
+        diff = x_t[:, None, :] - root[:, :, None] * means  # [M, K, D]
+        log_lik = self.log_weights - 0.5 * (diff.square().sum(-1) / var_t + self.token_dim * var_t.log())
+        resp = (log_lik - log_lik.amax(1, keepdim=True)).exp()
+        resp = resp / resp.sum(1, keepdim=True)  # posterior component probabilities [M, K]
+        x0_given_k = means + (root * var0 / var_t)[:, :, None] * diff
+        return self.schedule.mean_from_x0(x_t, step, (resp[:, :, None] * x0_given_k).sum(1))
 
 
 def chain_density_1d(head: DiffusionHead, grid: torch.Tensor) -> torch.Tensor:

@@ -196,7 +196,7 @@ def load_or_train(config: MARConfig, iterations: int, seed: int, cache_dir: Path
 
 def load_or_train_pair(cache_dir: Path | str | None = None, seed: int = 0, quick: bool = False, log=print) -> tuple[MARModel, MARModel]:
     """``(target, draft)`` trained on the digits; ``quick`` trains far less (smoke tests)."""
-    target_iters, draft_iters = (30, 30) if quick else (400, 400)
+    target_iters, draft_iters = (10, 10) if quick else (800, 600)
     target = load_or_train(TARGET, target_iters, seed, cache_dir, log)
     draft = load_or_train(DRAFT, draft_iters, seed + 1, cache_dir, log)
     return target, draft

@@ -1,0 +1,110 @@
+"""Continuous speculative acceptance benchmark C1: MAR-H-like verification of one window.
+
+Batch 64, a window of 256 tokens (MAR-H's sequence) of 16 dims, 100 diffusion steps, fp32 (MAR
+runs its diffusion head in fp32): per-token trajectory log-ratios over (steps x dims) from the
+draft trajectory and both heads' means, then the number of accepted tokens per row. Each timed
+call is the whole path: ``first_rejection(trajectory_log_ratio(x, mu_p, mu_q, sigma), u)``.
+
+Implementations on the same inputs: ``tkernels`` (:mod:`tkernels.continuous.acceptance`) and
+``torch`` (the plain-PyTorch references). Outputs are checked before timing (log-ratios close,
+accepted counts equal except where a log-ratio sits within rounding of log u).
+
+Run on a GPU: ``pytest bench/bench_continuous.py --benchmark-enable``; medians of
+``triton.testing.do_bench`` go to ``bench/results/continuous_<device file name>.json`` as
+``{"workload": "C1", "impl": ..., "us": ..., "tbps": ...}`` records (tbps: bytes read / time)
+for the lead to merge. Without a GPU the module skips unless ``TKERNELS_BENCH_TINY=1`` (tiny
+shapes under the interpreter, nothing written).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+TINY = os.environ.get("TKERNELS_BENCH_TINY") == "1"
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
+
+import pytest  # noqa: E402
+import triton  # noqa: E402
+
+from tkernels.config import device_file_name  # noqa: E402
+from tkernels.continuous import acceptance as A  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not HAS_CUDA and not TINY, reason="GPU benchmark (TKERNELS_BENCH_TINY=1 runs tiny shapes)")
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BATCH, TOKENS, DIMS, STEPS = (64, 256, 16, 100) if HAS_CUDA else (2, 8, 4, 5)
+
+
+@functools.lru_cache(maxsize=None)
+def inputs():
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    shape = (BATCH * TOKENS, STEPS, DIMS)
+    sigma = torch.linspace(0.5, 0.02, STEPS, device=DEVICE)
+    mu_q = torch.randn(shape, generator=g, device=DEVICE)
+    x = mu_q + sigma[:, None] * torch.randn(shape, generator=g, device=DEVICE)  # a draft trajectory
+    mu_p = mu_q + 0.002 * torch.randn(shape, generator=g, device=DEVICE)  # a close target
+    uniforms = torch.rand(BATCH, TOKENS, generator=g, device=DEVICE)
+    return x, mu_p, mu_q, sigma, uniforms
+
+
+def _run(log_ratio_fn, first_rejection_fn):
+    x, mu_p, mu_q, sigma, uniforms = inputs()
+    return lambda: first_rejection_fn(log_ratio_fn(x, mu_p, mu_q, sigma).view(BATCH, TOKENS), uniforms)
+
+
+IMPLS = {
+    "tkernels": _run(A.trajectory_log_ratio, A.first_rejection),
+    "torch": _run(A.trajectory_log_ratio_reference, A.first_rejection_reference),
+}
+
+
+def _check():
+    x, mu_p, mu_q, sigma, uniforms = inputs()
+    got, want = A.trajectory_log_ratio(x, mu_p, mu_q, sigma), A.trajectory_log_ratio_reference(x, mu_p, mu_q, sigma)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    n_got, n_want = IMPLS["tkernels"](), IMPLS["torch"]()
+    assert int((n_got != n_want).sum()) <= 1, "accepted counts differ beyond a rounding tie"
+
+
+def _median_us(fn) -> float:
+    if HAS_CUDA:
+        return triton.testing.do_bench(fn, return_mode="median") * 1e3
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+@pytest.fixture(scope="session")
+def records():
+    """Collects records; on a GPU writes bench/results/continuous_<device>.json at the end."""
+    collected: list[dict] = []
+    yield collected
+    if not HAS_CUDA or not collected:
+        return
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"continuous_{device_file_name(torch.cuda.get_device_name())}.json"
+    path.write_text(json.dumps(collected, indent=1) + "\n")
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_c1(benchmark, impl, records):
+    _check()
+    us = benchmark.pedantic(_median_us, args=(IMPLS[impl],), rounds=1, iterations=1)
+    x, mu_p, mu_q, _, uniforms = inputs()
+    read = x.nbytes + mu_p.nbytes + mu_q.nbytes + uniforms.nbytes
+    record = {"workload": "C1", "impl": impl, "us": us, "tbps": read / (us * 1e-6) / 1e12}
+    benchmark.extra_info.update(record)
+    records.append(record)
