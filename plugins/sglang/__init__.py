@@ -55,6 +55,14 @@ def get_prefill_adder_class(scheduler):
     return prefill_adder_for(scheduler)
 
 
+def check_budget_at_start(result, scheduler, *args, **kwargs):
+    """AFTER hook of ``Scheduler.init_chunked_prefill``: impossible flags fail at start-up, not at
+    the first request."""
+    from tkernels.plugins.sglang.budget import scheduler_policy
+
+    scheduler_policy(scheduler)
+
+
 def create_worker(worker_cls, *args, **kwargs):
     """AFTER hook of ``SpeculativeAlgorithm.create_worker``: NGRAM -> the Token Recycling worker."""
     from tkernels.plugins.sglang.drafter import replace_ngram_worker
@@ -86,14 +94,16 @@ def register() -> None:
         add_attention_backend_choices([BACKEND_NAME])
     register_attention_backend(BACKEND_NAME)(create_attention_backend)
     if "budget" in features:
+        HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.init_chunked_prefill",
+                              check_budget_at_start, HookType.AFTER)
         HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.get_prefill_adder_class",
                               get_prefill_adder_class, HookType.REPLACE)
     if "token_recycling" in features:
         HookRegistry.register("sglang.srt.speculative.spec_info.SpeculativeAlgorithm.create_worker",
                               create_worker, HookType.AFTER)
         HookRegistry.register("sglang.srt.speculative.eagle_utils.eagle_sample", eagle_sample, HookType.AROUND)
-        logger.info("tkernels: NGRAM runs without mixed chunks (SGLang switches --enable-mixed-chunk off for "
-                    "NGRAM; tkernels does not lift that, see the README)")
+        logger.info("tkernels: Token Recycling keeps SGLang's NGRAM rule: no mixed chunks (--enable-mixed-chunk is "
+                    "switched off), so speculative steps and prefill chunks never share a step (see the README)")
     REGISTERED = True
     logger.info("tkernels: SGLang plugin registered (SGLang %s; attention backend '%s'; features: %s)",
                 version, BACKEND_NAME, ", ".join(features) or "none")

@@ -131,6 +131,10 @@ def scheduler_stub(**overrides):
     ({"is_mixed_chunk": False}, "needs --enable-mixed-chunk"),
 ])
 def test_impossible_server_args_are_a_clear_error(sg, overrides, message):
+    from tkernels.plugins.sglang import check_budget_at_start
+
+    with pytest.raises(RuntimeError, match=message):  # at start-up (after init_chunked_prefill)
+        check_budget_at_start(None, scheduler_stub(**overrides))
     with pytest.raises(RuntimeError, match=message):
         sg.budget.prefill_adder_for(scheduler_stub(**overrides))
 

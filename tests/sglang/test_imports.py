@@ -9,6 +9,9 @@ pytestmark = pytest.mark.sglang
 # HookRegistry targets and registration points (SERVERS.md), resolved the way HookRegistry does.
 HOOK_TARGETS = [
     "sglang.srt.managers.scheduler.Scheduler.get_prefill_adder_class",
+    "sglang.srt.managers.scheduler.Scheduler.init_chunked_prefill",
+    "sglang.srt.speculative.spec_info.SpeculativeAlgorithm.create_worker",
+    "sglang.srt.layers.attention.triton_backend.TritonAttnBackend._forward_extend_kernel",
     "sglang.srt.managers.schedule_policy.PrefillAdder",
     "sglang.srt.speculative.ngram_worker.NGRAMWorker._prepare_draft_tokens",
     "sglang.srt.speculative.ngram_worker.NGRAMWorker.forward_batch_generation",

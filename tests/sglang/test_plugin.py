@@ -42,10 +42,12 @@ def test_register_is_idempotent(fresh_registry, monkeypatch, caplog):
         f"tkernels: SGLang plugin registered (SGLang {compat.installed_version('sglang')}; attention backend "
         "'tkernels'; features: budget)"]
     assert len(fresh_registry._hooks["sglang.srt.managers.scheduler.Scheduler.get_prefill_adder_class"]) == 1
+    assert len(fresh_registry._hooks["sglang.srt.managers.scheduler.Scheduler.init_chunked_prefill"]) == 1
 
 
 HOOKS = {
-    "budget": ["sglang.srt.managers.scheduler.Scheduler.get_prefill_adder_class"],
+    "budget": ["sglang.srt.managers.scheduler.Scheduler.get_prefill_adder_class",
+               "sglang.srt.managers.scheduler.Scheduler.init_chunked_prefill"],
     "token_recycling": ["sglang.srt.speculative.spec_info.SpeculativeAlgorithm.create_worker",
                         "sglang.srt.speculative.eagle_utils.eagle_sample"],
 }
