@@ -30,9 +30,11 @@ Randomness: the kernels consume ``uniforms`` float32[total_nodes, 2]: column 0 i
 acceptance test (a node is tested at most once, as a child of its parent), column 1 is the draw
 at node ``i`` (inverse CDF: the first token whose cumulative probability exceeds ``u * total``).
 Pass them explicitly (reproducible; the references take the same tensor and agree exactly up to
-float rounding at decision boundaries) or pass a seeded ``torch.Generator``.
+float rounding at decision boundaries) or pass a seeded ``torch.Generator`` and/or per-request
+generators (:func:`draw_uniforms`).
 
-Cost: one pass over the vocabulary per node for the argmax (greedy) or for the max/sum-exp
+Kernels take several rows (nodes) or requests per program when the vocabulary is small, one
+when it is large. Cost: one pass over the vocabulary per node for the argmax (greedy) or for the max/sum-exp
 normaliser (sampling), plus an inverse-CDF pass that stops at the sampled token; no [N, V]
 probability tensor is ever materialised by the kernels. Top-k/top-p thresholds are computed in
 torch before the kernels with one descending sort of the fp32 logits ([N, V] values and
@@ -51,7 +53,7 @@ import triton
 import triton.language as tl
 
 from tkernels.registry import gpu_compile_check
-from tkernels.spec.tree import depths, validate_parents
+from tkernels.spec.tree import validate_parents
 
 __all__ = [
     "verify_greedy",
@@ -338,7 +340,7 @@ class _Shape(NamedTuple):
 
 
 def _check_tree_batch(logits, draft_tokens, parents, cu_nodes) -> _Shape:
-    """Validate the common inputs (one host sync for the tree checks, one for the token range)."""
+    """Validate the common inputs; return the output width and the per-tree size bounds."""
     for name, t in (("logits", logits), ("draft_tokens", draft_tokens), ("parents", parents), ("cu_nodes", cu_nodes)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -364,14 +366,36 @@ def _check_tree_batch(logits, draft_tokens, parents, cu_nodes) -> _Shape:
         if n != 0 or int(cu_nodes[0]) != 0:
             raise ValueError(f"cu_nodes = {cu_nodes.tolist()} describes no request but there are {n} nodes")
         return _Shape(1, 0, 0)
-    validate_parents(parents, cu_nodes)
-    lo, hi = torch.aminmax(draft_tokens)
-    if int(lo) < 0 or int(hi) >= logits.shape[1]:
-        raise ValueError(f"draft_tokens must lie in [0, {logits.shape[1]}) (the vocab), got range [{int(lo)}, {int(hi)}]")
-    global_parents = parents.long() + _per_node(cu_nodes[:-1].long(), cu_nodes, n)
-    children = torch.bincount(global_parents[parents >= 0], minlength=n)
-    sizes = cu_nodes[1:] - cu_nodes[:-1]
-    return _Shape(int(depths(parents, cu_nodes).max()) + 1, int(sizes.max()), int(children.max()))
+    if n == 0:
+        validate_parents(parents, cu_nodes)  # raises: requests without nodes
+    # One device-to-host copy (a few KB), then vectorised host checks: tree.validate_parents
+    # loops over requests in Python and tree.depths syncs once per level, too slow per step.
+    # It still produces the detailed error message when the fast check fails.
+    lo_hi = torch.stack(torch.aminmax(draft_tokens))
+    host = torch.cat([parents.long(), cu_nodes.long(), lo_hi]).cpu()
+    par, cu, (lo, hi) = host[:n], host[n:-2], host[-2:].tolist()
+    sizes = cu[1:] - cu[:-1]
+    if int(cu[0]) != 0 or int(cu[-1]) != n or bool((sizes <= 0).any()):
+        validate_parents(parents, cu_nodes)
+    starts = torch.repeat_interleave(cu[:-1], sizes)
+    local = torch.arange(n) - starts
+    previous = torch.cat([par[:1], par[:-1]])
+    valid = torch.where(local == 0, par == -1, (par >= 0) & (par < local) & ((local < 2) | (par >= previous)))
+    if not bool(valid.all()):
+        validate_parents(parents, cu_nodes)
+        raise ValueError("parents is not a valid ragged batch of BFS trees")
+    if lo < 0 or hi >= logits.shape[1]:
+        raise ValueError(f"draft_tokens must lie in [0, {logits.shape[1]}) (the vocab), got range [{lo}, {hi}]")
+    global_parents = torch.where(par >= 0, par + starts, -1)
+    children = torch.bincount(global_parents[par >= 0], minlength=n)
+    # BFS order makes depth non-decreasing within a tree: each tree's last node is its deepest
+    node, max_depth = cu[1:] - 1, 0
+    while True:  # walk the last nodes up to their roots
+        node = torch.where(node >= 0, global_parents[node.clamp(min=0)], -1)
+        if not bool((node >= 0).any()):
+            break
+        max_depth += 1
+    return _Shape(max_depth + 1, int(sizes.max()), int(children.max()))
 
 
 def _check_sampling_params(temperature, top_k, top_p, batch: int, device) -> None:
