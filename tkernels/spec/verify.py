@@ -186,7 +186,7 @@ def _store_paths(out_tokens_ptr, out_nodes_ptr, num_ptr, reqs, live, W, path_tok
 @gpu_compile_check(
     {
         "node_token_ptr": "*i64", "draft_ptr": "*i64", "parents_ptr": "*i32", "cu_ptr": "*i32",
-        "out_tokens_ptr": "*i64", "out_nodes_ptr": "*i32", "num_ptr": "*i32", "B": "i32", "W": "i32", "max_nodes": "i32",
+        "out_tokens_ptr": "*i64", "out_nodes_ptr": "*i32", "num_ptr": "*i32", "B": "i32", "W": "i32",
     },
     BLOCK_B=4,
     BLOCK_N=64,
@@ -194,7 +194,7 @@ def _store_paths(out_tokens_ptr, out_nodes_ptr, num_ptr, reqs, live, W, path_tok
 )
 @triton.jit
 def _path_walk_kernel(
-    node_token_ptr, draft_ptr, parents_ptr, cu_ptr, out_tokens_ptr, out_nodes_ptr, num_ptr, B, W, max_nodes,
+    node_token_ptr, draft_ptr, parents_ptr, cu_ptr, out_tokens_ptr, out_nodes_ptr, num_ptr, B, W,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     # BLOCK_B requests per program: descend to the first child whose draft token equals the
@@ -208,7 +208,7 @@ def _path_walk_kernel(
     cur = tl.zeros([BLOCK_B], tl.int32)
     count = tl.zeros([BLOCK_B], tl.int32)
     alive = live
-    for step in range(0, max_nodes - 1):
+    for step in range(0, W - 1):  # W = max depth + 1: one level per step
         target = tl.load(node_token_ptr + start + cur, mask=live, other=-1)
         child = tl.min(tl.where((par == cur[:, None]) & (tok == target[:, None]), idx, BLOCK_N), 1)
         advance = alive & (child < BLOCK_N)
@@ -229,7 +229,7 @@ def _path_walk_kernel(
         "thr_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "uniform_ptr": "*fp32",
         "scratch_p_ptr": "*fp32", "scratch_q_ptr": "*fp32",
         "out_tokens_ptr": "*i64", "out_nodes_ptr": "*i32", "num_ptr": "*i32",
-        "B": "i32", "W": "i32", "max_nodes": "i32", "max_children": "i32",
+        "B": "i32", "W": "i32", "max_children": "i32",
     },
     BLOCK_B=1,
     BLOCK_N=64,
@@ -240,7 +240,7 @@ def _path_walk_kernel(
 def _rejection_walk_kernel(
     logits_ptr, stride_l, q_ptr, stride_q, V, draft_ptr, parents_ptr, cu_ptr,
     inv_temp_ptr, thr_ptr, max_ptr, sum_ptr, uniform_ptr, scratch_p_ptr, scratch_q_ptr,
-    out_tokens_ptr, out_nodes_ptr, num_ptr, B, W, max_nodes, max_children,
+    out_tokens_ptr, out_nodes_ptr, num_ptr, B, W, max_children,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # BLOCK_B requests per program walk their trees with recursive rejection sampling. A node's
@@ -256,7 +256,7 @@ def _rejection_walk_kernel(
     cur = tl.zeros([BLOCK_B], tl.int32)
     count = tl.zeros([BLOCK_B], tl.int32)
     alive = live
-    for step in range(0, max_nodes):  # one node visited per step (depth <= n - 1)
+    for step in range(0, W):  # one node visited per level; W = max depth + 1
         g = (start + cur).to(tl.int64)
         l_off = g * stride_l
         q_off = g * stride_q
@@ -498,7 +498,7 @@ def _walk(node_token, draft_tokens, parents, cu_nodes, shape: _Shape, out) -> No
     block_n = triton.next_power_of_2(shape.max_nodes)
     block_b = _per_program(num.numel(), block_n)
     _path_walk_kernel[(triton.cdiv(num.numel(), block_b),)](
-        node_token, draft_tokens, parents.int(), cu_nodes.int(), tokens, nodes, num, num.numel(), shape.width, shape.max_nodes,
+        node_token, draft_tokens, parents.int(), cu_nodes.int(), tokens, nodes, num, num.numel(), shape.width,
         BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_W=triton.next_power_of_2(shape.width),
     )
 
@@ -572,7 +572,7 @@ def verify_sampling(
     _rejection_walk_kernel[(triton.cdiv(batch, block_b),)](
         logits, logits.stride(0), draft_probs, draft_probs.stride(0), vocab, draft_tokens, parents.int(), cu_nodes.int(),
         inv_temp, thr, row_max, row_sum, uniforms, scratch[0], scratch[1], tokens, nodes, num,
-        batch, shape.width, shape.max_nodes, shape.max_children,
+        batch, shape.width, shape.max_children,
         BLOCK_B=block_b, BLOCK_N=triton.next_power_of_2(shape.max_nodes), BLOCK_W=triton.next_power_of_2(shape.width),
         BLOCK_V=block_v, num_warps=8 if block_v * block_b >= 2048 else 4,
     )
