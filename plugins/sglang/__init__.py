@@ -12,7 +12,9 @@ What each feature is selected by (nothing changes behind the user's back):
 - ``TKERNELS_SGLANG=budget`` (with ``--enable-mixed-chunk``): the decode-maximal chunk budget,
   :mod:`tkernels.plugins.sglang.budget`;
 - ``TKERNELS_SGLANG=token_recycling`` (with ``--speculative-algorithm NGRAM``): the Token
-  Recycling drafter and tkernels' tree verification, :mod:`tkernels.plugins.sglang.drafter`.
+  Recycling drafter and tkernels' tree verification, :mod:`tkernels.plugins.sglang.drafter`;
+  ``--enable-mixed-chunk`` then stays on when overlap scheduling is off,
+  :mod:`tkernels.plugins.sglang.mixed_chunk`.
 
 Features combine: ``TKERNELS_SGLANG=budget,token_recycling``. An SGLang outside the supported
 range makes :func:`register` raise (SGLang logs it and starts without tkernels, so
@@ -77,6 +79,18 @@ def eagle_sample(original, *args, **kwargs):
     return tkernels_eagle_sample(original, *args, **kwargs)
 
 
+def keep_mixed_chunk(result, *args, **kwargs):
+    from tkernels.plugins.sglang.mixed_chunk import keep_mixed_chunk as keep
+
+    return keep(result, *args, **kwargs)
+
+
+def supports_mixed_chunk(original, *args, **kwargs):
+    from tkernels.plugins.sglang.mixed_chunk import supports_mixed_chunk as supports
+
+    return supports(original, *args, **kwargs)
+
+
 def register() -> None:
     global REGISTERED
     if REGISTERED:
@@ -102,8 +116,11 @@ def register() -> None:
         HookRegistry.register("sglang.srt.speculative.spec_info.SpeculativeAlgorithm.create_worker",
                               create_worker, HookType.AFTER)
         HookRegistry.register("sglang.srt.speculative.eagle_utils.eagle_sample", eagle_sample, HookType.AROUND)
-        logger.info("tkernels: Token Recycling keeps SGLang's NGRAM rule: no mixed chunks (--enable-mixed-chunk is "
-                    "switched off), so speculative steps and prefill chunks never share a step (see the README)")
+        HookRegistry.register("sglang.srt.arg_groups.speculative_hook._handle_ngram", keep_mixed_chunk, HookType.AFTER)
+        HookRegistry.register("sglang.srt.speculative.spec_info.SpeculativeAlgorithm.supports_mixed_chunk",
+                              supports_mixed_chunk, HookType.AROUND)
+        logger.info("tkernels: speculation trees and prefill chunks never share a step (SGLang runs mixed steps "
+                    "as plain decodes); mixed chunks with NGRAM need --disable-overlap-schedule (see the README)")
     REGISTERED = True
     logger.info("tkernels: SGLang plugin registered (SGLang %s; attention backend '%s'; features: %s)",
                 version, BACKEND_NAME, ", ".join(features) or "none")

@@ -200,3 +200,35 @@ def test_eagle_sample_hook_defers_to_sglang(sg, rng):
     other = SimpleNamespace(draft_token_num=NODES)  # not tkernels' draft (EAGLE, SGLang's NGRAM)
     sg.verify.eagle_sample(original, other, None, None)
     original.assert_called_with(other, None, None, None)
+
+
+@pytest.mark.parametrize("overlap_off", [True, False], ids=["no_overlap", "overlap"])
+@pytest.mark.parametrize("asked", [True, False], ids=["mixed_chunk", "no_mixed_chunk"])
+def test_ngram_keeps_mixed_chunk_without_overlap(sg, monkeypatch, overlap_off, asked):
+    """SGLang's NGRAM server-args handling and validation, with the plugin's hooks wrapped in the way
+    HookRegistry wraps them (patched only for this test)."""
+    from sglang.srt.arg_groups import speculative_hook
+    from sglang.srt.arg_groups.overrides import resolution_result
+    from sglang.srt.plugins.hook_registry import HookType, _wrap_fn
+    from sglang.srt.server_args import ServerArgs
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    from tkernels.plugins.sglang import keep_mixed_chunk, supports_mixed_chunk
+
+    def args():
+        return ServerArgs(model_path="dummy", speculative_algorithm="NGRAM", enable_mixed_chunk=asked,
+                          chunked_prefill_size=512, disable_overlap_schedule=overlap_off, device="cuda", page_size=1)
+
+    plain = args()
+    speculative_hook._handle_ngram(plain)
+    assert resolution_result(plain, "enable_mixed_chunk") is False  # SGLang alone: always off
+    assert not SpeculativeAlgorithm.NGRAM.supports_mixed_chunk()
+
+    monkeypatch.setattr(speculative_hook, "_handle_ngram",
+                        _wrap_fn(speculative_hook._handle_ngram, keep_mixed_chunk, HookType.AFTER))
+    monkeypatch.setattr(SpeculativeAlgorithm, "supports_mixed_chunk",
+                        _wrap_fn(SpeculativeAlgorithm.supports_mixed_chunk, supports_mixed_chunk, HookType.AROUND))
+    hooked = args()
+    speculative_hook._handle_ngram(hooked)
+    assert resolution_result(hooked, "enable_mixed_chunk") is (asked and overlap_off)
+    assert SpeculativeAlgorithm.NGRAM.supports_mixed_chunk() and not SpeculativeAlgorithm.NONE.supports_mixed_chunk()

@@ -49,7 +49,9 @@ HOOKS = {
     "budget": ["sglang.srt.managers.scheduler.Scheduler.get_prefill_adder_class",
                "sglang.srt.managers.scheduler.Scheduler.init_chunked_prefill"],
     "token_recycling": ["sglang.srt.speculative.spec_info.SpeculativeAlgorithm.create_worker",
-                        "sglang.srt.speculative.eagle_utils.eagle_sample"],
+                        "sglang.srt.speculative.eagle_utils.eagle_sample",
+                        "sglang.srt.arg_groups.speculative_hook._handle_ngram",
+                        "sglang.srt.speculative.spec_info.SpeculativeAlgorithm.supports_mixed_chunk"],
 }
 
 
