@@ -20,7 +20,8 @@ target-verify paths go to :func:`tkernels.attention.mixed_attention`:
 What the kernel does not cover takes SGLang's own Triton kernels, per call: attention sinks,
 sliding windows, non-causal extends without a tree mask, scaled (fp8) KV, custom score mods,
 xAI temperature, dLLM. Models whose layers use sliding windows or MLA are refused at start-up
-(SGLang's window layers read a separate KV rail that the decode call does not identify).
+(SGLang's window layers read a separate KV rail that the decode call does not identify), and
+so are CUDA graphs (the plan is built on the host each batch): run with ``--disable-cuda-graph``.
 """
 
 from __future__ import annotations
@@ -82,16 +83,26 @@ class TkernelsAttnBackend(TritonAttnBackend):
         super().init_forward_metadata(forward_batch)
         self.forward_batch, self.plans = forward_batch, {}
 
+    def init_cuda_graph_state(self, *args, **kwargs):
+        raise ValueError("--attention-backend tkernels plans each batch on the host, which CUDA graphs cannot "
+                         "capture: add --disable-cuda-graph")
+
     def _mixed_attention(self, q, k_buffer, v_buffer, o, cu_seqlens_q, kv_indptr, kv_indices, new_slots, scale,
-                         logit_cap, tree=None):
-        """``new_slots``: the extend tokens' slots (None in a decode, whose kv_indices hold them)."""
+                         logit_cap, tree_mask=None):
+        """``new_slots``: the extend tokens' slots (None in a decode, whose kv_indices hold them);
+        ``tree_mask``: target verify's ``(custom_mask, mask_indptr)``."""
         key = (q.shape[1], k_buffer.shape[1], q.shape[2], k_buffer.shape[0])
         if key not in self.plans:
             table, seq_lens = block_table(kv_indptr, kv_indices, None if new_slots is None else cu_seqlens_q, new_slots)
+            parents = is_tree = None
+            if tree_mask is not None:  # every request holds a tree of the same size
+                batch = cu_seqlens_q.numel() - 1
+                parents = tree_parents_from_mask(*tree_mask, kv_indptr[1:] - kv_indptr[:-1], q.shape[0] // max(batch, 1))
+                is_tree = torch.ones(batch, dtype=torch.bool, device=q.device)
             plan = plan_mixed_attention(
                 cu_seqlens_q, seq_lens, table, num_q_heads=q.shape[1], num_kv_heads=k_buffer.shape[1],
                 head_dim=q.shape[2], num_blocks=k_buffer.shape[0], block_size=1, num_tokens=q.shape[0],
-                tree_parents=None if tree is None else tree[0], is_tree=None if tree is None else tree[1])
+                tree_parents=parents, is_tree=is_tree)
             self.plans[key] = (table, seq_lens, plan)
         table, seq_lens, plan = self.plans[key]
         k_cache, v_cache = (buf.view(buf.shape[0], 1, *buf.shape[1:]) for buf in (k_buffer, v_buffer))
@@ -111,14 +122,9 @@ class TkernelsAttnBackend(TritonAttnBackend):
                 mask_indptr, max_extend_len, k_descale, v_descale, scale, logit_cap=logit_cap,
                 sliding_window_size=sliding_window_size, sinks=sinks, window_kv_offsets=window_kv_offsets,
                 xai_temperature_len=xai_temperature_len, score_mod=score_mod, **kwargs)
-        tree = None
-        if custom_mask is not None:  # target verify: every request holds a tree of the same size
-            batch = qo_indptr.numel() - 1
-            parents = tree_parents_from_mask(custom_mask, mask_indptr, kv_indptr[1:] - kv_indptr[:-1],
-                                             q.shape[0] // max(batch, 1))
-            tree = (parents, torch.ones(batch, dtype=torch.bool, device=q.device))
         self._mixed_attention(q, k_buffer, v_buffer, o, qo_indptr.int(), kv_indptr, kv_indices,
-                              self.forward_batch.out_cache_loc, scale, logit_cap, tree)
+                              self.forward_batch.out_cache_loc, scale, logit_cap,
+                              None if custom_mask is None else (custom_mask, mask_indptr))
 
     def _decode_attention_fwd(self, q, k_buffer, v_buffer, o, kv_indptr, kv_indices, *args, logit_cap=0.0,
                               sinks=None, xai_temperature_len=-1, **kwargs):

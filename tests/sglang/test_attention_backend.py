@@ -157,3 +157,9 @@ def test_tree_parents_from_sglang_mask(sg, rng):
               for p, par in zip(prefix_lens, parents)]
     mask_indptr = torch.tensor([0] + [b.numel() for b in blocks]).cumsum(0)
     assert torch.equal(tree_parents_from_mask(torch.cat(blocks), mask_indptr, prefix_lens, n), torch.cat(parents))
+
+
+def test_cuda_graphs_are_refused_clearly(sg):
+    backend = sg.TkernelsAttnBackend(model_runner(sg))
+    with pytest.raises(ValueError, match="--disable-cuda-graph"):
+        backend.init_cuda_graph_state(8, 8)
