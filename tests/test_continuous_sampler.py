@@ -63,13 +63,14 @@ def test_exact_1d_matches_target_density_and_relaxed_is_biased(rng):
     stats = SpeculationStats()
     samples = speculative_sample(TARGET_1D, DRAFT_1D, z, z, rng, stats=stats)
     ks_exact = _ks_against_density(samples, grid, density)
-    relaxed = speculative_sample(TARGET_1D, DRAFT_1D, z, z, rng, inner_temperature=42.0)
+    n_relaxed = 20_000  # plenty to see a bias of this size
+    relaxed = speculative_sample(TARGET_1D, DRAFT_1D, z[:n_relaxed], z[:n_relaxed], rng, inner_temperature=42.0)
     ks_relaxed = _ks_against_density(relaxed, grid, density)
-    print(f"1-D: acceptance {stats.acceptance_rate:.3f}, KS exact {ks_exact:.4f}, KS relaxed(T=42) {ks_relaxed:.4f}, critical {_ks_critical(N):.4f}")
+    print(f"1-D: acceptance {stats.acceptance_rate:.3f}, KS exact {ks_exact:.4f} (critical {_ks_critical(N):.4f}), KS relaxed(T=42) {ks_relaxed:.4f}")
     assert stats.fallbacks == 0 and torch.isfinite(samples).all()
     assert 0.5 < stats.acceptance_rate < 0.95  # both phases matter
     assert ks_exact < _ks_critical(N)
-    assert ks_relaxed > 5 * _ks_critical(N)  # the lossy mode's bias is measurable
+    assert ks_relaxed > 5 * _ks_critical(n_relaxed)  # the lossy mode's bias is measurable
 
 
 @pytest.mark.slow

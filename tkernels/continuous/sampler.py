@@ -89,6 +89,10 @@ def _randn(shape, generator, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=device)
 
 
+def _chain_shape(rows: int, head: DiffusionHead) -> tuple[int, int, int]:
+    return rows, head.schedule.num_steps, head.token_dim
+
+
 def accept_counts(log_ratio: torch.Tensor, generator: torch.Generator, inner_temperature: float | None = None) -> torch.Tensor:
     """Number of draft tokens kept per row of a ``[rows, window]`` log-ratio (int64 ``[rows]``).
 
@@ -144,10 +148,6 @@ def sample_residual(
         out[todo[keep]] = xs[keep, -1]
         todo = todo[~keep]
     return out
-
-
-def _chain_shape(rows: int, head: DiffusionHead) -> tuple[int, int, int]:
-    return rows, head.schedule.num_steps, head.token_dim
 
 
 def speculative_sample(
