@@ -51,11 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="the tiny random Llama used by tests instead")
     p.set_defaults(func=model)
     from tkernels import autotune
+    from tkernels.continuous import demo as continuous_demo
     from tkernels.plugins.vllm import demo
 
     p = sub.add_parser("autotune", help="tune kernels, fit the step-latency model, write this GPU's config")
     autotune.add_arguments(p)
     p.set_defaults(func=autotune.run)
+    p = sub.add_parser("continuous-demo", help="digits from a tiny MAR-style model with and without "
+                       "continuous speculative decoding (trains once on CPU)")
+    continuous_demo.add_arguments(p)
+    p.set_defaults(func=continuous_demo.run)
 
     p = sub.add_parser("demo", help="greedy generation on vLLM with the tkernels plugin loaded")
     demo.add_arguments(p)

@@ -55,8 +55,7 @@ def _save_grid(path: str, panels: list[tuple[str, torch.Tensor]], per_class: int
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tkernels continuous-demo", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="continuous_demo.png", help="PNG to write")
     parser.add_argument("--cache-dir", default=None, help="where trained weights are cached (default ~/.cache/tkernels/continuous)")
     parser.add_argument("--seed", type=int, default=0)
@@ -64,7 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=None, help="samples per class (default 6, 1 with --quick)")
     parser.add_argument("--window", type=int, default=4, help="draft tokens per speculation round")
     parser.add_argument("--inner-temperature", type=float, default=42.0, help="CSpD's relaxed ratio for the lossy run")
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tkernels continuous-demo", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     target, draft = load_or_train_pair(args.cache_dir, seed=args.seed, quick=args.quick)
