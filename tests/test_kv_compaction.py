@@ -103,3 +103,15 @@ def test_bad_inputs(rng):
     for name, args in cases:
         with pytest.raises(ValueError, match=name):
             compact_kv(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_compaction(dtype):
+    gen = torch.Generator().manual_seed(0)
+    cache, *meta = random_case(gen, batch=32, block_size=16, heads=8, head_dim=128, width=9, num_blocks=512,
+                               lead=(2,), dtype=dtype)
+    expected = expected_after(cache, *meta)
+    cache, meta = cache.cuda(), [m.cuda() for m in meta]
+    compact_kv(cache, *meta)
+    assert torch.equal(cache.cpu(), expected)

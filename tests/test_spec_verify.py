@@ -361,3 +361,18 @@ def test_bad_inputs(rng):
         V.verify_sampling(*good, temp, uniforms=torch.rand(logits.shape[0], 1))
     with pytest.raises(ValueError, match="draft_probs"):
         V.verify_sampling(*good, temp, draft_probs=torch.rand(logits.shape, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_matches_reference(dtype):
+    """V1-like shapes on the GPU: 16 requests, a chain and a 64-node tree mix, vocab 128256."""
+    gen = torch.Generator().manual_seed(0)
+    trees = [SHAPES["chain"], random_parents(64, gen), SHAPES["star"], [-1]] * 4
+    logits, tokens, parents, cu = (t.cuda() for t in make_batch(trees, 128256, gen, dtype, match=0.7))
+    assert_same(V.verify_greedy(logits, tokens, parents, cu), V.verify_greedy_reference(logits, tokens, parents, cu))
+    draft_probs = torch.softmax(logits.float() + torch.randn(logits.shape, generator=gen).cuda(), -1)
+    uniforms = torch.rand(logits.shape[0], 2, generator=gen).cuda()
+    for params in SAMPLING_PARAMS:
+        for q in (None, draft_probs):
+            exact_compare(logits, tokens, parents, cu, SAMPLING_PARAMS[params], uniforms, q)
