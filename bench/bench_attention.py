@@ -18,35 +18,22 @@ come from ``bench/.server_kernels/``, filled beforehand by ``python bench/server
 
 from __future__ import annotations
 
-import datetime
 import functools
 import importlib
 import inspect
-import json
-import os
-import statistics
-import time
-from pathlib import Path
 
+import pytest
 import torch
+from common import DEVICE, HAS_CUDA, median_us, requires_gpu
 
-HAS_CUDA = torch.cuda.is_available()
-TINY = os.environ.get("TKERNELS_BENCH_TINY") == "1"
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
+import server_kernels  # bench/ is on sys.path: pytest's rootdir-relative import
+import workloads
 
-import pytest  # noqa: E402
-import server_kernels  # noqa: E402  (bench/ is on sys.path: pytest's rootdir-relative import)
-import triton  # noqa: E402
-import workloads  # noqa: E402
 
-from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention  # noqa: E402
-from tkernels.config import device_file_name  # noqa: E402
+from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention
 
-pytestmark = pytest.mark.skipif(not HAS_CUDA and not TINY, reason="GPU benchmark (TKERNELS_BENCH_TINY=1 runs tiny shapes)")
+pytestmark = requires_gpu
 
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAX_REL_ERR = 2e-2  # bf16 inputs and probabilities vs the fp32 reference
 
 
@@ -208,50 +195,6 @@ def _sglang(w: workloads.Workload):
 IMPLS = {"tkernels": _tkernels, "vllm": _vllm, "sglang": _sglang, "torch": _torch}
 
 
-def _median_ms(fn) -> float:
-    if HAS_CUDA:
-        return triton.testing.do_bench(fn, return_mode="median")
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-@pytest.fixture(scope="session")
-def roofline():
-    """(copy bandwidth in bytes/s, bf16 matmul FLOP/s), measured on this GPU; None on CPU."""
-    if not HAS_CUDA:
-        return None
-    x = torch.empty(2**28, dtype=torch.bfloat16, device="cuda")
-    y = torch.empty_like(x)
-    bandwidth = 2 * x.nbytes / (triton.testing.do_bench(lambda: y.copy_(x), return_mode="median") * 1e-3)
-    n = 8192
-    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    matmul = 2 * n**3 / (triton.testing.do_bench(lambda: a @ b, return_mode="median") * 1e-3)
-    del x, y, a, b
-    return bandwidth, matmul
-
-
-@pytest.fixture(scope="session")
-def records():
-    """Collects result records; on a GPU merges them into bench/results/<device>.json at the end."""
-    collected: list[dict] = []
-    yield collected
-    if not HAS_CUDA or not collected:
-        return
-    path = RESULTS_DIR / f"{device_file_name(torch.cuda.get_device_name())}.json"
-    data = json.loads(path.read_text()) if path.is_file() else {"records": []}
-    fresh = {(r["workload"], r["impl"]) for r in collected}
-    data.update(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.date.today().isoformat())
-    data["records"] = [r for r in data["records"] if (r.get("workload"), r.get("impl")) not in fresh] + collected
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
-
-
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("name", list(workloads.WORKLOADS))
 def test_attention(benchmark, name, impl, roofline, records):
@@ -262,9 +205,9 @@ def test_attention(benchmark, name, impl, roofline, records):
     rel_err = float((got - want).norm() / want.norm())
     assert rel_err < MAX_REL_ERR, f"{impl} on {name}: relative error {rel_err:.3g}"
 
-    ms = benchmark.pedantic(_median_ms, args=(fn,), rounds=1, iterations=1)
-    seconds = ms * 1e-3
-    record = {"workload": name, "impl": impl, "us": ms * 1e3, "rel_err": rel_err,
+    us = benchmark.pedantic(median_us, args=(fn,), rounds=1, iterations=1)
+    seconds = us * 1e-6
+    record = {"workload": name, "impl": impl, "us": us, "rel_err": rel_err,
               "tbps": w.min_bytes / seconds / 1e12, "tflops": w.flops / seconds / 1e12}
     if roofline is not None:
         bandwidth, matmul = roofline

@@ -10,38 +10,24 @@ Implementations on the same inputs: ``tkernels`` (:mod:`tkernels.continuous.acce
 accepted counts equal except where a log-ratio sits within rounding of log u).
 
 Run on a GPU: ``pytest bench/bench_continuous.py --benchmark-enable``; medians of
-``triton.testing.do_bench`` go to ``bench/results/continuous_<device file name>.json`` as
-``{"workload": "C1", "impl": ..., "us": ..., "tbps": ...}`` records (tbps: bytes read / time)
-for the lead to merge. Without a GPU the module skips unless ``TKERNELS_BENCH_TINY=1`` (tiny
+``triton.testing.do_bench`` are merged into ``bench/results/<device file name>.json`` as
+``{"workload": "C1", "impl": ..., "us": ..., "tbps": ...}`` records (tbps: bytes read / time).
+Without a GPU the module skips unless ``TKERNELS_BENCH_TINY=1`` (tiny
 shapes under the interpreter, nothing written).
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
-import statistics
-import time
-from pathlib import Path
 
+import pytest
 import torch
+from common import DEVICE, HAS_CUDA, median_us, requires_gpu
 
-HAS_CUDA = torch.cuda.is_available()
-TINY = os.environ.get("TKERNELS_BENCH_TINY") == "1"
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
+from tkernels.continuous import acceptance as A
 
-import pytest  # noqa: E402
-import triton  # noqa: E402
+pytestmark = requires_gpu
 
-from tkernels.config import device_file_name  # noqa: E402
-from tkernels.continuous import acceptance as A  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not HAS_CUDA and not TINY, reason="GPU benchmark (TKERNELS_BENCH_TINY=1 runs tiny shapes)")
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BATCH, TOKENS, DIMS, STEPS = (64, 256, 16, 100) if HAS_CUDA else (2, 8, 4, 5)
 
 
@@ -76,33 +62,10 @@ def _check():
     assert int((n_got != n_want).sum()) <= 1, "accepted counts differ beyond a rounding tie"
 
 
-def _median_us(fn) -> float:
-    if HAS_CUDA:
-        return triton.testing.do_bench(fn, return_mode="median") * 1e3
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
-
-
-@pytest.fixture(scope="session")
-def records():
-    """Collects records; on a GPU writes bench/results/continuous_<device>.json at the end."""
-    collected: list[dict] = []
-    yield collected
-    if not HAS_CUDA or not collected:
-        return
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"continuous_{device_file_name(torch.cuda.get_device_name())}.json"
-    path.write_text(json.dumps(collected, indent=1) + "\n")
-
-
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_c1(benchmark, impl, records):
     _check()
-    us = benchmark.pedantic(_median_us, args=(IMPLS[impl],), rounds=1, iterations=1)
+    us = benchmark.pedantic(median_us, args=(IMPLS[impl],), rounds=1, iterations=1)
     x, mu_p, mu_q, _, uniforms = inputs()
     read = x.nbytes + mu_p.nbytes + mu_q.nbytes + uniforms.nbytes
     record = {"workload": "C1", "impl": impl, "us": us, "tbps": read / (us * 1e-6) / 1e12}

@@ -16,39 +16,25 @@ outputs must be valid paths (accepted tokens = the drafts along the path), and t
 equal the reference exactly on shared uniforms.
 
 Run on a GPU: ``pytest bench/bench_verify.py --benchmark-enable``; medians of
-``triton.testing.do_bench`` go to ``bench/results/verify_<device file name>.json`` as a list of
+``triton.testing.do_bench`` are merged into ``bench/results/<device file name>.json`` as
 ``{"workload": "V1-greedy-chain4", "impl": ..., "us": ..., "tbps": ...}`` records (tbps: logits
-bytes / time) for the lead to merge into ``bench/results/<device>.json``. Without a GPU the
+bytes / time). Without a GPU the
 module skips unless ``TKERNELS_BENCH_TINY=1`` (tiny shapes under the interpreter, nothing written).
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
-import statistics
-import time
-from pathlib import Path
 
+import pytest
 import torch
+from common import DEVICE, HAS_CUDA, median_us, requires_gpu
 
-HAS_CUDA = torch.cuda.is_available()
-TINY = os.environ.get("TKERNELS_BENCH_TINY") == "1"
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
+from tkernels.spec import verify as V
+from tkernels.spec.tree import chain, depths, token_recycling_template
 
-import pytest  # noqa: E402
-import triton  # noqa: E402
+pytestmark = requires_gpu
 
-from tkernels.config import device_file_name  # noqa: E402
-from tkernels.spec import verify as V  # noqa: E402
-from tkernels.spec.tree import chain, depths, token_recycling_template  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not HAS_CUDA and not TINY, reason="GPU benchmark (TKERNELS_BENCH_TINY=1 runs tiny shapes)")
-
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BATCH, VOCAB = (64, 128256) if HAS_CUDA else (4, 512)
 TREES = {"chain4": chain(5).parents, "tree64": token_recycling_template().truncate(64 if HAS_CUDA else 12).parents}
 MODES = ("greedy", "sampling", "sampling-q")
@@ -182,29 +168,6 @@ def _check(impl, tree, mode, out):
         assert int(same.sum()) >= BATCH - 1, f"tkernels differs from the reference on {BATCH - int(same.sum())} requests"
 
 
-def _median_us(fn) -> float:
-    if HAS_CUDA:
-        return triton.testing.do_bench(fn, return_mode="median") * 1e3
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
-
-
-@pytest.fixture(scope="session")
-def records():
-    """Collects records; on a GPU writes bench/results/verify_<device>.json at the end."""
-    collected: list[dict] = []
-    yield collected
-    if not HAS_CUDA or not collected:
-        return
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / f"verify_{device_file_name(torch.cuda.get_device_name())}.json"
-    path.write_text(json.dumps(collected, indent=1) + "\n")
-
-
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("tree", list(TREES))
@@ -213,7 +176,7 @@ def test_verify(benchmark, tree, mode, impl, records):
     if fn is None:
         pytest.skip(f"{impl} not available for {tree} here (vLLM: chains only, GPU build with Triton)")
     _check(impl, tree, mode, fn())
-    us = benchmark.pedantic(_median_us, args=(fn,), rounds=1, iterations=1)
+    us = benchmark.pedantic(median_us, args=(fn,), rounds=1, iterations=1)
     logits = inputs(tree, mode)[0]
     record = {"workload": f"V1-{mode}-{tree}", "impl": impl, "us": us, "tbps": logits.nbytes / (us * 1e-6) / 1e12}
     benchmark.extra_info.update(record)
