@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tkernels.spec.tree import depths, validate_parents
-from tkernels.spec.tree_policy import DynamicTreePolicy, PiecewiseLinearStepTime, greedy_tree
+from tkernels.spec.tree_policy import DynamicTreePolicy, greedy_tree
 
 
 def best_by_search(p: list[list[float]], num_nodes: int) -> float:
@@ -64,15 +64,14 @@ def test_greedy_runs_out_of_candidates():
         greedy_tree(torch.full((2, 2), 1.5), 4)
 
 
-def test_step_time_model():
-    st = PiecewiseLinearStepTime()
-    assert st.step_time(1) == pytest.approx(1.0)
-    assert st.step_time(64) == pytest.approx(1.02)
-    assert st.step_time(512) == pytest.approx(1.93)
-    assert st.step_time(96) == pytest.approx(1.045)
-    assert st.step_time(1024) > st.step_time(512)  # the last segment extends
-    with pytest.raises(ValueError, match="points"):
-        PiecewiseLinearStepTime([(1, 1.0)])
+def test_default_step_time_is_the_per_gpu_latency_model():
+    from tkernels.sched.latency_model import LatencyModel
+
+    step_time = DynamicTreePolicy().step_time
+    assert isinstance(step_time, LatencyModel)
+    # DESIGN.md's H100 Llama-3-8B ratios: a 64-token verify is nearly free, 512 is not.
+    assert step_time.step_time(64) / step_time.step_time(1) < 1.05
+    assert step_time.step_time(512) / step_time.step_time(1) > 1.7
 
 
 def test_budget_shrinks_with_batch_and_other_tokens():

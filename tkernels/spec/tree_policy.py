@@ -16,7 +16,7 @@ Per step, with ``B`` requests drafting ``m`` nodes each, the policy picks ``m`` 
 from __future__ import annotations
 
 import heapq
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -24,37 +24,14 @@ from .tree import TreeShape, from_rank_paths
 
 __all__ = [
     "StepTime",
-    "PiecewiseLinearStepTime",
-    "H100_LLAMA3_8B_STEP_RATIOS",
     "greedy_tree",
     "DynamicTreePolicy",
 ]
-
-# Verify-step time vs batch tokens relative to 1 token, H100, Llama-3-8B linear layers, bf16
-# (DESIGN.md). The documented default until `tkernels autotune` measures the GPU at hand.
-H100_LLAMA3_8B_STEP_RATIOS: tuple[tuple[int, float], ...] = ((1, 1.0), (64, 1.02), (128, 1.07), (256, 1.22), (512, 1.93))
-
 
 class StepTime(Protocol):
     """A verify-step latency model; ``tkernels autotune`` supplies a per-GPU one."""
 
     def step_time(self, batch_tokens: int) -> float: ...
-
-
-class PiecewiseLinearStepTime:
-    """Linear interpolation through ``(batch_tokens, time)`` points; the end segments extend."""
-
-    def __init__(self, points: Sequence[tuple[int, float]] = H100_LLAMA3_8B_STEP_RATIOS):
-        xs = [float(x) for x, _ in points]
-        if len(points) < 2 or any(b <= a for a, b in zip(xs, xs[1:])):
-            raise ValueError(f"points must hold >= 2 (batch_tokens, time) pairs with increasing batch_tokens, got {points}")
-        self.points = [(float(x), float(t)) for x, t in points]
-
-    def step_time(self, batch_tokens: int) -> float:
-        pts = self.points
-        i = next((i for i in range(1, len(pts) - 1) if batch_tokens < pts[i][0]), len(pts) - 1)
-        (x0, t0), (x1, t1) = pts[i - 1], pts[i]
-        return t0 + (t1 - t0) * (batch_tokens - x0) / (x1 - x0)
 
 
 def greedy_tree(accept_probs: torch.Tensor, num_nodes: int):
@@ -113,7 +90,7 @@ class DynamicTreePolicy:
         if not 0 < decay <= 1:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
         self.k, self.max_depth, self.decay = k, max_depth, decay
-        self.step_time = step_time or PiecewiseLinearStepTime()
+        self.step_time = step_time or _default_step_time()
         if prior is None:
             prior = (0.5 * 0.5 ** torch.arange(k, dtype=torch.float64)).expand(max_depth, k)
         if prior.shape != (max_depth, k):
@@ -160,3 +137,11 @@ class DynamicTreePolicy:
         goodput = (other_tokens + batch_size * expected) / times
         best = int(goodput.argmax()) + 1  # argmax takes the first: ties go to the smaller tree
         return shape if best == len(shape) else greedy_tree(self.accept_probs(), best)[0]
+
+
+def _default_step_time() -> StepTime:
+    """The running GPU's step-latency model (per-GPU config, else the analytic H100-class
+    default of :mod:`tkernels.sched.latency_model`) for a Llama-3-8B-shaped target."""
+    from tkernels.sched.latency_model import LLAMA3_8B, LatencyModel, LatencyRates
+
+    return LatencyModel(LLAMA3_8B, LatencyRates.from_config())
