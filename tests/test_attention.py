@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention
 from tkernels.attention.batch import random_paged_batch, random_parents
+from tkernels.spec.tree import validate_parents
 from tkernels.attention.mixed_attention import MAX_TREE_NODES
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=3e-3, rtol=1e-2)}
@@ -84,15 +85,16 @@ def test_trees(nodes, rng):
 
 
 def test_tree_nodes_see_only_ancestors(rng):
-    # chain 0-1-2 plus 3 hanging off 0: node 3 must not see nodes 1 and 2
+    # BFS order: 1 and 2 hang off 0, 3 off 1; node 2 must not see its sibling 1 or nephew 3
     batch = make([4], [4], rng, group=1, num_kv_heads=1)
-    batch.tree_parents = torch.tensor([-1, 0, 1, 0], dtype=torch.int32)
+    batch.tree_parents = torch.tensor([-1, 0, 0, 1], dtype=torch.int32)
     batch.is_tree = torch.tensor([True])
     run_and_check(batch, torch.float32)
     v = batch.v_cache[batch.block_table[0, 0].long(), :4, 0]  # values of keys 0..3
-    batch.q.zero_()  # uniform attention: node 3 averages keys {0, 3}
+    batch.q.zero_()  # uniform attention: node 2 averages keys {0, 2}, node 3 keys {0, 1, 3}
     out = mixed_attention(*batch.inputs(), **batch.tree_kwargs())
-    torch.testing.assert_close(out[3, 0], (v[0] + v[3]) / 2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[2, 0], (v[0] + v[2]) / 2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[3, 0], (v[0] + v[1] + v[3]) / 3, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("window", [1, 7, 40])
@@ -132,6 +134,7 @@ def test_random_parents_are_valid(rng):
     for n in (1, 2, 64):
         p = random_parents(n, rng)
         assert p[0] == -1 and all(0 <= p[i] < i for i in range(1, n))
+        validate_parents(p)  # BFS order, as the spec contract requires
 
 
 @settings(max_examples=6, deadline=None)

@@ -33,12 +33,14 @@ class PagedBatch:
 
 
 def random_parents(n: int, generator: torch.Generator) -> torch.Tensor:
-    """A random valid tree of ``n`` nodes in the parents contract (parents[0] = -1, parents[i] < i)."""
+    """A random valid tree of ``n`` nodes in the parents contract (BFS order: parents[0] = -1,
+    0 <= parents[i] < i, parents[1:] non-decreasing)."""
     if n == 0:
         return torch.zeros(0, dtype=torch.int32)
-    # parents[i] uniform in [0, i): floor(u * i) for u in [0, 1).
+    # parents[i] uniform in [0, i): floor(u * i) for u in [0, 1); sorting keeps parents[i] < i
+    # (the k-th smallest of them is at most k - 1) and puts the tree in BFS order.
     u = torch.rand(n - 1, generator=generator)
-    rest = (u * torch.arange(1, n)).long().clamp(max=torch.arange(0, n - 1))
+    rest = (u * torch.arange(1, n)).long().clamp(max=torch.arange(0, n - 1)).sort().values
     return torch.cat([torch.tensor([-1]), rest]).to(torch.int32)
 
 

@@ -48,7 +48,6 @@ only so that the tiles compile without register spills; ``tkernels autotune`` re
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +57,7 @@ import triton.language as tl
 
 from tkernels.config import kernel_config
 from tkernels.registry import gpu_compile_check
+from tkernels.spec.tree import ancestor_bits, depths, validate_parents
 
 LOG2E = 1.4426950408889634
 MAX_TREE_NODES = 64  # ancestor sets are one int64 bit mask per node
@@ -326,27 +326,6 @@ def _check_int_vector(t: Any, arg: str, length: int | None = None) -> None:
         _fail(arg, "must be contiguous")
 
 
-def _tree_ancestors(parents: torch.Tensor, local: torch.Tensor, tree_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ancestor-or-self bits (int64) and depths of every tree token, by pointer doubling.
-
-    ``parents`` holds local parents; after step k each token's bits cover the ancestors
-    closer than 2**k and ``hop`` points 2**k generations up, so 6 steps cover 64 nodes.
-    """
-    T = parents.numel()
-    glob = torch.arange(T, dtype=torch.int64, device=parents.device)
-    hop = torch.where(tree_token & (parents >= 0), glob - local + parents.long(), torch.full_like(glob, -1))
-    one = torch.ones((), dtype=torch.int64, device=parents.device)
-    bits = torch.where(tree_token, one << local.clamp(0, MAX_TREE_NODES - 1), torch.zeros_like(glob))
-    for _ in range(int(math.log2(MAX_TREE_NODES))):
-        has_hop = hop >= 0
-        safe = hop.clamp(min=0)
-        bits = bits | torch.where(has_hop, bits[safe], torch.zeros_like(bits))
-        hop = torch.where(has_hop, hop[safe], hop)
-    bytes_ = bits.view(torch.uint8).view(T, 8).long()
-    popcount = sum(((bytes_ >> i) & 1) for i in range(8)).sum(1)
-    return bits, (popcount - 1).clamp(min=0).to(torch.int32)
-
-
 def plan_mixed_attention(
     cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -432,16 +411,17 @@ def plan_mixed_attention(
         tree_req = is_tree.cpu()
         if (q_len[tree_req] > MAX_TREE_NODES).any():
             _fail("tree_parents", f"trees hold at most {MAX_TREE_NODES} nodes")
-        parents = tree_parents.cpu().long()
+        # The spec contract's own checks and derivations, on the tree requests' tokens only.
         tree_token = tree_req[token_req]
-        ok = torch.where(local == 0, parents == -1, (parents >= 0) & (parents < local))
-        if (tree_token & ~ok).any():
-            t = int((tree_token & ~ok).nonzero()[0])
-            _fail("tree_parents", f"token {t} (node {int(local[t])} of request {int(token_req[t])}) has parent "
-                  f"{int(parents[t])}; need parents[0] = -1 and 0 <= parents[i] < i")
-        bits, depth = _tree_ancestors(parents, local, tree_token)
-        ancestors = torch.where(tree_token, bits, ancestors)
-        positions = torch.where(tree_token, prefix[token_req] + depth, positions)
+        parents = tree_parents.cpu()[tree_token]
+        cu_trees = torch.nn.functional.pad(torch.cumsum(q_len[tree_req & (q_len > 0)], 0), (1, 0))
+        if parents.numel():
+            try:
+                validate_parents(parents, cu_trees)
+            except ValueError as err:
+                _fail("tree_parents", f"tree requests must hold BFS trees: {err}")
+            ancestors[tree_token] = ancestor_bits(parents, cu_trees)
+            positions[tree_token] = prefix[token_req][tree_token] + depths(parents, cu_trees).long()
 
     cfg = _launch_config(num_q_heads // num_kv_heads, head_dim, block_size, q_len, config)
     items, merge, ws_rows = _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, num_q_heads // num_kv_heads,

@@ -6,8 +6,8 @@ last committed token, whose logits predict the depth-1 children) and, for ``i >=
 node's children are contiguous and every depth is a contiguous slice). A batch of trees is
 ragged: ``parents`` holds LOCAL indices per request and ``cu_nodes: int32[B+1]`` the offsets.
 
-Every function works on CPU or device tensors; the derived quantities use pointer jumping (one
-vectorised gather per tree level), never a per-node Python loop. Only :func:`validate_parents`
+Every function works on CPU or device tensors; depths and ancestor bits use pointer doubling
+(log2 n vectorised gathers), never a per-node Python loop. Only :func:`validate_parents`
 and the list-returning :func:`leaf_paths` read values back to the host.
 
 A *shape* (:class:`TreeShape`) adds ``ranks``: node ``i`` is its parent's ``ranks[i]``-th best
@@ -71,23 +71,26 @@ def validate_parents(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None
         _check_cu_nodes(parents, cu_nodes)
         cu = cu_nodes.cpu().long()
     p = parents.cpu().long()
-    for b, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        tree = p[start:end]
-        where = "" if cu_nodes is None else f" (request {b})"
-        if int(tree[0]) != -1:
-            raise ValueError(f"parents[0] must be -1 (node 0 is the root){where}, got {int(tree[0])}")
-        idx = torch.arange(tree.numel())
-        bad = ((tree < 0) | (tree >= idx))[1:].nonzero()
-        if bad.numel():
-            i = int(bad[0]) + 1
-            raise ValueError(f"parents[{i}] = {int(tree[i])} must satisfy 0 <= parents[i] < i{where}")
-        dec = (tree[2:] < tree[1:-1]).nonzero()
-        if dec.numel():
-            i = int(dec[0]) + 2
-            raise ValueError(
-                f"parents is not in BFS order{where}: parents[{i}] = {int(tree[i])} < "
-                f"parents[{i - 1}] = {int(tree[i - 1])} (parents[1:] must be non-decreasing)"
-            )
+    sizes = cu[1:] - cu[:-1]
+    local = torch.arange(p.numel()) - torch.repeat_interleave(cu[:-1], sizes)
+    previous = torch.cat([p[:1], p[:-1]])
+    ok = torch.where(local == 0, p == -1, (p >= 0) & (p < local) & ((local < 2) | (p >= previous)))
+    if bool(ok.all()):  # the common case: one vectorised pass, no per-request loop
+        return
+    b = int(torch.searchsorted(cu, int((~ok).nonzero()[0]), right=True)) - 1
+    tree, where = p[int(cu[b]):int(cu[b + 1])], "" if cu_nodes is None else f" (request {b})"
+    if int(tree[0]) != -1:
+        raise ValueError(f"parents[0] must be -1 (node 0 is the root){where}, got {int(tree[0])}")
+    idx = torch.arange(tree.numel())
+    bad = ((tree < 0) | (tree >= idx))[1:].nonzero()
+    if bad.numel():
+        i = int(bad[0]) + 1
+        raise ValueError(f"parents[{i}] = {int(tree[i])} must satisfy 0 <= parents[i] < i{where}")
+    i = int((tree[2:] < tree[1:-1]).nonzero()[0]) + 2
+    raise ValueError(
+        f"parents is not in BFS order{where}: parents[{i}] = {int(tree[i])} < "
+        f"parents[{i - 1}] = {int(tree[i - 1])} (parents[1:] must be non-decreasing)"
+    )
 
 
 def _global_parents(parents: torch.Tensor, cu_nodes: torch.Tensor | None) -> torch.Tensor:
@@ -100,17 +103,21 @@ def _global_parents(parents: torch.Tensor, cu_nodes: torch.Tensor | None) -> tor
     return torch.where(p >= 0, p + offsets, p)
 
 
+def _check_range(parents: torch.Tensor) -> None:
+    n = parents.numel()
+    if bool(((parents < -1) | (parents >= n)).any()):
+        raise ValueError(f"parents holds an index outside [-1, {n}); see validate_parents")
+
+
 def _jump(parents: torch.Tensor):
     """Yield ``anc``: every node's ancestor one level further up each time (-1 past the root).
 
     Cheap guards instead of :func:`validate_parents` (which reads the tree to the host):
     out-of-range entries and parent chains that never reach a root raise, never hang.
     """
-    n = parents.numel()
-    if bool(((parents < -1) | (parents >= n)).any()):
-        raise ValueError(f"parents holds an index outside [-1, {n}); see validate_parents")
+    _check_range(parents)
     anc = parents
-    for _ in range(n):
+    for _ in range(parents.numel()):
         if not bool((anc >= 0).any()):
             return
         yield anc
@@ -118,12 +125,30 @@ def _jump(parents: torch.Tensor):
     raise ValueError("parents is not a tree: a parent chain never reaches the root; see validate_parents")
 
 
+def _doubling(parents: torch.Tensor):
+    """Pointer doubling over global parents: round k yields ``(has, hop)`` where ``hop[i]`` is
+    node i's ancestor 2**k generations up (valid where ``has``); the caller folds that node's
+    value into node i's before the next round. ceil(log2 n) rounds reach every root, so a
+    64-deep tree costs 6 rounds, not 64; a chain that never reaches a root raises."""
+    _check_range(parents)
+    hop = parents
+    for _ in range(max(parents.numel() - 1, 1).bit_length()):
+        has = hop >= 0
+        if not bool(has.any()):
+            return
+        safe = hop.clamp(min=0)
+        yield has, safe
+        hop = torch.where(has, hop[safe], hop)
+    if bool((hop >= 0).any()):
+        raise ValueError("parents is not a tree: a parent chain never reaches the root; see validate_parents")
+
+
 def depths(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None) -> torch.Tensor:
-    """Depth of every node (root 0), int32, same device; one gather per level."""
+    """Depth of every node (root 0), int32, same device."""
     p = _global_parents(parents, cu_nodes)
-    depth = torch.zeros_like(p)
-    for anc in _jump(p):
-        depth += (anc >= 0).long()
+    depth = (p >= 0).long()  # distance to the current hop (the parent)
+    for has, hop in _doubling(p):
+        depth = depth + torch.where(has, depth[hop], 0)
     return depth.int()
 
 
@@ -147,12 +172,10 @@ def ancestor_bits(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None) -
     local = torch.arange(parents.numel(), device=parents.device)
     if cu_nodes is not None:
         local = local - torch.repeat_interleave(cu_nodes[:-1].long(), (cu_nodes[1:] - cu_nodes[:-1]).long())
-    offsets = torch.arange(parents.numel(), device=parents.device) - local
     one = torch.ones((), dtype=torch.int64, device=parents.device)
-    bits = torch.bitwise_left_shift(one, local)
-    for anc in _jump(_global_parents(parents, cu_nodes)):
-        anc_local = (anc - offsets).clamp(min=0)
-        bits |= torch.where(anc >= 0, torch.bitwise_left_shift(one, anc_local), torch.zeros_like(bits))
+    bits = torch.bitwise_left_shift(one, local)  # every node sees itself
+    for has, hop in _doubling(_global_parents(parents, cu_nodes)):
+        bits = bits | torch.where(has, bits[hop], torch.zeros_like(bits))
     return bits
 
 
