@@ -163,9 +163,7 @@ class TokenRecyclingProposer:
             return
         self._observe(parents, children)
         token_tensor = torch.tensor(tokens, dtype=torch.int64)
-        # TokenRecycling.update(logits, tokens) with the top-k taken already (module doc)
-        top = top[torch.tensor(rows, device=top.device)]
-        self.drafter.adjacency[token_tensor] = top.to(self.drafter.adjacency.device, torch.int32)
+        self.drafter.recycle_topk(top[torch.tensor(rows, device=top.device)], token_tensor)
         self.recycled[token_tensor] = True
         self.stats["recycled_steps"] += 1
         self.stats["recycled_rows"] += len(rows)

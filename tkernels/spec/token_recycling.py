@@ -70,8 +70,14 @@ class TokenRecycling:
             raise ValueError(f"logits must be [total_nodes, {self.vocab_size}], got {tuple(logits.shape)}")
         if draft_tokens.shape != logits.shape[:1]:
             raise ValueError(f"draft_tokens must be [{logits.shape[0]}] like logits' rows, got {tuple(draft_tokens.shape)}")
-        top = logits.topk(self.k, dim=-1).indices.to(device=self.adjacency.device, dtype=torch.int32)
-        self.adjacency[draft_tokens.to(self.adjacency.device).long()] = top
+        self.recycle_topk(logits.topk(self.k, dim=-1).indices, draft_tokens)
+
+    def recycle_topk(self, topk_ids: torch.Tensor, draft_tokens: torch.Tensor) -> None:
+        """:meth:`update` for callers that keep only the target's top-k ids (``[nodes, k]``,
+        best first), not whole logits rows."""
+        if topk_ids.dim() != 2 or topk_ids.shape != (draft_tokens.numel(), self.k):
+            raise ValueError(f"topk_ids must be [{draft_tokens.numel()}, {self.k}], got {tuple(topk_ids.shape)}")
+        self.adjacency[draft_tokens.to(self.adjacency.device).long()] = topk_ids.to(self.adjacency.device, torch.int32)
 
     def candidate_ranks(self, parent_tokens: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """Rank of ``next_tokens[i]`` in row ``parent_tokens[i]`` (-1 when not among the k).
