@@ -8,7 +8,9 @@ both measured here, into ``bench/results/<device file name>.json`` (DESIGN.md "R
 Without a GPU the module skips, unless ``TKERNELS_BENCH_TINY=1`` runs tiny shapes under the
 Triton interpreter (nothing is written then).
 
-tkernels is timed with its plan built beforehand: a server builds it once per step and reuses
+tkernels runs twice: with this GPU's config (``tkernels autotune``'s, else the documented
+fallback) and as ``tkernels-default-config`` with the built-in defaults, so the result file
+shows what tuning bought. It is timed with its plan built beforehand: a server builds it once per step and reuses
 it in every layer. vLLM's ``unified_attention`` runs its single-launch path (no 3D split-softmax
 buffers), W5 with the shared tree as ``qq_bias``. SGLang runs ``decode_attention_fwd`` on W3 and
 ``extend_attention_fwd`` elsewhere (decodes as one-token extends, W5 with its custom mask).
@@ -31,6 +33,7 @@ import workloads
 
 
 from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention
+from tkernels.attention.mixed_attention import default_config
 
 pytestmark = requires_gpu
 
@@ -48,12 +51,15 @@ def reference(name: str) -> torch.Tensor:
     return mixed_attention_reference(*b.inputs(), **b.tree_kwargs())
 
 
-def _tkernels(w: workloads.Workload):
+def _tkernels(w: workloads.Workload, builtin_defaults: bool = False):
+    """tkernels with this GPU's tuned config (``tkernels autotune``; the documented fallback when
+    there is none), or with the built-in defaults: the pair reports what tuning bought."""
     b = w.batch
     num_blocks, block_size, num_kv_heads, head_dim = b.k_cache.shape
     plan = plan_mixed_attention(b.cu_seqlens_q, b.seq_lens, b.block_table, num_q_heads=b.q.shape[1],
                                 num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=num_blocks,
-                                block_size=block_size, **b.tree_kwargs())
+                                block_size=block_size, config=default_config(head_dim) if builtin_defaults else None,
+                                **b.tree_kwargs())
     out = torch.empty_like(b.q)
     return lambda: mixed_attention(*b.inputs(), out=out, plan=plan, **b.tree_kwargs())
 
@@ -192,7 +198,8 @@ def _sglang(w: workloads.Workload):
     return run
 
 
-IMPLS = {"tkernels": _tkernels, "vllm": _vllm, "sglang": _sglang, "torch": _torch}
+IMPLS = {"tkernels": _tkernels, "tkernels-default-config": functools.partial(_tkernels, builtin_defaults=True),
+         "vllm": _vllm, "sglang": _sglang, "torch": _torch}
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
