@@ -22,13 +22,25 @@ BUILTIN_PROMPTS = [
 ]
 
 
-def specbench_questions(n: int, path: Path | None = None) -> list[str]:
-    """First turns of the Spec-Bench dev split (``../shared/data`` beside the checkout)."""
-    path = path or Path(__file__).resolve().parents[3] / "shared" / "data" / "specbench_dev.jsonl"
+SPECBENCH_DEV = Path(__file__).resolve().parents[3] / "shared" / "data" / "specbench_dev.jsonl"
+
+
+def load_questions(n: int, path: Path = SPECBENCH_DEV) -> list[dict]:
+    """``[{"category", "prompt"}]``: the first ``n`` Spec-Bench dev questions' first turns
+    (``../shared/data`` beside the checkout)."""
     if not path.is_file():
-        return BUILTIN_PROMPTS[:n]
+        raise FileNotFoundError(f"Spec-Bench dev data not found at {path}")
     with open(path) as f:
-        return [json.loads(line)["turns"][0] for line, _ in zip(f, range(n))]
+        rows = [json.loads(line) for line, _ in zip(f, range(n))]
+    return [{"category": r["category"], "prompt": r["turns"][0]} for r in rows]
+
+
+def demo_prompts(n: int) -> list[str]:
+    """Spec-Bench dev first turns, or built-in prompts where the data file is absent."""
+    try:
+        return [q["prompt"] for q in load_questions(n)]
+    except FileNotFoundError:
+        return BUILTIN_PROMPTS[:n]
 
 
 def resolve_model(model: str) -> Path:
@@ -78,13 +90,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = generate(resolve_model(args.model), specbench_questions(args.questions), args.max_tokens)
+    prompts = demo_prompts(args.questions)
+    result = generate(resolve_model(args.model), prompts, args.max_tokens)
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"model: {result['model']}")
     print(f"tkernels plugin registered by vLLM's loader: {result['plugin_registered']}")
-    for prompt, text in zip(specbench_questions(args.questions), result["texts"]):
+    for prompt, text in zip(prompts, result["texts"]):
         print(f"\n>>> {prompt[:100]}\n{text.strip()}")
     print(f"\n{sum(map(len, result['token_ids']))} tokens, {result['tokens_per_s']:.1f} tokens/s (greedy)")
     return 0

@@ -40,21 +40,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from tkernels.plugins.vllm.demo import resolve_model
+from tkernels.plugins.vllm.demo import load_questions, resolve_model
 
 METHODS = ("none", "ngram", "tr")
 NGRAM_MIN, NGRAM_MAX = 1, 3  # as tkernels.spec.propose_ngram's defaults (prompt lookup, PLD)
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "specbench_dev.jsonl"
-
-
-def load_questions(n: int, path: Path = DATA) -> list[dict]:
-    """``[{"category", "prompt"}]``: the first ``n`` Spec-Bench dev questions' first turns."""
-    if not path.is_file():
-        raise FileNotFoundError(f"Spec-Bench dev data not found at {path}")
-    with open(path) as f:
-        rows = [json.loads(line) for line, _ in zip(f, range(n))]
-    return [{"category": r["category"], "prompt": r["turns"][0]} for r in rows]
 
 
 def speculative_config(method: str, num_spec_tokens: int) -> dict | None:
