@@ -79,16 +79,23 @@ def _trajectory_log_ratio_kernel(
     tl.store(out_ptr + n, tl.sum(acc, axis=1), mask=n_ok)
 
 
-def _check_trajectories(x: torch.Tensor, mu_p: torch.Tensor, mu_q: torch.Tensor, sigma: torch.Tensor) -> None:
-    for name, t in (("x", x), ("mu_p", mu_p), ("mu_q", mu_q)):
+def _check_float_tensors(layout: str, **tensors: torch.Tensor) -> None:
+    """Each tensor is a float torch.Tensor of the dims ``layout`` names, on the first one's device."""
+    dims = layout.count(",") + 1
+    first_name, first = next(iter(tensors.items()))
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be [rows, steps, dims], got shape {tuple(t.shape)}")
+        if t.dim() != dims:
+            raise ValueError(f"{name} must be [{layout}], got shape {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{name} must be fp16, bf16, fp32 or fp64, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def _check_trajectories(x: torch.Tensor, mu_p: torch.Tensor, mu_q: torch.Tensor, sigma: torch.Tensor) -> None:
+    _check_float_tensors("rows, steps, dims", x=x, mu_p=mu_p, mu_q=mu_q)
     for name, t in (("mu_p", mu_p), ("mu_q", mu_q)):
         if t.shape != x.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but x has {tuple(x.shape)} (rows, steps, dims must match)")
@@ -167,17 +174,9 @@ def _first_rejection_kernel(
 
 
 def _check_window(log_ratio: torch.Tensor, uniforms: torch.Tensor) -> None:
-    for name, t in (("log_ratio", log_ratio), ("uniforms", uniforms)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be [rows, window], got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} must be fp16, bf16, fp32 or fp64, got {t.dtype}")
+    _check_float_tensors("rows, window", log_ratio=log_ratio, uniforms=uniforms)
     if uniforms.shape != log_ratio.shape:
         raise ValueError(f"uniforms has shape {tuple(uniforms.shape)} but log_ratio has {tuple(log_ratio.shape)}")
-    if uniforms.device != log_ratio.device:
-        raise ValueError(f"uniforms is on {uniforms.device} but log_ratio is on {log_ratio.device}")
 
 
 def first_rejection(log_ratio: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
