@@ -1,7 +1,7 @@
 """``tkernels autotune``: per-GPU kernel configs, step-latency model, token and tree budgets.
 
-Steps: 1. detect the GPU; 2. tune the kernels' launch configs for the model's shape bucket,
-checking each candidate against its reference (:mod:`tkernels.autotune.profile`); 3. profile
+Steps: 1. detect the GPU; 2. tune the kernels' launch configs (mixed-batch attention for the
+model's head/GQA shape, tree verification for its vocabulary), checking each candidate against its reference (:mod:`tkernels.autotune.profile`); 3. profile
 full decoder steps of the model's shape with random weights over prefill-chunk tokens x decodes
 x context x tree tokens; 4. fit the step-latency model (:mod:`tkernels.sched.latency_model`);
 5. derive token budgets per TBT SLO and tree node budgets per batch size
@@ -66,13 +66,15 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if torch_device == "cuda" else torch.float32
     points = profile.step_points(args.dry_run, args.quick)
     space = profile.attention_search_space(args.dry_run, args.quick)
-    total = sum(map(len, space.values())) + 2 + len(points)
+    verify_space = profile.verify_search_space(args.dry_run, args.quick)
+    total = sum(map(len, space.values())) + len(verify_space) + 2 * 2 + len(points)
     run_key = {"model": model_name, "quick": args.quick, "dry_run": args.dry_run, "device": device_name,
                "versions": _versions()}
     measure = Measurements(out_dir / f".{out.stem}.autotune-state.json", run_key, total)
     started = time.monotonic()
 
-    bucket = profile.tune_attention(shape, dtype, torch_device, measure, args.dry_run, args.quick)
+    tuned = {"mixed_attention": profile.tune_attention(shape, dtype, torch_device, measure, args.dry_run, args.quick),
+             "verify": profile.tune_verify(shape, dtype, torch_device, measure, args.dry_run, args.quick)}
     decoder = profile.RandomDecoder(shape, dtype, torch_device)
     measured = [measure.get(f"step/{model_name}/{p.id}", lambda p=p: profile.profile_step(decoder, p, dtype, torch_device))
                 for p in points]
@@ -81,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
 
     data = existing or {}
     kernels = data.get("kernels", {})
-    buckets = [b for b in kernels.get("mixed_attention", {}).get("buckets", []) if b["key"] != bucket["key"]]
-    kernels["mixed_attention"] = {"buckets": buckets + [bucket]}
+    for kernel, bucket in tuned.items():
+        buckets = [b for b in kernels.get(kernel, {}).get("buckets", []) if b["key"] != bucket["key"]]
+        kernels[kernel] = {"buckets": buckets + [bucket]}
     data.update({
         "schema_version": config.SCHEMA_VERSION,
         "device": device_name,
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     write_atomic(out, json.dumps(data, indent=1) + "\n")
     plot_path = out.with_suffix(".png")
     fit.plot(plot_path, points, measured, predicted, sections["budgets"], f"{device_name} · {model_name}")
-    _report(out, plot_path, bucket, sections)
+    _report(out, plot_path, tuned, sections)
     return 0
 
 
@@ -119,12 +122,13 @@ def _versions() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in ("tkernels", "torch", "triton")}
 
 
-def _report(out: Path, plot_path: Path, bucket: dict, sections: dict) -> None:
-    m = bucket["measured"]
+def _report(out: Path, plot_path: Path, tuned: dict, sections: dict) -> None:
     print(f"wrote {out} and {plot_path.name}")
-    print(f"mixed_attention {bucket['key']}: {bucket['config']}  ({m['workload']}: default {m['default_us']:.1f} us"
-          f" -> tuned {m['tuned_us']:.1f} us)" if m["default_us"] and m["tuned_us"] else
-          f"mixed_attention {bucket['key']}: {bucket['config']}")
+    for kernel, bucket in tuned.items():
+        m = bucket["measured"]
+        print(f"{kernel} {bucket['key']}: {bucket['config']}  ({m['workload']}: default {m['default_us']:.1f} us"
+              f" -> tuned {m['tuned_us']:.1f} us)" if m["default_us"] and m["tuned_us"] else
+              f"{kernel} {bucket['key']}: {bucket['config']}")
     lm = sections["latency_model"]
     print(f"latency model: {lm['points']} points, median error {lm['fit_median_rel_error']:.1%}, "
           f"max {lm['fit_max_rel_error']:.1%}")

@@ -3,10 +3,13 @@
 Kernels. Every tunable kernel has a search space and representative cases per shape bucket;
 each candidate config is run once and compared with the kernel's PyTorch reference (a config
 that fails to compile or gives a wrong answer is recorded as failed, never chosen), then timed.
-Today the tunable kernel is the mixed-batch attention (its tile shapes per query class,
-split-KV threshold, warps and stages); tuning is coordinate-wise: decode-tile parameters on a
-decode-only case, prefill-tile parameters on a prefill-only case, then warps and stages on the
-decode-maximal mix, each stage starting from the previous stage's best.
+Tunable kernels: the mixed-batch attention (its tile shapes per query class, split-KV threshold,
+warps and stages), tuned coordinate-wise: decode-tile parameters on a decode-only case,
+prefill-tile parameters on a prefill-only case, then warps and stages on the decode-maximal
+mix, each stage starting from the previous stage's best; and tree verification (vocabulary tile
+and warps) on DESIGN.md's V1 chains at the model's vocabulary size, greedy plus target-only
+sampling. The built-in defaults are always a candidate: a tuned config is never slower than
+them on the case it was measured on (``measured`` in the bucket says by how much).
 
 Decoder step. A real forward step of ``PROFILE_LAYERS`` decoder layers of the model's shape with
 random weights (RMSNorm, fused QKV, K/V written into a paged cache, the mixed-batch attention
@@ -27,6 +30,8 @@ from tkernels.attention import mixed_attention, mixed_attention_reference, plan_
 from tkernels.attention.batch import random_paged_batch
 from tkernels.attention.mixed_attention import default_config
 from tkernels.sched.latency_model import ModelShape, draft_cost, prefill_chunk_cost
+from tkernels.spec import verify
+from tkernels.spec.tree import chain
 
 PROFILE_LAYERS = 2
 BLOCK_SIZE = 16
@@ -81,41 +86,64 @@ def attention_search_space(dry_run: bool, quick: bool) -> dict[str, list[dict[st
     }
 
 
+Runner = Callable[[dict, bool], "float | None"]  # run(config, on_gpu) -> median us, None: fails or wrong
+
+
 def tune_attention(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry_run: bool, quick: bool) -> dict:
     """Best config for the model's (head_dim, group, block size) bucket, with default vs tuned time."""
-    on_gpu = device == "cuda"
     cases = attention_cases(dry_run, quick)
     space = attention_search_space(dry_run, quick)
     best: dict[str, Any] = {}
     for stage in ("decode", "prefill", "mix"):
         run = _attention_runner(cases[stage], shape, dtype, device)
-        timings = {}
-        for candidate in space[stage]:
-            config = {**best, **candidate}
-            job = f"kernel/mixed_attention/{cases[stage].name}/" + ",".join(f"{k}={v}" for k, v in sorted(config.items()))
-            timings[json_key(candidate)] = (candidate, measure.get(job, lambda: run(config, on_gpu)))
-        ok = [(us, cand) for cand, us in timings.values() if us is not None]
-        if ok:
-            best.update(min(ok, key=lambda t: t[0])[1])
+        best = _search(f"mixed_attention/{cases[stage].name}", space[stage], best, run, measure, device)
+    key = {"head_dim": shape.head_dim, "group": shape.num_q_heads // shape.num_kv_heads, "block_size": BLOCK_SIZE}
     mix = _attention_runner(cases["mix"], shape, dtype, device)
-    default_us = measure.get(f"kernel/mixed_attention/{cases['mix'].name}/default", lambda: mix({}, on_gpu))
-    tuned_us = measure.get(f"kernel/mixed_attention/{cases['mix'].name}/tuned/{json_key(best)}",
-                           lambda: mix(best, on_gpu))
-    if tuned_us is None or (default_us is not None and default_us <= tuned_us):
-        best, tuned_us = {}, default_us  # the defaults are a candidate too
-    return {
-        "key": {"head_dim": shape.head_dim, "group": shape.num_q_heads // shape.num_kv_heads, "block_size": BLOCK_SIZE},
-        "config": best,
-        "measured": {"workload": cases["mix"].name, "default_us": default_us, "tuned_us": tuned_us},
-    }
+    return _bucket(f"mixed_attention/{cases['mix'].name}", key, best, mix, measure, device)
+
+
+def verify_search_space(dry_run: bool, quick: bool) -> list[dict[str, int]]:
+    if dry_run:
+        return [{"block_v": 32, "num_warps": 2}, {"block_v": 64}]
+    return [{"block_v": v, "num_warps": w} for v in (1024, 2048, 4096, 8192) for w in ((4, 8) if quick else (4, 8, 16))]
+
+
+def tune_verify(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry_run: bool, quick: bool) -> dict:
+    """Best verification launch config for the model's vocabulary (bucket key ``vocab``), with
+    default vs tuned time on V1's chains: 64 requests x 4 drafts (4 requests in a dry run)."""
+    case = "V1-chain4"
+    run = _verify_runner(4 if dry_run else 64, shape.vocab_size, dtype, device)
+    best = _search(f"verify/{case}", verify_search_space(dry_run, quick), {}, run, measure, device)
+    return _bucket(f"verify/{case}", {"vocab": shape.vocab_size}, best, run, measure, device)
 
 
 def json_key(config: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(config.items())) or "default"
 
 
-def _attention_runner(case: AttentionCase, shape: ModelShape, dtype, device) -> Callable[[dict, bool], float | None]:
-    """Returns run(config, on_gpu) -> median us, or None if the config fails or is wrong."""
+def _search(name: str, candidates: list[dict], base: dict, run: Runner, measure, device: str) -> dict:
+    """``base`` updated with the fastest candidate that runs and is right (``base`` if none)."""
+    timed = []
+    for candidate in candidates:
+        config = {**base, **candidate}
+        us = measure.get(f"kernel/{name}/{json_key(config)}", lambda: run(config, device == "cuda"))
+        if us is not None:
+            timed.append((us, candidate))
+    return {**base, **min(timed, key=lambda t: t[0])[1]} if timed else base
+
+
+def _bucket(name: str, key: dict, best: dict, run: Runner, measure, device: str) -> dict:
+    """The config-file bucket: ``best`` unless the built-in defaults are as fast on this case."""
+    on_gpu = device == "cuda"
+    default_us = measure.get(f"kernel/{name}/default", lambda: run({}, on_gpu))
+    tuned_us = measure.get(f"kernel/{name}/tuned/{json_key(best)}", lambda: run(best, on_gpu))
+    if tuned_us is None or (default_us is not None and default_us <= tuned_us):
+        best, tuned_us = {}, default_us  # the defaults are a candidate too
+    return {"key": key, "config": best,
+            "measured": {"workload": name.split("/", 1)[1], "default_us": default_us, "tuned_us": tuned_us}}
+
+
+def _attention_runner(case: AttentionCase, shape: ModelShape, dtype, device) -> Runner:
     batch = random_paged_batch(
         case.q_lens, case.seq_lens, num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
         head_dim=shape.head_dim, block_size=BLOCK_SIZE, dtype=dtype, device=device,
@@ -138,6 +166,42 @@ def _attention_runner(case: AttentionCase, shape: ModelShape, dtype, device) -> 
             if not error < tolerance:  # NaN fails too
                 return None
             return time_us(lambda: mixed_attention(*batch.inputs(), plan=plan, out=out), on_gpu)
+        except Exception:  # a config that does not compile or fit is simply not a candidate
+            return None
+
+    return run
+
+
+def _verify_runner(batch: int, vocab: int, dtype, device) -> Runner:
+    """Greedy + target-only sampling verification of ``batch`` 4-draft chains; a config counts
+    when greedy equals the reference exactly and sampling agrees with the default config."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    n = 5
+    parents = chain(n).parents.repeat(batch).int().to(device)
+    cu = torch.arange(0, n * batch + 1, n, dtype=torch.int32, device=device)
+    logits = (torch.randn(n * batch, vocab, generator=gen, device=device) * 2).to(dtype)
+    previous = torch.roll(logits.argmax(-1), 1)  # node i's parent is row i - 1 (roots: any token)
+    follow = torch.rand(n * batch, generator=gen, device=device) < 0.7
+    tokens = torch.where(follow, previous, torch.randint(0, vocab, (n * batch,), generator=gen, device=device))
+    temperature = torch.ones(batch, device=device)
+    uniforms = verify.draw_uniforms(cu, gen)
+    greedy_ref = verify.verify_greedy_reference(logits, tokens, parents, cu)
+    sampled_default = verify.verify_sampling(logits, tokens, parents, cu, temperature, uniforms=uniforms,
+                                             config=verify.DEFAULT_CONFIG)
+
+    def run(config: dict, on_gpu: bool) -> float | None:
+        config = {**verify.DEFAULT_CONFIG, **config}  # candidates overlay the built-in defaults
+        try:
+            greedy = verify.verify_greedy(logits, tokens, parents, cu, config=config)
+            sampled = verify.verify_sampling(logits, tokens, parents, cu, temperature, uniforms=uniforms, config=config)
+            same = torch.ones(batch, dtype=torch.bool, device=device)
+            for got, want in zip(sampled, sampled_default):  # fp32 sums in another order may flip a borderline draw
+                same &= (got == want).view(batch, -1).all(1)
+            if not all(torch.equal(a, b) for a, b in zip(greedy, greedy_ref)) or int(same.sum()) < batch - 1:
+                return None
+            return time_us(lambda: (verify.verify_greedy(logits, tokens, parents, cu, config=config),
+                                    verify.verify_sampling(logits, tokens, parents, cu, temperature, uniforms=uniforms,
+                                                           config=config)), on_gpu)
         except Exception:  # a config that does not compile or fit is simply not a candidate
             return None
 

@@ -7,7 +7,9 @@ target-only rule for deterministic drafts; vLLM: ``draft_probs=None``, as for n-
 ``draft_probs``). Draft tokens follow the target's argmax at their parent with probability 0.7.
 Each timed call is the whole path from logits to accepted tokens, uniforms/noise included.
 
-Implementations on the same inputs: ``tkernels`` (:mod:`tkernels.spec.verify`), ``torch`` (the
+Implementations on the same inputs: ``tkernels`` (:mod:`tkernels.spec.verify` with this GPU's
+tuned launch config, or the documented fallback), ``tkernels-default-config`` (the built-in
+launch defaults: the pair reports what tuning bought), ``torch`` (the
 plain-PyTorch reference: argmax / softmax + multinomial, then the vectorised walk), and
 ``vllm`` (``vllm.v1.sample.rejection_sampler.rejection_sample``, chains only: vLLM 0.33 has no
 tree verification; bonus tokens by argmax / torch.multinomial as its sampler would). Every
@@ -93,11 +95,12 @@ def _torch_baseline(tree, mode):
     return run
 
 
-def _tkernels(tree, mode):
+def _tkernels(tree, mode, builtin_defaults=False):
     logits, tokens, parents, cu, temperature, draft_probs = inputs(tree, mode)
+    config = V.DEFAULT_CONFIG if builtin_defaults else None
     if mode == "greedy":
-        return lambda: V.verify_greedy(logits, tokens, parents, cu)
-    return lambda: V.verify_sampling(logits, tokens, parents, cu, temperature, draft_probs=draft_probs)
+        return lambda: V.verify_greedy(logits, tokens, parents, cu, config=config)
+    return lambda: V.verify_sampling(logits, tokens, parents, cu, temperature, draft_probs=draft_probs, config=config)
 
 
 def _vllm(tree, mode):
@@ -135,7 +138,8 @@ def _vllm(tree, mode):
     return run
 
 
-IMPLS = {"tkernels": _tkernels, "torch": _torch_baseline, "vllm": _vllm}
+IMPLS = {"tkernels": _tkernels, "tkernels-default-config": functools.partial(_tkernels, builtin_defaults=True),
+         "torch": _torch_baseline, "vllm": _vllm}
 
 
 def _check(impl, tree, mode, out):
@@ -158,9 +162,11 @@ def _check(impl, tree, mode, out):
         assert int(path[0]) == 0 and 1 <= k <= out_tokens.shape[1]
         assert torch.equal(out_tokens[b, : k - 1], flat[b, path[1:]]), f"{impl} request {b}"
         assert all(int(parents[b * n + int(path[d])]) == int(path[d - 1]) for d in range(1, k))
-    if impl == "tkernels":  # against the reference on shared uniforms (fp32 vs fp64 may flip a borderline draw)
+    if impl.startswith("tkernels"):  # against the reference on shared uniforms (fp32 vs fp64 may flip a borderline draw)
         uniforms = V.draw_uniforms(cu)
-        got = V.verify_sampling(logits, tokens, parents, cu, temperature, uniforms=uniforms, draft_probs=draft_probs)
+        config = V.DEFAULT_CONFIG if impl == "tkernels-default-config" else None
+        got = V.verify_sampling(logits, tokens, parents, cu, temperature, uniforms=uniforms, draft_probs=draft_probs,
+                                config=config)
         want = V.verify_sampling_reference(logits, tokens, parents, cu, temperature, uniforms=uniforms, draft_probs=draft_probs)
         same = torch.ones(BATCH, dtype=torch.bool, device=DEVICE)
         for a, w in zip(got, want):

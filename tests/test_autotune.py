@@ -28,6 +28,9 @@ def test_dry_run_writes_a_valid_cpu_config_and_plot(dry_run_output):
     assert data["is_gpu"] is False
     (bucket,) = data["kernels"]["mixed_attention"]["buckets"]
     assert bucket["key"] == {"head_dim": 32, "group": 2, "block_size": 16}
+    (bucket,) = data["kernels"]["verify"]["buckets"]
+    assert bucket["key"] == {"vocab": 512} and bucket["measured"]["workload"] == "V1-chain4"
+    assert set(bucket["config"]) <= set(profile.verify.DEFAULT_CONFIG)
     assert set(data["latency_model"]) >= {"overhead_us", "weight_gbps", "matmul_tflops", "kv_gbps", "attn_tflops"}
     assert data["budgets"]["default_tokens"] >= 1
     assert all(n >= 1 for n in data["tree_budgets"]["nodes_per_request"].values())

@@ -4,6 +4,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from tkernels import config
 from tkernels.spec import verify as V
 from tkernels.spec.tree import depths, from_child_counts
 
@@ -185,14 +186,15 @@ SAMPLING_PARAMS = {
 }
 
 
-def exact_compare(logits, tokens, parents, cu, params, uniforms, draft_probs):
+def exact_compare(logits, tokens, parents, cu, params, uniforms, draft_probs, config=None):
     batch = cu.numel() - 1
     temp_value, k, p = params
     temp = torch.full((batch,), temp_value)
     temp[::3] = 0.5 if temp_value else 0.0
     top_k = None if k is None else torch.full((batch,), k, dtype=torch.int64)
     top_p = None if p is None else torch.full((batch,), p)
-    out = V.verify_sampling(logits, tokens, parents, cu, temp, top_k, top_p, uniforms=uniforms, draft_probs=draft_probs)
+    out = V.verify_sampling(logits, tokens, parents, cu, temp, top_k, top_p, uniforms=uniforms, draft_probs=draft_probs,
+                            config=config)
     width = V._check_tree_batch(logits, tokens, parents, cu).width
     walk = V._sampling_reference(logits, tokens, parents, cu, temp, top_k, top_p, uniforms, draft_probs, width)
     ref = walk.result()
@@ -223,6 +225,28 @@ def test_sampling_rejection_matches_reference(rng, poisoned, shape, params):
     draft_probs = torch.softmax(logits + torch.randn(logits.shape, generator=rng), -1)
     uniforms = torch.rand(logits.shape[0], 2, generator=rng)
     exact_compare(logits, tokens, parents, cu, SAMPLING_PARAMS[params], uniforms, draft_probs)
+
+
+@pytest.mark.parametrize("config", [{"block_v": 16, "num_warps": 2}, {"block_v": 32, "num_warps": 8}])
+def test_launch_configs_match_reference(rng, poisoned, config):
+    """Any launch config autotune may pick gives the references' answers (vocabulary over several tiles)."""
+    trees = [random_parents(n, rng) for n in (1, 5, 12, 3)] * 10
+    logits, tokens, parents, cu = make_batch(trees, 100, rng, torch.float16, match=0.8)
+    assert_same(V.verify_greedy(logits, tokens, parents, cu, config=config),
+                V.verify_greedy_reference(logits, tokens, parents, cu))
+    draft_probs = torch.softmax(logits.float() + torch.randn(logits.shape, generator=rng), -1)
+    uniforms = torch.rand(logits.shape[0], 2, generator=rng)
+    for q in (None, draft_probs):
+        exact_compare(logits, tokens, parents, cu, SAMPLING_PARAMS["temp_topk_topp"], uniforms, q, config)
+
+
+def test_launch_config_reads_the_gpus_tuned_bucket(monkeypatch):
+    buckets = [{"key": {"vocab": 32000}, "config": {"block_v": 2048}},
+               {"key": {"vocab": 128256}, "config": {"block_v": 8192, "num_warps": 16}}]
+    tuned = config.ConfigChoice(None, "test", {"kernels": {"verify": {"buckets": buckets}}})
+    monkeypatch.setattr(config, "current", lambda: tuned)
+    assert V.launch_config(151936) == {"block_v": 8192, "num_warps": 16}
+    assert V.launch_config(32000, {"num_warps": 4}) == {"block_v": 2048, "num_warps": 4}
 
 
 def test_sampling_large_vocab(rng, poisoned):
@@ -361,6 +385,11 @@ def test_bad_inputs(rng):
         V.verify_sampling(*good, temp, uniforms=torch.rand(logits.shape[0], 1))
     with pytest.raises(ValueError, match="draft_probs"):
         V.verify_sampling(*good, temp, draft_probs=torch.rand(logits.shape, dtype=torch.float64))
+    for config in ({"block_q": 16}, {"block_v": 100}, {"num_warps": 3}):
+        with pytest.raises(ValueError, match="config"):
+            V.verify_greedy(*good, config=config)
+        with pytest.raises(ValueError, match="config"):
+            V.verify_sampling(*good, temp, config=config)
 
 
 @pytest.mark.gpu

@@ -34,8 +34,10 @@ float rounding at decision boundaries) or pass a seeded ``torch.Generator`` and/
 generators (:func:`draw_uniforms`).
 
 Kernels take several rows (nodes) or requests per program when the vocabulary is small, one
-when it is large. Cost: one pass over the vocabulary per node for the argmax (greedy) or for the max/sum-exp
-normaliser (sampling), plus an inverse-CDF pass that stops at the sampled token; no [N, V]
+when it is large. Launch parameters (:data:`DEFAULT_CONFIG`: the vocabulary tile ``block_v`` and
+``num_warps``, 0 = 4 or 8 by tile size) come from the GPU's config file (``tkernels autotune``
+tunes them per vocabulary size, bucket key ``vocab``) or the ``config`` argument. Cost: one pass
+over the vocabulary per node for the argmax (greedy) or for the max/sum-exp normaliser (sampling), plus an inverse-CDF pass that stops at the sampled token; no [N, V]
 probability tensor is ever materialised by the kernels. Top-k/top-p thresholds are computed in
 torch before the kernels with one descending sort of the fp32 logits ([N, V] values and
 indices: memory!) and only when ``top_k``/``top_p`` are given; a token is kept iff its logit is
@@ -52,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tkernels.config import kernel_config
 from tkernels.registry import gpu_compile_check
 from tkernels.spec.tree import depths, validate_parents
 
@@ -62,9 +65,14 @@ __all__ = [
     "verify_sampling_reference",
     "target_probs",
     "draw_uniforms",
+    "DEFAULT_CONFIG",
+    "launch_config",
 ]
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Launch parameters of every kernel here; tuned per vocabulary size by ``tkernels autotune``.
+DEFAULT_CONFIG = {"block_v": 4096, "num_warps": 0}
 
 # _node_pass_kernel modes
 _ARGMAX, _STATS, _SAMPLE = 0, 1, 2
@@ -457,29 +465,39 @@ def _empty_outputs(batch: int, width: int, device):
     )
 
 
-def _block_v(vocab: int, cap: int) -> int:
-    return min(cap, triton.next_power_of_2(vocab))
+def launch_config(vocab: int, config: dict | None = None) -> dict:
+    """The launch parameters for ``vocab``: ``config`` over the GPU's tuned bucket over the defaults."""
+    cfg = {**kernel_config("verify", key={"vocab": vocab}, default=DEFAULT_CONFIG), **(config or {})}
+    unknown = set(cfg) - set(DEFAULT_CONFIG)
+    if unknown:
+        raise ValueError(f"config has unknown keys {sorted(unknown)} (known: {sorted(DEFAULT_CONFIG)})")
+    block_v, warps = cfg["block_v"], cfg["num_warps"]
+    if block_v < 16 or block_v & (block_v - 1) or warps not in (0, 1, 2, 4, 8, 16, 32):
+        raise ValueError(f"config needs block_v a power of two >= 16 and num_warps in (0, 1, 2, 4, 8, 16, 32), got {cfg}")
+    return cfg
 
 
-def _per_program(count: int, row_elems: int, budget: int = 4096) -> int:
-    """Rows per program: many small rows share a program (tiny vocabularies, big batches)."""
-    return max(1, min(triton.next_power_of_2(max(count, 1)), budget // row_elems))
+def _tiles(count: int, vocab: int, cfg: dict) -> tuple[int, int, int]:
+    """(rows per program, vocabulary tile, warps): many small rows share a program (tiny
+    vocabularies, big batches); 4096 elements per program at most when rows are packed."""
+    block_v = min(cfg["block_v"], triton.next_power_of_2(vocab))
+    rows = max(1, min(triton.next_power_of_2(max(count, 1)), 4096 // block_v))
+    return rows, block_v, cfg["num_warps"] or (8 if block_v * rows >= 2048 else 4)
 
 
-def _node_pass(mode: int, logits, inv_temp, thr, uniforms, token, row_max, row_sum) -> None:
+def _node_pass(mode: int, logits, inv_temp, thr, uniforms, token, row_max, row_sum, cfg: dict) -> None:
     n, vocab = logits.shape
-    block_v = _block_v(vocab, 4096)
-    block_r = _per_program(n, block_v)
+    block_r, block_v, warps = _tiles(n, vocab, cfg)
     _node_pass_kernel[(triton.cdiv(n, block_r),)](
         logits, logits.stride(0), n, vocab, inv_temp, thr, uniforms, token, row_max, row_sum,
-        MODE=mode, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8 if block_v * block_r >= 2048 else 4,
+        MODE=mode, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
     )
 
 
 def _walk(node_token, draft_tokens, parents, cu_nodes, shape: _Shape, out) -> None:
     tokens, nodes, num = out
     block_n = triton.next_power_of_2(shape.max_nodes)
-    block_b = _per_program(num.numel(), block_n)
+    block_b = max(1, min(triton.next_power_of_2(num.numel()), 4096 // block_n))  # requests per program
     _path_walk_kernel[(triton.cdiv(num.numel(), block_b),)](
         node_token, draft_tokens, parents.int(), cu_nodes.int(), tokens, nodes, num, num.numel(), shape.width,
         BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_W=triton.next_power_of_2(shape.width),
@@ -489,16 +507,19 @@ def _walk(node_token, draft_tokens, parents, cu_nodes, shape: _Shape, out) -> No
 # --- public API -------------------------------------------------------------------------------
 
 
-def verify_greedy(logits: torch.Tensor, draft_tokens: torch.Tensor, parents: torch.Tensor, cu_nodes: torch.Tensor):
+def verify_greedy(logits: torch.Tensor, draft_tokens: torch.Tensor, parents: torch.Tensor, cu_nodes: torch.Tensor,
+                  config: dict | None = None):
     """Greedy tree verification -> (accepted_tokens int64[B, W], accepted_nodes int32[B, W],
-    num_accepted int32[B]), W = max depth + 1. Chains are trees with parents[i] = i - 1."""
+    num_accepted int32[B]), W = max depth + 1. Chains are trees with parents[i] = i - 1.
+    ``config``: launch parameters overriding the tuned ones (see :func:`launch_config`)."""
     shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
+    cfg = launch_config(logits.shape[1], config)
     batch = cu_nodes.numel() - 1
     out = _empty_outputs(batch, shape.width, logits.device)
     if batch == 0:
         return out
     node_token = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    _node_pass(_ARGMAX, logits, logits, logits, logits, node_token, logits, logits)
+    _node_pass(_ARGMAX, logits, logits, logits, logits, node_token, logits, logits, cfg)
     _walk(node_token, draft_tokens, parents, cu_nodes, shape, out)
     return out
 
@@ -516,15 +537,18 @@ def verify_sampling(
     generator: torch.Generator | None = None,
     generators: dict[int, torch.Generator] | None = None,
     draft_probs: torch.Tensor | None = None,
+    config: dict | None = None,
 ):
     """Exact (lossless) sampling verification; same outputs as :func:`verify_greedy`.
 
     ``temperature`` float[B] (<= 0: greedy), ``top_k`` int[B] (<= 0 or >= vocab: off), ``top_p``
     float[B] in (0, 1]; ``uniforms`` float32[total_nodes, 2] (see the module doc) or else drawn
     by :func:`draw_uniforms` from ``generator`` / per-request ``generators``; ``draft_probs`` float32[total_nodes, vocab]: the distribution each node's
-    children were sampled from (None for deterministic drafts).
+    children were sampled from (None for deterministic drafts);
+    ``config``: launch parameters overriding the tuned ones (see :func:`launch_config`).
     """
     shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
+    cfg = launch_config(logits.shape[1], config)
     batch, (n, vocab) = cu_nodes.numel() - 1, logits.shape
     device = logits.device
     _check_sampling_params(temperature, top_k, top_p, batch, device)
@@ -542,22 +566,21 @@ def verify_sampling(
     inv_temp, thr = _processing(logits, cu_nodes, temperature, top_k, top_p)
     if draft_probs is None:
         node_token = torch.empty(n, dtype=torch.int64, device=device)
-        _node_pass(_SAMPLE, logits, inv_temp, thr, uniforms, node_token, inv_temp, inv_temp)
+        _node_pass(_SAMPLE, logits, inv_temp, thr, uniforms, node_token, inv_temp, inv_temp, cfg)
         _walk(node_token, draft_tokens, parents, cu_nodes, shape, out)
         return out
     row_max = torch.empty(n, dtype=torch.float32, device=device)
     row_sum = torch.empty(n, dtype=torch.float32, device=device)
-    _node_pass(_STATS, logits, inv_temp, thr, uniforms, draft_tokens, row_max, row_sum)
+    _node_pass(_STATS, logits, inv_temp, thr, uniforms, draft_tokens, row_max, row_sum, cfg)
     scratch = torch.empty((2, batch, vocab), dtype=torch.float32, device=device)
-    block_v = _block_v(vocab, 4096)
-    block_b = _per_program(batch, block_v)
+    block_b, block_v, warps = _tiles(batch, vocab, cfg)
     tokens, nodes, num = out
     _rejection_walk_kernel[(triton.cdiv(batch, block_b),)](
         logits, logits.stride(0), draft_probs, draft_probs.stride(0), vocab, draft_tokens, parents.int(), cu_nodes.int(),
         inv_temp, thr, row_max, row_sum, uniforms, scratch[0], scratch[1], tokens, nodes, num,
         batch, shape.width, shape.max_children,
         BLOCK_B=block_b, BLOCK_N=triton.next_power_of_2(shape.max_nodes), BLOCK_W=triton.next_power_of_2(shape.width),
-        BLOCK_V=block_v, num_warps=8 if block_v * block_b >= 2048 else 4,
+        BLOCK_V=block_v, num_warps=warps,
     )
     return out
 
