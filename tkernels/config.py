@@ -210,3 +210,23 @@ def kernel_config(kernel: str, key: dict[str, float], default: dict[str, Any], c
         if distance < best_distance:
             best, best_distance = bucket["config"], distance
     return {**default, **best} if best else dict(default)
+
+
+_WARPS = (1, 2, 4, 8, 16, 32)
+
+
+def launch_config(kernel: str, key: dict[str, float], default: dict[str, Any], override: dict | None = None) -> dict[str, Any]:
+    """A kernel launcher's parameters: ``override`` (a caller's, e.g. autotune's candidate) over
+    the GPU's tuned bucket (:func:`kernel_config`) over ``default``, checked: only ``default``'s
+    keys, integer values, ``*block*`` sizes powers of two, ``num_warps`` in 1..32 (a power of
+    two). A bad one raises ``ValueError("config: ...")``, whether it came from a file or a caller."""
+    cfg = {**kernel_config(kernel, key, default), **(override or {})}
+    unknown = set(cfg) - set(default)
+    if unknown:
+        raise ValueError(f"config: unknown keys {sorted(unknown)} for {kernel} (known: {sorted(default)})")
+    for name, value in cfg.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"config: {kernel} {name} must be a positive integer, got {value!r}")
+        if ("block" in name and value & (value - 1)) or (name == "num_warps" and value not in _WARPS):
+            raise ValueError(f"config: {kernel} {name} must be a power of two{' <= 32' if name == 'num_warps' else ''}, got {value}")
+    return cfg

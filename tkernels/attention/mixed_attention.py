@@ -41,7 +41,7 @@ Design.
   (:func:`merge_split_kv_kernel`) merges them per token.
 
 Tile shapes, warps, stages and split parameters come from
-``tkernels.config.kernel_config("mixed_attention", ...)``. The defaults
+``tkernels.config.launch_config("mixed_attention", ...)``. The defaults
 (:func:`default_config`) are unmeasured starting points (written before any GPU run), chosen
 only so that the tiles compile without register spills; ``tkernels autotune`` replaces them.
 """
@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tkernels.config import kernel_config
+from tkernels.config import launch_config
 from tkernels.registry import gpu_compile_check
 from tkernels.spec.tree import ancestor_bits, depths, validate_parents
 
@@ -448,12 +448,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _launch_config(group: int, head_dim: int, block_size: int, q_len: torch.Tensor, override: dict | None) -> dict[str, Any]:
-    cfg = kernel_config("mixed_attention", key={"head_dim": head_dim, "group": group, "block_size": block_size},
-                        default=default_config(head_dim))
-    cfg = {**cfg, **(override or {})}
-    unknown = set(cfg) - set(DEFAULT_CONFIG)
-    if unknown:
-        _fail("config", f"unknown keys {sorted(unknown)}")
+    cfg = launch_config("mixed_attention", {"head_dim": head_dim, "group": group, "block_size": block_size},
+                        default_config(head_dim), override)
     min_rows = triton.next_power_of_2(group)
     cfg["prefill_block_m"] = max(cfg["prefill_block_m"], min_rows)
     # A decode tile only needs as many rows as the longest decode/tree query fills (>= 16 for tl.dot).

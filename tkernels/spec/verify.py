@@ -35,7 +35,7 @@ generators (:func:`draw_uniforms`).
 
 Kernels take several rows (nodes) or requests per program when the vocabulary is small, one
 when it is large. Launch parameters (:data:`DEFAULT_CONFIG`: the vocabulary tile ``block_v`` and
-``num_warps``, 0 = 4 or 8 by tile size) come from the GPU's config file (``tkernels autotune``
+``num_warps``) come from the GPU's config file (``tkernels autotune``
 tunes them per vocabulary size, bucket key ``vocab``) or the ``config`` argument. Cost: one pass
 over the vocabulary per node for the argmax (greedy) or for the max/sum-exp normaliser (sampling), plus an inverse-CDF pass that stops at the sampled token; no [N, V]
 probability tensor is ever materialised by the kernels. Top-k/top-p thresholds are computed in
@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tkernels.config import kernel_config
+from tkernels import config as tkernels_config
 from tkernels.registry import gpu_compile_check
 from tkernels.spec.tree import depths, validate_parents
 
@@ -72,7 +72,7 @@ __all__ = [
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Launch parameters of every kernel here; tuned per vocabulary size by ``tkernels autotune``.
-DEFAULT_CONFIG = {"block_v": 4096, "num_warps": 0}
+DEFAULT_CONFIG = {"block_v": 4096, "num_warps": 8}
 
 # _node_pass_kernel modes
 _ARGMAX, _STATS, _SAMPLE = 0, 1, 2
@@ -467,30 +467,22 @@ def _empty_outputs(batch: int, width: int, device):
 
 def launch_config(vocab: int, config: dict | None = None) -> dict:
     """The launch parameters for ``vocab``: ``config`` over the GPU's tuned bucket over the defaults."""
-    cfg = {**kernel_config("verify", key={"vocab": vocab}, default=DEFAULT_CONFIG), **(config or {})}
-    unknown = set(cfg) - set(DEFAULT_CONFIG)
-    if unknown:
-        raise ValueError(f"config has unknown keys {sorted(unknown)} (known: {sorted(DEFAULT_CONFIG)})")
-    block_v, warps = cfg["block_v"], cfg["num_warps"]
-    if block_v < 16 or block_v & (block_v - 1) or warps not in (0, 1, 2, 4, 8, 16, 32):
-        raise ValueError(f"config needs block_v a power of two >= 16 and num_warps in (0, 1, 2, 4, 8, 16, 32), got {cfg}")
-    return cfg
+    return tkernels_config.launch_config("verify", {"vocab": vocab}, DEFAULT_CONFIG, config)
 
 
-def _tiles(count: int, vocab: int, cfg: dict) -> tuple[int, int, int]:
-    """(rows per program, vocabulary tile, warps): many small rows share a program (tiny
-    vocabularies, big batches); 4096 elements per program at most when rows are packed."""
-    block_v = min(cfg["block_v"], triton.next_power_of_2(vocab))
-    rows = max(1, min(triton.next_power_of_2(max(count, 1)), 4096 // block_v))
-    return rows, block_v, cfg["num_warps"] or (8 if block_v * rows >= 2048 else 4)
+def _tiles(count: int, vocab: int, cfg: dict) -> tuple[int, int]:
+    """(rows per program, vocabulary tile): many small rows share a program (tiny vocabularies,
+    big batches); 4096 elements per program at most when rows are packed."""
+    block_v = max(16, min(cfg["block_v"], triton.next_power_of_2(vocab)))
+    return max(1, min(triton.next_power_of_2(max(count, 1)), 4096 // block_v)), block_v
 
 
 def _node_pass(mode: int, logits, inv_temp, thr, uniforms, token, row_max, row_sum, cfg: dict) -> None:
     n, vocab = logits.shape
-    block_r, block_v, warps = _tiles(n, vocab, cfg)
+    block_r, block_v = _tiles(n, vocab, cfg)
     _node_pass_kernel[(triton.cdiv(n, block_r),)](
         logits, logits.stride(0), n, vocab, inv_temp, thr, uniforms, token, row_max, row_sum,
-        MODE=mode, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+        MODE=mode, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=cfg["num_warps"],
     )
 
 
@@ -573,14 +565,14 @@ def verify_sampling(
     row_sum = torch.empty(n, dtype=torch.float32, device=device)
     _node_pass(_STATS, logits, inv_temp, thr, uniforms, draft_tokens, row_max, row_sum, cfg)
     scratch = torch.empty((2, batch, vocab), dtype=torch.float32, device=device)
-    block_b, block_v, warps = _tiles(batch, vocab, cfg)
+    block_b, block_v = _tiles(batch, vocab, cfg)
     tokens, nodes, num = out
     _rejection_walk_kernel[(triton.cdiv(batch, block_b),)](
         logits, logits.stride(0), draft_probs, draft_probs.stride(0), vocab, draft_tokens, parents.int(), cu_nodes.int(),
         inv_temp, thr, row_max, row_sum, uniforms, scratch[0], scratch[1], tokens, nodes, num,
         batch, shape.width, shape.max_children,
         BLOCK_B=block_b, BLOCK_N=triton.next_power_of_2(shape.max_nodes), BLOCK_W=triton.next_power_of_2(shape.width),
-        BLOCK_V=block_v, num_warps=warps,
+        BLOCK_V=block_v, num_warps=cfg["num_warps"],
     )
     return out
 
