@@ -1,7 +1,8 @@
 """``tkernels autotune``: per-GPU kernel configs, step-latency model, token and tree budgets.
 
 Steps: 1. detect the GPU; 2. tune the kernels' launch configs (mixed-batch attention for the
-model's head/GQA shape, tree verification for its vocabulary), checking each candidate against its reference (:mod:`tkernels.autotune.profile`); 3. profile
+model's head/GQA shape, tree verification for its vocabulary, KV compaction for its KV rows, the
+continuous log-ratio on C1), checking each candidate against its reference (:mod:`tkernels.autotune.profile`); 3. profile
 full decoder steps of the model's shape with random weights over prefill-chunk tokens x decodes
 x context x tree tokens; 4. fit the step-latency model (:mod:`tkernels.sched.latency_model`);
 5. derive token budgets per TBT SLO and tree node budgets per batch size
@@ -65,16 +66,13 @@ def run(args: argparse.Namespace) -> int:
     torch_device = "cuda" if device.is_gpu and not args.dry_run else "cpu"
     dtype = torch.bfloat16 if torch_device == "cuda" else torch.float32
     points = profile.step_points(args.dry_run, args.quick)
-    space = profile.attention_search_space(args.dry_run, args.quick)
-    verify_space = profile.verify_search_space(args.dry_run, args.quick)
-    total = sum(map(len, space.values())) + len(verify_space) + 2 * 2 + len(points)
+    total = profile.kernel_jobs(args.dry_run, args.quick) + len(points)
     run_key = {"model": model_name, "quick": args.quick, "dry_run": args.dry_run, "device": device_name,
                "versions": _versions()}
     measure = Measurements(out_dir / f".{out.stem}.autotune-state.json", run_key, total)
     started = time.monotonic()
 
-    tuned = {"mixed_attention": profile.tune_attention(shape, dtype, torch_device, measure, args.dry_run, args.quick),
-             "verify": profile.tune_verify(shape, dtype, torch_device, measure, args.dry_run, args.quick)}
+    tuned = profile.tune_kernels(shape, dtype, torch_device, measure, args.dry_run, args.quick)
     decoder = profile.RandomDecoder(shape, dtype, torch_device)
     measured = [measure.get(f"step/{model_name}/{p.id}", lambda p=p: profile.profile_step(decoder, p, dtype, torch_device))
                 for p in points]

@@ -6,9 +6,11 @@ that fails to compile or gives a wrong answer is recorded as failed, never chose
 Tunable kernels: the mixed-batch attention (its tile shapes per query class, split-KV threshold,
 warps and stages), tuned coordinate-wise: decode-tile parameters on a decode-only case,
 prefill-tile parameters on a prefill-only case, then warps and stages on the decode-maximal
-mix, each stage starting from the previous stage's best; and tree verification (vocabulary tile
-and warps) on DESIGN.md's V1 chains at the model's vocabulary size, greedy plus target-only
-sampling. The built-in defaults are always a candidate: a tuned config is never slower than
+mix, each stage starting from the previous stage's best; tree verification (vocabulary tile and
+warps) on DESIGN.md's V1 chains at the model's vocabulary size, greedy plus target-only
+sampling; KV compaction (column tile, warps) on 64 accepted 5-token paths in the model's KV
+rows; the continuous trajectory log-ratio (chunk, tile, warps) on DESIGN.md's C1 window, which
+does not depend on the language model. The built-in defaults are always a candidate: a tuned config is never slower than
 them on the case it was measured on (``measured`` in the bucket says by how much).
 
 Decoder step. A real forward step of ``PROFILE_LAYERS`` decoder layers of the model's shape with
@@ -29,8 +31,9 @@ import torch
 from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention
 from tkernels.attention.batch import random_paged_batch
 from tkernels.attention.mixed_attention import default_config
+from tkernels.continuous import acceptance
 from tkernels.sched.latency_model import ModelShape, draft_cost, prefill_chunk_cost
-from tkernels.spec import verify
+from tkernels.spec import kv_compaction, verify
 from tkernels.spec.tree import chain
 
 PROFILE_LAYERS = 2
@@ -89,6 +92,24 @@ def attention_search_space(dry_run: bool, quick: bool) -> dict[str, list[dict[st
 Runner = Callable[[dict, bool], "float | None"]  # run(config, on_gpu) -> median us, None: fails or wrong
 
 
+def kernel_jobs(dry_run: bool, quick: bool) -> int:
+    """How many measurements :func:`tune_kernels` takes (for the progress bar)."""
+    candidates = sum(map(len, attention_search_space(dry_run, quick).values()))
+    candidates += sum(len(space(dry_run, quick)) for space in (verify_search_space, kv_compaction_search_space,
+                                                              trajectory_search_space))
+    return candidates + 2 * 4  # default and tuned timings of each kernel
+
+
+def tune_kernels(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry_run: bool, quick: bool) -> dict:
+    """Config-file bucket per tunable kernel (named as its launcher asks :mod:`tkernels.config`)."""
+    return {
+        "mixed_attention": tune_attention(shape, dtype, device, measure, dry_run, quick),
+        "verify": tune_verify(shape, dtype, device, measure, dry_run, quick),
+        "kv_compaction": tune_kv_compaction(shape, dtype, device, measure, dry_run, quick),
+        "trajectory_log_ratio": tune_trajectory_log_ratio(device, measure, dry_run, quick),
+    }
+
+
 def tune_attention(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry_run: bool, quick: bool) -> dict:
     """Best config for the model's (head_dim, group, block size) bucket, with default vs tuned time."""
     cases = attention_cases(dry_run, quick)
@@ -115,6 +136,38 @@ def tune_verify(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry
     run = _verify_runner(4 if dry_run else 64, shape.vocab_size, dtype, device)
     best = _search(f"verify/{case}", verify_search_space(dry_run, quick), {}, run, measure, device)
     return _bucket(f"verify/{case}", {"vocab": shape.vocab_size}, best, run, measure, device)
+
+
+def kv_compaction_search_space(dry_run: bool, quick: bool) -> list[dict[str, int]]:
+    if dry_run:
+        return [{"block_hd": 16, "num_warps": 1}, {"block_hd": 32}]
+    return [{"block_hd": c, "num_warps": w} for c in (64, 128, 256, 512) for w in ((4,) if quick else (1, 2, 4, 8))]
+
+
+def tune_kv_compaction(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry_run: bool, quick: bool) -> dict:
+    """Best compaction config for the model's KV rows (bucket key ``kv_dim``): 64 requests
+    (3 in a dry run), each moving a 5-token path out of a 16-node tree, K and V of two layers."""
+    case = "paths5"
+    run = _kv_compaction_runner(3 if dry_run else 64, 20 if dry_run else 2048, shape, dtype, device)
+    best = _search(f"kv_compaction/{case}", kv_compaction_search_space(dry_run, quick), {}, run, measure, device)
+    key = {"kv_dim": shape.num_kv_heads * shape.head_dim}
+    return _bucket(f"kv_compaction/{case}", key, best, run, measure, device)
+
+
+def trajectory_search_space(dry_run: bool, quick: bool) -> list[dict[str, int]]:
+    if dry_run:
+        return [{"block_k": 8, "block_elements": 32}, {"block_k": 16, "num_warps": 2}]
+    return [{"block_k": k, "block_elements": e, "num_warps": w} for k in (256, 512, 1024) for e in (1024, 2048, 4096)
+            for w in ((4,) if quick else (4, 8)) if e >= k]
+
+
+def tune_trajectory_log_ratio(device: str, measure, dry_run: bool, quick: bool) -> dict:
+    """Best continuous log-ratio config on C1 (64 x 256 tokens, 100 steps x 16 dims, fp32;
+    16 x 5 x 4 in a dry run); bucket key ``elements`` = steps x dims."""
+    rows, steps, dims = (16, 5, 4) if dry_run else (64 * 256, 100, 16)
+    run = _trajectory_runner(rows, steps, dims, device)
+    best = _search("trajectory_log_ratio/C1", trajectory_search_space(dry_run, quick), {}, run, measure, device)
+    return _bucket("trajectory_log_ratio/C1", {"elements": steps * dims}, best, run, measure, device)
 
 
 def json_key(config: dict) -> str:
@@ -202,6 +255,58 @@ def _verify_runner(batch: int, vocab: int, dtype, device) -> Runner:
             return time_us(lambda: (verify.verify_greedy(logits, tokens, parents, cu, config=config),
                                     verify.verify_sampling(logits, tokens, parents, cu, temperature, uniforms=uniforms,
                                                            config=config)), on_gpu)
+        except Exception:  # a config that does not compile or fit is simply not a candidate
+            return None
+
+    return run
+
+
+def _kv_compaction_runner(batch: int, prefix: int, shape: ModelShape, dtype, device) -> Runner:
+    """Compaction of every request's accepted path; a config counts when the caches end up
+    equal to the reference's."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    tree, width = 16, 5
+    max_blocks = -(-(prefix + tree) // BLOCK_SIZE)
+    caches = torch.randn(2 * PROFILE_LAYERS, batch * max_blocks, BLOCK_SIZE, shape.num_kv_heads, shape.head_dim,
+                         generator=gen, device=device).to(dtype)
+    block_table = torch.randperm(batch * max_blocks, generator=gen, device=device).view(batch, max_blocks).int()
+    prefix_lens = torch.full((batch,), prefix, dtype=torch.int32, device=device)
+    path = torch.rand(batch, tree - 1, generator=gen, device=device).argsort(1)[:, : width - 1].sort(1).values + 1
+    nodes = torch.cat([torch.zeros(batch, 1, dtype=path.dtype, device=device), path], 1).int()
+    num = torch.full((batch,), width, dtype=torch.int32, device=device)
+    expected = caches.clone()
+    kv_compaction.compact_kv_reference(expected, block_table, prefix_lens, nodes, num)
+
+    def run(config: dict, on_gpu: bool) -> float | None:
+        config = {**kv_compaction.DEFAULT_CONFIG, **config}
+        out = caches.clone()
+        try:
+            kv_compaction.compact_kv(out, block_table, prefix_lens, nodes, num, config=config)
+            if not torch.equal(out, expected):
+                return None
+            # Compacting again moves the same rows (already in place, equal values): same work.
+            return time_us(lambda: kv_compaction.compact_kv(out, block_table, prefix_lens, nodes, num, config=config),
+                           on_gpu)
+        except Exception:  # a config that does not compile or fit is simply not a candidate
+            return None
+
+    return run
+
+
+def _trajectory_runner(rows: int, steps: int, dims: int, device) -> Runner:
+    """Log-ratios of random fp32 trajectories; a config counts when close to the reference."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, mu_p, mu_q = (torch.randn(rows, steps, dims, generator=gen, device=device) for _ in range(3))
+    sigma = torch.linspace(0.5, 0.02, steps, device=device)
+    expected = acceptance.trajectory_log_ratio_reference(x, mu_p, mu_q, sigma)
+
+    def run(config: dict, on_gpu: bool) -> float | None:
+        config = {**acceptance.DEFAULT_CONFIG, **config}
+        try:
+            got = acceptance.trajectory_log_ratio(x, mu_p, mu_q, sigma, config=config)
+            if not torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * steps * dims):
+                return None
+            return time_us(lambda: acceptance.trajectory_log_ratio(x, mu_p, mu_q, sigma, config=config), on_gpu)
         except Exception:  # a config that does not compile or fit is simply not a candidate
             return None
 

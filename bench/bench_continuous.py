@@ -5,8 +5,9 @@ runs its diffusion head in fp32): per-token trajectory log-ratios over (steps x 
 draft trajectory and both heads' means, then the number of accepted tokens per row. Each timed
 call is the whole path: ``first_rejection(trajectory_log_ratio(x, mu_p, mu_q, sigma), u)``.
 
-Implementations on the same inputs: ``tkernels`` (:mod:`tkernels.continuous.acceptance`) and
-``torch`` (the plain-PyTorch references). Outputs are checked before timing (log-ratios close,
+Implementations on the same inputs: ``tkernels`` (:mod:`tkernels.continuous.acceptance` with this
+GPU's tuned launch config, or the documented fallback), ``tkernels-default-config`` (the built-in
+launch defaults: the pair reports what tuning bought) and ``torch`` (the plain-PyTorch references). Outputs are checked before timing (log-ratios close,
 accepted counts equal except where a log-ratio sits within rounding of log u).
 
 Run on a GPU: ``pytest bench/bench_continuous.py --benchmark-enable``; medians of
@@ -50,21 +51,23 @@ def _run(log_ratio_fn, first_rejection_fn):
 
 IMPLS = {
     "tkernels": _run(A.trajectory_log_ratio, A.first_rejection),
+    "tkernels-default-config": _run(functools.partial(A.trajectory_log_ratio, config=A.DEFAULT_CONFIG), A.first_rejection),
     "torch": _run(A.trajectory_log_ratio_reference, A.first_rejection_reference),
 }
 
 
-def _check():
+def _check(impl):
     x, mu_p, mu_q, sigma, uniforms = inputs()
-    got, want = A.trajectory_log_ratio(x, mu_p, mu_q, sigma), A.trajectory_log_ratio_reference(x, mu_p, mu_q, sigma)
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
-    n_got, n_want = IMPLS["tkernels"](), IMPLS["torch"]()
+    config = A.DEFAULT_CONFIG if impl == "tkernels-default-config" else None
+    got = A.trajectory_log_ratio(x, mu_p, mu_q, sigma, config=config)
+    torch.testing.assert_close(got, A.trajectory_log_ratio_reference(x, mu_p, mu_q, sigma), rtol=1e-3, atol=1e-3)
+    n_got, n_want = IMPLS[impl](), IMPLS["torch"]()
     assert int((n_got != n_want).sum()) <= 1, "accepted counts differ beyond a rounding tie"
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_c1(benchmark, impl, records):
-    _check()
+    _check(impl)
     us = benchmark.pedantic(median_us, args=(IMPLS[impl],), rounds=1, iterations=1)
     x, mu_p, mu_q, _, uniforms = inputs()
     read = x.nbytes + mu_p.nbytes + mu_q.nbytes + uniforms.nbytes

@@ -31,6 +31,9 @@ def test_dry_run_writes_a_valid_cpu_config_and_plot(dry_run_output):
     (bucket,) = data["kernels"]["verify"]["buckets"]
     assert bucket["key"] == {"vocab": 512} and bucket["measured"]["workload"] == "V1-chain4"
     assert set(bucket["config"]) <= set(profile.verify.DEFAULT_CONFIG)
+    assert data["kernels"]["kv_compaction"]["buckets"][0]["key"] == {"kv_dim": 32}
+    assert data["kernels"]["trajectory_log_ratio"]["buckets"][0]["key"] == {"elements": 20}
+    assert all(b["measured"]["default_us"] for k in data["kernels"].values() for b in k["buckets"])
     assert set(data["latency_model"]) >= {"overhead_us", "weight_gbps", "matmul_tflops", "kv_gbps", "attn_tflops"}
     assert data["budgets"]["default_tokens"] >= 1
     assert all(n >= 1 for n in data["tree_budgets"]["nodes_per_request"].values())

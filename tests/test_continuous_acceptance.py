@@ -32,6 +32,16 @@ def test_log_ratio_matches_reference(rows, steps, dims, dtype, rng):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * steps * dims)
 
 
+@pytest.mark.parametrize("config", [{"block_k": 16, "block_elements": 64, "num_warps": 2}, {"block_k": 128}])
+def test_log_ratio_launch_configs_match_reference(config, rng):
+    x, mu_p, mu_q, sigma = _trajectories(37, 9, 5, torch.float32, rng)
+    torch.testing.assert_close(trajectory_log_ratio(x, mu_p, mu_q, sigma, config=config),
+                               trajectory_log_ratio_reference(x, mu_p, mu_q, sigma), rtol=1e-4, atol=1e-3)
+    for bad in ({"block_n": 4}, {"block_k": 100}, {"num_warps": 0}):
+        with pytest.raises(ValueError, match="^config"):
+            trajectory_log_ratio(x, mu_p, mu_q, sigma, config=bad)
+
+
 def test_log_ratio_strided_inputs(rng):
     # Views with non-unit strides on every axis (a [rows, dims, steps] buffer transposed).
     base = torch.randn(3, 19, 4, 11, generator=rng)

@@ -48,6 +48,16 @@ def test_compact_matches_model(rng, lead, dtype):
     assert torch.equal(ref, expected)
 
 
+@pytest.mark.parametrize("config", [{"block_hd": 16, "num_warps": 1}, {"block_hd": 8}])
+def test_launch_configs_match_model(rng, config):
+    cache, *meta = random_case(rng, heads=3, head_dim=16, lead=(2,))  # 48 columns: several tiles
+    expected = expected_after(cache, *meta)
+    compact_kv(cache, *meta, config=config)
+    assert torch.equal(cache, expected)
+    with pytest.raises(ValueError, match="^config"):
+        compact_kv(cache, *meta, config={"block_hd": 24})
+
+
 def test_list_of_caches_overlap_and_block_boundaries(rng):
     # path 0, 2, 3: entry 1 reads position 2 which entry 2 writes; prefix 3 with blocks of 4
     # puts the tree across a block boundary.

@@ -12,7 +12,10 @@ both the kernel and the reference: it has no cancellation between two large squa
 
 Two kernels: :func:`trajectory_log_ratio` (rows x steps x dims -> one fp32 per row) and
 :func:`first_rejection` (log-ratios and uniforms over a speculation window -> number of draft
-tokens accepted per row). Each has a plain-PyTorch reference beside it.
+tokens accepted per row). Each has a plain-PyTorch reference beside it. The first reads every
+trajectory (the C1 benchmark's cost): its launch parameters (:data:`DEFAULT_CONFIG`) are tuned
+per row size (bucket key ``elements`` = steps x dims) by ``tkernels autotune``; the second reads
+one float per token and keeps fixed ones.
 """
 
 from __future__ import annotations
@@ -21,15 +24,25 @@ import torch
 import triton
 import triton.language as tl
 
+from tkernels.config import launch_config as _launch_config
 from tkernels.registry import gpu_compile_check
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# trajectory_log_ratio: columns per chunk, elements per program (rows x columns), warps.
+DEFAULT_CONFIG = {"block_k": 512, "block_elements": 2048, "num_warps": 4}
 
-def _max_tile(device: torch.device) -> int:
+
+def launch_config(elements: int, config: dict | None = None) -> dict:
+    """trajectory_log_ratio's launch parameters for rows of ``elements`` = steps x dims:
+    ``config`` over the GPU's tuned bucket over :data:`DEFAULT_CONFIG`."""
+    return _launch_config("trajectory_log_ratio", {"elements": elements}, DEFAULT_CONFIG, config)
+
+
+def _max_tile(device: torch.device, gpu_elements: int = DEFAULT_CONFIG["block_elements"]) -> int:
     # Elements per program: a register budget on a GPU; under the CPU interpreter a program's
     # cost is mostly fixed overhead, so few large programs run much faster.
-    return 2048 if device.type == "cuda" else 1 << 16
+    return gpu_elements if device.type == "cuda" else 1 << 16
 
 
 @gpu_compile_check(
@@ -110,14 +123,17 @@ def _check_trajectories(x: torch.Tensor, mu_p: torch.Tensor, mu_q: torch.Tensor,
         raise ValueError("sigma must be finite and > 0 at every step (a zero-variance step has no density)")
 
 
-def trajectory_log_ratio(x: torch.Tensor, mu_p: torch.Tensor, mu_q: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def trajectory_log_ratio(x: torch.Tensor, mu_p: torch.Tensor, mu_q: torch.Tensor, sigma: torch.Tensor,
+                         config: dict | None = None) -> torch.Tensor:
     """``log p(x_{0:T}) - log q(x_{0:T})`` per row, for Gaussian reverse chains sharing ``sigma``.
 
     ``x``, ``mu_p``, ``mu_q``: ``[rows, steps, dims]`` (fp16/bf16/fp32, any strides): the point
     reached at each reverse step and the target / draft means of that transition. ``sigma``:
-    ``[steps]`` positive per-step stds. Returns fp32 ``[rows]``.
+    ``[steps]`` positive per-step stds. ``config``: launch parameters overriding the tuned ones
+    (:func:`launch_config`). Returns fp32 ``[rows]``.
     """
     _check_trajectories(x, mu_p, mu_q, sigma)
+    cfg = launch_config(x.shape[1] * x.shape[2], config)
     rows, steps, dims = x.shape
     out = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows == 0:
@@ -125,12 +141,12 @@ def trajectory_log_ratio(x: torch.Tensor, mu_p: torch.Tensor, mu_q: torch.Tensor
     if steps == 0 or dims == 0:
         return out.zero_()
     sigma = sigma.to(torch.float32).contiguous()
-    block_k = min(triton.next_power_of_2(steps * dims), 512)
-    block_n = max(1, min(triton.next_power_of_2(rows), _max_tile(x.device) // block_k))
+    block_k = min(triton.next_power_of_2(steps * dims), cfg["block_k"])
+    block_n = max(1, min(triton.next_power_of_2(rows), _max_tile(x.device, cfg["block_elements"]) // block_k))
     _trajectory_log_ratio_kernel[(triton.cdiv(rows, block_n),)](
         x, mu_p, mu_q, sigma, out, rows, steps, dims,
         *x.stride(), *mu_p.stride(), *mu_q.stride(),
-        BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=cfg["num_warps"],
     )
     return out
 

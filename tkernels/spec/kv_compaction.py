@@ -17,7 +17,9 @@ registers, synchronises, then stores.
 API: :func:`compact_kv` takes one cache tensor or a list of them (e.g. ``[k_cache, v_cache]`` of
 one layer, or every layer's); each is ``[..., num_blocks, block_size, num_kv_heads, head_dim]``
 (vLLM's layout, leading dims such as a stacked K/V or layer axis allowed) and gets one launch
-whose grid covers requests x leading planes x column tiles.
+whose grid covers requests x leading planes x column tiles. Launch parameters
+(:data:`DEFAULT_CONFIG`: the column tile and warps) are tuned per row size (bucket key
+``kv_dim`` = heads x head_dim) by ``tkernels autotune``.
 """
 
 from __future__ import annotations
@@ -28,9 +30,18 @@ import torch
 import triton
 import triton.language as tl
 
+from tkernels.config import launch_config as _launch_config
 from tkernels.registry import gpu_compile_check
 
-__all__ = ["compact_kv", "compact_kv_reference"]
+__all__ = ["compact_kv", "compact_kv_reference", "DEFAULT_CONFIG", "launch_config"]
+
+DEFAULT_CONFIG = {"block_hd": 512, "num_warps": 4}  # columns of a row per program (<= 4096 elements in all)
+
+
+def launch_config(kv_dim: int, config: dict | None = None) -> dict:
+    """compact_kv's launch parameters for rows of ``kv_dim`` = heads x head_dim elements:
+    ``config`` over the GPU's tuned bucket over :data:`DEFAULT_CONFIG`."""
+    return _launch_config("kv_compaction", {"kv_dim": kv_dim}, DEFAULT_CONFIG, config)
 
 
 @gpu_compile_check(
@@ -136,21 +147,24 @@ def compact_kv(
     prefix_lens: torch.Tensor,
     accepted_nodes: torch.Tensor,
     num_accepted: torch.Tensor,
+    config: dict | None = None,
 ) -> None:
     """Move every accepted node's K/V to its path position, in place, in each cache tensor.
 
     ``block_table`` int32[B, max_blocks], ``prefix_lens`` int32[B] (position of node 0),
-    ``accepted_nodes`` int32[B, W] and ``num_accepted`` int32[B] as returned by verification.
+    ``accepted_nodes`` int32[B, W] and ``num_accepted`` int32[B] as returned by verification;
+    ``config``: launch parameters overriding the tuned ones (:func:`launch_config`).
     """
     caches = _as_list(kv_caches)
     _check(caches, block_table, prefix_lens, accepted_nodes, num_accepted)
+    num_blocks, block_size, heads, head_dim = caches[0].shape[-4:]
+    hd = heads * head_dim
+    cfg = launch_config(hd, config)
     batch, width = accepted_nodes.shape
     if batch == 0:
         return
-    num_blocks, block_size, heads, head_dim = caches[0].shape[-4:]
-    hd = heads * head_dim
     block_a = triton.next_power_of_2(width)
-    block_hd = min(512, triton.next_power_of_2(hd), max(16, 4096 // block_a))  # <= 4096 elements in registers
+    block_hd = min(cfg["block_hd"], triton.next_power_of_2(hd), max(16, 4096 // block_a))  # <= 4096 elements in registers
     prefix = prefix_lens.int()
     for cache in caches:
         planes = cache.view(-1, num_blocks, block_size, heads, head_dim) if cache.dim() > 4 else cache[None]
@@ -158,7 +172,7 @@ def compact_kv(
         _compact_kv_kernel[grid](
             planes, planes.stride(0), planes.stride(1), planes.stride(2), block_table, block_table.stride(0), prefix,
             accepted_nodes, num_accepted, width, hd, block_size,
-            BLOCK_A=block_a, BLOCK_HD=block_hd,
+            BLOCK_A=block_a, BLOCK_HD=block_hd, num_warps=cfg["num_warps"],
         )
 
 
