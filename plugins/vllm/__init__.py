@@ -30,32 +30,49 @@ def register() -> None:
         logger.warning("%s", err)
         return
     register_attention_backend()
+    from tkernels.plugins.vllm.tree import install_request_validation
+
+    install_request_validation()  # inert unless the tree proposer is configured (see tree.py)
     logger.info("tkernels: vLLM plugin registered (vLLM %s)", version)
 
 
 BACKEND_PATH = "tkernels.plugins.vllm.attention.TkernelsAttentionBackend"
 CPU_TEST_ENV = "TKERNELS_VLLM_CPU_TEST_BACKEND"
+# CPU test modes: "1" runs tkernels' Triton kernels under the interpreter (TRITON_INTERPRET=1);
+# "reference" runs their plain-PyTorch references (attention, tree verification, KV
+# compaction), fast enough for end-to-end measurements on a real model.
+CPU_TEST_MODES = ("1", "reference")
+
+
+def cpu_test_mode() -> str | None:
+    """The CPU test mode asked for in ``TKERNELS_VLLM_CPU_TEST_BACKEND`` (None when unset or empty)."""
+    mode = os.environ.get(CPU_TEST_ENV) or None
+    if mode is not None and mode not in CPU_TEST_MODES:
+        raise ValueError(f"tkernels: {CPU_TEST_ENV} must be one of {CPU_TEST_MODES} or unset, got {mode!r}")
+    return mode
 
 
 def register_attention_backend() -> None:
-    """Register this backend as vLLM's ``CUSTOM`` one (and, in CPU test mode, as ``CPU_ATTN``).
+    """Register this backend as vLLM's ``CUSTOM`` one (and, in a CPU test mode, as ``CPU_ATTN``).
 
     Idempotent; called from the plugin's ``register()`` in every vLLM process.
     """
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     register_backend(AttentionBackendEnum.CUSTOM, BACKEND_PATH)
-    if os.environ.get(CPU_TEST_ENV) != "1":
+    mode = cpu_test_mode()
+    if mode is None:
         return
     import triton
 
-    if not triton.knobs.runtime.interpret:
+    if mode == "1" and not triton.knobs.runtime.interpret:
         raise RuntimeError(
             f"tkernels: {CPU_TEST_ENV}=1 runs the attention kernel under Triton's CPU interpreter: "
             "set TRITON_INTERPRET=1 as well (before any Triton kernel is defined)"
         )
     if not AttentionBackendEnum.CPU_ATTN.is_overridden():
-        logger.warning("tkernels: %s=1: vLLM's CPU_ATTN backend is replaced by tkernels' mixed-batch attention "
-                       "under the Triton interpreter (for tests; slow)", CPU_TEST_ENV)
+        how = "under the Triton interpreter" if mode == "1" else "as its PyTorch reference"
+        logger.warning("tkernels: %s=%s: vLLM's CPU_ATTN backend is replaced by tkernels' mixed-batch attention "
+                       "%s (for tests; slow)", CPU_TEST_ENV, mode, how)
     register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
 

@@ -25,7 +25,13 @@ when asked for; when the Triton kernel cannot launch (no CUDA/ROCm device and no
 vLLM's CPU platform ignores ``--attention-backend`` altogether and uses ``CPU_ATTN`` (logging
 "Cannot use ... CUSTOM backend on CPU"). For CPU tests, ``TKERNELS_VLLM_CPU_TEST_BACKEND=1``
 (with ``TRITON_INTERPRET=1``) makes :func:`tkernels.plugins.vllm.register_attention_backend` put this backend in
-``CPU_ATTN``'s place, running the kernel under Triton's interpreter.
+``CPU_ATTN``'s place, running the kernel under Triton's interpreter;
+``TKERNELS_VLLM_CPU_TEST_BACKEND=reference`` runs :func:`tkernels.attention.mixed_attention_reference`
+instead (no interpreter; for end-to-end measurements on CPU).
+
+Trees: when tkernels' tree speculation runs (:mod:`tkernels.plugins.vllm.tree`), the builder
+passes the step's tree rows (:func:`~tkernels.plugins.vllm.tree.attention_trees`) to the plan,
+so each tree node attends to the prefix, its ancestors and itself.
 """
 
 from __future__ import annotations
@@ -47,8 +53,10 @@ from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
 from vllm.v1.attention.backends.utils import get_num_attention_heads_from_layers
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from tkernels.attention import MixedAttentionPlan, mixed_attention, plan_mixed_attention
+from tkernels.attention import MixedAttentionPlan, mixed_attention, mixed_attention_reference, plan_mixed_attention
+from tkernels.plugins.vllm import cpu_test_mode
 from tkernels.plugins.vllm.compat import require_supported_vllm
+from tkernels.plugins.vllm.tree import attention_trees
 
 logger = logging.getLogger("tkernels")
 
@@ -56,7 +64,7 @@ def kernel_unavailable_reason() -> str | None:
     """Why the Triton kernel cannot launch in this process, or None when it can."""
     import triton
 
-    if triton.knobs.runtime.interpret or torch.cuda.is_available():
+    if triton.knobs.runtime.interpret or torch.cuda.is_available() or cpu_test_mode() == "reference":
         return None
     return ("tkernels' attention backend runs a Triton GPU kernel: it needs a CUDA or ROCm device "
             "(or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)")
@@ -68,6 +76,8 @@ class TkernelsAttentionMetadata:
     seq_lens: torch.Tensor  # int32 [B], context including the new tokens
     block_table: torch.Tensor  # int32 [B, max_blocks]
     plans: dict[int | None, MixedAttentionPlan]  # one per sliding window in the group
+    tree_parents: torch.Tensor | None = None  # int32 [T]: speculation trees' local parents (tree rows)
+    is_tree: torch.Tensor | None = None  # bool [B]
 
 
 class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentionMetadata]):
@@ -93,17 +103,34 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
         if m.causal is not True:
             raise NotImplementedError("tkernels' attention backend supports causal decoder attention only")
         num_blocks = self.layers[0].kv_cache.shape[0]
+        tree_parents, is_tree = self._trees(m)
         plans = {
             window: plan_mixed_attention(
                 m.query_start_loc, m.seq_lens, m.block_table_tensor, num_q_heads=self.num_q_heads,
                 num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, num_blocks=num_blocks,
-                block_size=self.block_size, window=window,
+                block_size=self.block_size, tree_parents=tree_parents, is_tree=is_tree, window=window,
             )
             for window in self.windows
         }
         return TkernelsAttentionMetadata(
             query_start_loc=m.query_start_loc, seq_lens=m.seq_lens, block_table=m.block_table_tensor, plans=plans,
+            tree_parents=tree_parents, is_tree=is_tree,
         )
+
+    @staticmethod
+    def _trees(m: CommonAttentionMetadata) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The running step's speculation trees, padded to this batch's (padded) rows and tokens."""
+        trees = attention_trees()
+        if trees is None:
+            return None, None
+        tree_parents, is_tree = trees
+        num_reqs, num_tokens = m.query_start_loc.numel() - 1, int(m.query_start_loc_cpu[-1])
+        if is_tree.numel() > num_reqs or tree_parents.numel() > num_tokens:
+            raise RuntimeError(f"tkernels: the step's trees ({is_tree.numel()} rows, {tree_parents.numel()} tokens) do "
+                               f"not fit the attention batch ({num_reqs} rows, {num_tokens} tokens)")
+        pad = torch.nn.functional.pad
+        return pad(tree_parents, (0, num_tokens - tree_parents.numel()), value=-1), \
+            pad(is_tree, (0, num_reqs - is_tree.numel()), value=False)
 
 
 class TkernelsAttentionImpl(TritonAttentionImpl):
@@ -150,10 +177,16 @@ class TkernelsAttentionImpl(TritonAttentionImpl):
         plan = attn_metadata.plans[self.window]
         num_tokens = plan.num_tokens  # the batch's real tokens; rows beyond are padding
         k_cache, v_cache = self._kv_caches(kv_cache)
+        m = attn_metadata
+        if cpu_test_mode() == "reference":
+            output[:num_tokens] = mixed_attention_reference(
+                query[:num_tokens], k_cache, v_cache, m.block_table, m.query_start_loc, m.seq_lens, self.scale,
+                tree_parents=m.tree_parents, is_tree=m.is_tree, window=self.window, softcap=self.softcap,
+            )
+            return output
         mixed_attention(
-            query[:num_tokens], k_cache, v_cache, attn_metadata.block_table, attn_metadata.query_start_loc,
-            attn_metadata.seq_lens, self.scale, window=self.window, softcap=self.softcap,
-            out=output[:num_tokens], plan=plan,
+            query[:num_tokens], k_cache, v_cache, m.block_table, m.query_start_loc, m.seq_lens, self.scale,
+            window=self.window, softcap=self.softcap, out=output[:num_tokens], plan=plan,
         )
         return output
 

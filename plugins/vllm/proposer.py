@@ -36,6 +36,14 @@ logits rows do not add up (the scheduler cut a draft, rows were reordered before
 or a request resumed): such a step is counted in ``stats["skipped_steps"]``, never guessed.
 The top-k is taken from the logits as ``compute_logits`` returned them (before sampling-time
 penalties, which the greedy benchmark does not use).
+
+**Tree speculation** (:class:`TokenRecyclingTreeProposer`, ``"model":
+"tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"``): the same drafter, policy and
+recycling, but each row's draft is the ``num_speculative_tokens`` highest-scoring nodes of the
+tree (a tree, in BFS order), handed to vLLM as the row's draft list, and vLLM's runner is
+patched to verify it as a tree (:mod:`tkernels.plugins.vllm.tree`, which also says what is
+supported). There the verified nodes of every row are known exactly, so every step is recycled,
+a cut draft included.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ import torch
 from tkernels.spec import DynamicTreePolicy, TokenRecycling, TreeShape, best_path, depths, from_widths
 from tkernels.spec.tree import TR_80_WIDTHS
 
-__all__ = ["TokenRecyclingProposer", "draft_tree"]
+__all__ = ["TokenRecyclingProposer", "TokenRecyclingTreeProposer", "draft_tree"]
 
 TOP_K = 8  # adjacency columns, as in the paper's 80-node tree
 
@@ -119,12 +127,16 @@ class TokenRecyclingProposer:
         self.stats["steps"] += 1
         captured, self._captured = self._captured, []
         self._recycle(captured, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
-        drafts = self._draft(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        drafted = self._draft(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        self._remember(drafted, num_tokens_no_spec, token_ids_cpu)
+        return [tokens for _, tokens in drafted]
+
+    def _remember(self, drafted, num_tokens_no_spec, token_ids_cpu) -> None:
+        """Keep each row's draft, to find its logits rows in the next step."""
         self._drafts = [
             _Draft(int(num_tokens_no_spec[i]), int(token_ids_cpu[i, num_tokens_no_spec[i] - 1]), d) if d else None
-            for i, d in enumerate(drafts)
+            for i, (_, d) in enumerate(drafted)
         ]
-        return drafts
 
     # --- recycling ----------------------------------------------------------------------------
 
@@ -200,22 +212,74 @@ class TokenRecyclingProposer:
             scores[:, level] = scores[:, par] * node_p[level] * self.recycled[tree_tokens[:, par]]
         return scores
 
-    def _draft(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> list[list[int]]:
-        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
+    def _select(self, scores: torch.Tensor) -> torch.Tensor:
+        """The drafted nodes of ``self.shape`` (root first, ascending = BFS order), from one row's
+        node scores: the best path, cut at its first zero-score node (whose descendants are zero)."""
+        path = best_path(self.shape.parents, scores)
+        return path[scores[path] > 0]
+
+    def _draft(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> list[tuple[torch.Tensor | None, list[int]]]:
+        """Per row, ``(nodes, draft tokens)``: the drafted nodes of ``self.shape`` (root first) and
+        the tokens of all but the root, or ``(None, [])``."""
+        drafted: list[tuple[torch.Tensor | None, list[int]]] = [(None, []) for _ in sampled_token_ids]
         active = [
             i for i, s in enumerate(sampled_token_ids)
             if s and int(num_tokens_no_spec[i]) + 1 < self.max_model_len
         ]
         if not active:
-            return drafts
+            return drafted
         lengths = np.asarray(num_tokens_no_spec)[active]
         last = torch.from_numpy(np.asarray(token_ids_cpu[active, lengths - 1], dtype=np.int64))
         tree_tokens, _, _ = self.drafter.draft(last, self.shape)
         tree_tokens = tree_tokens.view(len(active), -1)
         scores = self._node_scores(tree_tokens)
         for b, i in enumerate(active):
-            path = best_path(self.shape.parents, scores[b])[1:]
-            path = path[scores[b, path] > 0]  # a zero node's descendants are zero: a prefix
             room = self.max_model_len - int(lengths[b]) - 1
-            drafts[i] = tree_tokens[b, path[:room]].tolist()
-        return drafts
+            nodes = self._select(scores[b])[: room + 1]  # a BFS prefix: still a path, or a tree
+            drafted[i] = (nodes, tree_tokens[b, nodes[1:]].tolist())
+        return drafted
+
+
+class TokenRecyclingTreeProposer(TokenRecyclingProposer):
+    """Tree speculation: each row's draft is the ``num_speculative_tokens`` best nodes of the tree.
+
+    Node scores are path probabilities (see :meth:`_node_scores`), so the best ``n`` nodes form
+    a tree and maximise the expected accepted length among ``n``-node drafts
+    (:mod:`tkernels.spec.tree_policy`); the best path is one of them. The trees reach vLLM as
+    draft lists through :mod:`tkernels.plugins.vllm.tree`, whose patches this constructor
+    installs and whose :class:`~tkernels.plugins.vllm.tree.TreeBatch` (``tree_batch``) tells
+    the proposer, each step, which request each row is and which draft it was verified with.
+    """
+
+    def __init__(self, vllm_config) -> None:
+        from tkernels.plugins.vllm import tree
+
+        super().__init__(vllm_config)
+        tree.install(vllm_config)
+        self.vllm_config = vllm_config
+        self.tree_batch = tree.TreeBatch()
+
+    def load_model(self, target_model) -> None:
+        from tkernels.plugins.vllm.tree import check_attention_backend
+
+        check_attention_backend(self.vllm_config)  # the layers exist once the target is built
+        super().load_model(target_model)
+
+    def _select(self, scores: torch.Tensor) -> torch.Tensor:
+        # Stable sort: a parent scores at least its children and comes first, so ties keep the
+        # set closed under ancestors.
+        best = scores.argsort(descending=True, stable=True)[: self.num_speculative_tokens + 1]
+        return best[scores[best] > 0].sort().values
+
+    def _verified_drafts(self, row: int, sampled: list[int], num_tokens: int, token_ids_cpu: np.ndarray) -> list[int]:
+        step = self.tree_batch.step
+        return step.drafts[row] if step is not None and row < len(step.drafts) else []
+
+    def _remember(self, drafted, num_tokens_no_spec, token_ids_cpu) -> None:
+        step = self.tree_batch.step
+        if step is None:
+            raise RuntimeError("TokenRecyclingTreeProposer.propose ran before any step: are tkernels' vLLM patches installed?")
+        parents = self.shape.parents.long()
+        for req_id, (nodes, tokens) in zip(step.req_ids, drafted):
+            local = torch.searchsorted(nodes, parents[nodes[1:]]) if tokens else None
+            self.tree_batch.propose(req_id, tokens, None if local is None else torch.cat([local.new_tensor([-1]), local]).int())

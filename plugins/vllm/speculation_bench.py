@@ -1,7 +1,17 @@
 """Speculative decoding in vLLM: no speculation vs vLLM's ``ngram`` vs tkernels' Token Recycling.
 
     python -m tkernels.plugins.vllm.speculation_bench [--model smollm2|tiny|DIR] [--questions 8]
-        [--max-tokens 128] [--num-spec-tokens 5] [--rounds 1] [--method none|ngram|tr] [--json]
+        [--max-tokens 128] [--num-spec-tokens 5] [--rounds 1] [--methods none,ngram,tr,tr-tree]
+        [--method M] [--json]
+
+Methods: ``none``; vLLM's ``ngram`` (prompt lookup); ``tr``, Token Recycling's best path
+(:class:`~tkernels.plugins.vllm.proposer.TokenRecyclingProposer`, verified by vLLM's rejection
+sampler); ``tr-tree``, Token Recycling trees
+(:class:`~tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer`, tkernels' tree
+verification). All speculative methods draft ``--num-spec-tokens`` tokens per step: the same
+verify budget. ``tr-tree`` needs tkernels' attention backend: ``--attention-backend CUSTOM`` on
+a GPU; on vLLM-CPU, ``TKERNELS_VLLM_CPU_TEST_BACKEND=reference`` (set here), whose PyTorch
+reference attention makes its tokens/s incomparable with the other methods' (MAT is unaffected).
 
 DESIGN.md's acceptance-length workload: first turns of the Spec-Bench dev questions through the
 chat template, greedy, ``--max-tokens`` new tokens (EOS ignored, so every method generates the
@@ -42,7 +52,7 @@ from pathlib import Path
 
 from tkernels.plugins.vllm.demo import load_questions, resolve_model
 
-METHODS = ("none", "ngram", "tr")
+METHODS = ("none", "ngram", "tr", "tr-tree")
 NGRAM_MIN, NGRAM_MAX = 1, 3  # as tkernels.spec.propose_ngram's defaults (prompt lookup, PLD)
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
 
@@ -53,9 +63,10 @@ def speculative_config(method: str, num_spec_tokens: int) -> dict | None:
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": num_spec_tokens,
                 "prompt_lookup_min": NGRAM_MIN, "prompt_lookup_max": NGRAM_MAX}
-    if method == "tr":
+    if method in ("tr", "tr-tree"):
+        proposer = "TokenRecyclingTreeProposer" if method == "tr-tree" else "TokenRecyclingProposer"
         return {"method": "custom_class", "num_speculative_tokens": num_spec_tokens,
-                "model": "tkernels.plugins.vllm.proposer.TokenRecyclingProposer"}
+                "model": f"tkernels.plugins.vllm.proposer.{proposer}"}
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
@@ -74,6 +85,13 @@ def run_method(model_dir: Path, questions: list[dict], method: str, max_tokens: 
                   speculative_config=speculative_config(method, num_spec_tokens))
     if not torch.cuda.is_available():
         kwargs["dtype"] = "float32"
+    if method == "tr-tree":  # tree masks need tkernels' attention backend (see the module doc)
+        if torch.cuda.is_available():
+            kwargs["attention_backend"] = "CUSTOM"
+        else:
+            from tkernels.plugins.vllm import CPU_TEST_ENV
+
+            os.environ.setdefault(CPU_TEST_ENV, "reference")
     llm = LLM(**kwargs)
     tokenizer = llm.get_tokenizer()
     prompts = [
@@ -169,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--num-spec-tokens", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=1, help="submit the questions this many times in sequence")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to compare")
     parser.add_argument("--method", choices=METHODS, help="run only this method, in this process")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # a method's raw run, for the parent
@@ -183,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(runs[0]))
             return 0
     else:
-        runs = [_run_subprocess(args, method) for method in METHODS]
+        methods = args.methods.split(",")
+        if not set(methods) <= set(METHODS):
+            parser.error(f"--methods must name some of {METHODS}, got {args.methods!r}")
+        runs = [_run_subprocess(args, method) for method in methods]
     records = summarize(runs, questions)
     result = {"model": str(model_dir), "max_tokens": args.max_tokens, "num_spec_tokens": args.num_spec_tokens,
               "rounds": args.rounds, "records": records}

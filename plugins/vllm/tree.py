@@ -1,0 +1,353 @@
+"""Token Recycling tree speculation inside vLLM: the patches where vLLM has no hook.
+
+vLLM removed its tree speculation in May 2026. :class:`~tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer`
+puts it back: each row's draft is a tree of ``num_speculative_tokens`` nodes in BFS order (the
+root, the row's last committed token, excluded), handed to vLLM as the row's ordinary draft
+list. vLLM's scheduler therefore allocates ``1 + n`` slots exactly as for a chain, and may cut
+the list (a BFS prefix of a tree is a tree). The proposer's constructor calls :func:`install`,
+which checks the configuration and patches vLLM's model runner; nothing is patched otherwise.
+Each patch wraps one method (the CPU runner inherits them), acts only when the runner's drafter
+is the tree proposer, and checks the method's signature first: a vLLM whose method moved or
+changed gets a clear error, never a silent wrong patch.
+
+Patched vLLM symbols, and why:
+
+1. ``GPUModelRunner._prepare_inputs`` (tree positions). vLLM computes the positions of a row's
+   new tokens as ``num_computed + i`` and, from them, the slot mapping. The slot mapping stays
+   linear (node ``i``'s K/V goes to position ``num_computed + i``'s slot); after the call the
+   RoPE positions of tree nodes are overwritten with ``num_computed + depth(i)``. Here the step's
+   trees are also collected (:class:`TreeStep`) from the proposer's record of each request's
+   tree and the draft the scheduler actually scheduled.
+2. Tree mask: no vLLM symbol. Our attention backend's metadata builder
+   (:mod:`tkernels.plugins.vllm.attention`) reads :func:`attention_trees` and passes the tree
+   rows' parents to ``mixed_attention``, which masks each node to its ancestors.
+3. ``GPUModelRunner._sample`` (verification). In place of vLLM's rejection sampler, the step's
+   logits (row ``j`` of a request = tree node ``j``) go to :func:`tkernels.spec.verify_greedy`;
+   its accepted path tokens + bonus are returned in vLLM's ``SamplerOutput`` layout (padded
+   with vLLM's placeholder id), so vLLM's bookkeeping, ``num_computed_tokens`` rollback and
+   spec-decode metrics (accepted = generated - 1) work unchanged.
+4. Same wrapper, right after verification (KV compaction): :func:`tkernels.spec.compact_kv`
+   moves the accepted path's K/V from position ``num_computed + node`` to ``num_computed +
+   depth`` in every layer's cache, before the next step attends to it.
+5. ``SamplingParams._validate_spec_decode`` (admission): with the tree proposer configured,
+   only requests that greedy tree verification reproduces exactly are admitted (temperature 0,
+   no penalties, bad words, allowed tokens, min_tokens, logprobs or
+   structured output); others get a clear error when they are submitted. Requests are
+   validated in the front-end process, so the plugin's ``register()`` installs this one in
+   every process; it does nothing unless the tree proposer is configured.
+
+Supported: greedy requests; one KV-cache group; decoder models without M-RoPE; tkernels'
+attention backend (``--attention-backend CUSTOM``; on CPU the test backend,
+``TKERNELS_VLLM_CPU_TEST_BACKEND``); no async scheduling, no pipeline parallelism. Anything
+else is refused at start-up (or, for requests, at submission). With
+``TKERNELS_VLLM_CPU_TEST_BACKEND=reference`` verification and compaction run their torch
+references, as attention does.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tkernels.spec import compact_kv, compact_kv_reference, depths, verify_greedy, verify_greedy_reference
+
+TREE_PROPOSER = "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"
+
+# Parameters of every patched method, as in the vLLM versions of compat.SUPPORTED_VLLM.
+_PATCHED_SIGNATURES = {
+    "_prepare_inputs": ("self", "scheduler_output", "num_scheduled_tokens"),
+    "_sample": ("self", "logits", "spec_decode_metadata"),
+}
+_VALIDATE_SIGNATURE = ("self", "speculative_config")
+
+
+def is_tree_config(speculative_config) -> bool:
+    return (speculative_config is not None and getattr(speculative_config, "method", None) == "custom_class"
+            and getattr(speculative_config, "model", None) == TREE_PROPOSER)
+
+
+def _cpu_reference_mode() -> bool:
+    from tkernels.plugins.vllm import cpu_test_mode
+
+    return cpu_test_mode() == "reference"
+
+
+# --- start-up checks ----------------------------------------------------------------------------
+
+
+def check_config(vllm_config) -> None:
+    """Raise a clear error for a configuration tree speculation does not support."""
+    problems = []
+    if getattr(vllm_config.scheduler_config, "async_scheduling", False):
+        problems.append("async scheduling (pass async_scheduling=False / --no-async-scheduling)")
+    if getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) > 1:
+        problems.append("pipeline parallelism")
+    if getattr(vllm_config.model_config, "uses_mrope", False):
+        problems.append("M-RoPE models")
+    if vllm_config.speculative_config.num_speculative_tokens + 1 > 64:
+        problems.append("num_speculative_tokens > 63 (trees hold at most 64 nodes with the root)")
+    if problems:
+        raise ValueError(f"tkernels tree speculation does not support {', '.join(problems)}")
+
+
+def check_attention_backend(vllm_config) -> None:
+    """Every attention layer must run tkernels' backend: only it applies the tree mask."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+
+    from tkernels.plugins.vllm.attention import TkernelsAttentionImpl
+
+    others = sorted({type(layer.impl).__name__ for layer in get_layers_from_vllm_config(vllm_config, Attention).values()
+                     if not isinstance(layer.impl, TkernelsAttentionImpl)})
+    if others:
+        raise ValueError(
+            f"tkernels tree speculation needs tkernels' attention backend for the tree mask, but layers use {others}: "
+            "pass --attention-backend CUSTOM (on vLLM-CPU, which ignores it, set TKERNELS_VLLM_CPU_TEST_BACKEND=1 "
+            "with TRITON_INTERPRET=1, or TKERNELS_VLLM_CPU_TEST_BACKEND=reference)"
+        )
+
+
+def _checked_method(owner, name: str, expected: tuple[str, ...]):
+    from tkernels.plugins.vllm.compat import require_supported_vllm
+
+    version = require_supported_vllm()
+    method = getattr(owner, name, None)
+    params = tuple(inspect.signature(method).parameters) if callable(method) else None
+    if params != expected:
+        raise RuntimeError(
+            f"tkernels tree speculation patches {owner.__name__}.{name}{expected} but vLLM {version} has "
+            f"{'no such method' if params is None else params}: this vLLM is not supported for tree speculation"
+        )
+    return method
+
+
+def _already_patched(owner, name: str) -> bool:
+    return getattr(getattr(owner, name), "_tkernels_tree", False)
+
+
+# --- the per-step tree state -------------------------------------------------------------------
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]  # the row's draft list: tree nodes 1..n in BFS order
+    parents: torch.Tensor  # int32 [n + 1], root included (local indices, BFS)
+
+
+@dataclass
+class TreeStep:
+    """This step's trees, row by row of the persistent batch (rows without a draft: 1-node trees)."""
+
+    req_ids: list[str]
+    drafts: list[list[int]]  # the draft tokens each row was verified with, as scheduled
+    prefix: np.ndarray  # num_computed_tokens per row: node 0's position
+    num_nodes: np.ndarray  # 1 + len(drafts[i])
+    parents: torch.Tensor  # int32 [sum(num_nodes)], the verification trees
+    cu_nodes: torch.Tensor  # int32 [num_reqs + 1]
+
+
+_ATTENTION_TREES: tuple[torch.Tensor, torch.Tensor] | None = None  # (tree_parents [T], is_tree [B]) of this step
+
+
+def attention_trees() -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The running step's ``(tree_parents int32 [num_tokens], is_tree bool [num_reqs])``, or None
+    when no row has a tree (one model runner per vLLM worker process)."""
+    return _ATTENTION_TREES
+
+
+class TreeBatch:
+    """What the tree proposer and the runner patches share: the proposer's trees per request
+    (``proposed``), and the step being run (``step``)."""
+
+    def __init__(self) -> None:
+        self.proposed: dict[str, Proposal] = {}
+        self.step: TreeStep | None = None
+        self._kv_planes: list[torch.Tensor] | None = None
+
+    def propose(self, req_id: str, tokens: list[int], parents: torch.Tensor) -> None:
+        if tokens:
+            self.proposed[req_id] = Proposal(tokens, parents)
+        else:
+            self.proposed.pop(req_id, None)
+
+    # patch 1 ------------------------------------------------------------------------------------
+    def begin_step(self, runner, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
+        """Collect the step's trees and overwrite the tree nodes' RoPE positions."""
+        global _ATTENTION_TREES
+        for req_id in scheduler_output.finished_req_ids:
+            self.proposed.pop(req_id, None)
+        num_reqs = runner.input_batch.num_reqs
+        req_ids = list(runner.input_batch.req_ids[:num_reqs])
+        prefix = runner.input_batch.num_computed_tokens_cpu[:num_reqs].copy()
+        starts = np.cumsum(num_scheduled_tokens) - num_scheduled_tokens
+        scheduled = scheduler_output.scheduled_spec_decode_tokens
+        drafts, trees = [], []
+        tree_parents = torch.full((int(num_scheduled_tokens.sum()),), -1, dtype=torch.int32)
+        is_tree = torch.zeros(num_reqs, dtype=torch.bool)
+        token_index, token_position = [], []
+        for i, req_id in enumerate(req_ids):
+            draft = list(scheduled.get(req_id, ()))
+            proposal = self.proposed.pop(req_id, None)
+            if not draft:
+                drafts.append([])
+                trees.append(torch.tensor([-1], dtype=torch.int32))
+                continue
+            n = len(draft)
+            if proposal is None or proposal.tokens[:n] != draft or int(num_scheduled_tokens[i]) != n + 1:
+                raise RuntimeError(
+                    f"tkernels tree speculation: request {req_id} was scheduled the draft {draft} with "
+                    f"{int(num_scheduled_tokens[i])} tokens, which is not (a BFS prefix of) the tree its proposer made"
+                )
+            parents = proposal.parents[: n + 1]
+            drafts.append(draft)
+            trees.append(parents)
+            start = int(starts[i])
+            tree_parents[start : start + n + 1] = parents
+            is_tree[i] = True
+            token_index.append(torch.arange(start + 1, start + n + 1))
+            token_position.append(int(prefix[i]) + depths(parents)[1:].long())
+        num_nodes = np.array([len(d) + 1 for d in drafts], dtype=np.int64)
+        self.step = TreeStep(
+            req_ids=req_ids, drafts=drafts, prefix=prefix, num_nodes=num_nodes, parents=torch.cat(trees),
+            cu_nodes=torch.from_numpy(np.concatenate([[0], np.cumsum(num_nodes)])).int(),
+        )
+        if not token_index:
+            _ATTENTION_TREES = None
+            return
+        device = runner.positions.device
+        runner.positions[torch.cat(token_index).to(device)] = torch.cat(token_position).to(device, runner.positions.dtype)
+        _ATTENTION_TREES = (tree_parents.to(device), is_tree.to(device))
+
+    # patches 3 and 4 ----------------------------------------------------------------------------
+    def verify(self, runner, logits: torch.Tensor, spec_decode_metadata):
+        """Greedy tree verification + KV compaction; vLLM's ``SamplerOutput`` for the step."""
+        global _ATTENTION_TREES
+        from vllm.v1.outputs import SamplerOutput
+        from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
+
+        _ATTENTION_TREES = None
+        step = self.step
+        if not runner.input_batch.sampling_metadata.all_greedy:
+            raise RuntimeError("tkernels tree speculation verifies greedy requests only (others are refused at submission)")
+        if step is None or step.num_nodes.tolist() != [d + 1 for d in spec_decode_metadata.num_draft_tokens]:
+            raise RuntimeError("tkernels tree speculation: the step's logits rows do not match the trees of its rows")
+        device = logits.device
+        node_tokens = runner.input_ids.gpu[spec_decode_metadata.logits_indices].long()
+        reference = _cpu_reference_mode()
+        verify = verify_greedy_reference if reference else verify_greedy
+        tokens, nodes, num = verify(logits, node_tokens, step.parents.to(device), step.cu_nodes.to(device))
+        self._compact(runner, step, nodes, num, reference)
+        out = torch.full((len(step.req_ids), spec_decode_metadata.max_spec_len + 1), PLACEHOLDER_TOKEN_ID,
+                         dtype=torch.int32, device=device)
+        out[:, : tokens.shape[1]] = torch.where(tokens >= 0, tokens, PLACEHOLDER_TOKEN_ID)
+        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
+
+    def _compact(self, runner, step: TreeStep, nodes: torch.Tensor, num: torch.Tensor, reference: bool) -> None:
+        rows = np.flatnonzero(step.num_nodes > 1)
+        if not rows.size:
+            return
+        device = nodes.device
+        index = torch.from_numpy(rows).to(device)
+        block_table = runner.input_batch.block_table[0].get_device_tensor(len(step.req_ids))[index].contiguous()
+        prefix = torch.from_numpy(step.prefix[rows]).to(device, torch.int32)
+        compact = compact_kv_reference if reference else compact_kv
+        compact(self.kv_planes(runner), block_table, prefix, nodes[index].contiguous(), num[index].contiguous())
+
+    def kv_planes(self, runner) -> list[torch.Tensor]:
+        """Every layer's K and V as ``[kv_heads, num_blocks, block_size, 1, head_dim]`` views, the
+        leading-plane layout compact_kv takes whatever vLLM's physical layout; a cache shared by
+        several layers (KV sharing) is listed once, since compaction is not idempotent."""
+        if self._kv_planes is None:
+            from vllm.config import get_layers_from_vllm_config
+            from vllm.model_executor.layers.attention import Attention
+
+            if len(runner.kv_cache_config.kv_cache_groups) != 1:
+                raise RuntimeError("tkernels tree speculation supports models with one KV-cache group only")
+            planes, seen = [], set()
+            for layer in get_layers_from_vllm_config(runner.vllm_config, Attention).values():
+                if layer.kv_cache.data_ptr() in seen:
+                    continue
+                seen.add(layer.kv_cache.data_ptr())
+                planes += [c.permute(2, 0, 1, 3).unsqueeze(3) for c in layer.impl._kv_caches(layer.kv_cache)]
+            self._kv_planes = planes
+        return self._kv_planes
+
+
+# --- installation ------------------------------------------------------------------------------
+
+
+def _tree_batch(runner) -> TreeBatch | None:
+    batch = getattr(getattr(runner, "drafter", None), "tree_batch", None)
+    return batch if isinstance(batch, TreeBatch) else None
+
+
+def install(vllm_config) -> None:
+    """Check the configuration and patch vLLM's model runner (idempotent)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    check_config(vllm_config)
+    methods = {name: _checked_method(GPUModelRunner, name, sig) for name, sig in _PATCHED_SIGNATURES.items()}
+    if _already_patched(GPUModelRunner, "_sample"):
+        return
+    prepare_inputs, sample = methods["_prepare_inputs"], methods["_sample"]
+
+    @functools.wraps(prepare_inputs)
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        result = prepare_inputs(self, scheduler_output, num_scheduled_tokens)
+        batch = _tree_batch(self)
+        if batch is not None:
+            batch.begin_step(self, scheduler_output, num_scheduled_tokens)
+        return result
+
+    @functools.wraps(sample)
+    def _sample(self, logits, spec_decode_metadata):
+        batch = _tree_batch(self)
+        if batch is None or spec_decode_metadata is None:
+            return sample(self, logits, spec_decode_metadata)
+        return batch.verify(self, logits, spec_decode_metadata)
+
+    for name, wrapper in (("_prepare_inputs", _prepare_inputs), ("_sample", _sample)):
+        wrapper._tkernels_tree = True
+        setattr(GPUModelRunner, name, wrapper)
+
+
+def unsupported_request_params(params) -> list[str]:
+    """What in these SamplingParams greedy tree verification cannot reproduce ([] if nothing)."""
+    from vllm.sampling_params import _SAMPLING_EPS
+
+    checks = (
+        ("temperature > 0 (sampling)", params.temperature >= _SAMPLING_EPS),
+        ("presence/frequency/repetition penalties",
+         params.presence_penalty != 0 or params.frequency_penalty != 0 or params.repetition_penalty != 1),
+        ("bad_words", bool(params.bad_words)),
+        ("allowed_token_ids", params.allowed_token_ids is not None),
+        ("min_tokens", params.min_tokens > 0),
+        ("logprobs", params.logprobs is not None or params.prompt_logprobs is not None),
+        ("structured outputs", params.structured_outputs is not None),
+    )
+    return [name for name, asked in checks if asked]
+
+
+def install_request_validation() -> None:
+    """Patch 5: refuse requests tree verification would not reproduce exactly (idempotent)."""
+    from vllm.sampling_params import SamplingParams
+
+    validate = _checked_method(SamplingParams, "_validate_spec_decode", _VALIDATE_SIGNATURE)
+    if _already_patched(SamplingParams, "_validate_spec_decode"):
+        return
+
+    @functools.wraps(validate)
+    def _validate_spec_decode(self, speculative_config):
+        validate(self, speculative_config)
+        if is_tree_config(speculative_config):
+            unsupported = unsupported_request_params(self)
+            if unsupported:
+                raise ValueError(f"tkernels tree speculation verifies plain greedy requests only; this request asks for "
+                                 f"{', '.join(unsupported)} (serve it without tree speculation)")
+
+    _validate_spec_decode._tkernels_tree = True
+    SamplingParams._validate_spec_decode = _validate_spec_decode

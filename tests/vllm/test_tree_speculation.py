@@ -1,0 +1,258 @@
+"""Token Recycling tree speculation in vLLM: proposer, runner patches by hand, then the engine."""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from test_proposer import VOCAB, Batch, FakeTarget, logits_preferring
+
+pytestmark = pytest.mark.vllm
+
+NUM_SPEC = 3
+TREE_PROPOSER = "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"
+
+
+def vllm_config(num_spec=NUM_SPEC, async_scheduling=False, max_model_len=256):
+    return SimpleNamespace(
+        speculative_config=SimpleNamespace(num_speculative_tokens=num_spec, method="custom_class", model=TREE_PROPOSER),
+        model_config=SimpleNamespace(max_model_len=max_model_len, get_vocab_size=lambda: VOCAB, uses_mrope=False),
+        scheduler_config=SimpleNamespace(async_scheduling=async_scheduling),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1),
+    )
+
+
+def make_tree_proposer(**config):
+    from tkernels.plugins.vllm.proposer import TokenRecyclingTreeProposer
+
+    proposer = TokenRecyclingTreeProposer(vllm_config(**config))
+    target = FakeTarget()
+    super(TokenRecyclingTreeProposer, proposer).load_model(target)  # the capture only: no engine layers here
+    return proposer, target
+
+
+def fake_step(proposer, req_ids, drafts):
+    """The TreeStep begin_step would record for rows verified with ``drafts``."""
+    from tkernels.plugins.vllm.tree import TreeStep
+
+    num_nodes = np.array([len(d) + 1 for d in drafts])
+    proposer.tree_batch.step = TreeStep(req_ids=req_ids, drafts=drafts, prefix=np.zeros(len(drafts), dtype=np.int64),
+                                        num_nodes=num_nodes, parents=torch.empty(0), cu_nodes=torch.empty(0))
+
+
+def learn(proposer, rows):
+    for token, next_tokens in rows.items():
+        proposer.drafter.adjacency[token] = torch.tensor(next_tokens + [60] * (8 - len(next_tokens)), dtype=torch.int32)
+        proposer.recycled[token] = True
+
+
+def test_tree_draft_is_the_best_nodes_in_bfs_order_recorded_per_request(rng):
+    proposer, target = make_tree_proposer()
+    # Recycled rows 4 -> (8, 9, 10), 8 -> (12, ...); 12 is unwritten. Prior acceptance 0.5 * 0.5**rank:
+    # path probabilities 8: .5, 9: .25, 12: .25, 10: .125, ... so the best 3 nodes are 8, 9 and 12.
+    learn(proposer, {4: [8, 9, 10], 8: [12, 13], 9: [20]})
+    batch = Batch([[3], [7, 7]])
+    fake_step(proposer, ["a", "b"], [[], []])
+    batch.commit([[4], []])  # row 1 is mid-prefill: nothing sampled, nothing drafted
+    drafts = proposer.propose([[4], []], batch.num_tokens.copy(), batch.token_ids)
+    assert drafts == [[8, 9, 12], []]
+    assert proposer.tree_batch.proposed["a"].tokens == [8, 9, 12]
+    assert proposer.tree_batch.proposed["a"].parents.tolist() == [-1, 0, 0, 1]
+    assert "b" not in proposer.tree_batch.proposed
+    # The linear proposer drafts the best path of the same tree.
+    from test_proposer import make_proposer
+
+    linear, _ = make_proposer()
+    learn(linear, {4: [8, 9, 10], 8: [12, 13], 9: [20]})
+    assert linear.propose([[4]], np.array([2]), np.array([[3, 4]]))[0] == [8, 12]
+
+
+def test_tree_recycles_every_verified_node_including_rejected_branches(rng):
+    proposer, target = make_tree_proposer()
+    batch = Batch([[3]])
+    # Row 0 was verified with the tree 4 -> (8, 9), 8 -> 12: logits rows for nodes 4, 8, 9, 12.
+    fake_step(proposer, ["a"], [[8, 9, 12]])
+    target.compute_logits(logits_preferring([8, 30, 31, 32], rng))
+    batch.commit([[4, 8, 30]])  # (the root 4 was committed before; here it stands for the step's prefix)
+    proposer.propose([[8, 30]], batch.num_tokens.copy(), batch.token_ids)
+    adjacency = proposer.drafter.adjacency
+    assert adjacency[4, 0] == 8 and adjacency[8, 0] == 30  # the accepted path
+    assert adjacency[9, 0] == 31 and adjacency[12, 0] == 32  # a rejected branch and a rejected leaf
+    assert proposer.stats["skipped_steps"] == 0 and proposer.stats["recycled_rows"] == 4
+
+
+def test_unsupported_configs_are_refused_when_the_proposer_is_built():
+    with pytest.raises(ValueError, match="async scheduling"):
+        make_tree_proposer(async_scheduling=True)
+    with pytest.raises(ValueError, match="num_speculative_tokens > 63"):
+        make_tree_proposer(num_spec=64)
+
+
+def test_patch_fails_loudly_if_vllm_moved_the_method(monkeypatch):
+    import vllm
+
+    from tkernels.plugins.vllm import tree
+
+    class Runner:
+        def _sample(self, logits, metadata):  # renamed parameter
+            pass
+
+    with pytest.raises(RuntimeError, match=r"patches Runner._sample.*has \('self', 'logits', 'metadata'\)"):
+        tree._checked_method(Runner, "_sample", ("self", "logits", "spec_decode_metadata"))
+    with pytest.raises(RuntimeError, match="no such method"):
+        tree._checked_method(Runner, "_prepare_inputs", ("self", "scheduler_output", "num_scheduled_tokens"))
+    monkeypatch.setattr(vllm, "__version__", "0.40.0")
+    with pytest.raises(RuntimeError, match=r"vLLM 0.40.0 is not supported"):
+        tree.install(vllm_config())
+
+
+def test_non_greedy_requests_are_refused_at_submission():
+    from vllm.sampling_params import SamplingParams
+
+    from tkernels.plugins.vllm.tree import install_request_validation
+
+    install_request_validation()
+    tree_spec = vllm_config().speculative_config
+    SamplingParams(temperature=0.0)._validate_spec_decode(tree_spec)
+    for params, what in ((dict(temperature=0.7), "temperature"), (dict(temperature=0.0, repetition_penalty=1.2), "penalties"),
+                         (dict(temperature=0.0, logprobs=2), "logprobs"), (dict(temperature=0.0, min_tokens=3), "min_tokens")):
+        with pytest.raises(ValueError, match=f"greedy requests only.*{what}"):
+            SamplingParams(**params)._validate_spec_decode(tree_spec)
+    linear = SimpleNamespace(method="custom_class", model="tkernels.plugins.vllm.proposer.TokenRecyclingProposer")
+    SamplingParams(temperature=0.7)._validate_spec_decode(linear)  # other proposers: unchanged
+
+
+# --- runner patches on a stand-in runner --------------------------------------------------------
+
+
+def fake_runner(req_ids, num_computed, num_tokens_total, block_table=None):
+    input_batch = SimpleNamespace(
+        num_reqs=len(req_ids), req_ids=req_ids, num_computed_tokens_cpu=np.array(num_computed),
+        sampling_metadata=SimpleNamespace(all_greedy=True),
+        block_table=[SimpleNamespace(get_device_tensor=lambda n: block_table[:n])],
+    )
+    return SimpleNamespace(input_batch=input_batch, positions=torch.arange(100, 100 + num_tokens_total),
+                           input_ids=SimpleNamespace(gpu=None))
+
+
+def test_begin_step_sets_tree_positions_and_attention_trees():
+    from tkernels.plugins.vllm import tree
+
+    batch = tree.TreeBatch()
+    batch.propose("t", [8, 9, 12, 13], torch.tensor([-1, 0, 0, 1, 1], dtype=torch.int32))
+    batch.propose("gone", [5], torch.tensor([-1, 0], dtype=torch.int32))
+    # Row 0 prefills 3 tokens, row 1 verifies its tree cut by the scheduler to 3 nodes.
+    runner = fake_runner(["p", "t"], [0, 10], 3 + 4)
+    linear = runner.positions.clone()
+    scheduler_output = SimpleNamespace(finished_req_ids={"gone"}, scheduled_spec_decode_tokens={"t": [8, 9, 12]})
+    batch.begin_step(runner, scheduler_output, np.array([3, 4]))
+    assert runner.positions[:4].tolist() == linear[:4].tolist()  # prefill tokens and the tree's root
+    assert runner.positions[4:].tolist() == [11, 11, 12]  # num_computed + depth
+    tree_parents, is_tree = tree.attention_trees()
+    assert is_tree.tolist() == [False, True] and tree_parents[3:].tolist() == [-1, 0, 0, 1]
+    step = batch.step
+    assert step.drafts == [[], [8, 9, 12]] and step.num_nodes.tolist() == [1, 4]
+    assert step.parents.tolist() == [-1, -1, 0, 0, 1] and step.cu_nodes.tolist() == [0, 1, 5]
+    assert batch.proposed == {}  # consumed, and the finished request's dropped
+    # A draft that is not the recorded tree is an error, never a guess.
+    batch.propose("t", [8, 9], torch.tensor([-1, 0, 0], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="not \\(a BFS prefix of\\) the tree"):
+        batch.begin_step(runner, SimpleNamespace(finished_req_ids=set(), scheduled_spec_decode_tokens={"t": [9]}),
+                         np.array([3, 2]))
+
+
+def test_verify_returns_vllm_layout_and_compacts_the_accepted_path(monkeypatch, rng):
+    from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
+
+    from tkernels.plugins.vllm import tree
+
+    monkeypatch.setenv("TKERNELS_VLLM_CPU_TEST_BACKEND", "reference")
+    block_size, heads, dim = 4, 2, 16
+    cache = torch.randn(heads, 6, block_size, 1, dim, generator=rng)  # kv_planes' layout
+    block_table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
+    runner = fake_runner(["d", "t"], [5, 6], 1 + 5, block_table)
+    batch = tree.TreeBatch()
+    batch._kv_planes = [cache]
+    batch.propose("t", [8, 9, 12, 13], torch.tensor([-1, 0, 0, 1, 2], dtype=torch.int32))
+    batch.begin_step(runner, SimpleNamespace(finished_req_ids=set(), scheduled_spec_decode_tokens={"t": [8, 9, 12, 13]}),
+                     np.array([1, 5]))
+    # Row 0 (no draft) says 40. Row 1: root 4 -> 9 (node 2), 9 -> 13 (node 4), then 50: path 0, 2, 4.
+    runner.input_ids.gpu = torch.tensor([7, 4, 8, 9, 12, 13])
+    logits = logits_preferring([40, 9, 1, 13, 2, 50], rng)
+    metadata = SimpleNamespace(num_draft_tokens=[0, 4], max_spec_len=4, logits_indices=torch.arange(6))
+    before = cache.clone()
+    out = batch.verify(runner, logits, metadata)
+    p = PLACEHOLDER_TOKEN_ID
+    assert out.sampled_token_ids.tolist() == [[40, p, p, p, p], [9, 13, 50, p, p]]
+    assert out.sampled_token_ids.dtype == torch.int32 and out.logprobs_tensors is None
+    assert tree.attention_trees() is None  # the step's trees end with its verification
+
+    def slot(req, pos):
+        return int(block_table[req, pos // block_size]), pos % block_size
+
+    # Request 1's node 2 (position 6 + 2) moves to position 7, node 4 (6 + 4) to 8; the rest stays.
+    expected = before.clone()
+    expected[:, slot(1, 7)[0], slot(1, 7)[1]] = before[:, slot(1, 8)[0], slot(1, 8)[1]]
+    expected[:, slot(1, 8)[0], slot(1, 8)[1]] = before[:, slot(1, 10)[0], slot(1, 10)[1]]
+    assert torch.equal(cache, expected)
+
+
+# --- inside vLLM ---------------------------------------------------------------------------------
+
+
+def _bench(method: str, model: str, max_tokens: int, rounds: int, cpu_backend: str | None = None):
+    env = dict(os.environ)
+    if cpu_backend is not None:
+        env["TKERNELS_VLLM_CPU_TEST_BACKEND"] = cpu_backend
+    return subprocess.run(
+        [sys.executable, "-m", "tkernels.plugins.vllm.speculation_bench", "--method", method, "--raw",
+         "--model", model, "--questions", "2", "--max-tokens", str(max_tokens), "--num-spec-tokens", "4",
+         "--rounds", str(rounds)],
+        capture_output=True, text=True, timeout=1200, env=env,
+    )
+
+
+def _result(out) -> dict:
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _check_lossless_with_accepted_drafts(plain: dict, tree: dict, max_tokens: int) -> None:
+    assert [len(t) for t in plain["token_ids"]] == [max_tokens] * 2
+    assert tree["token_ids"] == plain["token_ids"] * 2  # greedy outputs identical, every request
+    counters = tree["counters"]
+    assert counters["spec_decode_num_accepted_tokens"] > 0  # vLLM's own spec-decode metrics see the trees
+    assert sum(map(len, tree["token_ids"])) / sum(tree["steps"]) > 1.0
+
+
+def test_tree_speculation_on_the_tiny_model_with_the_interpreted_kernels():
+    """Attention, verification and compaction kernels under Triton's interpreter (the
+    conftest sets TRITON_INTERPRET=1 on CPU machines; the subprocess inherits it)."""
+    from tkernels.models import tiny_llama_dir
+
+    tiny_llama_dir()
+    with ThreadPoolExecutor(2) as pool:
+        plain, tree = pool.map(lambda a: _result(_bench(*a)), [("none", "tiny", 12, 1, None), ("tr-tree", "tiny", 12, 2, "1")])
+    _check_lossless_with_accepted_drafts(plain, tree, 12)
+
+
+def test_tree_speculation_without_tkernels_attention_fails_at_start_up():
+    out = _bench("tr-tree", "tiny", 4, 1, cpu_backend="")
+    assert out.returncode != 0
+    assert "tree speculation needs tkernels' attention backend" in out.stderr
+
+
+@pytest.mark.slow
+def test_tree_speculation_on_smollm2_is_lossless():
+    from tkernels.models import smollm2_dir
+
+    smollm2_dir()
+    with ThreadPoolExecutor(2) as pool:
+        plain, tree = pool.map(lambda a: _result(_bench(*a)), [("none", "smollm2", 32, 1), ("tr-tree", "smollm2", 32, 2)])
+    _check_lossless_with_accepted_drafts(plain, tree, 32)
