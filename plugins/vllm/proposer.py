@@ -16,8 +16,8 @@ under node scores = path probability from the online per-(depth, rank) acceptanc
 (:class:`tkernels.spec.DynamicTreePolicy`), zeroed below any node whose adjacency row the
 target never wrote (such rows hold placeholder tokens 0..k-1). The draft stops at the first
 zero-score node, so it may be shorter than ``num_speculative_tokens`` or empty. vLLM 0.33
-verifies linear drafts only; the other branches of the tree are not verified (tree
-speculation needs the patches listed in DESIGN.md).
+verifies linear drafts only; the other branches of the tree are verified by
+:class:`TokenRecyclingTreeProposer` and its patches (below).
 
 **Recycling (what the target's logits teach the drafter).** The proposer receives only
 sampled tokens, and vLLM's logits processors do not see the draft positions (the rejection

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -52,7 +53,7 @@ def learn(proposer, rows):
         proposer.recycled[token] = True
 
 
-def test_tree_draft_is_the_best_nodes_in_bfs_order_recorded_per_request(rng):
+def test_tree_draft_is_the_best_nodes_in_bfs_order_recorded_per_request():
     proposer, target = make_tree_proposer()
     # Recycled rows 4 -> (8, 9, 10), 8 -> (12, ...); 12 is unwritten. Prior acceptance 0.5 * 0.5**rank:
     # path probabilities 8: .5, 9: .25, 12: .25, 10: .125, ... so the best 3 nodes are 8, 9 and 12.
@@ -240,6 +241,24 @@ def test_tree_speculation_on_the_tiny_model_with_the_interpreted_kernels():
     with ThreadPoolExecutor(2) as pool:
         plain, tree = pool.map(lambda a: _result(_bench(*a)), [("none", "tiny", 12, 1, None), ("tr-tree", "tiny", 12, 2, "1")])
     _check_lossless_with_accepted_drafts(plain, tree, 12)
+
+
+def _load_run(tree: bool) -> dict:
+    runner = Path(__file__).with_name("_tree_load_runner.py")
+    out = subprocess.run([sys.executable, str(runner)] + (["--tree"] if tree else []), capture_output=True, text=True,
+                         timeout=900)
+    return _result(out)
+
+
+def test_tree_speculation_under_a_mixed_load_matches_plain_decoding():
+    """Staggered arrivals, chunked prefills next to trees, prefix-cache hits (reference backend)."""
+    from tkernels.models import tiny_llama_dir
+
+    tiny_llama_dir()
+    with ThreadPoolExecutor(2) as pool:
+        plain, tree = pool.map(_load_run, [False, True])
+    assert len(plain["token_ids"]) == 14 and tree["token_ids"] == plain["token_ids"]
+    assert tree["counters"]["spec_decode_num_accepted_tokens"] > 0 and tree["steps"] < plain["steps"]
 
 
 def test_tree_speculation_without_tkernels_attention_fails_at_start_up():

@@ -1,0 +1,71 @@
+"""A mixed load on the tiny model, with or without Token Recycling tree speculation.
+
+``python tests/vllm/_tree_load_runner.py [--tree]`` prints one JSON line: every request's
+greedy tokens and vLLM's spec-decode counters. Requests of mixed prompt lengths (some sharing a
+prefix, so prefix-cache hits) arrive two every three steps while others decode, with a small
+token budget, so prefill chunks, first decodes and trees share steps. ``--tree`` runs
+tkernels' backend as its PyTorch reference (``TKERNELS_VLLM_CPU_TEST_BACKEND=reference``).
+One subprocess per engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+NUM_REQUESTS, ARRIVALS_PER_WAVE, STEPS_PER_WAVE = 14, 2, 3
+
+
+def prompts() -> list[list[int]]:
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    shared = torch.randint(10, 400, (40,), generator=gen).tolist()
+    out = []
+    for i in range(NUM_REQUESTS):
+        own = torch.randint(10, 400, (int(torch.randint(3, 150, (1,), generator=gen)),), generator=gen).tolist()
+        out.append(shared + own if i % 3 == 0 else own)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tree", action="store_true", help="Token Recycling tree speculation")
+    args = parser.parse_args()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    if args.tree:
+        os.environ["TKERNELS_VLLM_CPU_TEST_BACKEND"] = "reference"
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from tkernels.models import tiny_llama_dir
+    from tkernels.plugins.vllm.speculation_bench import SPEC_COUNTERS
+
+    spec = {"method": "custom_class", "num_speculative_tokens": 6,
+            "model": "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"} if args.tree else None
+    llm = LLM(model=str(tiny_llama_dir()), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+              block_size=32, max_num_batched_tokens=64, max_num_seqs=6, speculative_config=spec,
+              disable_log_stats=False)
+    engine = llm.llm_engine
+    waiting = list(enumerate(prompts()))
+    tokens: dict[str, list[int]] = {}
+    step = 0
+    while waiting or engine.has_unfinished_requests():
+        if step % STEPS_PER_WAVE == 0:
+            for i, ids in waiting[:ARRIVALS_PER_WAVE]:
+                params = SamplingParams(temperature=0.0, max_tokens=20 + 7 * (i % 5), ignore_eos=True)
+                engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids), params)
+            waiting = waiting[ARRIVALS_PER_WAVE:]
+        for out in engine.step():
+            if out.finished:
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
+        step += 1
+    counters = {m.name.removeprefix("vllm:"): m.value for m in llm.get_metrics() if m.name in SPEC_COUNTERS}
+    print(json.dumps({"token_ids": dict(sorted(tokens.items())), "steps": step, "counters": counters}))
+
+
+if __name__ == "__main__":
+    main()
