@@ -22,7 +22,7 @@ def test_token_recycling_draft_matches_reference(rng):
     vocab, k = 50, 4
     tr = TokenRecycling(vocab, k)
     tr.adjacency = torch.randint(0, vocab, (vocab, k), generator=rng, dtype=torch.int32)
-    assert tr.memory_bytes == vocab * k * 4
+    assert tr.memory_bytes == vocab * k * (4 + 2)  # int32 ids + fp16 probabilities
     for shape in (random_shape(rng, k), chain(6), token_recycling_template().truncate(30)):
         if int(shape.ranks.max()) >= k:
             continue
@@ -50,9 +50,14 @@ def test_token_recycling_update_and_ranks(rng):
     tr.update(logits, draft_tokens)
     top = logits.topk(k).indices.int()
     assert torch.equal(tr.adjacency[draft_tokens], top)
+    expected_probs = logits.softmax(-1).topk(k).values
+    torch.testing.assert_close(tr.probs[draft_tokens].float(), expected_probs, atol=1e-3, rtol=1e-3)  # fp16 state
     untouched = torch.ones(vocab, dtype=torch.bool)
     untouched[draft_tokens] = False
     assert torch.equal(tr.adjacency[untouched], before[untouched])
+    assert not tr.probs[untouched].any()  # unwritten rows: no confidence
+    tr.recycle_topk(top[:2], draft_tokens[:2])  # ids without probabilities: confidence unknown
+    assert not tr.probs[draft_tokens[:2]].any() and tr.probs[draft_tokens[2:]].all()
     # the next draft from one of those tokens follows the recycled top-k
     tokens, _, _ = tr.draft(draft_tokens[:1], from_rank_paths([(0,), (1,), (2,)]))
     assert tokens[1:].tolist() == top[0].tolist()

@@ -1,22 +1,17 @@
 """Dynamic tree policy: greedy on path products vs exhaustive search, step-time model, updates."""
 
+import math
+
 import pytest
 import torch
 
-from tkernels.spec.tree import depths, validate_parents
-from tkernels.spec.tree_policy import DynamicTreePolicy, greedy_tree
+from tkernels.spec.token_recycling import TokenRecycling
+from tkernels.spec.tree import depths, select_subtree, validate_parents
+from tkernels.spec.tree_policy import ConfidenceTreePolicy, DynamicTreePolicy, greedy_tree
 
 
-def best_by_search(p: list[list[float]], num_nodes: int) -> float:
-    """Max expected accepted tokens over every tree of ``num_nodes`` nodes (exhaustive search)."""
-    max_depth, k = len(p), len(p[0])
-
-    def weight(path):
-        w = 1.0
-        for d, r in enumerate(path):
-            w *= p[d][r]
-        return w
-
+def best_by_search(weight, max_depth: int, k: int, num_nodes: int) -> float:
+    """Max sum of ``weight(rank path)`` over every tree of ``num_nodes`` nodes (exhaustive search)."""
     best, seen = 0.0, set()
 
     def grow(nodes: frozenset):
@@ -45,10 +40,14 @@ def test_greedy_is_optimal_on_small_cases(rng, trial):
         p = p.sort(dim=1, descending=True).values * 0.9
     p = p / p.sum(1, keepdim=True).clamp(min=1)  # disjoint events: sum over ranks <= 1
     shape, expected = greedy_tree(p, 7)
+
+    def rank_weight(path):
+        return math.prod(p[d, r].item() for d, r in enumerate(path))
+
     validate_parents(shape.parents)
     assert len(shape) == 7 and expected.shape == (7,)
     for m in range(1, 8):
-        assert expected[m - 1].item() == pytest.approx(best_by_search(p.tolist(), m), abs=1e-12)
+        assert expected[m - 1].item() == pytest.approx(best_by_search(rank_weight, max_depth, k, m), abs=1e-12)
     # the returned shape achieves its expectation
     d, ranks = depths(shape.parents).tolist(), shape.ranks.tolist()
     w = [1.0] * 7
@@ -100,3 +99,147 @@ def test_update_learns_and_decays():
     assert shape.ranks.tolist() == [-1, 2, 0]  # learned: rank 2 first at depth 1
     with pytest.raises(ValueError, match="accepted_ranks"):
         policy.update(torch.tensor([0, 1]), torch.tensor([1]))
+
+
+# --- per-request confidence trees ----------------------------------------------------------
+
+
+def random_recycling(rng, vocab, k):
+    """A drafter whose rows hold distinct random ids with falling probabilities; two rows unwritten."""
+    tr = TokenRecycling(vocab, k)
+    ids = torch.stack([torch.randperm(vocab, generator=rng)[:k] for _ in range(vocab)])
+    probs = torch.rand(vocab, k, generator=rng).sort(dim=1, descending=True).values
+    probs = probs / (probs.sum(1, keepdim=True) + torch.rand(vocab, 1, generator=rng))
+    tr.recycle_topk(ids[2:], torch.arange(2, vocab), probs[2:])
+    return tr
+
+
+def path_weight(tr, last: int, accept_prob):
+    """weight(rank path) = product of calibrated stored probabilities along it, from token ``last``."""
+
+    def weight(path):
+        w, token = 1.0, last
+        for depth, r in enumerate(path, 1):
+            q = tr.probs[token, r].float()
+            w *= float(accept_prob(q, depth)) if accept_prob else float(q)
+            token = int(tr.adjacency[token, r])
+        return w
+
+    return weight
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_draft_best_is_the_best_tree(rng, trial):
+    vocab, k, max_depth = 9, 3, 3
+    tr = random_recycling(rng, vocab, k)
+    factors = 0.5 + torch.rand(max_depth + 1, generator=rng, dtype=torch.float64)  # some > 1: clamped
+    accept_prob = [None, lambda q, d: (q.double() * factors[d]).clamp(max=1.0)][trial % 2]
+    last = torch.tensor([0, 4, 7, 4])  # token 0's row is unwritten: only zero-score children
+    for m in (1, 2, 5, 8):
+        tokens, parents, scores, probs = tr.draft_best(last, m, accept_prob, max_depth=max_depth)
+        assert tokens.shape == parents.shape == scores.shape == probs.shape == (4, m)
+        for b in range(4):
+            validate_parents(parents[b])
+            assert tokens[b, 0] == last[b] and scores[b, 0] == 1
+            for i in range(1, m):  # node i = a candidate of its parent's row, scored from its stored probability
+                p = int(parents[b, i])
+                r = tr.adjacency[tokens[b, p]].tolist().index(int(tokens[b, i]))
+                q = tr.probs[tokens[b, p], r].float()
+                assert probs[b, i] == q
+                calibrated = float(accept_prob(q, int(depths(parents[b])[i]))) if accept_prob else float(q)
+                assert scores[b, i].item() == pytest.approx(float(scores[b, p]) * calibrated)
+            pairs = {(int(parents[b, i]), int(tokens[b, i])) for i in range(1, m)}
+            assert len(pairs) == m - 1  # no candidate twice
+            best = best_by_search(path_weight(tr, int(last[b]), accept_prob), max_depth, k, m) - 1  # minus the root
+            assert scores[b, 1:].sum().item() == pytest.approx(best, abs=1e-9)
+    # the expansion runs out: 1 + 3 + 9 nodes at max_depth 2
+    assert tr.draft_best(last, 50, max_depth=2)[0].shape == (4, 13)
+
+
+def test_choose_spends_one_budget_where_scores_are_high(rng):
+    policy = ConfidenceTreePolicy()
+    tr = random_recycling(rng, 50, 8)
+    sure = torch.tensor([5, 6, 7, 8, 9, 10])
+    ids = torch.cat([sure[:, None] + 1, torch.arange(20, 27).expand(6, 7)], 1)
+    tr.recycle_topk(ids, sure, torch.tensor([0.97] + [0.004] * 7).expand(6, 8))  # a confident chain 5 -> 6 -> ... -> 11
+    tokens, parents, scores, probs = tr.draft_best(torch.tensor([5, 11]), 40, policy.accept_prob)
+    keep = policy.choose(scores)
+    assert keep[:, 0].all()
+    cu = torch.tensor([0, 40, 80], dtype=torch.int32)
+    index, pruned, cu_kept = select_subtree(parents.flatten(), keep.flatten(), cu)  # a prefix of the score order: trees
+    validate_parents(pruned, cu_kept)
+    assert torch.equal(index, keep.flatten().nonzero().flatten())
+    sizes = [int(policy.choose(scores[:1].expand(b, -1))[0].sum()) for b in (1, 8, 64)]
+    print(keep.sum(1), sizes)
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    assert policy.choose(scores, other_tokens=4000).sum() < keep.sum()
+
+    class Flat:  # verification is free: every node with a chance is kept
+        def step_time(self, batch_tokens):
+            return 1.0
+
+    assert ConfidenceTreePolicy(step_time=Flat()).choose(scores).equal(scores > 0)
+
+
+def test_calibration_learns_from_tested_candidates_only():
+    policy = ConfidenceTreePolicy(max_depth=2, bins=2, decay=0.9, prior_weight=1.0)
+    # root -> a (q 0.6), b (q 0.3); a -> c (q 0.8); b -> d (q 0.7). The target accepts a, then rejects c.
+    parents = torch.tensor([-1, 0, 0, 1, 2], dtype=torch.int32)
+    node_probs = torch.tensor([1.0, 0.6, 0.3, 0.8, 0.7])
+    for _ in range(100):
+        policy.update(node_probs, parents, torch.tensor([0, 5]), torch.tensor([[0, 1, 0]]), torch.tensor([2]))
+    f = policy.factors()
+    assert f[0, 0].item() == pytest.approx(1 / 0.6, rel=1e-3)  # depth 1, q in (1/2, 1]: always accepted
+    assert f[0, 1].item() == pytest.approx(0.0, abs=1e-3)  # depth 1, q <= 1/2: b always rejected
+    assert f[1, 0].item() == pytest.approx(0.0, abs=1e-3)  # c tested and rejected; d never tested (b rejected)
+    assert f[1, 1].item() == pytest.approx(1.0)  # untouched: the prior
+    assert policy.accept_prob(torch.tensor([0.6, 0.9]), 1).tolist() == pytest.approx([1.0, 1.0], abs=1e-3)  # clamped
+
+
+def test_confidence_bad_inputs(rng):
+    policy = ConfidenceTreePolicy()
+    tr = random_recycling(rng, 20, 4)
+    with pytest.raises(ValueError, match="num_nodes"):
+        tr.draft_best(torch.tensor([1]), 0)
+    with pytest.raises(ValueError, match="last_tokens"):
+        tr.draft_best(torch.tensor([[1]]), 4)
+    with pytest.raises(ValueError, match="topk_probs"):
+        tr.recycle_topk(torch.zeros(2, 4, dtype=torch.int64), torch.tensor([1, 2]), torch.rand(2, 3))
+    with pytest.raises(ValueError, match="scores"):
+        policy.choose(torch.rand(5))
+    parents, cu = torch.tensor([-1, 0, 0], dtype=torch.int32), torch.tensor([0, 3])
+    with pytest.raises(ValueError, match="node_probs"):
+        policy.update(torch.rand(2), parents, cu, torch.tensor([[0, 1]]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="accepted_nodes"):
+        policy.update(torch.rand(3), parents, cu, torch.tensor([0, 1]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="decay"):
+        ConfidenceTreePolicy(decay=0)
+
+
+def test_select_subtree_matches_reference(rng):
+    trees, keeps = [], []
+    for n in (1, 7, 30, 12):  # ragged; scores fall along paths, keep each tree's best few
+        parents = [-1] + sorted(int(torch.randint(0, i, (1,), generator=rng)) for i in range(1, n))
+        score = [1.0]
+        for i in range(1, n):
+            score.append(score[parents[i]] * float(torch.rand(1, generator=rng)))
+        m = int(torch.randint(1, n + 1, (1,), generator=rng))
+        best = sorted(range(n), key=lambda i: -score[i])[:m]
+        trees.append(parents)
+        keeps.append([i in best for i in range(n)])
+    cu = torch.tensor([0] + [len(t) for t in trees]).cumsum(0).int()
+    parents = torch.tensor([p for t in trees for p in t], dtype=torch.int32)
+    validate_parents(parents, cu)
+    index, kept, kept_cu = select_subtree(parents, torch.tensor([k for ks in keeps for k in ks]), cu)
+    validate_parents(kept, kept_cu)
+    ref_index, ref_parents, ref_cu = [], [], [0]
+    for start, tree, keep in zip(cu.tolist(), trees, keeps):
+        new = {old: j for j, old in enumerate(i for i in range(len(tree)) if keep[i])}
+        ref_index += [start + old for old in new]
+        ref_parents += [-1 if tree[old] < 0 else new[tree[old]] for old in new]
+        ref_cu.append(ref_cu[-1] + len(new))
+    assert index.tolist() == ref_index and kept.tolist() == ref_parents and kept_cu.tolist() == ref_cu
+    with pytest.raises(ValueError, match="keep must hold"):
+        select_subtree(torch.tensor([-1, 0, 1], dtype=torch.int32), torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match="keep must be a bool"):
+        select_subtree(torch.tensor([-1, 0], dtype=torch.int32), torch.tensor([1, 1]))

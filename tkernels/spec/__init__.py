@@ -13,6 +13,7 @@ from .tree import (
     leaf_paths,
     positions,
     retrieve_indices,
+    select_subtree,
     to_sglang,
     to_vllm_linear,
     token_recycling_template,
@@ -20,6 +21,6 @@ from .tree import (
 )
 from .ngram import propose_ngram
 from .token_recycling import TokenRecycling
-from .tree_policy import DynamicTreePolicy, StepTime, greedy_tree
+from .tree_policy import ConfidenceTreePolicy, DynamicTreePolicy, StepTime, greedy_tree
 from .verify import draw_uniforms, target_probs, verify_greedy, verify_greedy_reference, verify_sampling, verify_sampling_reference
 from .kv_compaction import compact_kv, compact_kv_reference

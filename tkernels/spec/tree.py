@@ -33,6 +33,7 @@ __all__ = [
     "leaf_paths",
     "retrieve_indices",
     "best_path",
+    "select_subtree",
     "chain",
     "from_child_counts",
     "from_rank_paths",
@@ -237,6 +238,33 @@ def best_path(parents: torch.Tensor, node_scores: torch.Tensor | None = None) ->
     totals = torch.where(paths >= 0, node_scores.double()[paths.clamp(min=0)], 0.0).sum(1)
     best = paths[int(totals.argmax())]
     return best[best >= 0]
+
+
+def select_subtree(parents: torch.Tensor, keep: torch.Tensor, cu_nodes: torch.Tensor | None = None):
+    """Keep the nodes where ``keep`` (bool, parents' shape) of a ragged batch of trees.
+
+    ``keep`` must hold every root and every kept node's parent (a pruned tree, e.g. a prefix of
+    a best-first order). Returns ``(index int64[m], parents int32[m], cu_nodes int32[B+1])``:
+    the kept nodes' old (global) indices and the pruned trees, still in BFS order (dropping
+    nodes keeps the order of the rest, and parents are renumbered monotonically).
+    """
+    if keep.shape != parents.shape or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a bool tensor of parents' shape {tuple(parents.shape)}, got {tuple(keep.shape)} {keep.dtype}")
+    if cu_nodes is None:
+        cu_nodes = torch.tensor([0, parents.numel()], dtype=torch.int32, device=parents.device)
+    else:
+        _check_cu_nodes(parents, cu_nodes)
+    g = _global_parents(parents, cu_nodes)
+    _check_range(g)
+    if not bool(torch.where(g >= 0, ~keep | keep[g.clamp(min=0)], keep).all()):
+        raise ValueError("keep must hold every root and the parent of every kept node")
+    new_index = keep.long().cumsum(0) - 1
+    cu = torch.cat([cu_nodes.new_zeros(1), keep.long().cumsum(0)[cu_nodes[1:].long() - 1].to(cu_nodes.dtype)])
+    index = keep.nonzero().flatten()
+    request_start = torch.repeat_interleave(cu[:-1].long(), (cu[1:] - cu[:-1]).long())
+    kept_parents = g[index]
+    local = torch.where(kept_parents >= 0, new_index[kept_parents.clamp(min=0)] - request_start, -1)
+    return index, local.int(), cu.int()
 
 
 # --- shapes -------------------------------------------------------------------------------

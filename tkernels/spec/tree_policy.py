@@ -26,6 +26,7 @@ __all__ = [
     "StepTime",
     "greedy_tree",
     "DynamicTreePolicy",
+    "ConfidenceTreePolicy",
 ]
 
 class StepTime(Protocol):
@@ -145,3 +146,103 @@ def _default_step_time() -> StepTime:
     from tkernels.sched.latency_model import LLAMA3_8B, LatencyModel, LatencyRates
 
     return LatencyModel(LLAMA3_8B, LatencyRates.from_config())
+
+
+class ConfidenceTreePolicy:
+    """Per-request trees from Token Recycling's stored probabilities (EAGLE-2-style confidence,
+    training-free): online calibration + per-step choice of the batch's nodes.
+
+    A candidate's stored probability ``q`` is the target's probability of it after its parent
+    token in whatever context last verified that token, not this one, so it misstates the
+    chance that the target picks it now. Calibration: per (depth, ``q`` bin) cell, decayed sums
+    of the candidates' acceptances and of their ``q`` over every *tested* candidate (its parent
+    was accepted), and ``accept_prob(q, depth) = min(1, q * accepted / sum q)``: a per-cell
+    factor, so the order by ``q`` within a cell is kept, and scores estimate real acceptance
+    probabilities, which :meth:`choose`'s latency objective needs. Bins are powers of two
+    (``q`` in (1/2, 1], (1/4, 1/2], ..., the last takes the rest); depths past ``max_depth``
+    share its cell. The prior is factor 1 with ``prior_weight`` pseudo-observations per cell.
+    Every :meth:`update` multiplies the sums by ``decay`` first (window ~ 1 / (1 - decay) steps).
+    """
+
+    def __init__(
+        self,
+        max_depth: int = 8,
+        bins: int = 8,
+        decay: float = 0.995,
+        prior_weight: float = 1.0,
+        step_time: StepTime | None = None,
+    ):
+        if not 0 < decay <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        if max_depth < 1 or bins < 1 or prior_weight <= 0:
+            raise ValueError(f"need max_depth >= 1, bins >= 1, prior_weight > 0, got {max_depth}, {bins}, {prior_weight}")
+        self.max_depth, self.bins, self.decay = max_depth, bins, decay
+        self.step_time = step_time or _default_step_time()
+        typical_q = 2.0 ** -(torch.arange(bins, dtype=torch.float64) + 0.5)  # a q inside each bin
+        self.mass = (prior_weight * typical_q).expand(max_depth, bins).clone()  # decayed sum of tested q
+        self.accepted = self.mass.clone()  # decayed sum of acceptances (prior: factor 1)
+
+    def _cells(self, probs: torch.Tensor, depth: int | torch.Tensor):
+        q_bin = (-torch.log2(probs.double().clamp(min=1e-30))).floor().clamp(0, self.bins - 1).long()
+        d = (torch.as_tensor(depth, device=probs.device).long().clamp(1, self.max_depth) - 1).expand_as(q_bin)
+        return d, q_bin
+
+    def factors(self) -> torch.Tensor:
+        """Current calibration factors, float64 [max_depth, bins]."""
+        return self.accepted / self.mass
+
+    def accept_prob(self, probs: torch.Tensor, depth: int | torch.Tensor) -> torch.Tensor:
+        """Calibrated acceptance probability (float64, ``probs``' shape) of candidates with
+        stored probabilities ``probs`` at ``depth`` (an int or a tensor broadcasting to it);
+        :meth:`TokenRecycling.draft_best`'s ``accept_prob``."""
+        d, q_bin = self._cells(probs, depth)
+        factor = self.factors().to(probs.device)[d, q_bin]
+        return (probs.double() * factor).clamp(max=1.0)
+
+    def update(self, node_probs, parents, cu_nodes, accepted_nodes, num_accepted) -> None:
+        """Learn from one verify step of the ragged batch ``(parents, cu_nodes)`` that
+        :meth:`TokenRecycling.draft_best` drafted (``node_probs``: its ``probs`` at those nodes)
+        and verification's ``accepted_nodes int[B, W]`` / ``num_accepted int[B]`` (root and
+        accepted drafts, local indices). Candidates below a rejected node say nothing."""
+        from .tree import depths, validate_parents
+
+        validate_parents(parents, cu_nodes)
+        if node_probs.shape != parents.shape:
+            raise ValueError(f"node_probs must have parents' shape {tuple(parents.shape)}, got {tuple(node_probs.shape)}")
+        if accepted_nodes.dim() != 2 or num_accepted.shape != (cu_nodes.numel() - 1,) or accepted_nodes.shape[0] != num_accepted.numel():
+            raise ValueError(f"accepted_nodes must be [B, W] and num_accepted [B] with B = {cu_nodes.numel() - 1}, "
+                             f"got {tuple(accepted_nodes.shape)}, {tuple(num_accepted.shape)}")
+        p, cu = parents.cpu().long(), cu_nodes.cpu().long()
+        nodes = accepted_nodes.cpu().long() + cu[:-1, None]
+        on_path = torch.zeros(p.numel(), dtype=torch.bool)
+        on_path[nodes[torch.arange(nodes.shape[1]) < num_accepted.cpu().long()[:, None]]] = True
+        local = torch.arange(p.numel()) - torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
+        parent = torch.where(p >= 0, p + (torch.arange(p.numel()) - local), 0)
+        tested = (p >= 0) & on_path[parent]
+        d, q_bin = self._cells(node_probs.cpu()[tested], depths(p, cu)[tested])
+        self.mass *= self.decay
+        self.accepted *= self.decay
+        self.mass.index_put_((d, q_bin), node_probs.cpu().double()[tested], accumulate=True)
+        self.accepted.index_put_((d, q_bin), on_path[tested].double(), accumulate=True)
+
+    def choose(self, scores: torch.Tensor, other_tokens: int = 0) -> torch.Tensor:
+        """Which nodes of :meth:`TokenRecycling.draft_best`'s trees to verify: bool [B, n].
+
+        ``scores`` float [B, n] (node 0 = root, rows in BFS order) estimate each node's chance
+        of acceptance, so keeping the batch's ``j`` best non-root nodes yields ``B + their sum``
+        expected tokens in a step of ``B + j`` tokens. Maximises useful tokens per second,
+        ``(other_tokens + B + sum) / T(other_tokens + B + j)`` over j: one budget for the batch,
+        spent where the scores are highest, so requests get different trees.
+        """
+        if scores.dim() != 2 or scores.shape[1] < 1:
+            raise ValueError(f"scores must be [B, n] with n >= 1, got {tuple(scores.shape)}")
+        batch, n = scores.shape
+        rest = scores[:, 1:].double().cpu().reshape(-1)
+        order = rest.argsort(descending=True, stable=True)  # ties: lower (row, node) first, parents before children
+        expected = other_tokens + batch + torch.cat([torch.zeros(1, dtype=torch.float64), rest[order].cumsum(0)])
+        times = torch.tensor([self.step_time.step_time(other_tokens + batch + j) for j in range(order.numel() + 1)],
+                             dtype=torch.float64)
+        best = int((expected / times).argmax())  # the first maximum: ties go to the smaller step
+        keep = torch.zeros(batch * (n - 1), dtype=torch.bool)
+        keep[order[:best]] = True
+        return torch.cat([torch.ones(batch, 1, dtype=torch.bool), keep.view(batch, n - 1)], 1).to(scores.device)
