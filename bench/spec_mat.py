@@ -13,8 +13,14 @@ token-for-token with plain greedy decoding (``equal``). Drafters keep their stat
 adjacency matrix, the dynamic policy's estimates) across the questions of a run, which go
 round-robin over the categories (file order within each) and share one prefill per question.
 
-    python bench/spec_mat.py --questions-per-category 5 --max-new-tokens 128
-    python bench/spec_mat.py --methods pld,tr_static:80,tr_dynamic:80
+Methods: ``pld``; ``tr_static:N`` (the static template's first N nodes); ``tr_dynamic:N`` (every
+request's own best N-node tree by calibrated confidence); ``tr_dynamic:N@B`` (at most N nodes,
+as many as pay for their H100 step time in a batch of B). Besides MAT, every record predicts
+H100 tokens/s per request at batch sizes 1/8/32/64: accepted tokens over the summed step times
+of :data:`H100` for B times each step's tree (every request of the batch drafting like this one).
+
+    python bench/spec_mat.py --questions-per-category 4 --max-new-tokens 128
+    python bench/spec_mat.py --methods pld,tr_static:80,tr_dynamic:80,tr_dynamic:80@32
 
 Writes ``bench/results/spec_mat_smollm2.json`` and prints a table.
 """
@@ -32,13 +38,19 @@ import torch
 
 from tkernels.spec.ngram import propose_ngram
 from tkernels.spec.token_recycling import TokenRecycling
-from tkernels.spec.tree import ancestor_mask, depths, token_recycling_template
-from tkernels.spec.tree_policy import DynamicTreePolicy
+from tkernels.spec.tree import ancestor_mask, depths, select_subtree, token_recycling_template
+from tkernels.sched.latency_model import DEFAULT_RATES, LLAMA3_8B, LatencyModel
+from tkernels.spec.tree_policy import ConfidenceTreePolicy
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/specbench_dev.jsonl"
 DEFAULT_OUT = REPO / "bench/results/spec_mat_smollm2.json"
-DEFAULT_METHODS = "pld,tr_static:16,tr_static:32,tr_static:64,tr_static:80,tr_dynamic:16,tr_dynamic:32,tr_dynamic:64,tr_dynamic:80"
+DEFAULT_METHODS = ("pld,tr_static:16,tr_static:32,tr_static:64,tr_static:80,tr_dynamic:16,tr_dynamic:32,tr_dynamic:64,"
+                   "tr_dynamic:80,tr_dynamic:80@1,tr_dynamic:80@8,tr_dynamic:80@32,tr_dynamic:80@64")
+# Predicted tokens/s: MAT over the step time of the analytic H100 model (Llama-3-8B target) at
+# these batch sizes, every request of the batch drafting like the measured one.
+H100 = LatencyModel(LLAMA3_8B, DEFAULT_RATES)
+PREDICTED_BATCHES = (1, 8, 32, 64)
 
 
 # --- drafters: draft(history) -> ragged one-request tree; observe(...) after verification ---
@@ -47,7 +59,7 @@ DEFAULT_METHODS = "pld,tr_static:16,tr_static:32,tr_static:64,tr_static:80,tr_dy
 class PromptLookup:
     """Prompt lookup (PLD): the tokens that followed the latest match of the last 1..3 tokens."""
 
-    method = "pld"
+    method, batch = "pld", None
 
     def __init__(self, num_draft: int = 10):
         self.num_draft, self.nodes = num_draft, num_draft + 1
@@ -55,14 +67,14 @@ class PromptLookup:
     def draft(self, history: torch.Tensor):
         return propose_ngram(history[None], torch.tensor([history.numel()]), num_draft=self.num_draft)
 
-    def observe(self, logits, draft_tokens, path_tokens):
+    def observe(self, logits, draft_tokens, path_tokens, path_nodes):
         pass
 
 
 class RecyclingStatic:
     """Token Recycling on the static 80-node template's first ``nodes`` nodes (BFS order)."""
 
-    method = "tr_static"
+    method, batch = "tr_static", None
 
     def __init__(self, vocab_size: int, nodes: int):
         self.recycling = TokenRecycling(vocab_size)
@@ -72,37 +84,47 @@ class RecyclingStatic:
     def draft(self, history: torch.Tensor):
         return self.recycling.draft(history[-1:], self.shape)
 
-    def observe(self, logits, draft_tokens, path_tokens):
+    def observe(self, logits, draft_tokens, path_tokens, path_nodes):
         self.recycling.update(logits, draft_tokens)
 
 
 class RecyclingDynamic(RecyclingStatic):
-    """Token Recycling on the dynamic policy's tree, at most ``nodes`` nodes (batch of 1)."""
+    """Token Recycling on per-request confidence trees (:meth:`TokenRecycling.draft_best`).
+
+    ``tr_dynamic:80``: every step the best 80-node tree (the same node budget as the static
+    template). ``tr_dynamic:80@32``: at most 80 nodes, as many as :class:`ConfidenceTreePolicy`
+    finds worth their H100 step time in a batch of 32 requests like this one (the loop runs one).
+    """
 
     method = "tr_dynamic"
 
-    def __init__(self, vocab_size: int, nodes: int):
+    def __init__(self, vocab_size: int, nodes: int, batch: int | None = None):
         super().__init__(vocab_size, nodes)
-        self.policy = DynamicTreePolicy(k=self.recycling.k)
+        self.batch = batch
+        self.policy = ConfidenceTreePolicy(step_time=H100)
 
     def draft(self, history: torch.Tensor):
-        self.shape = self.policy.choose(batch_size=1, max_nodes=self.nodes)
-        return super().draft(history)
+        tokens, parents, scores, self.probs = self.recycling.draft_best(history[-1:], self.nodes, self.policy.accept_prob)
+        keep = torch.ones_like(scores, dtype=torch.bool) if self.batch is None else self.policy.choose(scores.expand(self.batch, -1))[:1]
+        index, self.parents, self.cu_nodes = select_subtree(parents.flatten(), keep.flatten())
+        self.probs = self.probs.flatten()[index]
+        return tokens.flatten()[index], self.parents, self.cu_nodes
 
-    def observe(self, logits, draft_tokens, path_tokens):
-        # which candidate rank the target chose at each depth, read before the adjacency changes
-        ranks = self.recycling.candidate_ranks(path_tokens[:-1], path_tokens[1:])
-        self.policy.update(ranks[None], torch.tensor([ranks.numel()]))
-        super().observe(logits, draft_tokens, path_tokens)
+    def observe(self, logits, draft_tokens, path_tokens, path_nodes):
+        self.policy.update(self.probs, self.parents, self.cu_nodes, path_nodes[None], torch.tensor([path_nodes.numel()]))
+        super().observe(logits, draft_tokens, path_tokens, path_nodes)
 
 
 def make_drafter(spec: str, vocab_size: int):
     name, _, nodes = spec.partition(":")
-    if name == "pld":
+    nodes, _, batch = nodes.partition("@")
+    if name == "pld" and not batch:
         return PromptLookup(int(nodes) - 1) if nodes else PromptLookup()
-    if name in ("tr_static", "tr_dynamic") and nodes.isdigit():
-        return (RecyclingStatic if name == "tr_static" else RecyclingDynamic)(vocab_size, int(nodes))
-    raise ValueError(f"--methods: unknown method {spec!r} (pld[:nodes], tr_static:N, tr_dynamic:N)")
+    if name == "tr_static" and nodes.isdigit() and not batch:
+        return RecyclingStatic(vocab_size, int(nodes))
+    if name == "tr_dynamic" and nodes.isdigit() and (batch.isdigit() or not batch):
+        return RecyclingDynamic(vocab_size, int(nodes), int(batch) if batch else None)
+    raise ValueError(f"--methods: unknown method {spec!r} (pld[:nodes], tr_static:N, tr_dynamic:N[@batch])")
 
 
 # --- decoding loops -------------------------------------------------------------------------
@@ -136,13 +158,13 @@ def _keep_kv(cache, prefix_len: int, keep: torch.Tensor) -> None:
 
 @torch.no_grad()
 def speculative_decode(model, prompt: torch.Tensor, prefilled, max_new_tokens: int, eos: set[int], drafter):
-    """Greedy speculative decoding; returns (tokens, verify steps, accepted tokens, tree nodes)."""
+    """Greedy speculative decoding; returns (tokens, accepted tokens, every verify step's tree nodes)."""
     from tkernels.spec.verify import verify_greedy, verify_greedy_reference
 
     cache, first = copy.deepcopy(prefilled[0]), prefilled[1]
     tokens = [first]
     history = torch.cat([prompt, torch.tensor(tokens)])
-    steps = accepted = nodes = 0
+    accepted, step_nodes = 0, []
     while len(tokens) < max_new_tokens and tokens[-1] not in eos:
         draft_tokens, parents, cu_nodes = drafter.draft(history)
         n, prefix_len = draft_tokens.numel(), cache.get_seq_length()
@@ -163,15 +185,16 @@ def speculative_decode(model, prompt: torch.Tensor, prefilled, max_new_tokens: i
             num = int(num_accepted[0])
             path_nodes = accepted_nodes[0, :num].long()  # root + accepted drafts
             path_tokens = torch.cat([draft_tokens[:1], accepted_tokens[0, :num]])  # root, accepted, bonus
-        drafter.observe(logits, draft_tokens, path_tokens)
+        drafter.observe(logits, draft_tokens, path_tokens, path_nodes)
         _keep_kv(cache, prefix_len, path_nodes)
         committed = path_tokens[1:].tolist()
-        steps, accepted, nodes = steps + 1, accepted + len(committed), nodes + n
+        accepted += len(committed)
+        step_nodes.append(n)
         for token in committed:
             if len(tokens) < max_new_tokens and tokens[-1] not in eos:
                 tokens.append(token)
         history = torch.cat([history, path_tokens[1:]])
-    return tokens, steps, accepted, nodes
+    return tokens, accepted, step_nodes
 
 
 # --- workload and report --------------------------------------------------------------------
@@ -202,10 +225,13 @@ def run(model, tokenizer, questions, methods: list[str], max_new_tokens: int, lo
     method's drafter keeps its state across questions. ``on_question(records)`` is called with
     the records so far after every question (for partial results on long runs).
     """
+    step_us = H100.step_time
     eos = {model.config.eos_token_id} if isinstance(model.config.eos_token_id, int) else set(model.config.eos_token_id or [])
     drafters = [make_drafter(spec, model.config.vocab_size) for spec in methods]
-    # per drafter and category: [verify steps, accepted tokens, tree nodes, all equal, questions]
-    totals = [defaultdict(lambda: [0, 0, 0, True, 0]) for _ in drafters]
+    # per drafter and category: verify steps, accepted tokens, tree nodes, all equal, questions,
+    # and per batch size the predicted H100 time of those steps (every request drafting like this one)
+    totals = [defaultdict(lambda: {"steps": 0, "accepted": 0, "nodes": 0, "equal": True, "questions": 0,
+                                   "us": dict.fromkeys(PREDICTED_BATCHES, 0.0)}) for _ in drafters]
     records = []
     for index, (category, question) in enumerate(questions):
         start = time.perf_counter()
@@ -213,19 +239,25 @@ def run(model, tokenizer, questions, methods: list[str], max_new_tokens: int, lo
         prefilled = prefill(model, prompt)
         reference = greedy_decode(model, prefilled, max_new_tokens, eos)
         for drafter, per_cat in zip(drafters, totals):
-            tokens, steps, accepted, nodes = speculative_decode(model, prompt, prefilled, max_new_tokens, eos, drafter)
+            tokens, accepted, step_nodes = speculative_decode(model, prompt, prefilled, max_new_tokens, eos, drafter)
             for key in (category, "overall"):
                 acc = per_cat[key]
-                acc[0], acc[1], acc[2] = acc[0] + steps, acc[1] + accepted, acc[2] + nodes
-                acc[3] &= tokens == reference
-                acc[4] += 1
+                acc["steps"] += len(step_nodes)
+                acc["accepted"] += accepted
+                acc["nodes"] += sum(step_nodes)
+                acc["equal"] &= tokens == reference
+                acc["questions"] += 1
+                for b in PREDICTED_BATCHES:
+                    acc["us"][b] += sum(step_us(b * n) for n in step_nodes)
         records = [
             {
-                "method": drafter.method, "nodes": drafter.nodes, "category": cat, "questions": count,
-                "mat": accepted / max(steps, 1), "equal": bool(equal), "mean_tree_nodes": nodes / max(steps, 1),
+                "method": drafter.method, "nodes": drafter.nodes, "batch": drafter.batch, "category": cat,
+                "questions": acc["questions"], "mat": acc["accepted"] / max(acc["steps"], 1), "equal": bool(acc["equal"]),
+                "mean_tree_nodes": acc["nodes"] / max(acc["steps"], 1),
+                "predicted_tokens_per_s": {str(b): 1e6 * acc["accepted"] / us for b, us in acc["us"].items()},
             }
             for drafter, per_cat in zip(drafters, totals)
-            for cat, (steps, accepted, nodes, equal, count) in per_cat.items()
+            for cat, acc in per_cat.items()
         ]
         mats = " ".join(f"{r['mat']:.2f}" for r in records if r["category"] == "overall")
         log(f"[{index + 1}/{len(questions)}] {category}: {prompt.numel()} prompt tokens, {time.perf_counter() - start:.0f} s; overall MAT {mats}")
@@ -235,14 +267,20 @@ def run(model, tokenizer, questions, methods: list[str], max_new_tokens: int, lo
 
 
 def format_table(records: list[dict]) -> str:
+    """MAT per category, then the overall predicted H100 tokens/s (per request) per batch size."""
     categories = list(dict.fromkeys(r["category"] for r in records if r["category"] != "overall")) + ["overall"]
     rows = defaultdict(dict)
     for r in records:
-        rows[(r["method"], r["nodes"])][r["category"]] = r
-    lines = [f"{'method':<12}{'nodes':>6}{'used':>6}  " + "".join(f"{c[:11]:>12}" for c in categories) + "   equal"]
+        rows[(r["method"], f"{r['nodes']}" + (f"@{r['batch']}" if r["batch"] else ""))][r["category"]] = r
+    lines = [f"{'method':<12}{'nodes':>7}{'used':>6}  " + "".join(f"{c[:11]:>12}" for c in categories) + "   equal"]
     for (method, nodes), by_cat in rows.items():
         cells = "".join(f"{by_cat[c]['mat']:>12.3f}" if c in by_cat else f"{'-':>12}" for c in categories)
-        lines.append(f"{method:<12}{nodes:>6}{by_cat['overall']['mean_tree_nodes']:>6.1f}  {cells}   {all(r['equal'] for r in by_cat.values())}")
+        lines.append(f"{method:<12}{nodes:>7}{by_cat['overall']['mean_tree_nodes']:>6.1f}  {cells}   {all(r['equal'] for r in by_cat.values())}")
+    lines.append(f"\npredicted H100 tokens/s per request (Llama-3-8B step-time model)\n{'method':<12}{'nodes':>7}"
+                 + "".join(f"{'batch ' + str(b):>12}" for b in PREDICTED_BATCHES))
+    for (method, nodes), by_cat in rows.items():
+        predicted = by_cat["overall"]["predicted_tokens_per_s"]
+        lines.append(f"{method:<12}{nodes:>7}" + "".join(f"{predicted[str(b)]:>12.0f}" for b in PREDICTED_BATCHES))
     return "\n".join(lines)
 
 

@@ -36,9 +36,10 @@ def tiny_model():
 def test_speculative_decoding_is_lossless(spec_mat, tiny_model):
     model, tokenizer = tiny_model
     questions = [("writing", "Write a short poem about the sea and the sea and the sea."), ("qa", "What is the capital of France?")]
-    methods = ["pld", "tr_static:80", "tr_static:16", "tr_dynamic:32"]
+    methods = ["pld", "tr_static:80", "tr_static:16", "tr_dynamic:32", "tr_dynamic:80@64"]
     records = spec_mat.run(model, tokenizer, questions, methods, max_new_tokens=32, log=lambda _: None)
-    assert {(r["method"], r["nodes"]) for r in records} == {("pld", 11), ("tr_static", 80), ("tr_static", 16), ("tr_dynamic", 32)}
+    assert {(r["method"], r["nodes"], r["batch"]) for r in records} == {
+        ("pld", 11, None), ("tr_static", 80, None), ("tr_static", 16, None), ("tr_dynamic", 32, None), ("tr_dynamic", 80, 64)}
     for r in records:
         assert r["equal"], r
         assert r["mat"] >= 1.0
