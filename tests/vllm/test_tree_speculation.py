@@ -113,7 +113,7 @@ def test_patch_fails_loudly_if_vllm_moved_the_method(monkeypatch):
         tree.install(vllm_config())
 
 
-def test_non_greedy_requests_are_refused_at_submission():
+def test_requests_tree_verification_cannot_reproduce_are_refused_at_submission():
     from vllm.sampling_params import SamplingParams
 
     from tkernels.plugins.vllm.tree import install_request_validation
@@ -121,21 +121,22 @@ def test_non_greedy_requests_are_refused_at_submission():
     install_request_validation()
     tree_spec = vllm_config().speculative_config
     SamplingParams(temperature=0.0)._validate_spec_decode(tree_spec)
-    for params, what in ((dict(temperature=0.7), "temperature"), (dict(temperature=0.0, repetition_penalty=1.2), "penalties"),
-                         (dict(temperature=0.0, logprobs=2), "logprobs"), (dict(temperature=0.0, min_tokens=3), "min_tokens")):
-        with pytest.raises(ValueError, match=f"greedy requests only.*{what}"):
+    SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=3)._validate_spec_decode(tree_spec)
+    for params, what in ((dict(repetition_penalty=1.2), "penalties"), (dict(logprobs=2), "logprobs"),
+                         (dict(min_tokens=3), "min_tokens"), (dict(bad_words=["x"]), "bad_words")):
+        with pytest.raises(ValueError, match=f"top-k/top-p sampling only.*{what}"):
             SamplingParams(**params)._validate_spec_decode(tree_spec)
     linear = SimpleNamespace(method="custom_class", model="tkernels.plugins.vllm.proposer.TokenRecyclingProposer")
-    SamplingParams(temperature=0.7)._validate_spec_decode(linear)  # other proposers: unchanged
+    SamplingParams(repetition_penalty=1.2)._validate_spec_decode(linear)  # other proposers: unchanged
 
 
 # --- runner patches on a stand-in runner --------------------------------------------------------
 
 
-def fake_runner(req_ids, num_computed, num_tokens_total, block_table=None):
+def fake_runner(req_ids, num_computed, num_tokens_total, block_table=None, sampling_metadata=None):
     input_batch = SimpleNamespace(
         num_reqs=len(req_ids), req_ids=req_ids, num_computed_tokens_cpu=np.array(num_computed),
-        sampling_metadata=SimpleNamespace(all_greedy=True),
+        sampling_metadata=sampling_metadata or SimpleNamespace(all_greedy=True),
         block_table=[SimpleNamespace(get_device_tensor=lambda n: block_table[:n])],
     )
     return SimpleNamespace(input_batch=input_batch, positions=torch.arange(100, 100 + num_tokens_total),
@@ -168,16 +169,22 @@ def test_begin_step_sets_tree_positions_and_attention_trees():
                          np.array([3, 2]))
 
 
-def test_verify_returns_vllm_layout_and_compacts_the_accepted_path(monkeypatch, rng):
+@pytest.mark.parametrize("backend", ["reference", "1"])
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled-top-k-1"])
+def test_verify_returns_vllm_layout_and_compacts_the_accepted_path(monkeypatch, rng, backend, sampled):
+    """Greedy verification, and sampling verification with row 1 at temperature 0.9 and top-k 1
+    (greedy again, so the same result) beside a greedy row; references and interpreted kernels."""
     from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
 
     from tkernels.plugins.vllm import tree
 
-    monkeypatch.setenv("TKERNELS_VLLM_CPU_TEST_BACKEND", "reference")
+    monkeypatch.setenv("TKERNELS_VLLM_CPU_TEST_BACKEND", backend)
     block_size, heads, dim = 4, 2, 16
     cache = torch.randn(heads, 6, block_size, 1, dim, generator=rng)  # kv_planes' layout
     block_table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
-    runner = fake_runner(["d", "t"], [5, 6], 1 + 5, block_table)
+    sampling = SimpleNamespace(all_greedy=False, temperature=torch.tensor([0.0, 0.9]), top_k=torch.tensor([VOCAB, 1]),
+                               top_p=None, generators={1: torch.Generator().manual_seed(0)}) if sampled else None
+    runner = fake_runner(["d", "t"], [5, 6], 1 + 5, block_table, sampling)
     batch = tree.TreeBatch()
     batch._kv_planes = [cache]
     batch.propose("t", [8, 9, 12, 13], torch.tensor([-1, 0, 0, 1, 2], dtype=torch.int32))
@@ -251,13 +258,16 @@ def _load_run(tree: bool) -> dict:
 
 
 def test_tree_speculation_under_a_mixed_load_matches_plain_decoding():
-    """Staggered arrivals, chunked prefills next to trees, prefix-cache hits (reference backend)."""
+    """Staggered arrivals, chunked prefills next to trees, prefix-cache hits, greedy and sampled
+    requests in one batch (reference backend); see _tree_load_runner.py."""
     from tkernels.models import tiny_llama_dir
 
     tiny_llama_dir()
     with ThreadPoolExecutor(2) as pool:
         plain, tree = pool.map(_load_run, [False, True])
+    free = [run["token_ids"].pop("free") for run in (plain, tree)]
     assert len(plain["token_ids"]) == 14 and tree["token_ids"] == plain["token_ids"]
+    assert [len(f) for f in free] == [30, 30]
     assert tree["counters"]["spec_decode_num_accepted_tokens"] > 0 and tree["steps"] < plain["steps"]
 
 
