@@ -123,7 +123,7 @@ class TokenRecyclingProposer:
         token_ids_cpu: np.ndarray,
         slot_mappings=None,
     ) -> list[list[int]]:
-        """One linear draft per batch row (``[]`` for rows that sampled nothing this step)."""
+        """One draft list per batch row (``[]`` for rows that sampled nothing this step)."""
         self.stats["steps"] += 1
         captured, self._captured = self._captured, []
         self._recycle(captured, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
@@ -279,7 +279,10 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         step = self.tree_batch.step
         if step is None:
             raise RuntimeError("TokenRecyclingTreeProposer.propose ran before any step: are tkernels' vLLM patches installed?")
-        parents = self.shape.parents.long()
+        shape_parents = self.shape.parents.long()
         for req_id, (nodes, tokens) in zip(step.req_ids, drafted):
-            local = torch.searchsorted(nodes, parents[nodes[1:]]) if tokens else None
-            self.tree_batch.propose(req_id, tokens, None if local is None else torch.cat([local.new_tensor([-1]), local]).int())
+            parents = None
+            if tokens:  # the drafted nodes hold every parent, ascending: a parent's local index is its rank there
+                local = torch.searchsorted(nodes, shape_parents[nodes[1:]])
+                parents = torch.cat([local.new_tensor([-1]), local]).int()
+            self.tree_batch.propose(req_id, tokens, parents)

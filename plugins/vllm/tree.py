@@ -40,10 +40,10 @@ Patched vLLM symbols, and why:
    validated in the front-end process, so the plugin's ``register()`` installs this one in
    every process; it does nothing unless the tree proposer is configured.
 
-Supported: greedy and temperature/top-k/top-p sampled requests; one KV-cache group; decoder models without M-RoPE; tkernels'
-attention backend (``--attention-backend CUSTOM``; on CPU the test backend,
-``TKERNELS_VLLM_CPU_TEST_BACKEND``); no async scheduling, no pipeline parallelism. Anything
-else is refused at start-up (or, for requests, at submission). With
+Supported: greedy and temperature/top-k/top-p sampled requests; one KV-cache group; decoder
+models without M-RoPE; tkernels' attention backend (``--attention-backend CUSTOM``; on CPU the
+test backend, ``TKERNELS_VLLM_CPU_TEST_BACKEND``); no async scheduling, no pipeline
+parallelism. Anything else is refused at start-up (or, for requests, at submission). With
 ``TKERNELS_VLLM_CPU_TEST_BACKEND=reference`` verification and compaction run their torch
 references, as attention does.
 """
@@ -181,7 +181,8 @@ class TreeBatch:
         self.step: TreeStep | None = None
         self._kv_planes: list[torch.Tensor] | None = None
 
-    def propose(self, req_id: str, tokens: list[int], parents: torch.Tensor) -> None:
+    def propose(self, req_id: str, tokens: list[int], parents: torch.Tensor | None) -> None:
+        """Record the tree a request was proposed (no draft: forget any older one)."""
         if tokens:
             self.proposed[req_id] = Proposal(tokens, parents)
         else:
