@@ -32,7 +32,10 @@ def register() -> None:
     register_attention_backend()
     from tkernels.plugins.vllm.tree import install_request_validation
 
-    install_request_validation()  # inert unless the tree proposer is configured (see tree.py)
+    try:  # inert unless the tree proposer is configured (see tree.py), which then checks it again
+        install_request_validation()
+    except RuntimeError as err:
+        logger.warning("%s", err)
     logger.info("tkernels: vLLM plugin registered (vLLM %s)", version)
 
 

@@ -38,7 +38,9 @@ Patched vLLM symbols, and why:
    structured output; vLLM itself refuses min_p and logit bias with speculation); others get
    a clear error when they are submitted. Requests are
    validated in the front-end process, so the plugin's ``register()`` installs this one in
-   every process; it does nothing unless the tree proposer is configured.
+   every process (only warning if it cannot: servers without tree speculation keep working);
+   it does nothing unless the tree proposer is configured, whose :func:`install` raises if the
+   patch could not be made.
 
 Supported: greedy and temperature/top-k/top-p sampled requests; one KV-cache group; decoder
 models without M-RoPE; tkernels' attention backend (``--attention-backend CUSTOM``; on CPU the
@@ -310,6 +312,7 @@ def install(vllm_config) -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     check_config(vllm_config)
+    install_request_validation()  # done by register() in every process; here it fails loudly if it could not be
     methods = {name: _checked_method(GPUModelRunner, name, sig) for name, sig in _PATCHED_SIGNATURES.items()}
     if _already_patched(GPUModelRunner, "_sample"):
         return

@@ -113,6 +113,22 @@ def test_patch_fails_loudly_if_vllm_moved_the_method(monkeypatch):
         tree.install(vllm_config())
 
 
+def test_register_only_warns_if_the_admission_patch_cannot_be_made_but_the_tree_proposer_fails(monkeypatch, caplog):
+    from vllm.sampling_params import SamplingParams
+
+    import tkernels.plugins.vllm as plugin
+    from tkernels.plugins.vllm import tree
+
+    monkeypatch.delenv("TKERNELS_VLLM_CPU_TEST_BACKEND", raising=False)
+    monkeypatch.setattr(SamplingParams, "_validate_spec_decode", lambda self, speculative_config, model_config: None)
+    monkeypatch.setattr(plugin, "REGISTERED", False)
+    with caplog.at_level("WARNING", logger="tkernels"):
+        plugin.register()  # a server that does not use tree speculation keeps working
+    assert plugin.REGISTERED and "patches SamplingParams._validate_spec_decode" in caplog.text
+    with pytest.raises(RuntimeError, match="patches SamplingParams._validate_spec_decode"):
+        tree.install(vllm_config())
+
+
 def test_requests_tree_verification_cannot_reproduce_are_refused_at_submission():
     from vllm.sampling_params import SamplingParams
 
