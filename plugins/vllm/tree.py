@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tkernels.attention.mixed_attention import MAX_TREE_NODES
 from tkernels.spec import (
     compact_kv,
     compact_kv_reference,
@@ -103,8 +104,9 @@ def check_config(vllm_config) -> None:
         problems.append("pipeline parallelism")
     if getattr(vllm_config.model_config, "uses_mrope", False):
         problems.append("M-RoPE models")
-    if vllm_config.speculative_config.num_speculative_tokens + 1 > 64:
-        problems.append("num_speculative_tokens > 63 (trees hold at most 64 nodes with the root)")
+    if vllm_config.speculative_config.num_speculative_tokens + 1 > MAX_TREE_NODES:
+        problems.append(f"num_speculative_tokens > {MAX_TREE_NODES - 1} "
+                        f"(tree attention holds at most {MAX_TREE_NODES} nodes with the root)")
     if problems:
         raise ValueError(f"tkernels tree speculation does not support {', '.join(problems)}")
 
