@@ -45,8 +45,8 @@ from tkernels.spec.tree_policy import ConfidenceTreePolicy
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/specbench_dev.jsonl"
 DEFAULT_OUT = REPO / "bench/results/spec_mat_smollm2.json"
-DEFAULT_METHODS = ("pld,tr_static:16,tr_static:32,tr_static:64,tr_static:80,tr_dynamic:16,tr_dynamic:32,tr_dynamic:64,"
-                   "tr_dynamic:80,tr_dynamic:80@1,tr_dynamic:80@8,tr_dynamic:80@32,tr_dynamic:80@64")
+DEFAULT_METHODS = ("pld,tr_static:4,tr_static:8,tr_static:16,tr_static:32,tr_static:64,tr_static:80,tr_dynamic:16,"
+                   "tr_dynamic:32,tr_dynamic:64,tr_dynamic:80,tr_dynamic:80@1,tr_dynamic:80@8,tr_dynamic:80@32,tr_dynamic:80@64")
 # Predicted tokens/s: MAT over the step time of the analytic H100 model (Llama-3-8B target) at
 # these batch sizes, every request of the batch drafting like the measured one.
 H100 = LatencyModel(LLAMA3_8B, DEFAULT_RATES)
