@@ -100,7 +100,6 @@ class TokenRecycling:
             raise ValueError(f"num_nodes and max_depth must be >= 1, got num_nodes={num_nodes}, max_depth={max_depth}")
         device = self.adjacency.device
         batch, width = last_tokens.numel(), num_nodes - 1  # the beam: at most every kept node of a depth
-        rows = torch.arange(batch, device=device)[:, None]
         front_tokens = last_tokens.to(device).long()[:, None]
         front_scores = torch.ones(batch, 1, dtype=torch.float64, device=device)
         levels = []  # per depth: (tokens, scores, probs, parent slot in the previous level, rank), [B, w] each
