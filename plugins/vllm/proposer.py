@@ -59,6 +59,7 @@ from tkernels.spec.tree import TR_80_WIDTHS
 __all__ = ["TokenRecyclingProposer", "TokenRecyclingTreeProposer", "draft_tree"]
 
 TOP_K = 8  # adjacency columns, as in the paper's 80-node tree
+TREE_CONFIG_KEY = "tkernels_tree"  # the tree proposer's options in vLLM's additional_config
 
 
 def draft_tree(depth: int) -> TreeShape:
@@ -241,11 +242,17 @@ class TokenRecyclingProposer:
 
 
 class TokenRecyclingTreeProposer(TokenRecyclingProposer):
-    """Tree speculation: each row's draft is the ``num_speculative_tokens`` best nodes of the tree.
+    """Tree speculation: each row's draft is the best nodes of the tree, at most ``num_speculative_tokens``.
 
     Node scores are path probabilities (see :meth:`_node_scores`), so the best ``n`` nodes form
     a tree and maximise the expected accepted length among ``n``-node drafts
-    (:mod:`tkernels.spec.tree_policy`); the best path is one of them. The trees reach vLLM as
+    (:mod:`tkernels.spec.tree_policy`); the best path is one of them. ``n`` follows the hardware
+    and the batch: each step the policy picks the node count that maximises expected tokens per
+    second for this many drafting requests, priced by the step-latency model of the served
+    model's shape on this GPU (per-GPU config, else the documented analytic default), so a
+    lone request verifies the whole budget and a large batch small trees.
+    ``--additional-config '{"tkernels_tree": {"size": "fixed"}}'`` always drafts the whole
+    budget instead (comparisons at a fixed verify budget); the default is ``"per_batch"``. The trees reach vLLM as
     draft lists through :mod:`tkernels.plugins.vllm.tree`, whose patches this constructor
     installs and whose :class:`~tkernels.plugins.vllm.tree.TreeBatch` (``tree_batch``) tells
     the proposer, each step, which request each row is and which draft it was verified with.
@@ -258,6 +265,17 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         tree.install(vllm_config)
         self.vllm_config = vllm_config
         self.tree_batch = tree.TreeBatch()
+        from tkernels.plugins.vllm.scheduler import model_shape
+        from tkernels.sched.latency_model import LatencyModel, LatencyRates
+
+        options = dict((getattr(vllm_config, "additional_config", None) or {}).get(TREE_CONFIG_KEY, {}))
+        size = options.pop("size", "per_batch")
+        if options or size not in ("per_batch", "fixed"):
+            raise ValueError(f"additional_config['{TREE_CONFIG_KEY}']: expected only 'size': 'per_batch' or 'fixed', "
+                             f"got {dict(options, size=size)}")
+        self.per_batch = size == "per_batch"
+        self.policy.step_time = LatencyModel(model_shape(vllm_config), LatencyRates.from_config())
+        self._num_nodes = self.num_speculative_tokens + 1  # this step's node count, root included
 
     def load_model(self, target_model) -> None:
         from tkernels.plugins.vllm.tree import check_attention_backend
@@ -265,10 +283,16 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         check_attention_backend(self.vllm_config)  # the layers exist once the target is built
         super().load_model(target_model)
 
+    def _draft(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu):
+        drafting = sum(1 for s in sampled_token_ids if s)
+        if drafting and self.per_batch:
+            self._num_nodes = len(self.policy.choose(drafting, self.num_speculative_tokens + 1))
+        return super()._draft(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+
     def _select(self, scores: torch.Tensor) -> torch.Tensor:
         # Stable sort: a parent scores at least its children and comes first, so ties keep the
         # set closed under ancestors.
-        best = scores.argsort(descending=True, stable=True)[: self.num_speculative_tokens + 1]
+        best = scores.argsort(descending=True, stable=True)[: self._num_nodes]
         return best[scores[best] > 0].sort().values
 
     def _verified_drafts(self, row: int, sampled: list[int], num_tokens: int, token_ids_cpu: np.ndarray) -> list[int]:

