@@ -9,8 +9,9 @@
 # cut to what is left, and whatever a stage finished is kept. autotune measures into a folder
 # outside $OUT (emptied before every call), so calling again on the still-warm machine resumes it.
 # Returns at most 6 files under $OUT (the device tool brings back 8): benchmark.json
-# (pytest-benchmark), the merged bench/results/<gpu>.json, autotune's <gpu>.json and .png,
-# logs.tar.gz (every log, gpu.txt) and summary.txt (the table printed last).
+# (pytest-benchmark), results/<gpu>.json (the merged bench/results file), configs/<gpu>.json and
+# .png (autotune's; same name as the results file, hence the folders), logs.tar.gz (every log,
+# gpu.txt) and summary.txt (the table printed last).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -76,11 +77,13 @@ if [ "$what" != autotune ]; then
   stage bench 200 python3 -m pytest bench -q -p no:cacheprovider --benchmark-enable \
     --benchmark-json="$OUT/benchmark.json"
   tail -40 "$logs/bench.log" >>"$logs/summary.txt"
-  find bench/results -name '*.json' -newer "$logs/started" -exec cp {} "$OUT/" \;
+  mkdir -p "$OUT/results"
+  find bench/results -name '*.json' -newer "$logs/started" -exec cp {} "$OUT/results/" \;
 fi
 if [ "$what" != bench ]; then
   stage autotune 300 python3 -m tkernels.cli autotune --quick --out "$tune_dir"
   tail -8 "$logs/autotune.log" >>"$logs/summary.txt"
-  cp "$tune_dir"/*.json "$tune_dir"/*.png "$OUT/" 2>/dev/null
+  mkdir -p "$OUT/configs"
+  cp "$tune_dir"/*.json "$tune_dir"/*.png "$OUT/configs/" 2>/dev/null
 fi
 finish
