@@ -39,10 +39,10 @@ penalties, which the greedy benchmark does not use).
 
 **Tree speculation** (:class:`TokenRecyclingTreeProposer`, ``"model":
 "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"``): the same drafter, policy and
-recycling, but each row's draft is the ``num_speculative_tokens`` highest-scoring nodes of the
-tree (a tree, in BFS order), handed to vLLM as the row's draft list, and vLLM's runner is
-patched to verify it as a tree (:mod:`tkernels.plugins.vllm.tree`, which also says what is
-supported). There the verified nodes of every row are known exactly, so every step is recycled,
+recycling, but each row's draft is the highest-scoring nodes of the tree (at most
+``num_speculative_tokens``, as many as pay off at this batch size on this GPU; a tree, in BFS
+order), handed to vLLM as the row's draft list, and vLLM's runner is patched to verify it as a
+tree (:mod:`tkernels.plugins.vllm.tree`, which also says what is supported). There the verified nodes of every row are known exactly, so every step is recycled,
 a cut draft included.
 """
 
@@ -252,22 +252,21 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
     model's shape on this GPU (per-GPU config, else the documented analytic default), so a
     lone request verifies the whole budget and a large batch small trees.
     ``--additional-config '{"tkernels_tree": {"size": "fixed"}}'`` always drafts the whole
-    budget instead (comparisons at a fixed verify budget); the default is ``"per_batch"``. The trees reach vLLM as
-    draft lists through :mod:`tkernels.plugins.vllm.tree`, whose patches this constructor
+    budget instead (comparisons at a fixed verify budget); the default is ``"per_batch"``.
+    The trees reach vLLM as draft lists through :mod:`tkernels.plugins.vllm.tree`, whose patches this constructor
     installs and whose :class:`~tkernels.plugins.vllm.tree.TreeBatch` (``tree_batch``) tells
     the proposer, each step, which request each row is and which draft it was verified with.
     """
 
     def __init__(self, vllm_config) -> None:
         from tkernels.plugins.vllm import tree
+        from tkernels.plugins.vllm.scheduler import model_shape
+        from tkernels.sched.latency_model import LatencyModel, LatencyRates
 
         super().__init__(vllm_config)
         tree.install(vllm_config)
         self.vllm_config = vllm_config
         self.tree_batch = tree.TreeBatch()
-        from tkernels.plugins.vllm.scheduler import model_shape
-        from tkernels.sched.latency_model import LatencyModel, LatencyRates
-
         options = dict((getattr(vllm_config, "additional_config", None) or {}).get(TREE_CONFIG_KEY, {}))
         size = options.pop("size", "per_batch")
         if options or size not in ("per_batch", "fixed"):
