@@ -182,6 +182,16 @@ def _load_trees(parents_ptr, cu_ptr, B, BLOCK_B: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
+def _walk_at_root(BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr):
+    """A tree walk's state before its first step: path nodes [0, -1, ...], no tokens yet,
+    current node 0 (the root), 0 drafts accepted."""
+    w = tl.arange(0, BLOCK_W)[None, :]
+    path_nodes = tl.zeros([BLOCK_B, BLOCK_W], tl.int32) + tl.where(w == 0, 0, -1)
+    path_tokens = tl.full([BLOCK_B, BLOCK_W], -1, tl.int64)
+    return path_nodes, path_tokens, tl.zeros([BLOCK_B], tl.int32), tl.zeros([BLOCK_B], tl.int32)
+
+
+@triton.jit
 def _store_paths(out_tokens_ptr, out_nodes_ptr, num_ptr, reqs, live, W, path_tokens, path_nodes, count, BLOCK_W: tl.constexpr):
     w = tl.arange(0, BLOCK_W)[None, :]
     out = reqs[:, None].to(tl.int64) * W + w
@@ -211,10 +221,7 @@ def _path_walk_kernel(
     idx = tl.arange(0, BLOCK_N)[None, :]
     tok = tl.load(draft_ptr + start[:, None] + idx, mask=par != -2, other=-1)
     w = tl.arange(0, BLOCK_W)[None, :]
-    path_nodes = tl.zeros([BLOCK_B, BLOCK_W], tl.int32) + tl.where(w == 0, 0, -1)
-    path_tokens = tl.full([BLOCK_B, BLOCK_W], -1, tl.int64)
-    cur = tl.zeros([BLOCK_B], tl.int32)
-    count = tl.zeros([BLOCK_B], tl.int32)
+    path_nodes, path_tokens, cur, count = _walk_at_root(BLOCK_B, BLOCK_W)
     alive = live
     for step in range(0, W - 1):  # W = max depth + 1: one level per step
         target = tl.load(node_token_ptr + start + cur, mask=live, other=-1)
@@ -259,10 +266,7 @@ def _rejection_walk_kernel(
     s_off = reqs.to(tl.int64) * V
     offs = tl.arange(0, BLOCK_V)[None, :]
     w = tl.arange(0, BLOCK_W)[None, :]
-    path_nodes = tl.zeros([BLOCK_B, BLOCK_W], tl.int32) + tl.where(w == 0, 0, -1)
-    path_tokens = tl.full([BLOCK_B, BLOCK_W], -1, tl.int64)
-    cur = tl.zeros([BLOCK_B], tl.int32)
-    count = tl.zeros([BLOCK_B], tl.int32)
+    path_nodes, path_tokens, cur, count = _walk_at_root(BLOCK_B, BLOCK_W)
     alive = live
     for step in range(0, W):  # one node visited per level; W = max depth + 1
         g = (start + cur).to(tl.int64)
