@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -179,7 +180,7 @@ def _search(name: str, candidates: list[dict], base: dict, run: Runner, measure,
     timed = []
     for candidate in candidates:
         config = {**base, **candidate}
-        us = measure.get(f"kernel/{name}/{json_key(config)}", lambda: run(config, device == "cuda"))
+        us = measure.get(f"kernel/{name}/{json_key(config)}", lambda config=config: run(config, device == "cuda"))
         if us is not None:
             timed.append((us, candidate))
     return {**base, **min(timed, key=lambda t: t[0])[1]} if timed else base
@@ -206,7 +207,7 @@ def _attention_runner(case: AttentionCase, shape: ModelShape, dtype, device) -> 
     tolerance = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
 
     def run(config: dict, on_gpu: bool) -> float | None:
-        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens = batch.inputs()
+        _q, k_cache, _v_cache, block_table, cu_seqlens_q, seq_lens = batch.inputs()
         try:
             plan = plan_mixed_attention(
                 cu_seqlens_q, seq_lens, block_table, num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,

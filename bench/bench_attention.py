@@ -25,12 +25,10 @@ import importlib
 import inspect
 
 import pytest
-import torch
-from common import DEVICE, HAS_CUDA, median_us, requires_gpu
-
 import server_kernels  # bench/ is on sys.path: pytest's rootdir-relative import
+import torch
 import workloads
-
+from common import DEVICE, HAS_CUDA, median_us, requires_gpu
 
 from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention
 from tkernels.attention.mixed_attention import default_config
@@ -40,12 +38,12 @@ pytestmark = requires_gpu
 MAX_REL_ERR = 2e-2  # bf16 inputs and probabilities vs the fp32 reference
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def workload(name: str) -> workloads.Workload:
     return workloads.build(name, device=DEVICE, tiny=not HAS_CUDA)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(name: str) -> torch.Tensor:
     b = workload(name).batch
     return mixed_attention_reference(*b.inputs(), **b.tree_kwargs())

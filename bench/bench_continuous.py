@@ -32,7 +32,7 @@ pytestmark = requires_gpu
 BATCH, TOKENS, DIMS, STEPS = (64, 256, 16, 100) if HAS_CUDA else (2, 8, 4, 5)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def inputs():
     g = torch.Generator(device=DEVICE).manual_seed(0)
     shape = (BATCH * TOKENS, STEPS, DIMS)
@@ -57,7 +57,7 @@ IMPLS = {
 
 
 def _check(impl):
-    x, mu_p, mu_q, sigma, uniforms = inputs()
+    x, mu_p, mu_q, sigma, _uniforms = inputs()
     config = A.DEFAULT_CONFIG if impl == "tkernels-default-config" else None
     got = A.trajectory_log_ratio(x, mu_p, mu_q, sigma, config=config)
     torch.testing.assert_close(got, A.trajectory_log_ratio_reference(x, mu_p, mu_q, sigma), rtol=1e-3, atol=1e-3)

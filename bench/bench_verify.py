@@ -48,12 +48,12 @@ def _vllm_rejection_sample():
         return None
     try:
         from vllm.v1.sample.rejection_sampler import rejection_sample
-    except Exception:  # noqa: BLE001 - any import failure means "not available here"
+    except Exception:
         return None
     return rejection_sample
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def inputs(tree: str, mode: str):
     g = torch.Generator(device=DEVICE).manual_seed(0)
     shape = TREES[tree]
@@ -111,7 +111,7 @@ def _vllm(tree, mode):
 
     from vllm.v1.sample.rejection_sampler import apply_sampling_constraints
 
-    logits, tokens, parents, cu, temperature, draft_probs = inputs(tree, mode)
+    logits, tokens, _parents, _cu, temperature, draft_probs = inputs(tree, mode)
     n = TREES[tree].numel()
     k = n - 1
     rows = torch.arange(BATCH * n, device=DEVICE).view(BATCH, n)

@@ -1,10 +1,12 @@
 """Fixtures of the benchmark suite (``pytest bench --benchmark-enable`` on a GPU)."""
 
+# isort: off
 from common import HAS_CUDA, merge_records  # first: it picks the interpreter before Triton loads
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton  # noqa: E402
+import pytest
+import torch
+import triton
+# isort: on
 
 
 @pytest.fixture(scope="session")
@@ -28,5 +30,4 @@ def roofline():
     a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
     matmul = 2 * n**3 / (triton.testing.do_bench(lambda: a @ b, return_mode="median") * 1e-3)
-    del x, y, a, b
     return bandwidth, matmul

@@ -9,10 +9,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib.util  # noqa: E402
+import importlib.util
 
-import pytest  # noqa: E402
-
+import pytest
 
 
 def _importable(name: str) -> bool:

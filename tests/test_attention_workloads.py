@@ -7,9 +7,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import workloads  # noqa: E402
+import workloads
 
-from tkernels.attention.batch import PagedBatch  # noqa: E402
+from tkernels.attention.batch import PagedBatch
 
 
 def _shape_only_batch(q_lens, seq_lens, parents=None, elem=torch.bfloat16):

@@ -52,7 +52,7 @@ def test_log_ratio_strided_inputs(rng):
 
 def test_log_ratio_is_difference_of_gaussian_log_densities(rng):
     x, mu_p, mu_q, sigma = _trajectories(6, 8, 3, torch.float64, rng)
-    normal = lambda mu: torch.distributions.Normal(mu, sigma[None, :, None].double()).log_prob(x).sum((1, 2))  # noqa: E731
+    normal = lambda mu: torch.distributions.Normal(mu, sigma[None, :, None].double()).log_prob(x).sum((1, 2))
     torch.testing.assert_close(trajectory_log_ratio_reference(x, mu_p, mu_q, sigma).double(), normal(mu_p) - normal(mu_q), rtol=1e-5, atol=1e-4)
     same = trajectory_log_ratio(x.float(), mu_p.float(), mu_p.float(), sigma)
     assert torch.equal(same, torch.zeros(6))

@@ -8,7 +8,6 @@ from tkernels import models
 
 
 def test_tiny_llama_builds_once_and_loads(tmp_path, monkeypatch):
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("TKERNELS_CACHE", str(tmp_path))

@@ -1,5 +1,6 @@
 """Decode-maximal token budget policy (tkernels.sched): pure-Python unit tests."""
 
+import itertools
 import random
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def test_chunk_shrinks_as_prefix_grows():
     p = policy(slo_ms=30.0)
     chunks = [p.plan([2048] * 32, 0, [Prefill(prefix, 1_000_000)]).prefill_tokens
               for prefix in (0, 1024, 4096, 16384, 65536)]
-    assert all(a > b for a, b in zip(chunks, chunks[1:])) and chunks[-1] > 0
+    assert all(a > b for a, b in itertools.pairwise(chunks)) and chunks[-1] > 0
 
 
 def test_running_chunk_then_new_prefills():

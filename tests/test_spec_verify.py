@@ -117,7 +117,7 @@ def test_greedy_speculation_equals_plain_greedy(rng):
         return int(table[prev, last].argmax())
 
     trees, logits, tokens, expected = [], [], [], []
-    for b in range(12):
+    for _ in range(12):
         parents = random_parents(int(torch.randint(1, 20, (1,), generator=rng)), rng)
         prev, root = (int(x) for x in torch.randint(0, vocab, (2,), generator=rng))
         ctx = [(prev, root)]  # (previous, last) token of every node's context
@@ -261,7 +261,7 @@ def test_sampling_large_vocab(rng, poisoned):
 def test_per_request_generators_are_batch_independent(rng):
     logits, tokens, parents, cu = make_batch([random_parents(n, rng) for n in (6, 3, 9)], 64, rng)
     temp = torch.ones(3)
-    seeded = lambda: {1: torch.Generator().manual_seed(7)}  # noqa: E731
+    seeded = lambda: {1: torch.Generator().manual_seed(7)}
     first = V.verify_sampling(logits, tokens, parents, cu, temp, generator=rng, generators=seeded())
     alone = slice(int(cu[1]), int(cu[2]))
     second = V.verify_sampling(logits[alone], tokens[alone], parents[alone], torch.tensor([0, 3], dtype=torch.int32),
@@ -385,11 +385,11 @@ def test_bad_inputs(rng):
         V.verify_sampling(*good, temp, uniforms=torch.rand(logits.shape[0], 1))
     with pytest.raises(ValueError, match="draft_probs"):
         V.verify_sampling(*good, temp, draft_probs=torch.rand(logits.shape, dtype=torch.float64))
-    for config in ({"block_q": 16}, {"block_v": 100}, {"num_warps": 3}):
+    for bad in ({"block_q": 16}, {"block_v": 100}, {"num_warps": 3}):
         with pytest.raises(ValueError, match="config"):
-            V.verify_greedy(*good, config=config)
+            V.verify_greedy(*good, config=bad)
         with pytest.raises(ValueError, match="config"):
-            V.verify_sampling(*good, temp, config=config)
+            V.verify_sampling(*good, temp, config=bad)
 
 
 @pytest.mark.gpu

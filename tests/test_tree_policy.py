@@ -162,7 +162,7 @@ def test_choose_spends_one_budget_where_scores_are_high(rng):
     sure = torch.tensor([5, 6, 7, 8, 9, 10])
     ids = torch.cat([sure[:, None] + 1, torch.arange(20, 27).expand(6, 7)], 1)
     tr.recycle_topk(ids, sure, torch.tensor([0.97] + [0.004] * 7).expand(6, 8))  # a confident chain 5 -> 6 -> ... -> 11
-    tokens, parents, scores, probs = tr.draft_best(torch.tensor([5, 11]), 40, policy.accept_prob)
+    _tokens, parents, scores, _probs = tr.draft_best(torch.tensor([5, 11]), 40, policy.accept_prob)
     keep = policy.choose(scores)
     assert keep[:, 0].all()
     cu = torch.tensor([0, 40, 80], dtype=torch.int32)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 # Modules holding @triton.jit kernels. Add a module here when it defines a kernel; a test
 # checks that every `*_kernel` function under tkernels/ is registered.

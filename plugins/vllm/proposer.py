@@ -48,6 +48,7 @@ a cut draft included.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,8 +187,8 @@ class TokenRecyclingProposer:
         the rows the drafts were made from (before this step's update). A request's observations
         stop at its first unwritten row: placeholders say nothing about recycled rows."""
         width = max(map(len, children))
-        flat_parents = torch.tensor(sum(parents, []))
-        ranks = self.drafter.candidate_ranks(flat_parents, torch.tensor(sum(children, [])))
+        flat_parents = torch.tensor(list(itertools.chain.from_iterable(parents)))
+        ranks = self.drafter.candidate_ranks(flat_parents, torch.tensor(list(itertools.chain.from_iterable(children))))
         known = self.recycled[flat_parents]
         padded = torch.full((len(children), width), -1, dtype=torch.int64)
         observed = torch.zeros(len(children), dtype=torch.int64)

@@ -3,7 +3,6 @@
 Used by tests/test_compile_check.py to show the compile check fails on such a kernel.
 """
 
-import os
 
 import triton
 import triton.language as tl

@@ -6,7 +6,6 @@ import types
 from unittest.mock import MagicMock
 
 
-
 def _stub_sgl_kernel() -> None:
     """``speculative.ngram_worker`` imports ``sgl_kernel.speculative`` on non-CUDA platforms.
 

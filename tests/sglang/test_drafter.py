@@ -140,7 +140,7 @@ def sglang_greedy(sg, verify_input, logits, bs, n):
 def test_eagle_sample_hook_matches_sglang_and_reference(sg, rng, bs, greedy):
     from tkernels.spec.verify import verify_greedy_reference
 
-    tree, verify_input, logits = verify_case(sg, rng, bs)
+    _tree, verify_input, logits = verify_case(sg, rng, bs)
     # sampling with top_k = 1 is greedy whatever the temperature: same answer, through verify_sampling
     info = sampling_info(bs, greedy=greedy, top_ks=torch.ones(bs, dtype=torch.int32))
     batch = SimpleNamespace(sampling_info=info)
@@ -191,7 +191,7 @@ def test_eagle_sample_hook_teaches_the_drafter(sg, rng):
 
 
 def test_eagle_sample_hook_defers_to_sglang(sg, rng):
-    tree, verify_input, logits = verify_case(sg, rng, 2)
+    _tree, verify_input, logits = verify_case(sg, rng, 2)
     original = MagicMock(return_value=sglang_greedy(sg, verify_input, logits, 2, NODES))
     info = sampling_info(2, logit_bias=torch.zeros(2, VOCAB))
     result = sg.verify.eagle_sample(original, verify_input, SimpleNamespace(sampling_info=info),

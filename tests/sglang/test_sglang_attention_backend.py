@@ -33,7 +33,12 @@ def sg():
 
     from tkernels.plugins.sglang.attention import TkernelsAttnBackend
 
-    return SimpleNamespace(**locals())
+    return SimpleNamespace(
+        AttentionArch=AttentionArch, TritonAttnBackend=TritonAttnBackend, RadixAttention=RadixAttention,
+        KVIndexTranslator=KVIndexTranslator, MHATokenToKVPool=MHATokenToKVPool, ReqToTokenPool=ReqToTokenPool,
+        ForwardMode=ForwardMode, NgramVerifyInput=NgramVerifyInput, LlamaConfig=LlamaConfig,
+        TkernelsAttnBackend=TkernelsAttnBackend,
+    )
 
 
 def model_runner(sg):

@@ -1,5 +1,6 @@
 """TokenRecyclingProposer: the recycling bookkeeping without an engine, then inside vLLM."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -60,7 +61,7 @@ class Batch:
 
 def step(proposer, target, batch, sampled, next_tokens, rng):
     """One engine step: the target's logits rows (argmax = ``next_tokens``), bookkeeping, propose."""
-    target.compute_logits(logits_preferring(sum(next_tokens, []), rng))
+    target.compute_logits(logits_preferring(list(itertools.chain.from_iterable(next_tokens)), rng))
     batch.commit(sampled)
     return proposer.propose(sampled, batch.num_tokens.copy(), batch.token_ids)
 
@@ -123,7 +124,7 @@ def test_rows_with_nothing_sampled_get_no_draft_and_drafts_respect_max_model_len
 
 
 def test_logits_of_another_vocabulary_are_a_clear_error(rng):
-    proposer, target = make_proposer()
+    _proposer, target = make_proposer()
     with pytest.raises(ValueError, match=f"logits have {VOCAB + 1} columns"):
         target.compute_logits(torch.rand(2, VOCAB + 1, generator=rng))
 

@@ -108,7 +108,7 @@ def test_mixed_load_respects_budget_and_never_skips_a_decode(model_dir):
 
 def test_default_budget_and_config_options(model_dir, monkeypatch):
     from tkernels.plugins.vllm.scheduler import DecodeMaximalScheduler
-    from tkernels.sched import FALLBACK_BUDGET, ENV_TBT_SLO_MS
+    from tkernels.sched import ENV_TBT_SLO_MS, FALLBACK_BUDGET
 
     monkeypatch.delenv(ENV_TBT_SLO_MS, raising=False)
     scheduler = create_scheduler(model_dir, DecodeMaximalScheduler, max_num_batched_tokens=2048)

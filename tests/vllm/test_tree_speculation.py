@@ -11,7 +11,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from test_proposer import VOCAB, Batch, FakeTarget, logits_preferring
 
 pytestmark = pytest.mark.vllm
@@ -61,7 +60,7 @@ def learn(proposer, rows):
 
 
 def test_tree_draft_is_the_best_nodes_in_bfs_order_recorded_per_request():
-    proposer, target = make_tree_proposer()
+    proposer, _target = make_tree_proposer()
     # Recycled rows 4 -> (8, 9, 10), 8 -> (12, ...); 12 is unwritten. Prior acceptance 0.5 * 0.5**rank:
     # path probabilities 8: .5, 9: .25, 12: .25, 10: .125, ... so the best 3 nodes are 8, 9 and 12.
     learn(proposer, {4: [8, 9, 10], 8: [12, 13], 9: [20]})

@@ -592,7 +592,7 @@ def _check_inputs(q, k_cache, v_cache, out) -> None:
         _fail("q", f"must be [T, num_q_heads, head_dim], got shape {tuple(q.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         _fail("q", f"dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    T, Hq, D = q.shape
+    _T, Hq, D = q.shape
     if not 16 <= D <= 256:
         _fail("q", f"head_dim must be in [16, 256], got {D}")
     if k_cache.dim() != 4:
@@ -637,7 +637,7 @@ def mixed_attention_reference(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch fp32 reference: one request at a time, K/V gathered through the block table."""
-    T, Hq, D = q.shape
+    _T, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     scale = D ** -0.5 if scale is None else scale
     out = torch.empty_like(q)

@@ -42,14 +42,14 @@ class DiffusionSchedule:
         self.alpha_bars_reverse = alpha_bar.float()
 
     @classmethod
-    def cosine(cls, num_steps: int, max_beta: float = 0.999) -> "DiffusionSchedule":
+    def cosine(cls, num_steps: int, max_beta: float = 0.999) -> DiffusionSchedule:
         """Nichol & Dhariwal's cosine schedule."""
-        f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = [min(1 - f((i + 1) / num_steps) / f(i / num_steps), max_beta) for i in range(num_steps)]
         return cls(torch.tensor(betas, dtype=torch.float64))
 
     @classmethod
-    def linear(cls, num_steps: int, beta_start: float, beta_end: float) -> "DiffusionSchedule":
+    def linear(cls, num_steps: int, beta_start: float, beta_end: float) -> DiffusionSchedule:
         return cls(torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64))
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -38,9 +38,10 @@ from __future__ import annotations
 import math
 import os
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 from tkernels.config import ConfigChoice, ConfigError, current
 from tkernels.sched.latency_model import (

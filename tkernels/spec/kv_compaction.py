@@ -24,7 +24,7 @@ whose grid covers requests x leading planes x column tiles. Launch parameters
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import triton

@@ -15,7 +15,7 @@ probabilities, instead of one shape for the whole batch.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

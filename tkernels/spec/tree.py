@@ -17,9 +17,10 @@ token of a draft head). Drafters fill a shape with tokens; the verifier only nee
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
 
 import torch
 
@@ -289,15 +290,15 @@ class TreeShape:
     def levels(self) -> list[tuple[int, int]]:
         """``[start, end)`` of every depth >= 1 (contiguous in BFS order)."""
         ends = torch.bincount(depths(self.parents.cpu()).long()).cumsum(0).tolist()
-        return list(zip(ends[:-1], ends[1:]))
+        return list(itertools.pairwise(ends))
 
-    def truncate(self, n: int) -> "TreeShape":
+    def truncate(self, n: int) -> TreeShape:
         """The first ``n`` nodes in BFS order (always a tree, since ``parents[i] < i``)."""
         if not 1 <= n <= len(self):
             raise ValueError(f"n must be in [1, {len(self)}], got {n}")
         return TreeShape(self.parents[:n].clone(), self.ranks[:n].clone())
 
-    def to(self, device) -> "TreeShape":
+    def to(self, device) -> TreeShape:
         return TreeShape(self.parents.to(device), self.ranks.to(device))
 
 
@@ -379,7 +380,7 @@ def to_sglang(draft_tokens: torch.Tensor, parents: torch.Tensor, cu_nodes: torch
     if cu_nodes is None:
         return draft_tokens.long(), ancestor_mask(parents).flatten().long()
     bounds = cu_nodes.tolist()
-    masks = [ancestor_mask(parents[s:e]).flatten() for s, e in zip(bounds[:-1], bounds[1:])]
+    masks = [ancestor_mask(parents[s:e]).flatten() for s, e in itertools.pairwise(bounds)]
     return draft_tokens.long(), torch.cat(masks).long()
 
 
