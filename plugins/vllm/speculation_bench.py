@@ -50,7 +50,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from tkernels.plugins.vllm.demo import load_questions, resolve_model
+from tkernels.data import Question, specbench_dev
+from tkernels.plugins.vllm.demo import resolve_model
 
 METHODS = ("none", "ngram", "tr", "tr-tree")
 NGRAM_MIN, NGRAM_MAX = 1, 3  # as tkernels.spec.propose_ngram's defaults (prompt lookup, PLD)
@@ -70,7 +71,7 @@ def speculative_config(method: str, num_spec_tokens: int) -> dict | None:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def run_method(model_dir: Path, questions: list[dict], method: str, max_tokens: int, num_spec_tokens: int,
+def run_method(model_dir: Path, questions: list[Question], method: str, max_tokens: int, num_spec_tokens: int,
                rounds: int = 1) -> dict:
     """Generate in this process with one engine; returns token ids and step counts per request
     (``rounds`` times the questions, round after round), wall time and vLLM's counters."""
@@ -98,7 +99,7 @@ def run_method(model_dir: Path, questions: list[dict], method: str, max_tokens: 
     llm = LLM(**kwargs)
     tokenizer = llm.get_tokenizer()
     prompts = [
-        tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q["prompt"]}], tokenize=False,
+        tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q.prompt}], tokenize=False,
                                                        add_generation_prompt=True), add_special_tokens=False)
         for q in questions
     ]
@@ -132,20 +133,22 @@ def _run_subprocess(args: argparse.Namespace, method: str) -> dict:
     command = [sys.executable, "-m", "tkernels.plugins.vllm.speculation_bench", "--method", method, "--raw",
                "--model", args.model, "--questions", str(args.questions), "--max-tokens", str(args.max_tokens),
                "--num-spec-tokens", str(args.num_spec_tokens), "--rounds", str(args.rounds)]
-    out = subprocess.run(command, capture_output=True, text=True)
+    if args.per_category is not None:
+        command += ["--per-category", str(args.per_category)]
+    out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"method {method} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def summarize(runs: list[dict], questions: list[dict]) -> list[dict]:
+def summarize(runs: list[dict], questions: list[Question]) -> list[dict]:
     """One record per method: tokens/s, MAT overall and per category, vLLM counters, equality."""
     reference = next((r["token_ids"] for r in runs if r["method"] == "none"), None)
     records = []
     for run in runs:
         by_category = defaultdict(lambda: [0, 0])
         for q, ids, steps in zip(questions * run["rounds"], run["token_ids"], run["steps"]):
-            for key in (q["category"], "overall"):
+            for key in (q.category, "overall"):
                 by_category[key][0] += len(ids)
                 by_category[key][1] += steps
         generated = sum(map(len, run["token_ids"]))
@@ -175,7 +178,7 @@ def format_table(records: list[dict]) -> str:
     lines = [f"{'method':<7} {'tokens/s':>9} {'MAT':>6} {'vLLM AL':>8} {'accept':>7} {'drafts':>7} {'equal':>6}"]
     for r in records:
         lines.append(f"{r['method']:<7} {r['tokens_per_s']:>9.1f} {r['mat']:>6.3f} {fmt(r['vllm_acceptance_length'], '.3f'):>8} "
-                     f"{fmt(r['draft_acceptance_rate'], '.3f'):>7} {r['spec_decode_num_drafts']:>7} {str(r['equal']):>6}")
+                     f"{fmt(r['draft_acceptance_rate'], '.3f'):>7} {r['spec_decode_num_drafts']:>7} {r['equal']!s:>6}")
     categories = sorted({c for r in records for c in r["mat_by_category"]})
     lines.append("MAT by category: " + "; ".join(
         f"{c}: " + ", ".join(f"{r['method']} {r['mat_by_category'][c]:.3f}" for r in records) for c in categories))
@@ -186,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tkernels.plugins.vllm.speculation_bench",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="HF folder, 'smollm2' (embedded) or 'tiny'")
-    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--questions", type=int, default=8, help="the first N of the selection")
+    parser.add_argument("--per-category", type=int, default=None,
+                        help="at most K per category, categories in turn (as bench/spec_mat.py); default file order")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--num-spec-tokens", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=1, help="submit the questions this many times in sequence")
@@ -195,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # a method's raw run, for the parent
     args = parser.parse_args(argv)
-    if min(args.questions, args.max_tokens, args.num_spec_tokens, args.rounds) < 1:
-        parser.error("--questions, --max-tokens, --num-spec-tokens and --rounds must be >= 1")
-    questions = load_questions(args.questions)
+    if min(args.questions, args.max_tokens, args.num_spec_tokens, args.rounds, args.per_category or 1) < 1:
+        parser.error("--questions, --per-category, --max-tokens, --num-spec-tokens and --rounds must be >= 1")
+    questions = specbench_dev(args.questions, args.per_category)
     model_dir = resolve_model(args.model)
     if args.method:
         runs = [run_method(model_dir, questions, args.method, args.max_tokens, args.num_spec_tokens, args.rounds)]
