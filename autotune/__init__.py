@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.dry_run:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+        _use_interpreter()
     import torch
 
     from tkernels import config
@@ -102,6 +102,22 @@ def run(args: argparse.Namespace) -> int:
     fit.plot(plot_path, points, measured, predicted, sections["budgets"], f"{device_name} · {model_name}")
     _report(out, plot_path, tuned, sections)
     return 0
+
+
+def _use_interpreter() -> None:
+    """A dry run executes the kernels on the CPU under Triton's interpreter, which ``@triton.jit``
+    picks when a kernel module is imported: set TRITON_INTERPRET=1 now, or refuse clearly if some
+    kernel module was already imported compiled (``tkernels autotune`` itself arranges it before
+    importing any, see :func:`tkernels.cli.main`)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    from tkernels.registry import KERNEL_MODULES
+
+    imported = [m for m in KERNEL_MODULES if m in sys.modules]
+    if imported:
+        raise SystemExit(f"--dry-run: needs Triton's interpreter, but {imported[0]} was imported without it; "
+                         "set TRITON_INTERPRET=1 before importing tkernels' kernels")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _existing(out: Path, force: bool, config) -> dict | None:

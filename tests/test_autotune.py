@@ -2,6 +2,9 @@
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -89,3 +92,22 @@ def test_interrupted_run_resumes_without_remeasuring(tmp_path, monkeypatch):
     assert len(calls) == len(profile.step_points(True, False)) - 1
     assert new_jobs and all(job.startswith("step/") for job in new_jobs)
     config.load(tmp_path / "cpu-dry-run.json")
+
+
+def test_dry_run_from_a_plain_shell_picks_the_interpreter_itself(tmp_path):
+    """`tkernels autotune --dry-run` on a CPU machine with TRITON_INTERPRET unset: the CLI sets it
+    before any kernel module is imported, says so in one line, and the run completes."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "tkernels.cli", "autotune", "--dry-run", "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("TRITON_INTERPRET=1") == 1
+    assert config.load(tmp_path / "cpu-dry-run.json")["is_gpu"] is False
+
+
+def test_dry_run_after_compiled_kernels_were_imported_is_a_clear_error(monkeypatch):
+    import tkernels.spec.verify  # noqa: F401  (imported: the interpreter can no longer be chosen)
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(SystemExit, match="^--dry-run: needs Triton's interpreter"):
+        autotune._use_interpreter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import sys
 
 
@@ -43,7 +44,20 @@ def model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interpreter_for_dry_run(argv: list[str]) -> None:
+    """``tkernels autotune --dry-run`` runs the kernels on the CPU under Triton's interpreter.
+    ``@triton.jit`` chooses interpreted or compiled functions when a kernel module is imported,
+    and building this parser imports some, so the choice is made here, before anything else."""
+    dry_run = any(a.startswith("--dry") for a in argv[1:])  # argparse accepts prefixes of --dry-run
+    if argv[:1] == ["autotune"] and dry_run and os.environ.get("TRITON_INTERPRET") != "1":
+        os.environ["TRITON_INTERPRET"] = "1"
+        print("tkernels autotune --dry-run: kernels run under Triton's interpreter on the CPU (TRITON_INTERPRET=1)",
+              file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _interpreter_for_dry_run(argv)
     parser = argparse.ArgumentParser(prog="tkernels", description="Autotuned Triton kernels and server plugins.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, detected device and which per-GPU config applies").set_defaults(func=info)
