@@ -10,7 +10,7 @@ from tkernels.sched.budget import DecodeMaximalPolicy, Prefill
 from tkernels.sched.latency_model import DEFAULT_RATES, LatencyModel, LatencyRates, ModelShape
 from tkernels.spec.tree_policy import DynamicTreePolicy
 
-# The load each SLO's budget is derived for (DESIGN.md's W1: 64 decodes at context 2048 while
+# The load each SLO's budget is derived for (docs/design.md's W1: 64 decodes at context 2048 while
 # a long prompt is being prefilled), and the batch sizes tree budgets are derived for.
 REFERENCE_DECODES = 64
 REFERENCE_CONTEXT = 2048

@@ -7,9 +7,9 @@ Tunable kernels: the mixed-batch attention (its tile shapes per query class, spl
 warps and stages), tuned coordinate-wise: decode-tile parameters on a decode-only case,
 prefill-tile parameters on a prefill-only case, then warps and stages on the decode-maximal
 mix, each stage starting from the previous stage's best; tree verification (vocabulary tile and
-warps) on DESIGN.md's V1 chains at the model's vocabulary size, greedy plus target-only
+warps) on docs/design.md's V1 chains at the model's vocabulary size, greedy plus target-only
 sampling; KV compaction (column tile, warps) on 64 accepted 5-token paths in the model's KV
-rows; the continuous trajectory log-ratio (chunk, tile, warps) on DESIGN.md's C1 window, which
+rows; the continuous trajectory log-ratio (chunk, tile, warps) on docs/design.md's C1 window, which
 does not depend on the language model. The built-in defaults are always a candidate: a tuned config is never slower than
 them on the case it was measured on (``measured`` in the bucket says by how much).
 
@@ -65,7 +65,7 @@ class AttentionCase:
 
 
 def attention_cases(dry_run: bool, quick: bool) -> dict[str, AttentionCase]:
-    """Cases per tuning stage (DESIGN.md's W3 / W4 / W1 workloads, shrunk for ``--quick``)."""
+    """Cases per tuning stage (docs/design.md's W3 / W4 / W1 workloads, shrunk for ``--quick``)."""
     if dry_run:
         return {"decode": AttentionCase("decode", (1,) * 3, (40, 17, 33)),
                 "prefill": AttentionCase("prefill", (24,), (40,)),

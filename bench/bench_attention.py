@@ -4,7 +4,7 @@ Run on a GPU: ``pytest bench/bench_attention.py --benchmark-enable``. Every impl
 the same inputs (``bench/workloads.py``); each output is checked against the fp32 reference
 before timing. Times are ``triton.testing.do_bench`` medians; each run also records us, TB/s,
 TFLOP/s and % of the roofline floor max(min bytes / copy bandwidth, FLOPs / bf16 matmul rate),
-both measured here, into ``bench/results/<device file name>.json`` (DESIGN.md "Result files").
+both measured here, into ``bench/results/<device file name>.json`` (docs/design.md "Result files").
 Without a GPU the module skips, unless ``TKERNELS_BENCH_TINY=1`` runs tiny shapes under the
 Triton interpreter (nothing is written then).
 

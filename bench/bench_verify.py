@@ -1,4 +1,4 @@
-"""Verification benchmark V1 (DESIGN.md): batch 64, vocab 128256, bf16 logits in, tokens out.
+"""Verification benchmark V1 (docs/design.md): batch 64, vocab 128256, bf16 logits in, tokens out.
 
 Trees: ``chain4`` (4 draft tokens: 5 nodes per request) and ``tree64`` (Token Recycling's
 template cut to 64 nodes per request). Modes: ``greedy``; ``sampling`` (temperature 1, the

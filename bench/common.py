@@ -44,7 +44,7 @@ def median_us(fn) -> float:
 
 
 def merge_records(records: list[dict]) -> Path:
-    """Merge into ``bench/results/<device file name>.json`` (DESIGN.md "Result files"): a
+    """Merge into ``bench/results/<device file name>.json`` (docs/design.md "Result files"): a
     (workload, impl) pair measured now replaces the one measured before."""
     path = RESULTS_DIR / f"{device_file_name(torch.cuda.get_device_name())}.json"
     data = json.loads(path.read_text()) if path.is_file() else {"records": []}

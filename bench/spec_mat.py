@@ -1,6 +1,6 @@
 """Acceptance length (MAT) of tkernels' drafters on SmolLM2-135M-Instruct, on the CPU.
 
-Workload (DESIGN.md): chat template, first turns of Spec-Bench's dev half
+Workload (docs/design.md): chat template, first turns of Spec-Bench's dev half
 (``tkernels/data/specbench_dev.jsonl``), greedy, 128 new tokens. A reference decoding loop on
 transformers verifies each draft tree in ONE target forward: tree tokens at positions
 prefix + depth under a 4-D tree attention mask over the KV cache; after greedy verification

@@ -1,4 +1,4 @@
-"""Attention benchmark workloads W1-W5 (DESIGN.md "Benchmark workloads"), defined once.
+"""Attention benchmark workloads W1-W5 (docs/design.md "Benchmark workloads"), defined once.
 
 Llama-3-8B heads (32 query heads, 8 KV heads, head_dim 128), bf16, block size 16, random block
 tables and data. "At context C" means C keys in total, new tokens included. Counting rules:
@@ -67,7 +67,7 @@ def build(name: str, *, device: str | torch.device = "cuda", seed: int = 0, tiny
 
 
 def count_work(batch: PagedBatch) -> tuple[float, float]:
-    """(FLOPs, minimum bytes) of ``batch`` under DESIGN.md's counting rules."""
+    """(FLOPs, minimum bytes) of ``batch`` under docs/design.md's counting rules."""
     T, num_q_heads, head_dim = batch.q.shape
     num_kv_heads = batch.k_cache.shape[2]
     elem = batch.q.element_size()

@@ -12,4 +12,6 @@ status=0
 "$main/bin/ruff" check . || status=$?
 TKERNELS_REQUIRE=vllm "$main/bin/python" -m pytest tests "$@" || status=$((status ? status : $?))
 TKERNELS_REQUIRE=sglang "$sglang/bin/python" -m pytest tests/sglang "$@" || status=$((status ? status : $?))
+# The tracked tree alone, in an empty folder, runs the main job's speculation comparison.
+bash tests/standalone.sh || status=$((status ? status : $?))
 exit $status

@@ -1,4 +1,4 @@
-"""Benchmark workload definitions: FLOP and byte counts follow DESIGN.md's counting rules."""
+"""Benchmark workload definitions: FLOP and byte counts follow docs/design.md's counting rules."""
 
 import sys
 from pathlib import Path

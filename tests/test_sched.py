@@ -50,7 +50,7 @@ def predicted_us(decodes, spec, prefills):
 
 
 def test_default_rates_match_measured_linear_scaling():
-    # DESIGN.md, H100, Llama-3-8B linear layers: x1.02 @64, x1.07 @128, x1.22 @256, x1.93 @512.
+    # docs/design.md, H100, Llama-3-8B linear layers: x1.02 @64, x1.07 @128, x1.22 @256, x1.93 @512.
     one = MODEL.step_us(1, 0, 0) - DEFAULT_RATES.overhead_us
     for tokens, measured in [(64, 1.02), (128, 1.07), (256, 1.22), (512, 1.93)]:
         ratio = (MODEL.step_us(tokens, 0, 0) - DEFAULT_RATES.overhead_us) / one
@@ -61,7 +61,7 @@ def test_latency_model_prices_the_tree_policy():
     from tkernels.spec import DynamicTreePolicy
 
     trees = DynamicTreePolicy(k=4, max_depth=16, step_time=MODEL)
-    # DESIGN.md: a 64-node tree is free at batch 1 and unaffordable at batch 32.
+    # docs/design.md: a 64-node tree is free at batch 1 and unaffordable at batch 32.
     assert len(trees.choose(1, 64)) == 64 and len(trees.choose(32, 64)) < 16
 
 

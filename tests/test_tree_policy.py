@@ -68,7 +68,7 @@ def test_default_step_time_is_the_per_gpu_latency_model():
 
     step_time = DynamicTreePolicy().step_time
     assert isinstance(step_time, LatencyModel)
-    # DESIGN.md's H100 Llama-3-8B ratios: a 64-token verify is nearly free, 512 is not.
+    # docs/design.md's H100 Llama-3-8B ratios: a 64-token verify is nearly free, 512 is not.
     assert step_time.step_time(64) / step_time.step_time(1) < 1.05
     assert step_time.step_time(512) / step_time.step_time(1) > 1.7
 

@@ -13,7 +13,7 @@ verify budget (``tr-tree`` with its per-batch tree sizing off, ``size: fixed``).
 a GPU; on vLLM-CPU, ``TKERNELS_VLLM_CPU_TEST_BACKEND=reference`` (set here), whose PyTorch
 reference attention makes its tokens/s incomparable with the other methods' (MAT is unaffected).
 
-DESIGN.md's acceptance-length workload: first turns of the Spec-Bench dev questions through the
+docs/design.md's acceptance-length workload: first turns of the Spec-Bench dev questions through the
 chat template, greedy, ``--max-tokens`` new tokens (EOS ignored, so every method generates the
 same number), all questions submitted at once; with ``--rounds R`` the set is submitted R times
 in sequence on the same engine (Token Recycling keeps its adjacency across requests, so later
@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to compare")
     parser.add_argument("--method", choices=METHODS, help="run only this method, in this process")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
+    parser.add_argument("--require-equal", action="store_true",
+                        help="exit 1 unless every speculative method's outputs equal plain decoding's (needs 'none')")
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # a method's raw run, for the parent
     args = parser.parse_args(argv)
     if min(args.questions, args.max_tokens, args.num_spec_tokens, args.rounds, args.per_category or 1) < 1:
@@ -218,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": str(model_dir), "max_tokens": args.max_tokens, "num_spec_tokens": args.num_spec_tokens,
               "rounds": args.rounds, "records": records}
     print(json.dumps(result) if args.json else f"model: {model_dir}\n{format_table(records)}")
+    if args.require_equal:
+        unequal = [r["method"] for r in records if r["equal"] is not True and r["method"] != "none"]
+        if unequal or not any(r["method"] == "none" for r in records):
+            print(f"--require-equal: outputs differ from plain decoding for {unequal or 'every method (no none run)'}",
+                  file=sys.stderr)
+            return 1
     return 0
 
 

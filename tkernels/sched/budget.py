@@ -23,7 +23,7 @@ Where the numbers come from:
 
 - TBT SLO: ``slo_ms`` argument, else ``$TKERNELS_TBT_SLO_MS``; else no SLO, and τ is the fixed
   ``budgets.default_tokens`` of the per-GPU config, else :data:`FALLBACK_BUDGET` = 512 tokens
-  (Sarathi-Serve's strict-latency budget; DESIGN.md measures an 8B model's linear layers on an
+  (Sarathi-Serve's strict-latency budget; docs/design.md measures an 8B model's linear layers on an
   H100 at x1.93 the one-token time for 512 tokens);
 - latency rates: the per-GPU config's ``latency_model`` section, else the analytic H100-class
   default (:data:`~tkernels.sched.latency_model.DEFAULT_RATES`). On a GPU with no config

@@ -21,7 +21,7 @@ model: they come from the ``latency_model`` section of the per-GPU config
 
 Without that section (no config for this GPU, or an empty section) the analytic default
 :data:`DEFAULT_RATES` applies: H100-SXM-class rates whose ratio weight_gbps / matmul_tflops puts
-the linear layers' knee at ~330 tokens, matching the H100 measurement in DESIGN.md (Llama-3-8B
+the linear layers' knee at ~330 tokens, matching the H100 measurement in docs/design.md (Llama-3-8B
 linear layers, bf16: x1.02 at 64 tokens, x1.07 at 128, x1.22 at 256, x1.93 at 512 vs 1 token;
 this model predicts x1.02, x1.07, x1.27, x1.84).
 """
@@ -72,7 +72,7 @@ class ModelShape:
         return 4 * self.head_dim * self.num_q_heads * self.num_layers
 
 
-# Llama-3-8B in bf16, the benchmark workloads' model (DESIGN.md).
+# Llama-3-8B in bf16, the benchmark workloads' model (docs/design.md).
 LLAMA3_8B = ModelShape(num_layers=32, hidden_size=4096, num_q_heads=32, num_kv_heads=8, head_dim=128,
                        intermediate_size=14336, vocab_size=128256, dtype_bytes=2)
 
