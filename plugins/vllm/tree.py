@@ -35,8 +35,10 @@ Patched vLLM symbols, and why:
 5. ``SamplingParams._validate_spec_decode`` (admission): with the tree proposer configured,
    only requests whose distribution tree verification reproduces exactly are admitted
    (temperature, top-k, top-p; no penalties, bad words, allowed tokens, min_tokens, logprobs or
-   structured output; vLLM itself refuses min_p and logit bias with speculation); others get
-   a clear error when they are submitted. Requests are
+   structured output; vLLM itself refuses min_p and logit bias with speculation); others are
+   refused when they are submitted with :class:`UnsupportedRequestError`, a vLLM
+   request-validation error, so vLLM's OpenAI server answers HTTP 400 with the message (in a
+   stream: an error event with code 400). Requests are
    validated in the front-end process, so the plugin's ``register()`` installs this one in
    every process (only warning if it cannot: servers without tree speculation keep working);
    it does nothing unless the tree proposer is configured, whose :func:`install` raises if the
@@ -58,6 +60,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from vllm.exceptions import VLLMValidationError
 
 from tkernels.attention.mixed_attention import MAX_TREE_NODES
 from tkernels.spec import (
@@ -349,9 +352,16 @@ def unsupported_request_params(params) -> list[str]:
         ("allowed_token_ids", params.allowed_token_ids is not None),
         ("min_tokens", params.min_tokens > 0),
         ("logprobs", params.logprobs is not None or params.prompt_logprobs is not None),
-        ("structured outputs", params.structured_outputs is not None),
+        ("structured outputs (response_format, guided decoding)", params.structured_outputs is not None),
     )
     return [name for name, asked in checks if asked]
+
+
+class UnsupportedRequestError(VLLMValidationError, ValueError):
+    """A request tree verification cannot reproduce exactly. vLLM's own request-validation
+    error, so its OpenAI server answers HTTP 400 with this message (any other exception raised
+    while a request is admitted becomes an HTTP 500 with an empty message); a ValueError for
+    offline callers."""
 
 
 def install_request_validation() -> None:
@@ -368,9 +378,10 @@ def install_request_validation() -> None:
         if is_tree_config(speculative_config):
             unsupported = unsupported_request_params(self)
             if unsupported:
-                raise ValueError(f"tkernels tree speculation verifies greedy or temperature/top-k/top-p sampling only; "
-                                 f"this request asks for "
-                                 f"{', '.join(unsupported)} (serve it without tree speculation)")
+                raise UnsupportedRequestError(
+                    f"tkernels tree speculation verifies greedy or temperature/top-k/top-p sampling only; "
+                    f"this request asks for {', '.join(unsupported)} (serve it without tree speculation)"
+                )
 
     _validate_spec_decode._tkernels_tree = True
     SamplingParams._validate_spec_decode = _validate_spec_decode

@@ -166,10 +166,14 @@ def test_requests_tree_verification_cannot_reproduce_are_refused_at_submission()
     tree_spec = vllm_config().speculative_config
     SamplingParams(temperature=0.0)._validate_spec_decode(tree_spec)
     SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=3)._validate_spec_decode(tree_spec)
+    from vllm.exceptions import VLLMValidationError
+
     for params, what in ((dict(repetition_penalty=1.2), "penalties"), (dict(logprobs=2), "logprobs"),
                          (dict(min_tokens=3), "min_tokens"), (dict(bad_words=["x"]), "bad_words")):
-        with pytest.raises(ValueError, match=f"top-k/top-p sampling only.*{what}"):
+        # vLLM's validation error (its server answers HTTP 400 with the message), and a ValueError
+        with pytest.raises(VLLMValidationError, match=f"top-k/top-p sampling only.*{what}") as caught:
             SamplingParams(**params)._validate_spec_decode(tree_spec)
+        assert isinstance(caught.value, ValueError)
     linear = SimpleNamespace(method="custom_class", model="tkernels.plugins.vllm.proposer.TokenRecyclingProposer")
     SamplingParams(repetition_penalty=1.2)._validate_spec_decode(linear)  # other proposers: unchanged
 
