@@ -274,6 +274,35 @@ def test_per_request_generators_are_batch_independent(rng):
         V.verify_sampling(logits, tokens, parents, cu, temp, generators={3: torch.Generator()})
 
 
+def _splitmix_reference(seed: int, counter: int) -> float:
+    """keyed_uniforms' definition in exact integers: SplitMix64 of the mixed seed at ``counter``."""
+    mask, golden = (1 << 64) - 1, 0x9E3779B97F4A7C15
+
+    def mix(x):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    stream = mix((seed + golden) & mask)
+    return (mix((stream + counter * golden) & mask) >> 40) / 2**24
+
+
+def test_keyed_uniforms_depend_on_seed_and_position_only(rng):
+    seeds = [0, 1, 123, -5, 2**63 - 1, 2**70 + 3]
+    positions = torch.tensor([0, 5, 77, 2**40, 3, 9])
+    u = V.keyed_uniforms(seeds, positions)
+    expected = [[_splitmix_reference(s & ((1 << 64) - 1), 2 * int(p) + c) for c in (1, 2)] for s, p in zip(seeds, positions)]
+    assert u.dtype == torch.float32 and u.tolist() == expected  # exact: wrapping int64 arithmetic
+    order = torch.randperm(len(seeds), generator=rng)  # a row's uniforms do not depend on its neighbours
+    assert torch.equal(V.keyed_uniforms([seeds[i] for i in order], positions[order]), u[order])
+    many = V.keyed_uniforms(torch.arange(50_000), torch.arange(50_000))
+    assert 0 <= float(many.min()) and float(many.max()) < 1 and abs(float(many.mean()) - 0.5) < 0.01
+    with pytest.raises(ValueError, match="seeds and positions"):
+        V.keyed_uniforms(torch.zeros(3, dtype=torch.int32), positions[:3])
+    with pytest.raises(ValueError, match="positions must be non-negative"):
+        V.keyed_uniforms([1], torch.tensor([-1]))
+
+
 def test_sampling_temperature_zero_is_greedy(rng):
     batch = make_batch([random_parents(n, rng) for n in (5, 9, 1, 14)], 300, rng)
     greedy = V.verify_greedy(*batch)
@@ -287,18 +316,21 @@ def test_sampling_temperature_zero_is_greedy(rng):
 
 
 @pytest.mark.parametrize(
-    "shape,sampled,params",
+    "shape,sampled,params,keyed",
     [
-        ("chain", False, (1.0, None, None)),
-        ("binary", False, (0.7, 5, None)),
-        ("star", False, (1.0, None, 0.8)),
-        ("chain", True, (1.0, None, None)),
-        ("binary", True, (1.3, None, None)),
-        ("star", True, (0.9, 6, 0.9)),
+        ("chain", False, (1.0, None, None), None),
+        ("binary", False, (0.7, 5, None), None),
+        ("star", False, (1.0, None, 0.8), None),
+        ("chain", True, (1.0, None, None), None),
+        ("binary", True, (1.3, None, None), None),
+        ("star", True, (0.9, 6, 0.9), None),
+        ("mixed", False, (1.0, None, None), "seeds"),  # keyed_uniforms: one seed per draw
+        ("binary", False, (0.8, None, 0.9), "positions"),  # one seed, a fresh position per draw
     ],
 )
-def test_sampling_is_lossless(rng, shape, sampled, params):
-    """Given that the output reached node v, the next output token is distributed as p(v)."""
+def test_sampling_is_lossless(rng, shape, sampled, params, keyed):
+    """Given that the output reached node v, the next output token is distributed as p(v); also
+    with uniforms keyed by (seed, position) (the vLLM plugin's seeded requests)."""
     draws, vocab = 100_000, 8
     tree = SHAPES[shape]
     n = len(tree)
@@ -329,8 +361,15 @@ def test_sampling_is_lossless(rng, shape, sampled, params):
         for v, kids in children.items():
             tokens[kids] = p_node[v].argsort(descending=True)[: len(kids)]
         tokens = tokens.repeat(draws)
-    uniforms = torch.rand(n * draws, 2, generator=rng)
     width = int(depths(torch.tensor(tree)).max()) + 1  # 1e5 identical trees: validated by the other tests
+    if keyed is None:
+        uniforms = torch.rand(n * draws, 2, generator=rng)
+    else:  # node v draws the token at position root + depth(v) + 1 of its request
+        offset = int(torch.randint(0, 2**40, (1,), generator=rng))
+        root = torch.arange(draws) * width if keyed == "positions" else torch.full((draws,), 1000)
+        seeds = torch.full((draws,), offset) if keyed == "positions" else torch.arange(draws) + offset
+        node_depth = depths(torch.tensor(tree)).long()
+        uniforms = V.keyed_uniforms(seeds.repeat_interleave(n), (root[:, None] + node_depth + 1).flatten())
     out_tokens, out_nodes, num = V._sampling_reference(
         logits, tokens, parents, cu, temp, top_k, top_p, uniforms, draft_probs, width
     ).result()

@@ -25,6 +25,7 @@ from .tree import (
 from .tree_policy import ConfidenceTreePolicy, DynamicTreePolicy, StepTime, greedy_tree
 from .verify import (
     draw_uniforms,
+    keyed_uniforms,
     target_probs,
     verify_greedy,
     verify_greedy_reference,
@@ -57,6 +58,7 @@ __all__ = [
     "StepTime",
     "greedy_tree",
     "draw_uniforms",
+    "keyed_uniforms",
     "target_probs",
     "verify_greedy",
     "verify_greedy_reference",
