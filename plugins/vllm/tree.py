@@ -68,6 +68,7 @@ from tkernels.spec import (
     compact_kv_reference,
     depths,
     draw_uniforms,
+    keyed_uniforms,
     verify_greedy,
     verify_greedy_reference,
     verify_sampling,
@@ -168,6 +169,24 @@ class TreeStep:
     num_nodes: np.ndarray  # 1 + len(drafts[i])
     parents: torch.Tensor  # int32 [sum(num_nodes)], the verification trees
     cu_nodes: torch.Tensor  # int32 [num_reqs + 1]
+    seeds: list[int | None] | None = None  # each row's sampling seed (None: unseeded)
+    root_position: np.ndarray | None = None  # index in its sequence of each row's node 0 (logits row)
+
+    def seeded_uniforms(self, uniforms: torch.Tensor) -> torch.Tensor:
+        """``uniforms`` with the seeded rows' nodes drawn from :func:`keyed_uniforms`: node ``i`` of
+        row ``r`` samples the token at index ``root_position[r] + depth(i) + 1``, so a seeded
+        request's tokens depend on its seed and its sequence alone (not on drafts or batch)."""
+        rows = [r for r, seed in enumerate(self.seeds or ()) if seed is not None]
+        if not rows:
+            return uniforms
+        cu = self.cu_nodes.tolist()
+        index = torch.cat([torch.arange(cu[r], cu[r + 1]) for r in rows])
+        root = torch.cat([torch.full((cu[r + 1] - cu[r],), int(self.root_position[r]), dtype=torch.int64) for r in rows])
+        seeds = [self.seeds[r] for r in rows for _ in range(cu[r], cu[r + 1])]
+        node_depth = torch.cat([depths(self.parents[cu[r] : cu[r + 1]]).long() for r in rows])
+        device = uniforms.device
+        uniforms[index.to(device)] = keyed_uniforms(seeds, (root + node_depth + 1).to(device))
+        return uniforms
 
 
 _ATTENTION_TREES: tuple[torch.Tensor, torch.Tensor] | None = None  # (tree_parents [T], is_tree [B]) of this step
@@ -235,7 +254,15 @@ class TreeBatch:
         self.step = TreeStep(
             req_ids=req_ids, drafts=drafts, prefix=prefix, num_nodes=num_nodes, parents=torch.cat(trees),
             cu_nodes=torch.from_numpy(np.concatenate([[0], np.cumsum(num_nodes)])).int(),
+            seeds=[_seed(runner, req_id) for req_id in req_ids],
+            root_position=prefix + np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64) - num_nodes,
         )
+        # Seeded rows draw from keyed_uniforms, never from vLLM's per-request generators. Dropping
+        # them also keeps vLLM-CPU from rewinding a CPU generator after a partial prefill chunk
+        # (``set_offset``, which CPU generators lack: a crash with seeded chunked prompts).
+        generators = getattr(runner.input_batch, "generators", None)
+        if generators:
+            generators.clear()
         if not token_index:
             _ATTENTION_TREES = None
             return
@@ -245,17 +272,24 @@ class TreeBatch:
 
     # patches 3 and 4 ----------------------------------------------------------------------------
     def verify(self, runner, logits: torch.Tensor, spec_decode_metadata):
-        """Greedy tree verification + KV compaction; vLLM's ``SamplerOutput`` for the step."""
+        """Tree verification + KV compaction; vLLM's ``SamplerOutput`` for the step. Steps without
+        any draft (``spec_decode_metadata`` None: one logits row per request) come here too, so
+        every token of a seeded request is drawn by the same keyed rule."""
         global _ATTENTION_TREES
         from vllm.v1.outputs import SamplerOutput
         from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
 
         _ATTENTION_TREES = None
         step = self.step
-        if step is None or step.num_nodes.tolist() != [d + 1 for d in spec_decode_metadata.num_draft_tokens]:
+        num_reqs = 0 if step is None else len(step.req_ids)
+        drafts = [0] * num_reqs if spec_decode_metadata is None else list(spec_decode_metadata.num_draft_tokens)
+        if step is None or step.num_nodes.tolist() != [d + 1 for d in drafts] or logits.shape[0] != sum(drafts) + num_reqs:
             raise RuntimeError("tkernels tree speculation: the step's logits rows do not match the trees of its rows")
         device = logits.device
-        node_tokens = runner.input_ids.gpu[spec_decode_metadata.logits_indices].long()
+        if spec_decode_metadata is None:  # 1-node trees: node 0's token is never compared
+            node_tokens = torch.zeros(num_reqs, dtype=torch.int64, device=device)
+        else:
+            node_tokens = runner.input_ids.gpu[spec_decode_metadata.logits_indices].long()
         parents, cu_nodes = step.parents.to(device), step.cu_nodes.to(device)
         reference = _cpu_reference_mode()
         sampling = runner.input_batch.sampling_metadata
@@ -264,12 +298,12 @@ class TreeBatch:
             tokens, nodes, num = verify(logits, node_tokens, parents, cu_nodes)
         else:  # greedy rows have temperature 0, which verify_sampling treats as greedy
             verify = verify_sampling_reference if reference else verify_sampling
-            uniforms = draw_uniforms(cu_nodes, generators=sampling.generators)  # seeded requests use their generator
+            # unseeded rows: torch's default generator, as vLLM's sampler; seeded rows: keyed by (seed, position)
+            uniforms = step.seeded_uniforms(draw_uniforms(cu_nodes))
             tokens, nodes, num = verify(logits, node_tokens, parents, cu_nodes, sampling.temperature, sampling.top_k,
                                         sampling.top_p, uniforms=uniforms)
         self._compact(runner, step, nodes, num, reference)
-        out = torch.full((len(step.req_ids), spec_decode_metadata.max_spec_len + 1), PLACEHOLDER_TOKEN_ID,
-                         dtype=torch.int32, device=device)
+        out = torch.full((num_reqs, max(drafts, default=0) + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
         out[:, : tokens.shape[1]] = torch.where(tokens >= 0, tokens, PLACEHOLDER_TOKEN_ID)
         return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
 
@@ -307,6 +341,15 @@ class TreeBatch:
 # --- installation ------------------------------------------------------------------------------
 
 
+def _seed(runner, req_id: str) -> int | None:
+    """The request's sampling seed (None: unseeded, or greedy, where no randomness is drawn)."""
+    state = runner.requests.get(req_id) if hasattr(runner, "requests") else None
+    params = getattr(state, "sampling_params", None)
+    if params is None or params.seed is None or params.temperature <= 0:
+        return None
+    return int(params.seed)
+
+
 def _tree_batch(runner) -> TreeBatch | None:
     batch = getattr(getattr(runner, "drafter", None), "tree_batch", None)
     return batch if isinstance(batch, TreeBatch) else None
@@ -334,7 +377,7 @@ def install(vllm_config) -> None:
     @functools.wraps(sample)
     def _sample(self, logits, spec_decode_metadata):
         batch = _tree_batch(self)
-        if batch is None or spec_decode_metadata is None:
+        if batch is None or logits is None:
             return sample(self, logits, spec_decode_metadata)
         return batch.verify(self, logits, spec_decode_metadata)
 
