@@ -21,11 +21,16 @@ Patched vLLM symbols, and why:
 2. Tree mask: no vLLM symbol. Our attention backend's metadata builder
    (:mod:`tkernels.plugins.vllm.attention`) reads :func:`attention_trees` and passes the tree
    rows' parents to ``mixed_attention``, which masks each node to its ancestors.
-3. ``GPUModelRunner._sample`` (verification). In place of vLLM's rejection sampler, the step's
+3. ``GPUModelRunner._sample`` (verification). In place of vLLM's rejection sampler (and of its
+   sampler in steps without any draft, so that one rule draws every token), the step's
    logits (row ``j`` of a request = tree node ``j``) go to :func:`tkernels.spec.verify_greedy`
    (all requests greedy) or :func:`tkernels.spec.verify_sampling` (exact sampling with each
-   request's temperature, top-k and top-p, deterministic drafts; seeded requests draw from
-   their vLLM generator); the accepted path tokens + bonus are returned in vLLM's
+   request's temperature, top-k and top-p, deterministic drafts). Unseeded requests draw from
+   torch's default generator, as vLLM's sampler does; a seeded request's node at depth ``d``
+   draws the token at sequence index ``root + d + 1`` with :func:`tkernels.spec.keyed_uniforms`
+   of (seed, index), so its output depends on its seed and prompt alone, never on what was
+   drafted, the drafter's state, the draft size or the batch (vLLM's per-request generators
+   go unused and are dropped). The accepted path tokens + bonus are returned in vLLM's
    ``SamplerOutput`` layout (padded with vLLM's placeholder id), so vLLM's bookkeeping,
    ``num_computed_tokens`` rollback and spec-decode metrics (accepted = generated - 1) work
    unchanged.
