@@ -54,13 +54,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tkernels.plugins.vllm.settings import TREE_KEY, tree_options
 from tkernels.spec import DynamicTreePolicy, TokenRecycling, TreeShape, best_path, depths, from_widths
 from tkernels.spec.tree import TR_80_WIDTHS
 
 __all__ = ["TokenRecyclingProposer", "TokenRecyclingTreeProposer", "draft_tree"]
 
 TOP_K = 8  # adjacency columns, as in the paper's 80-node tree
-TREE_CONFIG_KEY = "tkernels_tree"  # the tree proposer's options in vLLM's additional_config
+TREE_CONFIG_KEY = TREE_KEY  # the tree proposer's options in vLLM's additional_config (settings.py)
 
 
 def draft_tree(depth: int) -> TreeShape:
@@ -126,6 +127,9 @@ class TokenRecyclingProposer:
         slot_mappings=None,
     ) -> list[list[int]]:
         """One draft list per batch row (``[]`` for rows that sampled nothing this step)."""
+        # A row whose step failed (tree.FAILED_TOKEN, finished by the scheduler next) is a row
+        # that sampled nothing: no recycling from it, no draft for it.
+        sampled_token_ids = [s if not s or min(s) >= 0 else [] for s in sampled_token_ids]
         self.stats["steps"] += 1
         captured, self._captured = self._captured, []
         self._recycle(captured, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
@@ -268,12 +272,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         tree.install(vllm_config)
         self.vllm_config = vllm_config
         self.tree_batch = tree.TreeBatch()
-        options = dict((getattr(vllm_config, "additional_config", None) or {}).get(TREE_CONFIG_KEY, {}))
-        size = options.pop("size", "per_batch")
-        if options or size not in ("per_batch", "fixed"):
-            raise ValueError(f"additional_config['{TREE_CONFIG_KEY}']: expected only 'size': 'per_batch' or 'fixed', "
-                             f"got {dict(options, size=size)}")
-        self.per_batch = size == "per_batch"
+        self.per_batch = tree_options(getattr(vllm_config, "additional_config", None))["size"] == "per_batch"
         self.policy.step_time = LatencyModel(model_shape(vllm_config), LatencyRates.from_config())
         self._num_nodes = self.num_speculative_tokens + 1  # this step's node count, root included
 

@@ -28,18 +28,25 @@ Moving decodes first also makes FCFS preemption (``running[-1]``) pick a prefill
 
 from __future__ import annotations
 
+import logging
+import time
 from itertools import chain, islice
 
 from tkernels.plugins.vllm.compat import require_supported_vllm
 
 require_supported_vllm()  # before touching vLLM internals that may have moved
 
+import vllm.envs as envs  # noqa: E402
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 
+from tkernels.config import ConfigChoice, current  # noqa: E402
+from tkernels.plugins.vllm.settings import SCHED_KEY, sched_options  # noqa: E402
 from tkernels.sched import DecodeMaximalPolicy, ModelShape, Prefill, StepBudget  # noqa: E402
+from tkernels.sched.budget import ENV_TBT_SLO_MS  # noqa: E402
+from tkernels.sched.latency_model import DEFAULT_RATES  # noqa: E402
 
-CONFIG_KEY = "tkernels_sched"
-OPTIONS = ("slo_ms", "margin", "tile", "default_budget")  # DecodeMaximalPolicy's keyword arguments
+logger = logging.getLogger("vllm.tkernels")  # vLLM's handlers and format, with the process name
+
 
 
 def model_shape(vllm_config) -> ModelShape:
@@ -60,18 +67,61 @@ def model_shape(vllm_config) -> ModelShape:
     )
 
 
+def describe_policy(policy: DecodeMaximalPolicy, slo_source: str, choice: ConfigChoice) -> str:
+    """The start-up line: the SLO and where it came from, the budget it gives, the latency model's source."""
+    if policy.slo_ms is None:
+        budget = f"no TBT SLO: a fixed budget of {policy.fixed_budget} tokens per step"
+    else:
+        alone = policy.plan([], 0, [Prefill(0, policy.max_tokens)])
+        busy = policy.plan([1024] * 16, 0, [Prefill(0, policy.max_tokens)])
+        budget = (f"TBT SLO {policy.slo_ms:g} ms (from {slo_source}; target {policy.target_us / 1e3:g} ms after the "
+                  f"margin): budget {alone.tokens} tokens per step for a prompt alone (predicted "
+                  f"{alone.predicted_us / 1e3:.1f} ms), {busy.tokens} beside 16 decodes of 1k context (tile "
+                  f"{policy.tile}, at most max_num_batched_tokens = {policy.max_tokens})")
+    if policy.model.rates == DEFAULT_RATES:
+        source = f"the analytic H100-class default rates ({choice.reason})"
+    else:
+        source = f"the latency_model section of {choice.path} ({choice.reason})"
+    return f"tkernels scheduler: {budget}; latency model: {source}"
+
+
+class _StepStats:
+    """What the scheduler granted since the last stats line (logged every VLLM_LOG_STATS_INTERVAL s)."""
+
+    def __init__(self) -> None:
+        self.steps = self.budget = self.prefill = self.decodes = self.drafts = 0
+        self.verified = self.generated = 0  # decode rows whose output came back, and their tokens
+        self.since = time.monotonic()
+
+    def line(self) -> str:
+        steps = max(self.steps, 1)
+        mat = f"{self.generated / self.verified:.2f}" if self.verified else "n/a"
+        nodes = f"{self.drafts / self.decodes:.2f}" if self.decodes else "n/a"
+        return (f"tkernels scheduler: Avg budget: {self.budget / steps:.1f} tokens/step, "
+                f"Avg prefill granted: {self.prefill / steps:.1f} tokens/step, "
+                f"Avg decodes: {self.decodes / steps:.2f}/step, Avg draft (tree) nodes: {nodes} per decode, "
+                f"MAT: {mat} tokens per decode forward, Steps: {self.steps}")
+
+
 class DecodeMaximalScheduler(AsyncScheduler):
-    """vLLM's AsyncScheduler with a per-step token budget from :class:`DecodeMaximalPolicy`."""
+    """vLLM's AsyncScheduler with a per-step token budget from :class:`DecodeMaximalPolicy`.
+
+    Logs one start-up line (:func:`describe_policy`) and, with vLLM's stats logging on, a stats
+    line every ``VLLM_LOG_STATS_INTERVAL`` seconds (:class:`_StepStats`).
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_budget = self.max_num_scheduled_tokens
-        options = dict((self.vllm_config.additional_config or {}).get(CONFIG_KEY, {}))
-        unknown = set(options) - set(OPTIONS)
-        if unknown:
-            raise ValueError(f"additional_config['{CONFIG_KEY}']: unknown keys {sorted(unknown)}; known: {OPTIONS}")
-        self.policy = DecodeMaximalPolicy(model_shape(self.vllm_config), max_tokens=self.max_budget, **options)
+        options = sched_options(self.vllm_config.additional_config)  # checked at start-up already (settings.py)
+        choice = current()
+        self.policy = DecodeMaximalPolicy(model_shape(self.vllm_config), max_tokens=self.max_budget, choice=choice,
+                                          **options)
         self.last_plan: StepBudget | None = None
+        slo_source = f"additional_config['{SCHED_KEY}']" if "slo_ms" in options else f"${ENV_TBT_SLO_MS}"
+        logger.info("%s", describe_policy(self.policy, slo_source, choice))
+        self.stats = _StepStats()
+        self._decode_ids: dict[int, tuple[object, set[str]]] = {}  # id(output) -> (output, its decodes)
 
     def schedule(self, *args, **kwargs):
         decodes = [r for r in self.running if not r.is_prefill_chunk]
@@ -91,4 +141,32 @@ class DecodeMaximalScheduler(AsyncScheduler):
             drafts_left -= len(request.spec_token_ids)
         self.max_num_scheduled_tokens = min(plan.tokens, self.max_budget)
         self.last_plan = plan
-        return super().schedule(*args, **kwargs)
+        output = super().schedule(*args, **kwargs)
+        self._count(output, {r.request_id for r in decodes})
+        return output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        _, decodes = self._decode_ids.pop(id(scheduler_output), (None, set()))
+        index = model_runner_output.req_id_to_index
+        for req_id in decodes:
+            if req_id in index and model_runner_output.sampled_token_ids:
+                self.stats.verified += 1
+                self.stats.generated += len(model_runner_output.sampled_token_ids[index[req_id]])
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _count(self, output, decode_ids: set[str]) -> None:
+        scheduled = output.num_scheduled_tokens
+        decodes = decode_ids.intersection(scheduled)
+        drafts = sum(len(output.scheduled_spec_decode_tokens.get(r, ())) for r in decodes)
+        stats = self.stats
+        stats.steps += 1
+        stats.budget += self.max_num_scheduled_tokens
+        stats.decodes += len(decodes)
+        stats.drafts += drafts
+        stats.prefill += output.total_num_scheduled_tokens - len(decodes) - drafts
+        self._decode_ids[id(output)] = (output, decodes)
+        while len(self._decode_ids) > 8:  # outputs that never came back (vLLM returns each one; a bound anyway)
+            self._decode_ids.pop(next(iter(self._decode_ids)))
+        if self.log_stats and time.monotonic() - stats.since >= envs.VLLM_LOG_STATS_INTERVAL:
+            logger.info("%s", stats.line())
+            self.stats = _StepStats()

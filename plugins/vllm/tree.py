@@ -88,6 +88,7 @@ _PATCHED_SIGNATURES = {
     "_sample": ("self", "logits", "spec_decode_metadata"),
 }
 _VALIDATE_SIGNATURE = ("self", "speculative_config")
+_UPDATE_SIGNATURE = ("self", "scheduler_output", "model_runner_output")
 
 
 def is_tree_config(speculative_config) -> bool:
@@ -366,6 +367,7 @@ def install(vllm_config) -> None:
 
     check_config(vllm_config)
     install_request_validation()  # done by register() in every process; here it fails loudly if it could not be
+    install_failed_request_handling()  # likewise (it acts in the engine process, where the scheduler runs)
     methods = {name: _checked_method(GPUModelRunner, name, sig) for name, sig in _PATCHED_SIGNATURES.items()}
     if _already_patched(GPUModelRunner, "_sample"):
         return
@@ -410,6 +412,44 @@ class UnsupportedRequestError(VLLMValidationError, ValueError):
     error, so its OpenAI server answers HTTP 400 with this message (any other exception raised
     while a request is admitted becomes an HTTP 500 with an empty message); a ValueError for
     offline callers."""
+
+
+# A request whose step failed in the worker (non-finite logits) gets this in place of its tokens
+# in vLLM's SamplerOutput: negative, so never a token id, and not vLLM's placeholder (-1), so
+# vLLM's output parsing keeps it. Patch 6 turns it into vLLM's per-request error.
+FAILED_TOKEN = -2
+
+
+def install_failed_request_handling() -> None:
+    """Patch 6: ``Scheduler.update_from_output`` finishes a request whose step failed in the
+    worker (its tokens are ``[FAILED_TOKEN]``) with ``FINISHED_ERROR``, through the set vLLM uses
+    for its own per-request errors (grammar compilation): the client gets an error for that
+    request (HTTP 500 in vLLM's server) and the server serves on. Idempotent; inert unless the
+    tree proposer is configured."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    update = _checked_method(Scheduler, "update_from_output", _UPDATE_SIGNATURE)
+    if _already_patched(Scheduler, "update_from_output"):
+        return
+
+    @functools.wraps(update)
+    def update_from_output(self, scheduler_output, model_runner_output):
+        sampled = model_runner_output.sampled_token_ids
+        if sampled and is_tree_config(self.vllm_config.speculative_config) and any(
+            tokens[:1] == [FAILED_TOKEN] for tokens in sampled
+        ):
+            errors = getattr(self, "grammar_compile_error_reqs", None)
+            if not isinstance(errors, set):
+                raise RuntimeError("tkernels tree speculation: this vLLM's scheduler has no per-request error set "
+                                   "(grammar_compile_error_reqs); a failed request cannot be finished alone")
+            for req_id, index in model_runner_output.req_id_to_index.items():
+                if index < len(sampled) and sampled[index][:1] == [FAILED_TOKEN]:
+                    sampled[index] = []  # no token: as a partial prefill's row, no draft rollback
+                    errors.add(req_id)  # finished with FINISHED_ERROR at the end of this update
+        return update(self, scheduler_output, model_runner_output)
+
+    update_from_output._tkernels_tree = True
+    Scheduler.update_from_output = update_from_output
 
 
 def install_request_validation() -> None:

@@ -1,0 +1,159 @@
+"""Every tkernels setting a vLLM server reads, checked as soon as vLLM has its configuration.
+
+vLLM runs the plugin's ``register()`` before it parses its command line, so the earliest point
+a plugin can see the configuration is the end of ``VllmConfig.__post_init__``: vLLM builds that
+object in the front-end process a few seconds after start, before any engine process, model
+load or scheduler exists (and again wherever a VllmConfig is built, e.g. ``LLM(...)``).
+``register()`` wraps that method (:func:`install_config_check`) so that :func:`check` runs
+there: a wrong value stops the start with a ``ValueError`` naming the key and the form it
+expects, instead of a ``TypeError`` from deep inside the scheduler a minute later. The same
+parsers (:func:`sched_options`, :func:`tree_options`) are used again by the components that
+read the settings, so the check and the use cannot disagree.
+
+Settings (README, vLLM plugin section):
+
+- ``additional_config["tkernels_sched"]``: :data:`SCHED_FORM`, the decode-maximal scheduler's
+  options (``--scheduler-cls tkernels.plugins.vllm.scheduler.DecodeMaximalScheduler``);
+- ``additional_config["tkernels_tree"]``: :data:`TREE_FORM`, the tree proposer's node count;
+- any other ``additional_config`` key starting with ``tkernels``: refused (a misspelt key would
+  otherwise be ignored);
+- ``$TKERNELS_TBT_SLO_MS``: the scheduler's TBT SLO in milliseconds (a positive number);
+- ``$TKERNELS_VLLM_CPU_TEST_BACKEND``: ``1`` or ``reference`` (tkernels' attention on vLLM-CPU);
+- ``$TKERNELS_CONFIG_DIR``: a folder of per-GPU configs;
+- the tree proposer's configuration (:func:`tkernels.plugins.vllm.tree.check_config`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+logger = logging.getLogger("vllm.tkernels")  # vLLM's handlers and format, with the process name
+
+SCHED_KEY = "tkernels_sched"
+SCHED_OPTIONS = ("slo_ms", "margin", "tile", "default_budget")  # DecodeMaximalPolicy's keyword arguments
+SCHED_FORM = ('{"slo_ms": <TBT SLO in ms, > 0>, "margin": <0 <= margin < 1>, "tile": <integer >= 1>, '
+              '"default_budget": <tokens per step without an SLO, integer >= 1>} (every key optional)')
+TREE_KEY = "tkernels_tree"
+TREE_SIZES = ("per_batch", "fixed")
+TREE_FORM = '{"size": "per_batch" | "fixed"}'
+KNOWN_KEYS = {SCHED_KEY: SCHED_FORM, TREE_KEY: TREE_FORM}
+SCHEDULER_CLS = "tkernels.plugins.vllm.scheduler.DecodeMaximalScheduler"
+
+
+def _section(additional_config, key: str, form: str) -> dict:
+    section = (additional_config or {}).get(key, {})
+    if not isinstance(section, dict):
+        raise ValueError(f"additional_config['{key}']: expected an object {form}, got {section!r}")
+    return dict(section)
+
+
+def sched_options(additional_config) -> dict:
+    """The scheduler's options from ``additional_config`` (form only; values are checked by the policy)."""
+    options = _section(additional_config, SCHED_KEY, SCHED_FORM)
+    unknown = sorted(set(options) - set(SCHED_OPTIONS))
+    if unknown:
+        raise ValueError(f"additional_config['{SCHED_KEY}']: unknown keys {unknown}; expected {SCHED_FORM}")
+    return options
+
+
+def tree_options(additional_config) -> dict:
+    """The tree proposer's options from ``additional_config``: ``{"size": "per_batch" | "fixed"}``."""
+    options = _section(additional_config, TREE_KEY, TREE_FORM)
+    size = options.pop("size", "per_batch")
+    if options or size not in TREE_SIZES:
+        raise ValueError(f"additional_config['{TREE_KEY}']: expected {TREE_FORM}, got "
+                         f"{_section(additional_config, TREE_KEY, TREE_FORM)!r}")
+    return {"size": size}
+
+
+def uses_scheduler(vllm_config) -> bool:
+    """Whether vLLM is configured with tkernels' decode-maximal scheduler (by name or class)."""
+    cls = getattr(vllm_config.scheduler_config, "scheduler_cls", None)
+    if isinstance(cls, str):
+        return cls == SCHEDULER_CLS
+    return cls is not None and f"{cls.__module__}.{cls.__qualname__}" == SCHEDULER_CLS
+
+
+def check_scheduler(vllm_config) -> None:
+    """The scheduler's options and SLO, checked by building its policy without any per-GPU
+    config lookup (the front end must not touch the GPU)."""
+    from tkernels.config import ConfigChoice
+    from tkernels.plugins.vllm.scheduler import model_shape
+    from tkernels.sched import DecodeMaximalPolicy
+
+    options = sched_options(vllm_config.additional_config)
+    max_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
+    try:
+        DecodeMaximalPolicy(model_shape(vllm_config), max_tokens=max_tokens, choice=ConfigChoice(None, "check only"),
+                            **options)
+    except (TypeError, ValueError) as err:
+        message = str(err)
+        if message.startswith("$"):  # the environment variable: its name leads the message
+            raise ValueError(f"{message} (e.g. TKERNELS_TBT_SLO_MS=50)") from None
+        if message.startswith("max_tokens"):
+            raise ValueError(f"--max-num-batched-tokens ({max_tokens}) must be at least the scheduler's tile "
+                             f"(additional_config['{SCHED_KEY}']['tile'], default 16)") from None
+        raise ValueError(f"additional_config['{SCHED_KEY}']: {message}; expected {SCHED_FORM}") from None
+
+
+def check_environment() -> None:
+    """The tkernels environment variables a vLLM process reads."""
+    from tkernels.config import ENV_CONFIG_DIR
+    from tkernels.plugins.vllm import cpu_test_mode
+
+    cpu_test_mode()  # raises naming TKERNELS_VLLM_CPU_TEST_BACKEND and its values
+    folder = os.environ.get(ENV_CONFIG_DIR)
+    if folder and not os.path.isdir(folder):
+        raise ValueError(f"${ENV_CONFIG_DIR}: expected a folder of per-GPU config files (<GPU name>.json, "
+                         f"written by `tkernels autotune`), got {folder!r}, which is not a folder")
+
+
+def check(vllm_config) -> None:
+    """Check every tkernels setting of this vLLM configuration (see the module docstring)."""
+    from tkernels.sched.budget import ENV_TBT_SLO_MS
+
+    check_environment()
+    additional = vllm_config.additional_config
+    if additional and not isinstance(additional, dict):
+        return  # a custom SupportsHash object: no tkernels keys in it
+    unknown = sorted(k for k in (additional or {}) if str(k).startswith("tkernels") and k not in KNOWN_KEYS)
+    if unknown:
+        raise ValueError(f"additional_config: unknown tkernels keys {unknown}; known: "
+                         + "; ".join(f"'{k}': {form}" for k, form in KNOWN_KEYS.items()))
+    tree_options(additional)
+    if vllm_config.model_config is None:  # a bare VllmConfig (tests): nothing model-dependent to check
+        return
+    check_scheduler(vllm_config)
+    if not uses_scheduler(vllm_config) and (SCHED_KEY in (additional or {}) or os.environ.get(ENV_TBT_SLO_MS)):
+        logger.warning("tkernels: additional_config['%s'] / $%s only act with --scheduler-cls %s; ignored",
+                       SCHED_KEY, ENV_TBT_SLO_MS, SCHEDULER_CLS)
+    from tkernels.plugins.vllm.tree import check_config, is_tree_config
+
+    if is_tree_config(vllm_config.speculative_config):
+        check_config(vllm_config)
+
+
+_POST_INIT_SIGNATURE = ("self",)
+
+
+def install_config_check() -> None:
+    """Wrap ``VllmConfig.__post_init__`` so that :func:`check` runs once vLLM has built its
+    configuration (idempotent; called by the plugin's ``register()`` in every vLLM process)."""
+    from vllm.config import VllmConfig
+
+    from tkernels.plugins.vllm.tree import _already_patched, _checked_method
+
+    post_init = _checked_method(VllmConfig, "__post_init__", _POST_INIT_SIGNATURE)
+    if _already_patched(VllmConfig, "__post_init__"):
+        return
+
+    @functools.wraps(post_init)
+    def __post_init__(self):
+        post_init(self)
+        if not getattr(self.model_config, "is_submodel_config", False):  # a view of an already checked config
+            check(self)
+
+    __post_init__._tkernels_tree = True
+    VllmConfig.__post_init__ = __post_init__
