@@ -178,6 +178,31 @@ def test_requests_tree_verification_cannot_reproduce_are_refused_at_submission()
     SamplingParams(repetition_penalty=1.2)._validate_spec_decode(linear)  # other proposers: unchanged
 
 
+def test_a_failed_request_is_finished_with_an_error_and_the_others_go_on(monkeypatch):
+    """Patch 6 on vLLM's own scheduler: a row whose tokens are [FAILED_TOKEN] (the worker could not
+    verify it) ends that request with FINISHED_ERROR; the other request keeps its token."""
+    from test_scheduler import create_scheduler, make_request
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine import FinishReason
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    from tkernels.models import tiny_llama_dir
+    from tkernels.plugins.vllm import tree
+
+    tree.install_failed_request_handling()
+    monkeypatch.setattr(tree, "is_tree_config", lambda config: True)  # the scheduler's config has no proposer
+    scheduler = create_scheduler(tiny_llama_dir(), Scheduler)
+    for name in ("bad", "good"):
+        scheduler.add_request(make_request(name, 5, 4))
+    output = scheduler.schedule()
+    runner_output = ModelRunnerOutput(req_ids=["bad", "good"], req_id_to_index={"bad": 0, "good": 1},
+                                      sampled_token_ids=[[tree.FAILED_TOKEN], [7]])
+    outputs = [o for batch in scheduler.update_from_output(output, runner_output).values() for o in batch.outputs]
+    assert [(o.request_id, o.finish_reason) for o in outputs if o.request_id == "bad"] == [("bad", FinishReason.ERROR)]
+    assert "bad" not in scheduler.requests and [o.new_token_ids for o in outputs if o.request_id == "good"] == [[7]]
+    assert [r.request_id for r in scheduler.running] == ["good"]
+
+
 # --- runner patches on a stand-in runner --------------------------------------------------------
 
 
@@ -354,3 +379,25 @@ def test_seeded_requests_repeat_across_runs_batches_and_draft_sizes():
     assert small["alone"] == small["mixed"] == large["alone"] == large["mixed"]
     assert small["other_seed"] == large["other_seed"] != small["alone"]  # another seed, other tokens
     assert small["late"] == large["late"] and small["greedy"] == large["greedy"]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_with_tkernels_equals_tp_1_plain():
+    """The decode-maximal scheduler, tkernels' attention backend (its PyTorch reference on
+    vLLM-CPU) and tree speculation with tensor parallelism 2, against plain TP 1 decoding
+    (float32); see _tp_runner.py."""
+    from tkernels.models import tiny_llama_dir
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallelism 2 on vLLM-CPU needs two cores (one per rank)")
+    tiny_llama_dir()
+    runner = str(Path(__file__).with_name("_tp_runner.py"))
+    # vLLM-CPU binds each rank to a NUMA node by default; a one-node machine needs explicit cores
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"{cpus[0]}|{cpus[1]}")
+    tp2 = _result(subprocess.run([sys.executable, runner, "2", "tkernels"], capture_output=True, text=True,
+                                 timeout=1200, env=env))
+    tp1 = _result(subprocess.run([sys.executable, runner, "1", "plain"], capture_output=True, text=True, timeout=900))
+    assert [len(t) for t in tp1["token_ids"]] == [16] * 3
+    assert tp2["token_ids"] == tp1["token_ids"]
+    assert tp2["counters"]["spec_decode_num_accepted_tokens"] > 0  # the trees were verified, some accepted
