@@ -82,6 +82,7 @@ def check_scheduler(vllm_config) -> None:
     from tkernels.config import ConfigChoice
     from tkernels.plugins.vllm.scheduler import model_shape
     from tkernels.sched import DecodeMaximalPolicy
+    from tkernels.sched.budget import ENV_TBT_SLO_MS
 
     options = sched_options(vllm_config.additional_config)
     max_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
@@ -90,8 +91,11 @@ def check_scheduler(vllm_config) -> None:
                             **options)
     except (TypeError, ValueError) as err:
         message = str(err)
+        if message.startswith("slo_ms") and "slo_ms" not in options:  # the SLO came from the environment
+            message = f"${ENV_TBT_SLO_MS}: {message.removeprefix('slo_ms: ')}".replace(
+                "got", f"got {os.environ.get(ENV_TBT_SLO_MS)!r}, read as", 1)
         if message.startswith("$"):  # the environment variable: its name leads the message
-            raise ValueError(f"{message} (e.g. TKERNELS_TBT_SLO_MS=50)") from None
+            raise ValueError(f"{message} (e.g. {ENV_TBT_SLO_MS}=50)") from None
         if message.startswith("max_tokens"):
             raise ValueError(f"--max-num-batched-tokens ({max_tokens}) must be at least the scheduler's tile "
                              f"(additional_config['{SCHED_KEY}']['tile'], default 16)") from None
