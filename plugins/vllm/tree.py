@@ -48,6 +48,12 @@ Patched vLLM symbols, and why:
    every process (only warning if it cannot: servers without tree speculation keep working);
    it does nothing unless the tree proposer is configured, whose :func:`install` raises if the
    patch could not be made.
+6. ``Scheduler.update_from_output`` (per-request failure): when verification refuses a
+   request's logits (NaN, +inf, no finite logit: ``NonFiniteLogitsError`` names the requests),
+   the rest of the batch is verified without it and its row carries :data:`FAILED_TOKEN`; in
+   the engine process this patch finishes that request with ``FINISHED_ERROR`` through the set
+   vLLM uses for its own per-request errors (the client gets an error, HTTP 500 in the OpenAI
+   server) and the server serves on. Installed like patch 5.
 
 Supported: greedy and temperature/top-k/top-p sampled requests; one KV-cache group; decoder
 models without M-RoPE; tkernels' attention backend (``--attention-backend CUSTOM``; on CPU the
@@ -61,6 +67,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +88,11 @@ from tkernels.spec import (
 )
 
 TREE_PROPOSER = "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"
+logger = logging.getLogger("vllm.tkernels")  # vLLM's handlers and format, with the process name
+# A request whose step failed in the worker (non-finite logits) gets this in place of its tokens
+# in vLLM's SamplerOutput: negative, so never a token id, and not vLLM's placeholder (-1), so
+# vLLM's output parsing keeps it. Patch 6 turns it into vLLM's per-request error.
+FAILED_TOKEN = -2
 
 # Parameters of every patched method, as in the vLLM versions of compat.SUPPORTED_VLLM.
 _PATCHED_SIGNATURES = {
@@ -299,18 +311,42 @@ class TreeBatch:
         parents, cu_nodes = step.parents.to(device), step.cu_nodes.to(device)
         reference = _cpu_reference_mode()
         sampling = runner.input_batch.sampling_metadata
-        if sampling.all_greedy:
-            verify = verify_greedy_reference if reference else verify_greedy
-            tokens, nodes, num = verify(logits, node_tokens, parents, cu_nodes)
-        else:  # greedy rows have temperature 0, which verify_sampling treats as greedy
+        # unseeded rows: torch's default generator, as vLLM's sampler; seeded rows: keyed by (seed, position)
+        uniforms = None if sampling.all_greedy else step.seeded_uniforms(draw_uniforms(cu_nodes))
+
+        def run(logits):
+            if sampling.all_greedy:
+                verify = verify_greedy_reference if reference else verify_greedy
+                return verify(logits, node_tokens, parents, cu_nodes)
+            # greedy rows have temperature 0, which verify_sampling treats as greedy
             verify = verify_sampling_reference if reference else verify_sampling
-            # unseeded rows: torch's default generator, as vLLM's sampler; seeded rows: keyed by (seed, position)
-            uniforms = step.seeded_uniforms(draw_uniforms(cu_nodes))
-            tokens, nodes, num = verify(logits, node_tokens, parents, cu_nodes, sampling.temperature, sampling.top_k,
-                                        sampling.top_p, uniforms=uniforms)
+            return verify(logits, node_tokens, parents, cu_nodes, sampling.temperature, sampling.top_k, sampling.top_p,
+                          uniforms=uniforms)
+
+        failed: list[int] = []
+        try:
+            tokens, nodes, num = run(logits)
+        except ValueError as err:
+            # Verification refuses unusable logits (NaN, +inf, no finite logit) naming the
+            # requests (tkernels.spec.NonFiniteLogitsError.requests): those requests fail alone
+            # (patch 6), the rest of the batch is verified without them.
+            failed = sorted(getattr(err, "requests", None) or ())
+            if not failed:
+                raise
+            logger.error("tkernels tree speculation: requests %s fail: %s", [step.req_ids[r] for r in failed], err)
+            cu = step.cu_nodes.tolist()
+            rows = torch.cat([torch.arange(cu[r], cu[r + 1]) for r in failed]).to(device)
+            logits = logits.clone()
+            logits[rows] = 0.0  # any finite scores: their tokens are replaced below
+            tokens, nodes, num = run(logits)
+            num[failed] = 1  # nothing accepted, nothing compacted
+            nodes[failed, 1:] = -1
         self._compact(runner, step, nodes, num, reference)
         out = torch.full((num_reqs, max(drafts, default=0) + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
         out[:, : tokens.shape[1]] = torch.where(tokens >= 0, tokens, PLACEHOLDER_TOKEN_ID)
+        if failed:
+            out[failed] = PLACEHOLDER_TOKEN_ID
+            out[failed, 0] = FAILED_TOKEN
         return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
 
     def _compact(self, runner, step: TreeStep, nodes: torch.Tensor, num: torch.Tensor, reference: bool) -> None:
@@ -412,12 +448,6 @@ class UnsupportedRequestError(VLLMValidationError, ValueError):
     error, so its OpenAI server answers HTTP 400 with this message (any other exception raised
     while a request is admitted becomes an HTTP 500 with an empty message); a ValueError for
     offline callers."""
-
-
-# A request whose step failed in the worker (non-finite logits) gets this in place of its tokens
-# in vLLM's SamplerOutput: negative, so never a token id, and not vLLM's placeholder (-1), so
-# vLLM's output parsing keeps it. Patch 6 turns it into vLLM's per-request error.
-FAILED_TOKEN = -2
 
 
 def install_failed_request_handling() -> None:

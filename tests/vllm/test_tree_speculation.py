@@ -284,6 +284,45 @@ def test_verify_returns_vllm_layout_and_compacts_the_accepted_path(monkeypatch, 
     assert torch.equal(cache, expected)
 
 
+def test_a_request_with_unusable_logits_fails_alone(monkeypatch, rng):
+    """Verification refusing one request's logits (NaN) fails that request (FAILED_TOKEN, no KV
+    moved) and verifies the others as if it were not there."""
+    from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
+
+    from tkernels.plugins.vllm import tree
+
+    monkeypatch.setenv("TKERNELS_VLLM_CPU_TEST_BACKEND", "reference")
+    real = tree.verify_greedy_reference
+
+    def refusing(logits, tokens, parents, cu_nodes):  # as tkernels.spec.NonFiniteLogitsError
+        bad = (~torch.isfinite(logits).all(-1)).nonzero().flatten()
+        if bad.numel():
+            error = ValueError(f"logits: nodes {bad.tolist()} hold NaN")
+            error.requests = sorted({int(torch.searchsorted(cu_nodes, int(b), right=True)) - 1 for b in bad})
+            raise error
+        return real(logits, tokens, parents, cu_nodes)
+
+    monkeypatch.setattr(tree, "verify_greedy_reference", refusing)
+    cache = torch.randn(2, 6, 4, 1, 16, generator=rng)
+    runner = fake_runner(["a", "t"], [5, 6], 3 + 3, torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32))
+    batch = tree.TreeBatch()
+    batch._kv_planes = [cache]
+    for req_id in ("a", "t"):
+        batch.propose(req_id, [8, 9], torch.tensor([-1, 0, 1], dtype=torch.int32))
+    batch.begin_step(runner, SimpleNamespace(finished_req_ids=set(), scheduled_spec_decode_tokens={"a": [8, 9], "t": [8, 9]}),
+                     np.array([3, 3]))
+    runner.input_ids.gpu = torch.tensor([4, 8, 9, 4, 8, 9])
+    logits = logits_preferring([8, 9, 50, 8, 9, 50], rng)
+    logits[1, 3] = float("nan")  # request "a" (nodes 0-2)
+    before = cache.clone()
+    metadata = SimpleNamespace(num_draft_tokens=[2, 2], max_spec_len=2, logits_indices=torch.arange(6))
+    out = batch.verify(runner, logits, metadata)
+    p = PLACEHOLDER_TOKEN_ID
+    assert out.sampled_token_ids.tolist() == [[tree.FAILED_TOKEN, p, p], [8, 9, 50]]
+    assert torch.isnan(logits[1, 3])  # vLLM's tensor left as it was
+    assert torch.equal(cache[:, :3], before[:, :3])  # request "a"'s blocks untouched
+
+
 # --- inside vLLM ---------------------------------------------------------------------------------
 
 
@@ -301,7 +340,8 @@ def _bench(method: str, model: str, max_tokens: int, rounds: int, cpu_backend: s
 
 def _result(out) -> dict:
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # the runner's JSON line (vLLM's multiprocess shutdown may log to stdout after it)
+    return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{")))
 
 
 def _check_lossless_with_accepted_drafts(plain: dict, tree: dict, max_tokens: int) -> None:
