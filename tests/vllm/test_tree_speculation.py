@@ -190,8 +190,8 @@ def test_a_failed_request_is_finished_with_an_error_and_the_others_go_on(monkeyp
     from tkernels.plugins.vllm import tree
 
     tree.install_failed_request_handling()
-    monkeypatch.setattr(tree, "is_tree_config", lambda config: True)  # the scheduler's config has no proposer
     scheduler = create_scheduler(tiny_llama_dir(), Scheduler)
+    monkeypatch.setattr(tree, "is_tree_config", lambda config: True)  # the scheduler's config has no proposer
     for name in ("bad", "good"):
         scheduler.add_request(make_request(name, 5, 4))
     output = scheduler.schedule()
