@@ -444,3 +444,152 @@ def test_gpu_matches_reference(dtype):
     for params in SAMPLING_PARAMS:
         for q in (None, draft_probs):
             exact_compare(logits, tokens, parents, cu, SAMPLING_PARAMS[params], uniforms, q)
+
+
+# --- issue 14: one tie rule, no token outside the vocabulary -----------------------------------
+
+
+def _single_root(logits):
+    n = logits.shape[0]
+    return logits, torch.zeros(n, dtype=torch.int64), torch.full((n,), -1, dtype=torch.int32), torch.arange(n + 1, dtype=torch.int32)
+
+
+def _all_verifiers(batch, temperature, uniforms, draft_probs=None, top_k=None):
+    """Every path a greedy row can take: kernels and references, greedy and sampling rules."""
+    yield "greedy", V.verify_greedy(*batch)
+    yield "greedy reference", V.verify_greedy_reference(*batch)
+    for q in (None, draft_probs):
+        yield f"sampling q={q is not None}", V.verify_sampling(*batch, temperature, top_k, uniforms=uniforms, draft_probs=q)
+        yield f"sampling reference q={q is not None}", V.verify_sampling_reference(
+            *batch, temperature, top_k, uniforms=uniforms, draft_probs=q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ties_go_to_the_first_maximum_everywhere(rng, dtype):
+    """Issue 14 item 6: logits [1, 3, 3, 0] -> token 1 (torch.argmax's, so plain greedy
+    decoding's, rule) on every path, whatever the uniforms; greedy rows of a sampled batch too."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0]] * 8, dtype=dtype)
+    batch = _single_root(logits)
+    uniforms = torch.stack([torch.linspace(0, 0.999, 8), torch.linspace(0, 0.999, 8)], 1).contiguous()
+    q = torch.softmax(torch.randn(8, 4, generator=rng), -1)
+    for temperature in (torch.zeros(8), torch.full((8,), -1.0), torch.full((8,), 1e-6)):
+        for name, (tokens, _, _) in _all_verifiers(batch, temperature, uniforms, q):
+            assert tokens[:, 0].tolist() == [1] * 8, (name, temperature[0])
+    # SGLang's greedy rows: temperature 1 with top_k = 1 (its SamplingParams normalise greedy so)
+    for name, (tokens, _, _) in _all_verifiers(batch, torch.ones(8), uniforms, q, top_k=torch.ones(8, dtype=torch.int64)):
+        assert tokens[:, 0].tolist() == [1] * 8, (name, "top_k=1")
+    # Tie-laden random trees (small integer logits), greedy rows mixed with sampled ones, and a
+    # child that carries the second tied token: the greedy rows must follow verify_greedy.
+    trees = [random_parents(n, rng) for n in (6, 1, 9, 4, 12, 3)]
+    logits, tokens, parents, cu = make_batch(trees, 5, rng, dtype)
+    logits = torch.randint(0, 3, logits.shape, generator=rng).to(dtype)
+    tokens[1:] = torch.randint(0, 5, (tokens.numel() - 1,), generator=rng)
+    tokens[parents >= 0] = torch.where(torch.rand(int((parents >= 0).sum()), generator=rng) < 0.5, 2, tokens[parents >= 0])
+    batch = (logits, tokens, parents, cu)
+    greedy_rows = torch.tensor([True, False, True, True, False, True])
+    temperature = torch.where(greedy_rows, torch.tensor([0.0, 0.8, 1e-6, 1.0, 0.8, 0.0]), 0.8)
+    top_k = torch.tensor([0, 3, 0, 1, 0, 2])  # request 3 is greedy by top_k = 1
+    uniforms = torch.rand(logits.shape[0], 2, generator=rng)
+    q = torch.softmax(torch.randn(logits.shape, generator=rng), -1)
+    expected = V.verify_greedy_reference(*batch)
+    assert_same(V.verify_greedy(*batch), expected)
+    for name, out in _all_verifiers(batch, temperature, uniforms, q, top_k):
+        for got, want in zip(out, expected):
+            assert torch.equal(got[greedy_rows], want[greedy_rows]), name
+
+
+def _in_vocab(out, vocab):
+    tokens, _, num = out
+    used = torch.arange(tokens.shape[1])[None, :] < num[:, None].long()
+    return bool(((tokens >= 0) & (tokens < vocab))[used].all())
+
+
+def test_tiny_temperatures_are_greedy(rng):
+    """Issue 14 item 7: T = 1e-38 overflowed logits / T (tokens -1); every temperature below
+    GREEDY_TEMPERATURE (vLLM's _SAMPLING_EPS) is greedy. Above it, logits / T can only overflow
+    for |logit| > 3.4e33: NonFiniteLogitsError, never a token outside the vocabulary."""
+    assert V.GREEDY_TEMPERATURE == 1e-5
+    trees = [random_parents(n, rng) for n in (5, 1, 8, 3)]
+    batch = make_batch(trees, 64, rng)
+    greedy = V.verify_greedy(*batch)
+    uniforms = torch.rand(batch[0].shape[0], 2, generator=rng)
+    q = torch.softmax(torch.randn(batch[0].shape, generator=rng), -1)
+    for t in (1e-38, 1e-30, 1e-6, 9.99e-6, 0.0, -2.0):
+        for _name, out in _all_verifiers(batch, torch.full((4,), t), uniforms, q):
+            assert_same(out, greedy)
+    huge = (batch[0] * 1e37, *batch[1:])  # finite, but logits / 1e-5 overflows float32
+    for _name, out in _all_verifiers(huge, torch.full((4,), 1e-6), uniforms, q):
+        assert_same(out, V.verify_greedy(*huge))  # greedy: no division
+    for verify in (V.verify_sampling, V.verify_sampling_reference):
+        with pytest.raises(V.NonFiniteLogitsError, match="^logits: .*overflow"):
+            verify(*huge, torch.full((4,), 1e-5), uniforms=uniforms)
+    for name, out in _all_verifiers(batch, torch.full((4,), 1e-4), uniforms, q):
+        assert _in_vocab(out, 64), name
+    with pytest.raises(ValueError, match="^temperature: "):
+        V.verify_sampling(*batch, torch.full((4,), float("inf")))
+
+
+@pytest.mark.parametrize("where", ["nan row", "nan entry", "+inf entry", "all -inf"])
+def test_non_finite_logits_are_a_clear_error(rng, where):
+    """Issue 14 item 7: a +inf logit gave token -1, a NaN row token 0. NaN and +inf logits, or
+    a row without a finite logit, raise NonFiniteLogitsError (a ValueError) naming logits and
+    the request; -inf entries are masks (vLLM's logits processors write them) and stay legal."""
+    trees = [random_parents(n, rng) for n in (5, 1, 8, 3)]
+    logits, tokens, parents, cu = make_batch(trees, 32, rng)
+    row = int(cu[2]) + 3  # a node of request 2
+    bad = logits.clone()
+    if where == "nan row":
+        bad[row] = float("nan")
+    elif where == "nan entry":
+        bad[row, 7] = float("nan")
+    elif where == "+inf entry":
+        bad[row, 7] = float("inf")
+    else:
+        bad[row] = float("-inf")
+    batch = (bad, tokens, parents, cu)
+    uniforms = torch.rand(logits.shape[0], 2, generator=rng)
+    calls = [
+        lambda: V.verify_greedy(*batch), lambda: V.verify_greedy_reference(*batch),
+        lambda: V.verify_sampling(*batch, torch.ones(4), uniforms=uniforms),
+        lambda: V.verify_sampling(*batch, torch.zeros(4), uniforms=uniforms),
+        lambda: V.verify_sampling_reference(*batch, torch.ones(4), uniforms=uniforms),
+        lambda: V.verify_sampling(*batch, torch.ones(4), uniforms=uniforms, draft_probs=torch.full(logits.shape, 1 / 32)),
+    ]
+    for call in calls:
+        with pytest.raises(V.NonFiniteLogitsError, match=r"^logits: .*request 2\b") as info:
+            call()
+        assert isinstance(info.value, ValueError) and info.value.requests == [2]
+
+
+def test_minus_inf_logits_are_masks(rng):
+    trees = [random_parents(n, rng) for n in (5, 1, 8, 3)]
+    logits, tokens, parents, cu = make_batch(trees, 32, rng)
+    masked = logits.clone()
+    masked[:, ::2] = float("-inf")  # even tokens banned everywhere
+    batch = (masked, tokens, parents, cu)
+    for t in (0.0, 1.0, 1e-4):
+        for _ in range(5):
+            uniforms = torch.rand(logits.shape[0], 2, generator=rng)
+            for name, out in _all_verifiers(batch, torch.full((4,), t), uniforms, torch.softmax(logits, -1)):
+                accepted, _, num = out
+                last = accepted.gather(1, (num.long() - 1)[:, None])  # the bonus token
+                assert _in_vocab(out, 32) and (last % 2 == 1).all(), name
+
+
+def test_bad_uniforms_and_draft_probs(rng):
+    """Issue 14 item 8: NaN or >= 1 uniforms and negative or NaN draft_probs were accepted."""
+    logits, tokens, parents, cu = make_batch([SHAPES["binary"], SHAPES["chain"]], 30, rng)
+    good = (logits, tokens, parents, cu, torch.ones(2))
+    n = logits.shape[0]
+    for bad in (float("nan"), 1.0, 1.5, -0.1):
+        u = torch.rand(n, 2, generator=rng)
+        u[3, 1] = bad
+        for verify in (V.verify_sampling, V.verify_sampling_reference):
+            with pytest.raises(ValueError, match=r"^uniforms: .*\[0, 1\)"):
+                verify(*good, uniforms=u)
+    for bad in (float("nan"), -0.5, float("inf")):
+        q = torch.softmax(torch.randn(logits.shape, generator=rng), -1)
+        q[4, 2] = bad
+        for verify in (V.verify_sampling, V.verify_sampling_reference):
+            with pytest.raises(ValueError, match="^draft_probs: "):
+                verify(*good, uniforms=torch.rand(n, 2, generator=rng), draft_probs=q)

@@ -13,7 +13,10 @@ Rules:
 * greedy (:func:`verify_greedy`): descend while some child's token equals the target argmax at
   the current node (first such child in BFS order); the bonus is the argmax at the last node.
 * sampling (:func:`verify_sampling`), target distribution ``p(v)`` = softmax(logits/T) after
-  top-k then top-p (temperature 0 = greedy):
+  top-k then top-p; a request whose temperature is below :data:`GREEDY_TEMPERATURE` (1e-5,
+  vLLM's ``_SAMPLING_EPS``; 0 and negative values included) or whose top-k is 1 (SGLang's
+  greedy rows) is greedy: ``p(v)`` is one-hot at the argmax, so its outputs are
+  :func:`verify_greedy`'s whatever the uniforms:
   - deterministic drafts (``draft_probs=None``), the target-only rule: at the current node draw
     ``x ~ p(v)``, descend to the first child whose token is ``x``, else ``x`` is the bonus. The
     draw at a node does not depend on the path that reached it, so every node's draw is made in
@@ -25,6 +28,14 @@ Rules:
     ``p`` falls back to the target ``p(v)``) and ``q <- norm(q with q(ci) = 0)`` (zero if
     nothing is left); if every child is rejected the bonus is drawn from the last ``p``. With
     one child per node (a chain) this is standard speculative sampling.
+
+Ties and bad logits. Every argmax here is the first maximal index (``torch.argmax``'s rule, so
+plain greedy decoding's): kernels and references, greedy and sampling rules. ``-inf`` logits are
+masks (the token has probability 0; vLLM's logits processors write them). NaN or ``+inf`` logits,
+a node without a finite logit, or logits whose ``logit / T`` overflows float32 (|logit| > 3.4e33
+at T = 1e-5) raise :class:`NonFiniteLogitsError` (a ``ValueError`` starting ``"logits: "`` that
+lists the offending requests in ``requests``, so a server can fail those requests alone): no path
+returns a token outside ``[0, vocab)``.
 
 Randomness: the kernels consume ``uniforms`` float32[total_nodes, 2]: column 0 is node ``i``'s
 acceptance test (a node is tested at most once, as a child of its parent), column 1 is the draw
@@ -39,7 +50,8 @@ Kernels take several rows (nodes) or requests per program when the vocabulary is
 when it is large. Launch parameters (:data:`DEFAULT_CONFIG`: the vocabulary tile ``block_v`` and
 ``num_warps``) come from the GPU's config file (``tkernels autotune``
 tunes them per vocabulary size, bucket key ``vocab``) or the ``config`` argument. Cost: one pass
-over the vocabulary per node for the argmax (greedy) or for the max/sum-exp normaliser (sampling), plus an inverse-CDF pass that stops at the sampled token; no [N, V]
+over the vocabulary per node for the argmax (greedy) or for the max/sum-exp normaliser (sampling), plus an inverse-CDF pass that stops at the sampled token, plus one
+torch row-max pass over the logits for the finiteness check above; no [N, V]
 probability tensor is ever materialised by the kernels. Top-k/top-p thresholds are computed in
 torch before the kernels with one descending sort of the fp32 logits ([N, V] values and
 indices: memory!) and only when ``top_k``/``top_p`` are given; a token is kept iff its logit is
@@ -57,6 +69,7 @@ import triton
 import triton.language as tl
 
 from tkernels import config as tkernels_config
+from tkernels.checks import fail, in_unit_interval, require
 from tkernels.registry import gpu_compile_check
 from tkernels.spec.tree import depths, validate_parents
 
@@ -69,6 +82,8 @@ __all__ = [
     "draw_uniforms",
     "keyed_uniforms",
     "DEFAULT_CONFIG",
+    "GREEDY_TEMPERATURE",
+    "NonFiniteLogitsError",
     "launch_config",
 ]
 
@@ -76,6 +91,20 @@ _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Launch parameters of every kernel here; tuned per vocabulary size by ``tkernels autotune``.
 DEFAULT_CONFIG = {"block_v": 4096, "num_warps": 8}
+
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS, so a server's greedy rows agree).
+GREEDY_TEMPERATURE = 1e-5
+
+
+class NonFiniteLogitsError(ValueError):
+    """``logits`` hold NaN or +inf, a node has no finite logit, or ``logit / T`` overflows.
+
+    ``requests``: the batch indices of the offending requests (a server fails those alone).
+    """
+
+    def __init__(self, message: str, requests: list[int]):
+        super().__init__(message)
+        self.requests = requests
 
 # _node_pass_kernel modes
 _ARGMAX, _STATS, _SAMPLE = 0, 1, 2
@@ -352,6 +381,7 @@ class _Shape(NamedTuple):
     width: int  # max depth + 1: the output rows' length
     max_nodes: int
     max_children: int
+    row_max: torch.Tensor  # float32[total_nodes]: every node's largest logit (finite)
 
 
 def _check_tree_batch(logits, draft_tokens, parents, cu_nodes) -> _Shape:
@@ -380,49 +410,91 @@ def _check_tree_batch(logits, draft_tokens, parents, cu_nodes) -> _Shape:
     if cu_nodes.numel() == 1:  # empty batch
         if n != 0 or int(cu_nodes[0]) != 0:
             raise ValueError(f"cu_nodes = {cu_nodes.tolist()} describes no request but there are {n} nodes")
-        return _Shape(1, 0, 0)
+        return _Shape(1, 0, 0, logits.new_empty(0, dtype=torch.float32))
     if n == 0:
         validate_parents(parents, cu_nodes)  # raises: requests without nodes
-    # One device-to-host copy (a few KB) of the tree and the token range, then host checks.
+    # One device-to-host copy (a few KB) of the tree, the token range and the number of nodes
+    # whose largest logit is not finite (NaN propagates through amax; +inf and all -inf show).
+    row_max = logits.amax(-1).float()
     lo_hi = torch.stack(torch.aminmax(draft_tokens))
-    host = torch.cat([parents.long(), cu_nodes.long(), lo_hi]).cpu()
-    par, cu, (lo, hi) = host[:n], host[n:-2], host[-2:].tolist()
+    bad_rows = (~torch.isfinite(row_max)).sum()[None]
+    host = torch.cat([parents.long(), cu_nodes.long(), lo_hi, bad_rows]).cpu()
+    par, cu, (lo, hi, bad) = host[:n], host[n:-3], host[-3:].tolist()
     validate_parents(par, cu)
     if lo < 0 or hi >= logits.shape[1]:
         raise ValueError(f"draft_tokens must lie in [0, {logits.shape[1]}) (the vocab), got range [{lo}, {hi}]")
+    if bad:
+        _raise_non_finite(~torch.isfinite(row_max), cu, "hold NaN or +inf, or no finite logit (all -inf)")
     sizes = cu[1:] - cu[:-1]
     global_parents = torch.where(par >= 0, par + torch.repeat_interleave(cu[:-1], sizes), -1)
     children = torch.bincount(global_parents[par >= 0], minlength=n)
-    return _Shape(int(depths(par, cu).max()) + 1, int(sizes.max()), int(children.max()))
+    return _Shape(int(depths(par, cu).max()) + 1, int(sizes.max()), int(children.max()), row_max)
 
 
-def _check_sampling_params(temperature, top_k, top_p, batch: int, device) -> None:
-    if not isinstance(temperature, torch.Tensor) or temperature.shape != (batch,) or not temperature.is_floating_point():
-        raise ValueError(f"temperature must be a float tensor [B={batch}], got {getattr(temperature, 'shape', temperature)}")
+def _raise_non_finite(bad_nodes: torch.Tensor, cu_nodes: torch.Tensor, why: str):
+    """Raise :class:`NonFiniteLogitsError` for the requests owning ``bad_nodes`` (bool[total_nodes])."""
+    rows = bad_nodes.nonzero().flatten().cpu()
+    requests = sorted(set((torch.searchsorted(cu_nodes.cpu().long(), rows, right=True) - 1).tolist()))
+    raise NonFiniteLogitsError(
+        f"logits: the rows of request{'s' if len(requests) > 1 else ''} {', '.join(map(str, requests))} {why} "
+        f"(nodes {rows[:8].tolist()}{' ...' if rows.numel() > 8 else ''}); the model's scores are unusable",
+        requests,
+    )
+
+
+def _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs, row_max):
+    """Validate the sampling inputs of a checked tree batch (kernels and references alike);
+    return :func:`_processing`'s per-node ``(inv_temp, thr, greedy)``."""
+    batch, n, device = cu_nodes.numel() - 1, logits.shape[0], logits.device
     for name, t, floating in (("temperature", temperature, True), ("top_k", top_k, False), ("top_p", top_p, True)):
-        if t is None:
+        if t is None and name != "temperature":
             continue
         if not isinstance(t, torch.Tensor) or t.shape != (batch,) or t.is_floating_point() != floating:
             kind = "float" if floating else "integer"
-            raise ValueError(f"{name} must be a {kind} tensor [B={batch}] or None, got {getattr(t, 'shape', t)} {getattr(t, 'dtype', '')}")
+            fail(name, f"must be a {kind} tensor [B={batch}]{'' if name == 'temperature' else ' or None'}, "
+                       f"got {getattr(t, 'shape', t)} {getattr(t, 'dtype', '')}")
         if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but logits is on {device}")
-    if batch and bool(torch.isnan(temperature).any()):
-        raise ValueError("temperature has NaN entries")
-    if top_p is not None and batch and not bool(((top_p > 0) & (top_p <= 1)).all()):
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p.tolist()}")
+            fail(name, f"is on {t.device} but logits is on {device}")
+    if uniforms is not None and (uniforms.shape != (n, 2) or uniforms.dtype != torch.float32
+                                 or uniforms.device != device or not uniforms.is_contiguous()):
+        fail("uniforms", f"must be contiguous float32[{n}, 2] on {device}, got {tuple(uniforms.shape)} {uniforms.dtype} on {uniforms.device}")
+    if draft_probs is not None and (draft_probs.shape != logits.shape or draft_probs.dtype != torch.float32
+                                    or draft_probs.device != device or draft_probs.stride(1) != 1):
+        fail("draft_probs", f"must be float32{list(logits.shape)} on {device} with a contiguous vocab dim, "
+                            f"got {tuple(draft_probs.shape)} {draft_probs.dtype}")
+    checks = [("temperature", "must be finite (NaN and inf are not temperatures)", torch.isfinite(temperature).all())]
+    if top_p is not None:
+        checks.append(("top_p", "must lie in (0, 1]", ((top_p > 0) & (top_p <= 1)).all()))
+    if uniforms is not None:
+        checks.append(in_unit_interval("uniforms", uniforms))
+    if draft_probs is not None:  # probabilities: each at most 1, which keeps greedy rows exact
+        checks.append(("draft_probs", "must hold probabilities in [0, 1] (no NaN, inf or negative values)",
+                       ((draft_probs >= 0) & (draft_probs <= 1)).all()))
+    require(*checks)
+    inv_temp, thr, greedy = _processing(logits, cu_nodes, temperature, top_k, top_p, row_max)
+    overflow = ~torch.isfinite(row_max * inv_temp)
+    if n and bool(overflow.any()):
+        _raise_non_finite(overflow, cu_nodes, "overflow float32 when divided by the temperature")
+    return inv_temp, thr, greedy
 
 
 def _per_node(values: torch.Tensor, cu_nodes: torch.Tensor, total: int) -> torch.Tensor:
     return torch.repeat_interleave(values, (cu_nodes[1:] - cu_nodes[:-1]).long(), output_size=total)
 
 
-def _processing(logits, cu_nodes, temperature, top_k, top_p):
-    """Per node: 1/T (1 for greedy) and the kept-logit threshold (top-k then top-p; the row max
-    for temperature <= 0, which makes p one-hot at the argmax), both fp32[total_nodes]."""
+def _greedy_requests(temperature, top_k) -> torch.Tensor:
+    """bool[B]: T below GREEDY_TEMPERATURE, or top_k = 1 (SGLang's greedy rows: T = 1, top_k = 1)."""
+    greedy = temperature < GREEDY_TEMPERATURE
+    return greedy if top_k is None else greedy | (top_k == 1)
+
+
+def _processing(logits, cu_nodes, temperature, top_k, top_p, row_max=None):
+    """Per node: 1/T (1 for greedy), the kept-logit threshold (top-k then top-p; the row max for
+    greedy requests, :func:`_greedy_requests`) and whether the node is greedy: fp32, fp32, bool
+    [total_nodes]. ``row_max``: the nodes' largest logits when the caller has them."""
     n, vocab = logits.shape
     temp = _per_node(temperature.float(), cu_nodes, n)
-    greedy = temp <= 0
+    greedy = _per_node(_greedy_requests(temperature, top_k), cu_nodes, n)
     inv_temp = torch.where(greedy, 1.0, 1.0 / torch.where(greedy, 1.0, temp))
     x = logits.float()
     thr = torch.full((n,), float("-inf"), device=logits.device)
@@ -438,8 +510,10 @@ def _processing(logits, cu_nodes, temperature, top_k, top_p):
             mass_before = probs.cumsum(-1) - probs
             kept = (mass_before < _per_node(top_p.float(), cu_nodes, n)[:, None]).sum(-1).clamp(min=1)
             thr = torch.maximum(thr, ranked.gather(1, (kept - 1)[:, None]).squeeze(1))
-    thr = torch.where(greedy, x.amax(-1) if n else thr, thr)
-    return inv_temp.contiguous(), thr.contiguous()
+    if row_max is None:
+        row_max = x.amax(-1) if n else thr
+    thr = torch.where(greedy, row_max, thr)
+    return inv_temp.contiguous(), thr.contiguous(), greedy
 
 
 def draw_uniforms(
@@ -590,30 +664,30 @@ def verify_sampling(
 ):
     """Exact (lossless) sampling verification; same outputs as :func:`verify_greedy`.
 
-    ``temperature`` float[B] (<= 0: greedy), ``top_k`` int[B] (<= 0 or >= vocab: off), ``top_p``
-    float[B] in (0, 1]; ``uniforms`` float32[total_nodes, 2] (see the module doc) or else drawn
-    by :func:`draw_uniforms` from ``generator`` / per-request ``generators``; ``draft_probs`` float32[total_nodes, vocab]: the distribution each node's
-    children were sampled from (None for deterministic drafts);
+    ``temperature`` float[B] (below :data:`GREEDY_TEMPERATURE`, 0 and negatives included:
+    greedy, exactly :func:`verify_greedy`'s outputs for that request), ``top_k`` int[B] (<= 0 or
+    >= vocab: off; 1: greedy, as SGLang writes its greedy rows), ``top_p`` float[B] in (0, 1]; ``uniforms`` float32[total_nodes, 2] in [0, 1)
+    (see the module doc) or else drawn by :func:`draw_uniforms` from ``generator`` / per-request
+    ``generators``; ``draft_probs`` float32[total_nodes, vocab] in [0, 1]: the distribution each
+    node's children were sampled from (None for deterministic drafts);
     ``config``: launch parameters overriding the tuned ones (see :func:`launch_config`).
+    Raises :class:`NonFiniteLogitsError` for unusable logits (module doc).
     """
     shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
     cfg = launch_config(logits.shape[1], config)
     batch, (n, vocab) = cu_nodes.numel() - 1, logits.shape
     device = logits.device
-    _check_sampling_params(temperature, top_k, top_p, batch, device)
-    if uniforms is None:
-        uniforms = draw_uniforms(cu_nodes, generator, generators)
-    elif uniforms.shape != (n, 2) or uniforms.dtype != torch.float32 or uniforms.device != device or not uniforms.is_contiguous():
-        raise ValueError(f"uniforms must be contiguous float32[{n}, 2] on {device}, got {tuple(uniforms.shape)} {uniforms.dtype} on {uniforms.device}")
-    if draft_probs is not None and (
-        draft_probs.shape != logits.shape or draft_probs.dtype != torch.float32 or draft_probs.device != device or draft_probs.stride(1) != 1
-    ):
-        raise ValueError(f"draft_probs must be float32{list(logits.shape)} on {device} with a contiguous vocab dim, got {tuple(draft_probs.shape)} {draft_probs.dtype}")
+    inv_temp, thr, greedy = _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs,
+                                            shape.row_max)
     out = _empty_outputs(batch, shape.width, device)
     if batch == 0:
         return out
-    inv_temp, thr = _processing(logits, cu_nodes, temperature, top_k, top_p)
+    if uniforms is None:
+        uniforms = draw_uniforms(cu_nodes, generator, generators)
     if draft_probs is None:
+        # A greedy node keeps only its maximal logits (thr = row max); its draw at u = 0 is the
+        # first token with positive mass: the first maximum, verify_greedy's tie rule.
+        uniforms = torch.where(greedy[:, None] & (torch.arange(2, device=device) == 1), 0.0, uniforms)
         node_token = torch.empty(n, dtype=torch.int64, device=device)
         _node_pass(_SAMPLE, logits, inv_temp, thr, uniforms, node_token, inv_temp, inv_temp, cfg)
         _walk(node_token, draft_tokens, parents, cu_nodes, shape, out)
@@ -631,6 +705,15 @@ def verify_sampling(
         BLOCK_B=block_b, BLOCK_N=triton.next_power_of_2(shape.max_nodes), BLOCK_W=triton.next_power_of_2(shape.width),
         BLOCK_V=block_v, num_warps=cfg["num_warps"],
     )
+    greedy_requests = _greedy_requests(temperature, top_k)
+    if bool(greedy_requests.any()):
+        # The rejection walk keeps every tied maximum of a greedy node (p uniform over them);
+        # with p one-hot at the first maximum it is the greedy walk, so run that for those rows.
+        node_token = torch.empty(n, dtype=torch.int64, device=device)
+        _node_pass(_ARGMAX, logits, logits, logits, logits, node_token, logits, logits, cfg)
+        greedy_out = _empty_outputs(batch, shape.width, device)
+        _walk(node_token, draft_tokens, parents, cu_nodes, shape, greedy_out)
+        out = tuple(torch.where(greedy_requests.view(-1, *[1] * (o.dim() - 1)), g, o) for g, o in zip(greedy_out, out))
     return out
 
 
@@ -638,11 +721,16 @@ def verify_sampling(
 
 
 def target_probs(logits, cu_nodes, temperature, top_k=None, top_p=None) -> torch.Tensor:
-    """The processed target distribution p(v) of every node, float64[total_nodes, vocab]."""
-    inv_temp, thr = _processing(logits, cu_nodes, temperature, top_k, top_p)
+    """The processed target distribution p(v) of every node, float64[total_nodes, vocab]
+    (one-hot at the first maximum for greedy requests)."""
+    inv_temp, thr, greedy = _processing(logits, cu_nodes, temperature, top_k, top_p)
     x = logits.float()
     scaled = torch.where(x >= thr[:, None], x * inv_temp[:, None], float("-inf"))
-    return torch.softmax(scaled.double(), dim=-1)
+    probs = torch.softmax(scaled.double(), dim=-1)
+    if logits.shape[0]:
+        one_hot = torch.nn.functional.one_hot(x.argmax(-1), logits.shape[1]).double()
+        probs = torch.where(greedy[:, None], one_hot, probs)
+    return probs
 
 
 def _inverse_cdf_reference(probs: torch.Tensor, u: torch.Tensor):
@@ -723,7 +811,7 @@ def _walk_reference(node_token, node_margin, draft_tokens, parents, cu_nodes, wi
 def verify_greedy_reference(logits, draft_tokens, parents, cu_nodes):
     """Plain-PyTorch :func:`verify_greedy` (same inputs, same outputs)."""
     width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes).width
-    argmax = logits.argmax(-1) if logits.numel() else draft_tokens.clone()
+    argmax = logits.argmax(-1) if logits.numel() else draft_tokens.clone()  # the first maximum
     no_margin = torch.full(argmax.shape, float("inf"), dtype=torch.float64, device=logits.device)
     return _walk_reference(argmax, no_margin, draft_tokens, parents, cu_nodes, width).result()
 
@@ -772,5 +860,9 @@ def verify_sampling_reference(
     logits, draft_tokens, parents, cu_nodes, temperature, top_k=None, top_p=None, *, uniforms, draft_probs=None
 ):
     """Plain-PyTorch :func:`verify_sampling` on the same ``uniforms`` (float64 probabilities)."""
-    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes).width
+    shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
+    if not isinstance(uniforms, torch.Tensor):
+        fail("uniforms", f"must be a float32 tensor [total_nodes, 2], got {type(uniforms).__name__}")
+    _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs, shape.row_max)
+    width = shape.width
     return _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs, width).result()
