@@ -239,3 +239,41 @@ def test_gpu_mixed_batch(dtype, head_dim):
         out = mixed_attention(*batch.inputs(), window=window, softcap=softcap, **batch.tree_kwargs())
         want = mixed_attention_reference(*batch.inputs(), window=window, softcap=softcap, **batch.tree_kwargs())
         torch.testing.assert_close(out.float(), want.float(), **tol)
+
+
+def test_stale_trees_and_bad_scalars_are_refused(rng):
+    """Issue 14 item 8: a plan built without trees, called with tree_parents/is_tree, computed
+    causal attention (a stale window was already refused); scale=nan was used; window=2.5 raised
+    NotImplementedError from deep inside. Each is a ValueError naming its argument."""
+    import numpy as np
+
+    batch = make([3, 1], [20, 2], rng, trees=[True, False])
+    num_blocks, block_size, num_kv_heads, head_dim = batch.k_cache.shape
+    layout = dict(num_q_heads=8, num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=num_blocks,
+                  block_size=block_size)
+    causal = plan_mixed_attention(batch.cu_seqlens_q, batch.seq_lens, batch.block_table, **layout)
+    with pytest.raises(ValueError, match="^plan: .*tree"):
+        mixed_attention(*batch.inputs(), plan=causal, **batch.tree_kwargs())
+    with_trees = plan_mixed_attention(batch.cu_seqlens_q, batch.seq_lens, batch.block_table, **layout,
+                                      **batch.tree_kwargs())
+    other = dict(batch.tree_kwargs())
+    other["tree_parents"] = torch.tensor([-1, 0, 1, -1], dtype=torch.int32)  # a chain, not the planned tree
+    with pytest.raises(ValueError, match="^plan: .*tree"):
+        mixed_attention(*batch.inputs(), plan=with_trees, **other)
+    same = {k: v.clone() for k, v in batch.tree_kwargs().items()}  # equal values: accepted
+    want = mixed_attention_reference(*batch.inputs(), **batch.tree_kwargs())
+    torch.testing.assert_close(mixed_attention(*batch.inputs(), plan=with_trees, **same), want, **TOL[torch.float32])
+    torch.testing.assert_close(mixed_attention(*batch.inputs(), plan=with_trees), want, **TOL[torch.float32])
+    for scale in (float("nan"), float("inf"), 0.0, -1.0, "0.1"):
+        with pytest.raises(ValueError, match="^scale: "):
+            mixed_attention(*batch.inputs(), scale, **batch.tree_kwargs())
+    with pytest.raises(ValueError, match="^softcap: "):
+        mixed_attention(*batch.inputs(), softcap=float("inf"), **batch.tree_kwargs())
+    for window in (2.5, "4", True):
+        with pytest.raises(ValueError, match="^window: "):
+            mixed_attention(*batch.inputs(), window=window, **batch.tree_kwargs())
+        with pytest.raises(ValueError, match="^window: "):
+            plan_mixed_attention(batch.cu_seqlens_q, batch.seq_lens, batch.block_table, **layout, window=window)
+    got = mixed_attention(*batch.inputs(), window=np.int64(4), **batch.tree_kwargs())  # NumPy integers are integers
+    torch.testing.assert_close(got, mixed_attention_reference(*batch.inputs(), window=4, **batch.tree_kwargs()),
+                               **TOL[torch.float32])

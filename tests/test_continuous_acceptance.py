@@ -126,3 +126,13 @@ def test_kernels_compile_for_gpu_targets():
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_first_rejection_rejects_uniforms_outside_the_unit_interval():
+    """Issue 14 items 7/8: NaN, negative or >= 1 uniforms were used as they came."""
+    for bad in (math.nan, 1.0, 2.0, -0.5):
+        uniforms = torch.rand(3, 4)
+        uniforms[1, 2] = bad
+        for fn in (first_rejection, first_rejection_reference):
+            with pytest.raises(ValueError, match=r"^uniforms: .*\[0, 1\)"):
+                fn(torch.zeros(3, 4), uniforms)

@@ -125,3 +125,12 @@ def test_gpu_compaction(dtype):
     cache, meta = cache.cuda(), [m.cuda() for m in meta]
     compact_kv(cache, *meta)
     assert torch.equal(cache.cpu(), expected)
+
+
+def test_negative_prefix_lens_is_named(rng):
+    """Issue 14 item 8: a negative prefix_lens was blamed on the block table."""
+    cache, block_table, prefix, nodes, num = random_case(rng, batch=3, width=4)
+    prefix[1] = -1
+    for fn in (compact_kv, compact_kv_reference):
+        with pytest.raises(ValueError, match=r"^prefix_lens: .*>= 0"):
+            fn(cache, block_table, prefix, nodes, num)

@@ -114,3 +114,21 @@ def test_ngram_bad_inputs():
         propose_ngram(torch.zeros(2, 3, dtype=torch.int64), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="ngram"):
         propose_ngram(torch.zeros(1, 3, dtype=torch.int64), torch.tensor([3]), max_ngram=0)
+
+
+def test_token_recycling_refuses_ids_outside_the_vocabulary():
+    """Issue 14 item 7 (drafters): a negative token id indexed the adjacency from the end and
+    top-k ids outside the vocabulary were stored, so later drafts left the vocabulary."""
+    tr = TokenRecycling(10, 2)
+    for bad in (-1, 10):
+        with pytest.raises(ValueError, match=r"^last_tokens: .*\[0, 10\)"):
+            tr.draft(torch.tensor([1, bad]), chain(3))
+        with pytest.raises(ValueError, match=r"^last_tokens: .*\[0, 10\)"):
+            tr.draft_best(torch.tensor([bad]), 4)
+        with pytest.raises(ValueError, match=r"^draft_tokens: .*\[0, 10\)"):
+            tr.update(torch.randn(2, 10), torch.tensor([1, bad]))
+        with pytest.raises(ValueError, match=r"^topk_ids: .*\[0, 10\)"):
+            tr.recycle_topk(torch.tensor([[1, bad]]), torch.tensor([3]))
+    with pytest.raises(ValueError, match="^topk_probs: "):
+        tr.recycle_topk(torch.tensor([[1, 2]]), torch.tensor([3]), torch.tensor([[0.5, float("nan")]]))
+    assert (tr.adjacency == torch.arange(2, dtype=torch.int32)).all()  # nothing was stored

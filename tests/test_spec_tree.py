@@ -182,3 +182,22 @@ def test_best_path_and_vllm_linear(rng):
     assert to_vllm_linear(torch.zeros(1, dtype=torch.int64), torch.tensor([-1], dtype=torch.int32)).numel() == 0
     with pytest.raises(ValueError, match="draft_tokens"):
         to_vllm_linear(tokens[:5], parents)
+
+
+@pytest.mark.parametrize("fn", [retrieve_indices, leaf_paths, best_path])
+@pytest.mark.parametrize("bad", [[-1, 0, 9], [-1, 0, -3], [0, 0, 1], [-1, 0, 1, 0]])
+def test_path_functions_validate_parents(fn, bad):
+    """Issue 14 item 8: parents [-1, 0, 9] raised IndexError deep inside retrieve_indices,
+    leaf_paths and best_path; they validate like depths (one check, naming parents)."""
+    with pytest.raises(ValueError, match="^parents"):
+        fn(torch.tensor(bad, dtype=torch.int32))
+
+
+def test_from_child_counts_rejects_bad_counts():
+    """Issue 14 item 8: a negative count was silently accepted (it dropped nodes)."""
+    import numpy as np
+
+    for bad in ([2, -1, 1], [1.5], [True]):
+        with pytest.raises(ValueError, match=r"^child_counts\[\d+\]: must be an integer"):
+            from_child_counts(bad)
+    assert torch.equal(from_child_counts(np.array([2, 0, 1])).parents, from_child_counts([2, 0, 1]).parents)

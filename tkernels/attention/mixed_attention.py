@@ -55,6 +55,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tkernels.checks import fail as _fail
+from tkernels.checks import integer, real
 from tkernels.config import launch_config
 from tkernels.registry import gpu_compile_check
 from tkernels.spec.tree import ancestor_bits, depths, validate_parents
@@ -309,10 +311,7 @@ class MixedAttentionPlan:
     num_kv_heads: int
     window: int | None
     config: dict[str, Any]  # final tile shapes and launch parameters
-
-
-def _fail(arg: str, why: str) -> None:
-    raise ValueError(f"{arg}: {why}")
+    trees: tuple[torch.Tensor, torch.Tensor] | None = None  # (tree_parents, is_tree) as planned, else None
 
 
 def _check_int_vector(t: Any, arg: str, length: int | None = None) -> None:
@@ -365,8 +364,7 @@ def plan_mixed_attention(
             _fail(arg, f"must be on {cu_seqlens_q.device} like cu_seqlens_q, got {t.device}")
     if num_q_heads <= 0 or num_kv_heads <= 0 or num_q_heads % num_kv_heads:
         _fail("num_q_heads", f"must be a positive multiple of num_kv_heads={num_kv_heads}, got {num_q_heads}")
-    if window is not None and window < 1:
-        _fail("window", f"must be >= 1 or None, got {window}")
+    window = _check_window(window)
     device = cu_seqlens_q.device
 
     cu = cu_seqlens_q.cpu().long()
@@ -438,7 +436,12 @@ def plan_mixed_attention(
         is_tree=tree_req.to(torch.int8).to(device), ancestors=ancestors.to(device),
         positions=positions.to(torch.int32).to(device), num_tokens=T, batch=B,
         num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, window=window, config=cfg,
+        trees=None if tree_parents is None else (tree_parents, is_tree),
     )
+
+
+def _check_window(window: Any) -> int | None:
+    return None if window is None else integer("window", window, minimum=1)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -529,15 +532,20 @@ def mixed_attention(
 ) -> torch.Tensor:
     """Attention of a mixed batch over a paged K/V cache; returns ``out [T, Hq, D]``.
 
-    ``scale`` defaults to ``D ** -0.5``. ``plan`` (from :func:`plan_mixed_attention` for the same
-    batch, trees and window) skips re-planning, e.g. across layers; the trees are then taken
-    from the plan. Without it the batch is planned (and its index tensors validated) here.
+    ``scale`` (a finite number > 0) defaults to ``D ** -0.5``. ``plan`` (from
+    :func:`plan_mixed_attention` for the same batch, trees and window) skips re-planning, e.g.
+    across layers; the trees are then taken from the plan (``tree_parents``/``is_tree`` may be
+    omitted; given, they must be the planned ones). Without it the batch is planned (and its
+    index tensors validated) here.
     """
     _check_inputs(q, k_cache, v_cache, out)
     T, Hq, D = q.shape
     num_blocks, block_size, Hkv, _ = k_cache.shape
-    if softcap is not None and not softcap > 0:
-        _fail("softcap", f"must be > 0 or None, got {softcap}")
+    if scale is not None:
+        scale = real("scale", scale, positive=True)
+    if softcap is not None:
+        softcap = real("softcap", softcap, positive=True)
+    window = _check_window(window)
     if plan is None:
         plan = plan_mixed_attention(
             cu_seqlens_q, seq_lens, block_table, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D,
@@ -549,6 +557,9 @@ def mixed_attention(
             _fail("plan", "was built for another batch or head layout")
         if plan.window != window:
             _fail("plan", f"was built for window={plan.window}, called with window={window}")
+        if (tree_parents is not None or is_tree is not None) and not _same_trees(plan.trees, (tree_parents, is_tree)):
+            _fail("plan", "was built without trees, called with tree_parents/is_tree" if plan.trees is None else
+                  "was built for other trees than the tree_parents/is_tree it is called with")
     for arg, t in (("cu_seqlens_q", cu_seqlens_q), ("seq_lens", seq_lens), ("block_table", block_table)):
         if t.device != q.device:
             _fail(arg, f"must be on {q.device} like q, got {t.device}")
@@ -560,7 +571,7 @@ def mixed_attention(
     cfg = plan.config
     ws_o = torch.empty((plan.ws_rows, Hq, D), dtype=torch.float32, device=q.device)
     ws_lse = torch.empty((plan.ws_rows, Hq), dtype=torch.float32, device=q.device)
-    scale = D ** -0.5 if scale is None else float(scale)
+    scale = D ** -0.5 if scale is None else scale
     head_dim_pad = triton.next_power_of_2(D)
     mixed_attention_kernel[(plan.items.shape[0],)](
         q, k_cache, v_cache, out, ws_o, ws_lse, plan.items,
@@ -582,6 +593,14 @@ def mixed_attention(
             HEADS_PAD=triton.next_power_of_2(Hq), HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad,
         )
     return out
+
+
+def _same_trees(planned, given) -> bool:
+    """The planned (tree_parents, is_tree) and the given ones: the same tensors or equal values."""
+    if planned is None:
+        return False
+    return all(a is b or (isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype
+                          and a.device == b.device and torch.equal(a, b)) for a, b in zip(planned, given))
 
 
 def _check_inputs(q, k_cache, v_cache, out) -> None:

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tkernels.checks import in_unit_interval, require
 from tkernels.config import launch_config as _launch_config
 from tkernels.registry import gpu_compile_check
 
@@ -193,13 +194,14 @@ def _check_window(log_ratio: torch.Tensor, uniforms: torch.Tensor) -> None:
     _check_float_tensors("rows, window", log_ratio=log_ratio, uniforms=uniforms)
     if uniforms.shape != log_ratio.shape:
         raise ValueError(f"uniforms has shape {tuple(uniforms.shape)} but log_ratio has {tuple(log_ratio.shape)}")
+    require(in_unit_interval("uniforms", uniforms))
 
 
 def first_rejection(log_ratio: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Number of draft tokens accepted per row: the index of the first rejection in the window.
 
-    ``log_ratio``: ``[rows, window]`` per-token ``log p/q``; ``uniforms``: same shape, in
-    ``[0, 1)``. Token j is accepted with probability ``min(1, exp(log_ratio[j]))``; returns int32
+    ``log_ratio``: ``[rows, window]`` per-token ``log p/q`` (NaN rejects); ``uniforms``: same
+    shape, in ``[0, 1)`` (checked: NaN, negative or >= 1 values raise). Token j is accepted with probability ``min(1, exp(log_ratio[j]))``; returns int32
     ``[rows]`` in ``[0, window]`` (``window`` when every token is accepted).
     """
     _check_window(log_ratio, uniforms)

@@ -132,9 +132,11 @@ def _check(caches, block_table, prefix_lens, accepted_nodes, num_accepted) -> No
     ok_increasing = bool(((nodes[:, 1:] > nodes[:, :-1]) | ~used[:, 1:]).all())
     if not (ok_root and ok_increasing):
         raise ValueError("accepted_nodes must start at node 0 and increase strictly along each accepted path")
+    if bool((prefix_lens < 0).any()):
+        raise ValueError(f"prefix_lens: must be >= 0 (node 0's position), got {prefix_lens.tolist()}")
     positions = prefix_lens.long()[:, None] + torch.where(used, nodes, 0)
     block_size, num_blocks = shape[-3], shape[-4]
-    if bool((prefix_lens < 0).any()) or int(positions.max()) >= block_table.shape[1] * block_size:
+    if int(positions.max()) >= block_table.shape[1] * block_size:
         raise ValueError(f"prefix_lens + accepted_nodes reach past block_table's {block_table.shape[1]} blocks of {block_size}")
     blocks = block_table.long().gather(1, positions // block_size)
     if bool((used & ((blocks < 0) | (blocks >= num_blocks))).any()):

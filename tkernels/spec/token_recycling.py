@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from tkernels.checks import probabilities, require
+
 from .tree import TreeShape
 
 __all__ = ["TokenRecycling"]
@@ -54,7 +56,7 @@ class TokenRecycling:
         Returns the ragged batch ``(draft_tokens int64[B*n], parents int32[B*n], cu_nodes
         int32[B+1])``, every request drafting the same shape, node 0 = its last token.
         """
-        _check_last_tokens(last_tokens)
+        self._check_ids("last_tokens", last_tokens)
         if int(shape.ranks.max()) >= self.k:
             raise ValueError(f"shape uses rank {int(shape.ranks.max())} but the adjacency keeps k={self.k}")
         device = self.adjacency.device
@@ -95,7 +97,7 @@ class TokenRecycling:
         a child go to the parent (the shallower node), so any prefix of the score order that
         :meth:`ConfidenceTreePolicy.choose` keeps is a tree too.
         """
-        _check_last_tokens(last_tokens)
+        self._check_ids("last_tokens", last_tokens)
         if num_nodes < 1 or max_depth < 1:
             raise ValueError(f"num_nodes and max_depth must be >= 1, got num_nodes={num_nodes}, max_depth={max_depth}")
         device = self.adjacency.device
@@ -167,9 +169,22 @@ class TokenRecycling:
             raise ValueError(f"topk_ids must be [{draft_tokens.numel()}, {self.k}], got {tuple(topk_ids.shape)}")
         if topk_probs is not None and topk_probs.shape != topk_ids.shape:
             raise ValueError(f"topk_probs must have topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_probs.shape)}")
+        self._check_ids("draft_tokens", draft_tokens)
+        self._check_ids("topk_ids", topk_ids)
+        if topk_probs is not None:
+            require(probabilities("topk_probs", topk_probs))
         rows = draft_tokens.to(self.adjacency.device).long()
         self.adjacency[rows] = topk_ids.to(self.adjacency.device, torch.int32)
         self.probs[rows] = 0.0 if topk_probs is None else topk_probs.to(self.probs.device, self.probs.dtype)
+
+    def _check_ids(self, name: str, ids: torch.Tensor) -> None:
+        """Token ids index the adjacency: outside [0, vocab) they would wrap or fail (and stored
+        top-k ids outside it would leave the vocabulary in every later draft)."""
+        if name == "last_tokens":
+            _check_last_tokens(ids)
+        if ids.numel() and not bool(((ids >= 0) & (ids < self.vocab_size)).all()):
+            raise ValueError(f"{name}: token ids must lie in [0, {self.vocab_size}) (the vocab), "
+                             f"got range [{int(ids.min())}, {int(ids.max())}]")
 
     def candidate_ranks(self, parent_tokens: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
         """Rank of ``next_tokens[i]`` in row ``parent_tokens[i]`` (-1 when not among the k).

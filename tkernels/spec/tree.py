@@ -24,6 +24,8 @@ from functools import cached_property
 
 import torch
 
+from tkernels.checks import integer
+
 __all__ = [
     "TreeShape",
     "validate_parents",
@@ -199,7 +201,11 @@ def _leaves(parents: torch.Tensor) -> torch.Tensor:
 
 
 def retrieve_indices(parents: torch.Tensor) -> torch.Tensor:
-    """int64[num_leaves, max_depth+1]: the root-to-leaf node paths, leaves in index order, -1 padded."""
+    """int64[num_leaves, max_depth+1]: the root-to-leaf node paths, leaves in index order, -1 padded.
+
+    Validates ``parents`` (:func:`validate_parents`) for itself, :func:`leaf_paths` and :func:`best_path`.
+    """
+    validate_parents(parents)
     p = parents.long()
     leaves = _leaves(p)
     d = depths(p).long()
@@ -303,9 +309,11 @@ class TreeShape:
 
 
 def from_child_counts(child_counts: Sequence[int]) -> TreeShape:
-    """Shape from each node's number of children, nodes in BFS order; children take ranks 0..c-1."""
+    """Shape from each node's number of children (integers >= 0), nodes in BFS order; children
+    take ranks 0..c-1."""
     parents, ranks = [-1], [-1]
     for node, count in enumerate(child_counts):
+        count = integer(f"child_counts[{node}]", count, minimum=0)
         if node >= len(parents):
             raise ValueError(f"child_counts names node {node} but only {len(parents)} nodes exist before it")
         parents += [node] * count
