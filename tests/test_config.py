@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import pytest
 
@@ -134,3 +135,39 @@ def test_missing_field_is_named(shipped):
 def test_shipped_configs_are_valid():
     for path in sorted(config.SHIPPED_DIR.glob("*.json")):
         config.load(path)
+
+
+def _bucket(key, cfg):
+    return {"verify": {"buckets": [{"key": key, "config": cfg}]}}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    # issue 14 item 9: each of these passed validation and failed later (or was used)
+    ("kernels", _bucket({"vocab": "big"}, {"block_v": 1024}), r"kernels\.verify\.buckets\[0\]\.key\.vocab"),
+    ("kernels", _bucket({"vocab": float("nan")}, {"block_v": 1024}), r"kernels\.verify\.buckets\[0\]\.key\.vocab"),
+    ("kernels", _bucket({"vocab": 1000}, {"block_v": 100}), r"kernels\.verify\.buckets\[0\]\.config\.block_v.*power of two"),
+    ("kernels", _bucket({"vocab": 1000}, {"num_warps": 3}), r"kernels\.verify\.buckets\[0\]\.config\.num_warps"),
+    ("kernels", _bucket({"vocab": 1000}, {"num_warps": 4.0}), r"kernels\.verify\.buckets\[0\]\.config\.num_warps"),
+    ("kernels", _bucket({"vocab": 1000}, {"block_v": True}), r"kernels\.verify\.buckets\[0\]\.config\.block_v"),
+    ("sm_count", -4, "field 'sm_count' must be a positive integer"),
+    ("sm_count", 0, "field 'sm_count' must be a positive integer"),
+    ("total_memory_gb", float("nan"), "field 'total_memory_gb' must be a finite number >= 0"),
+    ("total_memory_gb", -1.0, "field 'total_memory_gb' must be a finite number >= 0"),
+    ("latency_model", {"kv_gbps": float("inf")}, r"field 'latency_model\.kv_gbps' must be a finite number"),
+    ("budgets", {"default_tokens": 0}, r"field 'budgets\.default_tokens' must be a positive integer"),
+    ("budgets", {"per_slo_ms": {"20": float("nan")}}, r"field 'budgets\.per_slo_ms\.20' must be a finite number"),
+])
+def test_wrong_values_fail_at_load_naming_file_and_field(shipped, field, value, message):
+    path = write(shipped, H100, make_config(H100, **{field: value}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: .*{message}"):
+        config.load(path)
+    with pytest.raises(ConfigError, match=message):
+        config.choose(H100)
+
+
+def test_unknown_tuned_key_names_the_file(shipped):
+    """A bucket may only hold the kernel's launch parameters; the error names the file."""
+    path = write(shipped, H100, make_config(H100, kernels=_bucket({"vocab": 1000}, {"block_q": 16})))
+    choice = config.choose(H100)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: field 'kernels\.verify\.buckets\[0\]\.config\.block_q'"):
+        config.launch_config("verify", {"vocab": 1000}, {"block_v": 4096, "num_warps": 8}, choice=choice)

@@ -9,8 +9,15 @@ is ``NVIDIA_H200.json``). Lookup order for the running device:
 3. fallback: the shipped config of the nearest known GPU by SM count (then memory size),
    else no file and the built-in safe defaults. A fallback logs one warning per process.
 
-A file that exists but is malformed or has another ``schema_version`` raises
-:class:`ConfigError` naming the file and the field: a wrong config is never used silently.
+A file that exists but is malformed, holds a wrong value or has another ``schema_version``
+raises :class:`ConfigError` naming the file and the field, when it is loaded: a wrong config is
+never used silently. Values checked at load: every number finite (Python's JSON reader takes
+NaN and Infinity); ``sm_count`` a positive integer, ``total_memory_gb`` >= 0; every kernel
+bucket's ``key`` values positive numbers and its ``config`` values launch parameters (positive
+integers, ``*block*`` sizes powers of two, ``num_warps`` a power of two <= 32, the rule
+:func:`launch_config` applies to a caller's override); ``budgets.default_tokens`` a positive
+integer. A bucket naming a parameter its kernel does not have is reported (file and field) by
+the launcher that reads it, the first place that knows the kernel's parameters.
 """
 
 from __future__ import annotations
@@ -108,6 +115,10 @@ def validate(data: Any, path: Path | str) -> dict[str, Any]:
             f"{path}: field 'schema_version' is {data['schema_version']}, this tkernels reads "
             f"version {SCHEMA_VERSION} (re-run `tkernels autotune` to regenerate the file)"
         )
+    if data["sm_count"] < 1:
+        raise ConfigError(f"{path}: field 'sm_count' must be a positive integer, got {data['sm_count']!r}")
+    if not (math.isfinite(data["total_memory_gb"]) and data["total_memory_gb"] >= 0):
+        raise ConfigError(f"{path}: field 'total_memory_gb' must be a finite number >= 0, got {data['total_memory_gb']!r}")
     for kernel, entry in data["kernels"].items():
         buckets = entry.get("buckets") if isinstance(entry, dict) else None
         if not isinstance(buckets, list) or not all(
@@ -118,7 +129,36 @@ def validate(data: Any, path: Path | str) -> dict[str, Any]:
                 f"{path}: field 'kernels.{kernel}.buckets' must be a list of "
                 "{{\"key\": {{...}}, \"config\": {{...}}}} objects"
             )
+        for i, bucket in enumerate(buckets):
+            field_ = f"kernels.{kernel}.buckets[{i}]"
+            for name, value in bucket["key"].items():
+                if not _is_number(value) or not (math.isfinite(value) and value > 0):
+                    raise ConfigError(f"{path}: field '{field_}.key.{name}' must be a positive number (a shape size), got {value!r}")
+            for name, value in bucket["config"].items():
+                problem = _launch_param_problem(name, value)
+                if problem:
+                    raise ConfigError(f"{path}: field '{field_}.config.{name}' {problem}")
+    budget = data["budgets"].get("default_tokens")
+    if budget is not None and (type(budget) is not int or budget < 1):
+        raise ConfigError(f"{path}: field 'budgets.default_tokens' must be a positive integer, got {budget!r}")
+    _check_finite(data, path, "")
     return data
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_finite(value: Any, path: Path | str, field_: str) -> None:
+    """Every number under ``value`` finite; the first that is not is named by its dotted field."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, path, f"{field_}.{key}" if field_ else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(item, path, f"{field_}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: field '{field_}' must be a finite number, got {value!r}")
 
 
 def load(path: Path | str) -> dict[str, Any]:
@@ -193,40 +233,64 @@ def current() -> ConfigChoice:
     return _current(os.environ.get(ENV_CONFIG_DIR))
 
 
-def kernel_config(kernel: str, key: dict[str, float], default: dict[str, Any], choice: ConfigChoice | None = None) -> dict[str, Any]:
-    """Tuned launch parameters of ``kernel`` for the nearest shape bucket, else ``default``.
-
-    Nearness is the sum of |log2| distances over the bucket's numeric keys, so a bucket tuned
-    for 4096 keys serves 3000 better than one tuned for 512.
-    """
-    choice = choice or current()
+def _nearest_bucket(kernel: str, key: dict[str, float], choice: ConfigChoice) -> tuple[dict[str, Any], str]:
+    """The tuned parameters of ``kernel``'s bucket nearest to ``key`` and its field name
+    (``({}, "")`` without one). Nearness is the sum of |log2| distances over the bucket's numeric
+    keys, so a bucket tuned for 4096 keys serves 3000 better than one tuned for 512."""
     buckets = choice.data.get("kernels", {}).get(kernel, {}).get("buckets", [])
-    best, best_distance = None, math.inf
-    for bucket in buckets:
+    best, best_distance = ({}, ""), math.inf
+    for i, bucket in enumerate(buckets):
         shared = [k for k in key if k in bucket["key"]]
         if not shared:
             continue
         distance = sum(abs(math.log2(max(key[k], 1)) - math.log2(max(bucket["key"][k], 1))) for k in shared)
         if distance < best_distance:
-            best, best_distance = bucket["config"], distance
-    return {**default, **best} if best else dict(default)
+            best, best_distance = (bucket["config"], f"kernels.{kernel}.buckets[{i}].config"), distance
+    return best
+
+
+def kernel_config(kernel: str, key: dict[str, float], default: dict[str, Any], choice: ConfigChoice | None = None) -> dict[str, Any]:
+    """Tuned launch parameters of ``kernel`` for the nearest shape bucket, else ``default``
+    (nearness: see :func:`_nearest_bucket`)."""
+    tuned, _ = _nearest_bucket(kernel, key, choice or current())
+    return {**default, **tuned}
 
 
 _WARPS = (1, 2, 4, 8, 16, 32)
 
 
-def launch_config(kernel: str, key: dict[str, float], default: dict[str, Any], override: dict | None = None) -> dict[str, Any]:
+def _launch_param_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` is no launch parameter ``name`` (None if it is one): the one rule for files
+    (:func:`validate`) and callers (:func:`launch_config`)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        return f"must be a positive integer, got {value!r}"
+    if "block" in name.lower() and value & (value - 1):
+        return f"must be a power of two, got {value}"
+    if name == "num_warps" and value not in _WARPS:
+        return f"must be a power of two <= 32, got {value}"
+    return None
+
+
+def launch_config(kernel: str, key: dict[str, float], default: dict[str, Any], override: dict | None = None,
+                  choice: ConfigChoice | None = None) -> dict[str, Any]:
     """A kernel launcher's parameters: ``override`` (a caller's, e.g. autotune's candidate) over
-    the GPU's tuned bucket (:func:`kernel_config`) over ``default``, checked: only ``default``'s
-    keys, integer values, ``*block*`` sizes powers of two, ``num_warps`` in 1..32 (a power of
-    two). A bad one raises ``ValueError("config: ...")``, whether it came from a file or a caller."""
-    cfg = {**kernel_config(kernel, key, default), **(override or {})}
-    unknown = set(cfg) - set(default)
+    the GPU's tuned bucket (:func:`kernel_config`; ``choice``, default: the current GPU's) over
+    ``default``, checked: only ``default``'s keys, integer values, ``*block*`` sizes powers of
+    two, ``num_warps`` in 1..32 (a power of two). A bad override raises
+    ``ValueError("config: ...")``; a bad tuned bucket :class:`ConfigError` naming its file and field."""
+    choice = choice or current()
+    tuned, field_ = _nearest_bucket(kernel, key, choice)
+    for name, value in tuned.items():
+        problem = None if name in default else f"is not a launch parameter of {kernel} (known: {sorted(default)})"
+        problem = problem or _launch_param_problem(name, value)
+        if problem:
+            raise ConfigError(f"{choice.path}: field '{field_}.{name}' {problem}")
+    override = override or {}
+    unknown = set(override) - set(default)
     if unknown:
         raise ValueError(f"config: unknown keys {sorted(unknown)} for {kernel} (known: {sorted(default)})")
-    for name, value in cfg.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"config: {kernel} {name} must be a positive integer, got {value!r}")
-        if ("block" in name and value & (value - 1)) or (name == "num_warps" and value not in _WARPS):
-            raise ValueError(f"config: {kernel} {name} must be a power of two{' <= 32' if name == 'num_warps' else ''}, got {value}")
-    return cfg
+    for name, value in override.items():
+        problem = _launch_param_problem(name, value)
+        if problem:
+            raise ValueError(f"config: {kernel} {name} {problem}")
+    return {**default, **tuned, **override}
