@@ -85,7 +85,7 @@ def granted(cap, decodes, spec, prefills):
     for s in spec:
         granted_spec.append(min(s, left))
         left -= granted_spec[-1]
-    for prefix_len, remaining in prefills:
+    for prefix_len, remaining, *_ in prefills:
         chunks.append((prefix_len, min(remaining, left)))
         left -= chunks[-1][1]
     return decodes, granted_spec, [c for c in chunks if c[1]]
@@ -200,6 +200,8 @@ def test_rates_from_config():
 @pytest.mark.parametrize("kwargs, match", [
     ({"tile": 0}, "tile"), ({"max_tokens": 8}, "max_tokens"), ({"margin": 1.0}, "margin"),
     ({"slo_ms": 0}, "slo_ms"), ({"slo_ms": float("nan")}, "slo_ms"), ({"default_budget": 0}, "default_budget"),
+    ({"max_wait_ms": -1}, "max_wait_ms"), ({"max_wait_ms": float("nan")}, "max_wait_ms"),
+    ({"max_wait_ms": "soon"}, "max_wait_ms"),
 ])
 def test_bad_policy_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -209,6 +211,10 @@ def test_bad_policy_arguments(kwargs, match):
 @pytest.mark.parametrize("args, match", [
     (([-1],), "decode_context_lens"), (([10, 20], [1]), "spec_tokens"), (([10], -2), "spec_tokens"),
     (([10], 0, [(0, -5)]), "prefills"), (([10], 0, [(1.5, 5)]), "prefills"), (([10], 1, (), -1), "tree_budget"),
+    # issue 14 item 8: a decode with no context, wrong-length prompt tuples (a TypeError before)
+    (([0],), "decode_context_lens"), (([10], 0, [(1, 2, 3, 4)]), "prefills"), (([10], 0, [(5,)]), "prefills"),
+    (([10], 0, [(0, 5, -1.0)]), "prefills"), (([10], 0, [(0, 5, float("nan"))]), "prefills"),
+    (([10], 0, [5]), "prefills"), (([True],), "decode_context_lens"),
 ])
 def test_bad_plan_arguments(args, match):
     with pytest.raises(ValueError, match=match):
@@ -221,3 +227,78 @@ def test_bad_shape_and_rates():
                    intermediate_size=128, vocab_size=256)
     with pytest.raises(ValueError, match="kv_gbps"):
         LatencyRates(overhead_us=0, weight_gbps=1, matmul_tflops=1, kv_gbps=0, attn_tflops=1)
+
+
+def test_numpy_integers_are_counts():
+    """Issue 14 item 8: NumPy integers (a server's arrays) were refused."""
+    import numpy as np
+
+    p = policy(slo_ms=20)
+    want = p.plan([100, 200], [3, 0], [Prefill(0, 500)], tree_budget=2)
+    got = p.plan(list(np.array([100, 200])), np.array([3, 0]), [(np.int64(0), np.int32(500))], tree_budget=np.int64(2))
+    assert got == want
+    assert p.plan([100, 200], np.int64(3)) == p.plan([100, 200], 3)
+    assert policy(tile=np.int64(8), max_tokens=np.int64(64)).tile == 8
+
+
+# --- issue 14 item 10: no prompt starves --------------------------------------------------------
+
+STARVING_LOADS = [  # (decodes, draft tokens per decode, SLO ms): a waiting prompt got 0 tokens for 300 steps
+    (16, 0, 0.5),
+    (64, 0, 2.0),
+    (40, 63, 30.0),
+]
+
+
+@pytest.mark.parametrize("decodes, drafts, slo_ms", STARVING_LOADS)
+@pytest.mark.parametrize("max_wait_ms", [0.0, 50.0, 500.0])
+def test_a_waiting_prompt_gets_a_tile_per_step_once_aged(decodes, drafts, slo_ms, max_wait_ms):
+    """Time runs at the predicted step time. Until the prompt has waited longer than max_wait_ms
+    the SLO rules (here it grants the prompt nothing); from then on every step grants it at least
+    one tile, taken before the drafts: the step meets the SLO whenever the decodes plus one tile
+    do, and exceeds it only by that tile otherwise."""
+    p = policy(slo_ms=slo_ms, max_wait_ms=max_wait_ms)
+    target = slo_ms * 1e3 * (1 - 0.1)
+    assert p.plan([1024] * decodes, drafts, [Prefill(0, 100_000)]).prefill_tokens == 0  # the SLO alone starves it
+    waited, remaining, aged_steps = 0.0, 100_000, 0
+    for step in range(300):
+        context = [1024 + step] * decodes
+        prompt = Prefill(100_000 - remaining, remaining, waited)
+        plan = p.plan(context, drafts, [prompt])
+        assert plan.decode_tokens == decodes  # a decode is never dropped
+        if waited > max_wait_ms:
+            aged_steps += 1
+            assert plan.prefill_tokens >= p.tile, (step, waited)
+            assert plan.tokens == plan.decode_tokens + plan.spec_tokens + plan.prefill_tokens
+            tile_fits = p.plan(context, 0, [prompt[:2]]).prefill_tokens >= p.tile  # no drafts, not aged
+            assert plan.predicted_us <= target if tile_fits else plan.tokens == decodes + p.tile
+        else:
+            assert plan.prefill_tokens == 0
+        remaining -= plan.prefill_tokens
+        waited += plan.predicted_us / 1e3
+    assert aged_steps >= 300 - 1 - max_wait_ms / 4.5  # every step here lasts >= 4.5 ms
+
+
+def test_ageing_bound_from_env_and_default(monkeypatch):
+    from tkernels.sched import DEFAULT_MAX_WAIT_MS, ENV_MAX_WAIT_MS
+
+    monkeypatch.delenv(ENV_MAX_WAIT_MS, raising=False)
+    assert policy().max_wait_ms == DEFAULT_MAX_WAIT_MS
+    monkeypatch.setenv(ENV_MAX_WAIT_MS, "120")
+    assert policy().max_wait_ms == 120.0 and policy(max_wait_ms=7).max_wait_ms == 7
+    monkeypatch.setenv(ENV_MAX_WAIT_MS, "later")
+    with pytest.raises(ValueError, match=ENV_MAX_WAIT_MS):
+        policy()
+
+
+def test_wait_clock_ages_prompts_from_first_sight():
+    from tkernels.sched import WaitClock
+
+    now = [100.0]
+    clock = WaitClock(clock=lambda: now[0])
+    assert clock.waited_ms(["a", "b"]) == [0.0, 0.0]
+    now[0] += 0.25
+    assert clock.waited_ms(["a", "b", "c"]) == [250.0, 250.0, 0.0]
+    now[0] += 0.5
+    assert clock.waited_ms(["c"]) == [500.0]  # a and b left the queue: forgotten
+    assert clock.waited_ms(["a"]) == [0.0]

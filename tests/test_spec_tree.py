@@ -198,6 +198,6 @@ def test_from_child_counts_rejects_bad_counts():
     import numpy as np
 
     for bad in ([2, -1, 1], [1.5], [True]):
-        with pytest.raises(ValueError, match=r"^child_counts\[\d+\]: must be an integer"):
+        with pytest.raises(ValueError, match=r"^child_counts\[\d+\]: must be a non-negative integer"):
             from_child_counts(bad)
     assert torch.equal(from_child_counts(np.array([2, 0, 1])).parents, from_child_counts([2, 0, 1]).parents)

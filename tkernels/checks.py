@@ -30,27 +30,28 @@ def fail(arg: str, why: str) -> NoReturn:
 
 def integer(arg: str, value: Any, *, minimum: int | None = None) -> int:
     """``value`` as an ``int`` (Python or NumPy integer; not bool, not float), ``>= minimum``."""
-    if isinstance(value, bool) or isinstance(value, float):
-        fail(arg, f"must be an integer, got {value!r}")
+    kind = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer >= {minimum}")
+    if isinstance(value, (bool, float)):
+        fail(arg, f"must be {kind}, got {value!r}")
     try:
         result = operator.index(value)
     except TypeError:
-        fail(arg, f"must be an integer, got {value!r}")
+        fail(arg, f"must be {kind}, got {value!r}")
     if minimum is not None and result < minimum:
-        fail(arg, f"must be an integer >= {minimum}, got {result}")
+        fail(arg, f"must be {kind}, got {result}")
     return result
 
 
-def real(arg: str, value: Any, *, minimum: float | None = None, positive: bool = False) -> float:
-    """``value`` as a finite ``float`` (any real number type; not bool), ``>= minimum`` or ``> 0``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        fail(arg, f"must be a finite number, got {value!r}")
-    result = float(value)
-    if positive and not result > 0:
-        fail(arg, f"must be a finite number > 0, got {value!r}")
-    if minimum is not None and result < minimum:
-        fail(arg, f"must be a finite number >= {minimum:g}, got {value!r}")
-    return result
+def real(arg: str, value: Any, *, minimum: float | None = None, positive: bool = False, what: str = "number") -> float:
+    """``value`` as a finite ``float`` (any real number type; not bool), ``> 0`` where
+    ``positive``, ``>= minimum``; ``what`` names the quantity in the message ("number of ms")."""
+    kind = "a positive" if positive else "a non-negative" if minimum == 0 else "a finite"
+    bound = f" >= {minimum:g}" if minimum not in (None, 0) else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or (positive and not value > 0) or (minimum is not None and value < minimum):
+        fail(arg, f"must be {kind} {what}{bound}, got {value!r}")
+    return float(value)
 
 
 def require(*checks: tuple[str, str, torch.Tensor]) -> None:

@@ -9,11 +9,13 @@ SGLang builds a fresh ``PrefillAdder`` for every prefill attempt
 running decodes`` when ``--enable-mixed-chunk`` mixes the running decodes into the prefill
 batch. :class:`DecodeMaximalPrefillAdder` asks :class:`~tkernels.sched.DecodeMaximalPolicy` for
 the step's plan (the running decodes' context lengths, the running chunk, then the waiting
-prompts; a mixed step runs each decode as one plain token, even under speculation) and lowers
-the adder's chunk and input budgets to the plan's prefill tokens.
+prompts, each with the time it has waited for the ageing bound; a mixed step runs each decode as
+one plain token, even under speculation) and lowers the adder's chunk and input budgets to the
+plan's prefill tokens.
 Decodes are never dropped: SGLang runs them in the mixed batch (or alone when no prefill fits).
 The largest step is ``--chunked-prefill-size`` (it sizes SGLang's buffers); the TBT SLO comes from
-``$TKERNELS_TBT_SLO_MS`` (else the per-GPU fixed budget), latency rates from the per-GPU config.
+``$TKERNELS_TBT_SLO_MS`` (else the per-GPU fixed budget), the ageing bound from
+``$TKERNELS_MAX_WAIT_MS`` (else 500 ms), latency rates from the per-GPU config.
 
 Without mixed chunks a prefill step runs no decode, so no budget can make a step
 decode-maximal: the adder refuses to start (RuntimeError naming the flags).
@@ -27,7 +29,7 @@ from itertools import islice
 
 from sglang.srt.managers.schedule_policy import PrefillAdder
 
-from tkernels.sched import DecodeMaximalPolicy, ModelShape, Prefill, StepBudget
+from tkernels.sched import DecodeMaximalPolicy, ModelShape, Prefill, StepBudget, WaitClock
 
 logger = logging.getLogger("tkernels")
 
@@ -67,15 +69,18 @@ def scheduler_policy(scheduler) -> DecodeMaximalPolicy:
         shape = model_shape(scheduler.model_config, scheduler.tp_size)
         policy = DecodeMaximalPolicy(shape, max_tokens=scheduler.chunked_prefill_size)
         scheduler.tkernels_policy = policy
+        scheduler.tkernels_wait_clock = WaitClock()
         logger.info("tkernels: decode-maximal chunk budget on (max %d tokens per step)", scheduler.chunked_prefill_size)
     return policy
 
 
 def waiting_prefills(scheduler, limit: int) -> list[Prefill]:
-    """The running chunk, then up to ``limit`` waiting prompts in queue order (policy order)."""
+    """The running chunk, then up to ``limit`` waiting prompts in queue order (policy order),
+    with the time each has waited (the scheduler's :class:`~tkernels.sched.WaitClock`)."""
     reqs = ([scheduler.chunked_req] if scheduler.chunked_req is not None else []) + list(
         islice(scheduler.waiting_queue, limit))
-    return [Prefill(r.prefix_len, max(r.seqlen - r.prefix_len, 0)) for r in reqs]
+    waited = scheduler.tkernels_wait_clock.waited_ms([r.rid for r in reqs])
+    return [Prefill(r.prefix_len, max(r.seqlen - r.prefix_len, 0), w) for r, w in zip(reqs, waited)]
 
 
 def prefill_adder_for(scheduler):

@@ -3,9 +3,10 @@
     vllm serve MODEL --scheduler-cls tkernels.plugins.vllm.scheduler.DecodeMaximalScheduler
 
 TBT SLO from ``$TKERNELS_TBT_SLO_MS`` or ``--additional-config '{"tkernels_sched":
-{"slo_ms": 50, "margin": 0.1, "tile": 16}}'`` (the policy's arguments of those names, and
-``default_budget``: the fixed budget without an SLO); latency rates and the no-SLO budget
-otherwise from the per-GPU config. Written for vLLM 0.32–0.33: importing this
+{"slo_ms": 50, "margin": 0.1, "tile": 16}}'`` (the policy's arguments of those names,
+``default_budget``: the fixed budget without an SLO, and ``max_wait_ms``: the ageing bound after
+which a waiting prompt gets at least one tile per step, also ``$TKERNELS_MAX_WAIT_MS``); latency
+rates and the no-SLO budget otherwise from the per-GPU config. Written for vLLM 0.32–0.33: importing this
 module under another version raises RuntimeError (vLLM's scheduler internals move between
 releases; :mod:`tkernels.plugins.vllm.compat`). Importing :mod:`tkernels.plugins.vllm` alone
 never imports vLLM.
@@ -17,7 +18,7 @@ token budget and fills it with running requests in list order, then admits waiti
    before a decode can never take the decode's token;
 2. the policy plans the step from the running decodes (context lengths, draft tokens), the
    running chunks and the waiting prompts (assumed uncached: prefix-cache hits are only known
-   once vLLM admits them);
+   once vLLM admits them), each prompt with the time it has waited (:class:`~tkernels.sched.WaitClock`);
 3. draft tokens beyond the plan's grant are dropped from the last decodes (vLLM would give the
    first decodes all their drafts and the last ones no token at all);
 4. ``max_num_scheduled_tokens`` = the plan's budget, never above its configured value (which
@@ -41,7 +42,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 
 from tkernels.config import ConfigChoice, current  # noqa: E402
 from tkernels.plugins.vllm.settings import SCHED_KEY, sched_options  # noqa: E402
-from tkernels.sched import DecodeMaximalPolicy, ModelShape, Prefill, StepBudget  # noqa: E402
+from tkernels.sched import DecodeMaximalPolicy, ModelShape, Prefill, StepBudget, WaitClock  # noqa: E402
 from tkernels.sched.budget import ENV_TBT_SLO_MS  # noqa: E402
 from tkernels.sched.latency_model import DEFAULT_RATES  # noqa: E402
 
@@ -122,17 +123,19 @@ class DecodeMaximalScheduler(AsyncScheduler):
         logger.info("%s", describe_policy(self.policy, slo_source, choice))
         self.stats = _StepStats()
         self._decode_ids: dict[int, tuple[object, set[str]]] = {}  # id(output) -> (output, its decodes)
+        self.wait_clock = WaitClock()
 
     def schedule(self, *args, **kwargs):
         decodes = [r for r in self.running if not r.is_prefill_chunk]
         chunks = [r for r in self.running if r.is_prefill_chunk]
         self.running = decodes + chunks
         free_slots = max(self.max_num_running_reqs - len(self.running), 0)
-        admissible = islice(chain(self.kv_holding_waiting, self.waiting), free_slots)
+        prompts = [*chunks, *islice(chain(self.kv_holding_waiting, self.waiting), free_slots)]
+        waited = self.wait_clock.waited_ms([r.request_id for r in prompts])
         plan = self.policy.plan(
             [r.num_computed_tokens + 1 for r in decodes],
             [len(r.spec_token_ids) for r in decodes],
-            [Prefill(r.num_computed_tokens, r.num_tokens - r.num_computed_tokens) for r in chain(chunks, admissible)],
+            [Prefill(r.num_computed_tokens, r.num_tokens - r.num_computed_tokens, w) for r, w in zip(prompts, waited)],
         )
         drafts_left = plan.spec_tokens
         for request in decodes:

@@ -18,6 +18,7 @@ Settings (README, vLLM plugin section):
 - any other ``additional_config`` key starting with ``tkernels``: refused (a misspelt key would
   otherwise be ignored);
 - ``$TKERNELS_TBT_SLO_MS``: the scheduler's TBT SLO in milliseconds (a positive number);
+- ``$TKERNELS_MAX_WAIT_MS``: the scheduler's ageing bound in milliseconds (a number >= 0);
 - ``$TKERNELS_VLLM_CPU_TEST_BACKEND``: ``1`` or ``reference`` (tkernels' attention on vLLM-CPU);
 - ``$TKERNELS_CONFIG_DIR``: a folder of per-GPU configs;
 - the tree proposer's configuration (:func:`tkernels.plugins.vllm.tree.check_config`).
@@ -32,9 +33,10 @@ import os
 logger = logging.getLogger("vllm.tkernels")  # vLLM's handlers and format, with the process name
 
 SCHED_KEY = "tkernels_sched"
-SCHED_OPTIONS = ("slo_ms", "margin", "tile", "default_budget")  # DecodeMaximalPolicy's keyword arguments
+SCHED_OPTIONS = ("slo_ms", "margin", "tile", "default_budget", "max_wait_ms")  # DecodeMaximalPolicy's keyword arguments
 SCHED_FORM = ('{"slo_ms": <TBT SLO in ms, > 0>, "margin": <0 <= margin < 1>, "tile": <integer >= 1>, '
-              '"default_budget": <tokens per step without an SLO, integer >= 1>} (every key optional)')
+              '"default_budget": <tokens per step without an SLO, integer >= 1>, '
+              '"max_wait_ms": <ageing bound in ms, >= 0>} (every key optional)')
 TREE_KEY = "tkernels_tree"
 TREE_SIZES = ("per_batch", "fixed")
 TREE_FORM = '{"size": "per_batch" | "fixed"}'
@@ -82,7 +84,7 @@ def check_scheduler(vllm_config) -> None:
     from tkernels.config import ConfigChoice
     from tkernels.plugins.vllm.scheduler import model_shape
     from tkernels.sched import DecodeMaximalPolicy
-    from tkernels.sched.budget import ENV_TBT_SLO_MS
+    from tkernels.sched.budget import ENV_MAX_WAIT_MS, ENV_TBT_SLO_MS
 
     options = sched_options(vllm_config.additional_config)
     max_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
@@ -91,11 +93,13 @@ def check_scheduler(vllm_config) -> None:
                             **options)
     except (TypeError, ValueError) as err:
         message = str(err)
-        if message.startswith("slo_ms") and "slo_ms" not in options:  # the SLO came from the environment
-            message = f"${ENV_TBT_SLO_MS}: {message.removeprefix('slo_ms: ')}".replace(
-                "got", f"got {os.environ.get(ENV_TBT_SLO_MS)!r}, read as", 1)
-        if message.startswith("$"):  # the environment variable: its name leads the message
-            raise ValueError(f"{message} (e.g. {ENV_TBT_SLO_MS}=50)") from None
+        # (option, its environment variable, an example value)
+        for option, env, example in (("slo_ms", ENV_TBT_SLO_MS, 50), ("max_wait_ms", ENV_MAX_WAIT_MS, 500)):
+            if message.startswith(option) and option not in options:  # the value came from the environment
+                message = f"${env}: {message.removeprefix(f'{option}: ')}".replace(
+                    "got", f"got {os.environ.get(env)!r}, read as", 1)
+            if message.startswith(f"${env}"):  # the environment variable: its name leads the message
+                raise ValueError(f"{message} (e.g. {env}={example})") from None
         if message.startswith("max_tokens"):
             raise ValueError(f"--max-num-batched-tokens ({max_tokens}) must be at least the scheduler's tile "
                              f"(additional_config['{SCHED_KEY}']['tile'], default 16)") from None

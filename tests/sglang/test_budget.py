@@ -140,11 +140,35 @@ def test_impossible_server_args_are_a_clear_error(sg, overrides, message):
 
 
 def test_prefill_adder_for_binds_the_waiting_prompts(sg, monkeypatch):
+    from tkernels.sched import WaitClock
+
     monkeypatch.delenv("TKERNELS_TBT_SLO_MS", raising=False)
-    chunked = SimpleNamespace(prefix_len=256, seqlen=1000)
-    waiting = [SimpleNamespace(prefix_len=0, seqlen=n) for n in (30, 40, 50)]
+    chunked = SimpleNamespace(rid="c", prefix_len=256, seqlen=1000)
+    waiting = [SimpleNamespace(rid=f"w{n}", prefix_len=0, seqlen=n) for n in (30, 40, 50)]
     scheduler = scheduler_stub(chunked_req=chunked, waiting_queue=waiting, max_running_requests=2)
     factory = sg.budget.prefill_adder_for(scheduler)
     assert factory.func is sg.budget.DecodeMaximalPrefillAdder
-    assert factory.keywords["prefills"] == [(256, 744), (0, 30), (0, 40)]
+    assert factory.keywords["prefills"] == [(256, 744, 0.0), (0, 30, 0.0), (0, 40, 0.0)]
     assert factory.keywords["policy"] is sg.budget.prefill_adder_for(scheduler).keywords["policy"]  # built once
+    now = [0.0]
+    scheduler.tkernels_wait_clock = WaitClock(clock=lambda: now[0])
+    sg.budget.prefill_adder_for(scheduler)
+    now[0] = 0.75
+    assert [p.waited_ms for p in sg.budget.prefill_adder_for(scheduler).keywords["prefills"]] == [750.0] * 3
+
+
+def test_aged_prompt_gets_a_tile_beside_decodes_that_fill_the_slo(sg):
+    """Issue 14 item 10 through SGLang's PrefillAdder: 16 decodes fill a 0.5 ms SLO (a 16-token
+    tile), so the waiting prompt's chunk budget was 0; once it has waited longer than the bound
+    its chunk budget is one tile."""
+    from tkernels.sched import DEFAULT_RATES, LLAMA3_8B, DecodeMaximalPolicy, Prefill
+
+    pol = DecodeMaximalPolicy(LLAMA3_8B, slo_ms=0.5, max_tokens=512, rates=DEFAULT_RATES, max_wait_ms=100)
+    decodes = [request(sg, f"d{i}", 1000, generated=1) for i in range(16)]
+    for waited, budget in ((0.0, 0), (150.0, 16)):
+        waiting = request(sg, "w", 300)
+        waiting.init_next_round_input(None)
+        adder = sg.budget.DecodeMaximalPrefillAdder(
+            1, tree_cache(sg), allocator(sg), sg.ScheduleBatch(reqs=decodes, batch_is_full=False), 1.0, 16384,
+            512, len(decodes), policy=pol, prefills=[Prefill(0, 300, waited)])
+        assert adder.plan.prefill_tokens == budget and adder.rem_chunk_tokens == budget

@@ -219,3 +219,39 @@ def test_64_concurrent_mixed_requests_match_default_engine(model_dir):
     assert len(ours) == 64 and all(len(t) == 16 for t in ours)
     assert max(our_steps) <= 128
     assert ours == default
+
+
+def test_a_prompt_behind_many_decodes_does_not_starve(model_dir):
+    """Issue 14 item 10: 16 decodes under a 0.5 ms SLO filled every step (one 16-token tile), so
+    a prompt arriving behind them got 0 tokens for 300 steps. With the ageing bound (here 20 ms of
+    a fake clock that runs at the policy's predicted step time) it gets a tile per step once aged.
+    Steps are costed as an 8B model's (the tiny test model would meet the SLO)."""
+    from tkernels.config import ConfigChoice
+    from tkernels.plugins.vllm.scheduler import DecodeMaximalScheduler
+    from tkernels.sched import LLAMA3_8B, DecodeMaximalPolicy, WaitClock
+
+    scheduler = create_scheduler(model_dir, DecodeMaximalScheduler, max_num_seqs=32, additional_config={
+        "tkernels_sched": {"slo_ms": 0.5, "max_wait_ms": 20}})
+    assert scheduler.policy.max_wait_ms == 20  # the option reaches the policy
+    scheduler.policy = DecodeMaximalPolicy(LLAMA3_8B, slo_ms=0.5, max_wait_ms=20, max_tokens=scheduler.max_budget,
+                                           choice=ConfigChoice(None, "fallback: test", {}))
+    now = [0.0]
+    scheduler.wait_clock = WaitClock(clock=lambda: now[0])
+    for n in range(16):
+        scheduler.add_request(make_request(f"d{n}", 8, 400))
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in scheduler.requests.values()):
+        step(scheduler, scheduler.schedule())
+    scheduler.add_request(make_request("late", 200, 4))
+    prompt_tokens = []
+    for _ in range(300):
+        output = scheduler.schedule()
+        plan = scheduler.last_plan
+        prompt_tokens.append(output.num_scheduled_tokens.get("late", 0))
+        assert all(output.num_scheduled_tokens.get(f"d{n}") == 1 for n in range(16))  # no decode skipped
+        step(scheduler, output)
+        now[0] += plan.predicted_us / 1e6
+        if "late" not in scheduler.requests or scheduler.requests["late"].num_computed_tokens >= 200:
+            break
+    aged = next(i for i, n in enumerate(prompt_tokens) if n)
+    assert prompt_tokens[0] == 0 and all(n >= 16 for n in prompt_tokens[aged:-1])  # a tile every step from then on
+    assert sum(prompt_tokens) >= 200  # the prompt was computed

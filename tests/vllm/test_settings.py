@@ -31,6 +31,8 @@ def engine_config():
         ({"tkernels_sched": {"slo_ms": -1}}, "additional_config['tkernels_sched']: slo_ms: must be a positive number"),
         ({"tkernels_sched": {"tile": 1.5}}, "additional_config['tkernels_sched']: tile: must be a positive integer"),
         ({"tkernels_sched": {"margin": 1}}, "additional_config['tkernels_sched']: margin: must be in [0, 1)"),
+        ({"tkernels_sched": {"max_wait_ms": -1}},
+         "additional_config['tkernels_sched']: max_wait_ms: must be a non-negative number of milliseconds"),
         ({"tkernels_sched": {"tile": 512}}, "--max-num-batched-tokens (256) must be at least the scheduler's tile"),
         ({"tkernels_tree": {"size": "big"}}, "additional_config['tkernels_tree']: expected {\"size\": \"per_batch\""),
         ({"tkernels_tree": "fixed"}, "additional_config['tkernels_tree']: expected an object"),
@@ -48,6 +50,9 @@ def test_malformed_additional_config_is_refused_naming_the_key(engine_config, ad
     [
         ("TKERNELS_TBT_SLO_MS", "fast", r"\$TKERNELS_TBT_SLO_MS: must be a number of milliseconds, got 'fast'"),
         ("TKERNELS_TBT_SLO_MS", "-5", r"\$TKERNELS_TBT_SLO_MS: must be a positive number of milliseconds, got '-5'"),
+        ("TKERNELS_MAX_WAIT_MS", "soon", r"\$TKERNELS_MAX_WAIT_MS: must be a number of milliseconds, got 'soon'"),
+        ("TKERNELS_MAX_WAIT_MS", "-5", r"\$TKERNELS_MAX_WAIT_MS: must be a non-negative number of milliseconds, "
+                                       r"got '-5'.*\(e.g. TKERNELS_MAX_WAIT_MS=500\)"),
         ("TKERNELS_CONFIG_DIR", "/nonexistent/tkernels", r"\$TKERNELS_CONFIG_DIR: expected a folder"),
         ("TKERNELS_VLLM_CPU_TEST_BACKEND", "yes", "TKERNELS_VLLM_CPU_TEST_BACKEND must be one of"),
     ],
@@ -68,8 +73,9 @@ def test_well_formed_settings_pass(engine_config, monkeypatch):
     monkeypatch.setenv("TKERNELS_TBT_SLO_MS", "50")
     config = engine_config(
         scheduler_cls="tkernels.plugins.vllm.scheduler.DecodeMaximalScheduler",
-        additional_config={"tkernels_sched": {"margin": 0.2, "tile": 32}, "tkernels_tree": {"size": "fixed"},
+        additional_config={"tkernels_sched": {"margin": 0.2, "tile": 32, "max_wait_ms": 200}, "tkernels_tree": {"size": "fixed"},
                            "other_plugin": 1},
         speculative_config={"method": "custom_class", "model": TREE, "num_speculative_tokens": 4},
     )
-    assert json.loads(json.dumps(config.additional_config))["tkernels_sched"] == {"margin": 0.2, "tile": 32}
+    assert json.loads(json.dumps(config.additional_config))["tkernels_sched"] == {"margin": 0.2, "tile": 32,
+                                                                                  "max_wait_ms": 200}
