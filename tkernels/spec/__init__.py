@@ -24,6 +24,8 @@ from .tree import (
 )
 from .tree_policy import ConfidenceTreePolicy, DynamicTreePolicy, StepTime, greedy_tree
 from .verify import (
+    GREEDY_TEMPERATURE,
+    NonFiniteLogitsError,
     draw_uniforms,
     keyed_uniforms,
     target_probs,
@@ -57,6 +59,8 @@ __all__ = [
     "DynamicTreePolicy",
     "StepTime",
     "greedy_tree",
+    "GREEDY_TEMPERATURE",
+    "NonFiniteLogitsError",
     "draw_uniforms",
     "keyed_uniforms",
     "target_probs",
