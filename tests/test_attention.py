@@ -257,7 +257,8 @@ def test_stale_trees_and_bad_scalars_are_refused(rng):
     with_trees = plan_mixed_attention(batch.cu_seqlens_q, batch.seq_lens, batch.block_table, **layout,
                                       **batch.tree_kwargs())
     other = dict(batch.tree_kwargs())
-    other["tree_parents"] = torch.tensor([-1, 0, 1, -1], dtype=torch.int32)  # a chain, not the planned tree
+    other["tree_parents"] = other["tree_parents"].clone()
+    other["tree_parents"][2] = 1 - other["tree_parents"][2]  # node 2's parent 0 <-> 1: another tree
     with pytest.raises(ValueError, match="^plan: .*tree"):
         mixed_attention(*batch.inputs(), plan=with_trees, **other)
     same = {k: v.clone() for k, v in batch.tree_kwargs().items()}  # equal values: accepted
