@@ -455,13 +455,15 @@ def _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft
                        f"got {getattr(t, 'shape', t)} {getattr(t, 'dtype', '')}")
         if t.device != device:
             fail(name, f"is on {t.device} but logits is on {device}")
-    if uniforms is not None and (uniforms.shape != (n, 2) or uniforms.dtype != torch.float32
-                                 or uniforms.device != device or not uniforms.is_contiguous()):
-        fail("uniforms", f"must be contiguous float32[{n}, 2] on {device}, got {tuple(uniforms.shape)} {uniforms.dtype} on {uniforms.device}")
-    if draft_probs is not None and (draft_probs.shape != logits.shape or draft_probs.dtype != torch.float32
-                                    or draft_probs.device != device or draft_probs.stride(1) != 1):
+    if uniforms is not None and (not isinstance(uniforms, torch.Tensor) or uniforms.shape != (n, 2)
+                                 or uniforms.dtype != torch.float32 or uniforms.device != device
+                                 or not uniforms.is_contiguous()):
+        fail("uniforms", f"must be a contiguous float32[{n}, 2] tensor on {device}, got {_describe(uniforms)}")
+    if draft_probs is not None and (not isinstance(draft_probs, torch.Tensor) or draft_probs.shape != logits.shape
+                                    or draft_probs.dtype != torch.float32 or draft_probs.device != device
+                                    or draft_probs.stride(1) != 1):
         fail("draft_probs", f"must be float32{list(logits.shape)} on {device} with a contiguous vocab dim, "
-                            f"got {tuple(draft_probs.shape)} {draft_probs.dtype}")
+                            f"got {_describe(draft_probs)}")
     checks = [("temperature", "must be finite (NaN and inf are not temperatures)", torch.isfinite(temperature).all())]
     if top_p is not None:
         checks.append(("top_p", "must lie in (0, 1]", ((top_p > 0) & (top_p <= 1)).all()))
@@ -480,6 +482,12 @@ def _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft
 
 def _per_node(values: torch.Tensor, cu_nodes: torch.Tensor, total: int) -> torch.Tensor:
     return torch.repeat_interleave(values, (cu_nodes[1:] - cu_nodes[:-1]).long(), output_size=total)
+
+
+def _describe(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
 
 
 def _greedy_requests(temperature, top_k) -> torch.Tensor:
@@ -666,11 +674,12 @@ def verify_sampling(
 
     ``temperature`` float[B] (below :data:`GREEDY_TEMPERATURE`, 0 and negatives included:
     greedy, exactly :func:`verify_greedy`'s outputs for that request), ``top_k`` int[B] (<= 0 or
-    >= vocab: off; 1: greedy, as SGLang writes its greedy rows), ``top_p`` float[B] in (0, 1]; ``uniforms`` float32[total_nodes, 2] in [0, 1)
-    (see the module doc) or else drawn by :func:`draw_uniforms` from ``generator`` / per-request
-    ``generators``; ``draft_probs`` float32[total_nodes, vocab] in [0, 1]: the distribution each
-    node's children were sampled from (None for deterministic drafts);
-    ``config``: launch parameters overriding the tuned ones (see :func:`launch_config`).
+    >= vocab: off; 1: greedy, as SGLang writes its greedy rows), ``top_p`` float[B] in (0, 1];
+    ``uniforms`` float32[total_nodes, 2] in [0, 1) (see the module doc) or else drawn by
+    :func:`draw_uniforms` from ``generator`` / per-request ``generators``; ``draft_probs``
+    float32[total_nodes, vocab] in [0, 1]: the distribution each node's children were sampled
+    from (None for deterministic drafts); ``config``: launch parameters overriding the tuned
+    ones (see :func:`launch_config`).
     Raises :class:`NonFiniteLogitsError` for unusable logits (module doc).
     """
     shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
@@ -861,8 +870,8 @@ def verify_sampling_reference(
 ):
     """Plain-PyTorch :func:`verify_sampling` on the same ``uniforms`` (float64 probabilities)."""
     shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
-    if not isinstance(uniforms, torch.Tensor):
-        fail("uniforms", f"must be a float32 tensor [total_nodes, 2], got {type(uniforms).__name__}")
+    if uniforms is None:
+        fail("uniforms", "the reference takes the kernels' uniforms: a float32[total_nodes, 2] tensor")
     _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs, shape.row_max)
     width = shape.width
     return _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs, width).result()
