@@ -10,7 +10,12 @@ x context x tree tokens; 4. fit the step-latency model (:mod:`tkernels.sched.lat
 into an existing valid file: buckets of other models are kept) and a PNG of the fit.
 
 Measurements are saved as they are taken; rerunning the same command after an interruption
-resumes. An existing output that is malformed or of another schema version stops the run with
+resumes. An interrupted run (Ctrl-C, SIGTERM, or the ``TKERNELS_DEADLINE`` time budget of
+:mod:`tkernels.autotune.state`) still writes the config: the kernels tuned so far, every other
+section as it was (empty in a new file: readers use their defaults), marked
+``"autotune": {"partial": ...}``, and exits with status 3; the state file stays for the resume.
+Candidates that need more shared memory than the GPU has are never compiled
+(:func:`tkernels.autotune.profile.fits_shared_memory`). An existing output that is malformed or of another schema version stops the run with
 the config module's error before anything is measured (``--force`` replaces it).
 ``--dry-run`` runs the whole flow on tiny shapes on the CPU under Triton's interpreter and
 writes a valid file marked ``"is_gpu": false``.
@@ -23,6 +28,7 @@ import datetime
 import importlib.metadata
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -41,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller search and profile (about 5 minutes on an H100)")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (interpreter): tests the flow")
     parser.add_argument("--force", action="store_true", help="replace an existing output file that cannot be read")
+    parser.add_argument("--max-measurements", type=int, default=None, metavar="N",
+                        help="stop after N new measurements, as when out of time (a partial config; rerun to resume)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from tkernels import config
     from tkernels.autotune import fit, profile
     from tkernels.autotune.shapes import model_shape
-    from tkernels.autotune.state import Measurements, write_atomic
+    from tkernels.autotune.state import Measurements, OutOfTime, write_atomic
 
     device = config.detect_device()
     if not device.is_gpu and not args.dry_run:
@@ -69,21 +77,65 @@ def run(args: argparse.Namespace) -> int:
     total = profile.kernel_jobs(args.dry_run, args.quick) + len(points)
     run_key = {"model": model_name, "quick": args.quick, "dry_run": args.dry_run, "device": device_name,
                "versions": _versions()}
-    measure = Measurements(out_dir / f".{out.stem}.autotune-state.json", run_key, total)
+    if args.max_measurements is not None and args.max_measurements < 0:
+        raise ValueError(f"--max-measurements: must be >= 0, got {args.max_measurements}")
+    measure = Measurements(out_dir / f".{out.stem}.autotune-state.json", run_key, total, max_new=args.max_measurements)
     started = time.monotonic()
 
-    tuned = profile.tune_kernels(shape, dtype, torch_device, measure, args.dry_run, args.quick)
-    decoder = profile.RandomDecoder(shape, dtype, torch_device)
-    measured = [measure.get(f"step/{model_name}/{p.id}", lambda p=p: profile.profile_step(decoder, p, dtype, torch_device))
-                for p in points]
+    tuned: dict = {}  # filled kernel by kernel, so an interruption keeps the finished ones
+    limit = profile.shared_memory_limit(torch_device)
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` and job runners send TERM
+    except ValueError:  # not the main thread (tests)
+        previous = None
+    try:
+        profile.tune_kernels(shape, dtype, torch_device, measure, args.dry_run, args.quick, into=tuned,
+                             shared_limit=limit)
+        decoder = profile.RandomDecoder(shape, dtype, torch_device)
+        measured = [measure.get(f"step/{model_name}/{p.id}", lambda p=p: profile.profile_step(decoder, p, dtype, torch_device))
+                    for p in points]
+    except (KeyboardInterrupt, OutOfTime) as stop:
+        # A partial config: the kernels tuned so far, every other section as before (or empty:
+        # readers fall back to their defaults). The state file stays: the same command resumes.
+        why = str(stop) or "interrupted"
+        data = _config_data(existing, tuned, {}, device, device_name, torch_device, model_name, args.quick, started,
+                            partial={"why": why, "measurements": f"{measure.taken} of {total}"})
+        config.validate(data, out)
+        write_atomic(out, json.dumps(data, indent=1) + "\n")
+        print(f"tkernels autotune: stopped ({why}); wrote a partial {out} ({len(tuned)} kernels tuned, "
+              f"{measure.taken} of {total} measurements); run the same command again to resume", file=sys.stderr)
+        return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     sections, predicted = fit.derive(shape, [p.cost() for p in points], measured, args.tbt_slo_ms)
+    data = _config_data(existing, tuned, sections, device, device_name, torch_device, model_name, args.quick, started)
+    config.validate(data, out)
+    write_atomic(out, json.dumps(data, indent=1) + "\n")
     measure.done()
+    plot_path = out.with_suffix(".png")
+    fit.plot(plot_path, points, measured, predicted, sections["budgets"], f"{device_name} · {model_name}")
+    _report(out, plot_path, tuned, sections)
+    return 0
 
-    data = existing or {}
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _config_data(existing: dict | None, tuned: dict, sections: dict, device, device_name: str, torch_device: str,
+                 model_name: str, quick: bool, started: float, partial: dict | None = None) -> dict:
+    """The config file's content: ``existing`` (buckets of other shapes kept) updated with the
+    ``tuned`` buckets and the fitted ``sections``; a ``partial`` run keeps the existing sections."""
+    from tkernels import config
+
+    data = dict(existing or {})
     kernels = data.get("kernels", {})
     for kernel, bucket in tuned.items():
         buckets = [b for b in kernels.get(kernel, {}).get("buckets", []) if b["key"] != bucket["key"]]
         kernels[kernel] = {"buckets": buckets + [bucket]}
+    for section in ("latency_model", "budgets", "tree_budgets"):
+        data.setdefault(section, {})
     data.update({
         "schema_version": config.SCHEMA_VERSION,
         "device": device_name,
@@ -94,14 +146,10 @@ def run(args: argparse.Namespace) -> int:
         "date": datetime.date.today().isoformat(),
         "kernels": kernels,
         **sections,
-        "autotune": {"model": model_name, "quick": args.quick, "seconds": round(time.monotonic() - started, 1)},
+        "autotune": {"model": model_name, "quick": quick, "seconds": round(time.monotonic() - started, 1),
+                     **({"partial": partial} if partial else {})},
     })
-    config.validate(data, out)
-    write_atomic(out, json.dumps(data, indent=1) + "\n")
-    plot_path = out.with_suffix(".png")
-    fit.plot(plot_path, points, measured, predicted, sections["budgets"], f"{device_name} · {model_name}")
-    _report(out, plot_path, tuned, sections)
-    return 0
+    return data
 
 
 def _use_interpreter() -> None:
@@ -133,7 +181,15 @@ def _existing(out: Path, force: bool, config) -> dict | None:
 
 
 def _versions() -> dict[str, str]:
-    return {name: importlib.metadata.version(name) for name in ("tkernels", "torch", "triton")}
+    return {name: _version(name) for name in ("tkernels", "torch", "triton")}
+
+
+def _version(dist: str) -> str:
+    # A copy of the tree on PYTHONPATH without metadata (an install by hand) still runs.
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _report(out: Path, plot_path: Path, tuned: dict, sections: dict) -> None:

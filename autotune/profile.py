@@ -22,6 +22,7 @@ scaled to the model's layer count, over prefill-chunk tokens x decodes x context
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -101,24 +102,79 @@ def kernel_jobs(dry_run: bool, quick: bool) -> int:
     return candidates + 2 * 4  # default and tuned timings of each kernel
 
 
-def tune_kernels(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry_run: bool, quick: bool) -> dict:
-    """Config-file bucket per tunable kernel (named as its launcher asks :mod:`tkernels.config`)."""
-    return {
-        "mixed_attention": tune_attention(shape, dtype, device, measure, dry_run, quick),
-        "verify": tune_verify(shape, dtype, device, measure, dry_run, quick),
-        "kv_compaction": tune_kv_compaction(shape, dtype, device, measure, dry_run, quick),
-        "trajectory_log_ratio": tune_trajectory_log_ratio(device, measure, dry_run, quick),
-    }
+def tune_kernels(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry_run: bool, quick: bool,
+                 into: dict | None = None, shared_limit: int | None = None) -> dict:
+    """Config-file bucket per tunable kernel (named as its launcher asks :mod:`tkernels.config`),
+    added to ``into`` as each kernel finishes (an interrupted run keeps the finished ones),
+    most valuable first. ``shared_limit``: the GPU's shared memory per block (bytes; None: no
+    pruning), see :func:`fits_shared_memory`."""
+    tuned = {} if into is None else into
+    tuned["mixed_attention"] = tune_attention(shape, dtype, device, measure, dry_run, quick, shared_limit)
+    tuned["verify"] = tune_verify(shape, dtype, device, measure, dry_run, quick)
+    tuned["kv_compaction"] = tune_kv_compaction(shape, dtype, device, measure, dry_run, quick)
+    tuned["trajectory_log_ratio"] = tune_trajectory_log_ratio(device, measure, dry_run, quick)
+    return tuned
 
 
-def tune_attention(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry_run: bool, quick: bool) -> dict:
-    """Best config for the model's (head_dim, group, block size) bucket, with default vs tuned time."""
+def shared_memory_limit(device: str) -> int | None:
+    """Shared memory one block may use on the current GPU (the opt-in maximum, bytes); None
+    on the CPU."""
+    if device != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(0).shared_memory_per_block_optin)
+
+
+def fits_shared_memory(config: dict, head_dim: int, shared_limit: int | None) -> bool:
+    """Whether attention ``config`` (over the defaults) can launch within ``shared_limit`` bytes
+    in any batch it will serve: :func:`~tkernels.attention.mixed_attention.shared_memory_estimate`
+    of a prefill tile beside a full decode tile, checked before anything is compiled."""
+    if shared_limit is None:
+        return True
+    from tkernels.attention.mixed_attention import DEFAULT_CONFIG, compile_launch
+
+    worst = compile_launch(config, head_dim, torch.bfloat16, (DEFAULT_CONFIG["decode_max_q"] + 1, DEFAULT_CONFIG["decode_max_q"]),
+                           candidate=True)
+    return worst.shared_bound <= shared_limit
+
+
+# Head sizes of the built-in models autotune tunes for; the compile check compiles their candidates.
+CANDIDATE_HEAD_DIMS = (64, 128)
+
+
+def attention_candidate_launches(shared_limit: int | None):
+    """Every attention launch a full (non-quick) ``tkernels autotune`` can try, as it launches it
+    (bf16; decode-only, prefill-only and mixed batches for the three stages, each candidate over
+    the defaults), less those :func:`fits_shared_memory` prunes for ``shared_limit``."""
+    from tkernels.attention.mixed_attention import compile_launch
+
+    cases = attention_cases(dry_run=False, quick=False)
+    seen = set()
+    for head_dim in CANDIDATE_HEAD_DIMS:
+        for stage, candidates in attention_search_space(dry_run=False, quick=False).items():
+            for candidate in candidates:
+                if not fits_shared_memory(candidate, head_dim, shared_limit):
+                    continue
+                launch = compile_launch(candidate, head_dim, torch.bfloat16, cases[stage].q_lens, candidate=True)
+                key = (tuple(sorted(launch.constexprs.items())), tuple(sorted(launch.options.items())))
+                if key not in seen:
+                    seen.add(key)
+                    yield launch
+
+
+def tune_attention(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry_run: bool, quick: bool,
+                   shared_limit: int | None = None) -> dict:
+    """Best config for the model's (head_dim, group, block size) bucket, with default vs tuned
+    time; candidates that cannot fit ``shared_limit`` are skipped uncompiled."""
     cases = attention_cases(dry_run, quick)
     space = attention_search_space(dry_run, quick)
     best: dict[str, Any] = {}
     for stage in ("decode", "prefill", "mix"):
         run = _attention_runner(cases[stage], shape, dtype, device)
-        best = _search(f"mixed_attention/{cases[stage].name}", space[stage], best, run, measure, device)
+        fitting = [c for c in space[stage] if fits_shared_memory({**best, **c}, shape.head_dim, shared_limit)]
+        if len(fitting) < len(space[stage]):
+            print(f"mixed_attention: {len(space[stage]) - len(fitting)} {stage} candidates skipped: more shared "
+                  f"memory than this GPU's {shared_limit} B", file=sys.stderr)
+        best = _search(f"mixed_attention/{cases[stage].name}", fitting, best, run, measure, device)
     key = {"head_dim": shape.head_dim, "group": shape.num_q_heads // shape.num_kv_heads, "block_size": BLOCK_SIZE}
     mix = _attention_runner(cases["mix"], shape, dtype, device)
     return _bucket(f"mixed_attention/{cases['mix'].name}", key, best, mix, measure, device)

@@ -1,21 +1,63 @@
-"""Fixtures of the benchmark suite (``pytest bench --benchmark-enable`` on a GPU)."""
+"""Fixtures and hooks of the benchmark suite (``pytest bench --benchmark-enable`` on a GPU).
+
+A time budget: with ``TKERNELS_DEADLINE`` (Unix time, set by ``bench/device.sh``) a test is
+skipped instead of started when the time left is less than the longest test so far took, so
+the session ends by itself, writes its files, and nothing depends on where a signal lands.
+"""
 
 # isort: off
-from common import HAS_CUDA, merge_records  # first: it picks the interpreter before Triton loads
+from common import HAS_CUDA, Records  # first: it picks the interpreter before Triton loads
 
+import os
+import time
+
+import numpy
 import pytest
 import torch
 import triton
+
+from tkernels.autotune.state import seconds_left
 # isort: on
+
+def pytest_configure(config):
+    # Triton 3.6's interpreter converts scalars with int(array), which NumPy >= 2.4 refuses for
+    # 1-element arrays: every kernel fails with "only 0-dimensional arrays can be converted".
+    numpy_version = tuple(int(part) for part in numpy.__version__.split(".")[:2])
+    if os.environ.get("TRITON_INTERPRET") == "1" and numpy_version >= (2, 4) and _interpreter_needs_old_numpy():
+        raise pytest.UsageError(f"triton {triton.__version__}'s interpreter needs numpy < 2.4 (have "
+                                f"{numpy.__version__}): pin numpy==2.3.5 to run the benchmarks on the CPU")
+
+
+def _interpreter_needs_old_numpy() -> bool:
+    import inspect
+
+    from triton.runtime import interpreter
+
+    return "int(self.handle.data))" in inspect.getsource(interpreter)
+
+
+MIN_RESERVE_S = 5.0  # a test is not started with less than this left, even if all were faster
+_longest = [0.0]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = time.monotonic()
+    yield
+    _longest[0] = max(_longest[0], time.monotonic() - start)
+
+
+def pytest_runtest_setup(item):
+    left = seconds_left()
+    reserve = max(_longest[0], MIN_RESERVE_S)
+    if left < reserve:
+        pytest.skip(f"deadline: {left:.0f}s left of the time budget, the longest test took {_longest[0]:.0f}s")
 
 
 @pytest.fixture(scope="session")
 def records():
-    """Collects result records; on a GPU merges them into bench/results/<device>.json at the end."""
-    collected: list[dict] = []
-    yield collected
-    if HAS_CUDA and collected:
-        merge_records(collected)
+    """Result records; each is merged into the result file as soon as it is appended."""
+    return Records()
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -111,3 +112,66 @@ def test_dry_run_after_compiled_kernels_were_imported_is_a_clear_error(monkeypat
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(SystemExit, match="^--dry-run: needs Triton's interpreter"):
         autotune._use_interpreter()
+
+
+def test_an_interrupt_writes_a_partial_config_and_the_rerun_completes_it(tmp_path, monkeypatch):
+    real_profile_step = profile.profile_step
+    calls = []
+
+    def interrupted(*args):
+        calls.append(args[1].id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C, SIGINT from `timeout`, or SIGTERM (turned into this)
+        return real_profile_step(*args)
+
+    monkeypatch.setattr(profile, "profile_step", interrupted)
+    assert run_autotune(tmp_path) == 3
+    partial = config.load(tmp_path / "cpu-dry-run.json")
+    assert set(partial["kernels"]) == {"mixed_attention", "verify", "kv_compaction", "trajectory_log_ratio"}
+    assert partial["latency_model"] == partial["budgets"] == partial["tree_budgets"] == {}
+    total = profile.kernel_jobs(True, False) + len(profile.step_points(True, False))
+    assert partial["autotune"]["partial"]["measurements"] == f"{total - len(profile.step_points(True, False)) + 1} of {total}"
+    assert (tmp_path / ".cpu-dry-run.autotune-state.json").exists()
+
+    monkeypatch.setattr(profile, "profile_step", real_profile_step)
+    assert run_autotune(tmp_path) == 0
+    done = config.load(tmp_path / "cpu-dry-run.json")
+    assert "partial" not in done["autotune"] and done["budgets"]["default_tokens"] >= 1
+    assert done["kernels"] == partial["kernels"]
+    assert not (tmp_path / ".cpu-dry-run.autotune-state.json").exists()
+
+
+def test_a_spent_time_budget_stops_before_measuring(tmp_path, monkeypatch):
+    monkeypatch.setenv("TKERNELS_DEADLINE", str(time.time() + 1))  # less than any measurement's reserve
+    assert run_autotune(tmp_path) == 3
+    partial = config.load(tmp_path / "cpu-dry-run.json")
+    assert partial["kernels"] == {} and partial["autotune"]["partial"]["measurements"].startswith("0 of ")
+    monkeypatch.setenv("TKERNELS_DEADLINE", "soon")
+    with pytest.raises(ValueError, match="^TKERNELS_DEADLINE: must be a Unix time"):
+        run_autotune(tmp_path)
+
+
+def test_max_measurements_stops_like_a_time_budget(tmp_path):
+    assert run_autotune(tmp_path, "--max-measurements", "3") == 3
+    assert config.load(tmp_path / "cpu-dry-run.json")["autotune"]["partial"]["measurements"].startswith("3 of ")
+    with pytest.raises(ValueError, match="^--max-measurements: must be >= 0"):
+        run_autotune(tmp_path, "--max-measurements", "-1")
+
+
+def test_candidates_over_the_shared_memory_limit_are_never_run(monkeypatch):
+    from tkernels.sched.latency_model import ModelShape
+
+    ran = []
+    monkeypatch.setattr(profile, "_attention_runner", lambda *a: lambda cfg, on_gpu: ran.append(cfg) or 1.0)
+
+    class Measure:
+        def get(self, job, measure):
+            return measure()
+
+    shape = ModelShape(2, 64, 2, 1, 32, 128, 512, 2)
+    profile.tune_attention(shape, None, "cpu", Measure(), dry_run=True, quick=False, shared_limit=1)
+    assert ran == [{}, {}]  # only the defaults' and the (default) best's timing
+    ran.clear()
+    profile.tune_attention(shape, None, "cpu", Measure(), dry_run=True, quick=False, shared_limit=None)
+    assert len(ran) == sum(map(len, profile.attention_search_space(True, False).values())) + 2
+    assert profile.fits_shared_memory({}, 128, 232_448) and not profile.fits_shared_memory({}, 128, 16_384)

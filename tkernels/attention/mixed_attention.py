@@ -48,7 +48,7 @@ only so that the tiles compile without register spills; ``tkernels autotune`` re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -193,6 +193,78 @@ def _attend_tile(
         tl.store(ws_lse_ptr + ws_rows, lse, mask=row_valid)
 
 
+def shared_memory_estimate(config: dict[str, Any], head_dim: int) -> int:
+    """Bytes of shared memory :func:`mixed_attention_kernel` allocates for a 16-bit launch of
+    ``config`` (tile sizes after planning), an estimate that ``tkernels autotune`` uses to skip
+    candidates that cannot launch on the GPU, before compiling them.
+
+    Per tile class (M query rows, N keys, D = head_dim padded to a power of two): the larger of
+    the fp32 accumulator's layout conversion (M x D x 4) and the dot operands staged in shared
+    memory (Q: M x D, K and V: 2 x N x D, 2 bytes each), with a 25 % margin; the kernel needs the
+    larger class's (the branches never run together). ``num_stages`` does not multiply it: the
+    K/V rows are gathered through the block table, so the loads are not pipelined. Fitted on
+    Triton 3.6 and 3.9 compiles for sm_80 and sm_90; the compile check (``python -m
+    tkernels.registry --candidates``) fails when a compile needs more than this.
+    """
+    d = triton.next_power_of_2(head_dim)
+
+    def tile(m: int, n: int) -> int:
+        return max(m * d * 4, (m + 2 * n) * d * 2)
+
+    need = max(tile(config["prefill_block_m"], config["prefill_block_n"]),
+               tile(config["decode_block_m"], config["decode_block_n"]))
+    return need * 5 // 4
+
+
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_CHECK_GROUP = 4  # GQA group of the compiled launches (Llama-3-8B's); it only changes index math
+_CHECK_FEATURES = {"plain": False, "tree+window+softcap": True}
+
+
+def compile_launch(config: dict[str, Any], head_dim: int, dtype: torch.dtype, q_lens: tuple[int, ...],
+                   features: bool = False, candidate: bool = False, label: str = ""):
+    """The :class:`tkernels.registry.Launch` that :func:`mixed_attention` compiles for a batch
+    of requests with ``q_lens`` new tokens, planned with ``config`` over the defaults: the
+    planner's own tile choice (:func:`_launch_config`, :func:`_one_class_tiles`)."""
+    from tkernels.registry import Launch
+
+    q_len = torch.tensor(q_lens)
+    cfg = _launch_config(_CHECK_GROUP, head_dim, 16, q_len, {**default_config(head_dim), **config})
+    _one_class_tiles(cfg, {PREFILL if q > cfg["decode_max_q"] else DECODE for q in q_lens})
+    tensor = f"*{_DTYPES[dtype]}"
+    return Launch(
+        label=label or (f"{_DTYPES[dtype]} d{head_dim} {cfg['prefill_block_m']}x{cfg['prefill_block_n']}/"
+                        f"{cfg['decode_block_m']}x{cfg['decode_block_n']} w{cfg['num_warps']}s{cfg['num_stages']}"),
+        constexprs=dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), GROUP=_CHECK_GROUP,
+                        PAGE_SIZE=16, PREFILL_BLOCK_M=cfg["prefill_block_m"], PREFILL_BLOCK_N=cfg["prefill_block_n"],
+                        DECODE_BLOCK_M=cfg["decode_block_m"], DECODE_BLOCK_N=cfg["decode_block_n"],
+                        HAS_TREE=features, HAS_WINDOW=features, HAS_SOFTCAP=features),
+        types={name: tensor for name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")},
+        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+        candidate=candidate,
+        shared_bound=shared_memory_estimate(cfg, head_dim) if candidate else None,
+    )
+
+
+# The worst mixed batch for registers: a prefill chunk beside decode/tree queries of 16 tokens
+# (the decode tile at its full 64 rows with group 4).
+_CHECK_Q_LENS = (DEFAULT_CONFIG["decode_max_q"] + 1, 16)
+
+
+def _attention_launches(shared_limit: int | None):
+    """Every default launch (fp16/bf16/fp32 x the three default tile regimes of head_dim 64, 128,
+    256 x plain and tree/window/softcap batches), then autotune's candidates
+    (:func:`tkernels.autotune.profile.attention_candidate_launches`)."""
+    for dtype in _DTYPES:
+        for head_dim in (64, 128, 256):
+            for name, features in _CHECK_FEATURES.items():
+                launch = compile_launch({}, head_dim, dtype, _CHECK_Q_LENS, features)
+                yield replace(launch, label=f"{launch.label} {name}")
+    from tkernels.autotune.profile import attention_candidate_launches
+
+    yield from attention_candidate_launches(shared_limit)
+
+
 _ATTN_SIGNATURE = {
     "q_ptr": "*fp16", "k_cache_ptr": "*fp16", "v_cache_ptr": "*fp16", "out_ptr": "*fp16",
     "ws_o_ptr": "*fp32", "ws_lse_ptr": "*fp32", "items_ptr": "*i32", "cu_seqlens_q_ptr": "*i32",
@@ -205,7 +277,7 @@ _ATTN_SIGNATURE = {
 
 
 @gpu_compile_check(
-    _ATTN_SIGNATURE, HEAD_DIM=128, HEAD_DIM_PAD=128, GROUP=4, PAGE_SIZE=16,
+    _ATTN_SIGNATURE, _attention_launches, HEAD_DIM=128, HEAD_DIM_PAD=128, GROUP=4, PAGE_SIZE=16,
     PREFILL_BLOCK_M=128, PREFILL_BLOCK_N=32, DECODE_BLOCK_M=64, DECODE_BLOCK_N=32,
     HAS_TREE=True, HAS_WINDOW=True, HAS_SOFTCAP=True,
 )
@@ -256,10 +328,24 @@ def mixed_attention_kernel(
         )
 
 
+def _merge_launches(shared_limit: int | None):
+    """The split-KV merge as :func:`mixed_attention` launches it (Triton's default warps and
+    stages): each output dtype x head_dim 64/128/256 with 32 query heads (Llama-3-8B, Qwen2.5),
+    and 64 heads at head_dim 128 (Llama-3-70B)."""
+    from tkernels.registry import Launch
+
+    for name in _DTYPES.values():
+        for heads, head_dim in ((32, 64), (32, 128), (64, 128), (32, 256)):
+            yield Launch(f"{name} d{head_dim} {heads} heads",
+                         dict(HEADS_PAD=triton.next_power_of_2(heads), HEAD_DIM=head_dim,
+                              HEAD_DIM_PAD=triton.next_power_of_2(head_dim)),
+                         types={"out_ptr": f"*{name}"})
+
+
 @gpu_compile_check(
     {"out_ptr": "*fp16", "ws_o_ptr": "*fp32", "ws_lse_ptr": "*fp32", "merge_ptr": "*i32",
      "stride_ot": "i32", "stride_oh": "i32", "num_q_heads": "i32"},
-    HEADS_PAD=32, HEAD_DIM=128, HEAD_DIM_PAD=128,
+    _merge_launches, HEADS_PAD=32, HEAD_DIM=128, HEAD_DIM_PAD=128,
 )
 @triton.jit
 def merge_split_kv_kernel(
@@ -424,13 +510,7 @@ def plan_mixed_attention(
     cfg = _launch_config(num_q_heads // num_kv_heads, head_dim, block_size, q_len, config)
     items, merge, ws_rows = _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, num_q_heads // num_kv_heads,
                                       window, num_sms or _num_sms(device))
-    # Registers are allocated for the larger of the two compiled tile shapes: a batch with one
-    # class only compiles that shape into both branches, so it runs at that shape's occupancy.
-    classes = set(items[:, 2].tolist())
-    if classes == {DECODE}:
-        cfg["prefill_block_m"], cfg["prefill_block_n"] = cfg["decode_block_m"], cfg["decode_block_n"]
-    elif classes == {PREFILL}:
-        cfg["decode_block_m"], cfg["decode_block_n"] = cfg["prefill_block_m"], cfg["prefill_block_n"]
+    _one_class_tiles(cfg, set(items[:, 2].tolist()))
     return MixedAttentionPlan(
         items=items.to(device), merge=merge.to(device), ws_rows=ws_rows, has_tree=bool(tree_req.any()),
         is_tree=tree_req.to(torch.int8).to(device), ancestors=ancestors.to(device),
@@ -460,6 +540,15 @@ def _launch_config(group: int, head_dim: int, block_size: int, q_len: torch.Tens
     longest = int(decode_q.max()) if decode_q.numel() else 1
     cfg["decode_block_m"] = max(min(cfg["decode_block_m"], triton.next_power_of_2(group * longest)), 16, min_rows)
     return cfg
+
+
+def _one_class_tiles(cfg: dict[str, Any], classes: set[int]) -> None:
+    """Registers are allocated for the larger of the two compiled tile shapes: a batch with one
+    class only compiles that shape into both branches, so it runs at that shape's occupancy."""
+    if classes == {DECODE}:
+        cfg["prefill_block_m"], cfg["prefill_block_n"] = cfg["decode_block_m"], cfg["decode_block_n"]
+    elif classes == {PREFILL}:
+        cfg["decode_block_m"], cfg["decode_block_n"] = cfg["prefill_block_m"], cfg["prefill_block_n"]
 
 
 def _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, group, window, num_sms):
