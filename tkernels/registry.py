@@ -1,21 +1,36 @@
-"""The one list of tkernels' Triton kernels, for the GPU-target compile check.
+"""The one list of tkernels' Triton kernels and the launches they really compile, for the
+GPU-target compile check.
 
-Each kernel module decorates its kernels with :func:`gpu_compile_check`, giving a representative
-signature and constexprs; :data:`KERNEL_MODULES` names the modules to import to see them all.
-``python -m tkernels.registry [--fail-fast] [MODULE ...]`` compiles every registered kernel (or
-only those of the named modules) for the targets
-in :data:`TARGETS` (no GPU needed: codegen up to PTX/cubin and AMDGCN/HSACO runs on the CPU)
-and exits non-zero on any failure. It must run without ``TRITON_INTERPRET`` so that
-``@triton.jit`` yields compilable functions: the tests call it in a subprocess.
+Each kernel module decorates its kernels with :func:`gpu_compile_check`, giving the signature
+and, through ``launches``, every configuration its launcher compiles by default (per supported
+head size and dtype: the constexprs, argument dtypes, ``num_warps`` and ``num_stages`` the
+launcher passes) plus every autotune candidate (:class:`Launch`); :data:`KERNEL_MODULES` names
+the modules to import to see them all.
+
+``python -m tkernels.registry [--candidates] [--targets=cuda:90,cuda:80] [--jobs=N] [--fail-fast]
+[MODULE | MODULE:KERNEL ...]`` compiles each launch for each target (no GPU needed: codegen up to PTX/cubin and
+AMDGCN/HSACO runs on the CPU), prints a table (kernel, launch, target, registers, spill bytes,
+shared bytes) and exits non-zero when a compile fails, a default launch spills registers on a
+CUDA target (except the kernels in :data:`SPILL_ALLOWLIST`), or any launch needs more shared
+memory than the target has (:data:`SHARED_LIMITS`). Registers and spills come from ptxas's own
+report of the compile (``-v``, which Triton passes), shared memory from the compiled metadata.
+It must run without ``TRITON_INTERPRET`` so that ``@triton.jit`` yields compilable functions:
+the tests call it in a subprocess. Without ``--candidates`` only the default launches compile;
+without ``--targets`` every target of :data:`TARGETS`, the gfx942 one with the registered
+representative launch only (AMD machines are not lent, so it guards codegen, not resources).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
+import re
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 # Modules holding @triton.jit kernels. Add a module here when it defines a kernel; a test
@@ -30,6 +45,42 @@ KERNEL_MODULES: tuple[str, ...] = (
 # (backend, arch, warp size) as accepted by triton.backends.compiler.GPUTarget.
 TARGETS: tuple[tuple[str, Any, int], ...] = (("cuda", 80, 32), ("cuda", 90, 32), ("hip", "gfx942", 64))
 
+# Shared memory one block may use (opt-in maximum), bytes: H100/H200 (sm_90), A100 (sm_80),
+# MI300X (gfx942, LDS).
+SHARED_LIMITS: dict[Any, int] = {90: 232_448, 80: 166_912, "gfx942": 65_536}
+
+# Kernels whose default launches may spill for now, each with the reason; the table still
+# shows their spills. An entry is removed by the change that fixes the kernel.
+SPILL_ALLOWLIST: dict[str, str] = {
+    # spills: issue 16 item 8, being fixed in the 256-node verification rewrite
+    "tkernels.spec.verify:_path_walk_kernel": "issue 16 item 8: 256-node verification rewrite",
+}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One compile a launcher really makes.
+
+    ``constexprs``: every ``tl.constexpr`` argument; ``types``: signature entries that differ
+    from the registered signature (the tensors' dtypes, e.g. ``{"q_ptr": "*bf16"}``);
+    ``options``: compile options the launcher passes (``num_warps``, ``num_stages``);
+    ``candidate``: an autotune candidate rather than a default (its spills are reported, not
+    failed); ``shared_bound``: the bytes of shared memory autotune's pruning estimate allows
+    (checked to be at least what the compiler allocates).
+    """
+
+    label: str
+    constexprs: dict[str, Any]
+    types: dict[str, str] = field(default_factory=dict)
+    options: dict[str, int] = field(default_factory=dict)
+    candidate: bool = False
+    shared_bound: int | None = None
+
+
+# launches(shared_limit) -> the kernel's launches; candidates the estimate prunes for a target
+# with ``shared_limit`` bytes (None: no limit) are left out, as autotune leaves them out.
+LaunchList = Callable[[int | None], Iterable[Launch]]
+
 
 @dataclass(frozen=True)
 class KernelEntry:
@@ -38,16 +89,24 @@ class KernelEntry:
     signature: dict[str, str]
     constexprs: dict[str, Any]
     fn: Any
+    launches: LaunchList | None = None
+
+    def all_launches(self, shared_limit: int | None = None, candidates: bool = True) -> list[Launch]:
+        """The launches to compile: the kernel's list, else the registered representative."""
+        found = list(self.launches(shared_limit)) if self.launches else [Launch("registered", self.constexprs)]
+        return [launch for launch in found if candidates or not launch.candidate]
 
 
 REGISTRY: dict[str, KernelEntry] = {}
 
 
-def gpu_compile_check(signature: dict[str, str], **constexprs: Any) -> Callable:
+def gpu_compile_check(signature: dict[str, str], launches: LaunchList | None = None, **constexprs: Any) -> Callable:
     """Register a ``@triton.jit`` kernel (apply above ``@triton.jit``).
 
     ``signature`` maps every non-constexpr argument to a Triton type (``"*fp16"``, ``"i32"``,
-    ``"fp32"``); ``constexprs`` gives each ``tl.constexpr`` argument a representative value.
+    ``"fp32"``); ``constexprs`` gives each ``tl.constexpr`` argument a representative value;
+    ``launches`` (called at check time, so it may import autotune) lists what the launcher
+    really compiles.
     """
 
     def register(kernel: Any) -> Any:
@@ -55,49 +114,171 @@ def gpu_compile_check(signature: dict[str, str], **constexprs: Any) -> Callable:
         key = f"{fn.__module__}:{fn.__name__}"
         sig = dict(signature)
         sig.update({name: "constexpr" for name in constexprs})
-        REGISTRY[key] = KernelEntry(fn.__module__, fn.__name__, sig, dict(constexprs), kernel)
+        REGISTRY[key] = KernelEntry(fn.__module__, fn.__name__, sig, dict(constexprs), kernel, launches)
         return kernel
 
     return register
 
 
 def load_all(modules: tuple[str, ...] = KERNEL_MODULES) -> dict[str, KernelEntry]:
+    """The kernels registered by ``modules`` (imported here)."""
     for module in modules:
         importlib.import_module(module)
-    return REGISTRY
+    return {key: entry for key, entry in REGISTRY.items() if entry.module in modules}
 
 
-def compile_entry(entry: KernelEntry, target: tuple[str, Any, int]) -> None:
+@dataclass
+class Compiled:
+    """What one compile used: registers and spill bytes (CUDA targets; None elsewhere) and
+    shared memory bytes."""
+
+    registers: int | None
+    spill_bytes: int | None
+    shared_bytes: int
+    seconds: float
+
+
+_REGISTERS = re.compile(r"Used (\d+) registers")
+_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_entry(entry: KernelEntry, target: tuple[str, Any, int], launch: Launch | None = None) -> Compiled:
+    """Compile ``launch`` (default: the registered representative) of ``entry`` for ``target``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
 
     if not isinstance(entry.fn, JITFunction):
         raise RuntimeError("compile check needs TRITON_INTERPRET unset (kernels are interpreted)")
-    src = triton.compiler.ASTSource(fn=entry.fn, signature=entry.signature, constexprs=entry.constexprs)
-    triton.compile(src, target=GPUTarget(*target))
+    launch = launch or Launch("registered", entry.constexprs)
+    signature = {**entry.signature, **launch.types}
+    signature.update({name: "constexpr" for name in launch.constexprs})
+    src = triton.compiler.ASTSource(fn=entry.fn, signature=signature, constexprs=launch.constexprs)
+    # ptxas's report (-v) is printed by Triton only when it runs ptxas: compile every time.
+    triton.knobs.nvidia.dump_ptxas_log = True
+    triton.knobs.compilation.always_compile = True
+    log = io.StringIO()
+    start = time.monotonic()
+    with contextlib.redirect_stdout(log):
+        kernel = triton.compile(src, target=GPUTarget(*target), options=dict(launch.options))
+    report = log.getvalue()
+    registers = _REGISTERS.findall(report)
+    spills = _SPILLS.findall(report)
+    return Compiled(
+        registers=int(registers[-1]) if registers else None,
+        spill_bytes=max(int(s) for s in spills[-1]) if spills else None,
+        shared_bytes=int(kernel.metadata.shared),
+        seconds=time.monotonic() - start,
+    )
+
+
+@dataclass
+class Row:
+    key: str
+    launch: Launch
+    target: tuple[str, Any, int]
+    compiled: Compiled | None = None
+    error: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+def check(row: Row) -> Row:
+    """Compile ``row``'s launch and list what fails the check."""
+    entry = REGISTRY[row.key]
+    try:
+        row.compiled = compile_entry(entry, row.target, row.launch)
+    except Exception as err:  # report every failure, not just the first
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        row.error = f"{type(err).__name__}: {first_line}"
+        row.problems.append("compile failed")
+        return row
+    c, launch, arch = row.compiled, row.launch, row.target[1]
+    limit = SHARED_LIMITS.get(arch)
+    if limit is not None and c.shared_bytes > limit:
+        row.problems.append(f"shared {c.shared_bytes} B > {limit} B")
+    if launch.shared_bound is not None and c.shared_bytes > launch.shared_bound:
+        row.problems.append(f"shared {c.shared_bytes} B > autotune's estimate {launch.shared_bound} B")
+    if c.spill_bytes and not launch.candidate and row.key not in SPILL_ALLOWLIST:
+        row.problems.append(f"default launch spills {c.spill_bytes} B")
+    return row
+
+
+def _target_arg(text: str) -> tuple[str, Any, int]:
+    for target in TARGETS:
+        if text == f"{target[0]}:{target[1]}":
+            return target
+    raise SystemExit(f"--targets: unknown target {text!r} (known: {', '.join(f'{b}:{a}' for b, a, _ in TARGETS)})")
+
+
+def plan(entries: dict[str, KernelEntry], targets, candidates: bool, explicit_targets: bool) -> list[Row]:
+    rows = []
+    for key, entry in sorted(entries.items()):
+        for target in targets:
+            if target[0] == "hip" and not explicit_targets:
+                launches = [Launch("registered", entry.constexprs)]
+            else:
+                launches = entry.all_launches(SHARED_LIMITS.get(target[1]), candidates)
+            rows += [Row(key, launch, target) for launch in launches]
+    return rows
+
+
+def _run_in_worker(index_and_row):
+    index, row = index_and_row
+    return index, check(row)
+
+
+def _print_row(row: Row) -> None:
+    c = row.compiled
+    regs = "-" if c is None or c.registers is None else str(c.registers)
+    spill = "-" if c is None or c.spill_bytes is None else str(c.spill_bytes)
+    shared = "-" if c is None else str(c.shared_bytes)
+    status = "FAIL" if row.problems else "ok"
+    kind = "candidate" if row.launch.candidate else "default"
+    note = "; ".join(row.problems) + (f" ({row.error})" if row.error else "")
+    if not row.problems and c and c.spill_bytes and not row.launch.candidate:
+        note = f"allowed: {SPILL_ALLOWLIST[row.key]}"
+    print(f"{status:<5} {row.key.split(':')[1]:<30} {row.launch.label:<44} {kind:<9} {row.target[0]}:{row.target[1]:<7} "
+          f"{regs:>4} {spill:>6} {shared:>7}  {note}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    modules = tuple(a for a in argv if not a.startswith("--")) or KERNEL_MODULES
-    entries = load_all(modules)
+    options = {a.split("=", 1)[0]: (a.split("=", 1)[1] if "=" in a else "") for a in argv if a.startswith("--")}
+    # MODULE or MODULE:KERNEL arguments select what to compile (default: every kernel).
+    selected = [a for a in argv if not a.startswith("--")]
+    modules = tuple(dict.fromkeys(a.split(":")[0] for a in selected)) or KERNEL_MODULES
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile check: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
+    entries = {key: entry for key, entry in load_all(modules).items()
+               if not selected or entry.module in selected or key in selected}
+    targets = [_target_arg(t) for t in options["--targets"].split(",")] if options.get("--targets") else list(TARGETS)
+    rows = plan(entries, targets, "--candidates" in options, "--targets" in options)
+    jobs = int(options.get("--jobs") or 1)
+    print(f"{'':<5} {'kernel':<30} {'launch':<44} {'kind':<9} {'target':<12} {'regs':>4} {'spill':>6} {'shared':>7}")
     failures = 0
-    for key, entry in sorted(entries.items()):
-        for target in TARGETS:
-            try:
-                compile_entry(entry, target)
-                print(f"ok    {key} {target[0]}:{target[1]}")
-            except Exception as err:  # report every failure, not just the first
-                failures += 1
-                first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                print(f"FAIL  {key} {target[0]}:{target[1]}: {type(err).__name__}: {first_line}")
-                if "--fail-fast" in argv:
+    started = time.monotonic()
+    if jobs > 1:
+        import multiprocessing
+
+        # Workers fork after the modules are imported: REGISTRY is theirs too. Rows print in
+        # completion order; the summary counts them all.
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            for _, row in pool.imap_unordered(_run_in_worker, enumerate(rows)):
+                _print_row(row)
+                failures += bool(row.problems)
+                if row.problems and "--fail-fast" in options:
+                    pool.terminate()
                     return 1
-    print(f"compiled {len(entries)} kernels for {len(TARGETS)} targets, {failures} failures")
+    else:
+        for row in rows:
+            check(row)
+            _print_row(row)
+            failures += bool(row.problems)
+            if row.problems and "--fail-fast" in options:
+                return 1
+    print(f"compiled {len(rows)} launches of {len(entries)} kernels for {len(targets)} targets in "
+          f"{time.monotonic() - started:.0f}s, {failures} failures")
     return 1 if failures else 0
 
 

@@ -46,6 +46,31 @@ def _max_tile(device: torch.device, gpu_elements: int = DEFAULT_CONFIG["block_el
     return gpu_elements if device.type == "cuda" else 1 << 16
 
 
+def _tiles(rows: int, elements: int, device: torch.device, cfg: dict) -> tuple[int, int]:
+    """trajectory_log_ratio's (rows, columns) per program."""
+    block_k = min(triton.next_power_of_2(elements), cfg["block_k"])
+    return max(1, min(triton.next_power_of_2(rows), _max_tile(device, cfg["block_elements"]) // block_k)), block_k
+
+
+def _trajectory_launches(shared_limit):
+    """What trajectory_log_ratio compiles on a GPU (compile check, tkernels.registry): each
+    input dtype at C1's 100 x 16 and a toy's 10 x 2 elements per row, then autotune's candidates."""
+    from tkernels.autotune.profile import trajectory_search_space
+    from tkernels.registry import Launch
+
+    def launch(dtype, elements, cfg, candidate):
+        block_n, block_k = _tiles(1 << 14, elements, torch.device("cuda"), cfg)
+        return Launch(f"{dtype} {block_n}x{block_k} w{cfg['num_warps']}", dict(BLOCK_N=block_n, BLOCK_K=block_k),
+                      types={name: f"*{dtype}" for name in ("x_ptr", "mu_p_ptr", "mu_q_ptr")},
+                      options={"num_warps": cfg["num_warps"]}, candidate=candidate)
+
+    for dtype in ("fp32", "fp16", "bf16"):
+        for elements in (1600, 20):
+            yield launch(dtype, elements, DEFAULT_CONFIG, False)
+    for c in trajectory_search_space(dry_run=False, quick=False):
+        yield launch("fp32", 1600, {**DEFAULT_CONFIG, **c}, True)
+
+
 @gpu_compile_check(
     {
         "x_ptr": "*fp16", "mu_p_ptr": "*fp16", "mu_q_ptr": "*fp16", "sigma_ptr": "*fp32", "out_ptr": "*fp32",
@@ -54,6 +79,7 @@ def _max_tile(device: torch.device, gpu_elements: int = DEFAULT_CONFIG["block_el
         "p_sn": "i64", "p_ss": "i64", "p_sd": "i64",
         "q_sn": "i64", "q_ss": "i64", "q_sd": "i64",
     },
+    _trajectory_launches,
     BLOCK_N=4,
     BLOCK_K=512,
 )
@@ -142,8 +168,7 @@ def trajectory_log_ratio(x: torch.Tensor, mu_p: torch.Tensor, mu_q: torch.Tensor
     if steps == 0 or dims == 0:
         return out.zero_()
     sigma = sigma.to(torch.float32).contiguous()
-    block_k = min(triton.next_power_of_2(steps * dims), cfg["block_k"])
-    block_n = max(1, min(triton.next_power_of_2(rows), _max_tile(x.device, cfg["block_elements"]) // block_k))
+    block_n, block_k = _tiles(rows, steps * dims, x.device, cfg)
     _trajectory_log_ratio_kernel[(triton.cdiv(rows, block_n),)](
         x, mu_p, mu_q, sigma, out, rows, steps, dims,
         *x.stride(), *mu_p.stride(), *mu_q.stride(),
@@ -160,9 +185,26 @@ def trajectory_log_ratio_reference(x: torch.Tensor, mu_p: torch.Tensor, mu_q: to
     return ((mu_p - mu_q) * (2 * x - mu_p - mu_q) * half_precision[None, :, None]).sum(dim=(1, 2))
 
 
+def _first_rejection_tiles(rows: int, window: int, device: torch.device) -> tuple[int, int]:
+    block_w = min(triton.next_power_of_2(window), 64)
+    return max(1, min(triton.next_power_of_2(rows), _max_tile(device) // block_w)), block_w
+
+
+def _first_rejection_launches(shared_limit):
+    """What first_rejection compiles on a GPU: fp32/fp16/bf16 windows of 64 and 8 tokens."""
+    from tkernels.registry import Launch
+
+    for dtype in ("fp32", "fp16", "bf16"):
+        for window in (64, 8):
+            block_b, block_w = _first_rejection_tiles(1 << 14, window, torch.device("cuda"))
+            yield Launch(f"{dtype} {block_b}x{block_w}", dict(BLOCK_B=block_b, BLOCK_W=block_w),
+                         types={"log_ratio_ptr": f"*{dtype}", "uniform_ptr": f"*{dtype}"})
+
+
 @gpu_compile_check(
     {"log_ratio_ptr": "*fp32", "uniform_ptr": "*fp32", "out_ptr": "*i32", "rows": "i32", "window": "i32",
      "lr_sb": "i64", "lr_sw": "i64", "u_sb": "i64", "u_sw": "i64"},
+    _first_rejection_launches,
     BLOCK_B=16,
     BLOCK_W=32,
 )
@@ -211,8 +253,7 @@ def first_rejection(log_ratio: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
         return out
     if window == 0:
         return out.zero_()
-    block_w = min(triton.next_power_of_2(window), 64)
-    block_b = max(1, min(triton.next_power_of_2(rows), _max_tile(log_ratio.device) // block_w))
+    block_b, block_w = _first_rejection_tiles(rows, window, log_ratio.device)
     _first_rejection_kernel[(triton.cdiv(rows, block_b),)](
         log_ratio, uniforms, out, rows, window, *log_ratio.stride(), *uniforms.stride(),
         BLOCK_B=block_b, BLOCK_W=block_w,

@@ -44,12 +44,37 @@ def launch_config(kv_dim: int, config: dict | None = None) -> dict:
     return _launch_config("kv_compaction", {"kv_dim": kv_dim}, DEFAULT_CONFIG, config)
 
 
+def _tiles(width: int, kv_dim: int, cfg: dict) -> tuple[int, int]:
+    """(path slots, columns) per program: at most 4096 elements in registers."""
+    block_a = triton.next_power_of_2(width)
+    return block_a, min(cfg["block_hd"], triton.next_power_of_2(kv_dim), max(16, 4096 // block_a))
+
+
+def _launches(shared_limit):
+    """What compact_kv compiles (GPU-target compile check, tkernels.registry): each cache dtype
+    for 8-wide and 64-wide accepted paths in 8 x 128 KV rows, then autotune's candidates."""
+    from tkernels.autotune.profile import kv_compaction_search_space
+    from tkernels.registry import Launch
+
+    def launch(dtype, width, cfg, candidate):
+        block_a, block_hd = _tiles(width, 1024, cfg)
+        return Launch(f"{dtype} {block_a}x{block_hd} w{cfg['num_warps']}", dict(BLOCK_A=block_a, BLOCK_HD=block_hd),
+                      types={"cache_ptr": f"*{dtype}"}, options={"num_warps": cfg["num_warps"]}, candidate=candidate)
+
+    for dtype in ("fp32", "fp16", "bf16"):
+        for width in (8, 64):
+            yield launch(dtype, width, DEFAULT_CONFIG, False)
+    for c in kv_compaction_search_space(dry_run=False, quick=False):
+        yield launch("bf16", 8, {**DEFAULT_CONFIG, **c}, True)
+
+
 @gpu_compile_check(
     {
         "cache_ptr": "*bf16", "stride_plane": "i64", "stride_block": "i64", "stride_slot": "i64",
         "block_table_ptr": "*i32", "stride_bt": "i64", "prefix_ptr": "*i32", "nodes_ptr": "*i32",
         "num_ptr": "*i32", "W": "i32", "HD": "i32", "block_size": "i32",
     },
+    _launches,
     BLOCK_A=8,
     BLOCK_HD=512,
 )
@@ -165,8 +190,7 @@ def compact_kv(
     batch, width = accepted_nodes.shape
     if batch == 0:
         return
-    block_a = triton.next_power_of_2(width)
-    block_hd = min(cfg["block_hd"], triton.next_power_of_2(hd), max(16, 4096 // block_a))  # <= 4096 elements in registers
+    block_a, block_hd = _tiles(width, hd, cfg)
     prefix = prefix_lens.int()
     for cache in caches:
         planes = cache.view(-1, num_blocks, block_size, heads, head_dim) if cache.dim() > 4 else cache[None]

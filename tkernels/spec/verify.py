@@ -144,11 +144,74 @@ def _inverse_cdf(logits_ptr, l_off, scratch_ptr, s_off, V, live, from_scratch, i
     return tl.where(found >= 0, found, last)
 
 
+# --- what the launchers compile (the GPU-target compile check, tkernels.registry) ---------------
+
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (nodes or requests, vocabulary): a large vocabulary (one row per program) and a small one
+# (rows packed into a program).
+_CHECK_SHAPES = ((64, 128256), (64, 1000))
+# (nodes per tree, depth + 1): a 64-node tree of depth 7 and a 64-node chain.
+_CHECK_TREES = ((64, 8), (64, 64))
+
+
+def _candidates():
+    """Every config a full ``tkernels autotune`` tries (over the defaults)."""
+    from tkernels.autotune.profile import verify_search_space
+
+    return [{**DEFAULT_CONFIG, **c} for c in verify_search_space(dry_run=False, quick=False)]
+
+
+def _node_pass_launches(shared_limit):
+    from tkernels.registry import Launch
+
+    def launch(mode, dtype, count, vocab, cfg, candidate):
+        block_r, block_v = _tiles(count, vocab, cfg)
+        return Launch(f"{('argmax', 'stats', 'sample')[mode]} {_DTYPES[dtype]} {block_r}x{block_v} w{cfg['num_warps']}",
+                      dict(MODE=mode, BLOCK_R=block_r, BLOCK_V=block_v), types={"logits_ptr": f"*{_DTYPES[dtype]}"},
+                      options={"num_warps": cfg["num_warps"]}, candidate=candidate)
+
+    for mode in (_ARGMAX, _STATS, _SAMPLE):
+        for dtype in _DTYPES:
+            for count, vocab in _CHECK_SHAPES:
+                yield launch(mode, dtype, count, vocab, DEFAULT_CONFIG, False)
+        for cfg in _candidates():
+            yield launch(mode, torch.bfloat16, *_CHECK_SHAPES[0], cfg, True)
+
+
+def _path_walk_launches(shared_limit):
+    from tkernels.registry import Launch
+
+    for nodes, width in _CHECK_TREES:
+        block_b, block_n, block_w = _walk_tiles(64, nodes, width)
+        yield Launch(f"{block_b} trees of {block_n} nodes, width {block_w}",
+                     dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_W=block_w))
+
+
+def _rejection_walk_launches(shared_limit):
+    from tkernels.registry import Launch
+
+    def launch(dtype, batch, vocab, nodes, width, cfg, candidate):
+        block_b, block_v = _tiles(batch, vocab, cfg)
+        _, block_n, block_w = _walk_tiles(batch, nodes, width)
+        return Launch(f"{_DTYPES[dtype]} {block_b}x{block_v} {block_n} nodes width {block_w} w{cfg['num_warps']}",
+                      dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_W=block_w, BLOCK_V=block_v),
+                      types={"logits_ptr": f"*{_DTYPES[dtype]}"}, options={"num_warps": cfg["num_warps"]},
+                      candidate=candidate)
+
+    for dtype in _DTYPES:
+        for batch, vocab in _CHECK_SHAPES:
+            for nodes, width in _CHECK_TREES:
+                yield launch(dtype, batch, vocab, nodes, width, DEFAULT_CONFIG, False)
+    for cfg in _candidates():
+        yield launch(torch.bfloat16, *_CHECK_SHAPES[0], *_CHECK_TREES[0], cfg, True)
+
+
 @gpu_compile_check(
     {
         "logits_ptr": "*bf16", "stride_row": "i64", "N": "i32", "V": "i32", "inv_temp_ptr": "*fp32", "thr_ptr": "*fp32",
         "uniform_ptr": "*fp32", "token_ptr": "*i64", "max_ptr": "*fp32", "sum_ptr": "*fp32",
     },
+    _node_pass_launches,
     MODE=_SAMPLE,
     BLOCK_R=1,
     BLOCK_V=2048,
@@ -238,6 +301,7 @@ def _store_paths(out_tokens_ptr, out_nodes_ptr, num_ptr, reqs, live, W, path_tok
         "node_token_ptr": "*i64", "draft_ptr": "*i64", "parents_ptr": "*i32", "cu_ptr": "*i32",
         "out_tokens_ptr": "*i64", "out_nodes_ptr": "*i32", "num_ptr": "*i32", "B": "i32", "W": "i32",
     },
+    _path_walk_launches,
     BLOCK_B=4,
     BLOCK_N=64,
     BLOCK_W=16,
@@ -278,6 +342,7 @@ def _path_walk_kernel(
         "out_tokens_ptr": "*i64", "out_nodes_ptr": "*i32", "num_ptr": "*i32",
         "B": "i32", "W": "i32", "max_children": "i32",
     },
+    _rejection_walk_launches,
     BLOCK_B=1,
     BLOCK_N=64,
     BLOCK_W=16,
@@ -625,13 +690,18 @@ def _node_pass(mode: int, logits, inv_temp, thr, uniforms, token, row_max, row_s
     )
 
 
+def _walk_tiles(batch: int, max_nodes: int, width: int) -> tuple[int, int, int]:
+    """(requests per program, node tile, path tile) of the path walk."""
+    block_n = triton.next_power_of_2(max_nodes)
+    return max(1, min(triton.next_power_of_2(batch), 4096 // block_n)), block_n, triton.next_power_of_2(width)
+
+
 def _walk(node_token, draft_tokens, parents, cu_nodes, shape: _Shape, out) -> None:
     tokens, nodes, num = out
-    block_n = triton.next_power_of_2(shape.max_nodes)
-    block_b = max(1, min(triton.next_power_of_2(num.numel()), 4096 // block_n))  # requests per program
+    block_b, block_n, block_w = _walk_tiles(num.numel(), shape.max_nodes, shape.width)
     _path_walk_kernel[(triton.cdiv(num.numel(), block_b),)](
         node_token, draft_tokens, parents.int(), cu_nodes.int(), tokens, nodes, num, num.numel(), shape.width,
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_W=triton.next_power_of_2(shape.width),
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_W=block_w,
     )
 
 
@@ -706,13 +776,13 @@ def verify_sampling(
     _node_pass(_STATS, logits, inv_temp, thr, uniforms, draft_tokens, row_max, row_sum, cfg)
     scratch = torch.empty((2, batch, vocab), dtype=torch.float32, device=device)
     block_b, block_v = _tiles(batch, vocab, cfg)
+    _, block_n, block_w = _walk_tiles(batch, shape.max_nodes, shape.width)
     tokens, nodes, num = out
     _rejection_walk_kernel[(triton.cdiv(batch, block_b),)](
         logits, logits.stride(0), draft_probs, draft_probs.stride(0), vocab, draft_tokens, parents.int(), cu_nodes.int(),
         inv_temp, thr, row_max, row_sum, uniforms, scratch[0], scratch[1], tokens, nodes, num,
         batch, shape.width, shape.max_children,
-        BLOCK_B=block_b, BLOCK_N=triton.next_power_of_2(shape.max_nodes), BLOCK_W=triton.next_power_of_2(shape.width),
-        BLOCK_V=block_v, num_warps=cfg["num_warps"],
+        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_W=block_w, BLOCK_V=block_v, num_warps=cfg["num_warps"],
     )
     greedy_requests = _greedy_requests(temperature, top_k)
     if bool(greedy_requests.any()):
