@@ -11,7 +11,10 @@ warps) on docs/design.md's V1 chains at the model's vocabulary size, greedy plus
 sampling; KV compaction (column tile, warps) on 64 accepted 5-token paths in the model's KV
 rows; the continuous trajectory log-ratio (chunk, tile, warps) on docs/design.md's C1 window, which
 does not depend on the language model. The built-in defaults are always a candidate: a tuned config is never slower than
-them on the case it was measured on (``measured`` in the bucket says by how much).
+them on the case it was measured on (``measured`` in the bucket says by how much). Attention
+candidates that would need more shared memory than the GPU allows a block are skipped before
+anything is compiled (:func:`fits_shared_memory`); the compile check compiles every candidate
+kept, as the tuning stages launch it (:func:`attention_candidate_launches`).
 
 Decoder step. A real forward step of ``PROFILE_LAYERS`` decoder layers of the model's shape with
 random weights (RMSNorm, fused QKV, K/V written into a paged cache, the mixed-batch attention
@@ -121,7 +124,8 @@ def shared_memory_limit(device: str) -> int | None:
     on the CPU."""
     if device != "cuda":
         return None
-    return int(torch.cuda.get_device_properties(0).shared_memory_per_block_optin)
+    limit = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
+    return int(limit) if limit else None
 
 
 def fits_shared_memory(config: dict, head_dim: int, shared_limit: int | None) -> bool:

@@ -134,9 +134,9 @@ if [ "$what" != autotune ]; then
   # Compile every launch and autotune candidate with this machine's Triton: registers, spills,
   # shared memory (CI compiles the same with the same Triton; least new information, so last).
   if [ "$dry" = 1 ]; then
-    stage compile 60 "$python" -m tkernels.registry --targets=cuda:90 tkernels.continuous.acceptance:_first_rejection_kernel
+    stage compile 60 "$python" -m tkernels.registry --targets=cuda:90 --representative= tkernels.continuous.acceptance:_first_rejection_kernel
   else
-    stage compile 120 "$python" -m tkernels.registry --candidates --targets=cuda:90 --jobs="$(nproc)"
+    stage compile 120 "$python" -m tkernels.registry --candidates --targets=cuda:90 --representative= --jobs="$(nproc)"
   fi
   grep -E "^FAIL|compiled .* launches" "$log" | tail -12 >>"$summary"
 fi

@@ -41,7 +41,8 @@ def make(q_lens, seq_lens, rng, *, group=4, num_kv_heads=2, head_dim=32, block_s
 
 @pytest.mark.parametrize(
     "group,head_dim,block_size,dtype",
-    [(1, 32, 16, torch.float32), (4, 64, 32, torch.float16), (8, 32, 64, torch.float16), (4, 32, 16, torch.float16)],
+    [(1, 32, 16, torch.float32), (4, 64, 32, torch.float16), (8, 32, 64, torch.float16), (4, 32, 16, torch.float16),
+     (2, 160, 16, torch.float32)],  # head_dim > 128: the 32 x 16 default tiles
 )
 def test_random_mixed_batch(group, head_dim, block_size, dtype, rng):
     # chunk over a prefix, decode, empty request, tree, chunk with no prefix

@@ -7,17 +7,17 @@ head size and dtype: the constexprs, argument dtypes, ``num_warps`` and ``num_st
 launcher passes) plus every autotune candidate (:class:`Launch`); :data:`KERNEL_MODULES` names
 the modules to import to see them all.
 
-``python -m tkernels.registry [--candidates] [--targets=cuda:90,cuda:80] [--jobs=N] [--fail-fast]
-[MODULE | MODULE:KERNEL ...]`` compiles each launch for each target (no GPU needed: codegen up to PTX/cubin and
-AMDGCN/HSACO runs on the CPU), prints a table (kernel, launch, target, registers, spill bytes,
+``python -m tkernels.registry [--candidates] [--targets=cuda:90,cuda:80] [--representative=hip:gfx942]
+[--jobs=N] [--fail-fast] [MODULE | MODULE:KERNEL ...]`` compiles each launch for each of
+``--targets`` (no GPU needed: codegen up to PTX/cubin and AMDGCN/HSACO runs on the CPU), prints a table (kernel, launch, target, registers, spill bytes,
 shared bytes) and exits non-zero when a compile fails, a default launch spills registers on a
 CUDA target (except the kernels in :data:`SPILL_ALLOWLIST`), or any launch needs more shared
 memory than the target has (:data:`SHARED_LIMITS`). Registers and spills come from ptxas's own
 report of the compile (``-v``, which Triton passes), shared memory from the compiled metadata.
 It must run without ``TRITON_INTERPRET`` so that ``@triton.jit`` yields compilable functions:
-the tests call it in a subprocess. Without ``--candidates`` only the default launches compile;
-without ``--targets`` every target of :data:`TARGETS`, the gfx942 one with the registered
-representative launch only (AMD machines are not lent, so it guards codegen, not resources).
+the tests call it in a subprocess. Without ``--candidates`` only the default launches compile.
+``--representative`` targets compile the registered representative launch only (by default
+gfx942: AMD machines are not lent, so it guards codegen, not resources).
 """
 
 from __future__ import annotations
@@ -210,15 +210,14 @@ def _target_arg(text: str) -> tuple[str, Any, int]:
     raise SystemExit(f"--targets: unknown target {text!r} (known: {', '.join(f'{b}:{a}' for b, a, _ in TARGETS)})")
 
 
-def plan(entries: dict[str, KernelEntry], targets, candidates: bool, explicit_targets: bool) -> list[Row]:
+def plan(entries: dict[str, KernelEntry], targets, representative, candidates: bool) -> list[Row]:
+    """Every launch (candidates too if asked) for ``targets``, the registered representative
+    only for ``representative`` targets."""
     rows = []
     for key, entry in sorted(entries.items()):
         for target in targets:
-            if target[0] == "hip" and not explicit_targets:
-                launches = [Launch("registered", entry.constexprs)]
-            else:
-                launches = entry.all_launches(SHARED_LIMITS.get(target[1]), candidates)
-            rows += [Row(key, launch, target) for launch in launches]
+            rows += [Row(key, launch, target) for launch in entry.all_launches(SHARED_LIMITS.get(target[1]), candidates)]
+        rows += [Row(key, Launch("registered", entry.constexprs), target) for target in representative]
     return rows
 
 
@@ -252,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     entries = {key: entry for key, entry in load_all(modules).items()
                if not selected or entry.module in selected or key in selected}
-    targets = [_target_arg(t) for t in options["--targets"].split(",")] if options.get("--targets") else list(TARGETS)
-    rows = plan(entries, targets, "--candidates" in options, "--targets" in options)
+    targets = [_target_arg(t) for t in options.get("--targets", "cuda:90,cuda:80").split(",") if t]
+    representative = [_target_arg(t) for t in options.get("--representative", "hip:gfx942").split(",") if t]
+    rows = plan(entries, targets, representative, "--candidates" in options)
     jobs = int(options.get("--jobs") or 1)
     print(f"{'':<5} {'kernel':<30} {'launch':<44} {'kind':<9} {'target':<12} {'regs':>4} {'spill':>6} {'shared':>7}")
     failures = 0

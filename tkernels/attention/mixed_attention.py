@@ -89,8 +89,11 @@ def default_config(head_dim: int) -> dict[str, Any]:
     """:data:`DEFAULT_CONFIG` adjusted to the head size (register budget of one tile)."""
     if head_dim <= 64:
         return {**DEFAULT_CONFIG, "prefill_block_n": 64, "decode_block_n": 64}
-    if head_dim > 128:  # a 128-row fp32 accumulator alone would fill the registers of 8 warps
-        return {**DEFAULT_CONFIG, "prefill_block_m": 64}
+    if head_dim > 128:
+        # 64 x 32 tiles spill at head_dim 256 (sm_90, Triton 3.6: 292-360 B) and, with fp32
+        # inputs, need 328 KB of shared memory; 32 x 16 tiles do neither (fp32: 98 KB).
+        return {**DEFAULT_CONFIG, "prefill_block_m": 32, "prefill_block_n": 16, "decode_block_m": 32,
+                "decode_block_n": 16}
     return dict(DEFAULT_CONFIG)
 
 
@@ -328,18 +331,25 @@ def mixed_attention_kernel(
         )
 
 
+def _merge_warps(heads_pad: int, head_dim_pad: int) -> int:
+    # The merge holds a [heads, head_dim] fp32 accumulator and one split's outputs in registers:
+    # about 1024 elements per warp (4 warps at 32 heads x 128, 8 at 64 x 128: 4 spill there).
+    return max(4, min(16, heads_pad * head_dim_pad // 1024))
+
+
 def _merge_launches(shared_limit: int | None):
-    """The split-KV merge as :func:`mixed_attention` launches it (Triton's default warps and
-    stages): each output dtype x head_dim 64/128/256 with 32 query heads (Llama-3-8B, Qwen2.5),
-    and 64 heads at head_dim 128 (Llama-3-70B)."""
+    """The split-KV merge as :func:`mixed_attention` launches it: each output dtype x head_dim
+    64/128/256 with 32 query heads (Llama-3-8B, Qwen2.5), and 64 and 128 heads at head_dim 128
+    (Llama-3-70B; wider)."""
     from tkernels.registry import Launch
 
     for name in _DTYPES.values():
-        for heads, head_dim in ((32, 64), (32, 128), (64, 128), (32, 256)):
-            yield Launch(f"{name} d{head_dim} {heads} heads",
-                         dict(HEADS_PAD=triton.next_power_of_2(heads), HEAD_DIM=head_dim,
-                              HEAD_DIM_PAD=triton.next_power_of_2(head_dim)),
-                         types={"out_ptr": f"*{name}"})
+        for heads, head_dim in ((32, 64), (32, 128), (64, 128), (128, 128), (32, 256)):
+            heads_pad, head_dim_pad = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
+            warps = _merge_warps(heads_pad, head_dim_pad)
+            yield Launch(f"{name} d{head_dim} {heads} heads w{warps}",
+                         dict(HEADS_PAD=heads_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad),
+                         types={"out_ptr": f"*{name}"}, options={"num_warps": warps})
 
 
 @gpu_compile_check(
@@ -680,6 +690,7 @@ def mixed_attention(
         merge_split_kv_kernel[(plan.merge.shape[0],)](
             out, ws_o, ws_lse, plan.merge, out.stride(0), out.stride(1), Hq,
             HEADS_PAD=triton.next_power_of_2(Hq), HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad,
+            num_warps=_merge_warps(triton.next_power_of_2(Hq), head_dim_pad),
         )
     return out
 
