@@ -71,6 +71,14 @@ def test_decode_only_with_split_kv(rng):
     assert (plan.config["prefill_block_m"], plan.config["prefill_block_n"]) == (16, 16)
 
 
+def test_split_kv_merge_over_several_head_blocks(rng):
+    # 16 query heads at head_dim 160 (padded to 256): the merge takes 8 heads per program.
+    seq_lens = torch.randint(20, 120, (3,), generator=rng).tolist()
+    batch = make([1] * 3, seq_lens, rng, group=8, num_kv_heads=2, head_dim=160, dtype=torch.float32)
+    plan = run_and_check(batch, torch.float32, config=SPLIT_CONFIG)
+    assert plan.merge.shape[0] > 0, "split-KV was not exercised"
+
+
 def test_chunk_only(rng):
     q_lens = [70, 130, 66]
     batch = make(q_lens, [q + p for q, p in zip(q_lens, [0, 17, 48])], rng, group=4, num_kv_heads=1, dtype=torch.float16)

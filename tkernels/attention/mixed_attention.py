@@ -331,49 +331,50 @@ def mixed_attention_kernel(
         )
 
 
-def _merge_warps(heads_pad: int, head_dim_pad: int) -> int:
-    # The merge holds a [heads, head_dim] fp32 accumulator and one split's outputs in registers:
-    # about 1024 elements per warp (4 warps at 32 heads x 128, 8 at 64 x 128: 4 spill there).
-    return max(4, min(16, heads_pad * head_dim_pad // 1024))
+def _merge_heads(num_q_heads: int, head_dim_pad: int) -> int:
+    # Query heads per merge program: the [heads, head_dim] fp32 accumulator and one split's
+    # outputs stay in registers at 2048 elements each (4 warps; all heads of a token in one
+    # program spilled from 64 heads x 128 up).
+    return min(triton.next_power_of_2(num_q_heads), max(1, 2048 // head_dim_pad))
 
 
 def _merge_launches(shared_limit: int | None):
     """The split-KV merge as :func:`mixed_attention` launches it: each output dtype x head_dim
-    64/128/256 with 32 query heads (Llama-3-8B, Qwen2.5), and 64 and 128 heads at head_dim 128
-    (Llama-3-70B; wider)."""
+    64/128/256 with 32 query heads (Llama-3-8B, Qwen2.5), and 8 heads (the smallest block)."""
     from tkernels.registry import Launch
 
     for name in _DTYPES.values():
-        for heads, head_dim in ((32, 64), (32, 128), (64, 128), (128, 128), (32, 256)):
-            heads_pad, head_dim_pad = triton.next_power_of_2(heads), triton.next_power_of_2(head_dim)
-            warps = _merge_warps(heads_pad, head_dim_pad)
-            yield Launch(f"{name} d{head_dim} {heads} heads w{warps}",
-                         dict(HEADS_PAD=heads_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad),
-                         types={"out_ptr": f"*{name}"}, options={"num_warps": warps})
+        for heads, head_dim in ((32, 64), (32, 128), (32, 256), (8, 128)):
+            head_dim_pad = triton.next_power_of_2(head_dim)
+            block = _merge_heads(heads, head_dim_pad)
+            yield Launch(f"{name} d{head_dim} {block} of {heads} heads",
+                         dict(HEADS_BLOCK=block, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad),
+                         types={"out_ptr": f"*{name}"})
 
 
 @gpu_compile_check(
     {"out_ptr": "*fp16", "ws_o_ptr": "*fp32", "ws_lse_ptr": "*fp32", "merge_ptr": "*i32",
      "stride_ot": "i32", "stride_oh": "i32", "num_q_heads": "i32"},
-    _merge_launches, HEADS_PAD=32, HEAD_DIM=128, HEAD_DIM_PAD=128,
+    _merge_launches, HEADS_BLOCK=16, HEAD_DIM=128, HEAD_DIM_PAD=128,
 )
 @triton.jit
 def merge_split_kv_kernel(
     out_ptr, ws_o_ptr, ws_lse_ptr, merge_ptr, stride_ot, stride_oh, num_q_heads,
-    HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HEADS_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
+    # Program (merge entry, head block): HEADS_BLOCK query heads of one split token.
     entry = merge_ptr + tl.program_id(0) * 4  # MERGE_FIELDS
     token = tl.load(entry)
     row0 = tl.load(entry + 1)
     row_stride = tl.load(entry + 2)
     num_splits = tl.load(entry + 3)
-    heads = tl.arange(0, HEADS_PAD)
+    heads = tl.program_id(1) * HEADS_BLOCK + tl.arange(0, HEADS_BLOCK)
     dims = tl.arange(0, HEAD_DIM_PAD)
     head_valid = heads < num_q_heads
     mask = head_valid[:, None] & (dims < HEAD_DIM)[None, :]
-    m = tl.full([HEADS_PAD], float("-inf"), tl.float32)
-    total = tl.zeros([HEADS_PAD], tl.float32)
-    acc = tl.zeros([HEADS_PAD, HEAD_DIM_PAD], tl.float32)
+    m = tl.full([HEADS_BLOCK], float("-inf"), tl.float32)
+    total = tl.zeros([HEADS_BLOCK], tl.float32)
+    acc = tl.zeros([HEADS_BLOCK, HEAD_DIM_PAD], tl.float32)
     for split in range(num_splits):
         ws_rows = (row0 + split * row_stride).to(tl.int64) * num_q_heads + heads
         lse = tl.load(ws_lse_ptr + ws_rows, mask=head_valid, other=float("-inf"))
@@ -687,10 +688,10 @@ def mixed_attention(
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if plan.merge.shape[0]:
-        merge_split_kv_kernel[(plan.merge.shape[0],)](
+        heads = _merge_heads(Hq, head_dim_pad)
+        merge_split_kv_kernel[(plan.merge.shape[0], triton.cdiv(Hq, heads))](
             out, ws_o, ws_lse, plan.merge, out.stride(0), out.stride(1), Hq,
-            HEADS_PAD=triton.next_power_of_2(Hq), HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad,
-            num_warps=_merge_warps(triton.next_power_of_2(Hq), head_dim_pad),
+            HEADS_BLOCK=heads, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad,
         )
     return out
 
