@@ -3,7 +3,7 @@ CPU interpreter forgives): no default launch spills registers, no launch needs m
 than the target has, and autotune's shared-memory estimate covers every candidate it keeps.
 
 In the main environment (Triton 3.9) the default launches compile for sm_90 (sm_80 and gfx942:
-the registered representative); in the device-twin environment (``TKERNELS_DEVICE_TWIN=1``,
+one default launch per kernel); in the device-twin environment (``TKERNELS_DEVICE_TWIN=1``,
 the GPU machine's Triton 3.6) every default launch and every autotune candidate, for sm_90
 and sm_80. The table printed is the record of registers, spills and shared memory.
 """
@@ -35,8 +35,8 @@ def _compile_check(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow  # minutes: every launch compiles through ptxas
 def test_every_launch_compiles_without_default_spills_within_shared_memory():
-    # Main environment: the defaults for sm_90 with Triton 3.9 (sm_80 and gfx942: the registered
-    # representative); the device-twin environment compiles everything for both NVIDIA targets.
+    # Main environment: the defaults for sm_90 with Triton 3.9 (sm_80 and gfx942: the first
+    # default launch of each kernel); the device-twin environment: everything, both NVIDIA targets.
     args = ["--candidates"] if DEVICE_TWIN else ["--targets=cuda:90", "--representative=cuda:80,hip:gfx942"]
     result = _compile_check(*args, f"--jobs={os.cpu_count() or 1}")
     print(result.stdout)

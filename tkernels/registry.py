@@ -17,8 +17,8 @@ memory than the target has (:data:`SHARED_LIMITS`). Registers and spills come fr
 report of the compile (``-v``, which Triton passes), shared memory from the compiled metadata.
 It must run without ``TRITON_INTERPRET`` so that ``@triton.jit`` yields compilable functions:
 the tests call it in a subprocess. Without ``--candidates`` only the default launches compile.
-``--representative`` targets compile the registered representative launch only (by default
-gfx942: AMD machines are not lent, so it guards codegen, not resources).
+``--representative`` targets compile one default launch per kernel only (by default gfx942:
+AMD machines are not lent, so it guards codegen, not resources).
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ SHARED_LIMITS: dict[Any, int] = {90: 232_448, 80: 166_912, "gfx942": 65_536}
 SPILL_ALLOWLIST: dict[str, str] = {
     # spills: issue 16 item 8, being fixed in the 256-node verification rewrite
     "tkernels.spec.verify:_path_walk_kernel": "issue 16 item 8: 256-node verification rewrite",
+    # 8-16 B at 8 warps: 4 requests x 1024 vocabulary packed (sm_90, Triton 3.6), 1 x 4096 fp32
+    # (sm_80, Triton 3.9); a 2048-element cap spilled more (ptxas then kept 128 registers).
+    # Found by this check (issue 16 item 6); left to the same rewrite of the verification kernels.
+    "tkernels.spec.verify:_rejection_walk_kernel": "issue 16 item 6: 8-16 B; 256-node verification rewrite",
 }
 
 
@@ -214,13 +218,14 @@ def _target_arg(text: str) -> tuple[str, Any, int]:
 
 
 def plan(entries: dict[str, KernelEntry], targets, representative, candidates: bool) -> list[Row]:
-    """Every launch (candidates too if asked) for ``targets``, the registered representative
-    only for ``representative`` targets."""
+    """Every launch (candidates too if asked) for ``targets``, the first default launch only
+    for ``representative`` targets."""
     rows = []
     for key, entry in sorted(entries.items()):
         for target in targets:
             rows += [Row(key, launch, target) for launch in entry.all_launches(SHARED_LIMITS.get(target[1]), candidates)]
-        rows += [Row(key, Launch("registered", entry.constexprs), target) for target in representative]
+        rows += [Row(key, entry.all_launches(SHARED_LIMITS.get(target[1]), candidates=False)[0], target)
+                 for target in representative]
     return rows
 
 
@@ -280,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             failures += bool(row.problems)
             if row.problems and "--fail-fast" in options:
                 return 1
-    print(f"compiled {len(rows)} launches of {len(entries)} kernels for {len(targets)} targets in "
+    print(f"compiled {len(rows)} launches of {len(entries)} kernels for {len({r.target for r in rows})} targets in "
           f"{time.monotonic() - started:.0f}s, {failures} failures")
     return 1 if failures else 0
 
