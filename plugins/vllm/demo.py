@@ -20,8 +20,8 @@ from tkernels.data import specbench_dev
 
 
 def demo_prompts(n: int) -> list[str]:
-    """The first ``n`` Spec-Bench dev first turns (shipped with tkernels)."""
-    return [q.prompt for q in specbench_dev(n)]
+    """``n`` Spec-Bench dev first turns (shipped with tkernels), one category after another."""
+    return [q.prompt for q in specbench_dev(n, round_robin=True)]
 
 
 def resolve_model(model: str) -> Path:
