@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention
-from tkernels.attention.batch import random_paged_batch, random_parents
+from tkernels.attention.batch import TREE_KINDS, random_paged_batch, random_parents, tree_parents
 from tkernels.attention.mixed_attention import MAX_TREE_NODES
 from tkernels.spec.tree import validate_parents
 
@@ -91,6 +91,22 @@ def test_trees(nodes, rng):
     # a tree beside an ordinary short chunk, so both visibility rules meet in one tile class
     batch = make([nodes, 3], [nodes + 40, 35], rng, group=4, num_kv_heads=1, trees=[True, False])
     run_and_check(batch, torch.float32, config=SPLIT_CONFIG)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", TREE_KINDS)
+@pytest.mark.parametrize("nodes", [65, 128, MAX_TREE_NODES])
+def test_trees_past_64_nodes(nodes, kind, dtype, rng):
+    # The big tree (prefill tiles: more than decode_max_q tokens, several 32-bit ancestor words,
+    # tiles straddling word edges) beside a 40-node tree (decode tiles), a decode and a chunk.
+    q_lens = [nodes, 1, 40, 70]
+    batch = make(q_lens, [q + p for q, p in zip(q_lens, [37, 20, 5, 9])], rng, group=2, num_kv_heads=1, head_dim=16,
+                 dtype=dtype, trees=[True, False, True, False])
+    batch.tree_parents[:nodes] = tree_parents(kind, nodes, rng)
+    validate_parents(batch.tree_parents[:nodes])
+    plan = run_and_check(batch, dtype, config={"prefill_block_n": 16})
+    assert plan.ancestors.shape == (sum(q_lens), -(-nodes // 64))
+    assert {int(c) for c in plan.items[:, 2]} == {0, 1}  # both tile classes ran
 
 
 def test_tree_nodes_see_only_ancestors(rng):
@@ -221,7 +237,7 @@ def test_bad_inputs_name_the_argument(arg, mutate, rng):
 
 
 def test_bad_tree_size_and_stale_plan(rng):
-    batch = make([MAX_TREE_NODES + 1], [70], rng, trees=[True])
+    batch = make([MAX_TREE_NODES + 1], [MAX_TREE_NODES + 9], rng, trees=[True])
     with pytest.raises(ValueError, match="^tree_parents"):
         mixed_attention(*batch.inputs(), **batch.tree_kwargs())
     batch = make([3], [10], rng)

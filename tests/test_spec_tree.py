@@ -3,10 +3,13 @@
 import pytest
 import torch
 
+from tkernels.attention.batch import TREE_KINDS, tree_parents
 from tkernels.spec.tree import (
+    MAX_TREE_NODES,
     TR_80_WIDTHS,
     ancestor_bits,
     ancestor_mask,
+    ancestor_words,
     best_path,
     chain,
     depths,
@@ -39,9 +42,8 @@ def ref_ancestors(parents: list[int], i: int) -> list[int]:
     return chain_[::-1]  # root first, i last
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 33, 64, 100])
-def test_derived_quantities_match_reference(n, rng):
-    parents = random_tree(n, rng)
+def check_against_reference(parents: torch.Tensor) -> None:
+    n = parents.numel()
     validate_parents(parents)
     p = parents.tolist()
     paths = [ref_ancestors(p, i) for i in range(n)]
@@ -52,11 +54,14 @@ def test_derived_quantities_match_reference(n, rng):
     for i, a in enumerate(paths):
         mask[i, a] = True
     assert torch.equal(ancestor_mask(parents), mask)
-    if n <= 64:
-        bits = ancestor_bits(parents)
-        assert bits.dtype == torch.int64
-        unpacked = (bits[:, None] >> torch.arange(n)) & 1
-        assert torch.equal(unpacked.bool(), mask)
+    bits = ancestor_bits(parents)
+    assert bits.dtype == torch.int64 and bits.shape == (n, ancestor_words(n)) == (n, -(-n // 64))
+    j = torch.arange(n)
+    unpacked = (bits[:, j // 64] >> (j % 64)) & 1  # bit j % 64 of word j // 64
+    assert torch.equal(unpacked.bool(), mask)
+    # the kernels' 32-bit view of the same memory: bit j % 32 of word j // 32
+    halves = bits.view(torch.int32)
+    assert torch.equal(((halves[:, j // 32] >> (j % 32)) & 1).bool(), mask)
     leaves = [i for i in range(n) if i not in p[1:]]
     assert leaf_paths(parents) == [paths[i] for i in leaves]
     ri = retrieve_indices(parents)
@@ -65,21 +70,34 @@ def test_derived_quantities_match_reference(n, rng):
         assert row == paths[leaf] + [-1] * (ri.shape[1] - len(paths[leaf]))
 
 
-def test_full_64_node_bits_use_the_sign_bit():
-    parents = chain(64).parents
-    assert ancestor_bits(parents)[-1].item() == -1  # all 64 bits set
-    with pytest.raises(ValueError, match="parents"):
-        ancestor_bits(chain(65).parents)
+@pytest.mark.parametrize("n", [1, 2, 7, 33, 64, 100])
+def test_derived_quantities_match_reference(n, rng):
+    check_against_reference(random_tree(n, rng))
+
+
+@pytest.mark.parametrize("kind", TREE_KINDS)
+@pytest.mark.parametrize("n", [65, 128, MAX_TREE_NODES])
+def test_derived_quantities_past_64_nodes(n, kind, rng):
+    check_against_reference(tree_parents(kind, n, rng))
+
+
+def test_full_words_use_the_sign_bit():
+    assert ancestor_bits(chain(64).parents)[-1].tolist() == [-1]  # all 64 bits set
+    assert ancestor_bits(chain(256).parents)[-1].tolist() == [-1] * 4
+    assert ancestor_bits(chain(65).parents)[-1].tolist() == [-1, 1]
+    assert ancestor_bits(chain(3).parents, words=3).shape == (3, 3)  # wider rows on request, zero-padded
+    with pytest.raises(ValueError, match="^words"):
+        ancestor_bits(chain(65).parents, words=1)
 
 
 def test_ragged_batch_equals_per_tree(rng):
-    trees = [random_tree(n, rng) for n in (5, 1, 64, 12)]
+    trees = [random_tree(n, rng) for n in (5, 1, 64, 12, 200)] + [tree_parents("chain", 256, rng)]
     parents = torch.cat(trees)
-    cu_nodes = torch.tensor([0, 5, 6, 70, 82], dtype=torch.int32)
+    cu_nodes = torch.tensor([0, 5, 6, 70, 82, 282, 538], dtype=torch.int32)
     validate_parents(parents, cu_nodes)
     assert torch.equal(depths(parents, cu_nodes), torch.cat([depths(t) for t in trees]))
-    assert torch.equal(ancestor_bits(parents, cu_nodes), torch.cat([ancestor_bits(t) for t in trees]))
-    start = torch.tensor([3, 4, 5, 6])
+    assert torch.equal(ancestor_bits(parents, cu_nodes), torch.cat([ancestor_bits(t, words=4) for t in trees]))
+    start = torch.tensor([3, 4, 5, 6, 7, 8])
     expected = torch.cat([positions(t, int(s)) for t, s in zip(trees, start)])
     assert torch.equal(positions(parents, start, cu_nodes), expected)
 

@@ -45,6 +45,22 @@ def random_parents(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.cat([torch.tensor([-1]), rest]).to(torch.int32)
 
 
+TREE_KINDS = ("chain", "star", "random")
+
+
+def tree_parents(kind: str, n: int, generator: torch.Generator) -> torch.Tensor:
+    """An ``n``-node tree (int32 parents) of one kind: ``chain`` (depth n - 1), ``star`` (every
+    node a child of the root) or ``random`` (:func:`random_parents`); the shapes tests of every
+    tree kernel take at each size."""
+    if kind == "chain":
+        return torch.arange(-1, n - 1, dtype=torch.int32)
+    if kind == "star":
+        return torch.cat([torch.tensor([-1]), torch.zeros(max(n - 1, 0), dtype=torch.long)]).to(torch.int32)[:n]
+    if kind == "random":
+        return random_parents(n, generator)
+    raise ValueError(f"kind must be one of {TREE_KINDS}, got {kind!r}")
+
+
 def random_paged_batch(
     q_lens: Sequence[int],
     seq_lens: Sequence[int],

@@ -9,7 +9,7 @@ new tokens, whose K/V are already in the cache (key ``prefix + i`` belongs to ne
 Visibility. Every query token sees the whole cached prefix. Among the request's new tokens an
 ordinary request is causal (token i sees new tokens 0..i); a request flagged in ``is_tree`` is a
 speculation tree (``tree_parents`` holds its nodes' local parents, BFS order, parent[0] = -1,
-n <= 64) and node i sees exactly its ancestors and itself. Positions: token i of a causal
+at most ``MAX_TREE_NODES`` = 256 nodes) and node i sees exactly its ancestors and itself. Positions: token i of a causal
 request sits at ``prefix + i``, tree node i at ``prefix + depth(i)``. An optional sliding
 ``window`` keeps keys with ``query_pos - key_pos < window``; an optional ``softcap`` maps a
 scaled logit s to ``softcap * tanh(s / softcap)``.
@@ -59,10 +59,9 @@ from tkernels.checks import fail as _fail
 from tkernels.checks import integer, real
 from tkernels.config import launch_config
 from tkernels.registry import gpu_compile_check
-from tkernels.spec.tree import ancestor_bits, depths, validate_parents
+from tkernels.spec.tree import MAX_TREE_NODES, ancestor_bits, ancestor_words, depths, validate_parents
 
 LOG2E = 1.4426950408889634
-MAX_TREE_NODES = 64  # ancestor sets are one int64 bit mask per node
 
 PREFILL, DECODE = 0, 1
 # Columns of a plan's item table (int32 [num_items, ITEM_FIELDS]).
@@ -113,7 +112,7 @@ def _attend_tile(
     req, kv_head, q_start, kv_start, kv_end, ws_row, token0, q_len, prefix,
     qk_scale, softcap_log2e, window,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ot, stride_oh, stride_bt, num_q_heads,
+    stride_ot, stride_oh, stride_bt, stride_anc, num_q_heads,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -131,7 +130,8 @@ def _attend_tile(
     causal_last = prefix + tok  # last key a causal row sees
     if HAS_TREE:
         tree = tl.load(is_tree_ptr + req) != 0
-        ancestors = tl.load(ancestors_ptr + token0 + tok, mask=row_valid, other=0)
+        anc_rows = ancestors_ptr + (token0 + tok).to(tl.int64) * stride_anc  # each row's 32-bit ancestor words
+        tree_words = tl.where(tree, stride_anc, 0)  # words to read per row: none outside trees
     if HAS_WINDOW:
         q_pos = tl.load(positions_ptr + token0 + tok, mask=row_valid, other=0)
 
@@ -164,9 +164,18 @@ def _attend_tile(
             new_key = keys - prefix  # index among the request's new tokens (< 0: cached prefix)
             visible = keys[None, :] <= causal_last[:, None]
             if HAS_TREE:
-                bit = tl.maximum(new_key, 0).to(tl.int64)
-                is_ancestor = ((ancestors[:, None] >> bit[None, :]) & 1) != 0
-                visible = tl.where(tree, (new_key[None, :] < 0) | is_ancestor, visible)
+                # Bit j of a row is bit j % 32 of its int32 word j // 32. A tile of BLOCK_N keys
+                # spans at most BLOCK_N / 32 + 1 words: one [BLOCK_M] load each, selected per key,
+                # then one shift (a gathered word per key would cost a 64-bit address per element).
+                bit = tl.maximum(new_key, 0)
+                first_word = tl.maximum(start - prefix, 0) // 32
+                words = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+                for i in tl.static_range((BLOCK_N + 31) // 32 + 1):
+                    word_idx = rows * 0 + first_word + i  # a [BLOCK_M] tensor, as the interpreter's masks need
+                    word = tl.load(anc_rows + word_idx, mask=row_valid & (word_idx < tree_words), other=0)
+                    words = tl.where(((bit // 32) == first_word + i)[None, :], word[:, None], words)
+                is_ancestor = (words >> (bit % 32)[None, :]) & 1
+                visible = tl.where(tree, (new_key[None, :] < 0) | (is_ancestor != 0), visible)
             if HAS_WINDOW:
                 # Tree nodes sit at prefix + depth, so new keys take their position from the table.
                 key_pos = tl.load(positions_ptr + token0 + new_key, mask=key_valid & (new_key >= 0), other=0)
@@ -272,11 +281,11 @@ def _attention_launches(shared_limit: int | None):
 _ATTN_SIGNATURE = {
     "q_ptr": "*fp16", "k_cache_ptr": "*fp16", "v_cache_ptr": "*fp16", "out_ptr": "*fp16",
     "ws_o_ptr": "*fp32", "ws_lse_ptr": "*fp32", "items_ptr": "*i32", "cu_seqlens_q_ptr": "*i32",
-    "seq_lens_ptr": "*i32", "block_table_ptr": "*i32", "is_tree_ptr": "*i8", "ancestors_ptr": "*i64",
+    "seq_lens_ptr": "*i32", "block_table_ptr": "*i32", "is_tree_ptr": "*i8", "ancestors_ptr": "*i32",
     "positions_ptr": "*i32", "qk_scale": "fp32", "softcap_log2e": "fp32", "window": "i32",
     "stride_qt": "i32", "stride_qh": "i32", "stride_kb": "i64", "stride_ks": "i32", "stride_kh": "i32",
     "stride_vb": "i64", "stride_vs": "i32", "stride_vh": "i32", "stride_ot": "i32", "stride_oh": "i32",
-    "stride_bt": "i32", "num_q_heads": "i32",
+    "stride_bt": "i32", "stride_anc": "i32", "num_q_heads": "i32",
 }
 
 
@@ -291,7 +300,7 @@ def mixed_attention_kernel(
     cu_seqlens_q_ptr, seq_lens_ptr, block_table_ptr, is_tree_ptr, ancestors_ptr, positions_ptr,
     qk_scale, softcap_log2e, window,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ot, stride_oh, stride_bt, num_q_heads,
+    stride_ot, stride_oh, stride_bt, stride_anc, num_q_heads,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PREFILL_BLOCK_M: tl.constexpr, PREFILL_BLOCK_N: tl.constexpr,
     DECODE_BLOCK_M: tl.constexpr, DECODE_BLOCK_N: tl.constexpr,
@@ -315,7 +324,7 @@ def mixed_attention_kernel(
             req, kv_head, q_start, kv_start, kv_end, ws_row, token0, q_len, prefix,
             qk_scale, softcap_log2e, window,
             stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            stride_ot, stride_oh, stride_bt, num_q_heads,
+            stride_ot, stride_oh, stride_bt, stride_anc, num_q_heads,
             HEAD_DIM, HEAD_DIM_PAD, GROUP, PAGE_SIZE, PREFILL_BLOCK_M, PREFILL_BLOCK_N,
             HAS_TREE, HAS_WINDOW, HAS_SOFTCAP,
         )
@@ -326,7 +335,7 @@ def mixed_attention_kernel(
             req, kv_head, q_start, kv_start, kv_end, ws_row, token0, q_len, prefix,
             qk_scale, softcap_log2e, window,
             stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            stride_ot, stride_oh, stride_bt, num_q_heads,
+            stride_ot, stride_oh, stride_bt, stride_anc, num_q_heads,
             HEAD_DIM, HEAD_DIM_PAD, GROUP, PAGE_SIZE, DECODE_BLOCK_M, DECODE_BLOCK_N,
             HAS_TREE, HAS_WINDOW, HAS_SOFTCAP,
         )
@@ -401,7 +410,7 @@ class MixedAttentionPlan:
     ws_rows: int  # workspace rows (token x split) for split-KV partials
     has_tree: bool  # some request is a tree
     is_tree: torch.Tensor  # int8 [B]
-    ancestors: torch.Tensor  # int64 [T]: ancestor-or-self bits of tree nodes (0 elsewhere)
+    ancestors: torch.Tensor  # int64 [T, words]: ancestor-or-self bits of tree nodes (0 elsewhere), see ancestor_bits
     positions: torch.Tensor  # int32 [T]: position of each query token
     num_tokens: int
     batch: int
@@ -493,7 +502,7 @@ def plan_mixed_attention(
     local = torch.arange(T) - cu[:-1][token_req]
     prefix = ctx - q_len
     positions = prefix[token_req] + local
-    ancestors = torch.zeros(T, dtype=torch.int64)
+    ancestors = torch.zeros((T, 1), dtype=torch.int64)
     tree_req = torch.zeros(B, dtype=torch.bool)
     if (tree_parents is None) != (is_tree is None):
         _fail("tree_parents" if tree_parents is None else "is_tree", "tree_parents and is_tree go together")
@@ -516,7 +525,9 @@ def plan_mixed_attention(
                 validate_parents(parents, cu_trees)
             except ValueError as err:
                 _fail("tree_parents", f"tree requests must hold BFS trees: {err}")
-            ancestors[tree_token] = ancestor_bits(parents, cu_trees)
+            words = ancestor_words(int(q_len[tree_req].max()))
+            ancestors = torch.zeros((T, words), dtype=torch.int64)
+            ancestors[tree_token] = ancestor_bits(parents, cu_trees, words)
             positions[tree_token] = prefix[token_req][tree_token] + depths(parents, cu_trees).long()
 
     cfg = _launch_config(num_q_heads // num_kv_heads, head_dim, block_size, q_len, config)
@@ -593,7 +604,8 @@ def _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, group, window, num_sms):
     q_start = rest // splits[req] * block_q[req]
     first_pos = torch.where(tree_req[req], prefix[req], prefix[req] + q_start)
     tile_lo = torch.zeros_like(first_pos) if window is None else (first_pos - window + 1).clamp(min=0) // block_n[req] * block_n[req]
-    tile_hi = torch.where(tree_req[req], ctx[req], torch.minimum(ctx[req], prefix[req] + q_start + block_q[req]))
+    # Causal or tree, a tile's last key is its last token's own: a node's ancestors precede it.
+    tile_hi = torch.minimum(ctx[req], prefix[req] + q_start + block_q[req])
     kv_start = torch.maximum(tile_lo, lo_req[req] + split * split_len[req])
     kv_end = torch.minimum(tile_hi, lo_req[req] + (split + 1) * split_len[req])
     kv_end = torch.maximum(kv_end, kv_start)
@@ -676,11 +688,11 @@ def mixed_attention(
     head_dim_pad = triton.next_power_of_2(D)
     mixed_attention_kernel[(plan.items.shape[0],)](
         q, k_cache, v_cache, out, ws_o, ws_lse, plan.items,
-        cu_seqlens_q, seq_lens, block_table, plan.is_tree, plan.ancestors, plan.positions,
+        cu_seqlens_q, seq_lens, block_table, plan.is_tree, plan.ancestors.view(torch.int32), plan.positions,
         scale / softcap if softcap else scale * LOG2E, (softcap or 0.0) * LOG2E, int(window or 0),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        block_table.stride(0), Hq,
+        block_table.stride(0), 2 * plan.ancestors.shape[1], Hq,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, GROUP=Hq // Hkv, PAGE_SIZE=block_size,
         PREFILL_BLOCK_M=cfg["prefill_block_m"], PREFILL_BLOCK_N=cfg["prefill_block_n"],
         DECODE_BLOCK_M=cfg["decode_block_m"], DECODE_BLOCK_N=cfg["decode_block_n"],

@@ -4,9 +4,11 @@ from .kv_compaction import compact_kv, compact_kv_reference
 from .ngram import propose_ngram
 from .token_recycling import TokenRecycling
 from .tree import (
+    MAX_TREE_NODES,
     TreeShape,
     ancestor_bits,
     ancestor_mask,
+    ancestor_words,
     best_path,
     chain,
     depths,
@@ -36,9 +38,11 @@ from .verify import (
 )
 
 __all__ = [
+    "MAX_TREE_NODES",
     "TreeShape",
     "ancestor_bits",
     "ancestor_mask",
+    "ancestor_words",
     "best_path",
     "chain",
     "depths",

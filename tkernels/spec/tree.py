@@ -6,6 +6,8 @@ last committed token, whose logits predict the depth-1 children) and, for ``i >=
 node's children are contiguous and every depth is a contiguous slice). A batch of trees is
 ragged: ``parents`` holds LOCAL indices per request and ``cu_nodes: int32[B+1]`` the offsets.
 
+Trees hold at most :data:`MAX_TREE_NODES` nodes wherever a kernel or server takes them.
+
 Every function works on CPU or device tensors; depths and ancestor bits use pointer doubling
 (log2 n vectorised gathers), never a per-node Python loop. Only :func:`validate_parents`
 and the list-returning :func:`leaf_paths` read values back to the host.
@@ -27,10 +29,12 @@ import torch
 from tkernels.checks import integer
 
 __all__ = [
+    "MAX_TREE_NODES",
     "TreeShape",
     "validate_parents",
     "depths",
     "positions",
+    "ancestor_words",
     "ancestor_bits",
     "ancestor_mask",
     "leaf_paths",
@@ -46,6 +50,10 @@ __all__ = [
     "to_vllm_linear",
     "TR_80_WIDTHS",
 ]
+
+# The largest tree every kernel and server path takes (attention's tree tiles, verification,
+# KV compaction, the vLLM and SGLang plugins): 256 nodes, root included, so 255 draft tokens.
+MAX_TREE_NODES = 256
 
 
 def _check_cu_nodes(parents: torch.Tensor, cu_nodes: torch.Tensor) -> None:
@@ -113,22 +121,6 @@ def _check_range(parents: torch.Tensor) -> None:
         raise ValueError(f"parents holds an index outside [-1, {n}); see validate_parents")
 
 
-def _jump(parents: torch.Tensor):
-    """Yield ``anc``: every node's ancestor one level further up each time (-1 past the root).
-
-    Cheap guards instead of :func:`validate_parents` (which reads the tree to the host):
-    out-of-range entries and parent chains that never reach a root raise, never hang.
-    """
-    _check_range(parents)
-    anc = parents
-    for _ in range(parents.numel()):
-        if not bool((anc >= 0).any()):
-            return
-        yield anc
-        anc = torch.where(anc >= 0, parents[anc.clamp(min=0)], anc)
-    raise ValueError("parents is not a tree: a parent chain never reaches the root; see validate_parents")
-
-
 def _doubling(parents: torch.Tensor):
     """Pointer doubling over global parents: round k yields ``(has, hop)`` where ``hop[i]`` is
     node i's ancestor 2**k generations up (valid where ``has``); the caller folds that node's
@@ -164,34 +156,46 @@ def positions(parents: torch.Tensor, start: int | torch.Tensor = 0, cu_nodes: to
     return d + start
 
 
-def ancestor_bits(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None) -> torch.Tensor:
-    """Bit-packed attention rows, int64[n]: bit ``j`` set iff ``j`` is ``i`` or an ancestor.
+def ancestor_words(max_nodes: int) -> int:
+    """How many 64-bit words :func:`ancestor_bits` packs a row of a ``max_nodes``-node tree into."""
+    return max(1, -(-max_nodes // 64))
 
-    Bits are LOCAL node indices (so every tree of a batch has ``n <= 64``); bit 63 is the sign
-    bit of the int64.
+
+def ancestor_bits(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None, words: int | None = None) -> torch.Tensor:
+    """Bit-packed attention rows, int64[n, words]: bit ``j % 64`` of word ``j // 64`` is set iff
+    ``j`` is ``i`` or an ancestor of ``i``.
+
+    Bits are LOCAL node indices; ``words`` defaults to :func:`ancestor_words` of the largest tree
+    (bit 63 of a word is its sign bit). Kernels may read a row as 32-bit words: on little-endian
+    GPUs and CPUs, bit ``j`` is bit ``j % 32`` of int32 word ``j // 32`` of the same memory.
+    This is the one derivation of ancestor sets; :func:`ancestor_mask` unpacks it.
     """
-    n_max = parents.numel() if cu_nodes is None else int((cu_nodes[1:] - cu_nodes[:-1]).max())
-    if n_max > 64:
-        raise ValueError(f"ancestor_bits packs a row into 64 bits: parents has a tree of {n_max} > 64 nodes; use ancestor_mask")
+    sizes = parents.new_tensor([parents.numel()]) if cu_nodes is None else cu_nodes[1:] - cu_nodes[:-1]
+    n_max = int(sizes.max()) if sizes.numel() else 0
+    needed = ancestor_words(n_max)
+    if words is None:
+        words = needed
+    elif words < needed:
+        raise ValueError(f"words: a tree of {n_max} nodes needs {needed} 64-bit words per row, got {words}")
     local = torch.arange(parents.numel(), device=parents.device)
     if cu_nodes is not None:
-        local = local - torch.repeat_interleave(cu_nodes[:-1].long(), (cu_nodes[1:] - cu_nodes[:-1]).long())
+        local = local - torch.repeat_interleave(cu_nodes[:-1].long(), sizes.long(), output_size=parents.numel())
     one = torch.ones((), dtype=torch.int64, device=parents.device)
-    bits = torch.bitwise_left_shift(one, local)  # every node sees itself
+    bits = torch.zeros((parents.numel(), words), dtype=torch.int64, device=parents.device)
+    rows = torch.arange(parents.numel(), device=parents.device)
+    bits[rows, local // 64] = torch.bitwise_left_shift(one, local % 64)  # every node sees itself
     for has, hop in _doubling(_global_parents(parents, cu_nodes)):
-        bits = bits | torch.where(has, bits[hop], torch.zeros_like(bits))
+        bits = bits | torch.where(has[:, None], bits[hop], 0)
     return bits
 
 
 def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
-    """bool[n, n] tree attention mask of one tree: ``mask[i, j]`` iff j is i or an ancestor of i."""
+    """bool[n, n] tree attention mask of one tree: ``mask[i, j]`` iff j is i or an ancestor of i
+    (:func:`ancestor_bits` unpacked)."""
     n = parents.numel()
-    mask = torch.eye(n, dtype=torch.bool, device=parents.device)
-    rows = torch.arange(n, device=parents.device)
-    for anc in _jump(parents.long()):
-        ok = anc >= 0
-        mask[rows[ok], anc[ok]] = True
-    return mask
+    j = torch.arange(n, device=parents.device)
+    words = ancestor_bits(parents)[:, j // 64]  # [n, n]: the word holding bit j of row i
+    return (torch.bitwise_right_shift(words, j % 64) & 1).bool()
 
 
 def _leaves(parents: torch.Tensor) -> torch.Tensor:
