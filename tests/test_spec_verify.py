@@ -5,8 +5,9 @@ import torch
 from scipy.stats import chisquare
 
 from tkernels import config
+from tkernels.attention.batch import TREE_KINDS, tree_parents
 from tkernels.spec import verify as V
-from tkernels.spec.tree import depths, from_child_counts
+from tkernels.spec.tree import MAX_TREE_NODES, depths, from_child_counts
 
 SHAPES = {  # parents of one tree
     "single": [-1],
@@ -238,6 +239,55 @@ def test_launch_configs_match_reference(rng, poisoned, config):
     uniforms = torch.rand(logits.shape[0], 2, generator=rng)
     for q in (None, draft_probs):
         exact_compare(logits, tokens, parents, cu, SAMPLING_PARAMS["temp_topk_topp"], uniforms, q, config)
+
+
+def follow(tokens, parents, cu, picks, rng, p=0.9):
+    """Draft tokens that copy the target's pick at their parent: always in request 0 (its
+    walk reaches a leaf, 255 levels down a chain), with probability ``p`` elsewhere."""
+    offsets = torch.repeat_interleave(cu[:-1].long(), (cu[1:] - cu[:-1]).long())
+    copy = (parents >= 0) & ((torch.rand(parents.shape, generator=rng) < p) | (torch.arange(parents.numel()) < int(cu[1])))
+    tokens = tokens.clone()
+    tokens[copy] = picks[parents.long()[copy] + offsets[copy]]
+    return tokens
+
+
+def test_children_table(rng):
+    """The walks' first-child / child-count table against a Python scan, ragged batch."""
+    trees = [tree_parents(kind, n, rng).tolist() for kind in TREE_KINDS for n in (1, 2, 65, MAX_TREE_NODES)]
+    parents = torch.tensor([p for t in trees for p in t], dtype=torch.int32)
+    cu = torch.tensor([0] + [len(t) for t in trees]).cumsum(0).int()
+    first, count = V._children(parents, cu)
+    for b, tree in enumerate(trees):
+        s = int(cu[b])
+        for i in range(len(tree)):
+            kids = [j for j in range(len(tree)) if tree[j] == i]
+            assert int(count[s + i]) == len(kids)
+            assert int(first[s + i]) == (s + kids[0] if kids else parents.numel())
+            assert kids == list(range(kids[0], kids[0] + len(kids)) if kids else [])  # contiguous (BFS)
+
+
+@pytest.mark.parametrize("kind", TREE_KINDS)
+@pytest.mark.parametrize("nodes", [65, 128, MAX_TREE_NODES])
+def test_trees_past_64_nodes(rng, poisoned, nodes, kind):
+    """Greedy (fp32, fp16), target-only and rejection sampling on a big tree beside small ones."""
+    trees = [tree_parents(kind, nodes, rng).tolist(), random_parents(9, rng), [-1], random_parents(70, rng)]
+    for dtype in (torch.float32, torch.float16):
+        logits, tokens, parents, cu = make_batch(trees, 50, rng, dtype)
+        tokens = follow(tokens, parents, cu, logits.argmax(-1), rng)
+        out = V.verify_greedy(logits, tokens, parents, cu)
+        assert_same(out, V.verify_greedy_reference(logits, tokens, parents, cu))
+        check_greedy_contract(out, logits, tokens, parents, cu)
+        assert int(out[1][0, int(out[2][0]) - 1]) not in trees[0]  # request 0's walk ends at a leaf
+    logits, tokens, parents, cu = make_batch(trees, 50, rng)
+    temp_value, k, p = params = SAMPLING_PARAMS["temp_topk_topp"]
+    temp = torch.full((len(trees),), temp_value)
+    temp[::3] = 0.5  # as exact_compare sets it
+    probs = V.target_probs(logits, cu, temp, torch.full((len(trees),), k), torch.full((len(trees),), p))
+    uniforms = torch.rand(logits.shape[0], 2, generator=rng)
+    tokens = follow(tokens, parents, cu, V._inverse_cdf_reference(probs, uniforms[:, 1])[0], rng)  # target-only draws
+    exact_compare(logits, tokens, parents, cu, params, uniforms, None)
+    draft_probs = (0.9 * probs + 0.1 * torch.softmax(torch.randn(logits.shape, generator=rng), -1)).float()
+    exact_compare(logits, tokens, parents, cu, params, uniforms, draft_probs)
 
 
 def test_launch_config_reads_the_gpus_tuned_bucket(monkeypatch):

@@ -150,8 +150,9 @@ _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # (nodes or requests, vocabulary): a large vocabulary (one row per program) and a small one
 # (rows packed into a program).
 _CHECK_SHAPES = ((64, 128256), (64, 1000))
-# (nodes per tree, depth + 1): a 64-node tree of depth 7 and a 64-node chain.
-_CHECK_TREES = ((64, 8), (64, 64))
+# Most children of a node in the path walk's check: Token Recycling's fan-out and a 256-node
+# star (the walks' tiles do not depend on a tree's size or depth, only this).
+_CHECK_CHILDREN = (8, 255)
 
 
 def _candidates():
@@ -181,29 +182,26 @@ def _node_pass_launches(shared_limit):
 def _path_walk_launches(shared_limit):
     from tkernels.registry import Launch
 
-    for nodes, width in _CHECK_TREES:
-        block_b, block_n, block_w = _walk_tiles(64, nodes, width)
-        yield Launch(f"{block_b} trees of {block_n} nodes, width {block_w}",
-                     dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_W=block_w))
+    for children in _CHECK_CHILDREN:
+        block_b, block_c = _walk_tiles(64, children)
+        yield Launch(f"{block_b} trees, {block_c} children at a time", dict(BLOCK_B=block_b, BLOCK_C=block_c),
+                     options={"num_warps": 1})
 
 
 def _rejection_walk_launches(shared_limit):
     from tkernels.registry import Launch
 
-    def launch(dtype, batch, vocab, nodes, width, cfg, candidate):
-        block_b, block_v = _tiles(batch, vocab, cfg)
-        _, block_n, block_w = _walk_tiles(batch, nodes, width)
-        return Launch(f"{_DTYPES[dtype]} {block_b}x{block_v} {block_n} nodes width {block_w} w{cfg['num_warps']}",
-                      dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_W=block_w, BLOCK_V=block_v),
+    def launch(dtype, batch, vocab, cfg, candidate):
+        block_b, block_v = _rejection_tiles(batch, vocab, cfg)
+        return Launch(f"{_DTYPES[dtype]} {block_b}x{block_v} w{cfg['num_warps']}", dict(BLOCK_B=block_b, BLOCK_V=block_v),
                       types={"logits_ptr": f"*{_DTYPES[dtype]}"}, options={"num_warps": cfg["num_warps"]},
                       candidate=candidate)
 
     for dtype in _DTYPES:
         for batch, vocab in _CHECK_SHAPES:
-            for nodes, width in _CHECK_TREES:
-                yield launch(dtype, batch, vocab, nodes, width, DEFAULT_CONFIG, False)
+            yield launch(dtype, batch, vocab, DEFAULT_CONFIG, False)
     for cfg in _candidates():
-        yield launch(torch.bfloat16, *_CHECK_SHAPES[0], *_CHECK_TREES[0], cfg, True)
+        yield launch(torch.bfloat16, *_CHECK_SHAPES[0], cfg, True)
 
 
 @gpu_compile_check(
@@ -265,178 +263,166 @@ def _node_pass_kernel(
 
 
 @triton.jit
-def _load_trees(parents_ptr, cu_ptr, B, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
-    """BLOCK_B requests' node offsets, sizes and parents [BLOCK_B, BLOCK_N] (-2 past the end)."""
+def _requests(cu_ptr, B, BLOCK_B: tl.constexpr):
+    """This program's BLOCK_B requests: ids, liveness and first (global) node."""
     reqs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     live = reqs < B
-    start = tl.load(cu_ptr + reqs, mask=live, other=0)
-    n = tl.load(cu_ptr + reqs + 1, mask=live, other=0) - start
-    idx = tl.arange(0, BLOCK_N)[None, :]
-    par = tl.load(parents_ptr + start[:, None] + idx, mask=idx < n[:, None], other=-2)
-    return reqs, live, start, par
+    return reqs, live, tl.load(cu_ptr + reqs, mask=live, other=0)
 
 
+# The walks hold no tree in registers: a node's children are contiguous (BFS), so a walk step
+# reads the current node's first child and child count (global indices, see _children) and
+# then only those children, whatever the tree's size. Nor do they hold the path: step s writes
+# column s of the accepted tokens and column s + 1 of the nodes (-1 once the walk has
+# stopped), every output element once. (Written out in each kernel: a @triton.jit helper
+# called every step costs the CPU interpreter milliseconds per call.)
+_WALK_SIGNATURE = {
+    "draft_ptr": "*i64", "first_child_ptr": "*i32", "num_children_ptr": "*i32", "cu_ptr": "*i32",
+    "out_tokens_ptr": "*i64", "out_nodes_ptr": "*i32", "num_ptr": "*i32", "B": "i32", "W": "i32", "max_children": "i32",
+}
+
+
+@gpu_compile_check({"node_token_ptr": "*i64", **_WALK_SIGNATURE}, _path_walk_launches, BLOCK_B=16, BLOCK_C=16)
 @triton.jit
-def _walk_at_root(BLOCK_B: tl.constexpr, BLOCK_W: tl.constexpr):
-    """A tree walk's state before its first step: path nodes [0, -1, ...], no tokens yet,
-    current node 0 (the root), 0 drafts accepted."""
-    w = tl.arange(0, BLOCK_W)[None, :]
-    path_nodes = tl.zeros([BLOCK_B, BLOCK_W], tl.int32) + tl.where(w == 0, 0, -1)
-    path_tokens = tl.full([BLOCK_B, BLOCK_W], -1, tl.int64)
-    return path_nodes, path_tokens, tl.zeros([BLOCK_B], tl.int32), tl.zeros([BLOCK_B], tl.int32)
-
-
-@triton.jit
-def _store_paths(out_tokens_ptr, out_nodes_ptr, num_ptr, reqs, live, W, path_tokens, path_nodes, count, BLOCK_W: tl.constexpr):
-    w = tl.arange(0, BLOCK_W)[None, :]
-    out = reqs[:, None].to(tl.int64) * W + w
-    mask = live[:, None] & (w < W)
-    tl.store(out_tokens_ptr + out, path_tokens, mask=mask)
-    tl.store(out_nodes_ptr + out, path_nodes, mask=mask)
+def _path_walk_kernel(
+    node_token_ptr, draft_ptr, first_child_ptr, num_children_ptr, cu_ptr, out_tokens_ptr, out_nodes_ptr, num_ptr,
+    B, W, max_children,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # BLOCK_B requests per program: descend to the first child whose draft token equals the
+    # current node's target token (argmax or draw); that token is the bonus where none does.
+    # Children are scanned BLOCK_C at a time.
+    reqs, live, start = _requests(cu_ptr, B, BLOCK_B)
+    out = reqs.to(tl.int64) * W
+    tl.store(out_nodes_ptr + out, reqs * 0, mask=live)  # every path starts at node 0
+    c_off = tl.arange(0, BLOCK_C)[None, :]
+    cur = start  # global index of the current node
+    count = tl.zeros([BLOCK_B], tl.int32)
+    alive = live
+    for step in range(0, W):  # W = max depth + 1: one level per step
+        target = tl.load(node_token_ptr + cur, mask=alive, other=-1)
+        first = tl.load(first_child_ptr + cur, mask=alive, other=0)
+        kids = tl.load(num_children_ptr + cur, mask=alive, other=0)
+        child = tl.full([BLOCK_B], -1, tl.int32)
+        for c0 in range(0, max_children, BLOCK_C):  # masked, not skipped: most nodes have <= BLOCK_C children
+            scanning = alive & (child < 0) & (c0 < kids)
+            r = c0 + c_off
+            is_child = scanning[:, None] & (r < kids[:, None])
+            tok = tl.load(draft_ptr + first[:, None] + r, mask=is_child, other=-1)
+            hit = tl.min(tl.where(is_child & (tok == target[:, None]), r, max_children), 1)
+            child = tl.where(scanning & (hit < kids), first + hit, child)
+        advance = child >= 0
+        next_col = count * 0 + step + 1  # a tensor: the interpreter takes tensor masks only
+        tl.store(out_tokens_ptr + out + step, tl.where(alive, target, -1), mask=live)
+        tl.store(out_nodes_ptr + out + next_col, tl.where(advance, child - start, -1), mask=live & (next_col < W))
+        cur = tl.where(advance, child, cur)
+        count += advance.to(tl.int32)
+        alive = advance
     tl.store(num_ptr + reqs, count + 1, mask=live)
 
 
 @gpu_compile_check(
     {
-        "node_token_ptr": "*i64", "draft_ptr": "*i64", "parents_ptr": "*i32", "cu_ptr": "*i32",
-        "out_tokens_ptr": "*i64", "out_nodes_ptr": "*i32", "num_ptr": "*i32", "B": "i32", "W": "i32",
-    },
-    _path_walk_launches,
-    BLOCK_B=4,
-    BLOCK_N=64,
-    BLOCK_W=16,
-)
-@triton.jit
-def _path_walk_kernel(
-    node_token_ptr, draft_ptr, parents_ptr, cu_ptr, out_tokens_ptr, out_nodes_ptr, num_ptr, B, W,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-):
-    # BLOCK_B requests per program: descend to the first child whose draft token equals the
-    # current node's target token (argmax or draw); that token is the bonus where none does.
-    reqs, live, start, par = _load_trees(parents_ptr, cu_ptr, B, BLOCK_B, BLOCK_N)
-    idx = tl.arange(0, BLOCK_N)[None, :]
-    tok = tl.load(draft_ptr + start[:, None] + idx, mask=par != -2, other=-1)
-    w = tl.arange(0, BLOCK_W)[None, :]
-    path_nodes, path_tokens, cur, count = _walk_at_root(BLOCK_B, BLOCK_W)
-    alive = live
-    for step in range(0, W - 1):  # W = max depth + 1: one level per step
-        target = tl.load(node_token_ptr + start + cur, mask=live, other=-1)
-        child = tl.min(tl.where((par == cur[:, None]) & (tok == target[:, None]), idx, BLOCK_N), 1)
-        advance = alive & (child < BLOCK_N)
-        path_tokens = tl.where(advance[:, None] & (w == step), target[:, None], path_tokens)
-        path_nodes = tl.where(advance[:, None] & (w == step + 1), child[:, None], path_nodes)
-        cur = tl.where(advance, child, cur)
-        count += advance.to(tl.int32)
-        alive = advance
-    bonus = tl.load(node_token_ptr + start + cur, mask=live, other=-1)
-    path_tokens = tl.where(w == count[:, None], bonus[:, None], path_tokens)
-    _store_paths(out_tokens_ptr, out_nodes_ptr, num_ptr, reqs, live, W, path_tokens, path_nodes, count, BLOCK_W)
-
-
-@gpu_compile_check(
-    {
         "logits_ptr": "*bf16", "stride_l": "i64", "q_ptr": "*fp32", "stride_q": "i64", "V": "i32",
-        "draft_ptr": "*i64", "parents_ptr": "*i32", "cu_ptr": "*i32", "inv_temp_ptr": "*fp32",
-        "thr_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "uniform_ptr": "*fp32",
-        "scratch_p_ptr": "*fp32", "scratch_q_ptr": "*fp32",
-        "out_tokens_ptr": "*i64", "out_nodes_ptr": "*i32", "num_ptr": "*i32",
-        "B": "i32", "W": "i32", "max_children": "i32",
+        "inv_temp_ptr": "*fp32", "thr_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32", "uniform_ptr": "*fp32",
+        "scratch_p_ptr": "*fp32", "scratch_q_ptr": "*fp32", **_WALK_SIGNATURE,
     },
     _rejection_walk_launches,
     BLOCK_B=1,
-    BLOCK_N=64,
-    BLOCK_W=16,
     BLOCK_V=1024,
 )
 @triton.jit
 def _rejection_walk_kernel(
-    logits_ptr, stride_l, q_ptr, stride_q, V, draft_ptr, parents_ptr, cu_ptr,
-    inv_temp_ptr, thr_ptr, max_ptr, sum_ptr, uniform_ptr, scratch_p_ptr, scratch_q_ptr,
-    out_tokens_ptr, out_nodes_ptr, num_ptr, B, W, max_children,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr, stride_l, q_ptr, stride_q, V, inv_temp_ptr, thr_ptr, max_ptr, sum_ptr, uniform_ptr,
+    scratch_p_ptr, scratch_q_ptr,
+    draft_ptr, first_child_ptr, num_children_ptr, cu_ptr, out_tokens_ptr, out_nodes_ptr, num_ptr, B, W, max_children,
+    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # BLOCK_B requests per program walk their trees with recursive rejection sampling. A node's
     # p and q are read from logits / draft_probs until its first rejected child; after that the
     # residuals live in the request's scratch rows (unnormalised; totals p_total / q_total).
-    reqs, live, start, par = _load_trees(parents_ptr, cu_ptr, B, BLOCK_B, BLOCK_N)
-    idx = tl.arange(0, BLOCK_N)[None, :]
+    reqs, live, start = _requests(cu_ptr, B, BLOCK_B)
+    out = reqs.to(tl.int64) * W
+    tl.store(out_nodes_ptr + out, reqs * 0, mask=live)  # every path starts at node 0
     s_off = reqs.to(tl.int64) * V
     offs = tl.arange(0, BLOCK_V)[None, :]
-    w = tl.arange(0, BLOCK_W)[None, :]
-    path_nodes, path_tokens, cur, count = _walk_at_root(BLOCK_B, BLOCK_W)
+    cur = start  # global index of the current node
+    count = tl.zeros([BLOCK_B], tl.int32)
     alive = live
     for step in range(0, W):  # one node visited per level; W = max depth + 1
-        g = (start + cur).to(tl.int64)
+        g = cur.to(tl.int64)
         l_off = g * stride_l
         q_off = g * stride_q
         inv_temp = tl.load(inv_temp_ptr + g, mask=alive, other=1.0)
         thr = tl.load(thr_ptr + g, mask=alive, other=0.0)
         row_max = tl.load(max_ptr + g, mask=alive, other=0.0)
         row_sum = tl.load(sum_ptr + g, mask=alive, other=1.0)
-        is_child = par == cur[:, None]
-        first_child = tl.min(tl.where(is_child, idx, BLOCK_N), 1)  # BFS: children are contiguous
-        num_children = tl.sum(is_child.to(tl.int32), 1)
+        first_child = tl.load(first_child_ptr + g, mask=alive, other=0)
+        num_children = tl.load(num_children_ptr + g, mask=alive, other=0)
         p_scratch = tl.zeros([BLOCK_B], tl.int32)
         q_scratch = tl.zeros([BLOCK_B], tl.int32)
         p_total = row_sum
         q_total = tl.full([BLOCK_B], 1.0, tl.float32)
         accepted = tl.full([BLOCK_B], -1, tl.int32)
-        for r in range(0, max_children):
+        r = max_children * 0  # the child tested next (a runtime scalar: it is loop-carried)
+        tested = alive & (num_children > 0)
+        while tl.max(tested.to(tl.int32), 0) > 0:  # until every request accepted a child or ran out of them
+            c = first_child + r
+            t = tl.load(draft_ptr + c, mask=tested, other=0)
+            u = tl.load(uniform_ptr + c.to(tl.int64) * 2, mask=tested, other=0.0)
+            p_t = _p_tile(logits_ptr, l_off, scratch_p_ptr, s_off, t, V, tested, p_scratch, inv_temp, thr, row_max) / p_total
+            inv_q = tl.where(q_total > 0, 1.0 / q_total, 0.0)
+            q_t = tl.where(
+                q_scratch != 0,
+                tl.load(scratch_q_ptr + s_off + t, mask=tested & (q_scratch != 0), other=0.0) * inv_q,
+                tl.load(q_ptr + q_off + t, mask=tested & (q_scratch == 0), other=0.0).to(tl.float32),
+            )
+            accept = tested & (u * q_t < p_t)
+            accepted = tl.where(accept, c, accepted)
+            reject = tested & ~accept
+            if tl.max(reject.to(tl.int32), 0) > 0:  # residual pass: p <- max(p - q, 0), q <- q without t
+                new_p_total = tl.zeros([BLOCK_B], tl.float32)
+                new_q_total = tl.zeros([BLOCK_B], tl.float32)
+                rows = reject[:, None]
+                for v0 in range(0, V, BLOCK_V):
+                    o = v0 + offs
+                    m = rows & (o < V)
+                    p = _p_tile(logits_ptr, l_off[:, None], scratch_p_ptr, s_off[:, None], o, V, rows,
+                                p_scratch[:, None], inv_temp[:, None], thr[:, None], row_max[:, None]) / p_total[:, None]
+                    q = tl.where(
+                        q_scratch[:, None] != 0,
+                        tl.load(scratch_q_ptr + s_off[:, None] + o, mask=m & (q_scratch[:, None] != 0), other=0.0) * inv_q[:, None],
+                        tl.load(q_ptr + q_off[:, None] + o, mask=m & (q_scratch[:, None] == 0), other=0.0).to(tl.float32),
+                    )
+                    residual = tl.where(m, tl.maximum(p - q, 0.0), 0.0)
+                    q = tl.where(m & (o != t[:, None]), q, 0.0)
+                    tl.store(scratch_p_ptr + s_off[:, None] + o, residual, mask=m)
+                    tl.store(scratch_q_ptr + s_off[:, None] + o, q, mask=m)
+                    new_p_total += tl.sum(residual, 1)
+                    new_q_total += tl.sum(q, 1)
+                tl.debug_barrier()  # the scratch rows are read back by other threads
+                has_residual = new_p_total > 0  # an all-zero residual falls back to p(v)
+                p_scratch = tl.where(reject, has_residual.to(tl.int32), p_scratch)
+                p_total = tl.where(reject, tl.where(has_residual, new_p_total, row_sum), p_total)
+                q_scratch = tl.where(reject, 1, q_scratch)
+                q_total = tl.where(reject, new_q_total, q_total)
+            r += 1
             tested = alive & (r < num_children) & (accepted < 0)
-            if tl.max(tested.to(tl.int32), 0) > 0:
-                c = first_child + r
-                t = tl.load(draft_ptr + start + c, mask=tested, other=0)
-                u = tl.load(uniform_ptr + (start + c).to(tl.int64) * 2, mask=tested, other=0.0)
-                p_t = _p_tile(logits_ptr, l_off, scratch_p_ptr, s_off, t, V, tested, p_scratch, inv_temp, thr, row_max) / p_total
-                inv_q = tl.where(q_total > 0, 1.0 / q_total, 0.0)
-                q_t = tl.where(
-                    q_scratch != 0,
-                    tl.load(scratch_q_ptr + s_off + t, mask=tested & (q_scratch != 0), other=0.0) * inv_q,
-                    tl.load(q_ptr + q_off + t, mask=tested & (q_scratch == 0), other=0.0).to(tl.float32),
-                )
-                accept = tested & (u * q_t < p_t)
-                accepted = tl.where(accept, c, accepted)
-                reject = tested & ~accept
-                if tl.max(reject.to(tl.int32), 0) > 0:  # residual pass: p <- max(p - q, 0), q <- q without t
-                    new_p_total = tl.zeros([BLOCK_B], tl.float32)
-                    new_q_total = tl.zeros([BLOCK_B], tl.float32)
-                    rows = reject[:, None]
-                    for v0 in range(0, V, BLOCK_V):
-                        o = v0 + offs
-                        m = rows & (o < V)
-                        p = _p_tile(logits_ptr, l_off[:, None], scratch_p_ptr, s_off[:, None], o, V, rows,
-                                    p_scratch[:, None], inv_temp[:, None], thr[:, None], row_max[:, None]) / p_total[:, None]
-                        q = tl.where(
-                            q_scratch[:, None] != 0,
-                            tl.load(scratch_q_ptr + s_off[:, None] + o, mask=m & (q_scratch[:, None] != 0), other=0.0) * inv_q[:, None],
-                            tl.load(q_ptr + q_off[:, None] + o, mask=m & (q_scratch[:, None] == 0), other=0.0).to(tl.float32),
-                        )
-                        residual = tl.where(m, tl.maximum(p - q, 0.0), 0.0)
-                        q = tl.where(m & (o != t[:, None]), q, 0.0)
-                        tl.store(scratch_p_ptr + s_off[:, None] + o, residual, mask=m)
-                        tl.store(scratch_q_ptr + s_off[:, None] + o, q, mask=m)
-                        new_p_total += tl.sum(residual, 1)
-                        new_q_total += tl.sum(q, 1)
-                    tl.debug_barrier()  # the scratch rows are read back by other threads
-                    has_residual = new_p_total > 0  # an all-zero residual falls back to p(v)
-                    p_scratch = tl.where(reject, has_residual.to(tl.int32), p_scratch)
-                    p_total = tl.where(reject, tl.where(has_residual, new_p_total, row_sum), p_total)
-                    q_scratch = tl.where(reject, 1, q_scratch)
-                    q_total = tl.where(reject, new_q_total, q_total)
         advance = alive & (accepted >= 0)
         stop = alive & (accepted < 0)
-        t_acc = tl.load(draft_ptr + start + accepted, mask=advance, other=-1)
-        path_tokens = tl.where(advance[:, None] & (w == step), t_acc[:, None], path_tokens)
-        path_nodes = tl.where(advance[:, None] & (w == step + 1), accepted[:, None], path_nodes)
+        token = tl.load(draft_ptr + accepted, mask=advance, other=-1)
         if tl.max(stop.to(tl.int32), 0) > 0:
             u = tl.load(uniform_ptr + g * 2 + 1, mask=stop, other=0.0)
             bonus = _inverse_cdf(logits_ptr, l_off, scratch_p_ptr, s_off, V, stop, p_scratch, inv_temp, thr, row_max,
                                  u * p_total, BLOCK_B, BLOCK_V)
-            path_tokens = tl.where(stop[:, None] & (w == step), bonus[:, None].to(tl.int64), path_tokens)
+            token = tl.where(stop, bonus.to(tl.int64), token)
+        next_col = count * 0 + step + 1  # a tensor: the interpreter takes tensor masks only
+        tl.store(out_tokens_ptr + out + step, token, mask=live)
+        tl.store(out_nodes_ptr + out + next_col, tl.where(advance, accepted - start, -1), mask=live & (next_col < W))
         cur = tl.where(advance, accepted, cur)
         count += advance.to(tl.int32)
         alive = advance
-    _store_paths(out_tokens_ptr, out_nodes_ptr, num_ptr, reqs, live, W, path_tokens, path_nodes, count, BLOCK_W)
+    tl.store(num_ptr + reqs, count + 1, mask=live)
 
 
 # --- input handling shared by kernels and references -----------------------------------------
@@ -690,18 +676,47 @@ def _node_pass(mode: int, logits, inv_temp, thr, uniforms, token, row_max, row_s
     )
 
 
-def _walk_tiles(batch: int, max_nodes: int, width: int) -> tuple[int, int, int]:
-    """(requests per program, node tile, path tile) of the path walk."""
-    block_n = triton.next_power_of_2(max_nodes)
-    return max(1, min(triton.next_power_of_2(batch), 4096 // block_n)), block_n, triton.next_power_of_2(width)
+def _children(parents: torch.Tensor, cu_nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every node's first child (global index; ``total_nodes`` if it has none) and its number of
+    children, int64[total_nodes] each, on the trees' device and without a host sync. BFS
+    order makes a node's children the contiguous run starting at its first child."""
+    n = parents.numel()
+    node = torch.arange(n, device=parents.device)
+    start = _per_node(cu_nodes[:-1].long(), cu_nodes, n)
+    slot = torch.where(parents.long() >= 0, parents.long() + start, n)  # roots land in a spare slot
+    first = torch.full((n + 1,), n, dtype=torch.long, device=parents.device).scatter_reduce_(0, slot, node, "amin")
+    count = torch.zeros(n + 1, dtype=torch.long, device=parents.device).scatter_add_(0, slot, torch.ones_like(node))
+    return first[:n], count[:n]
+
+
+def _walk_args(draft_tokens, parents, cu_nodes, shape: _Shape, out) -> tuple:
+    """The tree and output arguments both walk kernels end with."""
+    first, count = _children(parents, cu_nodes)
+    tokens, nodes, num = out
+    return (draft_tokens, first.int(), count.int(), cu_nodes.int(), tokens, nodes, num, num.numel(), shape.width,
+            shape.max_children)
+
+
+def _walk_tiles(batch: int, max_children: int) -> tuple[int, int]:
+    """(requests per program, children scanned at once) of the path walk. Latency-bound (one
+    dependent level per step): few requests per program, one warp each."""
+    return min(triton.next_power_of_2(batch), 16), min(triton.next_power_of_2(max(max_children, 1)), 16)
+
+
+def _rejection_tiles(batch: int, vocab: int, cfg: dict) -> tuple[int, int]:
+    """(requests per program, vocabulary tile) of the rejection walk: :func:`_tiles`, at most four
+    requests per program (with more the per-request walk state spills: ptxas, sm_90, 8 warps,
+    8 requests x 256-token tiles 128 B, 64 x 32 228 B; 4 x 1024 none)."""
+    block_b, block_v = _tiles(batch, vocab, cfg)
+    return min(block_b, 4), block_v
 
 
 def _walk(node_token, draft_tokens, parents, cu_nodes, shape: _Shape, out) -> None:
-    tokens, nodes, num = out
-    block_b, block_n, block_w = _walk_tiles(num.numel(), shape.max_nodes, shape.width)
-    _path_walk_kernel[(triton.cdiv(num.numel(), block_b),)](
-        node_token, draft_tokens, parents.int(), cu_nodes.int(), tokens, nodes, num, num.numel(), shape.width,
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_W=block_w,
+    batch = out[2].numel()
+    block_b, block_c = _walk_tiles(batch, shape.max_children)
+    _path_walk_kernel[(triton.cdiv(batch, block_b),)](
+        node_token, *_walk_args(draft_tokens, parents, cu_nodes, shape, out), BLOCK_B=block_b, BLOCK_C=block_c,
+        num_warps=1,
     )
 
 
@@ -775,14 +790,11 @@ def verify_sampling(
     row_sum = torch.empty(n, dtype=torch.float32, device=device)
     _node_pass(_STATS, logits, inv_temp, thr, uniforms, draft_tokens, row_max, row_sum, cfg)
     scratch = torch.empty((2, batch, vocab), dtype=torch.float32, device=device)
-    block_b, block_v = _tiles(batch, vocab, cfg)
-    _, block_n, block_w = _walk_tiles(batch, shape.max_nodes, shape.width)
-    tokens, nodes, num = out
+    block_b, block_v = _rejection_tiles(batch, vocab, cfg)
     _rejection_walk_kernel[(triton.cdiv(batch, block_b),)](
-        logits, logits.stride(0), draft_probs, draft_probs.stride(0), vocab, draft_tokens, parents.int(), cu_nodes.int(),
-        inv_temp, thr, row_max, row_sum, uniforms, scratch[0], scratch[1], tokens, nodes, num,
-        batch, shape.width, shape.max_children,
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_W=block_w, BLOCK_V=block_v, num_warps=cfg["num_warps"],
+        logits, logits.stride(0), draft_probs, draft_probs.stride(0), vocab, inv_temp, thr, row_max, row_sum, uniforms,
+        scratch[0], scratch[1], *_walk_args(draft_tokens, parents, cu_nodes, shape, out),
+        BLOCK_B=block_b, BLOCK_V=block_v, num_warps=cfg["num_warps"],
     )
     greedy_requests = _greedy_requests(temperature, top_k)
     if bool(greedy_requests.any()):
@@ -830,15 +842,9 @@ class _Walk:
 
     def __init__(self, draft_tokens, parents, cu_nodes, width):
         self.starts = cu_nodes[:-1].long()
-        counts = (cu_nodes[1:] - cu_nodes[:-1]).long()
-        batch, n = counts.numel(), draft_tokens.numel()
-        gpar = torch.where(parents.long() >= 0, parents.long() + _per_node(self.starts, cu_nodes, n), -1)
-        has_parent = gpar >= 0
-        self.num_children = torch.bincount(gpar[has_parent], minlength=n)
+        batch, n = cu_nodes.numel() - 1, draft_tokens.numel()
+        self.first_child, self.num_children = _children(parents, cu_nodes)
         self.max_children = int(self.num_children.max()) if n else 0
-        # BFS: a node's children are contiguous, starting at the first node naming it parent
-        self.first_child = torch.full((n,), n, dtype=torch.long, device=parents.device)
-        self.first_child.scatter_reduce_(0, gpar[has_parent], torch.arange(n, device=parents.device)[has_parent], "amin")
         self.draft_tokens = draft_tokens
         self.cur = self.starts.clone()
         self.alive = torch.ones(batch, dtype=torch.bool, device=parents.device)
