@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from tkernels.attention.batch import TREE_KINDS, tree_parents
 from tkernels.spec.kv_compaction import compact_kv, compact_kv_reference
+from tkernels.spec.tree import MAX_TREE_NODES, depths, leaf_paths
 
 
 def random_case(rng, batch=5, block_size=4, heads=2, head_dim=8, width=6, num_blocks=64, lead=(), dtype=torch.float16):
@@ -75,6 +77,36 @@ def test_list_of_caches_overlap_and_block_boundaries(rng):
     # position 5 <- node 3 at position 6 (block 1, slot 2); node 0 at position 3 (block 5, slot 3) stays
     assert torch.equal(caches[0][1, 0], original[1, 1]) and torch.equal(caches[0][1, 1], original[1, 2])
     assert torch.equal(caches[0][5, 3], original[5, 3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", TREE_KINDS)
+@pytest.mark.parametrize("nodes", [65, 128, MAX_TREE_NODES])
+def test_paths_of_trees_past_64_nodes(rng, nodes, kind, dtype):
+    """Accepted paths of a big tree (a chain's 256-long one included) beside short ones: the
+    width (max depth + 1) sets the kernel's path tile, up to 256 rows."""
+    parents = tree_parents(kind, nodes, rng)
+    paths = leaf_paths(parents)
+    picks = [paths[-1], paths[int(torch.randint(len(paths), (1,), generator=rng))], [0], [0, 1]]
+    width = int(depths(parents).max()) + 1
+    block_size, heads, head_dim = 16, 2, 8
+    prefix = torch.randint(0, 40, (len(picks),), generator=rng).int()
+    blocks = (int(prefix.max()) + nodes + block_size - 1) // block_size
+    num_blocks = len(picks) * blocks + 3
+    block_table = torch.randperm(num_blocks, generator=rng)[: len(picks) * blocks].view(len(picks), blocks).int()
+    accepted = torch.full((len(picks), width), -1, dtype=torch.int32)
+    num = torch.zeros(len(picks), dtype=torch.int32)
+    for b, path in enumerate(picks):
+        keep = len(path) if b == 0 else int(torch.randint(1, len(path) + 1, (1,), generator=rng))
+        accepted[b, :keep] = torch.tensor(path[:keep], dtype=torch.int32)
+        num[b] = keep
+    cache = torch.randn(2, num_blocks, block_size, heads, head_dim, generator=rng).to(dtype)
+    meta = (block_table, prefix, accepted, num)
+    expected = expected_after(cache, *meta)
+    ref = cache.clone()
+    compact_kv_reference(ref, *meta)
+    compact_kv(cache, *meta)
+    assert torch.equal(cache, expected) and torch.equal(ref, expected)
 
 
 def test_nothing_to_move(rng):
