@@ -74,8 +74,8 @@ import numpy as np
 import torch
 from vllm.exceptions import VLLMValidationError
 
-from tkernels.attention.mixed_attention import MAX_TREE_NODES
 from tkernels.spec import (
+    MAX_TREE_NODES,
     compact_kv,
     compact_kv_reference,
     depths,
