@@ -8,6 +8,7 @@ import numpy as np
 
 from tkernels.sched.budget import DecodeMaximalPolicy, Prefill
 from tkernels.sched.latency_model import DEFAULT_RATES, LatencyModel, LatencyRates, ModelShape
+from tkernels.spec.tree import MAX_TREE_NODES
 from tkernels.spec.tree_policy import DynamicTreePolicy
 
 # The load each SLO's budget is derived for (docs/design.md's W1: 64 decodes at context 2048 while
@@ -15,7 +16,7 @@ from tkernels.spec.tree_policy import DynamicTreePolicy
 REFERENCE_DECODES = 64
 REFERENCE_CONTEXT = 2048
 TREE_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
-TREE_MAX_NODES = 80
+TREE_MAX_NODES = MAX_TREE_NODES  # the largest tree the kernels and plugins take
 
 
 def fit_rates(shape: ModelShape, costs: list[tuple[int, int, int]], measured_us: list[float]) -> LatencyRates:
