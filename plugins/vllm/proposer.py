@@ -64,13 +64,20 @@ TOP_K = 8  # adjacency columns, as in the paper's 80-node tree
 TREE_CONFIG_KEY = TREE_KEY  # the tree proposer's options in vLLM's additional_config (settings.py)
 
 
-def draft_tree(depth: int) -> TreeShape:
+def draft_tree(depth: int, min_nodes: int = 1) -> TreeShape:
     """The TR template's fan-out rule (:func:`~tkernels.spec.tree.from_widths`) cut or extended
-    (one child per node along the top-1 chain) to exactly ``depth`` levels below the root."""
+    (one child per node along the top-1 chain) to exactly ``depth`` levels below the root, and
+    widened (each of the template's widths + e, at most :data:`TOP_K`, for the smallest such e)
+    until it holds at least ``min_nodes`` nodes: the tree proposer's candidates for trees past
+    the template's 80 nodes (e = 0 up to 63 draft tokens, so smaller budgets are unchanged)."""
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
-    widths = TR_80_WIDTHS[:depth] + (1,) * max(0, depth - len(TR_80_WIDTHS))
-    return from_widths(widths)
+    tail = (1,) * max(0, depth - len(TR_80_WIDTHS))
+    for extra in range(TOP_K):
+        shape = from_widths(tuple(min(TOP_K, w + extra) for w in TR_80_WIDTHS[:depth]) + tail)
+        if len(shape) >= min_nodes:
+            break
+    return shape
 
 
 @dataclass
@@ -96,13 +103,17 @@ class TokenRecyclingProposer:
         self.drafter = TokenRecycling(vocab_size, TOP_K)  # CPU: drafting works on host lists anyway
         self.policy = DynamicTreePolicy(k=TOP_K, max_depth=self.num_speculative_tokens)
         self.recycled = torch.zeros(vocab_size, dtype=torch.bool)  # rows the target has written
-        self.shape = draft_tree(self.num_speculative_tokens)
+        self.shape = self._draft_shape(self.num_speculative_tokens)
         node_depths = depths(self.shape.parents).long()
         self._levels = [(node_depths == d).nonzero().flatten() for d in range(1, int(node_depths.max()) + 1)]
         self._node_depths = node_depths
         self._captured: list[torch.Tensor] = []  # top-k ids of compute_logits calls since the last propose
         self._drafts: list[_Draft | None] = []  # per persistent-batch row
         self.stats = {"steps": 0, "recycled_steps": 0, "skipped_steps": 0, "recycled_rows": 0}
+
+    def _draft_shape(self, num_speculative_tokens: int) -> TreeShape:
+        """The tree whose best path is drafted: the template's fan-out, ``num_speculative_tokens`` deep."""
+        return draft_tree(num_speculative_tokens)
 
     def load_model(self, target_model) -> None:
         """Keep the top-k of every ``compute_logits`` result of the target (see module doc)."""
@@ -275,6 +286,11 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         self.per_batch = tree_options(getattr(vllm_config, "additional_config", None))["size"] == "per_batch"
         self.policy.step_time = LatencyModel(model_shape(vllm_config), LatencyRates.from_config())
         self._num_nodes = self.num_speculative_tokens + 1  # this step's node count, root included
+
+    def _draft_shape(self, num_speculative_tokens: int) -> TreeShape:
+        # Twice the budget in candidates, so the best num_speculative_tokens nodes are chosen
+        # from a wider tree than the template once budgets pass 63 (up to 255: 639 candidates).
+        return draft_tree(num_speculative_tokens, 2 * (num_speculative_tokens + 1))
 
     def load_model(self, target_model) -> None:
         from tkernels.plugins.vllm.tree import check_attention_backend

@@ -140,6 +140,17 @@ def test_draft_tree_has_the_requested_depth():
         draft_tree(0)
 
 
+def test_draft_tree_widens_for_budgets_past_the_template():
+    from tkernels.plugins.vllm.proposer import TOP_K, draft_tree
+    from tkernels.spec import depths
+
+    assert torch.equal(draft_tree(63, 128).parents, draft_tree(63).parents)  # 135 nodes: the template + a chain
+    for depth in (64, 100, 127, 255):
+        shape = draft_tree(depth, 2 * (depth + 1))
+        assert len(shape) >= 2 * (depth + 1) and int(depths(shape.parents).max()) == depth
+        assert int(shape.ranks.max()) < TOP_K  # candidate ranks stay inside the adjacency's k columns
+
+
 # --- inside vLLM ------------------------------------------------------------------------------
 
 

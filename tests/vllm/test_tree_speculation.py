@@ -19,12 +19,18 @@ NUM_SPEC = 3
 TREE_PROPOSER = "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"
 
 
-def vllm_config(num_spec=NUM_SPEC, async_scheduling=False, max_model_len=256, additional_config=None):
-    model_config = SimpleNamespace(  # a SmolLM2-135M-shaped model, as the step-latency model reads it
-        max_model_len=max_model_len, get_vocab_size=lambda: VOCAB, uses_mrope=False, get_hidden_size=lambda: 576,
-        get_num_layers=lambda parallel: 30, get_num_attention_heads=lambda parallel: 9,
-        get_num_kv_heads=lambda parallel: 3, get_head_size=lambda: 64, dtype=torch.bfloat16,
-        hf_text_config=SimpleNamespace(intermediate_size=1536),
+# (hidden, layers, heads, kv heads, head size, MLP) as the step-latency model reads a model
+SMOLLM2_135M = (576, 30, 9, 3, 64, 1536)
+LLAMA3_8B = (4096, 32, 32, 8, 128, 14336)
+
+
+def vllm_config(num_spec=NUM_SPEC, async_scheduling=False, max_model_len=256, additional_config=None, shape=SMOLLM2_135M):
+    hidden, layers, heads, kv_heads, head_size, mlp = shape
+    model_config = SimpleNamespace(
+        max_model_len=max_model_len, get_vocab_size=lambda: VOCAB, uses_mrope=False, get_hidden_size=lambda: hidden,
+        get_num_layers=lambda parallel: layers, get_num_attention_heads=lambda parallel: heads,
+        get_num_kv_heads=lambda parallel: kv_heads, get_head_size=lambda: head_size, dtype=torch.bfloat16,
+        hf_text_config=SimpleNamespace(intermediate_size=mlp),
     )
     return SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=num_spec, method="custom_class", model=TREE_PROPOSER),
@@ -97,6 +103,28 @@ def test_tree_size_follows_the_step_time_at_this_batch_size(size):
     assert sizes == ({1: {6}, 64: {1}} if size == "per_batch" else {1: {6}, 64: {6}})
 
 
+def test_lone_request_drafts_past_64_nodes_on_an_8b_model_and_a_batch_small_trees():
+    """Up to 255 draft tokens: on a Llama-3-8B-shaped model (the analytic H100-class step model:
+    x1.07 at 128 tokens) a lone request drafts 128+ nodes, 32 requests a few each."""
+    from tkernels.spec import MAX_TREE_NODES, validate_parents
+
+    proposer, _ = make_tree_proposer(num_spec=MAX_TREE_NODES - 1, shape=LLAMA3_8B)
+    assert len(proposer.shape) >= 2 * MAX_TREE_NODES  # candidates to choose the 256 best from
+    learn(proposer, {t: [(t + r + 1) % VOCAB for r in range(8)] for t in range(VOCAB)})  # every row recycled
+    sizes = {}
+    for batch_size in (1, 32):
+        batch = Batch([[3]] * batch_size)
+        req_ids = [f"r{i}" for i in range(batch_size)]
+        fake_step(proposer, req_ids, [[]] * batch_size)
+        batch.commit([[4]] * batch_size)
+        drafts = proposer.propose([[4]] * batch_size, batch.num_tokens.copy(), batch.token_ids)
+        sizes[batch_size] = {len(d) for d in drafts}
+        parents = proposer.tree_batch.proposed["r0"].parents
+        assert parents.numel() == len(drafts[0]) + 1 <= MAX_TREE_NODES
+        validate_parents(parents)
+    assert min(sizes[1]) >= 127 and max(sizes[32]) <= 16
+
+
 def test_tree_size_option_is_checked():
     with pytest.raises(ValueError, match="tkernels_tree"):
         make_tree_proposer(additional_config={"tkernels_tree": {"size": "huge"}})
@@ -119,8 +147,9 @@ def test_tree_recycles_every_verified_node_including_rejected_branches(rng):
 def test_unsupported_configs_are_refused_when_the_proposer_is_built():
     with pytest.raises(ValueError, match="async scheduling"):
         make_tree_proposer(async_scheduling=True)
-    with pytest.raises(ValueError, match="num_speculative_tokens > 63"):
-        make_tree_proposer(num_spec=64)
+    with pytest.raises(ValueError, match="num_speculative_tokens > 255"):
+        make_tree_proposer(num_spec=256)
+    make_tree_proposer(num_spec=255)
 
 
 def test_patch_fails_loudly_if_vllm_moved_the_method(monkeypatch):
@@ -326,13 +355,13 @@ def test_a_request_with_unusable_logits_fails_alone(monkeypatch, rng):
 # --- inside vLLM ---------------------------------------------------------------------------------
 
 
-def _bench(method: str, model: str, max_tokens: int, rounds: int, cpu_backend: str | None = None):
+def _bench(method: str, model: str, max_tokens: int, rounds: int, cpu_backend: str | None = None, num_spec: int = 4):
     env = dict(os.environ)
     if cpu_backend is not None:
         env["TKERNELS_VLLM_CPU_TEST_BACKEND"] = cpu_backend
     return subprocess.run(
         [sys.executable, "-m", "tkernels.plugins.vllm.speculation_bench", "--method", method, "--raw",
-         "--model", model, "--questions", "2", "--max-tokens", str(max_tokens), "--num-spec-tokens", "4",
+         "--model", model, "--questions", "2", "--max-tokens", str(max_tokens), "--num-spec-tokens", str(num_spec),
          "--rounds", str(rounds)],
         capture_output=True, text=True, timeout=1200, env=env,
     )
@@ -361,6 +390,21 @@ def test_tree_speculation_on_the_tiny_model_with_the_interpreted_kernels():
     with ThreadPoolExecutor(2) as pool:
         plain, tree = pool.map(lambda a: _result(_bench(*a)), [("none", "tiny", 12, 1, None), ("tr-tree", "tiny", 12, 2, "1")])
     _check_lossless_with_accepted_drafts(plain, tree, 12)
+
+
+def test_tree_speculation_with_255_draft_tokens_matches_plain_decoding():
+    """Trees of up to 256 nodes (num_speculative_tokens = 255, the whole budget every step)
+    through the interpreted attention, verification and compaction kernels; a second round of
+    the same questions lets the drafter's trees reach deep. Every output equals plain greedy."""
+    from tkernels.models import tiny_llama_dir
+
+    tiny_llama_dir()
+    with ThreadPoolExecutor(2) as pool:
+        plain, tree = pool.map(lambda a: _result(_bench(*a)),
+                               [("none", "tiny", 24, 1, None), ("tr-tree", "tiny", 24, 2, "1", 255)])
+    _check_lossless_with_accepted_drafts(plain, tree, 24)
+    counters = tree["counters"]
+    assert counters["spec_decode_num_draft_tokens"] / counters["spec_decode_num_drafts"] > 64  # trees past 64 nodes
 
 
 def _load_run(tree: bool) -> dict:
