@@ -9,7 +9,7 @@ class (:class:`TokenRecyclingWorker`, an ``NGRAMWorker``) and verification
 (:mod:`tkernels.plugins.sglang.verify`):
 
 - drafting (:meth:`TokenRecyclingWorker._prepare_draft_tokens`): every request's last committed
-  token is node 0 of a d-node tree (d = ``--speculative-num-draft-tokens``) filled from the
+  token is node 0 of a d-node tree (d = ``--speculative-num-draft-tokens``, at most 256) filled from the
   shared adjacency matrix (:class:`tkernels.spec.TokenRecycling`); the tree is the best d-node
   tree under the hardware-aware policy's live acceptance estimates
   (:class:`tkernels.spec.DynamicTreePolicy`; d is fixed by SGLang's buffers, so the policy picks
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from sglang.srt.speculative.ngram_worker import NGRAMWorker
 
-from tkernels.spec import DynamicTreePolicy, TokenRecycling, ancestor_mask
+from tkernels.spec import MAX_TREE_NODES, DynamicTreePolicy, TokenRecycling, ancestor_mask
 from tkernels.spec.tree_policy import greedy_tree
 
 TOP_K = 8  # adjacency candidates per token (Token Recycling's k)
@@ -38,12 +38,15 @@ class TreeDrafter:
     """Token Recycling drafter with policy-chosen d-node trees, in SGLang's NGRAM format."""
 
     def __init__(self, vocab_size: int, num_nodes: int, k: int = TOP_K, device: torch.device | str = "cpu"):
+        if not 1 <= num_nodes <= MAX_TREE_NODES:
+            raise ValueError(f"--speculative-num-draft-tokens={num_nodes}: tkernels' trees hold 1 to "
+                             f"{MAX_TREE_NODES} nodes")
         self.num_nodes = num_nodes
         self.recycling = TokenRecycling(vocab_size, k, device=device)
-        self.policy = DynamicTreePolicy(k=k)
+        self.policy = DynamicTreePolicy(k=k)  # its default depth builds trees of MAX_TREE_NODES
         if len(self.shape()) != num_nodes:
             raise ValueError(f"--speculative-num-draft-tokens={num_nodes}: the tree policy builds trees of at most "
-                             f"{self.policy.max_depth * k + 1} nodes")
+                             f"{len(self.shape())} nodes with k={k}")
 
     def shape(self):
         return greedy_tree(self.policy.accept_probs(), self.num_nodes)[0]

@@ -45,32 +45,33 @@ def sglang_links(sg, mask, seq_lens, bs, n):
     return out
 
 
+@pytest.mark.parametrize("n", [NODES, 100, 256])
 @pytest.mark.parametrize("bs", [1, 3])
-def test_drafts_are_accepted_by_sglang_reconstruct(sg, rng, bs):
+def test_drafts_are_accepted_by_sglang_reconstruct(sg, rng, bs, n):
     from tkernels.spec import depths
 
-    tree = trained_drafter(sg, rng)
+    tree = trained_drafter(sg, rng, n)
     last = torch.randint(VOCAB, (bs,), generator=rng)
     tokens, mask, parents = tree.draft(last)
-    assert tokens.dtype == torch.int64 and tokens.shape == (bs * NODES,)
-    assert mask.dtype == torch.bool and mask.shape == (bs * NODES * NODES,)
-    assert torch.equal(tokens.view(bs, NODES)[:, 0], last)
+    assert tokens.dtype == torch.int64 and tokens.shape == (bs * n,)
+    assert mask.dtype == torch.bool and mask.shape == (bs * n * n,)
+    assert torch.equal(tokens.view(bs, n)[:, 0], last)
     shape = tree.shape()
     for b in range(bs):  # node i = adjacency[token of parent, rank]
-        row = tokens.view(bs, NODES)[b]
+        row = tokens.view(bs, n)[b]
         assert torch.equal(row[1:], tree.recycling.adjacency[row[shape.parents[1:].long()], shape.ranks[1:].long()].long())
 
     seq_lens = torch.randint(5, 50, (bs,), generator=rng)
-    positions, retrieve_index, next_token, next_sibling = sglang_links(sg, mask, seq_lens, bs, NODES)
-    local = parents.view(bs, NODES)
-    assert torch.equal(positions.view(bs, NODES), seq_lens[:, None] + depths(local[0]).long())
-    assert torch.equal(retrieve_index, torch.arange(bs * NODES))
-    host_next, host_sibling = sg.derive_links(mask.numpy(), bs, NODES)  # NGRAM's host-side links agree
-    assert torch.equal(next_token.view(bs, NODES), host_next) and torch.equal(next_sibling.view(bs, NODES), host_sibling)
+    positions, retrieve_index, next_token, next_sibling = sglang_links(sg, mask, seq_lens, bs, n)
+    local = parents.view(bs, n)
+    assert torch.equal(positions.view(bs, n), seq_lens[:, None] + depths(local[0]).long())
+    assert torch.equal(retrieve_index, torch.arange(bs * n))
+    host_next, host_sibling = sg.derive_links(mask.numpy(), bs, n)  # NGRAM's host-side links agree
+    assert torch.equal(next_token.view(bs, n), host_next) and torch.equal(next_sibling.view(bs, n), host_sibling)
     for b in range(bs):  # links walk exactly the drafted tree
-        for i in range(NODES):
+        for i in range(n):
             children = (local[b] == i).nonzero().flatten().tolist()
-            assert next_token.view(bs, NODES)[b, i] == (children[0] if children else -1)
+            assert next_token.view(bs, n)[b, i] == (children[0] if children else -1)
 
 
 def test_worker_prepares_ngram_format_from_last_tokens(sg, rng):
@@ -135,12 +136,13 @@ def sglang_greedy(sg, verify_input, logits, bs, n):
     return predict, num_correct + 1, accept_index
 
 
+@pytest.mark.parametrize("n", [NODES, 100, 256])
 @pytest.mark.parametrize("bs", [1, 4])
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampling_top_k1"])
-def test_eagle_sample_hook_matches_sglang_and_reference(sg, rng, bs, greedy):
+def test_eagle_sample_hook_matches_sglang_and_reference(sg, rng, bs, greedy, n):
     from tkernels.spec.verify import verify_greedy_reference
 
-    _tree, verify_input, logits = verify_case(sg, rng, bs)
+    _tree, verify_input, logits = verify_case(sg, rng, bs, n)
     # sampling with top_k = 1 is greedy whatever the temperature: same answer, through verify_sampling
     info = sampling_info(bs, greedy=greedy, top_ks=torch.ones(bs, dtype=torch.int32))
     batch = SimpleNamespace(sampling_info=info)
@@ -149,20 +151,20 @@ def test_eagle_sample_hook_matches_sglang_and_reference(sg, rng, bs, greedy):
         original, verify_input, batch, SimpleNamespace(next_token_logits=logits.clone()))
     original.assert_not_called()
     assert (predict.dtype, accept_lens.dtype, accept_index.dtype) == (torch.int32,) * 3
-    assert accept_index.shape == (bs, NODES)
+    assert accept_index.shape == (bs, n)
 
-    want_predict, want_lens, want_index = sglang_greedy(sg, verify_input, logits, bs, NODES)
+    want_predict, want_lens, want_index = sglang_greedy(sg, verify_input, logits, bs, n)
     assert torch.equal(accept_lens, want_lens) and torch.equal(accept_index, want_index)
     assert int(accept_lens.min()) >= 2  # the planted root child is accepted
     assert torch.equal(predict[accept_index.clamp(min=0)], want_predict[want_index.clamp(min=0)])
 
-    cu = torch.arange(0, (bs + 1) * NODES, NODES, dtype=torch.int32)
+    cu = torch.arange(0, (bs + 1) * n, n, dtype=torch.int32)
     tokens, nodes, num = verify_greedy_reference(logits, verify_input.draft_token, verify_input.tkernels_parents, cu)
     assert torch.equal(accept_lens, num)
     for b in range(bs):
-        n = int(num[b])
-        assert torch.equal(accept_index[b, :n] - b * NODES, nodes[b, :n])
-        assert torch.equal(predict[accept_index[b, :n].long()].long(), tokens[b, :n])
+        k = int(num[b])
+        assert torch.equal(accept_index[b, :k] - b * n, nodes[b, :k])
+        assert torch.equal(predict[accept_index[b, :k].long()].long(), tokens[b, :k])
 
 
 def test_sampled_paths_follow_the_tree(sg, rng):

@@ -14,7 +14,7 @@ import torch
 
 pytestmark = pytest.mark.sglang
 
-HEADS, KV_HEADS, HEAD_DIM, SLOTS, MAX_LEN = 4, 2, 32, 512, 160
+HEADS, KV_HEADS, HEAD_DIM, SLOTS, MAX_LEN = 4, 2, 32, 1024, 320
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +126,14 @@ def test_extend_matches_sglang_triton(sg, rng):
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=2e-3)
 
 
-def test_target_verify_tree_matches_sglang_triton(sg, rng):
-    from tkernels.attention.batch import random_parents
+@pytest.mark.parametrize("n", [6, 100, 256])
+def test_target_verify_tree_matches_sglang_triton(sg, rng, n):
+    from tkernels.attention.batch import random_parents, tree_parents
     from tkernels.spec import ancestor_mask
 
     seed = int(torch.randint(2**31, (1,), generator=rng))
-    n, prefix_lens = 6, [9, 40, 1]
-    masks = [ancestor_mask(random_parents(n, rng)) for _ in prefix_lens]
+    prefix_lens = [9, 40, 1]
+    masks = [ancestor_mask(p) for p in (random_parents(n, rng), tree_parents("chain", n, rng), tree_parents("star", n, rng))]
     tree_mask = torch.cat([torch.cat([torch.ones(n, p, dtype=torch.bool), m], 1).flatten() for p, m in zip(prefix_lens, masks)])
     mode = sg.ForwardMode.TARGET_VERIFY
     ours = run(sg, sg.TkernelsAttnBackend, seed, prefix_lens, [n] * 3, mode, tree_mask)
@@ -151,13 +152,14 @@ def test_decode_matches_sglang_triton(sg, rng):
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=2e-3)
 
 
-def test_tree_parents_from_sglang_mask(sg, rng):
-    from tkernels.attention.batch import random_parents
+@pytest.mark.parametrize("n", [7, 65, 256])
+def test_tree_parents_from_sglang_mask(sg, rng, n):
+    from tkernels.attention.batch import TREE_KINDS, tree_parents
     from tkernels.plugins.sglang.attention import tree_parents_from_mask
     from tkernels.spec import ancestor_mask
 
-    n, prefix_lens = 7, torch.tensor([0, 5, 12])
-    parents = [random_parents(n, rng) for _ in prefix_lens]
+    prefix_lens = torch.tensor([0, 5, 12])
+    parents = [tree_parents(kind, n, rng) for kind in TREE_KINDS]
     blocks = [torch.cat([torch.ones(n, int(p), dtype=torch.bool), ancestor_mask(par)], 1).flatten()
               for p, par in zip(prefix_lens, parents)]
     mask_indptr = torch.tensor([0] + [b.numel() for b in blocks]).cumsum(0)
