@@ -52,14 +52,7 @@ SHARED_LIMITS: dict[Any, int] = {90: 232_448, 80: 166_912, "gfx942": 65_536}
 
 # Kernels whose default launches may spill for now, each with the reason; the table still
 # shows their spills. An entry is removed by the change that fixes the kernel.
-SPILL_ALLOWLIST: dict[str, str] = {
-    # spills: issue 16 item 8, being fixed in the 256-node verification rewrite
-    "tkernels.spec.verify:_path_walk_kernel": "issue 16 item 8: 256-node verification rewrite",
-    # 8-16 B at 8 warps: 4 requests x 1024 vocabulary packed (sm_90, Triton 3.6), 1 x 4096 fp32
-    # (sm_80, Triton 3.9); a 2048-element cap spilled more (ptxas then kept 128 registers).
-    # Found by this check (issue 16 item 6); left to the same rewrite of the verification kernels.
-    "tkernels.spec.verify:_rejection_walk_kernel": "issue 16 item 6: 8-16 B; 256-node verification rewrite",
-}
+SPILL_ALLOWLIST: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,7 @@ def _rejection_walk_launches(shared_limit):
     from tkernels.registry import Launch
 
     def launch(dtype, batch, vocab, cfg, candidate):
-        block_b, block_v = _rejection_tiles(batch, vocab, cfg)
+        block_b, block_v = _rejection_tiles(vocab, cfg)
         return Launch(f"{_DTYPES[dtype]} {block_b}x{block_v} w{cfg['num_warps']}", dict(BLOCK_B=block_b, BLOCK_V=block_v),
                       types={"logits_ptr": f"*{_DTYPES[dtype]}"}, options={"num_warps": cfg["num_warps"]},
                       candidate=candidate)
@@ -703,12 +703,12 @@ def _walk_tiles(batch: int, max_children: int) -> tuple[int, int]:
     return min(triton.next_power_of_2(batch), 16), min(triton.next_power_of_2(max(max_children, 1)), 16)
 
 
-def _rejection_tiles(batch: int, vocab: int, cfg: dict) -> tuple[int, int]:
-    """(requests per program, vocabulary tile) of the rejection walk: :func:`_tiles`, at most four
-    requests per program (with more the per-request walk state spills: ptxas, sm_90, 8 warps,
-    8 requests x 256-token tiles 128 B, 64 x 32 228 B; 4 x 1024 none)."""
-    block_b, block_v = _tiles(batch, vocab, cfg)
-    return min(block_b, 4), block_v
+def _rejection_tiles(vocab: int, cfg: dict) -> tuple[int, int]:
+    """(requests per program, vocabulary tile) of the rejection walk: one request per program.
+    Packing requests (possible below 4096 tokens only) lets ptxas trade registers for occupancy
+    and spill (Triton 3.6, 8 warps, fp32: 4 B at 2 x 1024 and 4 x 1024 on sm_90, 12 B at 2 x 512
+    on sm_80)."""
+    return 1, _tiles(1, vocab, cfg)[1]
 
 
 def _walk(node_token, draft_tokens, parents, cu_nodes, shape: _Shape, out) -> None:
@@ -790,7 +790,7 @@ def verify_sampling(
     row_sum = torch.empty(n, dtype=torch.float32, device=device)
     _node_pass(_STATS, logits, inv_temp, thr, uniforms, draft_tokens, row_max, row_sum, cfg)
     scratch = torch.empty((2, batch, vocab), dtype=torch.float32, device=device)
-    block_b, block_v = _rejection_tiles(batch, vocab, cfg)
+    block_b, block_v = _rejection_tiles(vocab, cfg)
     _rejection_walk_kernel[(triton.cdiv(batch, block_b),)](
         logits, logits.stride(0), draft_probs, draft_probs.stride(0), vocab, inv_temp, thr, row_max, row_sum, uniforms,
         scratch[0], scratch[1], *_walk_args(draft_tokens, parents, cu_nodes, shape, out),
