@@ -194,8 +194,8 @@ def _rejection_walk_launches(shared_limit):
     def launch(dtype, batch, vocab, cfg, candidate):
         block_b, block_v = _rejection_tiles(vocab, cfg)
         return Launch(f"{_DTYPES[dtype]} {block_b}x{block_v} w{cfg['num_warps']}", dict(BLOCK_B=block_b, BLOCK_V=block_v),
-                      types={"logits_ptr": f"*{_DTYPES[dtype]}"}, options={"num_warps": cfg["num_warps"]},
-                      candidate=candidate)
+                      types={"logits_ptr": f"*{_DTYPES[dtype]}"},
+                      options={"num_warps": cfg["num_warps"], **_REJECTION_MAXNREG}, candidate=candidate)
 
     for dtype in _DTYPES:
         for batch, vocab in _CHECK_SHAPES:
@@ -704,11 +704,18 @@ def _walk_tiles(batch: int, max_children: int) -> tuple[int, int]:
 
 
 def _rejection_tiles(vocab: int, cfg: dict) -> tuple[int, int]:
-    """(requests per program, vocabulary tile) of the rejection walk: one request per program.
-    Packing requests (possible below 4096 tokens only) lets ptxas trade registers for occupancy
-    and spill (Triton 3.6, 8 warps, fp32: 4 B at 2 x 1024 and 4 x 1024 on sm_90, 12 B at 2 x 512
-    on sm_80)."""
+    """(requests per program, vocabulary tile) of the rejection walk: one request per program
+    (packed requests, possible below 4096 tokens only, spill: Triton 3.6, 8 warps, fp32, 4 B at
+    2 x 1024 and 4 x 1024 on sm_90, 12 B at 2 x 512 on sm_80)."""
     return 1, _tiles(1, vocab, cfg)[1]
+
+
+# Left to itself ptxas squeezes the rejection walk into fewer registers than it needs, for
+# occupancy, and spills 4-24 B (Triton 3.6 sm_90 fp32 1 x 2048: 80 registers, 24 B; Triton 3.9
+# sm_80 1 x 4096: 128, 8 B). Allowing it 255 (Triton's ``maxnreg``, NVIDIA only) it takes
+# 96-222 registers and spills nothing at 1024-4096-token tiles, sm_80 and sm_90. One program per
+# request, a few per SM: the occupancy it gives up is not used anyway.
+_REJECTION_MAXNREG = {"maxnreg": 255}
 
 
 def _walk(node_token, draft_tokens, parents, cu_nodes, shape: _Shape, out) -> None:
@@ -795,6 +802,7 @@ def verify_sampling(
         logits, logits.stride(0), draft_probs, draft_probs.stride(0), vocab, inv_temp, thr, row_max, row_sum, uniforms,
         scratch[0], scratch[1], *_walk_args(draft_tokens, parents, cu_nodes, shape, out),
         BLOCK_B=block_b, BLOCK_V=block_v, num_warps=cfg["num_warps"],
+        **(_REJECTION_MAXNREG if device.type == "cuda" and torch.version.hip is None else {}),
     )
     greedy_requests = _greedy_requests(temperature, top_k)
     if bool(greedy_requests.any()):
