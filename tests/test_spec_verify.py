@@ -611,6 +611,23 @@ def test_non_finite_logits_are_a_clear_error(rng, where):
         assert isinstance(info.value, ValueError) and info.value.requests == [2]
 
 
+@pytest.mark.parametrize("vocab", [40, 5000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_greedy_finiteness_check_reads_the_argmax_pass_row_max(rng, vocab, dtype):
+    """verify_greedy checks finiteness on its argmax pass's row maxima (no second pass over the
+    logits): equal to torch's amax, NaN included, for packed rows (small vocabulary) and rows
+    spanning several vocabulary tiles (the bad entry in a later tile)."""
+    logits = (torch.randn(9, vocab, generator=rng) * 3).to(dtype)
+    logits[1, vocab - 3] = float("nan")
+    logits[4, vocab - 2] = float("inf")
+    logits[6] = float("-inf")
+    token = torch.empty(9, dtype=torch.int64)
+    row_max = V._argmax_pass(logits, token, V.launch_config(vocab))
+    torch.testing.assert_close(row_max, logits.amax(-1).float(), equal_nan=True)
+    ok = torch.isfinite(row_max)
+    assert torch.equal(token[ok], logits[ok].float().argmax(-1))
+
+
 def test_minus_inf_logits_are_masks(rng):
     trees = [random_parents(n, rng) for n in (5, 1, 8, 3)]
     logits, tokens, parents, cu = make_batch(trees, 32, rng)

@@ -50,8 +50,9 @@ Kernels take several rows (nodes) or requests per program when the vocabulary is
 when it is large. Launch parameters (:data:`DEFAULT_CONFIG`: the vocabulary tile ``block_v`` and
 ``num_warps``) come from the GPU's config file (``tkernels autotune``
 tunes them per vocabulary size, bucket key ``vocab``) or the ``config`` argument. Cost: one pass
-over the vocabulary per node for the argmax (greedy) or for the max/sum-exp normaliser (sampling), plus an inverse-CDF pass that stops at the sampled token, plus one
-torch row-max pass over the logits for the finiteness check above; no [N, V]
+over the vocabulary per node for the argmax (greedy) or for the max/sum-exp normaliser (sampling),
+plus an inverse-CDF pass that stops at the sampled token; the finiteness check above reads the
+argmax pass's row maxima (greedy) or one torch row-max pass (sampling); no [N, V]
 probability tensor is ever materialised by the kernels. Top-k/top-p thresholds are computed in
 torch before the kernels with one descending sort of the fp32 logits ([N, V] values and
 indices: memory!) and only when ``top_k``/``top_p`` are given; a token is kept iff its logit is
@@ -219,7 +220,7 @@ def _node_pass_kernel(
     logits_ptr, stride_row, N, V, inv_temp_ptr, thr_ptr, uniform_ptr, token_ptr, max_ptr, sum_ptr,
     MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # BLOCK_R tree nodes (rows of logits) per program. MODE 0: argmax -> token. MODE 1: max and
+    # BLOCK_R tree nodes (rows of logits) per program. MODE 0: argmax -> token, row max -> max. MODE 1: max and
     # sum-exp of the processed distribution -> max/sum. MODE 2: inverse-CDF draw with the
     # node's column-1 uniform -> token.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -229,15 +230,20 @@ def _node_pass_kernel(
     if MODE == 0:
         best = tl.full([BLOCK_R, BLOCK_V], float("-inf"), tl.float32)
         best_idx = tl.zeros([BLOCK_R, BLOCK_V], tl.int32) + offs
+        nan_seen = tl.zeros([BLOCK_R], tl.int32)
         for v0 in range(0, V, BLOCK_V):
             o = v0 + offs
             x = tl.load(logits_ptr + l_off[:, None] + o, mask=live[:, None] & (o < V), other=float("-inf")).to(tl.float32)
-            better = x > best  # strict: each lane keeps its first maximum
+            better = x > best  # strict: each lane keeps its first maximum (and never a NaN)
             best_idx = tl.where(better, o, best_idx)
             best = tl.where(better, x, best)
+            nan_seen = tl.maximum(nan_seen, tl.max((x != x).to(tl.int32), 1))
         top = tl.max(best, 1)
         token = tl.min(tl.where(best == top[:, None], best_idx, V), 1)
         tl.store(token_ptr + rows, token.to(tl.int64), mask=live)
+        # the row max as torch's amax has it (NaN if any logit is NaN): the finiteness check
+        # reads it instead of a second pass over the logits
+        tl.store(max_ptr + rows, tl.where(nan_seen > 0, float("nan"), top), mask=live)
     else:
         inv_temp = tl.load(inv_temp_ptr + rows, mask=live, other=1.0)
         thr = tl.load(thr_ptr + rows, mask=live, other=0.0)
@@ -435,8 +441,11 @@ class _Shape(NamedTuple):
     row_max: torch.Tensor  # float32[total_nodes]: every node's largest logit (finite)
 
 
-def _check_tree_batch(logits, draft_tokens, parents, cu_nodes) -> _Shape:
-    """Validate the common inputs; return the output width and the per-tree size bounds."""
+def _check_tree_batch(logits, draft_tokens, parents, cu_nodes, row_max_pass=None) -> _Shape:
+    """Validate the common inputs; return the output width and the per-tree size bounds.
+    ``row_max_pass``: a callable launching a pass over the (shape-checked) logits that returns
+    every node's largest logit, float32[total_nodes] with NaN for rows holding one (the argmax
+    pass of :func:`verify_greedy`); default a torch ``amax``."""
     for name, t in (("logits", logits), ("draft_tokens", draft_tokens), ("parents", parents), ("cu_nodes", cu_nodes)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -466,7 +475,7 @@ def _check_tree_batch(logits, draft_tokens, parents, cu_nodes) -> _Shape:
         validate_parents(parents, cu_nodes)  # raises: requests without nodes
     # One device-to-host copy (a few KB) of the tree, the token range and the number of nodes
     # whose largest logit is not finite (NaN propagates through amax; +inf and all -inf show).
-    row_max = logits.amax(-1).float()
+    row_max = logits.amax(-1).float() if row_max_pass is None else row_max_pass()
     lo_hi = torch.stack(torch.aminmax(draft_tokens))
     bad_rows = (~torch.isfinite(row_max)).sum()[None]
     host = torch.cat([parents.long(), cu_nodes.long(), lo_hi, bad_rows]).cpu()
@@ -676,6 +685,14 @@ def _node_pass(mode: int, logits, inv_temp, thr, uniforms, token, row_max, row_s
     )
 
 
+def _argmax_pass(logits, node_token, cfg: dict) -> torch.Tensor:
+    """Every node's first maximal token into ``node_token``; returns the rows' largest logits
+    (float32[total_nodes], NaN where a row holds one)."""
+    row_max = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    _node_pass(_ARGMAX, logits, logits, logits, logits, node_token, row_max, logits, cfg)
+    return row_max
+
+
 def _children(parents: torch.Tensor, cu_nodes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every node's first child (global index; ``total_nodes`` if it has none) and its number of
     children, int64[total_nodes] each, on the trees' device and without a host sync. BFS
@@ -735,15 +752,18 @@ def verify_greedy(logits: torch.Tensor, draft_tokens: torch.Tensor, parents: tor
     """Greedy tree verification -> (accepted_tokens int64[B, W], accepted_nodes int32[B, W],
     num_accepted int32[B]), W = max depth + 1. Chains are trees with parents[i] = i - 1.
     ``config``: launch parameters overriding the tuned ones (see :func:`launch_config`)."""
-    shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
-    cfg = launch_config(logits.shape[1], config)
+    node_token = []
+
+    def argmax_pass() -> torch.Tensor:  # runs before the host sync that checks its row maxima
+        node_token.append(torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device))
+        return _argmax_pass(logits, node_token[0], launch_config(logits.shape[1], config))
+
+    shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes, argmax_pass)
     batch = cu_nodes.numel() - 1
     out = _empty_outputs(batch, shape.width, logits.device)
     if batch == 0:
         return out
-    node_token = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    _node_pass(_ARGMAX, logits, logits, logits, logits, node_token, logits, logits, cfg)
-    _walk(node_token, draft_tokens, parents, cu_nodes, shape, out)
+    _walk(node_token[0], draft_tokens, parents, cu_nodes, shape, out)
     return out
 
 
@@ -809,7 +829,7 @@ def verify_sampling(
         # The rejection walk keeps every tied maximum of a greedy node (p uniform over them);
         # with p one-hot at the first maximum it is the greedy walk, so run that for those rows.
         node_token = torch.empty(n, dtype=torch.int64, device=device)
-        _node_pass(_ARGMAX, logits, logits, logits, logits, node_token, logits, logits, cfg)
+        _argmax_pass(logits, node_token, cfg)
         greedy_out = _empty_outputs(batch, shape.width, device)
         _walk(node_token, draft_tokens, parents, cu_nodes, shape, greedy_out)
         out = tuple(torch.where(greedy_requests.view(-1, *[1] * (o.dim() - 1)), g, o) for g, o in zip(greedy_out, out))
