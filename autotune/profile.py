@@ -271,9 +271,9 @@ def _attention_runner(case: AttentionCase, shape: ModelShape, dtype, device) -> 
         try:
             plan = plan_mixed_attention(
                 cu_seqlens_q, seq_lens, block_table, num_q_heads=shape.num_q_heads, num_kv_heads=shape.num_kv_heads,
-                head_dim=shape.head_dim, num_blocks=k_cache.shape[0], block_size=BLOCK_SIZE,
+                head_dim=shape.head_dim, num_blocks=k_cache.shape[0], block_size=BLOCK_SIZE, dtype=dtype,
                 # Candidates overlay the built-in defaults, never a tuned file already in use.
-                config={**default_config(shape.head_dim), **config},
+                config={**default_config(shape.head_dim, dtype), **config},
             )
             out = mixed_attention(*batch.inputs(), plan=plan)
             error = float((out.float() - reference).norm() / reference.norm())
@@ -476,7 +476,7 @@ def profile_step(decoder: RandomDecoder, point: StepPoint, dtype, device: str) -
     slots = torch.cat(list(_new_token_slots(batch.block_table, q_lens, seq_lens))).to(device)
     plan = plan_mixed_attention(batch.cu_seqlens_q, batch.seq_lens, batch.block_table, num_q_heads=s.num_q_heads,
                                 num_kv_heads=s.num_kv_heads, head_dim=s.head_dim, num_blocks=batch.k_cache.shape[0],
-                                block_size=BLOCK_SIZE, **batch.tree_kwargs())
+                                block_size=BLOCK_SIZE, dtype=dtype, **batch.tree_kwargs())
     attn_args = dict(block_table=batch.block_table, cu_seqlens_q=batch.cu_seqlens_q, seq_lens=batch.seq_lens,
                      plan=plan, **batch.tree_kwargs())
     x = torch.randn(point.tokens, s.hidden_size, device=device).to(dtype)

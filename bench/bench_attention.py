@@ -56,7 +56,8 @@ def _tkernels(w: workloads.Workload, builtin_defaults: bool = False):
     num_blocks, block_size, num_kv_heads, head_dim = b.k_cache.shape
     plan = plan_mixed_attention(b.cu_seqlens_q, b.seq_lens, b.block_table, num_q_heads=b.q.shape[1],
                                 num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=num_blocks,
-                                block_size=block_size, config=default_config(head_dim) if builtin_defaults else None,
+                                block_size=block_size, dtype=b.q.dtype,
+                                config=default_config(head_dim, b.q.dtype) if builtin_defaults else None,
                                 **b.tree_kwargs())
     out = torch.empty_like(b.q)
     return lambda: mixed_attention(*b.inputs(), out=out, plan=plan, **b.tree_kwargs())

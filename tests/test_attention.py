@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention
 from tkernels.attention.batch import TREE_KINDS, random_paged_batch, random_parents, tree_parents
-from tkernels.attention.mixed_attention import MAX_TREE_NODES
+from tkernels.attention.mixed_attention import MAX_TREE_NODES, default_config
 from tkernels.spec.tree import validate_parents
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=3e-3, rtol=1e-2)}
@@ -248,6 +248,26 @@ def test_bad_tree_size_and_stale_plan(rng):
     with pytest.raises(ValueError, match="^config"):
         plan_mixed_attention(batch.cu_seqlens_q, batch.seq_lens, batch.block_table, num_q_heads=8, num_kv_heads=2,
                              head_dim=32, num_blocks=batch.k_cache.shape[0], block_size=16, config={"block_m": 3})
+    with pytest.raises(ValueError, match="^dtype"):
+        plan_mixed_attention(batch.cu_seqlens_q, batch.seq_lens, batch.block_table, num_q_heads=8, num_kv_heads=2,
+                             head_dim=32, num_blocks=batch.k_cache.shape[0], block_size=16, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fp32_inputs_plan_smaller_tiles_and_match_the_reference(rng, head_dim):
+    """fp32 K/V tiles need twice the registers: the planner takes the dtype (mixed_attention
+    passes q's) and plans the fp32 default tiles, which compile without spills (compile check)."""
+    batch = make([80, 1, 5], [300, 70, 9], rng, head_dim=head_dim, dtype=torch.float32, trees=[False, False, True])
+    kw = dict(num_q_heads=batch.q.shape[1], num_kv_heads=batch.k_cache.shape[2], head_dim=head_dim,
+              num_blocks=batch.k_cache.shape[0], block_size=batch.k_cache.shape[1], **batch.tree_kwargs())
+    fp32 = plan_mixed_attention(batch.cu_seqlens_q, batch.seq_lens, batch.block_table, dtype=torch.float32, **kw)
+    half = plan_mixed_attention(batch.cu_seqlens_q, batch.seq_lens, batch.block_table, dtype=torch.float16, **kw)
+    assert fp32.config["prefill_block_m"] < half.config["prefill_block_m"]
+    assert fp32.config["prefill_block_m"] == default_config(head_dim, torch.float32)["prefill_block_m"]
+    ref = mixed_attention_reference(*batch.inputs(), **batch.tree_kwargs())
+    for plan in (fp32, None):  # None: mixed_attention plans with q's dtype
+        out = mixed_attention(*batch.inputs(), plan=plan, **batch.tree_kwargs())
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu

@@ -66,7 +66,6 @@ def test_compile_check_fails_on_a_default_launch_that_spills():
     (False, False, 16, 1000, None, 90, "default launch spills 16 B"),
     (True, False, 16, 1000, None, 90, None),  # a candidate's spills are reported, not failed
     (False, True, 16, 1000, None, 90, None),  # the allowlist, with its reason in the table
-    ("fp32", False, 16, 1000, None, 90, None),  # a launch that says why it may spill
     (True, False, 0, 232_449, None, 90, "shared 232449 B > 232448 B"),
     (True, False, 0, 166_913, None, 80, "shared 166913 B > 166912 B"),
     (True, False, 0, 70_000, 65_536, 90, "autotune's estimate 65536 B"),
@@ -76,8 +75,7 @@ def test_what_fails_the_check(monkeypatch, candidate, allowlisted, spills, share
     registry.load_all()
     if allowlisted:
         monkeypatch.setitem(registry.SPILL_ALLOWLIST, key, "being fixed elsewhere")
-    launch = registry.Launch("x", {}, candidate=candidate is True, shared_bound=bound,
-                             spills_allowed="fp32 tiles" if candidate == "fp32" else "")
+    launch = registry.Launch("x", {}, candidate=candidate, shared_bound=bound)
     compiled = registry.Compiled(128, spills, shared, 0.0)
     monkeypatch.setattr(registry, "compile_entry", lambda entry, target, launch: compiled)
     row = registry.check(registry.Row(key, launch, ("cuda", arch, 32)))

@@ -11,9 +11,8 @@ the modules to import to see them all.
 [--jobs=N] [--fail-fast] [MODULE | MODULE:KERNEL ...]`` compiles each launch for each of
 ``--targets`` (no GPU needed: codegen up to PTX/cubin and AMDGCN/HSACO runs on the CPU), prints a table (kernel, launch, target, registers, spill bytes,
 shared bytes) and exits non-zero when a compile fails, a default launch spills registers on a
-CUDA target (except the kernels in :data:`SPILL_ALLOWLIST` and launches that say why they may,
-``Launch.spills_allowed``), or any launch needs more shared
-memory than the target has (:data:`SHARED_LIMITS`). Registers and spills come from ptxas's own
+CUDA target (except the kernels in :data:`SPILL_ALLOWLIST`, each with its reason; empty at
+present), or any launch needs more shared memory than the target has (:data:`SHARED_LIMITS`). Registers and spills come from ptxas's own
 report of the compile (``-v``, which Triton passes), shared memory from the compiled metadata.
 It must run without ``TRITON_INTERPRET`` so that ``@triton.jit`` yields compilable functions:
 the tests call it in a subprocess. Without ``--candidates`` only the default launches compile.
@@ -64,8 +63,7 @@ class Launch:
     ``options``: compile options the launcher passes (``num_warps``, ``num_stages``);
     ``candidate``: an autotune candidate rather than a default (its spills are reported, not
     failed); ``shared_bound``: the bytes of shared memory autotune's pruning estimate allows
-    (checked to be at least what the compiler allocates); ``spills_allowed``: why this default
-    launch's spills are reported, not failed (empty: they fail the check).
+    (checked to be at least what the compiler allocates).
     """
 
     label: str
@@ -74,7 +72,6 @@ class Launch:
     options: dict[str, int] = field(default_factory=dict)
     candidate: bool = False
     shared_bound: int | None = None
-    spills_allowed: str = ""
 
 
 # launches(shared_limit) -> the kernel's launches; candidates the estimate prunes for a target
@@ -198,7 +195,7 @@ def check(row: Row) -> Row:
         row.problems.append(f"shared {c.shared_bytes} B > {limit} B")
     if launch.shared_bound is not None and c.shared_bytes > launch.shared_bound:
         row.problems.append(f"shared {c.shared_bytes} B > autotune's estimate {launch.shared_bound} B")
-    if c.spill_bytes and not launch.candidate and not launch.spills_allowed and row.key not in SPILL_ALLOWLIST:
+    if c.spill_bytes and not launch.candidate and row.key not in SPILL_ALLOWLIST:
         row.problems.append(f"default launch spills {c.spill_bytes} B")
     return row
 
@@ -236,7 +233,7 @@ def _print_row(row: Row) -> None:
     kind = "candidate" if row.launch.candidate else "default"
     note = "; ".join(row.problems) + (f" ({row.error})" if row.error else "")
     if not row.problems and c and c.spill_bytes and not row.launch.candidate:
-        note = f"allowed: {row.launch.spills_allowed or SPILL_ALLOWLIST[row.key]}"
+        note = f"allowed: {SPILL_ALLOWLIST[row.key]}"
     print(f"{status:<5} {row.key.split(':')[1]:<30} {row.launch.label:<44} {kind:<9} {row.target[0]}:{row.target[1]:<7} "
           f"{regs:>4} {spill:>6} {shared:>7}  {note}", flush=True)
 

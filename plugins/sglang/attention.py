@@ -102,7 +102,7 @@ class TkernelsAttnBackend(TritonAttnBackend):
             plan = plan_mixed_attention(
                 cu_seqlens_q, seq_lens, table, num_q_heads=q.shape[1], num_kv_heads=k_buffer.shape[1],
                 head_dim=q.shape[2], num_blocks=k_buffer.shape[0], block_size=1, num_tokens=q.shape[0],
-                tree_parents=parents, is_tree=is_tree)
+                tree_parents=parents, is_tree=is_tree, dtype=q.dtype)
             self.plans[key] = (table, seq_lens, plan)
         table, seq_lens, plan = self.plans[key]
         k_cache, v_cache = (buf.view(buf.shape[0], 1, *buf.shape[1:]) for buf in (k_buffer, v_buffer))

@@ -92,6 +92,7 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         self.head_dim = kv_cache_spec.head_size
         self.block_size = kv_cache_spec.block_size
+        self.dtype = kv_cache_spec.dtype  # the cache's element type picks the default tiles
         self.layers = list(get_layers_from_vllm_config(vllm_config, Attention, layer_names).values())
         # Layers sharing a KV-cache group may still differ in window (e.g. Gemma-3 without the
         # hybrid KV-cache manager); each window gets its own plan.
@@ -109,6 +110,7 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
                 m.query_start_loc, m.seq_lens, m.block_table_tensor, num_q_heads=self.num_q_heads,
                 num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, num_blocks=num_blocks,
                 block_size=self.block_size, tree_parents=tree_parents, is_tree=is_tree, window=window,
+                dtype=self.dtype,
             )
             for window in self.windows
         }

@@ -84,8 +84,15 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-def default_config(head_dim: int) -> dict[str, Any]:
-    """:data:`DEFAULT_CONFIG` adjusted to the head size (register budget of one tile)."""
+def default_config(head_dim: int, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """:data:`DEFAULT_CONFIG` adjusted to the head size and the input dtype (register budget of
+    one tile; ``dtype`` None: 16-bit inputs)."""
+    if dtype == torch.float32 and head_dim <= 128:
+        # fp32 K/V tiles take twice the registers: the 16-bit tiles spill on sm_80 (Triton 3.6:
+        # 544-680 B at head_dim 64 and 128, 112 B on sm_90 at 64 with trees); these do not.
+        tiles = (64, 32) if head_dim <= 64 else (32, 32)
+        return {**DEFAULT_CONFIG, "prefill_block_m": tiles[0], "prefill_block_n": tiles[1],
+                "decode_block_m": tiles[0], "decode_block_n": tiles[1]}
     if head_dim <= 64:
         return {**DEFAULT_CONFIG, "prefill_block_n": 64, "decode_block_n": 64}
     if head_dim > 128:
@@ -241,7 +248,7 @@ def compile_launch(config: dict[str, Any], head_dim: int, dtype: torch.dtype, q_
     from tkernels.registry import Launch
 
     q_len = torch.tensor(q_lens)
-    cfg = _launch_config(_CHECK_GROUP, head_dim, 16, q_len, {**default_config(head_dim), **config})
+    cfg = _launch_config(_CHECK_GROUP, head_dim, 16, q_len, dtype, {**default_config(head_dim, dtype), **config})
     _one_class_tiles(cfg, {PREFILL if q > cfg["decode_max_q"] else DECODE for q in q_lens})
     tensor = f"*{_DTYPES[dtype]}"
     return Launch(
@@ -255,7 +262,6 @@ def compile_launch(config: dict[str, Any], head_dim: int, dtype: torch.dtype, q_
         options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
         candidate=candidate,
         shared_bound=shared_memory_estimate(cfg, head_dim) if candidate else None,
-        spills_allowed="fp32 attention: tiles are sized for fp16/bf16" if dtype == torch.float32 else "",
     )
 
 
@@ -448,14 +454,18 @@ def plan_mixed_attention(
     config: dict[str, Any] | None = None,
     num_sms: int | None = None,
     num_tokens: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> MixedAttentionPlan:
     """Validate the batch description and schedule it (one host read of the small index tensors).
 
-    ``config`` overrides entries of the tuned/default launch config; ``num_sms`` overrides the
+    ``config`` overrides entries of the tuned/default launch config; ``dtype`` (q/K/V's element
+    type; None: 16-bit) picks the default tiles (:func:`default_config`); ``num_sms`` overrides the
     SM count used to decide split-KV (default: the current GPU's, else 132); ``num_tokens``
     (q's length) is checked against ``cu_seqlens_q``.
     """
     _check_int_vector(cu_seqlens_q, "cu_seqlens_q")
+    if dtype is not None and dtype not in _DTYPES:
+        _fail("dtype", f"must be None, torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
     if cu_seqlens_q.numel() < 1:
         _fail("cu_seqlens_q", "must have B + 1 >= 1 entries")
     B = cu_seqlens_q.numel() - 1
@@ -530,7 +540,7 @@ def plan_mixed_attention(
             ancestors[tree_token] = ancestor_bits(parents, cu_trees, words)
             positions[tree_token] = prefix[token_req][tree_token] + depths(parents, cu_trees).long()
 
-    cfg = _launch_config(num_q_heads // num_kv_heads, head_dim, block_size, q_len, config)
+    cfg = _launch_config(num_q_heads // num_kv_heads, head_dim, block_size, q_len, dtype, config)
     items, merge, ws_rows = _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, num_q_heads // num_kv_heads,
                                       window, num_sms or _num_sms(device))
     _one_class_tiles(cfg, set(items[:, 2].tolist()))
@@ -553,9 +563,11 @@ def _num_sms(device: torch.device) -> int:
     return _DUMMY_SMS
 
 
-def _launch_config(group: int, head_dim: int, block_size: int, q_len: torch.Tensor, override: dict | None) -> dict[str, Any]:
+def _launch_config(group: int, head_dim: int, block_size: int, q_len: torch.Tensor, dtype: torch.dtype | None,
+                   override: dict | None) -> dict[str, Any]:
+    # A tuned bucket (measured in bf16) replaces the defaults for every dtype.
     cfg = launch_config("mixed_attention", {"head_dim": head_dim, "group": group, "block_size": block_size},
-                        default_config(head_dim), override)
+                        default_config(head_dim, dtype), override)
     min_rows = triton.next_power_of_2(group)
     cfg["prefill_block_m"] = max(cfg["prefill_block_m"], min_rows)
     # A decode tile only needs as many rows as the longest decode/tree query fills (>= 16 for tl.dot).
@@ -663,7 +675,7 @@ def mixed_attention(
         plan = plan_mixed_attention(
             cu_seqlens_q, seq_lens, block_table, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D,
             num_blocks=num_blocks, block_size=block_size, tree_parents=tree_parents, is_tree=is_tree, window=window,
-            num_tokens=T,
+            num_tokens=T, dtype=q.dtype,
         )
     else:
         if (plan.num_tokens, plan.batch, plan.num_q_heads, plan.num_kv_heads) != (T, cu_seqlens_q.numel() - 1, Hq, Hkv):
