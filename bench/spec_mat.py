@@ -7,17 +7,26 @@ prefix + depth under a 4-D tree attention mask over the KV cache; after greedy v
 (:func:`tkernels.spec.verify.verify_greedy_reference`) the accepted path's K/V is kept and the
 rest dropped, and the bonus token becomes the next root.
 
-MAT = mean accepted tokens per verify step, bonus counted (= tokens generated / target forward
-passes after the prefill; a step with no draft counts 1). Each speculative output is compared
-token-for-token with plain greedy decoding (``equal``). Drafters keep their state (TR's
-adjacency matrix, the dynamic policy's estimates) across the questions of a run, which go
-round-robin over the categories (file order within each) and share one prefill per question.
+MAT (mean accepted tokens per target forward) = tokens the user receives (the first from the
+prefill's forward, then every verify step's accepted drafts and bonus, up to the cap or EOS) /
+target forwards that produced them (the prefill + every verify step; a step with no draft gives
+one token), summed over questions; the vLLM speculation bench
+(:mod:`tkernels.plugins.vllm.speculation_bench`) counts the same way. Each speculative output is
+compared token-for-token with plain greedy decoding (``equal``). Drafters keep their state (TR's
+adjacency matrix, the policies' estimates) across the questions of a run, which go round-robin
+over the categories (file order within each) and share one prefill per question.
 
-Methods: ``pld``; ``tr_static:N`` (the static template's first N nodes); ``tr_dynamic:N`` (every
-request's own best N-node tree by calibrated confidence); ``tr_dynamic:N@B`` (at most N nodes,
-as many as pay for their H100 step time in a batch of B). Besides MAT, every record predicts
-H100 tokens/s per request at batch sizes 1/8/32/64: accepted tokens over the summed step times
-of :data:`H100` for B times each step's tree (every request of the batch drafting like this one).
+Methods: ``pld``; ``tr_static:N`` (the static template's first N nodes; past 80 nodes a wider
+template of the same rule, :func:`tkernels.spec.drafters.static_template`); ``tr_dynamic:N``
+(every request's own best N-node tree by calibrated confidence); ``tr_dynamic:N@B`` (at most N
+nodes, as many as pay for their H100 step time in a batch of B). Besides MAT, every record
+predicts tokens/s per request on an H100 and an H200 at batch sizes 1/8/32/64 from the
+step-latency model (:data:`STEP_MODELS`): tokens received after the prefill's over the summed
+predicted times of the verify steps, each of B times its tree's nodes (every request of the
+batch drafting like this one).
+
+Results keep every method's per-question raw counts, so runs of different methods in parallel
+processes merge (``--merge``) and an interrupted run resumes (``--resume``) at method granularity.
 
     python bench/spec_mat.py --questions-per-category 4 --max-new-tokens 128
     python bench/spec_mat.py --methods pld,tr_static:80,tr_dynamic:80,tr_dynamic:80@32
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -36,11 +46,12 @@ from pathlib import Path
 
 import torch
 
-from tkernels.data import SPECBENCH_DEV, specbench_dev
+from tkernels.data import SPECBENCH_DEV, Question, specbench_dev
 from tkernels.sched.latency_model import DEFAULT_RATES, LLAMA3_8B, LatencyModel
+from tkernels.spec.drafters import static_template
 from tkernels.spec.ngram import propose_ngram
 from tkernels.spec.token_recycling import TokenRecycling
-from tkernels.spec.tree import ancestor_mask, depths, select_subtree, token_recycling_template
+from tkernels.spec.tree import ancestor_mask, depths, select_subtree
 from tkernels.spec.tree_policy import ConfidenceTreePolicy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,9 +59,14 @@ DEFAULT_DATA = SPECBENCH_DEV
 DEFAULT_OUT = REPO / "bench/results/spec_mat_smollm2.json"
 DEFAULT_METHODS = ("pld,tr_static:4,tr_static:8,tr_static:16,tr_static:32,tr_static:64,tr_static:80,tr_dynamic:16,"
                    "tr_dynamic:32,tr_dynamic:64,tr_dynamic:80,tr_dynamic:80@1,tr_dynamic:80@8,tr_dynamic:80@32,tr_dynamic:80@64")
-# Predicted tokens/s: MAT over the step time of the analytic H100 model (Llama-3-8B target) at
-# these batch sizes, every request of the batch drafting like the measured one.
+# Predicted tokens/s per request: tokens over the step times of a Llama-3-8B target at these batch
+# sizes, every request of the batch drafting like the measured one. H100: the analytic default
+# rates. H200: the same chip's compute with HBM3e weight/KV bandwidth (4.3 / 3.6 TB/s effective,
+# the H100 default's 90% / 75% of 4.8 TB/s); it predicts x1.14 at 128 and x1.30 at 192 batch
+# tokens over one token, against x1.12 / x1.31 measured on an H200 (issue 15).
 H100 = LatencyModel(LLAMA3_8B, DEFAULT_RATES)
+H200 = LatencyModel(LLAMA3_8B, dataclasses.replace(DEFAULT_RATES, weight_gbps=4300.0, kv_gbps=3600.0))
+STEP_MODELS = {"H100": H100, "H200": H200}
 PREDICTED_BATCHES = (1, 8, 32, 64)
 
 
@@ -73,14 +89,14 @@ class PromptLookup:
 
 
 class RecyclingStatic:
-    """Token Recycling on the static 80-node template's first ``nodes`` nodes (BFS order)."""
+    """Token Recycling on the static template's first ``nodes`` nodes (BFS order)."""
 
     method, batch = "tr_static", None
 
     def __init__(self, vocab_size: int, nodes: int):
         self.recycling = TokenRecycling(vocab_size)
         self.nodes = nodes
-        self.shape = token_recycling_template().truncate(nodes)
+        self.shape = static_template(nodes)
 
     def draft(self, history: torch.Tensor):
         return self.recycling.draft(history[-1:], self.shape)
@@ -159,13 +175,16 @@ def _keep_kv(cache, prefix_len: int, keep: torch.Tensor) -> None:
 
 @torch.no_grad()
 def speculative_decode(model, prompt: torch.Tensor, prefilled, max_new_tokens: int, eos: set[int], drafter):
-    """Greedy speculative decoding; returns (tokens, accepted tokens, every verify step's tree nodes)."""
+    """Greedy speculative decoding; returns (tokens, every verify step's tree nodes).
+
+    ``tokens`` are what the user receives: the prefill's token, then each step's accepted drafts
+    and bonus up to ``max_new_tokens`` or EOS (a step's tokens past either are dropped)."""
     from tkernels.spec.verify import verify_greedy, verify_greedy_reference
 
     cache, first = copy.deepcopy(prefilled[0]), prefilled[1]
     tokens = [first]
     history = torch.cat([prompt, torch.tensor(tokens)])
-    accepted, step_nodes = 0, []
+    step_nodes = []
     while len(tokens) < max_new_tokens and tokens[-1] not in eos:
         draft_tokens, parents, cu_nodes = drafter.draft(history)
         n, prefix_len = draft_tokens.numel(), cache.get_seq_length()
@@ -188,23 +207,21 @@ def speculative_decode(model, prompt: torch.Tensor, prefilled, max_new_tokens: i
             path_tokens = torch.cat([draft_tokens[:1], accepted_tokens[0, :num]])  # root, accepted, bonus
         drafter.observe(logits, draft_tokens, path_tokens, path_nodes)
         _keep_kv(cache, prefix_len, path_nodes)
-        committed = path_tokens[1:].tolist()
-        accepted += len(committed)
         step_nodes.append(n)
-        for token in committed:
+        for token in path_tokens[1:].tolist():
             if len(tokens) < max_new_tokens and tokens[-1] not in eos:
                 tokens.append(token)
         history = torch.cat([history, path_tokens[1:]])
-    return tokens, accepted, step_nodes
+    return tokens, step_nodes
 
 
 # --- workload and report --------------------------------------------------------------------
 
 
-def load_questions(path: Path, per_category: int | None) -> list[tuple[str, str]]:
-    """(category, first turn), at most ``per_category`` per category, round-robin over categories
-    (file order within each), so a run cut short still covers every category."""
-    return [(q.category, q.prompt) for q in specbench_dev(per_category=per_category, round_robin=True, path=path)]
+def load_questions(path: Path, per_category: int | None) -> list[Question]:
+    """At most ``per_category`` questions per category, round-robin over categories (file order
+    within each), so a run cut short still covers every category."""
+    return specbench_dev(per_category=per_category, round_robin=True, path=path)
 
 
 def encode_prompt(tokenizer, question: str) -> torch.Tensor:
@@ -214,56 +231,79 @@ def encode_prompt(tokenizer, question: str) -> torch.Tensor:
     return torch.tensor(tokenizer(question)["input_ids"])
 
 
-def run(model, tokenizer, questions, methods: list[str], max_new_tokens: int, log=print, on_question=None) -> list[dict]:
-    """MAT and equality per (method, category) and overall, as result records.
+def run(model, tokenizer, questions: list[Question], methods: list[str], max_new_tokens: int, log=print,
+        on_question=None) -> dict[str, list[dict]]:
+    """Every method's decoding of every question, as raw per-question records.
 
     Questions run in order, each prefilled once for greedy decoding and every method; each
-    method's drafter keeps its state across questions. ``on_question(records)`` is called with
-    the records so far after every question (for partial results on long runs).
+    method's drafter keeps its state across questions. Returns ``{method: [record per question]}``,
+    a record ``{"question_id", "category", "prompt_tokens", "tokens", "forwards", "step_nodes",
+    "equal"}``: ``tokens`` received (up to the cap or EOS), ``forwards`` the target forwards that
+    produced them (the prefill + one per verify step), ``step_nodes`` every verify step's tree
+    size. ``on_question(raw)`` is called after every question (partial results on long runs).
     """
-    step_us = H100.step_time
     eos = {model.config.eos_token_id} if isinstance(model.config.eos_token_id, int) else set(model.config.eos_token_id or [])
     drafters = [make_drafter(spec, model.config.vocab_size) for spec in methods]
-    # per drafter and category: verify steps, accepted tokens, tree nodes, all equal, questions,
-    # and per batch size the predicted H100 time of those steps (every request drafting like this one)
-    totals = [defaultdict(lambda: {"steps": 0, "accepted": 0, "nodes": 0, "equal": True, "questions": 0,
-                                   "us": dict.fromkeys(PREDICTED_BATCHES, 0.0)}) for _ in drafters]
-    records = []
-    for index, (category, question) in enumerate(questions):
+    raw: dict[str, list[dict]] = {spec: [] for spec in methods}
+    for index, q in enumerate(questions):
         start = time.perf_counter()
-        prompt = encode_prompt(tokenizer, question)
+        prompt = encode_prompt(tokenizer, q.prompt)
         prefilled = prefill(model, prompt)
         reference = greedy_decode(model, prefilled, max_new_tokens, eos)
-        for drafter, per_cat in zip(drafters, totals):
-            tokens, accepted, step_nodes = speculative_decode(model, prompt, prefilled, max_new_tokens, eos, drafter)
-            for key in (category, "overall"):
-                acc = per_cat[key]
-                acc["steps"] += len(step_nodes)
-                acc["accepted"] += accepted
-                acc["nodes"] += sum(step_nodes)
-                acc["equal"] &= tokens == reference
-                acc["questions"] += 1
-                for b in PREDICTED_BATCHES:
-                    acc["us"][b] += sum(step_us(b * n) for n in step_nodes)
-        records = [
-            {
-                "method": drafter.method, "nodes": drafter.nodes, "batch": drafter.batch, "category": cat,
-                "questions": acc["questions"], "mat": acc["accepted"] / max(acc["steps"], 1), "equal": bool(acc["equal"]),
-                "mean_tree_nodes": acc["nodes"] / max(acc["steps"], 1),
-                "predicted_tokens_per_s": {str(b): 1e6 * acc["accepted"] / us for b, us in acc["us"].items()},
-            }
-            for drafter, per_cat in zip(drafters, totals)
-            for cat, acc in per_cat.items()
-        ]
-        mats = " ".join(f"{r['mat']:.2f}" for r in records if r["category"] == "overall")
-        log(f"[{index + 1}/{len(questions)}] {category}: {prompt.numel()} prompt tokens, {time.perf_counter() - start:.0f} s; overall MAT {mats}")
+        for spec, drafter in zip(methods, drafters):
+            tokens, step_nodes = speculative_decode(model, prompt, prefilled, max_new_tokens, eos, drafter)
+            raw[spec].append({"question_id": q.question_id, "category": q.category, "prompt_tokens": prompt.numel(),
+                              "tokens": len(tokens), "forwards": 1 + len(step_nodes), "step_nodes": step_nodes,
+                              "equal": tokens == reference})
+        mats = " ".join(f"{r['mat']:.2f}" for r in summarize(raw) if r["category"] == "overall")
+        log(f"[{index + 1}/{len(questions)}] {q.category}: {prompt.numel()} prompt tokens, {time.perf_counter() - start:.0f} s; "
+            f"overall MAT {mats}")
         if on_question:
-            on_question(records)
+            on_question(raw)
+    return raw
+
+
+def parse_method(spec: str) -> tuple[str, int | None, int | None]:
+    """``"tr_dynamic:80@32"`` -> ``("tr_dynamic", 80, 32)``; missing parts are None."""
+    name, _, rest = spec.partition(":")
+    nodes, _, batch = rest.partition("@")
+    return name, int(nodes) if nodes else None, int(batch) if batch else None
+
+
+def summarize(raw: dict[str, list[dict]]) -> list[dict]:
+    """Result records per (method, category) and overall from :func:`run`'s raw records.
+
+    ``mat`` = tokens received / target forwards that produced them (summed over the questions),
+    the definition :mod:`tkernels.plugins.vllm.speculation_bench` uses too. ``predicted_tokens_per_s``
+    per GPU and batch size: tokens received after the prefill's / the summed predicted time of the
+    verify steps, ``batch`` times each step's tree (every request of the batch drafting like this one).
+    """
+    records = []
+    for spec, per_question in raw.items():
+        method, nodes, batch = parse_method(spec)
+        drafter_nodes = make_drafter(spec, 2).nodes if nodes is None else nodes
+        by_category: dict[str, list[dict]] = defaultdict(list)
+        for r in per_question:
+            by_category[r["category"]].append(r)
+            by_category["overall"].append(r)
+        for category, rs in by_category.items():
+            steps = [n for r in rs for n in r["step_nodes"]]
+            decode_tokens = sum(r["tokens"] - 1 for r in rs)
+            records.append({
+                "method": method, "nodes": drafter_nodes, "batch": batch, "category": category, "questions": len(rs),
+                "tokens": sum(r["tokens"] for r in rs), "forwards": sum(r["forwards"] for r in rs),
+                "mat": sum(r["tokens"] for r in rs) / sum(r["forwards"] for r in rs),
+                "equal": all(r["equal"] for r in rs), "mean_tree_nodes": sum(steps) / max(len(steps), 1),
+                "predicted_tokens_per_s": {
+                    gpu: {str(b): 1e6 * decode_tokens / max(sum(model.step_time(b * n) for n in steps), 1e-9)
+                          for b in PREDICTED_BATCHES}
+                    for gpu, model in STEP_MODELS.items()},
+            })
     return records
 
 
 def format_table(records: list[dict]) -> str:
-    """MAT per category, then the overall predicted H100 tokens/s (per request) per batch size."""
+    """MAT per category, then the overall predicted tokens/s (per request) per GPU and batch size."""
     categories = list(dict.fromkeys(r["category"] for r in records if r["category"] != "overall")) + ["overall"]
     rows = defaultdict(dict)
     for r in records:
@@ -272,12 +312,25 @@ def format_table(records: list[dict]) -> str:
     for (method, nodes), by_cat in rows.items():
         cells = "".join(f"{by_cat[c]['mat']:>12.3f}" if c in by_cat else f"{'-':>12}" for c in categories)
         lines.append(f"{method:<12}{nodes:>7}{by_cat['overall']['mean_tree_nodes']:>6.1f}  {cells}   {all(r['equal'] for r in by_cat.values())}")
-    lines.append(f"\npredicted H100 tokens/s per request (Llama-3-8B step-time model)\n{'method':<12}{'nodes':>7}"
-                 + "".join(f"{'batch ' + str(b):>12}" for b in PREDICTED_BATCHES))
-    for (method, nodes), by_cat in rows.items():
-        predicted = by_cat["overall"]["predicted_tokens_per_s"]
-        lines.append(f"{method:<12}{nodes:>7}" + "".join(f"{predicted[str(b)]:>12.0f}" for b in PREDICTED_BATCHES))
+    for gpu in STEP_MODELS:
+        lines.append(f"\npredicted {gpu} tokens/s per request (Llama-3-8B step-time model)\n{'method':<12}{'nodes':>7}"
+                     + "".join(f"{'batch ' + str(b):>12}" for b in PREDICTED_BATCHES))
+        for (method, nodes), by_cat in rows.items():
+            predicted = by_cat["overall"]["predicted_tokens_per_s"][gpu]
+            lines.append(f"{method:<12}{nodes:>7}" + "".join(f"{predicted[str(b)]:>12.0f}" for b in PREDICTED_BATCHES))
     return "\n".join(lines)
+
+
+def merge_raw(documents: list[dict], question_ids: list[int] | None = None) -> dict[str, list[dict]]:
+    """Per method, the raw records of the documents that ran it over every question (``question_ids``,
+    default the first document's): runs of different methods merge, incomplete ones are dropped."""
+    merged: dict[str, list[dict]] = {}
+    for doc in documents:
+        for spec, per_question in doc.get("raw", {}).items():
+            ids = [r["question_id"] for r in per_question]
+            if question_ids is None or ids == question_ids:
+                merged[spec] = per_question
+    return merged
 
 
 def main(argv=None) -> None:
@@ -289,9 +342,30 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the methods --out already holds for every question and run only the others")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="no run: merge these result files' complete methods into --out and print the table")
     args = parser.parse_args(argv)
     if not args.data.is_file():
         raise SystemExit(f"--data: {args.data} not found (the Spec-Bench dev questions ship as {SPECBENCH_DEV})")
+    questions = load_questions(args.data, args.questions_per_category)
+    question_ids = [q.question_id for q in questions]
+    meta = {"model": "SmolLM2-135M-Instruct", "max_new_tokens": args.max_new_tokens, "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "question_ids": question_ids,
+            "mat": "tokens received (up to max_new_tokens or EOS) / target forwards that produced them (prefill included)",
+            "step_models": {gpu: dataclasses.asdict(m.rates) for gpu, m in STEP_MODELS.items()}}
+
+    def save(raw):
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**meta, "records": summarize(raw), "raw": raw}, indent=1) + "\n")
+
+    if args.merge:
+        raw = merge_raw([json.loads(p.read_text()) for p in args.merge], question_ids)
+        save(raw)
+        print(format_table(summarize(raw)))
+        print(f"wrote {args.out}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -301,19 +375,18 @@ def main(argv=None) -> None:
         from tkernels.models import smollm2_dir
 
         args.model_dir = smollm2_dir()
+    if "smollm2" not in str(args.model_dir).lower():
+        meta["model"] = args.model_dir.name
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
-    questions = load_questions(args.data, args.questions_per_category)
-    print(f"{len(questions)} questions, {args.max_new_tokens} new tokens, model {args.model_dir.name}")
-    meta = {"model": "SmolLM2-135M-Instruct" if "smollm2" in str(args.model_dir).lower() else args.model_dir.name,
-            "max_new_tokens": args.max_new_tokens, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-
-    def save(records):
-        args.out.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
-
-    records = run(model, tokenizer, questions, args.methods.split(","), args.max_new_tokens, on_question=save)
-    print(format_table(records))
+    methods = args.methods.split(",")
+    kept = merge_raw([json.loads(args.out.read_text())], question_ids) if args.resume and args.out.is_file() else {}
+    todo = [m for m in methods if m not in kept]
+    print(f"{len(questions)} questions, {args.max_new_tokens} new tokens, model {args.model_dir.name}; "
+          f"running {todo}" + (f", kept {list(kept)}" if kept else ""))
+    raw = {**kept, **run(model, tokenizer, questions, todo, args.max_new_tokens, on_question=lambda r: save({**kept, **r}))}
+    save(raw)
+    print(format_table(summarize(raw)))
     print(f"wrote {args.out}")
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tkernels.data import Question
+
 pytest.importorskip("transformers")
 pytest.importorskip("tkernels.spec.verify", reason="verification (tkernels.spec.verify) not available yet")
 
@@ -35,21 +37,72 @@ def tiny_model():
 
 def test_speculative_decoding_is_lossless(spec_mat, tiny_model):
     model, tokenizer = tiny_model
-    questions = [("writing", "Write a short poem about the sea and the sea and the sea."), ("qa", "What is the capital of France?")]
-    methods = ["pld", "tr_static:80", "tr_static:16", "tr_dynamic:32", "tr_dynamic:80@64"]
-    records = spec_mat.run(model, tokenizer, questions, methods, max_new_tokens=32, log=lambda _: None)
+    questions = [Question(1, "writing", "Write a short poem about the sea and the sea and the sea."),
+                 Question(2, "qa", "What is the capital of France?")]
+    methods = ["pld", "tr_static:80", "tr_static:16", "tr_static:128", "tr_dynamic:32", "tr_dynamic:80@64"]
+    raw = spec_mat.run(model, tokenizer, questions, methods, max_new_tokens=32, log=lambda _: None)
+    records = spec_mat.summarize(raw)
     assert {(r["method"], r["nodes"], r["batch"]) for r in records} == {
-        ("pld", 11, None), ("tr_static", 80, None), ("tr_static", 16, None), ("tr_dynamic", 32, None), ("tr_dynamic", 80, 64)}
+        ("pld", 11, None), ("tr_static", 80, None), ("tr_static", 16, None), ("tr_static", 128, None),
+        ("tr_dynamic", 32, None), ("tr_dynamic", 80, 64)}
     for r in records:
         assert r["equal"], r
         assert r["mat"] >= 1.0
         assert r["questions"] == (2 if r["category"] == "overall" else 1)
+        assert set(r["predicted_tokens_per_s"]) == {"H100", "H200"}
+    for per_question in raw.values():
+        for r in per_question:
+            assert r["tokens"] <= 32 and r["forwards"] == 1 + len(r["step_nodes"])
     print(spec_mat.format_table(records))
+
+
+class _Oracle:
+    """Drafts the next ``num_draft`` tokens of a known greedy answer: every draft is accepted."""
+
+    method, batch, nodes = "oracle", None, 11
+
+    def __init__(self, prompt_len: int, answer: list[int], num_draft: int = 10):
+        self.prompt_len, self.answer, self.num_draft = prompt_len, answer, num_draft
+
+    def draft(self, history):
+        done = history.numel() - self.prompt_len
+        chain = [int(history[-1])] + self.answer[done : done + self.num_draft]
+        return torch.tensor(chain), torch.arange(-1, len(chain) - 1, dtype=torch.int32), torch.tensor([0, len(chain)], dtype=torch.int32)
+
+    def observe(self, *args):
+        pass
+
+
+def test_mat_counts_what_the_user_receives_per_forward(spec_mat, tiny_model):
+    """The prefill's forward gives the first token; a last step's tokens past the cap are not counted."""
+    model, tokenizer = tiny_model
+    prompt = spec_mat.encode_prompt(tokenizer, "Count to twenty, please.")
+    prefilled = spec_mat.prefill(model, prompt)
+    answer = spec_mat.greedy_decode(model, prefilled, 40, eos=set())  # the oracle drafts past the cap of 32
+    tokens, step_nodes = spec_mat.speculative_decode(model, prompt, prefilled, 32, set(), _Oracle(prompt.numel(), answer))
+    assert tokens == answer[:32]
+    assert step_nodes == [11, 11, 11]  # 1 + 11 + 11 + 9 of the last step's 11 (two past the cap dropped)
+    raw = {"pld": [{"question_id": 0, "category": "c", "tokens": len(tokens), "forwards": 1 + len(step_nodes),
+                    "step_nodes": step_nodes, "equal": True}]}
+    (record, overall) = spec_mat.summarize(raw)
+    assert record["mat"] == overall["mat"] == 32 / 4
+    for gpu, model_ in spec_mat.STEP_MODELS.items():  # decode tokens over the verify steps' predicted time
+        assert overall["predicted_tokens_per_s"][gpu]["8"] == pytest.approx(31e6 / (3 * model_.step_time(8 * 11)))
+
+
+def test_summarize_sums_tokens_and_forwards_over_questions(spec_mat):
+    raw = {"tr_static:4": [
+        {"question_id": 1, "category": "a", "tokens": 10, "forwards": 5, "step_nodes": [4] * 4, "equal": True},
+        {"question_id": 2, "category": "b", "tokens": 3, "forwards": 3, "step_nodes": [4, 1], "equal": False},
+    ]}
+    by_category = {r["category"]: r for r in spec_mat.summarize(raw)}
+    assert by_category["overall"]["mat"] == 13 / 8 and by_category["a"]["mat"] == 2.0 and by_category["b"]["mat"] == 1.0
+    assert by_category["overall"]["equal"] is False and by_category["overall"]["mean_tree_nodes"] == 21 / 6
 
 
 def test_load_questions_takes_first_turns_per_category(spec_mat, tmp_path):
     rows = [{"category": c, "turns": [f"{c} {i}", "second turn"]} for i in range(3) for c in ("a", "b")]
     data = tmp_path / "q.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    assert spec_mat.load_questions(data, 2) == [("a", "a 0"), ("b", "b 0"), ("a", "a 1"), ("b", "b 1")]
+    assert [(q.category, q.prompt) for q in spec_mat.load_questions(data, 2)] == [("a", "a 0"), ("b", "b 0"), ("a", "a 1"), ("b", "b 1")]
     assert len(spec_mat.load_questions(data, None)) == 6
