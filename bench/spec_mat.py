@@ -48,11 +48,9 @@ import torch
 
 from tkernels.data import SPECBENCH_DEV, Question, specbench_dev
 from tkernels.sched.latency_model import DEFAULT_RATES, LLAMA3_8B, LatencyModel
-from tkernels.spec.drafters import static_template
-from tkernels.spec.ngram import propose_ngram
-from tkernels.spec.token_recycling import TokenRecycling
-from tkernels.spec.tree import ancestor_mask, depths, select_subtree
-from tkernels.spec.tree_policy import ConfidenceTreePolicy
+from tkernels.spec.drafters import METHODS, TreeDrafter
+from tkernels.spec.token_recycling import top_k_probs
+from tkernels.spec.tree import ancestor_mask, depths
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = SPECBENCH_DEV
@@ -73,85 +71,68 @@ PREDICTED_BATCHES = (1, 8, 32, 64)
 # --- drafters: draft(history) -> ragged one-request tree; observe(...) after verification ---
 
 
-class PromptLookup:
-    """Prompt lookup (PLD): the tokens that followed the latest match of the last 1..3 tokens."""
+class HarnessDrafter:
+    """One method of :class:`tkernels.spec.drafters.TreeDrafter` on the harness's single request.
 
-    method, batch = "pld", None
-
-    def __init__(self, num_draft: int = 10):
-        self.num_draft, self.nodes = num_draft, num_draft + 1
-
-    def draft(self, history: torch.Tensor):
-        return propose_ngram(history[None], torch.tensor([history.numel()]), num_draft=self.num_draft)
-
-    def observe(self, logits, draft_tokens, path_tokens, path_nodes):
-        pass
-
-
-class RecyclingStatic:
-    """Token Recycling on the static template's first ``nodes`` nodes (BFS order)."""
-
-    method, batch = "tr_static", None
-
-    def __init__(self, vocab_size: int, nodes: int):
-        self.recycling = TokenRecycling(vocab_size)
-        self.nodes = nodes
-        self.shape = static_template(nodes)
-
-    def draft(self, history: torch.Tensor):
-        return self.recycling.draft(history[-1:], self.shape)
-
-    def observe(self, logits, draft_tokens, path_tokens, path_nodes):
-        self.recycling.update(logits, draft_tokens)
-
-
-class RecyclingDynamic(RecyclingStatic):
-    """Token Recycling on per-request confidence trees (:meth:`TokenRecycling.draft_best`).
-
-    ``tr_dynamic:80``: every step the best 80-node tree (the same node budget as the static
-    template). ``tr_dynamic:80@32``: at most 80 nodes, as many as :class:`ConfidenceTreePolicy`
-    finds worth their H100 step time in a batch of 32 requests like this one (the loop runs one).
+    ``spec`` = ``method[:nodes][@batch][+prompt]``: ``nodes`` the tree budget (root included;
+    ``pld`` default 11, i.e. 10 drafted tokens), ``@batch`` prices the tree's nodes for a batch
+    of that many requests like this one (:meth:`TreeDrafter.choose`, scored methods only),
+    ``+prompt`` recycles the target's top-k at the prompt's positions from the prefill.
     """
 
-    method = "tr_dynamic"
+    def __init__(self, spec: str, vocab_size: int):
+        name, nodes, batch, prompt = parse_method(spec)
+        if name not in METHODS or (nodes is None and name != "pld") or (batch and name in ("pld", "tr_static")):
+            raise ValueError(f"--methods: unknown method {spec!r} (pld[:N], tr_static:N, tr:N, retrieval:N or hybrid:N, "
+                             "with @batch for tr/retrieval/hybrid, +prompt for prompt recycling)")
+        self.method, self.nodes, self.batch, self.prompt = name, nodes or 11, batch, prompt
+        self.drafter = TreeDrafter(vocab_size, name, step_time=H100)
+        self.tree = None
 
-    def __init__(self, vocab_size: int, nodes: int, batch: int | None = None):
-        super().__init__(vocab_size, nodes)
-        self.batch = batch
-        self.policy = ConfidenceTreePolicy(step_time=H100)
+    def begin(self, prompt: torch.Tensor, prompt_topk) -> None:
+        """A new question: its prompt and the target's top-k (ids, probs) at every prompt position."""
+        for key in self.drafter.keys():
+            self.drafter.release(key)
+        if self.prompt:
+            self.drafter.recycle(prompt, *prompt_topk)
 
     def draft(self, history: torch.Tensor):
-        tokens, parents, scores, self.probs = self.recycling.draft_best(history[-1:], self.nodes, self.policy.accept_prob)
-        keep = torch.ones_like(scores, dtype=torch.bool) if self.batch is None else self.policy.choose(scores.expand(self.batch, -1))[:1]
-        index, self.parents, self.cu_nodes = select_subtree(parents.flatten(), keep.flatten())
-        self.probs = self.probs.flatten()[index]
-        return tokens.flatten()[index], self.parents, self.cu_nodes
+        trees = self.drafter.draft([0], [history], self.nodes)
+        if self.batch:
+            trees = self.drafter.choose(trees, batch_size=self.batch)
+        self.tree = trees[0]
+        return self.tree.tokens, self.tree.parents, torch.tensor([0, len(self.tree)], dtype=torch.int32)
 
     def observe(self, logits, draft_tokens, path_tokens, path_nodes):
-        self.policy.update(self.probs, self.parents, self.cu_nodes, path_nodes[None], torch.tensor([path_nodes.numel()]))
-        super().observe(logits, draft_tokens, path_tokens, path_nodes)
+        ids, probs = self.drafter.recycling.top_k(logits) if self.drafter.recycling is not None else (None, None)
+        self.drafter.observe([self.tree], ids, probs, [path_nodes.tolist()])
 
 
-def make_drafter(spec: str, vocab_size: int):
-    name, _, nodes = spec.partition(":")
-    nodes, _, batch = nodes.partition("@")
-    if name == "pld" and not batch:
-        return PromptLookup(int(nodes) - 1) if nodes else PromptLookup()
-    if name == "tr_static" and nodes.isdigit() and not batch:
-        return RecyclingStatic(vocab_size, int(nodes))
-    if name == "tr_dynamic" and nodes.isdigit() and (batch.isdigit() or not batch):
-        return RecyclingDynamic(vocab_size, int(nodes), int(batch) if batch else None)
-    raise ValueError(f"--methods: unknown method {spec!r} (pld[:nodes], tr_static:N, tr_dynamic:N[@batch])")
+def parse_method(spec: str) -> tuple[str, int | None, int | None, bool]:
+    """``"hybrid:80@32+prompt"`` -> ``("hybrid", 80, 32, True)``; missing parts are None / False."""
+    spec, plus, option = spec.partition("+")
+    if plus and option != "prompt":
+        raise ValueError(f"--methods: unknown option +{option} in {spec + plus + option!r} (only +prompt)")
+    name, _, rest = spec.partition(":")
+    nodes, _, batch = rest.partition("@")
+    if not (nodes.isdigit() or not nodes) or not (batch.isdigit() or not batch):
+        raise ValueError(f"--methods: bad method {spec!r}")
+    return name, int(nodes) if nodes else None, int(batch) if batch else None, bool(plus)
+
+
+def make_drafter(spec: str, vocab_size: int) -> HarnessDrafter:
+    return HarnessDrafter(spec, vocab_size)
 
 
 # --- decoding loops -------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def prefill(model, prompt: torch.Tensor):
-    """The prompt's forward, shared by every decoding of one question: (KV cache, first token)."""
+def prefill(model, prompt: torch.Tensor, k: int = 8):
+    """The prompt's forward, shared by every decoding of one question: (KV cache, first token,
+    (top-k ids, their probabilities) at every prompt position, for ``+prompt`` recycling)."""
     out = model(input_ids=prompt[None], use_cache=True)
-    return out.past_key_values, int(out.logits[0, -1].float().argmax())
+    return out.past_key_values, int(out.logits[0, -1].float().argmax()), top_k_probs(out.logits[0], k)
 
 
 @torch.no_grad()
@@ -182,6 +163,8 @@ def speculative_decode(model, prompt: torch.Tensor, prefilled, max_new_tokens: i
     from tkernels.spec.verify import verify_greedy, verify_greedy_reference
 
     cache, first = copy.deepcopy(prefilled[0]), prefilled[1]
+    if hasattr(drafter, "begin"):
+        drafter.begin(prompt, prefilled[2])
     tokens = [first]
     history = torch.cat([prompt, torch.tensor(tokens)])
     step_nodes = []
@@ -263,13 +246,6 @@ def run(model, tokenizer, questions: list[Question], methods: list[str], max_new
     return raw
 
 
-def parse_method(spec: str) -> tuple[str, int | None, int | None]:
-    """``"tr_dynamic:80@32"`` -> ``("tr_dynamic", 80, 32)``; missing parts are None."""
-    name, _, rest = spec.partition(":")
-    nodes, _, batch = rest.partition("@")
-    return name, int(nodes) if nodes else None, int(batch) if batch else None
-
-
 def summarize(raw: dict[str, list[dict]]) -> list[dict]:
     """Result records per (method, category) and overall from :func:`run`'s raw records.
 
@@ -280,8 +256,9 @@ def summarize(raw: dict[str, list[dict]]) -> list[dict]:
     """
     records = []
     for spec, per_question in raw.items():
-        method, nodes, batch = parse_method(spec)
-        drafter_nodes = make_drafter(spec, 2).nodes if nodes is None else nodes
+        method, nodes, batch, prompt = parse_method(spec)
+        method += "+prompt" if prompt else ""
+        drafter_nodes = 11 if nodes is None else nodes  # pld's default
         by_category: dict[str, list[dict]] = defaultdict(list)
         for r in per_question:
             by_category[r["category"]].append(r)

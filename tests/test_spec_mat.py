@@ -39,12 +39,13 @@ def test_speculative_decoding_is_lossless(spec_mat, tiny_model):
     model, tokenizer = tiny_model
     questions = [Question(1, "writing", "Write a short poem about the sea and the sea and the sea."),
                  Question(2, "qa", "What is the capital of France?")]
-    methods = ["pld", "tr_static:80", "tr_static:16", "tr_static:128", "tr_dynamic:32", "tr_dynamic:80@64"]
+    methods = ["pld", "tr_static:80", "tr_static:16", "tr_static:128", "tr:32", "tr:80@64", "hybrid:32",
+               "hybrid:16@8+prompt", "retrieval:16"]
     raw = spec_mat.run(model, tokenizer, questions, methods, max_new_tokens=32, log=lambda _: None)
     records = spec_mat.summarize(raw)
     assert {(r["method"], r["nodes"], r["batch"]) for r in records} == {
         ("pld", 11, None), ("tr_static", 80, None), ("tr_static", 16, None), ("tr_static", 128, None),
-        ("tr_dynamic", 32, None), ("tr_dynamic", 80, 64)}
+        ("tr", 32, None), ("tr", 80, 64), ("hybrid", 32, None), ("hybrid+prompt", 16, 8), ("retrieval", 16, None)}
     for r in records:
         assert r["equal"], r
         assert r["mat"] >= 1.0
@@ -84,7 +85,7 @@ def test_mat_counts_what_the_user_receives_per_forward(spec_mat, tiny_model):
     assert step_nodes == [11, 11, 11]  # 1 + 11 + 11 + 9 of the last step's 11 (two past the cap dropped)
     raw = {"pld": [{"question_id": 0, "category": "c", "tokens": len(tokens), "forwards": 1 + len(step_nodes),
                     "step_nodes": step_nodes, "equal": True}]}
-    (record, overall) = spec_mat.summarize(raw)
+    record, overall = spec_mat.summarize(raw)
     assert record["mat"] == overall["mat"] == 32 / 4
     for gpu, model_ in spec_mat.STEP_MODELS.items():  # decode tokens over the verify steps' predicted time
         assert overall["predicted_tokens_per_s"][gpu]["8"] == pytest.approx(31e6 / (3 * model_.step_time(8 * 11)))
@@ -106,3 +107,11 @@ def test_load_questions_takes_first_turns_per_category(spec_mat, tmp_path):
     data.write_text("\n".join(json.dumps(r) for r in rows))
     assert [(q.category, q.prompt) for q in spec_mat.load_questions(data, 2)] == [("a", "a 0"), ("b", "b 0"), ("a", "a 1"), ("b", "b 1")]
     assert len(spec_mat.load_questions(data, None)) == 6
+
+
+def test_method_specs(spec_mat):
+    assert spec_mat.parse_method("hybrid:80@32+prompt") == ("hybrid", 80, 32, True)
+    assert spec_mat.parse_method("pld") == ("pld", None, None, False)
+    for bad in ("hybrid:80+other", "tr:x", "tr_static:16@8", "nope:16", "tr"):
+        with pytest.raises(ValueError, match="--methods"):
+            spec_mat.make_drafter(bad, 100)

@@ -1,12 +1,54 @@
-"""Tree drafters shared by the offline harness (``bench/spec_mat.py``) and the vLLM tree proposer."""
+"""Tree drafters shared by the offline harness (``bench/spec_mat.py``) and the vLLM tree proposer.
+
+One :class:`TreeDrafter` serves a batch of requests: every step it drafts one tree per request
+(:meth:`TreeDrafter.draft`), optionally prices the batch's nodes against the GPU's step time
+(:meth:`TreeDrafter.choose`), and after verification learns from the target's top-k at every
+verified node and from which nodes were accepted (:meth:`TreeDrafter.observe`). The harness and
+the vLLM proposer call the same three methods, so a method drafts the same trees in both.
+
+Methods (:data:`METHODS`):
+
+* ``pld``: prompt lookup, :func:`tkernels.spec.ngram.propose_ngram` (the latest match of the
+  last 1..3 tokens, then what followed it; a chain).
+* ``tr_static``: Token Recycling on the static template (:func:`static_template`).
+* ``tr``: Token Recycling per request, :meth:`TokenRecycling.draft_best` under the calibrated
+  acceptance estimates of :class:`~tkernels.spec.tree_policy.ConfidenceTreePolicy`.
+* ``retrieval``: continuations of the request's own context (prompt + generated): the longest
+  earlier match of its suffix and what followed it, from a suffix automaton kept per request
+  (:class:`~tkernels.spec.retrieval.SuffixAutomaton`), under :class:`RetrievalCalibration`.
+* ``hybrid``: one tree merging ``tr``'s and ``retrieval``'s candidates (below).
+
+**Hybrid.** Both sources propose a tree below the last token with, at every node, a calibrated
+estimate of the chance that the target picks the node once its parent is accepted (TR: per
+depth and stored-probability bin; retrieval: per depth, match-length and share bin, see
+:class:`RetrievalCalibration`). The trees are merged as tries (the same token path is one node;
+a node both sources propose takes the larger estimate), a node's score is the product of the
+estimates along its path (the estimated probability that the target accepts it), and the tree
+is the ``num_nodes`` best-scoring nodes, which maximises the estimated accepted tokens of the
+step among trees of that size made of these candidates. So the budget goes to whichever source
+is likelier at this step: long copies from the prompt where retrieval matches, the recycled
+adjacency elsewhere. Each source's calibration learns from its own candidates' outcomes (a
+candidate is tested when its parent was accepted).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from functools import cache
 
-from .tree import TR_80_WIDTHS, TreeShape, from_widths
+import torch
 
-__all__ = ["STATIC_WIDTHS", "static_template"]
+from .ngram import propose_ngram
+from .retrieval import SuffixAutomaton, bfs_order
+from .token_recycling import TokenRecycling
+from .tree import TR_80_WIDTHS, TreeShape, depths, from_widths
+from .tree_policy import ConfidenceTreePolicy, StepTime
+
+__all__ = ["METHODS", "STATIC_WIDTHS", "DraftTree", "RetrievalCalibration", "TreeDrafter", "static_template"]
+
+METHODS = ("pld", "tr_static", "tr", "retrieval", "hybrid")
 
 # Token Recycling's fan-out rule (tkernels.spec.tree.from_widths) at three sizes: the paper's
 # 80-node tree, then one and two steps wider at every depth (138 and 274 nodes), so that static
@@ -30,3 +72,313 @@ def static_template(num_nodes: int) -> TreeShape:
                 break
             return shape.truncate(num_nodes)
     raise ValueError(f"num_nodes: must be in [1, {len(_widths_shape(STATIC_WIDTHS[-1]))}], got {num_nodes}")
+
+
+@dataclass
+class DraftTree:
+    """One request's draft: a tree in BFS order (the ``parents`` contract of :mod:`tkernels.spec.tree`).
+
+    ``tokens`` int64 [n] (node 0 = the last committed token), ``parents`` int32 [n]; ``scores``
+    float64 [n], the estimated probability that the target accepts each node's path (root 1;
+    None for methods without estimates: ``pld``, ``tr_static``); ``tr_probs`` float32 [n], the
+    stored Token Recycling probability of the nodes TR proposed (NaN elsewhere; None without
+    TR); ``retrieval`` per node the retrieval features ``(depth, match length, share)`` of the
+    nodes retrieval proposed (None elsewhere; None without retrieval).
+    """
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    scores: torch.Tensor | None = None
+    tr_probs: torch.Tensor | None = None
+    retrieval: list[tuple[int, int, float] | None] | None = None
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    def select(self, nodes: torch.Tensor) -> DraftTree:
+        """The sub-tree of ``nodes`` (int64, ascending, holding node 0 and every kept node's
+        parent), still in BFS order: dropping nodes keeps the order of the rest."""
+        nodes = nodes.long().cpu()
+        new = torch.full((len(self),), -1, dtype=torch.int64)
+        new[nodes] = torch.arange(nodes.numel())
+        old_parents = self.parents.long()[nodes]
+        parents = torch.where(old_parents >= 0, new[old_parents.clamp(min=0)], -1)
+        if bool((parents[1:] < 0).any()) or int(nodes[0]) != 0:
+            raise ValueError("nodes: must hold the root and the parent of every kept node")
+        keep = nodes.tolist()
+        return DraftTree(self.tokens[nodes], parents.int(), None if self.scores is None else self.scores[nodes],
+                         None if self.tr_probs is None else self.tr_probs[nodes],
+                         None if self.retrieval is None else [self.retrieval[i] for i in keep])
+
+
+class RetrievalCalibration:
+    """Acceptance estimates of retrieval candidates, learned online.
+
+    Cells: the candidate's depth (1, 2, 3-4, 5-8, 9+), the length of the match its context
+    started from (1, 2, 3-4, 5-8, 9-16, 17+ tokens) and its share of the context's earlier
+    continuations (1, [1/2, 1), below 1/2). Per cell decayed counts of tested candidates (their
+    parent was accepted) and accepted ones; the estimate is their ratio with ``prior_weight``
+    pseudo-tests at ``prior * share``. Every :meth:`record` multiplies the counts by ``decay``.
+    """
+
+    DEPTH_BINS = (1, 2, 3, 5, 9)  # lower edges
+    MATCH_BINS = (1, 2, 3, 5, 9, 17)
+    SHARE_BINS = 3
+
+    def __init__(self, prior: float = 0.6, prior_weight: float = 2.0, decay: float = 0.995):
+        if not 0 < decay <= 1 or prior_weight <= 0 or not 0 <= prior <= 1:
+            raise ValueError(f"need 0 < decay <= 1, prior_weight > 0, 0 <= prior <= 1, got {decay}, {prior_weight}, {prior}")
+        self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
+        shape = (len(self.DEPTH_BINS), len(self.MATCH_BINS), self.SHARE_BINS)
+        self.tested = torch.zeros(shape, dtype=torch.float64)
+        self.accepted = torch.zeros(shape, dtype=torch.float64)
+
+    @staticmethod
+    def _bin(value: int, edges: tuple[int, ...]) -> int:
+        return max(i for i, edge in enumerate(edges) if value >= edge) if value >= edges[0] else 0
+
+    def cell(self, depth: int, match: int, share: float) -> tuple[int, int, int]:
+        return (self._bin(depth, self.DEPTH_BINS), self._bin(match, self.MATCH_BINS),
+                0 if share >= 1 else 1 if share >= 0.5 else 2)
+
+    def accept_prob(self, share: float, context_len: int, support: int, depth: int) -> float:
+        """Estimated chance that the target picks a candidate (its parent accepted);
+        :meth:`SuffixAutomaton.continuations`' ``accept_prob`` (the match length is the
+        context's length less the depth above the candidate)."""
+        d, m, s = self.cell(depth, context_len - depth + 1, share)
+        return float((self.accepted[d, m, s] + self.prior_weight * self.prior * share)
+                     / (self.tested[d, m, s] + self.prior_weight))
+
+    def record(self, features: Sequence[tuple[int, int, float]], accepted: Sequence[bool]) -> None:
+        """Learn from tested candidates: their ``(depth, match length, share)`` and whether the
+        target picked them. One decay per call."""
+        self.tested *= self.decay
+        self.accepted *= self.decay
+        for (depth, match, share), ok in zip(features, accepted):
+            cell = self.cell(depth, match, share)
+            self.tested[cell] += 1.0
+            self.accepted[cell] += float(ok)
+
+
+class TreeDrafter:
+    """Drafts one tree per request per step with one of :data:`METHODS` (see the module doc).
+
+    State: Token Recycling's adjacency (shared by every request and kept across them, as the
+    paper does), the calibrations, and per request (keyed by the caller's ids) a suffix
+    automaton of its tokens, synced from the history passed to :meth:`draft` (extended when the
+    history extends it, rebuilt otherwise). :meth:`release` forgets a finished request.
+    """
+
+    def __init__(self, vocab_size: int, method: str = "hybrid", k: int = 8, step_time: StepTime | None = None,
+                 max_depth: int = 16, pld_max_draft: int | None = None):
+        if method not in METHODS:
+            raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
+        self.method, self.max_depth = method, max_depth
+        self.pld_max_draft = pld_max_draft
+        self.recycling = TokenRecycling(vocab_size, k) if method in ("tr_static", "tr", "hybrid") else None
+        self.tr_policy = ConfidenceTreePolicy(step_time=step_time)  # TR calibration and the batch's pricing
+        self.retrieval_calibration = RetrievalCalibration()
+        self._contexts: dict[Hashable, SuffixAutomaton] = {}
+
+    @property
+    def uses_retrieval(self) -> bool:
+        return self.method in ("retrieval", "hybrid")
+
+    # --- requests' contexts ----------------------------------------------------------------------
+
+    def _context(self, key: Hashable, history: list[int]) -> SuffixAutomaton:
+        sam = self._contexts.get(key)
+        n = len(sam) if sam is not None else 0
+        if sam is None or n > len(history) or sam.tokens != history[:n]:
+            sam = self._contexts[key] = SuffixAutomaton(history)
+        elif len(history) > n:
+            sam.extend(history[n:])
+        return sam
+
+    def release(self, key: Hashable) -> None:
+        """Forget a request's context (finished or preempted; a later draft rebuilds it)."""
+        self._contexts.pop(key, None)
+
+    def keys(self) -> list[Hashable]:
+        return list(self._contexts)
+
+    # --- drafting --------------------------------------------------------------------------------
+
+    def draft(self, keys: Sequence[Hashable], histories: Sequence[Sequence[int]], num_nodes: int) -> list[DraftTree]:
+        """One tree of at most ``num_nodes`` nodes (root included) per request.
+
+        Args:
+            keys: a hashable id per request (its retrieval context is kept under it).
+            histories: per request its tokens so far (prompt + committed), a sequence of ints
+                (list, 1-D tensor or array); the last one is the tree's root.
+            num_nodes: the node budget per request, >= 1.
+
+        Returns:
+            list of :class:`DraftTree`, one per request.
+        """
+        if len(keys) != len(histories):
+            raise ValueError(f"keys: one per history, got {len(keys)} keys and {len(histories)} histories")
+        if num_nodes < 1:
+            raise ValueError(f"num_nodes: must be >= 1, got {num_nodes}")
+        if any(len(h) < 1 for h in histories):
+            raise ValueError("histories: every request needs at least one token")
+        if not keys:
+            return []
+        histories = [h.tolist() if hasattr(h, "tolist") else [int(t) for t in h] for h in histories]
+        last = torch.tensor([h[-1] for h in histories], dtype=torch.int64)
+        if self.method == "pld":
+            return self._draft_pld(histories, num_nodes)
+        if self.method == "tr_static":
+            tokens, parents, _ = self.recycling.draft(last, static_template(num_nodes))
+            n = num_nodes
+            return [DraftTree(tokens[b * n:(b + 1) * n], parents[b * n:(b + 1) * n]) for b in range(len(keys))]
+        tr = self._draft_tr(last, num_nodes) if self.method in ("tr", "hybrid") else [None] * len(keys)
+        if not self.uses_retrieval:
+            return tr
+        trees = []
+        for b, (key, history) in enumerate(zip(keys, histories)):
+            sam = self._context(key, history)
+            retrieved = sam.continuations(num_nodes, self.retrieval_calibration.accept_prob, max_depth=self.max_depth * 2)
+            trees.append(_merge(tr[b], retrieved, num_nodes))
+        return trees
+
+    def _draft_pld(self, histories, num_nodes: int) -> list[DraftTree]:
+        num_draft = num_nodes - 1 if self.pld_max_draft is None else min(num_nodes - 1, self.pld_max_draft)
+        if num_draft < 1:
+            return [DraftTree(torch.tensor([h[-1]]), torch.tensor([-1], dtype=torch.int32)) for h in histories]
+        lengths = torch.tensor([len(h) for h in histories])
+        padded = torch.zeros(len(histories), int(lengths.max()), dtype=torch.int64)
+        for b, h in enumerate(histories):
+            padded[b, :len(h)] = torch.tensor(h, dtype=torch.int64)
+        tokens, parents, cu = propose_ngram(padded, lengths, num_draft=num_draft)
+        return [DraftTree(tokens[s:e], parents[s:e]) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
+
+    def _draft_tr(self, last: torch.Tensor, num_nodes: int) -> list[DraftTree]:
+        tokens, parents, scores, probs = self.recycling.draft_best(last, num_nodes, self.tr_policy.accept_prob,
+                                                                   max_depth=self.max_depth)
+        return [DraftTree(tokens[b], parents[b], scores[b], probs[b]) for b in range(last.numel())]
+
+    def choose(self, trees: list[DraftTree], batch_size: int | None = None, other_tokens: int = 0) -> list[DraftTree]:
+        """Price the batch's nodes: keep, over all trees, the best-scoring nodes that maximise
+        expected tokens per second under the step-time model
+        (:meth:`ConfidenceTreePolicy.choose`). ``batch_size``: price one tree as if that many
+        requests drafted it (the harness's single request standing for a batch). Trees without
+        scores (``pld``, ``tr_static``) are returned unchanged.
+        """
+        if not trees or any(t.scores is None for t in trees):
+            return trees
+        if batch_size is not None and len(trees) != 1:
+            raise ValueError(f"batch_size: prices one tree as a batch, got {len(trees)} trees")
+        width = max(map(len, trees))
+        scores = torch.zeros(len(trees), width, dtype=torch.float64)
+        for b, t in enumerate(trees):
+            scores[b, :len(t)] = t.scores
+        keep = self.tr_policy.choose(scores.expand(batch_size, -1) if batch_size else scores, other_tokens)[:len(trees)]
+        # zero-score padding is never worth its time; a kept node's parent scores at least as high
+        return [t.select(keep[b, :len(t)].nonzero().flatten()) for b, t in enumerate(trees)]
+
+    # --- learning --------------------------------------------------------------------------------
+
+    def observe(self, trees: list[DraftTree], topk_ids: torch.Tensor, topk_probs: torch.Tensor | None,
+                accepted: Sequence[Sequence[int]]) -> None:
+        """Learn from one verify step of ``trees``.
+
+        Args:
+            trees: the drafts as verified (a BFS prefix of what :meth:`draft` returned, if the
+                server cut them).
+            topk_ids: int [sum of tree sizes, k], the target's top-k ids at every node, trees
+                concatenated in order; ``topk_probs`` their probabilities (same shape; None if
+                unknown: those adjacency rows are then never expanded by ``tr``).
+            accepted: per tree the accepted path's nodes, root first (local indices).
+        """
+        if len(accepted) != len(trees):
+            raise ValueError(f"accepted: one path per tree, got {len(accepted)} for {len(trees)} trees")
+        total = sum(map(len, trees))
+        if self.recycling is not None:
+            if topk_ids.shape[0] != total:
+                raise ValueError(f"topk_ids: one row per tree node ({total}), got {tuple(topk_ids.shape)}")
+            self.recycling.recycle_topk(topk_ids, torch.cat([t.tokens for t in trees]), topk_probs)
+        tr_probs, tr_depths, tr_ok, ret_features, ret_ok = [], [], [], [], []
+        for tree, path in zip(trees, accepted):
+            on_path = torch.zeros(len(tree), dtype=torch.bool)
+            on_path[torch.as_tensor(list(path), dtype=torch.int64)] = True
+            parents = tree.parents.long()
+            tested = (parents >= 0) & on_path[parents.clamp(min=0)]
+            if tree.tr_probs is not None:
+                mask = tested & ~torch.isnan(tree.tr_probs)
+                tr_probs.append(tree.tr_probs[mask])
+                tr_depths.append(depths(tree.parents)[mask])
+                tr_ok.append(on_path[mask])
+            if tree.retrieval is not None:
+                for i in tested.nonzero().flatten().tolist():
+                    if tree.retrieval[i] is not None:
+                        ret_features.append(tree.retrieval[i])
+                        ret_ok.append(bool(on_path[i]))
+        if tr_probs:
+            self.tr_policy.record(torch.cat(tr_probs), torch.cat(tr_depths), torch.cat(tr_ok))
+        if self.uses_retrieval:
+            self.retrieval_calibration.record(ret_features, ret_ok)
+
+    def recycle(self, tokens: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tensor | None = None) -> None:
+        """Recycle top-k rows the target computed outside verification (e.g. at a prompt's
+        positions: ``tokens[i]``'s row := the target's top-k after position i). No-op without TR."""
+        if self.recycling is not None and tokens.numel():
+            self.recycling.recycle_topk(topk_ids, tokens, topk_probs)
+
+
+def _merge(tr: DraftTree | None, retrieved, num_nodes: int) -> DraftTree:
+    """The best ``num_nodes`` nodes of the union of a TR tree and a retrieval tree (see the module doc)."""
+    r_tokens, r_parents, r_scores, r_features = retrieved
+    root = int(r_tokens[0]) if tr is None else int(tr.tokens[0])
+    parent, token, depth = [-1], [root], [0]
+    p_tr, q_tr, p_ret, feat = [math.nan], [math.nan], [math.nan], [None]
+    index: dict[tuple[int, int], int] = {}
+
+    def node(par: int, tok: int) -> int:
+        i = index.get((par, tok))
+        if i is None:
+            i = index[(par, tok)] = len(token)
+            parent.append(par)
+            token.append(tok)
+            depth.append(depth[par] + 1)
+            p_tr.append(math.nan)
+            q_tr.append(math.nan)
+            p_ret.append(math.nan)
+            feat.append(None)
+        return i
+
+    if tr is not None:
+        t_tokens, t_parents, t_scores, t_probs = tr.tokens.tolist(), tr.parents.tolist(), tr.scores.tolist(), tr.tr_probs.tolist()
+        where = [0]
+        for i in range(1, len(t_tokens)):
+            j = node(where[t_parents[i]], t_tokens[i])
+            where.append(j)
+            above = t_scores[t_parents[i]]
+            p_tr[j] = t_scores[i] / above if above > 0 else 0.0
+            q_tr[j] = t_probs[i]
+    where = [0]
+    for i in range(1, len(r_tokens)):
+        j = node(where[r_parents[i]], r_tokens[i])
+        where.append(j)
+        above = r_scores[r_parents[i]]
+        p_ret[j] = r_scores[i] / above if above > 0 else 0.0
+        context, share, _ = r_features[i]
+        feat[j] = (depth[j], context - depth[j] + 1, share)
+    score = [1.0]
+    for j in range(1, len(token)):  # parents come first in insertion order
+        score.append(score[parent[j]] * max(0.0 if math.isnan(p_tr[j]) else p_tr[j], 0.0 if math.isnan(p_ret[j]) else p_ret[j]))
+    order = sorted(range(len(token)), key=lambda j: (-score[j], depth[j], j))[:num_nodes]
+    kept = set(order)
+    sub_parents = [parent[j] for j in order]
+    if any(p >= 0 and p not in kept for p in sub_parents):  # cannot happen with estimates in [0, 1]
+        raise AssertionError("merged tree is not closed under ancestors")
+    position = {j: i for i, j in enumerate(order)}
+    layout = [order[i] for i in bfs_order([position[p] if p >= 0 else -1 for p in sub_parents])]
+    new = {j: i for i, j in enumerate(layout)}
+    return DraftTree(
+        tokens=torch.tensor([token[j] for j in layout], dtype=torch.int64),
+        parents=torch.tensor([new[parent[j]] if parent[j] >= 0 else -1 for j in layout], dtype=torch.int32),
+        scores=torch.tensor([score[j] for j in layout], dtype=torch.float64),
+        tr_probs=None if tr is None else torch.tensor([q_tr[j] for j in layout], dtype=torch.float32),
+        retrieval=[feat[j] for j in layout],
+    )

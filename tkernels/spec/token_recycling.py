@@ -23,7 +23,7 @@ from tkernels.checks import probabilities, require
 
 from .tree import TreeShape
 
-__all__ = ["TokenRecycling"]
+__all__ = ["TokenRecycling", "top_k_probs"]
 
 
 class TokenRecycling:
@@ -157,9 +157,12 @@ class TokenRecycling:
             raise ValueError(f"logits must be [total_nodes, {self.vocab_size}], got {tuple(logits.shape)}")
         if draft_tokens.shape != logits.shape[:1]:
             raise ValueError(f"draft_tokens must be [{logits.shape[0]}] like logits' rows, got {tuple(draft_tokens.shape)}")
-        top = logits.float().topk(self.k, dim=-1)
-        probs = (top.values - logits.float().logsumexp(-1, keepdim=True)).exp()
-        self.recycle_topk(top.indices, draft_tokens, probs)
+        ids, probs = self.top_k(logits)
+        self.recycle_topk(ids, draft_tokens, probs)
+
+    def top_k(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What :meth:`update` keeps of logits ``[rows, vocab_size]``: :func:`top_k_probs` with this k."""
+        return top_k_probs(logits, self.k)
 
     def recycle_topk(self, topk_ids: torch.Tensor, draft_tokens: torch.Tensor, topk_probs: torch.Tensor | None = None) -> None:
         """:meth:`update` for callers that keep only the target's top-k ids (``[nodes, k]``,
@@ -196,6 +199,14 @@ class TokenRecycling:
         hit = rows == next_tokens.to(self.adjacency.device).unsqueeze(-1)
         rank = hit.int().argmax(-1)
         return torch.where(hit.any(-1), rank, torch.full_like(rank, -1))
+
+
+def top_k_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k ids of logits ``[rows, vocab]`` (int64 ``[rows, k]``, best first) and their
+    softmax probabilities (float32 ``[rows, k]``): what Token Recycling keeps of a row."""
+    logits = logits.float()
+    top = logits.topk(k, dim=-1)
+    return top.indices, (top.values - logits.logsumexp(-1, keepdim=True)).exp()
 
 
 def _check_last_tokens(last_tokens: torch.Tensor) -> None:

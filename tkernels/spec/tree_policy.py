@@ -29,6 +29,7 @@ __all__ = [
     "greedy_tree",
     "DynamicTreePolicy",
     "ConfidenceTreePolicy",
+    "tested_nodes",
 ]
 
 class StepTime(Protocol):
@@ -145,6 +146,27 @@ class DynamicTreePolicy:
         return shape if best == len(shape) else greedy_tree(self.accept_probs(), best)[0]
 
 
+def tested_nodes(parents, cu_nodes, accepted_nodes, num_accepted) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which nodes of a verified ragged batch were tested and which accepted: ``(tested,
+    on_path)``, bool [total nodes] (CPU). A non-root node is tested when its parent is on the
+    accepted path (the target then either chose it or not); ``on_path`` holds the roots and the
+    accepted drafts. ``accepted_nodes int[B, W]`` / ``num_accepted int[B]``: verification's
+    accepted path per request (root first, local indices)."""
+    from .tree import validate_parents
+
+    validate_parents(parents, cu_nodes)
+    if accepted_nodes.dim() != 2 or num_accepted.shape != (cu_nodes.numel() - 1,) or accepted_nodes.shape[0] != num_accepted.numel():
+        raise ValueError(f"accepted_nodes must be [B, W] and num_accepted [B] with B = {cu_nodes.numel() - 1}, "
+                         f"got {tuple(accepted_nodes.shape)}, {tuple(num_accepted.shape)}")
+    p, cu = parents.cpu().long(), cu_nodes.cpu().long()
+    nodes = accepted_nodes.cpu().long() + cu[:-1, None]
+    on_path = torch.zeros(p.numel(), dtype=torch.bool)
+    on_path[nodes[torch.arange(nodes.shape[1]) < num_accepted.cpu().long()[:, None]]] = True
+    local = torch.arange(p.numel()) - torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
+    parent = torch.where(p >= 0, p + (torch.arange(p.numel()) - local), 0)
+    return (p >= 0) & on_path[parent], on_path
+
+
 def _default_step_time() -> StepTime:
     """The running GPU's step-latency model (per-GPU config, else the analytic H100-class
     default of :mod:`tkernels.sched.latency_model`) for a Llama-3-8B-shaped target."""
@@ -209,26 +231,21 @@ class ConfidenceTreePolicy:
         :meth:`TokenRecycling.draft_best` drafted (``node_probs``: its ``probs`` at those nodes)
         and verification's ``accepted_nodes int[B, W]`` / ``num_accepted int[B]`` (root and
         accepted drafts, local indices). Candidates below a rejected node say nothing."""
-        from .tree import depths, validate_parents
+        from .tree import depths
 
-        validate_parents(parents, cu_nodes)
         if node_probs.shape != parents.shape:
             raise ValueError(f"node_probs must have parents' shape {tuple(parents.shape)}, got {tuple(node_probs.shape)}")
-        if accepted_nodes.dim() != 2 or num_accepted.shape != (cu_nodes.numel() - 1,) or accepted_nodes.shape[0] != num_accepted.numel():
-            raise ValueError(f"accepted_nodes must be [B, W] and num_accepted [B] with B = {cu_nodes.numel() - 1}, "
-                             f"got {tuple(accepted_nodes.shape)}, {tuple(num_accepted.shape)}")
-        p, cu = parents.cpu().long(), cu_nodes.cpu().long()
-        nodes = accepted_nodes.cpu().long() + cu[:-1, None]
-        on_path = torch.zeros(p.numel(), dtype=torch.bool)
-        on_path[nodes[torch.arange(nodes.shape[1]) < num_accepted.cpu().long()[:, None]]] = True
-        local = torch.arange(p.numel()) - torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
-        parent = torch.where(p >= 0, p + (torch.arange(p.numel()) - local), 0)
-        tested = (p >= 0) & on_path[parent]
-        d, q_bin = self._cells(node_probs.cpu()[tested], depths(p, cu)[tested])
+        tested, on_path = tested_nodes(parents, cu_nodes, accepted_nodes, num_accepted)
+        self.record(node_probs.cpu()[tested], depths(parents.cpu(), cu_nodes.cpu())[tested], on_path[tested])
+
+    def record(self, probs: torch.Tensor, depth: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Learn from tested candidates: stored probabilities ``probs`` float [m], ``depth`` int
+        [m], ``accepted`` bool [m] (the target chose the candidate). One decay per call."""
+        d, q_bin = self._cells(probs.cpu(), depth.cpu())
         self.mass *= self.decay
         self.accepted *= self.decay
-        self.mass.index_put_((d, q_bin), node_probs.cpu().double()[tested], accumulate=True)
-        self.accepted.index_put_((d, q_bin), on_path[tested].double(), accumulate=True)
+        self.mass.index_put_((d, q_bin), probs.cpu().double(), accumulate=True)
+        self.accepted.index_put_((d, q_bin), accepted.cpu().double(), accumulate=True)
 
     def choose(self, scores: torch.Tensor, other_tokens: int = 0) -> torch.Tensor:
         """Which nodes of :meth:`TokenRecycling.draft_best`'s trees to verify: bool [B, n].
