@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from tkernels.spec import validate_parents
-from tkernels.spec.drafters import METHODS, DraftTree, RetrievalCalibration, TreeDrafter, _merge, static_template
-from tkernels.spec.retrieval import SuffixAutomaton
+from tkernels.spec.drafters import METHODS, DraftTree, RetrievalCalibration, TreeDrafter, static_template
 
 V = 50
 
@@ -29,43 +28,95 @@ def _paths(tree: DraftTree) -> list[tuple[int, ...]]:
     return paths
 
 
-@pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("num_nodes", [1, 2, 16, 80])
-def test_hybrid_tree_is_the_best_nodes_of_both_sources(seed, num_nodes):
+def _brute_joint_scores(drafter: TreeDrafter, history: list[int]) -> list[float]:
+    """Every node of the joint candidate trie (module doc of tkernels.spec.drafters), by
+    exhaustive expansion with retrieval counted on the history directly, not the automaton."""
+    from collections import Counter
+
+    from tkernels.spec.drafters import MAX_CHILDREN, ROOT_CONTEXTS
+
+    def occurrences(seq):
+        return sum(history[i:i + len(seq)] == seq for i in range(len(history) - len(seq) + 1))
+
+    def followers(ctx):
+        return Counter(history[i + len(ctx)] for i in range(len(history) - len(ctx)) if history[i:i + len(ctx)] == ctx)
+
+    n = len(history)
+    match = max((m for m in range(1, n) if occurrences(history[n - m:]) >= 2), default=0)
+    # the root's contexts: the longest match, then each shorter suffix whose occurrences grow
+    roots, length = [], match
+    while length > 0 and len(roots) < ROOT_CONTEXTS:
+        roots.append(history[n - length:])
+        length -= 1
+        while length > 0 and occurrences(history[n - length:]) == occurrences(history[n - length - 1:]):
+            length -= 1
+    scores, stack = [1.0], [(history[-1], 1.0, 0, roots)]
+    while stack:
+        token, score, depth, contexts = stack.pop()
+        d = depth + 1
+        cands = {}
+        if d <= drafter.max_depth:
+            q = drafter.recycling.probs[token].float()
+            for t, stored, p in zip(drafter.recycling.adjacency[token].tolist(), q.tolist(),
+                                    drafter.tr_policy.accept_prob(q, d).tolist()):
+                if stored > 0:
+                    cands.setdefault(t, [p, 0.0, None])
+        if d <= 2 * drafter.max_depth:
+            for ctx in contexts:
+                f = followers(ctx)
+                total = sum(f.values())
+                assert len(f) <= MAX_CHILDREN  # the test keeps retrieval's choice unambiguous
+                for t, c in f.items():
+                    cand = cands.setdefault(t, [0.0, 0.0, None])
+                    if cand[2] is None:
+                        cand[1] = drafter.retrieval_calibration.accept_prob(c / total, len(ctx), total, d)
+                        cand[2] = ctx + [t]
+        for t, (p_tr, p_ret, ctx) in cands.items():
+            p = max(p_tr, p_ret)
+            if p > 0:
+                scores.append(score * p)
+                stack.append((t, score * p, d, [ctx] if ctx is not None else []))
+    return sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("num_nodes", [1, 2, 9, 40])
+def test_hybrid_tree_is_the_best_nodes_of_the_joint_candidate_trie(seed, num_nodes):
     rng = random.Random(seed)
-    drafter = TreeDrafter(V, "hybrid")
-    _warm(drafter, seed)
-    prompt = [rng.randrange(V) for _ in range(60)]
-    history = prompt + prompt[10:25]  # the answer quotes the prompt
+    drafter = TreeDrafter(V, "hybrid", max_depth=2)
+    g = torch.Generator().manual_seed(seed)  # TR rows with two recycled candidates each
+    ids = torch.stack([torch.randperm(V, generator=g)[:8] for _ in range(V)])
+    probs = torch.zeros(V, 8)
+    probs[:, :2] = torch.rand(V, 2, generator=g).sort(dim=1, descending=True).values * 0.6
+    drafter.recycle(torch.arange(V), ids, probs)
+    prompt = [rng.randrange(4) for _ in range(30)]  # 4 tokens: at most 4 continuations of any context
+    history = prompt + prompt[5:12]
     tree = drafter.draft(["r"], [history], num_nodes)[0]
     validate_parents(tree.parents)
     assert len(tree) <= num_nodes and int(tree.tokens[0]) == history[-1]
     paths = _paths(tree)
     assert len(set(paths)) == len(paths)  # one node per token path
     parents, scores = tree.parents.long(), tree.scores
-    assert bool((scores[1:] <= scores[parents[1:]] + 1e-12).all())  # a tree of path products
-    # the candidates: TR's and retrieval's own best trees, each scored by its own estimates
-    tr = drafter.draft.__self__._draft_tr(torch.tensor([history[-1]]), num_nodes)[0]
-    sam = SuffixAutomaton(history)
-    ret = sam.continuations(num_nodes, drafter.retrieval_calibration.accept_prob, max_depth=32)
-    merged = _merge(tr, ret, 10_000)  # every candidate
-    best = sorted(merged.scores.tolist(), reverse=True)[:num_nodes]
+    assert bool((scores[1:] <= scores[parents[1:]] + 1e-12).all())  # path products
+    best = _brute_joint_scores(drafter, history)[:num_nodes]
     assert sorted(scores.tolist(), reverse=True) == pytest.approx(best)
-    if num_nodes >= 16:  # the quote continues: retrieval's chain is in the tree
-        assert tuple(prompt[25:28]) in {p[:3] for p in paths}
 
 
-def test_merge_takes_the_larger_estimate_and_keeps_sources():
-    tr = DraftTree(torch.tensor([7, 1, 2, 3]), torch.tensor([-1, 0, 0, 1], dtype=torch.int32),
-                   torch.tensor([1.0, 0.5, 0.2, 0.25], dtype=torch.float64), torch.tensor([1.0, 0.6, 0.3, 0.5]))
-    retrieved = ([7, 2, 9], [-1, 0, 1], [1.0, 0.8, 0.72], [(4, 1.0, 0), (4, 1.0, 1), (5, 1.0, 1)])
-    tree = _merge(tr, retrieved, 10)
-    assert _paths(tree) == [(), (2,), (1,), (2, 9), (1, 3)]  # siblings best first
-    assert tree.scores.tolist() == pytest.approx([1.0, 0.8, 0.5, 0.72, 0.25])
-    assert tree.tr_probs[[1, 2, 4]].tolist() == pytest.approx([0.3, 0.6, 0.5]) and torch.isnan(tree.tr_probs[3])
-    assert tree.retrieval == [None, (1, 4, 1.0), None, (2, 4, 1.0), None]
-    small = _merge(tr, retrieved, 3)
-    assert _paths(small) == [(), (2,), (2, 9)]  # the copy (0.72) beats the recycled alternative (0.5)
+def test_hybrid_follows_a_copy_and_keeps_recycled_alternatives():
+    drafter = TreeDrafter(V, "hybrid")
+    prompt = [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+    ids = torch.arange(8).repeat(V, 1) + 30  # TR: after any token, 30..37 at probability 0.2, 0.1, 0
+    probs = torch.zeros(V, 8)
+    probs[:, 0], probs[:, 1] = 0.2, 0.1
+    drafter.recycle(torch.arange(V), ids, probs)
+    tree = drafter.draft(["r"], [prompt + [5, 12, 13]], 12)[0]
+    paths = _paths(tree)
+    assert (14, 15, 16, 17) in paths  # the copy goes on
+    assert (30,) in paths  # the recycled alternative at the root
+    i = paths.index((14,))
+    assert tree.retrieval[i] == (1, 2, 1.0) and torch.isnan(tree.tr_probs[i])  # retrieval's, matched 12 13
+    j = paths.index((30,))
+    assert tree.retrieval[j] is None and float(tree.tr_probs[j]) == pytest.approx(0.2, abs=1e-3)  # fp16 state
 
 
 def test_observe_calibrates_each_source_on_its_tested_candidates():

@@ -54,14 +54,30 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tkernels.plugins.vllm.settings import TREE_KEY, tree_options
+from tkernels.plugins.vllm.settings import DEFAULT_TREE_DRAFTER, TREE_DRAFTERS, TREE_KEY, tree_options
 from tkernels.spec import DynamicTreePolicy, TokenRecycling, TreeShape, best_path, depths, from_widths
+from tkernels.spec.drafters import DraftTree, TreeDrafter
+from tkernels.spec.token_recycling import top_k_probs
 from tkernels.spec.tree import TR_80_WIDTHS
 
-__all__ = ["TokenRecyclingProposer", "TokenRecyclingTreeProposer", "draft_tree"]
+__all__ = ["DEFAULT_TREE_DRAFTER", "TREE_DRAFTERS", "TokenRecyclingProposer", "TokenRecyclingTreeProposer", "draft_tree"]
 
 TOP_K = 8  # adjacency columns, as in the paper's 80-node tree
 TREE_CONFIG_KEY = TREE_KEY  # the tree proposer's options in vLLM's additional_config (settings.py)
+PROMPT_TOPK_CHUNK = 512  # prompt rows per LM-head matmul when recycling prompt logits (bounds the [rows, vocab] buffer)
+
+
+def _accepted_path(tree: DraftTree, accepted_tokens: list[int]) -> list[int] | None:
+    """The nodes (root first) of ``tree`` whose tokens the target accepted, in order (siblings
+    hold distinct tokens); None if the tokens are not a path of the tree."""
+    parents, tokens = tree.parents.tolist(), tree.tokens.tolist()
+    path = [0]
+    for token in accepted_tokens:
+        child = next((j for j in range(path[-1] + 1, len(tokens)) if parents[j] == path[-1] and tokens[j] == token), None)
+        if child is None:
+            return None
+        path.append(child)
+    return path
 
 
 def draft_tree(depth: int, min_nodes: int = 1) -> TreeShape:
@@ -107,7 +123,8 @@ class TokenRecyclingProposer:
         node_depths = depths(self.shape.parents).long()
         self._levels = [(node_depths == d).nonzero().flatten() for d in range(1, int(node_depths.max()) + 1)]
         self._node_depths = node_depths
-        self._captured: list[torch.Tensor] = []  # top-k ids of compute_logits calls since the last propose
+        # (top-k ids, their probabilities) of every compute_logits call since the last propose
+        self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._drafts: list[_Draft | None] = []  # per persistent-batch row
         self.stats = {"steps": 0, "recycled_steps": 0, "skipped_steps": 0, "recycled_rows": 0}
 
@@ -117,7 +134,7 @@ class TokenRecyclingProposer:
 
     def load_model(self, target_model) -> None:
         """Keep the top-k of every ``compute_logits`` result of the target (see module doc)."""
-        original = target_model.compute_logits
+        original = self._compute_logits = target_model.compute_logits
 
         def compute_logits(*args, **kwargs):
             logits = original(*args, **kwargs)
@@ -125,7 +142,7 @@ class TokenRecyclingProposer:
                 if logits.shape[1] != self.drafter.vocab_size:
                     raise ValueError(f"TokenRecyclingProposer: the target's logits have {logits.shape[1]} columns "
                                      f"but model_config.get_vocab_size() is {self.drafter.vocab_size}")
-                self._captured.append(logits.topk(self.drafter.k, dim=-1).indices)
+                self._captured.append(top_k_probs(logits, self.drafter.k))
             return logits
 
         target_model.compute_logits = compute_logits
@@ -186,7 +203,7 @@ class TokenRecyclingProposer:
             offset += 1 + len(drafts)
         if not rows:
             return
-        top = next((t for t in captured if t.shape[0] == offset), None)
+        top = next((ids for ids, _ in captured if ids.shape[0] == offset), None)
         if top is None:
             self.stats["skipped_steps"] += 1
             return
@@ -283,9 +300,22 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         tree.install(vllm_config)
         self.vllm_config = vllm_config
         self.tree_batch = tree.TreeBatch()
-        self.per_batch = tree_options(getattr(vllm_config, "additional_config", None))["size"] == "per_batch"
-        self.policy.step_time = LatencyModel(model_shape(vllm_config), LatencyRates.from_config())
+        options = tree_options(getattr(vllm_config, "additional_config", None))
+        self.per_batch = options["size"] == "per_batch"
+        self.prompt_topk = options["prompt_topk"]
+        drafter = options["drafter"]
+        step_time = LatencyModel(model_shape(vllm_config), LatencyRates.from_config())
+        self.policy.step_time = step_time
         self._num_nodes = self.num_speculative_tokens + 1  # this step's node count, root included
+        # drafter "dynamic": the per-(depth, rank) policy on the TR template (the methods below);
+        # any other: tkernels.spec.drafters.TreeDrafter, the offline harness's drafters
+        self.tree_drafter = None
+        if drafter != "dynamic":
+            self.tree_drafter = TreeDrafter(self.drafter.vocab_size, drafter, TOP_K, step_time=step_time)
+            if self.tree_drafter.recycling is not None:
+                self.tree_drafter.recycling = self.drafter  # one adjacency: what prompt_topk and the capture feed
+        self._trees: dict[str, DraftTree] = {}  # per request, the tree it was last proposed
+        self.stats.update(prompt_topk_rows=0, prompt_topk_s=0.0, prompt_forward_s=0.0)
 
     def _draft_shape(self, num_speculative_tokens: int) -> TreeShape:
         # Twice the budget in candidates, so the best num_speculative_tokens nodes are chosen
@@ -297,6 +327,98 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
 
         check_attention_backend(self.vllm_config)  # the layers exist once the target is built
         super().load_model(target_model)
+
+    # --- the offline harness's drafters (tkernels.spec.drafters) -------------------------------------
+
+    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None) -> list[list[int]]:
+        if self.tree_drafter is None:
+            return super().propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings)
+        step = self.tree_batch.step
+        if step is None:
+            raise RuntimeError("TokenRecyclingTreeProposer.propose ran before any step: are tkernels' vLLM patches installed?")
+        self.stats["steps"] += 1
+        captured, self._captured = self._captured, []
+        self._observe_trees(step, captured, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        for req_id in set(self._trees) - set(step.req_ids):  # finished or preempted: a resumed one is rebuilt
+            self._trees.pop(req_id)
+        for key in set(self.tree_drafter.keys()) - set(step.req_ids):
+            self.tree_drafter.release(key)
+        active = [i for i, s in enumerate(sampled_token_ids) if s and int(num_tokens_no_spec[i]) + 1 < self.max_model_len]
+        drafts = [[] for _ in sampled_token_ids]
+        if not active:
+            for req_id in step.req_ids:
+                self.tree_batch.propose(req_id, [], None)
+            return drafts
+        lengths = [int(num_tokens_no_spec[i]) for i in active]
+        keys = [step.req_ids[i] for i in active]
+        trees = self.tree_drafter.draft(keys, [token_ids_cpu[i, :n] for i, n in zip(active, lengths)],
+                                        self.num_speculative_tokens + 1)
+        if self.per_batch:
+            trees = self.tree_drafter.choose(trees)  # methods with estimates; others keep the whole budget
+        for i, key, n, tree in zip(active, keys, lengths, trees):
+            room = self.max_model_len - n - 1
+            if len(tree) > room + 1:
+                tree = tree.select(torch.arange(room + 1))  # a BFS prefix: still a tree
+            self._trees[key] = tree
+            drafts[i] = tree.tokens[1:].tolist()
+        for i, req_id in enumerate(step.req_ids):
+            self.tree_batch.propose(req_id, drafts[i], self._trees[req_id].parents if drafts[i] else None)
+        return drafts
+
+    def _observe_trees(self, step, captured, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> None:
+        """Teach the drafter this step's verification: every verified node's top-k (rows matched
+        as in :meth:`_recycle`) and each row's accepted path, read off its sampled tokens."""
+        rows, trees, paths, offset = [], [], [], 0
+        for i, sampled in enumerate(sampled_token_ids):
+            drafts = step.drafts[i] if i < len(step.drafts) else []
+            if sampled:
+                tree = self._trees.get(step.req_ids[i]) if drafts else None
+                if tree is not None and tree.tokens[1:1 + len(drafts)].tolist() == list(drafts):
+                    tree = tree.select(torch.arange(1 + len(drafts)))  # as scheduled: a BFS prefix
+                    path = _accepted_path(tree, sampled[:-1])
+                else:  # no draft: its root's row alone
+                    root = int(token_ids_cpu[i, int(num_tokens_no_spec[i]) - len(sampled) - 1])
+                    tree, path = DraftTree(torch.tensor([root]), torch.tensor([-1], dtype=torch.int32)), [0]
+                if path is not None and len(tree) == 1 + len(drafts):
+                    rows += range(offset, offset + len(tree))
+                    trees.append(tree)
+                    paths.append(path)
+            offset += 1 + len(drafts)
+        if not rows:
+            return
+        top = next(((ids, probs) for ids, probs in captured if ids.shape[0] == offset), None)
+        if top is None:
+            self.stats["skipped_steps"] += 1
+            return
+        index = torch.tensor(rows, device=top[0].device)
+        self.tree_drafter.observe(trees, top[0][index].cpu(), top[1][index].cpu(), paths)
+        self.stats["recycled_steps"] += 1
+        self.stats["recycled_rows"] += len(rows)
+
+    def recycle_prompt(self, hidden_states: torch.Tensor, forward_s: float) -> None:
+        """With ``prompt_topk``: recycle the target's top-k at this step's prompt positions
+        (:mod:`tkernels.plugins.vllm.tree` calls it after the forward with its hidden states),
+        which vLLM itself never computes (it takes logits at each prompt's last position only).
+        Costs one LM-head matmul, top-k and log-sum-exp per prompt token, in chunks; timed in
+        ``stats`` (``prompt_topk_s`` against the ``prompt_forward_s`` of the same steps)."""
+        import time
+
+        step = self.tree_batch.step
+        if not self.prompt_topk or step is None or step.prompt_rows is None or not step.prompt_rows.numel():
+            return
+        start = time.perf_counter()
+        rows, tokens = step.prompt_rows, step.prompt_tokens
+        step.prompt_rows = step.prompt_tokens = None  # once per step: a later dummy forward finds nothing
+        for at in range(0, rows.numel(), PROMPT_TOPK_CHUNK):
+            index = rows[at:at + PROMPT_TOPK_CHUNK].to(hidden_states.device)
+            ids, probs = top_k_probs(self._compute_logits(hidden_states[index]), self.drafter.k)
+            self.drafter.recycle_topk(ids, tokens[at:at + PROMPT_TOPK_CHUNK], probs)
+            self.recycled[tokens[at:at + PROMPT_TOPK_CHUNK]] = True
+        if hidden_states.is_cuda:
+            torch.cuda.synchronize(hidden_states.device)
+        self.stats["prompt_topk_rows"] += rows.numel()
+        self.stats["prompt_topk_s"] += time.perf_counter() - start
+        self.stats["prompt_forward_s"] += forward_s
 
     def _draft(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu):
         drafting = sum(1 for s in sampled_token_ids if s)

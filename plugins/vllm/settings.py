@@ -14,7 +14,8 @@ Settings (README, vLLM plugin section):
 
 - ``additional_config["tkernels_sched"]``: :data:`SCHED_FORM`, the decode-maximal scheduler's
   options (``--scheduler-cls tkernels.plugins.vllm.scheduler.DecodeMaximalScheduler``);
-- ``additional_config["tkernels_tree"]``: :data:`TREE_FORM`, the tree proposer's node count;
+- ``additional_config["tkernels_tree"]``: :data:`TREE_FORM`, the tree proposer's node count,
+  drafter and prompt top-k recycling;
 - any other ``additional_config`` key starting with ``tkernels``: refused (a misspelt key would
   otherwise be ignored);
 - ``$TKERNELS_TBT_SLO_MS``: the scheduler's TBT SLO in milliseconds (a positive number);
@@ -39,7 +40,12 @@ SCHED_FORM = ('{"slo_ms": <TBT SLO in ms, > 0>, "margin": <0 <= margin < 1>, "ti
               '"max_wait_ms": <ageing bound in ms, >= 0>} (every key optional)')
 TREE_KEY = "tkernels_tree"
 TREE_SIZES = ("per_batch", "fixed")
-TREE_FORM = '{"size": "per_batch" | "fixed"}'
+# the tree proposer's drafters: "dynamic" (per-(depth, rank) estimates on the TR template) or a
+# method of tkernels.spec.drafters (the offline harness's drafters)
+TREE_DRAFTERS = ("dynamic", "pld", "tr_static", "tr", "retrieval", "hybrid")
+DEFAULT_TREE_DRAFTER = "dynamic"
+TREE_FORM = ('{"size": "per_batch" | "fixed", "drafter": ' + " | ".join(f'"{d}"' for d in TREE_DRAFTERS)
+             + ', "prompt_topk": true | false} (every key optional)')
 KNOWN_KEYS = {SCHED_KEY: SCHED_FORM, TREE_KEY: TREE_FORM}
 SCHEDULER_CLS = "tkernels.plugins.vllm.scheduler.DecodeMaximalScheduler"
 
@@ -61,13 +67,16 @@ def sched_options(additional_config) -> dict:
 
 
 def tree_options(additional_config) -> dict:
-    """The tree proposer's options from ``additional_config``: ``{"size": "per_batch" | "fixed"}``."""
+    """The tree proposer's options from ``additional_config``: ``{"size", "drafter", "prompt_topk"}``
+    (defaults ``"per_batch"``, :data:`DEFAULT_TREE_DRAFTER`, false)."""
     options = _section(additional_config, TREE_KEY, TREE_FORM)
     size = options.pop("size", "per_batch")
-    if options or size not in TREE_SIZES:
+    drafter = options.pop("drafter", DEFAULT_TREE_DRAFTER)
+    prompt_topk = options.pop("prompt_topk", False)
+    if options or size not in TREE_SIZES or drafter not in TREE_DRAFTERS or not isinstance(prompt_topk, bool):
         raise ValueError(f"additional_config['{TREE_KEY}']: expected {TREE_FORM}, got "
                          f"{_section(additional_config, TREE_KEY, TREE_FORM)!r}")
-    return {"size": size}
+    return {"size": size, "drafter": drafter, "prompt_topk": prompt_topk}
 
 
 def uses_scheduler(vllm_config) -> bool:

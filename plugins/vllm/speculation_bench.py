@@ -53,9 +53,25 @@ from pathlib import Path
 from tkernels.data import Question, specbench_dev
 from tkernels.plugins.vllm.demo import resolve_model
 
-METHODS = ("none", "ngram", "tr", "tr-tree")
+METHODS = ("none", "ngram", "tr", "tr-tree")  # plus tree:<drafter>[+prompt], see tree_drafter()
 NGRAM_MIN, NGRAM_MAX = 1, 3  # as tkernels.spec.propose_ngram's defaults (prompt lookup, PLD)
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
+
+
+def tree_options(method: str) -> dict | None:
+    """The tree proposer's options for a tree method (None for the others): ``tr-tree`` is its
+    default drafter, ``tree:<drafter>`` any of ``TREE_DRAFTERS``, ``+prompt`` adds prompt_topk;
+    always the whole budget (``size: fixed``)."""
+    from tkernels.plugins.vllm.proposer import DEFAULT_TREE_DRAFTER, TREE_DRAFTERS
+
+    if method == "tr-tree":
+        return {"size": "fixed", "drafter": DEFAULT_TREE_DRAFTER}
+    if not method.startswith("tree:"):
+        return None
+    drafter, plus, option = method.removeprefix("tree:").partition("+")
+    if drafter not in TREE_DRAFTERS or (plus and option != "prompt"):
+        raise ValueError(f"method: tree:<drafter>[+prompt] takes a drafter of {TREE_DRAFTERS}, got {method!r}")
+    return {"size": "fixed", "drafter": drafter, "prompt_topk": bool(plus)}
 
 
 def speculative_config(method: str, num_spec_tokens: int) -> dict | None:
@@ -64,17 +80,19 @@ def speculative_config(method: str, num_spec_tokens: int) -> dict | None:
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": num_spec_tokens,
                 "prompt_lookup_min": NGRAM_MIN, "prompt_lookup_max": NGRAM_MAX}
-    if method in ("tr", "tr-tree"):
-        proposer = "TokenRecyclingTreeProposer" if method == "tr-tree" else "TokenRecyclingProposer"
+    if method == "tr" or tree_options(method) is not None:
+        proposer = "TokenRecyclingProposer" if method == "tr" else "TokenRecyclingTreeProposer"
         return {"method": "custom_class", "num_speculative_tokens": num_spec_tokens,
                 "model": f"tkernels.plugins.vllm.proposer.{proposer}"}
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    raise ValueError(f"method: must be one of {METHODS} or tree:<drafter>[+prompt], got {method!r}")
 
 
 def run_method(model_dir: Path, questions: list[Question], method: str, max_tokens: int, num_spec_tokens: int,
-               rounds: int = 1) -> dict:
+               rounds: int = 1, sequential: bool = False, eos: bool = False) -> dict:
     """Generate in this process with one engine; returns token ids and step counts per request
-    (``rounds`` times the questions, round after round), wall time and vLLM's counters."""
+    (``rounds`` times the questions, round after round), wall time and vLLM's counters.
+    ``sequential``: one request at a time (each submitted when the previous one finished), as
+    bench/spec_mat.py decodes; ``eos``: answers end at EOS (else ``max_tokens`` each)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import torch
@@ -86,10 +104,10 @@ def run_method(model_dir: Path, questions: list[Question], method: str, max_toke
                   speculative_config=speculative_config(method, num_spec_tokens))
     if not torch.cuda.is_available():
         kwargs["dtype"] = "float32"
-    if method == "tr-tree":  # tree masks need tkernels' attention backend (see the module doc)
+    if tree_options(method) is not None:  # tree masks need tkernels' attention backend (see the module doc)
         from tkernels.plugins.vllm.proposer import TREE_CONFIG_KEY
 
-        kwargs["additional_config"] = {TREE_CONFIG_KEY: {"size": "fixed"}}
+        kwargs["additional_config"] = {TREE_CONFIG_KEY: tree_options(method)}
         if torch.cuda.is_available():
             kwargs["attention_backend"] = "CUSTOM"
         else:
@@ -103,38 +121,52 @@ def run_method(model_dir: Path, questions: list[Question], method: str, max_toke
                                                        add_generation_prompt=True), add_special_tokens=False)
         for q in questions
     ]
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=not eos, output_kind=RequestOutputKind.DELTA)
     engine = llm.llm_engine
     tokens: dict[str, list[int]] = {f"{r}-{i}": [] for r in range(rounds) for i in range(len(prompts))}
     steps = dict.fromkeys(tokens, 0)
-    start = time.perf_counter()
-    for r in range(rounds):
-        for i, ids in enumerate(prompts):
-            engine.add_request(f"{r}-{i}", TokensPrompt(prompt_token_ids=ids), params)
+
+    def drain() -> None:
         while engine.has_unfinished_requests():
             for out in engine.step():
                 new = list(out.outputs[0].token_ids)
                 if new:
                     tokens[out.request_id] += new
                     steps[out.request_id] += 1
+
+    start = time.perf_counter()
+    for r in range(rounds):
+        for i, ids in enumerate(prompts):
+            engine.add_request(f"{r}-{i}", TokensPrompt(prompt_token_ids=ids), params)
+            if sequential:
+                drain()
+        drain()
     elapsed = time.perf_counter() - start
     counters = {m.name: m.value for m in llm.get_metrics() if m.name in SPEC_COUNTERS}
+    stats = None
+    if tree_options(method) is not None:  # the proposer's own counters (in this process: no engine subprocess)
+        stats = llm.collective_rpc(lambda worker: dict(worker.model_runner.drafter.stats))[0]
     return {
         "method": method,
         "rounds": rounds,
+        "num_spec_tokens": num_spec_tokens,
+        "sequential": sequential,
+        "eos": eos,
         "token_ids": list(tokens.values()),
         "steps": list(steps.values()),
         "seconds": elapsed,
         "counters": {name.removeprefix("vllm:"): int(counters.get(name, 0)) for name in SPEC_COUNTERS},
+        "proposer_stats": stats,
     }
 
 
-def _run_subprocess(args: argparse.Namespace, method: str) -> dict:
+def _run_subprocess(args: argparse.Namespace, method: str, num_spec_tokens: int) -> dict:
     command = [sys.executable, "-m", "tkernels.plugins.vllm.speculation_bench", "--method", method, "--raw",
                "--model", args.model, "--questions", str(args.questions), "--max-tokens", str(args.max_tokens),
-               "--num-spec-tokens", str(args.num_spec_tokens), "--rounds", str(args.rounds)]
+               "--num-spec-tokens", str(num_spec_tokens), "--rounds", str(args.rounds)]
     if args.per_category is not None:
         command += ["--per-category", str(args.per_category)]
+    command += ["--sequential"] * args.sequential + ["--eos"] * args.eos
     out = subprocess.run(command, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"method {method} failed:\n{out.stderr[-4000:]}")
@@ -143,7 +175,11 @@ def _run_subprocess(args: argparse.Namespace, method: str) -> dict:
 
 def summarize(runs: list[dict], questions: list[Question]) -> list[dict]:
     """One record per method: tokens/s, MAT overall and per category, vLLM counters, equality."""
-    reference = next((r["token_ids"] for r in runs if r["method"] == "none"), None)
+    # plain decoding of the same workload (answers to EOS or not); batching does not change its tokens
+    references = {(r["rounds"], r.get("eos", False)): r["token_ids"] for r in runs if r["method"] == "none"}
+    def reference(run):
+        return references.get((run["rounds"], run.get("eos", False)))
+
     records = []
     for run in runs:
         by_category = defaultdict(lambda: [0, 0])
@@ -155,6 +191,9 @@ def summarize(runs: list[dict], questions: list[Question]) -> list[dict]:
         c = run["counters"]
         records.append({
             "method": run["method"],
+            "num_spec_tokens": None if run["method"] == "none" else run.get("num_spec_tokens"),
+            "sequential": run.get("sequential", False),
+            "eos": run.get("eos", False),
             "questions": len(questions),
             "rounds": run["rounds"],
             "tokens": generated,
@@ -166,7 +205,8 @@ def summarize(runs: list[dict], questions: list[Question]) -> list[dict]:
             if c["spec_decode_num_drafts"] else None,
             "draft_acceptance_rate": c["spec_decode_num_accepted_tokens"] / c["spec_decode_num_draft_tokens"]
             if c["spec_decode_num_draft_tokens"] else None,
-            "equal": None if reference is None else run["token_ids"] == reference,
+            "equal": None if reference(run) is None else run["token_ids"] == reference(run),
+            "proposer_stats": run.get("proposer_stats"),
         })
     return records
 
@@ -175,14 +215,23 @@ def format_table(records: list[dict]) -> str:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
-    lines = [f"{'method':<7} {'tokens/s':>9} {'MAT':>6} {'vLLM AL':>8} {'accept':>7} {'drafts':>7} {'equal':>6}"]
+    def label(r):
+        return (r["method"] + (f" K={r['num_spec_tokens']}" if r.get("num_spec_tokens") else "")
+                + (" seq" if r.get("sequential") else "") + (" eos" if r.get("eos") else ""))
+
+    lines = [f"{'method':<24} {'tokens/s':>9} {'MAT':>6} {'vLLM AL':>8} {'accept':>7} {'drafts':>7} {'equal':>6}"]
     for r in records:
-        lines.append(f"{r['method']:<7} {r['tokens_per_s']:>9.1f} {r['mat']:>6.3f} {fmt(r['vllm_acceptance_length'], '.3f'):>8} "
+        lines.append(f"{label(r):<24} {r['tokens_per_s']:>9.1f} {r['mat']:>6.3f} {fmt(r['vllm_acceptance_length'], '.3f'):>8} "
                      f"{fmt(r['draft_acceptance_rate'], '.3f'):>7} {r['spec_decode_num_drafts']:>7} {r['equal']!s:>6}")
     categories = sorted({c for r in records for c in r["mat_by_category"]})
     lines.append("MAT by category: " + "; ".join(
-        f"{c}: " + ", ".join(f"{r['method']} {r['mat_by_category'][c]:.3f}" for r in records) for c in categories))
+        f"{c}: " + ", ".join(f"{label(r)} {r['mat_by_category'][c]:.3f}" for r in records) for c in categories))
     return "\n".join(lines)
+
+
+def _check_method(method: str) -> str:
+    speculative_config(method, 1)  # raises "method: ..." for an unknown one
+    return method
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,31 +242,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-category", type=int, default=None,
                         help="at most K per category, categories in turn (as bench/spec_mat.py); default file order")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--num-spec-tokens", type=int, default=5)
+    parser.add_argument("--num-spec-tokens", default="5", help="draft tokens per step; comma-separated: one run per value")
     parser.add_argument("--rounds", type=int, default=1, help="submit the questions this many times in sequence")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to compare")
-    parser.add_argument("--method", choices=METHODS, help="run only this method, in this process")
+    parser.add_argument("--sequential", action="store_true", help="one request at a time, as bench/spec_mat.py")
+    parser.add_argument("--eos", action="store_true", help="answers end at EOS (default: --max-tokens each)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated methods to compare: {METHODS} or tree:<drafter>[+prompt]")
+    parser.add_argument("--method", help="run only this method, in this process")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="keep every run (raw) and the records in this JSON file, saved after each run; "
+                             "runs it already holds are not repeated")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     parser.add_argument("--require-equal", action="store_true",
                         help="exit 1 unless every speculative method's outputs equal plain decoding's (needs 'none')")
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)  # a method's raw run, for the parent
     args = parser.parse_args(argv)
-    if min(args.questions, args.max_tokens, args.num_spec_tokens, args.rounds, args.per_category or 1) < 1:
+    try:
+        spec_tokens = [int(k) for k in args.num_spec_tokens.split(",")]
+        methods = [_check_method(m) for m in (args.method or args.methods).split(",")]
+    except ValueError as err:
+        parser.error(f"--num-spec-tokens / --methods: {err}")
+    if min(args.questions, args.max_tokens, *spec_tokens, args.rounds, args.per_category or 1) < 1:
         parser.error("--questions, --per-category, --max-tokens, --num-spec-tokens and --rounds must be >= 1")
     questions = specbench_dev(args.questions, args.per_category)
     model_dir = resolve_model(args.model)
     if args.method:
-        runs = [run_method(model_dir, questions, args.method, args.max_tokens, args.num_spec_tokens, args.rounds)]
+        runs = [run_method(model_dir, questions, args.method, args.max_tokens, k, args.rounds, args.sequential, args.eos)
+                for k in spec_tokens]
         if args.raw:
             print(json.dumps(runs[0]))
             return 0
     else:
-        methods = args.methods.split(",")
-        if not set(methods) <= set(METHODS):
-            parser.error(f"--methods must name some of {METHODS}, got {args.methods!r}")
-        runs = [_run_subprocess(args, method) for method in methods]
+        saved = json.loads(args.out.read_text()) if args.out is not None and args.out.is_file() else {}
+        runs = list(saved.get("runs", []))
+
+        def done(method, k):
+            return any(r["method"] == method and (r["num_spec_tokens"] == k or method == "none") and r["rounds"] == args.rounds
+                       and r["sequential"] == args.sequential and r["eos"] == args.eos for r in runs)
+
+        for method in methods:
+            for k in spec_tokens:
+                if not done(method, k):
+                    runs.append(_run_subprocess(args, method, k))
+                    if args.out is not None:
+                        args.out.write_text(json.dumps({"model": str(model_dir), "max_tokens": args.max_tokens,
+                                                        "question_ids": [q.question_id for q in questions],
+                                                        "records": summarize(runs, questions), "runs": runs}) + "\n")
+        runs = [r for r in runs if r["method"] in methods and (r["num_spec_tokens"] in spec_tokens or r["method"] == "none")]
     records = summarize(runs, questions)
-    result = {"model": str(model_dir), "max_tokens": args.max_tokens, "num_spec_tokens": args.num_spec_tokens,
+    result = {"model": str(model_dir), "max_tokens": args.max_tokens, "num_spec_tokens": spec_tokens,
               "rounds": args.rounds, "records": records}
     print(json.dumps(result) if args.json else f"model: {model_dir}\n{format_table(records)}")
     if args.require_equal:

@@ -54,6 +54,12 @@ Patched vLLM symbols, and why:
    the engine process this patch finishes that request with ``FINISHED_ERROR`` through the set
    vLLM uses for its own per-request errors (the client gets an error, HTTP 500 in the OpenAI
    server) and the server serves on. Installed like patch 5.
+7. ``GPUModelRunner._model_forward`` (prompt top-k, only with the proposer's ``prompt_topk``
+   option): after the forward, the hidden states of the step's prompt tokens (recorded by patch
+   1) go through the LM head in chunks and their top-k is recycled
+   (:meth:`~tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer.recycle_prompt`); vLLM
+   itself computes logits at each prompt's last position only. Without the option it passes
+   the output through untouched.
 
 Supported: greedy and temperature/top-k/top-p sampled requests; one KV-cache group; decoder
 models without M-RoPE; tkernels' attention backend (``--attention-backend CUSTOM``; on CPU the
@@ -68,6 +74,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +105,7 @@ FAILED_TOKEN = -2
 _PATCHED_SIGNATURES = {
     "_prepare_inputs": ("self", "scheduler_output", "num_scheduled_tokens"),
     "_sample": ("self", "logits", "spec_decode_metadata"),
+    "_model_forward": ("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "model_kwargs"),
 }
 _VALIDATE_SIGNATURE = ("self", "speculative_config")
 _UPDATE_SIGNATURE = ("self", "scheduler_output", "model_runner_output")
@@ -205,6 +213,9 @@ class TreeStep:
         device = uniforms.device
         uniforms[index.to(device)] = keyed_uniforms(seeds, (root + node_depth + 1).to(device))
         return uniforms
+    # with the proposer's prompt_topk: the step's prompt tokens (indices into its tokens, their ids)
+    prompt_rows: torch.Tensor | None = None
+    prompt_tokens: torch.Tensor | None = None
 
 
 _ATTENTION_TREES: tuple[torch.Tensor, torch.Tensor] | None = None  # (tree_parents [T], is_tree [B]) of this step
@@ -281,12 +292,26 @@ class TreeBatch:
         generators = getattr(runner.input_batch, "generators", None)
         if generators:
             generators.clear()
+        if getattr(runner.drafter, "prompt_topk", False):
+            self._prompt_positions(runner, num_scheduled_tokens, starts, prefix)
         if not token_index:
             _ATTENTION_TREES = None
             return
         device = runner.positions.device
         runner.positions[torch.cat(token_index).to(device)] = torch.cat(token_position).to(device, runner.positions.dtype)
         _ATTENTION_TREES = (tree_parents.to(device), is_tree.to(device))
+
+    def _prompt_positions(self, runner, num_scheduled_tokens: np.ndarray, starts: np.ndarray, prefix: np.ndarray) -> None:
+        """Record which of the step's tokens are prompt tokens (prefill chunks), for prompt_topk."""
+        batch = runner.input_batch
+        rows, tokens = [], []
+        for i in range(len(prefix)):
+            m = min(int(num_scheduled_tokens[i]), int(batch.num_prompt_tokens[i]) - int(prefix[i]))
+            if m > 0:
+                rows.append(torch.arange(int(starts[i]), int(starts[i]) + m))
+                tokens.append(torch.from_numpy(batch.token_ids_cpu[i, prefix[i]:prefix[i] + m].astype(np.int64)))
+        if rows:
+            self.step.prompt_rows, self.step.prompt_tokens = torch.cat(rows), torch.cat(tokens)
 
     # patches 3 and 4 ----------------------------------------------------------------------------
     def verify(self, runner, logits: torch.Tensor, spec_decode_metadata):
@@ -407,7 +432,7 @@ def install(vllm_config) -> None:
     methods = {name: _checked_method(GPUModelRunner, name, sig) for name, sig in _PATCHED_SIGNATURES.items()}
     if _already_patched(GPUModelRunner, "_sample"):
         return
-    prepare_inputs, sample = methods["_prepare_inputs"], methods["_sample"]
+    prepare_inputs, sample, model_forward = methods["_prepare_inputs"], methods["_sample"], methods["_model_forward"]
 
     @functools.wraps(prepare_inputs)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
@@ -424,7 +449,18 @@ def install(vllm_config) -> None:
             return sample(self, logits, spec_decode_metadata)
         return batch.verify(self, logits, spec_decode_metadata)
 
-    for name, wrapper in (("_prepare_inputs", _prepare_inputs), ("_sample", _sample)):
+    @functools.wraps(model_forward)
+    def _model_forward(self, *args, **kwargs):
+        start = time.perf_counter()
+        output = model_forward(self, *args, **kwargs)
+        batch = _tree_batch(self)
+        if batch is not None and self.drafter.prompt_topk and isinstance(output, torch.Tensor):
+            if output.is_cuda:
+                torch.cuda.synchronize(output.device)
+            self.drafter.recycle_prompt(output, time.perf_counter() - start)
+        return output
+
+    for name, wrapper in (("_prepare_inputs", _prepare_inputs), ("_sample", _sample), ("_model_forward", _model_forward)):
         wrapper._tkernels_tree = True
         setattr(GPUModelRunner, name, wrapper)
 

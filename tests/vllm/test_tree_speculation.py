@@ -125,11 +125,6 @@ def test_lone_request_drafts_past_64_nodes_on_an_8b_model_and_a_batch_small_tree
     assert min(sizes[1]) >= 127 and max(sizes[32]) <= 16
 
 
-def test_tree_size_option_is_checked():
-    with pytest.raises(ValueError, match="tkernels_tree"):
-        make_tree_proposer(additional_config={"tkernels_tree": {"size": "huge"}})
-
-
 def test_tree_recycles_every_verified_node_including_rejected_branches(rng):
     proposer, target = make_tree_proposer()
     batch = Batch([[3]])
@@ -142,6 +137,64 @@ def test_tree_recycles_every_verified_node_including_rejected_branches(rng):
     assert adjacency[4, 0] == 8 and adjacency[8, 0] == 30  # the accepted path
     assert adjacency[9, 0] == 31 and adjacency[12, 0] == 32  # a rejected branch and a rejected leaf
     assert proposer.stats["skipped_steps"] == 0 and proposer.stats["recycled_rows"] == 4
+
+
+def test_harness_drafters_draft_observe_and_follow_requests(rng):
+    """drafter = a tkernels.spec.drafters method: the offline harness's trees, recorded per
+    request; the next step recycles every verified node and reads the accepted path off the
+    sampled tokens; finished requests are forgotten."""
+    proposer, target = make_tree_proposer(num_spec=6, additional_config={"tkernels_tree": {"size": "fixed",
+                                                                                          "drafter": "hybrid"}})
+    assert proposer.tree_drafter.method == "hybrid" and proposer.tree_drafter.recycling is proposer.drafter
+    batch = Batch([[5, 6, 7, 8, 9, 10, 5, 6], [3]])  # request a's answer quotes its prompt
+    fake_step(proposer, ["a", "b"], [[], []])
+    target.compute_logits(logits_preferring([7, 4], rng))
+    batch.commit([[7], [4]])
+    drafts = proposer.propose([[7], [4]], batch.num_tokens.copy(), batch.token_ids)
+    assert drafts[0][:3] == [8, 9, 10]  # retrieval: what followed 5 6 7 in the prompt
+    assert drafts[1] == [] or len(drafts[1]) <= 6  # b: unwritten rows, probability 0
+    tree = proposer._trees["a"]
+    assert proposer.tree_batch.proposed["a"].tokens == drafts[0]
+    assert proposer.tree_batch.proposed["a"].parents.tolist() == tree.parents.tolist()
+    # Verify a's tree: the target accepts 8, 9 and says 42 after 9 (b drafted nothing or was cut).
+    scheduled = [drafts[0], []]
+    fake_step(proposer, ["a", "b"], scheduled)
+    nine = tree.tokens.tolist().index(9)
+    after = [8 if j == 0 else 9 if j == tree.tokens.tolist().index(8) else 42 if j == nine else 60
+             for j in range(len(tree))]
+    target.compute_logits(logits_preferring(after + [11], rng))
+    batch.commit([[8, 9, 42], [11]])
+    before = proposer.tree_drafter.retrieval_calibration.accepted.sum().item()
+    proposer.propose([[8, 9, 42], [11]], batch.num_tokens.copy(), batch.token_ids)
+    assert proposer.drafter.adjacency[9, 0] == 42 and proposer.drafter.adjacency[3, 0] == 4  # and b's root row
+    assert proposer.tree_drafter.retrieval_calibration.accepted.sum().item() > before  # 8 and 9 were retrieval's
+    assert proposer.stats["skipped_steps"] == 0 and proposer.stats["recycled_rows"] == 2 + len(tree) + 1
+    # b finished: its context and tree are dropped
+    fake_step(proposer, ["a"], [proposer.tree_batch.proposed["a"].tokens if "a" in proposer.tree_batch.proposed else []])
+    proposer.tree_batch.step.drafts = [[]]
+    target.compute_logits(logits_preferring([1], rng))
+    proposer.propose([[1]], batch.num_tokens[:1].copy() + 1, batch.token_ids[:1])
+    assert set(proposer.tree_drafter.keys()) == {"a"} and set(proposer._trees) <= {"a"}
+
+
+def test_prompt_topk_recycles_the_prompt_positions(rng):
+    proposer, _target = make_tree_proposer(additional_config={"tkernels_tree": {"prompt_topk": True}})
+    fake_step(proposer, ["p"], [[]])
+    proposer.tree_batch.step.prompt_rows = torch.tensor([1, 2, 3])  # the step's tokens 1..3 are prompt tokens
+    proposer.tree_batch.step.prompt_tokens = torch.tensor([20, 21, 22])
+    hidden = logits_preferring([0, 30, 31, 32], rng)  # FakeTarget.compute_logits returns its input
+    proposer.recycle_prompt(hidden, forward_s=1.0)
+    assert proposer.drafter.adjacency[[20, 21, 22], 0].tolist() == [30, 31, 32]
+    assert bool(proposer.recycled[[20, 21, 22]].all()) and proposer.drafter.probs[20, 0] > 0
+    assert proposer.stats["prompt_topk_rows"] == 3 and proposer.stats["prompt_forward_s"] == 1.0
+    proposer.recycle_prompt(hidden, forward_s=1.0)  # consumed: a second forward of the step recycles nothing
+    assert proposer.stats["prompt_topk_rows"] == 3
+
+
+@pytest.mark.parametrize("options", [{"drafter": "eagle"}, {"prompt_topk": "yes"}, {"size": "huge"}, {"other": 1}])
+def test_tree_options_are_checked(options):
+    with pytest.raises(ValueError, match="tkernels_tree"):
+        make_tree_proposer(additional_config={"tkernels_tree": options})
 
 
 def test_unsupported_configs_are_refused_when_the_proposer_is_built():
@@ -405,6 +458,20 @@ def test_tree_speculation_with_255_draft_tokens_matches_plain_decoding():
     _check_lossless_with_accepted_drafts(plain, tree, 24)
     counters = tree["counters"]
     assert counters["spec_decode_num_draft_tokens"] / counters["spec_decode_num_drafts"] > 64  # trees past 64 nodes
+
+
+def test_harness_drafters_in_the_engine_are_lossless_and_recycle_the_prompt():
+    """drafter hybrid (tkernels.spec.drafters) with prompt_topk, reference backend: the outputs
+    are plain decoding's, every step is recycled and the prompts' positions too."""
+    from tkernels.models import tiny_llama_dir
+
+    tiny_llama_dir()
+    with ThreadPoolExecutor(2) as pool:
+        plain, tree = pool.map(lambda a: _result(_bench(*a)), [("none", "tiny", 12, 1, "reference"),
+                                                              ("tree:hybrid+prompt", "tiny", 12, 2, "reference")])
+    _check_lossless_with_accepted_drafts(plain, tree, 12)
+    stats = tree["proposer_stats"]
+    assert stats["skipped_steps"] == 0 and stats["prompt_topk_rows"] > 0 and stats["prompt_topk_s"] > 0
 
 
 def _load_run(tree: bool) -> dict:

@@ -120,6 +120,26 @@ class SuffixAutomaton:
                 return 0
         return self.count[state]
 
+    def children(self, state: int, max_children: int) -> list[tuple[int, int, float, int]]:
+        """What followed the strings of ``state``: at most ``max_children`` ``(token, next
+        state, share, support)``, most frequent first, where ``share`` is the token's share of
+        the ``support`` earlier continuations."""
+        nxt = self.next[state]
+        if not nxt:
+            return []
+        support = sum(self.count[s] for s in nxt.values())
+        best = sorted(nxt.items(), key=lambda kv: -self.count[kv[1]])[:max_children]
+        return [(token, child, self.count[child] / support, support) for token, child in best]
+
+    def suffix_states(self, state: int, levels: int) -> list[tuple[int, int]]:
+        """``(state, length)`` of ``state`` and up to ``levels - 1`` shorter suffix contexts
+        (suffix links; the empty context excluded)."""
+        out = []
+        while state > 0 and len(out) < levels:
+            out.append((state, self.length[state]))
+            state = self.link[state]
+        return out
+
     def continuations(
         self,
         max_nodes: int,
@@ -154,13 +174,7 @@ class SuffixAutomaton:
             nonlocal tie
             if depth >= max_depth:
                 return
-            nxt = self.next[from_state]
-            if not nxt:
-                return
-            children = sorted(nxt.items(), key=lambda kv: -self.count[kv[1]])[:max_children]
-            support = sum(self.count[s] for s in nxt.values())
-            for token, child in children:
-                ratio = self.count[child] / support
+            for token, child, ratio, support in self.children(from_state, max_children):
                 p = ratio if accept_prob is None else accept_prob(ratio, context, support, depth + 1)
                 if p > 0:
                     heapq.heappush(heap, (-score * p, tie, node, token, child, (context, ratio, support)))
