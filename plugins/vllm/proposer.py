@@ -44,6 +44,17 @@ recycling, but each row's draft is the highest-scoring nodes of the tree (at mos
 order), handed to vLLM as the row's draft list, and vLLM's runner is patched to verify it as a
 tree (:mod:`tkernels.plugins.vllm.tree`, which also says what is supported). There the verified nodes of every row are known exactly, so every step is recycled,
 a cut draft included.
+
+**Drafters of the tree proposer** (``tkernels_tree.drafter``): ``"dynamic"`` is the above
+(per-(depth, rank) estimates on the TR template); any method of :mod:`tkernels.spec.drafters`
+(``"tr_static"``, ``"tr"``, ``"pld"``, ``"retrieval"``, ``"hybrid"``) runs the offline harness's
+own :class:`~tkernels.spec.drafters.TreeDrafter`: the same code drafts, prices
+(``size: per_batch``, for the methods with estimates) and learns (every verified node's top-k
+with its probability, and the accepted path, read off the sampled tokens) as in
+``bench/spec_mat.py``, one drafter for all requests, a retrieval context per request.
+``tkernels_tree.prompt_topk`` also recycles the target's top-k at every prompt position, which
+vLLM never computes (it takes logits at a prompt's last position only): an LM-head matmul per
+prompt token (:meth:`TokenRecyclingTreeProposer.recycle_prompt`, timed in ``stats``).
 """
 
 from __future__ import annotations
@@ -286,6 +297,8 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
     lone request verifies the whole budget and a large batch small trees.
     ``--additional-config '{"tkernels_tree": {"size": "fixed"}}'`` always drafts the whole
     budget instead (comparisons at a fixed verify budget); the default is ``"per_batch"``.
+    ``"drafter"`` (default ``"dynamic"``, the above) and ``"prompt_topk"`` (default false): see
+    the module doc.
     The trees reach vLLM as draft lists through :mod:`tkernels.plugins.vllm.tree`, whose patches this constructor
     installs and whose :class:`~tkernels.plugins.vllm.tree.TreeBatch` (``tree_batch``) tells
     the proposer, each step, which request each row is and which draft it was verified with.
