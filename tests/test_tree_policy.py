@@ -1,6 +1,7 @@
 """Dynamic tree policy: greedy on path products vs exhaustive search, step-time model, updates."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -262,3 +263,14 @@ def test_select_subtree_matches_reference(rng):
         select_subtree(torch.tensor([-1, 0, 1], dtype=torch.int32), torch.tensor([True, False, True]))
     with pytest.raises(ValueError, match="keep must be a bool"):
         select_subtree(torch.tensor([-1, 0], dtype=torch.int32), torch.tensor([1, 1]))
+
+
+def test_confidence_host_estimate_equals_the_tensor_one():
+    policy = ConfidenceTreePolicy(step_time=SimpleNamespace(step_time=lambda tokens: 1.0 + tokens))
+    g = torch.Generator().manual_seed(0)
+    policy.accepted *= torch.rand(policy.accepted.shape, generator=g, dtype=torch.float64) * 3  # factors up to 3
+    probs = torch.rand(500, generator=g) ** 4
+    host = policy.accept_prob_host()
+    for depth in (1, 2, 8, 30):
+        expected = policy.accept_prob(probs, depth)
+        assert torch.equal(torch.tensor([host(q, depth) for q in probs.tolist()], dtype=torch.float64), expected)

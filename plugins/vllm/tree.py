@@ -292,7 +292,7 @@ class TreeBatch:
         generators = getattr(runner.input_batch, "generators", None)
         if generators:
             generators.clear()
-        if getattr(runner.drafter, "prompt_topk", False):
+        if getattr(getattr(runner, "drafter", None), "prompt_topk", False):
             self._prompt_positions(runner, num_scheduled_tokens, starts, prefix)
         if not token_index:
             _ATTENTION_TREES = None

@@ -284,6 +284,7 @@ class TreeDrafter:
     def _hybrid_tree(self, sam: SuffixAutomaton, num_nodes: int) -> DraftTree:
         """The best ``num_nodes`` nodes of the joint TR + retrieval candidate trie (module doc)."""
         recycling, calibration = self.recycling, self.retrieval_calibration
+        tr_accept = self.tr_policy.accept_prob_host()
         tokens, parents, scores, node_depth = [sam.tokens[-1]], [-1], [1.0], [0]
         tr_probs, features = [math.nan], [None]
         heap: list = []
@@ -294,11 +295,9 @@ class TreeDrafter:
             depth = node_depth[node] + 1
             candidates: dict[int, list] = {}  # token -> [TR estimate, stored prob, retrieval estimate, features, next context]
             if depth <= self.max_depth:
-                q = recycling.probs[tokens[node]].float()
-                for token, stored, p in zip(recycling.adjacency[tokens[node]].tolist(), q.tolist(),
-                                            self.tr_policy.accept_prob(q, depth).tolist()):
+                for token, stored in zip(recycling.adjacency[tokens[node]].tolist(), recycling.probs[tokens[node]].tolist()):
                     if stored > 0:
-                        candidates.setdefault(token, [p, stored, 0.0, None, None])
+                        candidates.setdefault(token, [tr_accept(stored, depth), stored, 0.0, None, None])
             if depth <= 2 * self.max_depth:
                 for state, context in contexts:  # longest context first: it names a token's features
                     for token, child, share, support in sam.children(state, MAX_CHILDREN):

@@ -18,6 +18,7 @@ batch 32 a few nodes per request.
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Protocol
 
 import torch
@@ -225,6 +226,19 @@ class ConfidenceTreePolicy:
         d, q_bin = self._cells(probs, depth)
         factor = self.factors().to(probs.device)[d, q_bin]
         return (probs.double() * factor).clamp(max=1.0)
+
+    def accept_prob_host(self):
+        """:meth:`accept_prob` for one host float at a time, from a snapshot of the current
+        factors: ``f(prob, depth) -> float`` (a per-node host loop's estimate, without tensor
+        calls; the same cells and clamping)."""
+        factors = self.factors().tolist()
+        bins, max_depth = self.bins, self.max_depth
+
+        def accept_prob(prob: float, depth: int) -> float:
+            q_bin = min(max(math.floor(-math.log2(max(prob, 1e-30))), 0), bins - 1)
+            return min(prob * factors[min(max(depth, 1), max_depth) - 1][q_bin], 1.0)
+
+        return accept_prob
 
     def update(self, node_probs, parents, cu_nodes, accepted_nodes, num_accepted) -> None:
         """Learn from one verify step of the ragged batch ``(parents, cu_nodes)`` that
