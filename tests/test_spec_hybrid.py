@@ -186,3 +186,50 @@ def test_bad_arguments_name_themselves():
         drafter.draft(["a", "b"], [[1]], 4)
     with pytest.raises(ValueError, match="^num_nodes:"):
         static_template(10_000)
+
+
+def _observe_random(drafter, trees, g):
+    ids = torch.stack([torch.randperm(V, generator=g)[:8] for _ in range(sum(map(len, trees)))])
+    probs = torch.rand(ids.shape, generator=g).sort(dim=1, descending=True).values * 0.6
+    drafter.observe(trees, ids, probs, [[0] + ([1] if len(t) > 1 else []) for t in trees])
+
+
+def test_own_rows_change_nothing_for_one_request_at_a_time():
+    """The harness's case: a request's own row of a token is the shared row's latest value."""
+    g, rng = torch.Generator().manual_seed(0), random.Random(0)
+    with_own, shared_only = TreeDrafter(V, "hybrid"), TreeDrafter(V, "hybrid")
+    for d in (with_own, shared_only):
+        _warm(d, 1)
+    history = [rng.randrange(V) for _ in range(20)]
+    for _ in range(12):
+        trees = [d.draft(["q"], [history], 24)[0] for d in (with_own, shared_only)]
+        assert trees[0].tokens.tolist() == trees[1].tokens.tolist() and trees[0].parents.tolist() == trees[1].parents.tolist()
+        state = g.get_state()
+        _observe_random(with_own, trees[:1], g)
+        g.set_state(state)
+        _observe_random(shared_only, trees[1:], g)
+        shared_only._own.clear()  # reads the shared adjacency only
+        history.append(int(trees[0].tokens[1]) if len(trees[0]) > 1 else rng.randrange(V))
+    assert with_own._own["q"]
+
+
+def test_own_rows_keep_each_request_its_latest_row_among_many():
+    drafter = TreeDrafter(V, "hybrid")
+    root = DraftTree(torch.tensor([7]), torch.tensor([-1], dtype=torch.int32))
+    rows = {"a": [11, 12, 13, 14, 15, 16, 17, 18], "b": [21, 22, 23, 24, 25, 26, 27, 28]}
+    for key in ("a", "b"):  # both verify token 7, b last
+        drafter.observe([DraftTree(root.tokens, root.parents, key=key)], torch.tensor([rows[key]]),
+                        torch.full((1, 8), 0.1), [[0]])
+    firsts = {key: drafter.draft([key], [[1, 2, 7]], 3)[0].tokens[1].item() for key in ("a", "b", "c")}
+    assert firsts == {"a": 11, "b": 21, "c": 21}  # c never verified 7: the shared (latest) row
+    drafter.release("a")
+    assert drafter.draft(["a"], [[1, 2, 7]], 3)[0].tokens[1].item() == 21
+
+
+def test_a_token_at_several_nodes_keeps_the_last_nodes_row():
+    drafter = TreeDrafter(V, "hybrid")
+    tree = DraftTree(torch.tensor([7, 3, 4, 3]), torch.tensor([-1, 0, 0, 1], dtype=torch.int32), key="a")
+    ids = torch.arange(32).view(4, 8)
+    drafter.observe([tree], ids, torch.full((4, 8), 0.1), [[0]])
+    assert drafter.recycling.adjacency[3].tolist() == list(range(24, 32))
+    assert drafter._own["a"][3][0] == list(range(24, 32))

@@ -92,7 +92,8 @@ class DraftTree:
     None for methods without estimates: ``pld``, ``tr_static``); ``tr_probs`` float32 [n], the
     stored Token Recycling probability of the nodes TR proposed (NaN elsewhere; None without
     TR); ``retrieval`` per node the retrieval features ``(depth, match length, share)`` of the
-    nodes retrieval proposed (None elsewhere; None without retrieval).
+    nodes retrieval proposed (None elsewhere; None without retrieval); ``key`` the request's id
+    given to :meth:`TreeDrafter.draft`.
     """
 
     tokens: torch.Tensor
@@ -100,6 +101,7 @@ class DraftTree:
     scores: torch.Tensor | None = None
     tr_probs: torch.Tensor | None = None
     retrieval: list[tuple[int, int, float] | None] | None = None
+    key: Hashable | None = None
 
     def __len__(self) -> int:
         return self.tokens.numel()
@@ -117,7 +119,7 @@ class DraftTree:
         keep = nodes.tolist()
         return DraftTree(self.tokens[nodes], parents.int(), None if self.scores is None else self.scores[nodes],
                          None if self.tr_probs is None else self.tr_probs[nodes],
-                         None if self.retrieval is None else [self.retrieval[i] for i in keep])
+                         None if self.retrieval is None else [self.retrieval[i] for i in keep], self.key)
 
 
 class RetrievalCalibration:
@@ -184,6 +186,13 @@ class TreeDrafter:
     paper does), the calibrations, and per request (keyed by the caller's ids) a suffix
     automaton of its tokens, synced from the history passed to :meth:`draft` (extended when the
     history extends it, rebuilt otherwise). :meth:`release` forgets a finished request.
+
+    ``hybrid`` also keeps, per request, the adjacency rows its own verifications wrote (its
+    *own rows*) and reads a token's row there first, the shared adjacency otherwise. One request
+    at a time (the offline harness) that changes nothing: the shared row of a token the request
+    verified is its own latest one. With many requests at once (a server) the shared row of a
+    common token is whichever request verified it last, another context most of the time; the
+    own row keeps the request's latest. ~ (nodes verified) x k x 12 bytes per request.
     """
 
     def __init__(self, vocab_size: int, method: str = "hybrid", k: int = 8, step_time: StepTime | None = None,
@@ -196,6 +205,7 @@ class TreeDrafter:
         self.tr_policy = ConfidenceTreePolicy(step_time=step_time)  # TR calibration and the batch's pricing
         self.retrieval_calibration = RetrievalCalibration()
         self._contexts: dict[Hashable, SuffixAutomaton] = {}
+        self._own: dict[Hashable, dict[int, tuple[list[int], list[float]]]] = {}  # hybrid: per request, token -> row
 
     @property
     def uses_retrieval(self) -> bool:
@@ -213,8 +223,10 @@ class TreeDrafter:
         return sam
 
     def release(self, key: Hashable) -> None:
-        """Forget a request's context (finished or preempted; a later draft rebuilds it)."""
+        """Forget a request's context and own rows (finished or preempted; a later draft
+        rebuilds the context)."""
         self._contexts.pop(key, None)
+        self._own.pop(key, None)
 
     def keys(self) -> list[Hashable]:
         return list(self._contexts)
@@ -244,18 +256,25 @@ class TreeDrafter:
         histories = [h.tolist() if hasattr(h, "tolist") else [int(t) for t in h] for h in histories]
         last = torch.tensor([h[-1] for h in histories], dtype=torch.int64)
         if self.method == "pld":
-            return self._draft_pld(histories, num_nodes)
-        if self.method == "tr_static":
+            trees = self._draft_pld(histories, num_nodes)
+        elif self.method == "tr_static":
             tokens, parents, _ = self.recycling.draft(last, static_template(num_nodes))
             n = num_nodes
-            return [DraftTree(tokens[b * n:(b + 1) * n], parents[b * n:(b + 1) * n]) for b in range(len(keys))]
-        if self.method == "tr":
-            return self._draft_tr(last, num_nodes)
+            trees = [DraftTree(tokens[b * n:(b + 1) * n], parents[b * n:(b + 1) * n]) for b in range(len(keys))]
+        elif self.method == "tr":
+            trees = self._draft_tr(last, num_nodes)
+        else:
+            trees = self._draft_contexts(keys, histories, num_nodes)
+        for tree, key in zip(trees, keys):
+            tree.key = key
+        return trees
+
+    def _draft_contexts(self, keys, histories, num_nodes: int) -> list[DraftTree]:
         trees = []
         for key, history in zip(keys, histories):
             sam = self._context(key, history)
             if self.method == "hybrid":
-                trees.append(self._hybrid_tree(sam, num_nodes))
+                trees.append(self._hybrid_tree(sam, num_nodes, self._own.get(key, {})))
                 continue
             tokens, parents, scores, features = sam.continuations(
                 num_nodes, self.retrieval_calibration.accept_prob, MAX_CHILDREN, 2 * self.max_depth)
@@ -281,8 +300,9 @@ class TreeDrafter:
                                                                    max_depth=self.max_depth)
         return [DraftTree(tokens[b], parents[b], scores[b], probs[b]) for b in range(last.numel())]
 
-    def _hybrid_tree(self, sam: SuffixAutomaton, num_nodes: int) -> DraftTree:
-        """The best ``num_nodes`` nodes of the joint TR + retrieval candidate trie (module doc)."""
+    def _hybrid_tree(self, sam: SuffixAutomaton, num_nodes: int, own: dict[int, tuple[list[int], list[float]]]) -> DraftTree:
+        """The best ``num_nodes`` nodes of the joint TR + retrieval candidate trie (module doc);
+        a token's TR row from the request's ``own`` rows first (class doc)."""
         recycling, calibration = self.recycling, self.retrieval_calibration
         tr_accept = self.tr_policy.accept_prob_host()
         tokens, parents, scores, node_depth = [sam.tokens[-1]], [-1], [1.0], [0]
@@ -295,7 +315,10 @@ class TreeDrafter:
             depth = node_depth[node] + 1
             candidates: dict[int, list] = {}  # token -> [TR estimate, stored prob, retrieval estimate, features, next context]
             if depth <= self.max_depth:
-                for token, stored in zip(recycling.adjacency[tokens[node]].tolist(), recycling.probs[tokens[node]].tolist()):
+                row = own.get(tokens[node])
+                ids, probs = row if row is not None else (recycling.adjacency[tokens[node]].tolist(),
+                                                          recycling.probs[tokens[node]].tolist())
+                for token, stored in zip(ids, probs):
                     if stored > 0:
                         candidates.setdefault(token, [tr_accept(stored, depth), stored, 0.0, None, None])
             if depth <= 2 * self.max_depth:
@@ -372,6 +395,15 @@ class TreeDrafter:
             if topk_ids.shape[0] != total:
                 raise ValueError(f"topk_ids: one row per tree node ({total}), got {tuple(topk_ids.shape)}")
             self.recycling.recycle_topk(topk_ids, torch.cat([t.tokens for t in trees]), topk_probs)
+        if self.method == "hybrid":  # own rows, as stored in the shared adjacency (int32 ids, fp16 probabilities)
+            ids = topk_ids.tolist()
+            probs = torch.zeros(topk_ids.shape) if topk_probs is None else topk_probs.to(self.recycling.probs.dtype)
+            probs, start = probs.float().tolist(), 0
+            for tree in trees:
+                own = self._own.setdefault(tree.key, {})
+                for i, token in enumerate(tree.tokens.tolist()):  # a token at several nodes: the last one's
+                    own[token] = (ids[start + i], probs[start + i])
+                start += len(tree)
         tr_probs, tr_depths, tr_ok, ret_features, ret_ok = [], [], [], [], []
         for tree, path in zip(trees, accepted):
             on_path = torch.zeros(len(tree), dtype=torch.bool)

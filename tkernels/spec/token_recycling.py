@@ -151,7 +151,7 @@ class TokenRecycling:
         """Recycle verification logits at ALL tree nodes: row ``draft_tokens[i]`` := top-k of
         ``logits[i]`` and their softmax probabilities.
 
-        A token drafted at several nodes of one step keeps one of their top-k lists.
+        A token drafted at several nodes of one step keeps the last node's top-k list.
         """
         if logits.dim() != 2 or logits.shape[1] != self.vocab_size:
             raise ValueError(f"logits must be [total_nodes, {self.vocab_size}], got {tuple(logits.shape)}")
@@ -177,8 +177,13 @@ class TokenRecycling:
         if topk_probs is not None:
             require(probabilities("topk_probs", topk_probs))
         rows = draft_tokens.to(self.adjacency.device).long()
-        self.adjacency[rows] = topk_ids.to(self.adjacency.device, torch.int32)
-        self.probs[rows] = 0.0 if topk_probs is None else topk_probs.to(self.probs.device, self.probs.dtype)
+        # a token at several nodes keeps the last node's list (an index_put with repeated
+        # indices keeps an unspecified one): the rule per-request overlays copy
+        order = torch.arange(rows.numel(), device=rows.device)
+        last = torch.full((self.vocab_size,), -1, dtype=torch.int64, device=rows.device).scatter_reduce_(0, rows, order, "amax")
+        keep = last[rows] == order
+        self.adjacency[rows[keep]] = topk_ids.to(self.adjacency.device, torch.int32)[keep]
+        self.probs[rows[keep]] = 0.0 if topk_probs is None else topk_probs.to(self.probs.device, self.probs.dtype)[keep]
 
     def _check_ids(self, name: str, ids: torch.Tensor) -> None:
         """Token ids index the adjacency: outside [0, vocab) they would wrap or fail (and stored
