@@ -233,3 +233,21 @@ def test_a_token_at_several_nodes_keeps_the_last_nodes_row():
     drafter.observe([tree], ids, torch.full((4, 8), 0.1), [[0]])
     assert drafter.recycling.adjacency[3].tolist() == list(range(24, 32))
     assert drafter._own["a"][3][0] == list(range(24, 32))
+
+
+def test_static_template_reads_own_rows_first():
+    drafter = TreeDrafter(V, "tr_static")
+    _warm(drafter)
+    root = DraftTree(torch.tensor([7]), torch.tensor([-1], dtype=torch.int32))
+    own = {"a": [11] + list(range(30, 37)), "b": [21] + list(range(40, 47))}
+    for key, row in own.items():  # both verify token 7, b last
+        drafter.observe([DraftTree(root.tokens, root.parents, key=key)], torch.tensor([row]), torch.full((1, 8), 0.1), [[0]])
+    shape = static_template(20)
+    trees = drafter.draft(["a", "b", "c"], [[7], [7], [7]], 20)
+    parents, ranks = shape.parents.tolist(), shape.ranks.tolist()
+    for tree, key in zip(trees, ("a", "b", "c")):
+        expected = [7]
+        for i in range(1, 20):  # own row for token 7 (c has none: the shared row, b's), shared rows elsewhere
+            p = expected[parents[i]]
+            expected.append(own.get(key, own["b"])[ranks[i]] if p == 7 else int(drafter.recycling.adjacency[p, ranks[i]]))
+        assert tree.tokens.tolist() == expected and tree.parents.tolist() == parents

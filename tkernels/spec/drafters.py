@@ -58,6 +58,7 @@ __all__ = ["METHODS", "STATIC_WIDTHS", "DraftTree", "RetrievalCalibration", "Tre
 METHODS = ("pld", "tr_static", "tr", "retrieval", "hybrid")
 MAX_CHILDREN = 4  # retrieval: continuations kept per context (most frequent first)
 ROOT_CONTEXTS = 3  # hybrid: the longest earlier match and up to two shorter suffix contexts at the root
+OWN_ROWS = ("tr_static", "hybrid")  # methods that keep per-request own adjacency rows (TreeDrafter doc)
 
 # Token Recycling's fan-out rule (tkernels.spec.tree.from_widths) at three sizes: the paper's
 # 80-node tree, then one and two steps wider at every depth (138 and 274 nodes), so that static
@@ -187,8 +188,9 @@ class TreeDrafter:
     automaton of its tokens, synced from the history passed to :meth:`draft` (extended when the
     history extends it, rebuilt otherwise). :meth:`release` forgets a finished request.
 
-    ``hybrid`` also keeps, per request, the adjacency rows its own verifications wrote (its
-    *own rows*) and reads a token's row there first, the shared adjacency otherwise. One request
+    ``tr_static`` and ``hybrid`` also keep, per request, the adjacency rows its own
+    verifications wrote (its *own rows*) and read a token's row there first, the shared
+    adjacency otherwise (``tr``'s batched beam reads the shared adjacency only). One request
     at a time (the offline harness) that changes nothing: the shared row of a token the request
     verified is its own latest one. With many requests at once (a server) the shared row of a
     common token is whichever request verified it last, another context most of the time; the
@@ -258,9 +260,13 @@ class TreeDrafter:
         if self.method == "pld":
             trees = self._draft_pld(histories, num_nodes)
         elif self.method == "tr_static":
-            tokens, parents, _ = self.recycling.draft(last, static_template(num_nodes))
+            shape = static_template(num_nodes)
+            tokens, parents, _ = self.recycling.draft(last, shape)
             n = num_nodes
             trees = [DraftTree(tokens[b * n:(b + 1) * n], parents[b * n:(b + 1) * n]) for b in range(len(keys))]
+            for b, key in enumerate(keys):  # requests with own rows: the template filled from them first
+                if self._own.get(key):
+                    trees[b].tokens = self._fill_template(shape, histories[b][-1], self._own[key])
         elif self.method == "tr":
             trees = self._draft_tr(last, num_nodes)
         else:
@@ -268,6 +274,16 @@ class TreeDrafter:
         for tree, key in zip(trees, keys):
             tree.key = key
         return trees
+
+    def _fill_template(self, shape: TreeShape, root: int, own: dict[int, tuple[list[int], list[float]]]) -> torch.Tensor:
+        """:meth:`TokenRecycling.draft` of one request, reading a token's row from ``own`` first."""
+        parents, ranks = shape.parents.tolist(), shape.ranks.tolist()
+        tokens = [root]
+        for i in range(1, len(parents)):
+            parent = tokens[parents[i]]
+            row = own.get(parent)
+            tokens.append(row[0][ranks[i]] if row is not None else int(self.recycling.adjacency[parent, ranks[i]]))
+        return torch.tensor(tokens, dtype=torch.int64)
 
     def _draft_contexts(self, keys, histories, num_nodes: int) -> list[DraftTree]:
         trees = []
@@ -395,7 +411,7 @@ class TreeDrafter:
             if topk_ids.shape[0] != total:
                 raise ValueError(f"topk_ids: one row per tree node ({total}), got {tuple(topk_ids.shape)}")
             self.recycling.recycle_topk(topk_ids, torch.cat([t.tokens for t in trees]), topk_probs)
-        if self.method == "hybrid":  # own rows, as stored in the shared adjacency (int32 ids, fp16 probabilities)
+        if self.method in OWN_ROWS:  # own rows, as stored in the shared adjacency (int32 ids, fp16 probabilities)
             ids = topk_ids.tolist()
             probs = torch.zeros(topk_ids.shape) if topk_probs is None else topk_probs.to(self.recycling.probs.dtype)
             probs, start = probs.float().tolist(), 0
