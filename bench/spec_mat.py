@@ -16,10 +16,13 @@ compared token-for-token with plain greedy decoding (``equal``). Drafters keep t
 adjacency matrix, the policies' estimates) across the questions of a run, which go round-robin
 over the categories (file order within each) and share one prefill per question.
 
-Methods: ``pld``; ``tr_static:N`` (the static template's first N nodes; past 80 nodes a wider
-template of the same rule, :func:`tkernels.spec.drafters.static_template`); ``tr_dynamic:N``
-(every request's own best N-node tree by calibrated confidence); ``tr_dynamic:N@B`` (at most N
-nodes, as many as pay for their H100 step time in a batch of B). Besides MAT, every record
+Methods (:mod:`tkernels.spec.drafters`, the code the vLLM tree proposer runs too): ``pld``;
+``tr_static:N`` (the static template's first N nodes; past 80 nodes a wider template of the same
+rule, :func:`tkernels.spec.drafters.static_template`); ``tr:N`` (every request's own best N-node
+Token Recycling tree by calibrated confidence); ``retrieval:N`` (continuations of the request's
+own context); ``hybrid:N`` (one tree of both); ``...@B`` (scored methods: at most N nodes, as
+many as pay for their H100 step time in a batch of B); ``...+prompt`` (also recycle the
+target's top-k at the prompt's positions, from the prefill). Besides MAT, every record
 predicts tokens/s per request on an H100 and an H200 at batch sizes 1/8/32/64 from the
 step-latency model (:data:`STEP_MODELS`): tokens received after the prefill's over the summed
 predicted times of the verify steps, each of B times its tree's nodes (every request of the
@@ -28,8 +31,9 @@ batch drafting like this one).
 Results keep every method's per-question raw counts, so runs of different methods in parallel
 processes merge (``--merge``) and an interrupted run resumes (``--resume``) at method granularity.
 
-    python bench/spec_mat.py --questions-per-category 4 --max-new-tokens 128
-    python bench/spec_mat.py --methods pld,tr_static:80,tr_dynamic:80,tr_dynamic:80@32
+    python bench/spec_mat.py --questions-per-category 2 --methods pld,tr_static:32,hybrid:32 --out a.json
+    python bench/spec_mat.py --questions-per-category 2 --methods tr:80,hybrid:80@32 --out b.json
+    python bench/spec_mat.py --questions-per-category 2 --merge a.json b.json   # -> --out
 
 Writes ``bench/results/spec_mat_smollm2.json`` and prints a table.
 """
@@ -55,8 +59,9 @@ from tkernels.spec.tree import ancestor_mask, depths
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = SPECBENCH_DEV
 DEFAULT_OUT = REPO / "bench/results/spec_mat_smollm2.json"
-DEFAULT_METHODS = ("pld,tr_static:4,tr_static:8,tr_static:16,tr_static:32,tr_static:64,tr_static:80,tr_dynamic:16,"
-                   "tr_dynamic:32,tr_dynamic:64,tr_dynamic:80,tr_dynamic:80@1,tr_dynamic:80@8,tr_dynamic:80@32,tr_dynamic:80@64")
+# what bench/results/spec_mat_smollm2.json holds (run as parallel processes, then --merge)
+DEFAULT_METHODS = ("pld,tr_static:9,tr_static:16,tr_static:32,tr_static:80,tr_static:128,tr:32,tr:80,"
+                   "hybrid:9,hybrid:16,hybrid:32,hybrid:80,hybrid:128,hybrid:256")
 # Predicted tokens/s per request: tokens over the step times of a Llama-3-8B target at these batch
 # sizes, every request of the batch drafting like the measured one. H100: the analytic default
 # rates. H200: the same chip's compute with HBM3e weight/KV bandwidth (4.3 / 3.6 TB/s effective,
