@@ -59,7 +59,8 @@ from tkernels.spec.tree import ancestor_mask, depths
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = SPECBENCH_DEV
 DEFAULT_OUT = REPO / "bench/results/spec_mat_smollm2.json"
-# what bench/results/spec_mat_smollm2.json holds (run as parallel processes, then --merge)
+# the full comparison (run as parallel processes, then --merge); the committed
+# bench/results/spec_mat_smollm2.json holds the methods measured so far (README, Speculation)
 DEFAULT_METHODS = ("pld,tr_static:9,tr_static:16,tr_static:32,tr_static:80,tr_static:128,tr:32,tr:80,"
                    "hybrid:9,hybrid:16,hybrid:32,hybrid:80,hybrid:128,hybrid:256")
 # Predicted tokens/s per request: tokens over the step times of a Llama-3-8B target at these batch
