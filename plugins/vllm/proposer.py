@@ -134,8 +134,11 @@ class TokenRecyclingProposer:
         node_depths = depths(self.shape.parents).long()
         self._levels = [(node_depths == d).nonzero().flatten() for d in range(1, int(node_depths.max()) + 1)]
         self._node_depths = node_depths
-        # (top-k ids, their probabilities) of every compute_logits call since the last propose
-        self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # (top-k ids, their probabilities or None) of every compute_logits call since the last propose
+        self._captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        # Only the harness's drafters read the probabilities: the others skip the logsumexp
+        # over the whole [rows, vocab] logits (and their fp32 copy) on every target step.
+        self._capture_probs = False
         self._drafts: list[_Draft | None] = []  # per persistent-batch row
         self.stats = {"steps": 0, "recycled_steps": 0, "skipped_steps": 0, "recycled_rows": 0}
 
@@ -153,7 +156,8 @@ class TokenRecyclingProposer:
                 if logits.shape[1] != self.drafter.vocab_size:
                     raise ValueError(f"TokenRecyclingProposer: the target's logits have {logits.shape[1]} columns "
                                      f"but model_config.get_vocab_size() is {self.drafter.vocab_size}")
-                self._captured.append(top_k_probs(logits, self.drafter.k))
+                self._captured.append(top_k_probs(logits, self.drafter.k) if self._capture_probs
+                                      else (logits.topk(self.drafter.k, dim=-1).indices, None))
             return logits
 
         target_model.compute_logits = compute_logits
@@ -327,6 +331,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             self.tree_drafter = TreeDrafter(self.drafter.vocab_size, drafter, TOP_K, step_time=step_time)
             if self.tree_drafter.recycling is not None:
                 self.tree_drafter.recycling = self.drafter  # one adjacency: what prompt_topk and the capture feed
+        self._capture_probs = self.tree_drafter is not None
         self._trees: dict[str, DraftTree] = {}  # per request, the tree it was last proposed
         self.stats.update(prompt_topk_rows=0, prompt_topk_s=0.0, prompt_forward_s=0.0)
 
