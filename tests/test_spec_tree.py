@@ -22,6 +22,7 @@ from tkernels.spec.tree import (
     to_sglang,
     to_vllm_linear,
     token_recycling_template,
+    token_recycling_tree,
     validate_parents,
 )
 
@@ -155,6 +156,23 @@ def test_token_recycling_template():
         assert torch.equal(small.ranks, shape.ranks[:n])
     with pytest.raises(ValueError):
         shape.truncate(81)
+
+
+def test_token_recycling_tree_widens_the_template_by_one_rule():
+    assert torch.equal(token_recycling_tree(80).parents, token_recycling_template().parents)
+    for extra, size in ((1, 173), (2, 392)):
+        wider = token_recycling_tree(size)
+        assert len(wider) == size and len(token_recycling_tree(size + 1)) > size
+        assert torch.equal(wider.parents, from_widths([min(8, w + extra) for w in TR_80_WIDTHS]).parents)
+    # a fan-out cap below the template's widest level caps every level
+    assert torch.equal(token_recycling_tree(1, k=4).parents, from_widths([min(4, w) for w in TR_80_WIDTHS]).parents)
+    deep = token_recycling_tree(200, depth=40)  # widened template, then the top-1 chain to depth 40
+    assert int(depths(deep.parents).max()) == 40 and len(deep) >= 200
+    assert torch.bincount(depths(deep.parents).long())[9:].tolist() == [1] * 32
+    for bad, kwargs in (("min_nodes", {"min_nodes": 0}), ("depth", {"depth": 0}), ("k", {"k": 0}),
+                        ("min_nodes", {"min_nodes": 10**6, "k": 2})):
+        with pytest.raises(ValueError, match=f"^{bad}:"):
+            token_recycling_tree(**kwargs)
 
 
 def test_shape_builders_agree():

@@ -66,10 +66,10 @@ import numpy as np
 import torch
 
 from tkernels.plugins.vllm.settings import DEFAULT_TREE_DRAFTER, TREE_DRAFTERS, TREE_KEY, tree_options
-from tkernels.spec import DynamicTreePolicy, TokenRecycling, TreeShape, best_path, depths, from_widths
+from tkernels.spec import DynamicTreePolicy, TokenRecycling, TreeShape, best_path, depths
 from tkernels.spec.drafters import DraftTree, TreeDrafter
 from tkernels.spec.token_recycling import top_k_probs
-from tkernels.spec.tree import TR_80_WIDTHS
+from tkernels.spec.tree import token_recycling_tree
 
 __all__ = ["DEFAULT_TREE_DRAFTER", "TREE_DRAFTERS", "TokenRecyclingProposer", "TokenRecyclingTreeProposer", "draft_tree"]
 
@@ -92,19 +92,11 @@ def _accepted_path(tree: DraftTree, accepted_tokens: list[int]) -> list[int] | N
 
 
 def draft_tree(depth: int, min_nodes: int = 1) -> TreeShape:
-    """The TR template's fan-out rule (:func:`~tkernels.spec.tree.from_widths`) cut or extended
-    (one child per node along the top-1 chain) to exactly ``depth`` levels below the root, and
-    widened (each of the template's widths + e, at most :data:`TOP_K`, for the smallest such e)
-    until it holds at least ``min_nodes`` nodes: the tree proposer's candidates for trees past
-    the template's 80 nodes (e = 0 up to 63 draft tokens, so smaller budgets are unchanged)."""
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-    tail = (1,) * max(0, depth - len(TR_80_WIDTHS))
-    for extra in range(TOP_K):
-        shape = from_widths(tuple(min(TOP_K, w + extra) for w in TR_80_WIDTHS[:depth]) + tail)
-        if len(shape) >= min_nodes:
-            break
-    return shape
+    """The tree proposers' candidates: Token Recycling's fan-out rule
+    (:func:`~tkernels.spec.tree.token_recycling_tree`) cut or extended to exactly ``depth``
+    levels below the root and widened until it holds at least ``min_nodes`` nodes (the template
+    itself up to 63 draft tokens, so smaller budgets are unchanged)."""
+    return token_recycling_tree(min_nodes, depth=depth, k=TOP_K)
 
 
 @dataclass

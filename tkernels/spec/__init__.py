@@ -22,6 +22,7 @@ from .tree import (
     to_sglang,
     to_vllm_linear,
     token_recycling_template,
+    token_recycling_tree,
     validate_parents,
 )
 from .tree_policy import ConfidenceTreePolicy, DynamicTreePolicy, StepTime, greedy_tree
@@ -56,6 +57,7 @@ __all__ = [
     "to_sglang",
     "to_vllm_linear",
     "token_recycling_template",
+    "token_recycling_tree",
     "validate_parents",
     "propose_ngram",
     "TokenRecycling",

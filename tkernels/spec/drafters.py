@@ -50,38 +50,29 @@ import torch
 from .ngram import propose_ngram
 from .retrieval import SuffixAutomaton, bfs_order
 from .token_recycling import TokenRecycling
-from .tree import TR_80_WIDTHS, TreeShape, depths, from_widths
+from .tree import MAX_TREE_NODES, TreeShape, depths, token_recycling_tree
 from .tree_policy import ConfidenceTreePolicy, StepTime
 
-__all__ = ["METHODS", "STATIC_WIDTHS", "DraftTree", "RetrievalCalibration", "TreeDrafter", "static_template"]
+__all__ = ["METHODS", "DraftTree", "RetrievalCalibration", "TreeDrafter", "static_template"]
 
 METHODS = ("pld", "tr_static", "tr", "retrieval", "hybrid")
 MAX_CHILDREN = 4  # retrieval: continuations kept per context (most frequent first)
 ROOT_CONTEXTS = 3  # hybrid: the longest earlier match and up to two shorter suffix contexts at the root
 OWN_ROWS = ("tr_static", "hybrid")  # methods that keep per-request own adjacency rows (TreeDrafter doc)
 
-# Token Recycling's fan-out rule (tkernels.spec.tree.from_widths) at three sizes: the paper's
-# 80-node tree, then one and two steps wider at every depth (138 and 274 nodes), so that static
-# templates past 80 nodes follow the same rule instead of a new shape.
-STATIC_WIDTHS: tuple[tuple[int, ...], ...] = (TR_80_WIDTHS, (8, 7, 5, 4, 3, 2, 1, 1, 1), (8, 8, 6, 5, 4, 3, 2, 2, 1, 1))
+def static_template(num_nodes: int) -> TreeShape:
+    """The static Token Recycling tree of ``num_nodes`` nodes (root included, at most
+    :data:`~tkernels.spec.tree.MAX_TREE_NODES`): the first ``num_nodes`` nodes, in BFS order,
+    of :func:`~tkernels.spec.tree.token_recycling_tree` (the paper's 80-node template up to 80
+    nodes, then its fan-out rule widened)."""
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or not 1 <= num_nodes <= MAX_TREE_NODES:
+        raise ValueError(f"num_nodes: must be an integer in [1, {MAX_TREE_NODES}], got {num_nodes!r}")
+    return _template(num_nodes)
 
 
 @cache
-def _widths_shape(widths: tuple[int, ...]) -> TreeShape:
-    return from_widths(widths)
-
-
-def static_template(num_nodes: int) -> TreeShape:
-    """The static Token Recycling tree of ``num_nodes`` nodes (root included): the first
-    ``num_nodes`` nodes, in BFS order, of the smallest :data:`STATIC_WIDTHS` rule that has as
-    many (the paper's 80-node template up to 80 nodes)."""
-    for widths in STATIC_WIDTHS:
-        shape = _widths_shape(widths)
-        if num_nodes <= len(shape):
-            if num_nodes < 1:
-                break
-            return shape.truncate(num_nodes)
-    raise ValueError(f"num_nodes: must be in [1, {len(_widths_shape(STATIC_WIDTHS[-1]))}], got {num_nodes}")
+def _template(num_nodes: int) -> TreeShape:
+    return token_recycling_tree(num_nodes).truncate(num_nodes)
 
 
 @dataclass

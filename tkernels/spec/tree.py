@@ -46,6 +46,7 @@ __all__ = [
     "from_rank_paths",
     "from_widths",
     "token_recycling_template",
+    "token_recycling_tree",
     "to_sglang",
     "to_vllm_linear",
     "TR_80_WIDTHS",
@@ -375,6 +376,34 @@ def from_widths(widths: Sequence[int]) -> TreeShape:
 def token_recycling_template() -> TreeShape:
     """Token Recycling's static 80-node tree (see :data:`TR_80_WIDTHS`)."""
     return from_widths(TR_80_WIDTHS)
+
+
+def token_recycling_tree(min_nodes: int = 1, depth: int | None = None, k: int = 8) -> TreeShape:
+    """Token Recycling's fan-out rule past the paper's tree: :data:`TR_80_WIDTHS` widened by the
+    smallest ``e >= 0`` (every width + e, at most ``k``, the adjacency's columns) that gives at
+    least ``min_nodes`` nodes, root included. One rule for every tree past 80 nodes (e = 1: 173
+    nodes, e = 2: 392), so wider trees keep the template's shape instead of a new one.
+
+    Args:
+        min_nodes: the fewest nodes wanted, >= 1 (the template itself up to 80).
+        depth: if given, the tree is cut or extended to exactly ``depth`` levels below the
+            root; the levels past the template's 8 are the top-1 chain alone (never widened).
+        k: the largest fan-out (adjacency columns), >= 1.
+
+    Returns:
+        :class:`TreeShape`, BFS order, ranks < ``k``.
+    """
+    integer("min_nodes", min_nodes, minimum=1)
+    integer("k", k, minimum=1)
+    if depth is not None:
+        integer("depth", depth, minimum=1)
+    base = TR_80_WIDTHS if depth is None else TR_80_WIDTHS[:depth]
+    chain_tail = () if depth is None else (1,) * max(0, depth - len(TR_80_WIDTHS))  # not widened: one chain
+    for extra in range(k):
+        shape = from_widths(tuple(min(k, w + extra) for w in base) + chain_tail)
+        if len(shape) >= min_nodes:
+            return shape
+    raise ValueError(f"min_nodes: the rule's widest tree at k = {k} has {len(shape)} nodes, got {min_nodes}")
 
 
 # --- server formats -------------------------------------------------------------------------
