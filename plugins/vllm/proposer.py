@@ -47,8 +47,9 @@ a cut draft included.
 
 **Drafters of the tree proposer** (``tkernels_tree.drafter``): ``"dynamic"`` is the above
 (per-(depth, rank) estimates on the TR template); any method of :mod:`tkernels.spec.drafters`
-(``"tr_static"``, ``"tr"``, ``"pld"``, ``"retrieval"``, ``"hybrid"``) runs the offline harness's
-own :class:`~tkernels.spec.drafters.TreeDrafter`: the same code drafts, prices
+(``"hybrid"``, the default, ``"tr_static"``, ``"tr"``, ``"pld"``, ``"retrieval"``) runs the
+offline harness's own :class:`~tkernels.spec.drafters.TreeDrafter`: the same code drafts (with
+``size: per_batch``, at most the dynamic policy's node count for the batch), prices
 (``size: per_batch``, for the methods with estimates) and learns (every verified node's top-k
 with its probability, and the accepted path, read off the sampled tokens) as in
 ``bench/spec_mat.py``, one drafter for all requests, a retrieval context per request.
@@ -293,8 +294,8 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
     lone request verifies the whole budget and a large batch small trees.
     ``--additional-config '{"tkernels_tree": {"size": "fixed"}}'`` always drafts the whole
     budget instead (comparisons at a fixed verify budget); the default is ``"per_batch"``.
-    ``"drafter"`` (default ``"dynamic"``, the above) and ``"prompt_topk"`` (default false): see
-    the module doc.
+    ``"drafter"`` (default ``"hybrid"``) and ``"prompt_topk"`` (default false): see the module
+    doc.
     The trees reach vLLM as draft lists through :mod:`tkernels.plugins.vllm.tree`, whose patches this constructor
     installs and whose :class:`~tkernels.plugins.vllm.tree.TreeBatch` (``tree_batch``) tells
     the proposer, each step, which request each row is and which draft it was verified with.
@@ -361,8 +362,15 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             return drafts
         lengths = [int(num_tokens_no_spec[i]) for i in active]
         keys = [step.req_ids[i] for i in active]
-        trees = self.tree_drafter.draft(keys, [token_ids_cpu[i, :n] for i, n in zip(active, lengths)],
-                                        self.num_speculative_tokens + 1)
+        num_nodes = self.num_speculative_tokens + 1
+        if self.per_batch:
+            # Draft no more per request than this batch can pay for under the step model (the
+            # dynamic policy's size at its prior estimates: 128 nodes at batch 1, 8 at 32 on an
+            # H100-class Llama-3-8B), so a large batch never pays the host time of drafting big
+            # trees it would cut (the hybrid: ~0.3 ms per request at 9 nodes, ~3 ms at 80 on this
+            # project's CPU); choose() then prices the drafted nodes by their own estimates.
+            num_nodes = min(num_nodes, len(self.policy.choose(len(active), num_nodes)))
+        trees = self.tree_drafter.draft(keys, [token_ids_cpu[i, :n] for i, n in zip(active, lengths)], num_nodes)
         if self.per_batch:
             trees = self.tree_drafter.choose(trees)  # methods with estimates; others keep the whole budget
         for i, key, n, tree in zip(active, keys, lengths, trees):

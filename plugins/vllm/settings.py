@@ -41,9 +41,11 @@ SCHED_FORM = ('{"slo_ms": <TBT SLO in ms, > 0>, "margin": <0 <= margin < 1>, "ti
 TREE_KEY = "tkernels_tree"
 TREE_SIZES = ("per_batch", "fixed")
 # the tree proposer's drafters: "dynamic" (per-(depth, rank) estimates on the TR template) or a
-# method of tkernels.spec.drafters (the offline harness's drafters)
+# method of tkernels.spec.drafters (the offline harness's drafters). The default is the best
+# measured in vLLM (bench/results/vllm_spec_mat_smollm2.json, 26 dev questions, K = 32): hybrid
+# 2.40 MAT, tr_static and dynamic below it, vLLM's ngram 1.63.
 TREE_DRAFTERS = ("dynamic", "pld", "tr_static", "tr", "retrieval", "hybrid")
-DEFAULT_TREE_DRAFTER = "dynamic"
+DEFAULT_TREE_DRAFTER = "hybrid"
 TREE_FORM = ('{"size": "per_batch" | "fixed", "drafter": ' + " | ".join(f'"{d}"' for d in TREE_DRAFTERS)
              + ', "prompt_topk": true | false} (every key optional)')
 KNOWN_KEYS = {SCHED_KEY: SCHED_FORM, TREE_KEY: TREE_FORM}

@@ -41,6 +41,9 @@ def vllm_config(num_spec=NUM_SPEC, async_scheduling=False, max_model_len=256, ad
     )
 
 
+DYNAMIC = {"tkernels_tree": {"drafter": "dynamic"}}  # the per-(depth, rank) drafter (the default is the hybrid)
+
+
 def make_tree_proposer(**config):
     from tkernels.plugins.vllm.proposer import TokenRecyclingTreeProposer
 
@@ -66,7 +69,7 @@ def learn(proposer, rows):
 
 
 def test_tree_draft_is_the_best_nodes_in_bfs_order_recorded_per_request():
-    proposer, _target = make_tree_proposer()
+    proposer, _target = make_tree_proposer(additional_config=DYNAMIC)
     # Recycled rows 4 -> (8, 9, 10), 8 -> (12, ...); 12 is unwritten. Prior acceptance 0.5 * 0.5**rank:
     # path probabilities 8: .5, 9: .25, 12: .25, 10: .125, ... so the best 3 nodes are 8, 9 and 12.
     learn(proposer, {4: [8, 9, 10], 8: [12, 13], 9: [20]})
@@ -88,7 +91,7 @@ def test_tree_draft_is_the_best_nodes_in_bfs_order_recorded_per_request():
 
 @pytest.mark.parametrize("size", ["per_batch", "fixed"])
 def test_tree_size_follows_the_step_time_at_this_batch_size(size):
-    proposer, _ = make_tree_proposer(num_spec=6, additional_config={"tkernels_tree": {"size": size}})
+    proposer, _ = make_tree_proposer(num_spec=6, additional_config={"tkernels_tree": {"size": size, "drafter": "dynamic"}})
     learn(proposer, {4: [8, 9, 10, 11], 8: [12, 13, 14], 9: [20, 21], 12: [30, 31], 10: [40]})
     # A fixed cost per step plus one per token: free nodes for one request, dear ones for 64.
     proposer.policy.step_time = SimpleNamespace(step_time=lambda tokens: 100.0 + tokens)
@@ -108,7 +111,7 @@ def test_lone_request_drafts_past_64_nodes_on_an_8b_model_and_a_batch_small_tree
     x1.07 at 128 tokens) a lone request drafts 128+ nodes, 32 requests a few each."""
     from tkernels.spec import MAX_TREE_NODES, validate_parents
 
-    proposer, _ = make_tree_proposer(num_spec=MAX_TREE_NODES - 1, shape=LLAMA3_8B)
+    proposer, _ = make_tree_proposer(num_spec=MAX_TREE_NODES - 1, shape=LLAMA3_8B, additional_config=DYNAMIC)
     assert len(proposer.shape) >= 2 * MAX_TREE_NODES  # candidates to choose the 256 best from
     learn(proposer, {t: [(t + r + 1) % VOCAB for r in range(8)] for t in range(VOCAB)})  # every row recycled
     sizes = {}
@@ -125,8 +128,37 @@ def test_lone_request_drafts_past_64_nodes_on_an_8b_model_and_a_batch_small_tree
     assert min(sizes[1]) >= 127 and max(sizes[32]) <= 16
 
 
+def test_default_hybrid_drafts_no_more_per_request_than_the_batch_pays_for():
+    """The default drafter (hybrid) with per-batch sizing: each request's tree is drafted at
+    most at the dynamic policy's size for this batch (128 nodes for one request, 8 for 32 on a
+    Llama-3-8B-shaped model), then priced by its own estimates; ``size: fixed`` drafts the
+    whole budget."""
+    from tkernels.plugins.vllm.settings import DEFAULT_TREE_DRAFTER
+    from tkernels.spec import MAX_TREE_NODES
+
+    assert DEFAULT_TREE_DRAFTER == "hybrid"
+    for size, expected in (("per_batch", {1: 128, 32: 8}), ("fixed", {1: MAX_TREE_NODES, 32: MAX_TREE_NODES})):
+        proposer, _ = make_tree_proposer(num_spec=MAX_TREE_NODES - 1, shape=LLAMA3_8B,
+                                         additional_config={"tkernels_tree": {"size": size}})
+        assert proposer.tree_drafter.method == "hybrid"
+        budgets = []
+
+        def draft(keys, histories, num_nodes, original=proposer.tree_drafter.draft, budgets=budgets):
+            budgets.append(num_nodes)
+            return original(keys, histories, num_nodes)
+
+        proposer.tree_drafter.draft = draft
+        for batch_size in (1, 32):
+            batch = Batch([[3, 4, 5, 3, 4]] * batch_size)  # "3 4" repeats: retrieval has something to draft
+            fake_step(proposer, [f"r{i}" for i in range(batch_size)], [[]] * batch_size)
+            batch.commit([[3]] * batch_size)
+            drafts = proposer.propose([[3]] * batch_size, batch.num_tokens.copy(), batch.token_ids)
+            assert all(0 < len(d) < expected[batch_size] for d in drafts)
+        assert budgets == [expected[1], expected[32]]
+
+
 def test_tree_recycles_every_verified_node_including_rejected_branches(rng):
-    proposer, target = make_tree_proposer()
+    proposer, target = make_tree_proposer(additional_config=DYNAMIC)
     batch = Batch([[3]])
     # Row 0 was verified with the tree 4 -> (8, 9), 8 -> 12: logits rows for nodes 4, 8, 9, 12.
     fake_step(proposer, ["a"], [[8, 9, 12]])

@@ -278,10 +278,11 @@ class TreeDrafter:
 
     def _draft_contexts(self, keys, histories, num_nodes: int) -> list[DraftTree]:
         trees = []
+        tr_accept = self.tr_policy.accept_prob_host() if self.method == "hybrid" else None  # one snapshot per step
         for key, history in zip(keys, histories):
             sam = self._context(key, history)
             if self.method == "hybrid":
-                trees.append(self._hybrid_tree(sam, num_nodes, self._own.get(key, {})))
+                trees.append(self._hybrid_tree(sam, num_nodes, self._own.get(key, {}), tr_accept))
                 continue
             tokens, parents, scores, features = sam.continuations(
                 num_nodes, self.retrieval_calibration.accept_prob, MAX_CHILDREN, 2 * self.max_depth)
@@ -307,18 +308,24 @@ class TreeDrafter:
                                                                    max_depth=self.max_depth)
         return [DraftTree(tokens[b], parents[b], scores[b], probs[b]) for b in range(last.numel())]
 
-    def _hybrid_tree(self, sam: SuffixAutomaton, num_nodes: int, own: dict[int, tuple[list[int], list[float]]]) -> DraftTree:
+    def _hybrid_tree(self, sam: SuffixAutomaton, num_nodes: int, own: dict[int, tuple[list[int], list[float]]],
+                     tr_accept) -> DraftTree:
         """The best ``num_nodes`` nodes of the joint TR + retrieval candidate trie (module doc);
-        a token's TR row from the request's ``own`` rows first (class doc)."""
+        a token's TR row from the request's ``own`` rows first (class doc); ``tr_accept``:
+        :meth:`ConfidenceTreePolicy.accept_prob_host`.
+
+        Best first with lazy siblings: a node's candidates are ranked once, when it joins the
+        tree, and only the best not yet taken waits in the heap (the next is pushed when it is
+        popped), so the heap holds about two entries per node instead of every candidate. The
+        keys (score, then the order candidates were found in) are those of pushing every
+        candidate at once, so the same nodes come out in the same order."""
         recycling, calibration = self.recycling, self.retrieval_calibration
-        tr_accept = self.tr_policy.accept_prob_host()
         tokens, parents, scores, node_depth = [sam.tokens[-1]], [-1], [1.0], [0]
         tr_probs, features = [math.nan], [None]
         heap: list = []
-        tie = 0
+        waiting: list[list] = []  # per expanded node, its ranked candidates not yet in the heap
 
         def expand(node: int, contexts: list[tuple[int, int]]) -> None:
-            nonlocal tie
             depth = node_depth[node] + 1
             candidates: dict[int, list] = {}  # token -> [TR estimate, stored prob, retrieval estimate, features, next context]
             if depth <= self.max_depth:
@@ -335,16 +342,23 @@ class TreeDrafter:
                         if c[3] is None:
                             c[2] = calibration.accept_prob(share, context, support, depth)
                             c[3], c[4] = (depth, context - depth + 1, share), (child, context + 1)
-            for token, (p_tr, stored, p_ret, feature, context) in candidates.items():
+            ranked, parent_score, ordinal = [], scores[node], len(waiting)
+            for position, (token, (p_tr, stored, p_ret, feature, context)) in enumerate(candidates.items()):
                 p = max(p_tr, p_ret)
                 if p > 0:
-                    heapq.heappush(heap, (-scores[node] * p, tie, node, token, stored if p_tr > 0 else math.nan, feature, context))
-                    tie += 1
+                    ranked.append((-parent_score * p, (ordinal, position), node, token,
+                                   stored if p_tr > 0 else math.nan, feature, context))
+            ranked.sort(key=lambda entry: entry[:2], reverse=True)  # best last: popped from the end
+            waiting.append(ranked)
+            if ranked:
+                heapq.heappush(heap, ranked.pop())
 
         state, _ = sam.longest_match()
         expand(0, sam.suffix_states(state, ROOT_CONTEXTS))
         while heap and len(tokens) < num_nodes:
-            neg_score, _, parent, token, stored, feature, context = heapq.heappop(heap)
+            neg_score, (ordinal, _), parent, token, stored, feature, context = heapq.heappop(heap)
+            if waiting[ordinal]:
+                heapq.heappush(heap, waiting[ordinal].pop())  # its next sibling
             tokens.append(token)
             parents.append(parent)
             scores.append(-neg_score)

@@ -233,9 +233,12 @@ class ConfidenceTreePolicy:
         calls; the same cells and clamping)."""
         factors = self.factors().tolist()
         bins, max_depth = self.bins, self.max_depth
+        bin_of: dict[float, int] = {}  # stored probabilities are fp16 values: few distinct ones repeat
 
         def accept_prob(prob: float, depth: int) -> float:
-            q_bin = min(max(math.floor(-math.log2(max(prob, 1e-30))), 0), bins - 1)
+            q_bin = bin_of.get(prob)
+            if q_bin is None:
+                q_bin = bin_of[prob] = min(max(math.floor(-math.log2(max(prob, 1e-30))), 0), bins - 1)
             return min(prob * factors[min(max(depth, 1), max_depth) - 1][q_bin], 1.0)
 
         return accept_prob
