@@ -162,7 +162,8 @@ def _keep_kv(cache, prefix_len: int, keep: torch.Tensor) -> None:
 
 @torch.no_grad()
 def speculative_decode(model, prompt: torch.Tensor, prefilled, max_new_tokens: int, eos: set[int], drafter):
-    """Greedy speculative decoding; returns (tokens, every verify step's tree nodes).
+    """Greedy speculative decoding; returns (tokens, every verify step's tree nodes, the host
+    seconds spent drafting).
 
     ``tokens`` are what the user receives: the prefill's token, then each step's accepted drafts
     and bonus up to ``max_new_tokens`` or EOS (a step's tokens past either are dropped)."""
@@ -173,9 +174,11 @@ def speculative_decode(model, prompt: torch.Tensor, prefilled, max_new_tokens: i
         drafter.begin(prompt, prefilled[2])
     tokens = [first]
     history = torch.cat([prompt, torch.tensor(tokens)])
-    step_nodes = []
+    step_nodes, draft_s = [], 0.0
     while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+        start = time.perf_counter()
         draft_tokens, parents, cu_nodes = drafter.draft(history)
+        draft_s += time.perf_counter() - start
         n, prefix_len = draft_tokens.numel(), cache.get_seq_length()
         mask = torch.ones(1, 1, n, prefix_len + n, dtype=torch.bool)
         mask[0, 0, :, prefix_len:] = ancestor_mask(parents)
@@ -201,7 +204,7 @@ def speculative_decode(model, prompt: torch.Tensor, prefilled, max_new_tokens: i
             if len(tokens) < max_new_tokens and tokens[-1] not in eos:
                 tokens.append(token)
         history = torch.cat([history, path_tokens[1:]])
-    return tokens, step_nodes
+    return tokens, step_nodes, draft_s
 
 
 # --- workload and report --------------------------------------------------------------------
@@ -227,9 +230,9 @@ def run(model, tokenizer, questions: list[Question], methods: list[str], max_new
     Questions run in order, each prefilled once for greedy decoding and every method; each
     method's drafter keeps its state across questions. Returns ``{method: [record per question]}``,
     a record ``{"question_id", "category", "prompt_tokens", "tokens", "forwards", "step_nodes",
-    "equal"}``: ``tokens`` received (up to the cap or EOS), ``forwards`` the target forwards that
-    produced them (the prefill + one per verify step), ``step_nodes`` every verify step's tree
-    size. ``on_question(raw)`` is called after every question (partial results on long runs).
+    "draft_s", "equal"}``: ``tokens`` received (up to the cap or EOS), ``forwards`` the target
+    forwards that produced them (the prefill + one per verify step), ``step_nodes`` every verify
+    step's tree size, ``draft_s`` the host seconds its drafter took over those steps. ``on_question(raw)`` is called after every question (partial results on long runs).
     """
     eos = {model.config.eos_token_id} if isinstance(model.config.eos_token_id, int) else set(model.config.eos_token_id or [])
     drafters = [make_drafter(spec, model.config.vocab_size) for spec in methods]
@@ -240,10 +243,10 @@ def run(model, tokenizer, questions: list[Question], methods: list[str], max_new
         prefilled = prefill(model, prompt)
         reference = greedy_decode(model, prefilled, max_new_tokens, eos)
         for spec, drafter in zip(methods, drafters):
-            tokens, step_nodes = speculative_decode(model, prompt, prefilled, max_new_tokens, eos, drafter)
+            tokens, step_nodes, draft_s = speculative_decode(model, prompt, prefilled, max_new_tokens, eos, drafter)
             raw[spec].append({"question_id": q.question_id, "category": q.category, "prompt_tokens": prompt.numel(),
                               "tokens": len(tokens), "forwards": 1 + len(step_nodes), "step_nodes": step_nodes,
-                              "equal": tokens == reference})
+                              "draft_s": draft_s, "equal": tokens == reference})
         mats = " ".join(f"{r['mat']:.2f}" for r in summarize(raw) if r["category"] == "overall")
         log(f"[{index + 1}/{len(questions)}] {q.category}: {prompt.numel()} prompt tokens, {time.perf_counter() - start:.0f} s; "
             f"overall MAT {mats}")
@@ -277,6 +280,9 @@ def summarize(raw: dict[str, list[dict]]) -> list[dict]:
                 "tokens": sum(r["tokens"] for r in rs), "forwards": sum(r["forwards"] for r in rs),
                 "mat": sum(r["tokens"] for r in rs) / sum(r["forwards"] for r in rs),
                 "equal": all(r["equal"] for r in rs), "mean_tree_nodes": sum(steps) / max(len(steps), 1),
+                # host time per drafting step on the machine that ran it (None: a run from before it was kept)
+                "draft_ms_per_step": (1e3 * sum(r["draft_s"] for r in rs) / max(len(steps), 1)
+                                      if all("draft_s" in r for r in rs) else None),
                 "predicted_tokens_per_s": {
                     gpu: {str(b): 1e6 * decode_tokens / max(sum(model.step_time(b * n) for n in steps), 1e-9)
                           for b in PREDICTED_BATCHES}

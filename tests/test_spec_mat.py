@@ -80,7 +80,7 @@ def test_mat_counts_what_the_user_receives_per_forward(spec_mat, tiny_model):
     prompt = spec_mat.encode_prompt(tokenizer, "Count to twenty, please.")
     prefilled = spec_mat.prefill(model, prompt)
     answer = spec_mat.greedy_decode(model, prefilled, 40, eos=set())  # the oracle drafts past the cap of 32
-    tokens, step_nodes = spec_mat.speculative_decode(model, prompt, prefilled, 32, set(), _Oracle(prompt.numel(), answer))
+    tokens, step_nodes, _draft_s = spec_mat.speculative_decode(model, prompt, prefilled, 32, set(), _Oracle(prompt.numel(), answer))
     assert tokens == answer[:32]
     assert step_nodes == [11, 11, 11]  # 1 + 11 + 11 + 9 of the last step's 11 (two past the cap dropped)
     raw = {"pld": [{"question_id": 0, "category": "c", "tokens": len(tokens), "forwards": 1 + len(step_nodes),
