@@ -325,6 +325,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             if self.tree_drafter.recycling is not None:
                 self.tree_drafter.recycling = self.drafter  # one adjacency: what prompt_topk and the capture feed
         self._capture_probs = self.tree_drafter is not None
+        self._draft_caps: dict[int, int] = {}  # drafting requests -> nodes drafted per request (per_batch)
         self._trees: dict[str, DraftTree] = {}  # per request, the tree it was last proposed
         self.stats.update(prompt_topk_rows=0, prompt_topk_s=0.0, prompt_forward_s=0.0)
 
@@ -369,7 +370,10 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             # H100-class Llama-3-8B), so a large batch never pays the host time of drafting big
             # trees it would cut (the hybrid: ~0.3 ms per request at 9 nodes, ~3 ms at 80 on this
             # project's CPU); choose() then prices the drafted nodes by their own estimates.
-            num_nodes = min(num_nodes, len(self.policy.choose(len(active), num_nodes)))
+            # The policy learns nothing on this path (its estimates stay the prior): one size per batch size.
+            if len(active) not in self._draft_caps:
+                self._draft_caps[len(active)] = len(self.policy.choose(len(active), num_nodes))
+            num_nodes = self._draft_caps[len(active)]
         trees = self.tree_drafter.draft(keys, [token_ids_cpu[i, :n] for i, n in zip(active, lengths)], num_nodes)
         if self.per_batch:
             trees = self.tree_drafter.choose(trees)  # methods with estimates; others keep the whole budget
