@@ -47,7 +47,7 @@ a cut draft included.
 
 **Drafters of the tree proposer** (``tkernels_tree.drafter``): ``"dynamic"`` is the above
 (per-(depth, rank) estimates on the TR template); any method of :mod:`tkernels.spec.drafters`
-(``"hybrid"``, the default, ``"tr_static"``, ``"tr"``, ``"pld"``, ``"retrieval"``) runs the
+(``"tr_static"``, the default, ``"hybrid"``, ``"tr"``, ``"pld"``, ``"retrieval"``) runs the
 offline harness's own :class:`~tkernels.spec.drafters.TreeDrafter`: the same code drafts (with
 ``size: per_batch``, at most the dynamic policy's node count for the batch), prices
 (``size: per_batch``, for the methods with estimates) and learns (every verified node's top-k
@@ -294,8 +294,8 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
     lone request verifies the whole budget and a large batch small trees.
     ``--additional-config '{"tkernels_tree": {"size": "fixed"}}'`` always drafts the whole
     budget instead (comparisons at a fixed verify budget); the default is ``"per_batch"``.
-    ``"drafter"`` (default ``"hybrid"``) and ``"prompt_topk"`` (default false): see the module
-    doc.
+    ``"drafter"`` (default ``"tr_static"``) and ``"prompt_topk"`` (default false): see the
+    module doc.
     The trees reach vLLM as draft lists through :mod:`tkernels.plugins.vllm.tree`, whose patches this constructor
     installs and whose :class:`~tkernels.plugins.vllm.tree.TreeBatch` (``tree_batch``) tells
     the proposer, each step, which request each row is and which draft it was verified with.
@@ -368,8 +368,9 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             # Draft no more per request than this batch can pay for under the step model (the
             # dynamic policy's size at its prior estimates: 128 nodes at batch 1, 8 at 32 on an
             # H100-class Llama-3-8B), so a large batch never pays the host time of drafting big
-            # trees it would cut (the hybrid: ~0.3 ms per request at 9 nodes, ~3 ms at 80 on this
-            # project's CPU); choose() then prices the drafted nodes by their own estimates.
+            # trees it would cut (the hybrid: ~0.3 ms per request at 9 nodes, ~1.5 ms at 80 on this
+            # project's CPU, bench/bench_drafters.py); choose() then prices the drafted nodes by
+            # their own estimates (the template has none and keeps them all).
             # The policy learns nothing on this path (its estimates stay the prior): one size per batch size.
             if len(active) not in self._draft_caps:
                 self._draft_caps[len(active)] = len(self.policy.choose(len(active), num_nodes))

@@ -128,19 +128,21 @@ def test_lone_request_drafts_past_64_nodes_on_an_8b_model_and_a_batch_small_tree
     assert min(sizes[1]) >= 127 and max(sizes[32]) <= 16
 
 
-def test_default_hybrid_drafts_no_more_per_request_than_the_batch_pays_for():
-    """The default drafter (hybrid) with per-batch sizing: each request's tree is drafted at
-    most at the dynamic policy's size for this batch (128 nodes for one request, 8 for 32 on a
-    Llama-3-8B-shaped model), then priced by its own estimates; ``size: fixed`` drafts the
-    whole budget."""
+@pytest.mark.parametrize("drafter", [None, "hybrid"])
+def test_harness_drafters_draft_no_more_per_request_than_the_batch_pays_for(drafter):
+    """The default drafter (tr_static) and the hybrid with per-batch sizing: each request's tree
+    is drafted at most at the dynamic policy's size for this batch (128 nodes for one request,
+    8 for 32 on a Llama-3-8B-shaped model), then priced by its own estimates where it has them
+    (the template has none: it keeps them all); ``size: fixed`` drafts the whole budget."""
     from tkernels.plugins.vllm.settings import DEFAULT_TREE_DRAFTER
     from tkernels.spec import MAX_TREE_NODES
 
-    assert DEFAULT_TREE_DRAFTER == "hybrid"
+    assert DEFAULT_TREE_DRAFTER == "tr_static"
     for size, expected in (("per_batch", {1: 128, 32: 8}), ("fixed", {1: MAX_TREE_NODES, 32: MAX_TREE_NODES})):
+        options = {"size": size} | ({"drafter": drafter} if drafter else {})
         proposer, _ = make_tree_proposer(num_spec=MAX_TREE_NODES - 1, shape=LLAMA3_8B,
-                                         additional_config={"tkernels_tree": {"size": size}})
-        assert proposer.tree_drafter.method == "hybrid"
+                                         additional_config={"tkernels_tree": options})
+        assert proposer.tree_drafter.method == (drafter or DEFAULT_TREE_DRAFTER)
         budgets = []
 
         def draft(keys, histories, num_nodes, original=proposer.tree_drafter.draft, budgets=budgets):
@@ -153,7 +155,10 @@ def test_default_hybrid_drafts_no_more_per_request_than_the_batch_pays_for():
             fake_step(proposer, [f"r{i}" for i in range(batch_size)], [[]] * batch_size)
             batch.commit([[3]] * batch_size)
             drafts = proposer.propose([[3]] * batch_size, batch.num_tokens.copy(), batch.token_ids)
-            assert all(0 < len(d) < expected[batch_size] for d in drafts)
+            if drafter is None and size == "per_batch":  # the template: exactly the budget
+                assert {len(d) for d in drafts} == {expected[batch_size] - 1}
+            else:  # (fixed: 255 draft tokens, or fewer where max_model_len leaves less room)
+                assert all(0 < len(d) < expected[batch_size] for d in drafts)
         assert budgets == [expected[1], expected[32]]
 
 
