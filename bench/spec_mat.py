@@ -232,7 +232,8 @@ def run(model, tokenizer, questions: list[Question], methods: list[str], max_new
     a record ``{"question_id", "category", "prompt_tokens", "tokens", "forwards", "step_nodes",
     "draft_s", "equal"}``: ``tokens`` received (up to the cap or EOS), ``forwards`` the target
     forwards that produced them (the prefill + one per verify step), ``step_nodes`` every verify
-    step's tree size, ``draft_s`` the host seconds its drafter took over those steps. ``on_question(raw)`` is called after every question (partial results on long runs).
+    step's tree size, ``draft_s`` the host seconds its drafter took over those steps.
+    ``on_question(raw)`` is called after every question (partial results on long runs).
     """
     eos = {model.config.eos_token_id} if isinstance(model.config.eos_token_id, int) else set(model.config.eos_token_id or [])
     drafters = [make_drafter(spec, model.config.vocab_size) for spec in methods]

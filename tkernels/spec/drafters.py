@@ -34,7 +34,7 @@ retrieval matches, recycled alternatives where a copy may diverge, and recycling
 nothing matches; a recycled token that continues the context picks the copy up again. Each
 source's calibration learns from its own candidates' outcomes (a candidate is tested when its
 parent was accepted). The growth is a per-request host loop (a heap, ``num_nodes`` pops), a few
-milliseconds per request at 256 nodes.
+milliseconds per request at 256 nodes (``bench/bench_drafters.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
+
+from tkernels.checks import integer
 
 from .ngram import propose_ngram
 from .retrieval import SuffixAutomaton, bfs_order
@@ -65,9 +67,9 @@ def static_template(num_nodes: int) -> TreeShape:
     :data:`~tkernels.spec.tree.MAX_TREE_NODES`): the first ``num_nodes`` nodes, in BFS order,
     of :func:`~tkernels.spec.tree.token_recycling_tree` (the paper's 80-node template up to 80
     nodes, then its fan-out rule widened)."""
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or not 1 <= num_nodes <= MAX_TREE_NODES:
-        raise ValueError(f"num_nodes: must be an integer in [1, {MAX_TREE_NODES}], got {num_nodes!r}")
-    return _template(num_nodes)
+    if integer("num_nodes", num_nodes, minimum=1) > MAX_TREE_NODES:
+        raise ValueError(f"num_nodes: must be at most {MAX_TREE_NODES} (MAX_TREE_NODES), got {num_nodes}")
+    return _template(int(num_nodes))
 
 
 @cache
