@@ -368,9 +368,8 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             # Draft no more per request than this batch can pay for under the step model (the
             # dynamic policy's size at its prior estimates: 128 nodes at batch 1, 8 at 32 on an
             # H100-class Llama-3-8B), so a large batch never pays the host time of drafting big
-            # trees it would cut (the hybrid: ~0.3 ms per request at 9 nodes, ~1.5 ms at 80 on this
-            # project's CPU, bench/bench_drafters.py); choose() then prices the drafted nodes by
-            # their own estimates (the template has none and keeps them all).
+            # trees it would cut (drafting costs: bench/bench_drafters.py); choose() then prices
+            # the drafted nodes by their own estimates (the template has none and keeps them all).
             # The policy learns nothing on this path (its estimates stay the prior): one size per batch size.
             if len(active) not in self._draft_caps:
                 self._draft_caps[len(active)] = len(self.policy.choose(len(active), num_nodes))

@@ -67,9 +67,10 @@ def static_template(num_nodes: int) -> TreeShape:
     :data:`~tkernels.spec.tree.MAX_TREE_NODES`): the first ``num_nodes`` nodes, in BFS order,
     of :func:`~tkernels.spec.tree.token_recycling_tree` (the paper's 80-node template up to 80
     nodes, then its fan-out rule widened)."""
-    if integer("num_nodes", num_nodes, minimum=1) > MAX_TREE_NODES:
+    num_nodes = integer("num_nodes", num_nodes, minimum=1)
+    if num_nodes > MAX_TREE_NODES:
         raise ValueError(f"num_nodes: must be at most {MAX_TREE_NODES} (MAX_TREE_NODES), got {num_nodes}")
-    return _template(int(num_nodes))
+    return _template(num_nodes)
 
 
 @cache
