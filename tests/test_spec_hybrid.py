@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from tkernels.spec import validate_parents
-from tkernels.spec.drafters import METHODS, DraftTree, RetrievalCalibration, TreeDrafter, static_template
+from tkernels.spec.drafters import (
+    HYBRID_TEMPLATE_SHARE,
+    METHODS,
+    DraftTree,
+    RetrievalCalibration,
+    TreeDrafter,
+    static_template,
+)
 
 V = 50
 
@@ -28,9 +35,10 @@ def _paths(tree: DraftTree) -> list[tuple[int, ...]]:
     return paths
 
 
-def _brute_joint_scores(drafter: TreeDrafter, history: list[int]) -> list[float]:
-    """Every node of the joint candidate trie (module doc of tkernels.spec.drafters), by
-    exhaustive expansion with retrieval counted on the history directly, not the automaton."""
+def _brute_joint_trie(drafter: TreeDrafter, history: list[int]) -> dict[tuple[int, ...], float]:
+    """Every node of the joint candidate trie (module doc of tkernels.spec.drafters), its token
+    path -> its score, by exhaustive expansion with retrieval counted on the history directly,
+    not the automaton."""
     from collections import Counter
 
     from tkernels.spec.drafters import MAX_CHILDREN, ROOT_CONTEXTS
@@ -50,9 +58,9 @@ def _brute_joint_scores(drafter: TreeDrafter, history: list[int]) -> list[float]
         length -= 1
         while length > 0 and occurrences(history[n - length:]) == occurrences(history[n - length - 1:]):
             length -= 1
-    scores, stack = [1.0], [(history[-1], 1.0, 0, roots)]
+    trie, stack = {(): 1.0}, [((), history[-1], 1.0, 0, roots)]
     while stack:
-        token, score, depth, contexts = stack.pop()
+        path, token, score, depth, contexts = stack.pop()
         d = depth + 1
         cands = {}
         if d <= drafter.max_depth:
@@ -74,20 +82,33 @@ def _brute_joint_scores(drafter: TreeDrafter, history: list[int]) -> list[float]
         for t, (p_tr, p_ret, ctx) in cands.items():
             p = max(p_tr, p_ret)
             if p > 0:
-                scores.append(score * p)
-                stack.append((t, score * p, d, [ctx] if ctx is not None else []))
-    return sorted(scores, reverse=True)
+                trie[path + (t,)] = score * p
+                stack.append((path + (t,), t, score * p, d, [ctx] if ctx is not None else []))
+    return trie
+
+
+def _template_paths(drafter: TreeDrafter, root: int, num_nodes: int) -> list[tuple[int, ...]]:
+    """The static template's first ``num_nodes`` nodes as token paths, without the nodes (and
+    their subtrees) whose row entry was never written or that lie past ``max_depth``."""
+    shape = static_template(num_nodes)
+    paths: list = [()]
+    for parent, rank in zip(shape.parents.tolist()[1:], shape.ranks.tolist()[1:]):
+        path = paths[parent]
+        last = path[-1] if path else root
+        ok = path is not None and len(path) < drafter.max_depth and drafter.recycling.probs[last, rank] > 0
+        paths.append(path + (int(drafter.recycling.adjacency[last, rank]),) if ok else None)
+    return [p for p in paths if p is not None]
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("num_nodes", [1, 2, 9, 40])
-def test_hybrid_tree_is_the_best_nodes_of_the_joint_candidate_trie(seed, num_nodes):
+@pytest.mark.parametrize("num_nodes", [1, 2, 9, 40, 81])
+def test_hybrid_tree_is_the_template_breadth_then_the_best_nodes_of_the_joint_trie(seed, num_nodes):
     rng = random.Random(seed)
-    drafter = TreeDrafter(V, "hybrid", max_depth=2)
-    g = torch.Generator().manual_seed(seed)  # TR rows with two recycled candidates each
+    drafter = TreeDrafter(V, "hybrid", max_depth=3)
+    g = torch.Generator().manual_seed(seed)  # TR rows with four recycled candidates each
     ids = torch.stack([torch.randperm(V, generator=g)[:8] for _ in range(V)])
     probs = torch.zeros(V, 8)
-    probs[:, :2] = torch.rand(V, 2, generator=g).sort(dim=1, descending=True).values * 0.6
+    probs[:, :4] = torch.rand(V, 4, generator=g).sort(dim=1, descending=True).values * 0.6
     drafter.recycle(torch.arange(V), ids, probs)
     prompt = [rng.randrange(4) for _ in range(30)]  # 4 tokens: at most 4 continuations of any context
     history = prompt + prompt[5:12]
@@ -98,8 +119,13 @@ def test_hybrid_tree_is_the_best_nodes_of_the_joint_candidate_trie(seed, num_nod
     assert len(set(paths)) == len(paths)  # one node per token path
     parents, scores = tree.parents.long(), tree.scores
     assert bool((scores[1:] <= scores[parents[1:]] + 1e-12).all())  # path products
-    best = _brute_joint_scores(drafter, history)[:num_nodes]
+    trie = _brute_joint_trie(drafter, history)
+    breadth = _template_paths(drafter, history[-1], max(1, int(num_nodes * HYBRID_TEMPLATE_SHARE)))
+    assert set(breadth) <= set(paths)  # the template's written nodes, all of them
+    rest = sorted((score for path, score in trie.items() if path not in breadth), reverse=True)
+    best = sorted([trie[p] for p in breadth] + rest[:num_nodes - len(breadth)], reverse=True)
     assert sorted(scores.tolist(), reverse=True) == pytest.approx(best)
+    assert all(trie[p] == pytest.approx(float(s)) for p, s in zip(paths, scores))
 
 
 def test_hybrid_follows_a_copy_and_keeps_recycled_alternatives():
@@ -251,3 +277,11 @@ def test_static_template_reads_own_rows_first():
             p = expected[parents[i]]
             expected.append(own.get(key, own["b"])[ranks[i]] if p == 7 else int(drafter.recycling.adjacency[p, ranks[i]]))
         assert tree.tokens.tolist() == expected and tree.parents.tolist() == parents
+
+
+def test_hybrid_never_drafts_placeholders_of_rows_never_written():
+    drafter = TreeDrafter(V, "hybrid")
+    drafter.recycle(torch.tensor([3]), torch.arange(8).view(1, 8) + 10, torch.full((1, 8), 0.2))  # row 3 only
+    assert drafter.draft(["a"], [[1, 2, 4]], 40)[0].tokens.tolist() == [4]  # cold root, nothing to copy
+    tree = drafter.draft(["b"], [[1, 2, 3]], 40)[0]
+    assert sorted(tree.tokens.tolist()) == [3] + list(range(10, 18))  # row 3's entries; theirs are unwritten

@@ -27,8 +27,15 @@ is accepted (TR: per depth and stored-probability bin, :class:`ConfidenceTreePol
 retrieval: per depth, match length and share, :class:`RetrievalCalibration`); a token both
 sources propose is one node with the larger estimate. A node's score is the product of the
 estimates along its path (the estimated probability that the target accepts it), and the tree
-grows best first: the ``num_nodes`` best-scoring nodes of the joint candidate trie, which
-maximises the estimated accepted tokens of the step among trees of that size. So the budget goes
+grows in two phases. First the static template's breadth: its first ``num_nodes *``
+:data:`HYBRID_TEMPLATE_SHARE` nodes, filled from TR rows as ``tr_static`` does, leaving out the
+entries of rows never written (placeholder tokens, which the target does not pick). Then best first:
+the best-scoring nodes of the joint candidate trie not yet in the tree, up to ``num_nodes``
+(best first alone maximises the *estimated* accepted tokens of the step among trees of that
+size). The breadth is what makes the hybrid learn as fast as the template: a tree grown from
+the estimates alone spends its nodes deep on the few rows it trusts, so it verifies fewer
+distinct tokens and writes about half as many adjacency rows, which costs it the cold start of
+a run (its first question) against the template. So the rest of the budget goes
 to whichever source is likelier at this step, node by node: a long copy of the prompt where
 retrieval matches, recycled alternatives where a copy may diverge, and recycling alone where
 nothing matches; a recycled token that continues the context picks the copy up again. Each
@@ -60,6 +67,12 @@ __all__ = ["METHODS", "DraftTree", "RetrievalCalibration", "TreeDrafter", "stati
 METHODS = ("pld", "tr_static", "tr", "retrieval", "hybrid")
 MAX_CHILDREN = 4  # retrieval: continuations kept per context (most frequent first)
 ROOT_CONTEXTS = 3  # hybrid: the longest earlier match and up to two shorter suffix contexts at the root
+# hybrid: the share of the node budget given to the static template's breadth before best-first
+# growth (module doc). Measured on the dev questions (bench/spec_mat.py): best first alone
+# (share 0) lost to the template by 3-5% in writing, where cold roots dominate; half the budget
+# fixed that and raised the hybrid's overall MAT at 32 and 80 nodes; on questions outside the
+# benchmark too (+2% / +5%).
+HYBRID_TEMPLATE_SHARE = 0.5
 OWN_ROWS = ("tr_static", "hybrid")  # methods that keep per-request own adjacency rows (TreeDrafter doc)
 
 def static_template(num_nodes: int) -> TreeShape:
@@ -313,8 +326,10 @@ class TreeDrafter:
 
     def _hybrid_tree(self, sam: SuffixAutomaton, num_nodes: int, own: dict[int, tuple[list[int], list[float]]],
                      tr_accept) -> DraftTree:
-        """The best ``num_nodes`` nodes of the joint TR + retrieval candidate trie (module doc);
-        a token's TR row from the request's ``own`` rows first (class doc); ``tr_accept``:
+        """The hybrid tree of ``num_nodes`` nodes (module doc): the static template's first
+        ``num_nodes *`` :data:`HYBRID_TEMPLATE_SHARE` nodes where their TR rows were written,
+        then the best nodes of the joint TR + retrieval candidate trie; a token's TR row from
+        the request's ``own`` rows first (class doc); ``tr_accept``:
         :meth:`ConfidenceTreePolicy.accept_prob_host`.
 
         Best first with lazy siblings: a node's candidates are ranked once, when it joins the
@@ -325,30 +340,49 @@ class TreeDrafter:
         recycling, calibration = self.recycling, self.retrieval_calibration
         tokens, parents, scores, node_depth = [sam.tokens[-1]], [-1], [1.0], [0]
         tr_probs, features = [math.nan], [None]
+        state, _ = sam.longest_match()
+        contexts = [sam.suffix_states(state, ROOT_CONTEXTS)]  # per node, the contexts its path continues
+        found: list[dict[int, list]] = []  # per node, its candidates (candidates_of)
+        taken: set[tuple[int, int]] = set()  # (parent, token) of the template's nodes
         heap: list = []
         waiting: list[list] = []  # per expanded node, its ranked candidates not yet in the heap
 
-        def expand(node: int, contexts: list[tuple[int, int]]) -> None:
+        def row_of(token: int) -> tuple[list[int], list[float]]:
+            row = own.get(token)
+            return row if row is not None else (recycling.adjacency[token].tolist(), recycling.probs[token].tolist())
+
+        def candidates_of(node: int) -> dict[int, list]:
+            """token -> [TR estimate, stored prob, retrieval estimate, features, next context]"""
             depth = node_depth[node] + 1
-            candidates: dict[int, list] = {}  # token -> [TR estimate, stored prob, retrieval estimate, features, next context]
+            candidates: dict[int, list] = {}
             if depth <= self.max_depth:
-                row = own.get(tokens[node])
-                ids, probs = row if row is not None else (recycling.adjacency[tokens[node]].tolist(),
-                                                          recycling.probs[tokens[node]].tolist())
-                for token, stored in zip(ids, probs):
+                for token, stored in zip(*row_of(tokens[node])):
                     if stored > 0:
                         candidates.setdefault(token, [tr_accept(stored, depth), stored, 0.0, None, None])
             if depth <= 2 * self.max_depth:
-                for state, context in contexts:  # longest context first: it names a token's features
+                for state, context in contexts[node]:  # longest context first: it names a token's features
                     for token, child, share, support in sam.children(state, MAX_CHILDREN):
                         c = candidates.setdefault(token, [0.0, math.nan, 0.0, None, None])
                         if c[3] is None:
                             c[2] = calibration.accept_prob(share, context, support, depth)
                             c[3], c[4] = (depth, context - depth + 1, share), (child, context + 1)
+            return candidates
+
+        def add(parent: int, score: float, token: int, stored: float, feature, context) -> None:
+            tokens.append(token)
+            parents.append(parent)
+            scores.append(score)
+            node_depth.append(node_depth[parent] + 1)
+            tr_probs.append(stored)
+            features.append(feature)
+            contexts.append([context] if context is not None else [])
+            found.append(candidates_of(len(tokens) - 1))
+
+        def expand(node: int) -> None:
             ranked, parent_score, ordinal = [], scores[node], len(waiting)
-            for position, (token, (p_tr, stored, p_ret, feature, context)) in enumerate(candidates.items()):
+            for position, (token, (p_tr, stored, p_ret, feature, context)) in enumerate(found[node].items()):
                 p = max(p_tr, p_ret)
-                if p > 0:
+                if p > 0 and (node, token) not in taken:
                     ranked.append((-parent_score * p, (ordinal, position), node, token,
                                    stored if p_tr > 0 else math.nan, feature, context))
             ranked.sort(key=lambda entry: entry[:2], reverse=True)  # best last: popped from the end
@@ -356,20 +390,30 @@ class TreeDrafter:
             if ranked:
                 heapq.heappush(heap, ranked.pop())
 
-        state, _ = sam.longest_match()
-        expand(0, sam.suffix_states(state, ROOT_CONTEXTS))
+        found.append(candidates_of(0))
+        shape = static_template(max(1, int(num_nodes * HYBRID_TEMPLATE_SHARE)))
+        at: list[int | None] = [0]  # template node -> tree node (None: not drafted, nor its subtree)
+        for template_parent, rank in zip(shape.parents.tolist()[1:], shape.ranks.tolist()[1:]):
+            node = at[template_parent]
+            ids, probs = row_of(tokens[node]) if node is not None else ((), ())
+            # a row never written holds placeholder tokens, which the target does not pick (module doc)
+            candidate = found[node].get(ids[rank]) if rank < len(ids) and probs[rank] > 0 else None
+            if candidate is None or max(candidate[0], candidate[2]) <= 0 or (node, ids[rank]) in taken:
+                at.append(None)
+                continue
+            p_tr, stored, p_ret, feature, context = candidate
+            taken.add((node, ids[rank]))
+            add(node, scores[node] * max(p_tr, p_ret), ids[rank], stored, feature, context)
+            at.append(len(tokens) - 1)
+        for node in range(len(tokens)):
+            expand(node)
         while heap and len(tokens) < num_nodes:
             neg_score, (ordinal, _), parent, token, stored, feature, context = heapq.heappop(heap)
             if waiting[ordinal]:
                 heapq.heappush(heap, waiting[ordinal].pop())  # its next sibling
-            tokens.append(token)
-            parents.append(parent)
-            scores.append(-neg_score)
-            node_depth.append(node_depth[parent] + 1)
-            tr_probs.append(stored)
-            features.append(feature)
-            expand(len(tokens) - 1, [context] if context is not None else [])
-        layout = bfs_order(parents)  # siblings stay in pop order: best first
+            add(parent, -neg_score, token, stored, feature, context)
+            expand(len(tokens) - 1)
+        layout = bfs_order(parents)  # the template's nodes first, then best first, per parent
         new = {old: i for i, old in enumerate(layout)}
         return DraftTree(
             tokens=torch.tensor([tokens[j] for j in layout], dtype=torch.int64),
