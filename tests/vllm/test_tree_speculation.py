@@ -41,7 +41,7 @@ def vllm_config(num_spec=NUM_SPEC, async_scheduling=False, max_model_len=256, ad
     )
 
 
-DYNAMIC = {"tkernels_tree": {"drafter": "dynamic"}}  # the per-(depth, rank) drafter (the default is the hybrid)
+DYNAMIC = {"tkernels_tree": {"drafter": "dynamic"}}  # the per-(depth, rank) drafter (the default is tr_static)
 
 
 def make_tree_proposer(**config):
