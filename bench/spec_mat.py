@@ -26,7 +26,8 @@ target's top-k at the prompt's positions, from the prefill). Besides MAT, every 
 predicts tokens/s per request on an H100 and an H200 at batch sizes 1/8/32/64 from the
 step-latency model (:data:`STEP_MODELS`): tokens received after the prefill's over the summed
 predicted times of the verify steps, each of B times its tree's nodes (every request of the
-batch drafting like this one).
+batch drafting like this one); with ``--draft-cost`` (D1's file, ``bench/bench_drafters.py``)
+also with the host's drafting time per request added to every step.
 
 Results keep every method's per-question raw counts, so runs of different methods in parallel
 processes merge (``--merge``) and an interrupted run resumes (``--resume``) at method granularity.
@@ -256,13 +257,29 @@ def run(model, tokenizer, questions: list[Question], methods: list[str], max_new
     return raw
 
 
-def summarize(raw: dict[str, list[dict]]) -> list[dict]:
+def load_draft_cost(path: Path) -> dict[tuple[str, int], float]:
+    """Drafting time per request, µs, by ``(method, nodes)``, from the pytest-benchmark JSON of
+    ``bench/bench_drafters.py`` (D1): each benchmark's median over its batch."""
+    costs = {}
+    for bench in json.loads(Path(path).read_text())["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if {"impl", "nodes", "batch"} <= set(info):
+            costs[(info["impl"], int(info["nodes"]))] = 1e6 * bench["stats"]["median"] / info["batch"]
+    if not costs:
+        raise ValueError(f"path: {path} holds no bench_drafters.py records (extra_info impl, nodes, batch)")
+    return costs
+
+
+def summarize(raw: dict[str, list[dict]], draft_us: dict[tuple[str, int], float] | None = None) -> list[dict]:
     """Result records per (method, category) and overall from :func:`run`'s raw records.
 
     ``mat`` = tokens received / target forwards that produced them (summed over the questions),
     the definition :mod:`tkernels.plugins.vllm.speculation_bench` uses too. ``predicted_tokens_per_s``
     per GPU and batch size: tokens received after the prefill's / the summed predicted time of the
     verify steps, ``batch`` times each step's tree (every request of the batch drafting like this one).
+    With ``draft_us`` (:func:`load_draft_cost`), records of a (method, nodes) it prices also get
+    ``draft_us_per_request`` and ``predicted_tokens_per_s_with_drafting``: every step also pays
+    ``batch`` requests' drafting on the host, before the GPU step and not overlapped with it.
     """
     records = []
     for spec, per_question in raw.items():
@@ -273,9 +290,20 @@ def summarize(raw: dict[str, list[dict]]) -> list[dict]:
         for r in per_question:
             by_category[r["category"]].append(r)
             by_category["overall"].append(r)
+        host_us = (draft_us or {}).get((method, drafter_nodes))
+
+        def predicted(steps, decode_tokens, host_us_per_request=0.0):
+            return {gpu: {str(b): 1e6 * decode_tokens / max(sum(model.step_time(b * n) for n in steps)
+                                                             + len(steps) * b * host_us_per_request, 1e-9)
+                          for b in PREDICTED_BATCHES}
+                    for gpu, model in STEP_MODELS.items()}
+
         for category, rs in by_category.items():
             steps = [n for r in rs for n in r["step_nodes"]]
             decode_tokens = sum(r["tokens"] - 1 for r in rs)
+            drafting = {} if host_us is None else {
+                "draft_us_per_request": host_us,
+                "predicted_tokens_per_s_with_drafting": predicted(steps, decode_tokens, host_us)}
             records.append({
                 "method": method, "nodes": drafter_nodes, "batch": batch, "category": category, "questions": len(rs),
                 "tokens": sum(r["tokens"] for r in rs), "forwards": sum(r["forwards"] for r in rs),
@@ -284,10 +312,8 @@ def summarize(raw: dict[str, list[dict]]) -> list[dict]:
                 # host time per drafting step on the machine that ran it (None: a run from before it was kept)
                 "draft_ms_per_step": (1e3 * sum(r["draft_s"] for r in rs) / max(len(steps), 1)
                                       if all("draft_s" in r for r in rs) else None),
-                "predicted_tokens_per_s": {
-                    gpu: {str(b): 1e6 * decode_tokens / max(sum(model.step_time(b * n) for n in steps), 1e-9)
-                          for b in PREDICTED_BATCHES}
-                    for gpu, model in STEP_MODELS.items()},
+                "predicted_tokens_per_s": predicted(steps, decode_tokens),
+                **drafting,
             })
     return records
 
@@ -308,6 +334,15 @@ def format_table(records: list[dict]) -> str:
         for (method, nodes), by_cat in rows.items():
             predicted = by_cat["overall"]["predicted_tokens_per_s"][gpu]
             lines.append(f"{method:<12}{nodes:>7}" + "".join(f"{predicted[str(b)]:>12.0f}" for b in PREDICTED_BATCHES))
+    drafted = {key: by_cat["overall"] for key, by_cat in rows.items()
+               if "predicted_tokens_per_s_with_drafting" in by_cat["overall"]}
+    for gpu in STEP_MODELS if drafted else ():
+        lines.append(f"\npredicted {gpu} tokens/s per request with the host's drafting (--draft-cost)\n"
+                     f"{'method':<12}{'nodes':>7}{'us/req':>8}" + "".join(f"{'batch ' + str(b):>12}" for b in PREDICTED_BATCHES))
+        for (method, nodes), r in drafted.items():
+            predicted = r["predicted_tokens_per_s_with_drafting"][gpu]
+            lines.append(f"{method:<12}{nodes:>7}{r['draft_us_per_request']:>8.0f}"
+                         + "".join(f"{predicted[str(b)]:>12.0f}" for b in PREDICTED_BATCHES))
     return "\n".join(lines)
 
 
@@ -336,6 +371,9 @@ def main(argv=None) -> None:
                         help="keep the methods --out already holds for every question and run only the others")
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="no run: merge these result files' complete methods into --out and print the table")
+    parser.add_argument("--draft-cost", type=Path, default=None,
+                        help="bench/bench_drafters.py's pytest-benchmark JSON: also predict tokens/s with that "
+                             "host's drafting time per step (e.g. bench/results/drafters_cpu_vm.json)")
     args = parser.parse_args(argv)
     if not args.data.is_file():
         raise SystemExit(f"--data: {args.data} not found (the Spec-Bench dev questions ship as {SPECBENCH_DEV})")
@@ -345,15 +383,20 @@ def main(argv=None) -> None:
             "date": time.strftime("%Y-%m-%d"), "question_ids": question_ids,
             "mat": "tokens received (up to max_new_tokens or EOS) / target forwards that produced them (prefill included)",
             "step_models": {gpu: dataclasses.asdict(m.rates) for gpu, m in STEP_MODELS.items()}}
+    draft_us = None
+    if args.draft_cost is not None:
+        draft_us = load_draft_cost(args.draft_cost)
+        meta["draft_cost"] = args.draft_cost.resolve().relative_to(REPO).as_posix() \
+            if args.draft_cost.resolve().is_relative_to(REPO) else args.draft_cost.name
 
     def save(raw):
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({**meta, "records": summarize(raw), "raw": raw}, indent=1) + "\n")
+        args.out.write_text(json.dumps({**meta, "records": summarize(raw, draft_us), "raw": raw}, indent=1) + "\n")
 
     if args.merge:
         raw = merge_raw([json.loads(p.read_text()) for p in args.merge], question_ids)
         save(raw)
-        print(format_table(summarize(raw)))
+        print(format_table(summarize(raw, draft_us)))
         print(f"wrote {args.out}")
         return
     if args.threads:
@@ -376,7 +419,7 @@ def main(argv=None) -> None:
           f"running {todo}" + (f", kept {list(kept)}" if kept else ""))
     raw = {**kept, **run(model, tokenizer, questions, todo, args.max_new_tokens, on_question=lambda r: save({**kept, **r}))}
     save(raw)
-    print(format_table(summarize(raw)))
+    print(format_table(summarize(raw, draft_us)))
     print(f"wrote {args.out}")
 
 

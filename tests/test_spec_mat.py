@@ -101,6 +101,31 @@ def test_summarize_sums_tokens_and_forwards_over_questions(spec_mat):
     assert by_category["overall"]["equal"] is False and by_category["overall"]["mean_tree_nodes"] == 21 / 6
 
 
+def test_drafting_cost_adds_the_batch_s_host_time_to_every_step(spec_mat, tmp_path):
+    raw = {"hybrid:9": [{"question_id": 1, "category": "a", "tokens": 10, "forwards": 4, "step_nodes": [9, 9, 5],
+                         "equal": True}],
+           "tr:9": [{"question_id": 1, "category": "a", "tokens": 7, "forwards": 4, "step_nodes": [9] * 3, "equal": True}]}
+    bench = {"benchmarks": [  # pytest-benchmark's file as bench/bench_drafters.py writes it
+        {"stats": {"median": 32 * 250e-6}, "extra_info": {"impl": "hybrid", "nodes": 9, "batch": 32, "us": 1.0}},
+        {"stats": {"median": 1.0}, "extra_info": {}}]}
+    path = tmp_path / "d1.json"
+    path.write_text(json.dumps(bench))
+    costs = spec_mat.load_draft_cost(path)
+    assert costs == {("hybrid", 9): pytest.approx(250.0)}  # the median per request, not the extra "us"
+    records = {r["method"]: r for r in spec_mat.summarize(raw, costs) if r["category"] == "overall"}
+    assert "predicted_tokens_per_s_with_drafting" not in records["tr"]  # no D1 record: no claim
+    hybrid = records["hybrid"]
+    for gpu, model in spec_mat.STEP_MODELS.items():
+        for b in spec_mat.PREDICTED_BATCHES:
+            steps = sum(model.step_time(b * n) for n in (9, 9, 5))
+            assert hybrid["predicted_tokens_per_s_with_drafting"][gpu][str(b)] == pytest.approx(9e6 / (steps + 3 * b * 250.0))
+            assert hybrid["predicted_tokens_per_s"][gpu][str(b)] == pytest.approx(9e6 / steps)
+    assert "with the host's drafting" in spec_mat.format_table(list(spec_mat.summarize(raw, costs)))
+    path.write_text(json.dumps({"benchmarks": [bench["benchmarks"][1]]}))
+    with pytest.raises(ValueError, match="^path:"):
+        spec_mat.load_draft_cost(path)
+
+
 def test_load_questions_takes_first_turns_per_category(spec_mat, tmp_path):
     rows = [{"category": c, "turns": [f"{c} {i}", "second turn"]} for i in range(3) for c in ("a", "b")]
     data = tmp_path / "q.jsonl"
