@@ -44,8 +44,8 @@ TREE_SIZES = ("per_batch", "fixed")
 # method of tkernels.spec.drafters (the offline harness's drafters). The default is the static
 # template: in vLLM (bench/results/vllm_spec_mat_smollm2.json, 26 dev questions, K = 32) it gives
 # 1.89 MAT (dynamic 1.35, vLLM's ngram 1.63) and drafts in ~0.07 ms per request. The hybrid gives
-# more (2.40) but drafts in a per-request host loop (bench/results/drafters_cpu_vm.json: 0.3 ms
-# per request at 9 nodes, 2.1 ms at 80 on this project's CPU), which under the step model of an 8B model on
+# more (2.51) but drafts in a per-request host loop (bench/results/drafters_cpu_vm.json: 0.3 ms
+# per request at 9 nodes, 1.8 ms at 80 on this project's CPU), which under the step model of an 8B model on
 # an H100 costs more tokens/s than its extra acceptance brings at batch >= 8 (README, Speculation).
 TREE_DRAFTERS = ("dynamic", "pld", "tr_static", "tr", "retrieval", "hybrid")
 DEFAULT_TREE_DRAFTER = "tr_static"
