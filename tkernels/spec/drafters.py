@@ -29,8 +29,8 @@ sources propose is one node with the larger estimate. A node's score is the prod
 estimates along its path (the estimated probability that the target accepts it), and the tree
 grows in two phases. First the static template's breadth: its first ``num_nodes *``
 :data:`HYBRID_TEMPLATE_SHARE` nodes, filled from TR rows as ``tr_static`` does, leaving out the
-entries of rows never written (placeholder tokens, which the target does not pick). Then best first:
-the best-scoring nodes of the joint candidate trie not yet in the tree, up to ``num_nodes``
+entries of rows never written (placeholder tokens, which the target does not pick). Then
+best first: the best-scoring nodes of the joint candidate trie not yet in the tree, up to ``num_nodes``
 (best first alone maximises the *estimated* accepted tokens of the step among trees of that
 size). The breadth is what makes the hybrid learn as fast as the template: a tree grown from
 the estimates alone spends its nodes deep on the few rows it trusts, so it verifies fewer
@@ -68,10 +68,10 @@ METHODS = ("pld", "tr_static", "tr", "retrieval", "hybrid")
 MAX_CHILDREN = 4  # retrieval: continuations kept per context (most frequent first)
 ROOT_CONTEXTS = 3  # hybrid: the longest earlier match and up to two shorter suffix contexts at the root
 # hybrid: the share of the node budget given to the static template's breadth before best-first
-# growth (module doc). Measured on the dev questions (bench/spec_mat.py): best first alone
-# (share 0) lost to the template by 3-5% in writing, where cold roots dominate; half the budget
-# fixed that and raised the hybrid's overall MAT at 32 and 80 nodes; on questions outside the
-# benchmark too (+2% / +5%).
+# growth (module doc). Measured on the dev questions (bench/spec_mat.py, README): best first
+# alone (share 0) lost to the template by 3-5% in writing, where cold roots dominate; half the
+# budget closed that and raised the hybrid's overall MAT (+6.5% / +3.2% / +3.6% at 32 / 80 / 128
+# nodes, -1% at 9), on questions outside the benchmark too (+2% / +5% at 32 / 80).
 HYBRID_TEMPLATE_SHARE = 0.5
 OWN_ROWS = ("tr_static", "hybrid")  # methods that keep per-request own adjacency rows (TreeDrafter doc)
 
@@ -398,7 +398,7 @@ class TreeDrafter:
             ids, probs = row_of(tokens[node]) if node is not None else ((), ())
             # a row never written holds placeholder tokens, which the target does not pick (module doc)
             candidate = found[node].get(ids[rank]) if rank < len(ids) and probs[rank] > 0 else None
-            if candidate is None or max(candidate[0], candidate[2]) <= 0 or (node, ids[rank]) in taken:
+            if candidate is None or candidate[0] <= 0 or (node, ids[rank]) in taken:  # TR's: depth <= max_depth
                 at.append(None)
                 continue
             p_tr, stored, p_ret, feature, context = candidate
