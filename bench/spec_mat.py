@@ -257,6 +257,16 @@ def run(model, tokenizer, questions: list[Question], methods: list[str], max_new
     return raw
 
 
+def predicted_tokens_per_s(steps: list[int], decode_tokens: int, host_us_per_request: float = 0.0) -> dict[str, dict[str, float]]:
+    """Tokens/s per request per GPU and batch size: ``decode_tokens`` over the predicted times of
+    the verify ``steps`` (tree sizes; each step ``batch`` times its tree), plus ``batch`` requests'
+    host drafting per step."""
+    return {gpu: {str(b): 1e6 * decode_tokens / max(sum(model.step_time(b * n) for n in steps)
+                                                     + len(steps) * b * host_us_per_request, 1e-9)
+                  for b in PREDICTED_BATCHES}
+            for gpu, model in STEP_MODELS.items()}
+
+
 def load_draft_cost(path: Path) -> dict[tuple[str, int], float]:
     """Drafting time per request, µs, by ``(method, nodes)``, from the pytest-benchmark JSON of
     ``bench/bench_drafters.py`` (D1): each benchmark's median over its batch."""
@@ -291,19 +301,12 @@ def summarize(raw: dict[str, list[dict]], draft_us: dict[tuple[str, int], float]
             by_category[r["category"]].append(r)
             by_category["overall"].append(r)
         host_us = (draft_us or {}).get((method, drafter_nodes))
-
-        def predicted(steps, decode_tokens, host_us_per_request=0.0):
-            return {gpu: {str(b): 1e6 * decode_tokens / max(sum(model.step_time(b * n) for n in steps)
-                                                             + len(steps) * b * host_us_per_request, 1e-9)
-                          for b in PREDICTED_BATCHES}
-                    for gpu, model in STEP_MODELS.items()}
-
         for category, rs in by_category.items():
             steps = [n for r in rs for n in r["step_nodes"]]
             decode_tokens = sum(r["tokens"] - 1 for r in rs)
             drafting = {} if host_us is None else {
                 "draft_us_per_request": host_us,
-                "predicted_tokens_per_s_with_drafting": predicted(steps, decode_tokens, host_us)}
+                "predicted_tokens_per_s_with_drafting": predicted_tokens_per_s(steps, decode_tokens, host_us)}
             records.append({
                 "method": method, "nodes": drafter_nodes, "batch": batch, "category": category, "questions": len(rs),
                 "tokens": sum(r["tokens"] for r in rs), "forwards": sum(r["forwards"] for r in rs),
@@ -312,7 +315,7 @@ def summarize(raw: dict[str, list[dict]], draft_us: dict[tuple[str, int], float]
                 # host time per drafting step on the machine that ran it (None: a run from before it was kept)
                 "draft_ms_per_step": (1e3 * sum(r["draft_s"] for r in rs) / max(len(steps), 1)
                                       if all("draft_s" in r for r in rs) else None),
-                "predicted_tokens_per_s": predicted(steps, decode_tokens),
+                "predicted_tokens_per_s": predicted_tokens_per_s(steps, decode_tokens),
                 **drafting,
             })
     return records
@@ -386,8 +389,8 @@ def main(argv=None) -> None:
     draft_us = None
     if args.draft_cost is not None:
         draft_us = load_draft_cost(args.draft_cost)
-        meta["draft_cost"] = args.draft_cost.resolve().relative_to(REPO).as_posix() \
-            if args.draft_cost.resolve().is_relative_to(REPO) else args.draft_cost.name
+        path = args.draft_cost.resolve()
+        meta["draft_cost"] = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else path.name
 
     def save(raw):
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -346,10 +346,16 @@ class TreeDrafter:
         taken: set[tuple[int, int]] = set()  # (parent, token) of the template's nodes
         heap: list = []
         waiting: list[list] = []  # per expanded node, its ranked candidates not yet in the heap
+        rows: dict[int, tuple[list[int], list[float]]] = {}  # token -> its TR row, read once per tree
 
         def row_of(token: int) -> tuple[list[int], list[float]]:
-            row = own.get(token)
-            return row if row is not None else (recycling.adjacency[token].tolist(), recycling.probs[token].tolist())
+            row = rows.get(token)
+            if row is None:
+                row = own.get(token)
+                if row is None:
+                    row = (recycling.adjacency[token].tolist(), recycling.probs[token].tolist())
+                rows[token] = row
+            return row
 
         def candidates_of(node: int) -> dict[int, list]:
             """token -> [TR estimate, stored prob, retrieval estimate, features, next context]"""
