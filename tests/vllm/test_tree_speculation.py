@@ -245,26 +245,26 @@ def test_unsupported_configs_are_refused_when_the_proposer_is_built():
 def test_patch_fails_loudly_if_vllm_moved_the_method(monkeypatch):
     import vllm
 
-    from tkernels.plugins.vllm import tree
+    from tkernels.plugins.vllm import compat, patches
 
     class Runner:
         def _sample(self, logits, metadata):  # renamed parameter
             pass
 
     with pytest.raises(RuntimeError, match=r"patches Runner._sample.*has \('self', 'logits', 'metadata'\)"):
-        tree._checked_method(Runner, "_sample", ("self", "logits", "spec_decode_metadata"))
+        compat.checked_method(Runner, "_sample", ("self", "logits", "spec_decode_metadata"))
     with pytest.raises(RuntimeError, match="no such method"):
-        tree._checked_method(Runner, "_prepare_inputs", ("self", "scheduler_output", "num_scheduled_tokens"))
+        compat.checked_method(Runner, "_prepare_inputs", ("self", "scheduler_output", "num_scheduled_tokens"))
     monkeypatch.setattr(vllm, "__version__", "0.40.0")
     with pytest.raises(RuntimeError, match=r"vLLM 0.40.0 is not supported"):
-        tree.install(vllm_config())
+        patches.install(vllm_config())
 
 
 def test_register_only_warns_if_the_admission_patch_cannot_be_made_but_the_tree_proposer_fails(monkeypatch, caplog):
     from vllm.sampling_params import SamplingParams
 
     import tkernels.plugins.vllm as plugin
-    from tkernels.plugins.vllm import tree
+    from tkernels.plugins.vllm import patches
 
     monkeypatch.delenv("TKERNELS_VLLM_CPU_TEST_BACKEND", raising=False)
     monkeypatch.setattr(SamplingParams, "_validate_spec_decode", lambda self, speculative_config, model_config: None)
@@ -273,13 +273,13 @@ def test_register_only_warns_if_the_admission_patch_cannot_be_made_but_the_tree_
         plugin.register()  # a server that does not use tree speculation keeps working
     assert plugin.REGISTERED and "patches SamplingParams._validate_spec_decode" in caplog.text
     with pytest.raises(RuntimeError, match="patches SamplingParams._validate_spec_decode"):
-        tree.install(vllm_config())
+        patches.install(vllm_config())
 
 
 def test_requests_tree_verification_cannot_reproduce_are_refused_at_submission():
     from vllm.sampling_params import SamplingParams
 
-    from tkernels.plugins.vllm.tree import install_request_validation
+    from tkernels.plugins.vllm.patches import install_request_validation
 
     install_request_validation()
     tree_spec = vllm_config().speculative_config
@@ -306,11 +306,11 @@ def test_a_failed_request_is_finished_with_an_error_and_the_others_go_on(monkeyp
     from vllm.v1.outputs import ModelRunnerOutput
 
     from tkernels.models import tiny_llama_dir
-    from tkernels.plugins.vllm import tree
+    from tkernels.plugins.vllm import patches, tree
 
-    tree.install_failed_request_handling()
+    patches.install_failed_request_handling()
     scheduler = create_scheduler(tiny_llama_dir(), Scheduler)
-    monkeypatch.setattr(tree, "is_tree_config", lambda config: True)  # the scheduler's config has no proposer
+    monkeypatch.setattr(patches, "is_tree_config", lambda config: True)  # the scheduler's config has no proposer
     for name in ("bad", "good"):
         scheduler.add_request(make_request(name, 5, 4))
     output = scheduler.schedule()
@@ -354,11 +354,52 @@ def test_begin_step_sets_tree_positions_and_attention_trees():
     assert step.drafts == [[], [8, 9, 12]] and step.num_nodes.tolist() == [1, 4]
     assert step.parents.tolist() == [-1, -1, 0, 0, 1] and step.cu_nodes.tolist() == [0, 1, 5]
     assert batch.proposed == {}  # consumed, and the finished request's dropped
-    # A draft that is not the recorded tree is an error, never a guess.
-    batch.propose("t", [8, 9], torch.tensor([-1, 0, 0], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="not \\(a BFS prefix of\\) the tree"):
-        batch.begin_step(runner, SimpleNamespace(finished_req_ids=set(), scheduled_spec_decode_tokens={"t": [9]}),
-                         np.array([3, 2]))
+    assert step.node_depths.tolist() == [0, 0, 1, 1, 2] and step.is_tree.tolist() == [False, True]
+
+
+def test_a_draft_that_is_not_the_proposed_tree_is_verified_as_a_chain_for_that_request_alone(rng):
+    """What vLLM does near max_model_len (zeros in place of every draft), or any draft the
+    proposer did not make: that row is a chain (causal attention, linear positions, lossless
+    verification of whatever was drafted), counted and logged once; the other rows keep their trees."""
+    from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
+
+    from tkernels.plugins.vllm import tree
+
+    batch = tree.TreeBatch()
+    tree_parents = torch.tensor([-1, 0, 0, 1], dtype=torch.int32)
+    batch.propose("t", [8, 9, 12], tree_parents)
+    batch.propose("z", [8, 9, 12], tree_parents)  # scheduled zeros instead
+    # "n" was never proposed anything but is scheduled a draft; "c" is a draft with extra tokens
+    batch.propose("c", [5, 6], torch.tensor([-1, 0, 0], dtype=torch.int32))
+    runner = fake_runner(["t", "z", "n", "c"], [10, 20, 30, 40], 4 + 4 + 3 + 4, torch.arange(16).view(4, 4).int())
+    linear = runner.positions.clone()
+    drafts = {"t": [8, 9, 12], "z": [0, 0, 0], "n": [7, 7], "c": [5, 6]}
+    batch.begin_step(runner, SimpleNamespace(finished_req_ids=set(), scheduled_spec_decode_tokens=drafts),
+                     np.array([4, 4, 3, 4]))  # "c": 4 tokens for a 2-token draft
+    step = batch.step
+    assert step.is_tree.tolist() == [True, False, False, False] and batch.foreign_drafts == 3
+    assert step.parents.tolist() == [-1, 0, 0, 1] + [-1, 0, 1, 2] + [-1, 0, 1] + [-1, 0, 1]
+    assert step.root_position.tolist() == [10, 20, 30, 41]
+    assert runner.positions[4:].tolist() == linear[4:].tolist()  # chains keep vLLM's positions
+    assert runner.positions[:4].tolist() == [100, 11, 11, 12]  # the tree's nodes at prefix + depth
+    parents, is_tree = tree.attention_trees()
+    assert is_tree.tolist() == [True, False, False, False] and (parents[4:] == -1).all()
+    # Verification: the tree row accepts 9 (node 2) then the bonus; zeros are rejected at once;
+    # "n" accepts its chain 7, 7; "c" (logits of its last 3 tokens) accepts 5, not 6.
+    runner.input_ids.gpu = torch.tensor([4, 8, 9, 12] + [3, 0, 0, 0] + [6, 7, 7] + [1, 4, 5, 6])
+    logits = logits_preferring([9, 1, 50, 2] + [33, 1, 1, 1] + [7, 7, 44] + [5, 60, 3], rng)
+    metadata = SimpleNamespace(num_draft_tokens=[3, 3, 2, 2], max_spec_len=3,
+                               logits_indices=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14]))
+    cache = torch.randn(1, 16, 4, 1, 8, generator=rng)
+    batch._kv_planes = [cache]
+    before = cache.clone()
+    out = batch.verify(runner, logits, metadata)
+    p = PLACEHOLDER_TOKEN_ID
+    assert out.sampled_token_ids.tolist() == [[9, 50, p, p], [33, p, p, p], [7, 7, 44, p], [5, 60, p, p]]
+    # Only the tree row's K/V moved (node 2 at position 10 + 2 to 10 + 1); chains stay in place.
+    moved = before.clone()
+    moved[:, 2, 3] = before[:, 3, 0]
+    assert torch.equal(cache, moved)
 
 
 @pytest.mark.parametrize("backend", ["reference", "1"])
