@@ -573,6 +573,25 @@ def test_tree_speculation_under_a_mixed_load_matches_plain_decoding():
     assert tree["counters"]["spec_decode_num_accepted_tokens"] > 0 and tree["steps"] < plain["steps"]
 
 
+def _foreign_run(tree: bool) -> dict:
+    runner = Path(__file__).with_name("_foreign_draft_runner.py")
+    out = subprocess.run([sys.executable, str(runner)] + (["--tree"] if tree else []), capture_output=True, text=True,
+                         timeout=900)
+    return _result(out)
+
+
+def test_drafts_the_proposer_did_not_make_affect_only_their_rows_in_the_engine():
+    """Zeros (vLLM's drafts near max_model_len) and reversed trees injected for two requests every
+    third step: those rows are verified as chains, every output is still plain decoding's."""
+    from tkernels.models import tiny_llama_dir
+
+    tiny_llama_dir()
+    with ThreadPoolExecutor(2) as pool:
+        plain, tree = pool.map(_foreign_run, [False, True])
+    assert len(plain["token_ids"]) == 6 and tree["token_ids"] == plain["token_ids"]
+    assert tree["proposer_stats"]["foreign_drafts"] > 0
+
+
 def test_tree_speculation_without_tkernels_attention_fails_at_start_up():
     out = _bench("tr-tree", "tiny", 4, 1, cpu_backend="")
     assert out.returncode != 0
