@@ -29,9 +29,11 @@ vLLM's CPU platform ignores ``--attention-backend`` altogether and uses ``CPU_AT
 ``TKERNELS_VLLM_CPU_TEST_BACKEND=reference`` runs :func:`tkernels.attention.mixed_attention_reference`
 instead (no interpreter; for end-to-end measurements on CPU).
 
-Trees: when tkernels' tree speculation runs (:mod:`tkernels.plugins.vllm.tree`), the builder
-passes the step's tree rows (:func:`~tkernels.plugins.vllm.tree.attention_trees`) to the plan,
-so each tree node attends to the prefix, its ancestors and itself.
+Trees: when tkernels' tree speculation runs (:mod:`tkernels.plugins.vllm.tree`), each step's
+tree rows are handed to this step's metadata builders (:attr:`TkernelsAttentionMetadataBuilder.step_trees`,
+set by ``TreeBatch.begin_step`` before vLLM builds the metadata and cleared after verification),
+and the builder passes them to the plan, so each tree node attends to the prefix, its ancestors
+and itself.
 """
 
 from __future__ import annotations
@@ -56,7 +58,6 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from tkernels.attention import MixedAttentionPlan, mixed_attention, mixed_attention_reference, plan_mixed_attention
 from tkernels.plugins.vllm import cpu_test_mode
 from tkernels.plugins.vllm.compat import require_supported_vllm
-from tkernels.plugins.vllm.tree import attention_trees
 
 logger = logging.getLogger("tkernels")
 
@@ -97,6 +98,9 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
         # Layers sharing a KV-cache group may still differ in window (e.g. Gemma-3 without the
         # hybrid KV-cache manager); each window gets its own plan.
         self.windows = {layer.impl.window for layer in self.layers} or {None}
+        # The running step's (tree_parents int32 [T], is_tree bool [B]), handed over by the tree
+        # path for this step only (None: no tree rows); see the module doc.
+        self.step_trees: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TkernelsAttentionMetadata:
@@ -119,10 +123,9 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
             tree_parents=tree_parents, is_tree=is_tree,
         )
 
-    @staticmethod
-    def _trees(m: CommonAttentionMetadata) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _trees(self, m: CommonAttentionMetadata) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The running step's speculation trees, padded to this batch's (padded) rows and tokens."""
-        trees = attention_trees()
+        trees = self.step_trees
         if trees is None:
             return None, None
         tree_parents, is_tree = trees

@@ -33,6 +33,7 @@ references, as attention does.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -120,13 +121,11 @@ def ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
 
 
-_ATTENTION_TREES: tuple[torch.Tensor, torch.Tensor] | None = None  # (tree_parents [T], is_tree [B]) of this step
-
-
-def attention_trees() -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The running step's ``(tree_parents int32 [num_tokens], is_tree bool [num_reqs])``, or None
-    when no row has a tree (one model runner per vLLM worker process)."""
-    return _ATTENTION_TREES
+def _tree_builders(runner) -> list:
+    """The runner's attention metadata builders that take a step's trees (tkernels' backend's)."""
+    groups = getattr(runner, "attn_groups", None) or ()
+    return [builder for group in itertools.chain.from_iterable(groups) for builder in group.metadata_builders
+            if hasattr(builder, "step_trees")]
 
 
 class TreeBatch:
@@ -138,6 +137,17 @@ class TreeBatch:
         self.step: TreeStep | None = None
         self._kv_planes: list[torch.Tensor] | None = None
         self.foreign_drafts = 0  # rows verified as a chain: their draft was not their proposer's tree
+        self._builders: list = []  # the runner's builders the step's trees are handed to
+        self.trees: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def attention_trees(self, runner, trees: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Hand this step's ``(tree_parents int32 [num_tokens], is_tree bool [num_reqs])`` (None: no
+        tree rows) to the attention metadata builders of ``runner``, which plan with them."""
+        if not self._builders:  # found once the runner has its attention groups
+            self._builders = _tree_builders(runner)
+        for builder in self._builders:
+            builder.step_trees = trees
+        self.trees = trees  # what the builders were handed (tests read it)
 
     def propose(self, req_id: str, tokens: list[int], parents: torch.Tensor | None) -> None:
         """Record the tree a request was proposed (no draft: forget any older one)."""
@@ -164,7 +174,6 @@ class TreeBatch:
     # patch 1 ------------------------------------------------------------------------------------
     def begin_step(self, runner, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
         """Build the step's trees (one :class:`TreeStep`) and overwrite the tree nodes' RoPE positions."""
-        global _ATTENTION_TREES
         for req_id in scheduler_output.finished_req_ids:
             self.proposed.pop(req_id, None)
         num_reqs = runner.input_batch.num_reqs
@@ -200,7 +209,7 @@ class TreeBatch:
         if getattr(getattr(runner, "drafter", None), "prompt_topk", False):
             self._prompt_positions(runner, scheduled_tokens, starts, prefix)
         if not is_tree.any():
-            _ATTENTION_TREES = None
+            self.attention_trees(runner, None)
             return
         # Tree rows hold exactly 1 + n scheduled tokens, node j at token starts[i] + j.
         rows = np.flatnonzero(is_tree)
@@ -213,7 +222,7 @@ class TreeBatch:
         drafted = nodes != cu_nodes[node_rows]  # the roots keep vLLM's position (= prefix)
         new_positions = torch.from_numpy(prefix[node_rows][drafted]) + node_depths[torch.from_numpy(nodes[drafted])]
         runner.positions[token[torch.from_numpy(drafted)].to(device)] = new_positions.to(device, runner.positions.dtype)
-        _ATTENTION_TREES = (tree_parents.to(device), torch.from_numpy(is_tree).to(device))
+        self.attention_trees(runner, (tree_parents.to(device), torch.from_numpy(is_tree).to(device)))
 
     def _prompt_positions(self, runner, num_scheduled_tokens: np.ndarray, starts: np.ndarray, prefix: np.ndarray) -> None:
         """Record which of the step's tokens are prompt tokens (prefill chunks), for prompt_topk."""
@@ -232,11 +241,10 @@ class TreeBatch:
         """Tree verification + KV compaction; vLLM's ``SamplerOutput`` for the step. Steps without
         any draft (``spec_decode_metadata`` None: one logits row per request) come here too, so
         every token of a seeded request is drawn by the same keyed rule."""
-        global _ATTENTION_TREES
         from vllm.v1.outputs import SamplerOutput
         from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
 
-        _ATTENTION_TREES = None
+        self.attention_trees(runner, None)  # the step's trees end with its verification (dummy runs plan none)
         step = self.step
         num_reqs = 0 if step is None else len(step.req_ids)
         drafts = [0] * num_reqs if spec_decode_metadata is None else list(spec_decode_metadata.num_draft_tokens)

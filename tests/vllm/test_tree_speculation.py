@@ -331,8 +331,9 @@ def fake_runner(req_ids, num_computed, num_tokens_total, block_table=None, sampl
         sampling_metadata=sampling_metadata or SimpleNamespace(all_greedy=True),
         block_table=[SimpleNamespace(get_device_tensor=lambda n: block_table[:n])],
     )
+    builder = SimpleNamespace(step_trees=None)  # as tkernels' attention metadata builder
     return SimpleNamespace(input_batch=input_batch, positions=torch.arange(100, 100 + num_tokens_total),
-                           input_ids=SimpleNamespace(gpu=None))
+                           input_ids=SimpleNamespace(gpu=None), attn_groups=[[SimpleNamespace(metadata_builders=[builder])]])
 
 
 def test_begin_step_sets_tree_positions_and_attention_trees():
@@ -348,8 +349,9 @@ def test_begin_step_sets_tree_positions_and_attention_trees():
     batch.begin_step(runner, scheduler_output, np.array([3, 4]))
     assert runner.positions[:4].tolist() == linear[:4].tolist()  # prefill tokens and the tree's root
     assert runner.positions[4:].tolist() == [11, 11, 12]  # num_computed + depth
-    tree_parents, is_tree = tree.attention_trees()
+    tree_parents, is_tree = batch.trees
     assert is_tree.tolist() == [False, True] and tree_parents[3:].tolist() == [-1, 0, 0, 1]
+    assert runner.attn_groups[0][0].metadata_builders[0].step_trees is batch.trees  # handed to the builder
     step = batch.step
     assert step.drafts == [[], [8, 9, 12]] and step.num_nodes.tolist() == [1, 4]
     assert step.parents.tolist() == [-1, -1, 0, 0, 1] and step.cu_nodes.tolist() == [0, 1, 5]
@@ -382,7 +384,7 @@ def test_a_draft_that_is_not_the_proposed_tree_is_verified_as_a_chain_for_that_r
     assert step.root_position.tolist() == [10, 20, 30, 41]
     assert runner.positions[4:].tolist() == linear[4:].tolist()  # chains keep vLLM's positions
     assert runner.positions[:4].tolist() == [100, 11, 11, 12]  # the tree's nodes at prefix + depth
-    parents, is_tree = tree.attention_trees()
+    parents, is_tree = batch.trees
     assert is_tree.tolist() == [True, False, False, False] and (parents[4:] == -1).all()
     # Verification: the tree row accepts 9 (node 2) then the bonus; zeros are rejected at once;
     # "n" accepts its chain 7, 7; "c" (logits of its last 3 tokens) accepts 5, not 6.
@@ -432,7 +434,7 @@ def test_verify_returns_vllm_layout_and_compacts_the_accepted_path(monkeypatch, 
     p = PLACEHOLDER_TOKEN_ID
     assert out.sampled_token_ids.tolist() == [[40, p, p, p, p], [9, 13, 50, p, p]]
     assert out.sampled_token_ids.dtype == torch.int32 and out.logprobs_tensors is None
-    assert tree.attention_trees() is None  # the step's trees end with its verification
+    assert batch.trees is None  # the step's trees end with its verification
 
     def slot(req, pos):
         return int(block_table[req, pos // block_size]), pos % block_size
