@@ -1,0 +1,161 @@
+"""Where a serving step's time goes: tkernels' tree proposer beside vLLM's ``ngram`` (issue 23, item 0).
+
+    python bench/profile_step.py [--model smollm2|tiny|DIR] [--questions 8] [--max-tokens 48]
+        [--num-spec-tokens 8] [--methods none,ngram,tree] [--out bench/results/step_profile_cpu_vm.json]
+
+Runs vLLM's real engine (in-process, one subprocess per method) on the Spec-Bench dev questions
+(first turns through the chat template, greedy, EOS ignored, all submitted at once, after a
+warm-up generation that is not timed) and times,
+per engine step, every part of it by wrapping the methods that do it (wall clock, summed over
+the run; parts nest as listed):
+
+- ``step``: ``LLMEngine.step`` as a whole;
+- ``schedule`` / ``update_from_output``: vLLM's scheduler (engine-core bookkeeping);
+- ``prepare_inputs``: ``GPUModelRunner._prepare_inputs``, with tkernels' ``begin_step`` (the
+  step's trees, tree positions) inside it as ``tree_plan``;
+- ``attention_metadata``: ``_build_attention_metadata`` (the attention backend's planning);
+- ``forward``: ``_model_forward``, with ``attention`` (every attention layer) inside it;
+- ``sample``: ``_sample`` (vLLM's sampler / rejection sampler, or tkernels' verification), with
+  ``tree_verify`` and ``kv_compaction`` inside it;
+- ``draft``: ``propose_draft_token_ids`` (the proposer);
+- ``bookkeeping``: ``_bookkeeping_sync``.
+
+``other`` is ``step`` minus the top-level parts. ``tree`` is tkernels' tree proposer at a fixed
+size (``size: fixed``, every step verifies ``--num-spec-tokens`` drafts, as ``ngram`` does at
+most), its default drafter, and on vLLM-CPU tkernels' attention as its PyTorch reference
+(``TKERNELS_VLLM_CPU_TEST_BACKEND=reference``): the ``attention`` line says what that costs
+against vLLM's own CPU attention. The JSON holds per method the totals, per-step means and the
+tokens generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+TREE = "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"
+TOP_LEVEL = ("schedule", "update_from_output", "prepare_inputs", "attention_metadata", "forward", "sample", "draft",
+             "bookkeeping")
+
+
+def _timed(totals: dict, name: str, owner, attribute: str) -> None:
+    method = getattr(owner, attribute)
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            totals[name] += time.perf_counter() - start
+            totals[f"{name}#calls"] += 1
+
+    setattr(owner, attribute, wrapper)
+
+
+def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int) -> dict:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if method == "tree":
+        os.environ["TKERNELS_VLLM_CPU_TEST_BACKEND"] = "reference"
+    from vllm import LLM, SamplingParams
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from tkernels.data import specbench_dev
+    from tkernels.models import smollm2_dir, tiny_llama_dir
+    from tkernels.plugins.vllm import tree
+
+    model_dir = {"smollm2": smollm2_dir, "tiny": tiny_llama_dir}.get(model, lambda: Path(model))()
+    spec = None
+    if method == "ngram":
+        spec = {"method": "ngram", "num_speculative_tokens": num_spec, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    elif method == "tree":
+        spec = {"method": "custom_class", "model": TREE, "num_speculative_tokens": num_spec}
+    llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+              max_num_seqs=max(questions, 1), speculative_config=spec, async_scheduling=False,
+              additional_config={"tkernels_tree": {"size": "fixed"}} if method == "tree" else {})
+    totals: dict[str, float] = defaultdict(float)
+    for name, owner, attribute in (
+        ("step", LLMEngine, "step"), ("schedule", Scheduler, "schedule"),
+        ("update_from_output", Scheduler, "update_from_output"), ("prepare_inputs", GPUModelRunner, "_prepare_inputs"),
+        ("attention_metadata", GPUModelRunner, "_build_attention_metadata"),
+        ("forward", GPUModelRunner, "_model_forward"), ("attention", Attention, "forward"),
+        ("sample", GPUModelRunner, "_sample"), ("draft", GPUModelRunner, "propose_draft_token_ids"),
+        ("bookkeeping", GPUModelRunner, "_bookkeeping_sync"), ("tree_plan", tree.TreeBatch, "begin_step"),
+        ("tree_verify", tree.TreeBatch, "verify"), ("kv_compaction", tree.TreeBatch, "_compact"),
+    ):
+        _timed(totals, name, owner, attribute)
+    tokenizer = llm.get_tokenizer()
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q.prompt}], tokenize=False,
+                                             add_generation_prompt=True) for q in specbench_dev()[:questions]]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    # Warm-up (numba's JIT compile of ngram, first calls of every path), then timing from zero.
+    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    for key in list(totals):
+        totals[key] = 0.0
+    engine = llm.llm_engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    tokens = 0
+    start = time.perf_counter()
+    for _ in range(100_000):  # bounded: questions x max_tokens steps at most
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                tokens += len(out.outputs[0].token_ids)
+    wall = time.perf_counter() - start
+    steps = int(totals["step#calls"])
+    parts = {k: v for k, v in totals.items() if not k.endswith("#calls")}
+    parts["other"] = parts["step"] - sum(parts.get(k, 0.0) for k in TOP_LEVEL)
+    return {"method": method, "num_spec_tokens": num_spec if spec else 0, "steps": steps, "tokens": tokens,
+            "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ms_per_step": {k: 1e3 * v / max(steps, 1) for k, v in sorted(parts.items())}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--num-spec-tokens", type=int, default=8)
+    parser.add_argument("--methods", default="none,ngram,tree")
+    parser.add_argument("--method", help=argparse.SUPPRESS)  # one method, in this process
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.method:
+        print(json.dumps(run(args.method, args.model, args.questions, args.max_tokens, args.num_spec_tokens)))
+        return 0
+    records = []
+    for method in args.methods.split(","):
+        out = subprocess.run([sys.executable, __file__, "--method", method, "--model", args.model, "--questions",
+                              str(args.questions), "--max-tokens", str(args.max_tokens), "--num-spec-tokens",
+                              str(args.num_spec_tokens)], capture_output=True, text=True, timeout=3600)
+        if out.returncode:
+            print(out.stderr[-3000:], file=sys.stderr)
+            return out.returncode
+        records.append(json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{"))))
+    names = sorted({k for r in records for k in r["ms_per_step"]}, key=lambda k: (k == "step", k))
+    print(f"{'ms per step':<20}" + "".join(f"{r['method']:>12}" for r in records))
+    for name in names:
+        print(f"{name:<20}" + "".join(f"{r['ms_per_step'].get(name, 0.0):>12.2f}" for r in records))
+    print(f"{'steps':<20}" + "".join(f"{r['steps']:>12}" for r in records))
+    print(f"{'tokens/s':<20}" + "".join(f"{r['tokens_per_s']:>12.1f}" for r in records))
+    if args.out:
+        args.out.write_text(json.dumps({"workload": vars(args) | {"out": str(args.out)}, "records": records},
+                                       indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
