@@ -684,6 +684,7 @@ def _empty_outputs(batch: int, width: int, device):
 
 def launch_config(vocab: int, config: dict | None = None) -> dict:
     """The launch parameters for ``vocab``: ``config`` over the GPU's tuned bucket over the defaults."""
+    integer("vocab", vocab, minimum=1)
     return tkernels_config.launch_config("verify", {"vocab": vocab}, DEFAULT_CONFIG, config)
 
 
