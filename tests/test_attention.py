@@ -236,6 +236,39 @@ def test_bad_inputs_name_the_argument(arg, mutate, rng):
         mixed_attention(*args, **kwargs)
 
 
+@pytest.mark.parametrize("arg,mutate", [
+    ("scale", lambda a, kw: kw.update(scale=float("nan"))),
+    ("window", lambda a, kw: kw.update(window=0)),
+    ("softcap", lambda a, kw: kw.update(softcap=-1.0)),
+    ("q", lambda a, kw: a.__setitem__(0, a[0][0])),
+    ("seq_lens", lambda a, kw: a.__setitem__(5, a[5][:1])),
+    ("cu_seqlens_q", lambda a, kw: a.__setitem__(4, a[4].long())),
+    ("is_tree", lambda a, kw: kw.update(is_tree=None)),
+])
+def test_reference_bad_inputs_name_the_argument(arg, mutate, rng):
+    """Issue 22: the reference took NaN scales, window 0 and short seq_lens silently (it serves
+    on vLLM-CPU); it checks what the kernel checks without a host read."""
+    batch = make([3, 1], [20, 2], rng, trees=[True, False])
+    args, kwargs = list(batch.inputs()), dict(batch.tree_kwargs())
+    mutate(args, kwargs)
+    scale = kwargs.pop("scale", None)
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        mixed_attention_reference(*args, scale, **kwargs)
+
+
+@pytest.mark.parametrize("arg,change", [
+    ("head_dim", {"head_dim": 32.0}), ("num_sms", {"num_sms": 0}), ("block_size", {"block_size": 0}),
+    ("num_tokens", {"num_tokens": -1}), ("num_kv_heads", {"num_kv_heads": 0}), ("num_blocks", {"num_blocks": -1}),
+])
+def test_plan_bad_sizes_name_the_argument(arg, change, rng):
+    batch = make([3], [10], rng)
+    sizes = dict(num_q_heads=8, num_kv_heads=2, head_dim=32, num_blocks=batch.k_cache.shape[0], block_size=16)
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        plan_mixed_attention(batch.cu_seqlens_q, batch.seq_lens, batch.block_table, **{**sizes, **change})
+    with pytest.raises(ValueError, match=r"^head_dim\b"):
+        default_config(0)
+
+
 def test_bad_tree_size_and_stale_plan(rng):
     batch = make([MAX_TREE_NODES + 1], [MAX_TREE_NODES + 9], rng, trees=[True])
     with pytest.raises(ValueError, match="^tree_parents"):

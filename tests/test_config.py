@@ -171,3 +171,9 @@ def test_unknown_tuned_key_names_the_file(shipped):
     choice = config.choose(H100)
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: field 'kernels\.verify\.buckets\[0\]\.config\.block_q'"):
         config.launch_config("verify", {"vocab": 1000}, {"block_v": 4096, "num_warps": 8}, choice=choice)
+
+
+def test_device_file_name_refuses_a_non_string():
+    for bad in (5, None, "  "):
+        with pytest.raises(ValueError, match=r"^device_name\b"):
+            config.device_file_name(bad)

@@ -11,6 +11,7 @@ import torch
 from tkernels.continuous.acceptance import (
     first_rejection,
     first_rejection_reference,
+    launch_config,
     trajectory_log_ratio,
     trajectory_log_ratio_reference,
 )
@@ -136,3 +137,12 @@ def test_first_rejection_rejects_uniforms_outside_the_unit_interval():
         for fn in (first_rejection, first_rejection_reference):
             with pytest.raises(ValueError, match=r"^uniforms: .*\[0, 1\)"):
                 fn(torch.zeros(3, 4), uniforms)
+
+
+def test_launch_configs_refuse_bad_row_sizes():
+    from tkernels.spec.verify import launch_config as verify_launch_config
+
+    for fn, arg in ((launch_config, "elements"), (verify_launch_config, "vocab")):
+        for bad in (0, 2.5):
+            with pytest.raises(ValueError, match=rf"^{arg}\b"):
+                fn(bad)

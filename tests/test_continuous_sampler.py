@@ -11,7 +11,13 @@ import pytest
 import torch
 from scipy import stats as sps
 
-from tkernels.continuous.diffusion import DiffusionSchedule, GaussianMixtureHead, chain_density_1d, sample_chain
+from tkernels.continuous.diffusion import (
+    DiffusionSchedule,
+    GaussianMixtureHead,
+    chain_density_1d,
+    chain_means,
+    sample_chain,
+)
 from tkernels.continuous.mar import DRAFT, MARModel, patchify, unpatchify
 from tkernels.continuous.sampler import (
     SpeculationStats,
@@ -153,3 +159,49 @@ def test_mar_backbone_is_causal_and_patches_round_trip(rng):
     assert not torch.allclose(z[:, 10:], z2[:, 10:])
     mean = model.head.mean(tokens[0], torch.arange(16) % 20, z[0])
     assert mean.shape == (16, 4) and torch.isfinite(mean).all()
+
+
+def _gen():
+    return torch.Generator().manual_seed(0)
+
+
+class _ToyModel:
+    head, num_tokens = TARGET_2D, 3
+
+    def conditions(self, tokens, labels):
+        return torch.zeros(labels.shape[0], self.num_tokens, 0)
+
+
+_Z = torch.zeros(4, 2)
+
+
+@pytest.mark.parametrize("arg,call", [
+    # issue 22: max_tries = 0 returned samples, z rows not matching the batch raised raw errors
+    ("max_tries", lambda: speculative_sample(TARGET_2D, DRAFT_2D, _Z, _Z, _gen(), max_tries=0)),
+    ("max_tries", lambda: speculative_sample(TARGET_2D, DRAFT_2D, _Z, _Z, _gen(), max_tries=1.5)),
+    ("z_q", lambda: speculative_sample(TARGET_2D, DRAFT_2D, torch.zeros(5, 2), _Z, _gen())),
+    ("z_p", lambda: speculative_sample(TARGET_2D, DRAFT_2D, torch.zeros(5), torch.zeros(5), _gen())),
+    ("inner_temperature", lambda: speculative_sample(TARGET_2D, DRAFT_2D, _Z, _Z, _gen(), inner_temperature=math.nan)),
+    ("inner_temperature", lambda: speculative_sample(TARGET_2D, DRAFT_2D, _Z, _Z, _gen(), inner_temperature=math.inf)),
+    ("z_q", lambda: sample_residual(TARGET_2D, DRAFT_2D, torch.zeros(5, 2), _Z, _gen(), max_tries=3)),
+    ("plain", lambda: sample_residual(TARGET_2D, DRAFT_2D, _Z, _Z, _gen(), max_tries=3, plain=torch.zeros(3, dtype=torch.bool))),
+    ("max_tries", lambda: sample_residual(TARGET_2D, DRAFT_2D, _Z, _Z, _gen(), max_tries="3")),
+    ("z", lambda: sample_chain(TARGET_2D, torch.zeros(3, 2), torch.zeros(4, 2), torch.zeros(4, 10, 2))),
+    ("noise", lambda: sample_chain(TARGET_2D, _Z, torch.zeros(4, 2), torch.zeros(4, 3, 2))),
+    ("x_start", lambda: sample_chain(TARGET_2D, _Z, torch.zeros(4, 3), torch.zeros(4, 10, 3))),
+    ("z", lambda: chain_means(TARGET_2D, torch.zeros(3, 2), torch.zeros(4, 2), torch.zeros(4, 10, 2))),
+    ("xs", lambda: chain_means(TARGET_2D, _Z, torch.zeros(4, 2), torch.zeros(4, 9, 2))),
+    ("num_steps", lambda: DiffusionSchedule.cosine(0)),
+    ("num_steps", lambda: DiffusionSchedule.linear(2.5, 0.1, 0.2)),
+    ("window", lambda: generate_speculative(_ToyModel(), _ToyModel(), torch.zeros(2), _gen(), window=0)),
+    ("max_tries", lambda: generate_speculative(_ToyModel(), _ToyModel(), torch.zeros(2), _gen(), max_tries=0)),
+    ("prefill", lambda: generate_speculative(_ToyModel(), _ToyModel(), torch.zeros(2), _gen(), prefill=1.5)),
+    ("prefill", lambda: generate_speculative(_ToyModel(), _ToyModel(), torch.zeros(2), _gen(), prefill=math.nan)),
+    ("labels", lambda: generate_speculative(_ToyModel(), _ToyModel(), torch.zeros(2, 2), _gen())),
+    ("stop", lambda: generate(_ToyModel(), torch.zeros(2), _gen(), stop=9)),
+    ("start", lambda: generate(_ToyModel(), torch.zeros(2), _gen(), start=2, stop=1)),
+    ("tokens", lambda: generate(_ToyModel(), torch.zeros(2), _gen(), tokens=torch.zeros(2, 3, 5))),
+])
+def test_bad_inputs_name_the_argument(arg, call):
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        call()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tkernels.attention.batch import TREE_KINDS, tree_parents
-from tkernels.spec.kv_compaction import compact_kv, compact_kv_reference
+from tkernels.spec.kv_compaction import compact_kv, compact_kv_reference, launch_config
 from tkernels.spec.tree import MAX_TREE_NODES, depths, leaf_paths
 
 
@@ -166,3 +166,9 @@ def test_negative_prefix_lens_is_named(rng):
     for fn in (compact_kv, compact_kv_reference):
         with pytest.raises(ValueError, match=r"^prefix_lens: .*>= 0"):
             fn(cache, block_table, prefix, nodes, num)
+
+
+def test_launch_config_bad_row_size():
+    for bad in (0, 2.5, "64"):
+        with pytest.raises(ValueError, match=r"^kv_dim\b"):
+            launch_config(bad)

@@ -302,3 +302,18 @@ def test_wait_clock_ages_prompts_from_first_sight():
     now[0] += 0.5
     assert clock.waited_ms(["c"]) == [500.0]  # a and b left the queue: forgotten
     assert clock.waited_ms(["a"]) == [0.0]
+
+
+@pytest.mark.parametrize("arg,call", [
+    # issue 22: the latency model's cost helpers took negative or fractional counts
+    ("prefix_len", lambda: prefill_chunk_cost(-1, 5)),
+    ("chunk", lambda: prefill_chunk_cost(0, 2.5)),
+    ("context_len", lambda: draft_cost(-1, 5)),
+    ("spec_tokens", lambda: draft_cost(10, -1)),
+    ("tokens", lambda: LatencyModel(LLAMA3_8B, LatencyRates.from_config()).step_us(-1, 0, 0)),
+    ("kv_tokens", lambda: LatencyModel(LLAMA3_8B, LatencyRates.from_config()).step_us(1, 0.5, 0)),
+    ("attn_pairs", lambda: LatencyModel(LLAMA3_8B, LatencyRates.from_config()).step_us(1, 0, None)),
+])
+def test_latency_model_bad_inputs_name_the_argument(arg, call):
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        call()

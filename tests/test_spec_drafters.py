@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tkernels.spec.ngram import propose_ngram
-from tkernels.spec.token_recycling import TokenRecycling
+from tkernels.spec.token_recycling import TokenRecycling, top_k_probs
 from tkernels.spec.tree import chain, from_rank_paths, token_recycling_template, validate_parents
 
 
@@ -132,3 +132,36 @@ def test_token_recycling_refuses_ids_outside_the_vocabulary():
     with pytest.raises(ValueError, match="^topk_probs: "):
         tr.recycle_topk(torch.tensor([[1, 2]]), torch.tensor([3]), torch.tensor([[0.5, float("nan")]]))
     assert (tr.adjacency == torch.arange(2, dtype=torch.int32)).all()  # nothing was stored
+
+
+_TOKENS, _LENGTHS = torch.zeros(1, 8, dtype=torch.long), torch.tensor([8])
+
+
+@pytest.mark.parametrize("arg,call", [
+    # issue 22: every public drafter entry point, a bad argument named first
+    ("num_draft", lambda: propose_ngram(_TOKENS, _LENGTHS, num_draft=0)),
+    ("num_draft", lambda: propose_ngram(_TOKENS, _LENGTHS, num_draft=2.0)),
+    ("min_ngram", lambda: propose_ngram(_TOKENS, _LENGTHS, max_ngram=1, min_ngram=2)),
+    ("max_ngram", lambda: propose_ngram(_TOKENS, _LENGTHS, max_ngram=0)),
+    ("lengths", lambda: propose_ngram(_TOKENS, torch.tensor([8, 8]))),
+    ("lengths", lambda: propose_ngram(_TOKENS, torch.tensor([9]))),
+    ("lengths", lambda: propose_ngram(_TOKENS, torch.tensor([8.0]))),
+    ("vocab_size", lambda: TokenRecycling(0)),
+    ("vocab_size", lambda: TokenRecycling("16", 4)),
+    ("k", lambda: TokenRecycling(16, 2.0)),
+    ("k", lambda: TokenRecycling(16, 17)),
+    ("shape", lambda: TokenRecycling(16, 4).draft(torch.tensor([1]), chain(3).parents)),
+    ("last_tokens", lambda: TokenRecycling(16, 4).draft(torch.tensor([99]), chain(3))),
+    ("num_nodes", lambda: TokenRecycling(16, 4).draft_best(torch.tensor([1]), 2.5)),
+    ("max_depth", lambda: TokenRecycling(16, 4).draft_best(torch.tensor([1]), 4, max_depth=0)),
+    ("draft_tokens", lambda: TokenRecycling(16, 4).update(torch.randn(2, 16), torch.tensor([1.0, 2.0]))),
+    ("topk_ids", lambda: TokenRecycling(16, 4).recycle_topk(torch.zeros(2, 4), torch.tensor([1, 2]))),
+    ("parent_tokens", lambda: TokenRecycling(16, 4).candidate_ranks(torch.tensor([99]), torch.tensor([1]))),
+    ("next_tokens", lambda: TokenRecycling(16, 4).candidate_ranks(torch.tensor([1, 2]), torch.tensor([1]))),
+    ("k", lambda: top_k_probs(torch.randn(3, 8), 0)),
+    ("k", lambda: top_k_probs(torch.randn(3, 8), 9)),
+    ("logits", lambda: top_k_probs(torch.randn(8), 2)),
+])
+def test_bad_inputs_name_the_argument(arg, call):
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        call()

@@ -14,6 +14,7 @@ from tkernels.spec.drafters import (
     TreeDrafter,
     static_template,
 )
+from tkernels.spec.retrieval import SuffixAutomaton, bfs_order
 
 V = 50
 
@@ -212,6 +213,25 @@ def test_bad_arguments_name_themselves():
         drafter.draft(["a", "b"], [[1]], 4)
     with pytest.raises(ValueError, match="^num_nodes:"):
         static_template(10_000)
+
+
+@pytest.mark.parametrize("arg,call", [
+    # issue 22: a probe of every public drafter entry point
+    ("num_nodes", lambda: TreeDrafter(V, "hybrid").draft(["a"], [[1, 2, 3]], 2.5)),
+    ("histories", lambda: TreeDrafter(V, "hybrid").draft(["a"], [[1, 2, V + 5]], 8)),  # an IndexError before
+    ("histories", lambda: TreeDrafter(V, "tr_static").draft(["a"], [[1, 2, -1]], 8)),  # wrapped to the last row
+    ("batch_size", lambda: TreeDrafter(V, "hybrid").choose([], batch_size=-1)),
+    ("decay", lambda: RetrievalCalibration(decay=float("nan"))),
+    ("prior_weight", lambda: RetrievalCalibration(prior_weight=0)),
+    ("accepted", lambda: RetrievalCalibration().record([(1, 2, 0.5)], [True, False])),
+    ("max_nodes", lambda: SuffixAutomaton([1, 2, 1, 2]).continuations(0)),
+    ("max_children", lambda: SuffixAutomaton([1, 2, 1, 2]).continuations(8, max_children=0)),
+    ("max_depth", lambda: SuffixAutomaton([1, 2, 1, 2]).continuations(8, max_depth=1.5)),
+    ("parents", lambda: bfs_order([-1, 5])),
+])
+def test_bad_inputs_name_the_argument(arg, call):
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        call()
 
 
 def _observe_random(drafter, trees, g):

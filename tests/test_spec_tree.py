@@ -7,6 +7,7 @@ from tkernels.attention.batch import TREE_KINDS, tree_parents
 from tkernels.spec.tree import (
     MAX_TREE_NODES,
     TR_80_WIDTHS,
+    TreeShape,
     ancestor_bits,
     ancestor_mask,
     ancestor_words,
@@ -19,6 +20,7 @@ from tkernels.spec.tree import (
     leaf_paths,
     positions,
     retrieve_indices,
+    select_subtree,
     to_sglang,
     to_vllm_linear,
     token_recycling_template,
@@ -237,3 +239,51 @@ def test_from_child_counts_rejects_bad_counts():
         with pytest.raises(ValueError, match=r"^child_counts\[\d+\]: must be a non-negative integer"):
             from_child_counts(bad)
     assert torch.equal(from_child_counts(np.array([2, 0, 1])).parents, from_child_counts([2, 0, 1]).parents)
+
+
+_P = torch.tensor([-1, 0, 0, 1], dtype=torch.int32)
+_PP, _CU = torch.cat([_P, _P]), torch.tensor([0, 4, 8], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("arg,call", [
+    # issue 22: a start tensor of the wrong length was a raw RuntimeError from repeat_interleave
+    ("start", lambda: positions(_PP, torch.tensor([1, 2, 3]), _CU)),
+    ("start", lambda: positions(_P, torch.tensor([1, 2]))),
+    ("start", lambda: positions(_PP, torch.ones(2, 2, dtype=torch.long), _CU)),
+    ("start", lambda: positions(_PP, torch.tensor([1.0, 2.0]), _CU)),
+    ("start", lambda: positions(_P, 1.5)),
+    ("start", lambda: positions(_P, -1)),
+    ("cu_nodes", lambda: positions(_PP, 0, torch.tensor([0, 5, 3], dtype=torch.int32))),
+    ("cu_nodes", lambda: depths(_PP, torch.tensor([0, 3], dtype=torch.int32))),
+    ("cu_nodes", lambda: depths(_PP, [0, 4, 8])),
+    ("parents", lambda: depths(_P[None])),
+    ("parents", lambda: depths(torch.tensor([-1.0, 0.0]))),
+    ("parents", lambda: ancestor_mask(_P[None])),
+    ("cu_nodes", lambda: ancestor_bits(_PP, torch.tensor([0, 3], dtype=torch.int32))),
+    ("words", lambda: ancestor_bits(_P, words=1.5)),
+    ("words", lambda: ancestor_bits(_P, words=0)),
+    ("max_nodes", lambda: ancestor_words(-5)),
+    ("max_nodes", lambda: ancestor_words("8")),
+    ("keep", lambda: select_subtree(_P, torch.ones(3, dtype=torch.bool))),
+    ("cu_nodes", lambda: select_subtree(_PP, torch.ones(8, dtype=torch.bool), torch.tensor([0, 3], dtype=torch.int32))),
+    ("node_scores", lambda: best_path(_P, torch.ones(3))),
+    ("n", lambda: chain(0)),
+    ("n", lambda: chain(2.5)),
+    ("n", lambda: chain(4).truncate(0)),
+    ("n", lambda: chain(4).truncate(2.0)),
+    ("child_counts", lambda: from_child_counts([-1])),
+    ("rank_paths", lambda: from_rank_paths([(-1,)])),
+    ("rank_paths", lambda: from_rank_paths([("a",)])),
+    ("widths", lambda: from_widths([-1])),
+    ("widths", lambda: from_widths([1.5])),
+    ("ranks", lambda: TreeShape(_P, torch.tensor([-1, 0]))),
+    ("draft_tokens", lambda: to_sglang(torch.ones(3), _P)),
+    ("cu_nodes", lambda: to_sglang(torch.ones(8), _PP, torch.tensor([0, 3], dtype=torch.int32))),
+    ("draft_tokens", lambda: to_vllm_linear(torch.ones(3), _P)),
+    ("k", lambda: token_recycling_tree(5, k=2.0)),
+    ("min_nodes", lambda: token_recycling_tree(0)),
+])
+def test_bad_inputs_name_the_argument(arg, call):
+    """Every public function of the tree module: a bad argument is a ValueError naming it first."""
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        call()

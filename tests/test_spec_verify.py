@@ -660,3 +660,24 @@ def test_bad_uniforms_and_draft_probs(rng):
         for verify in (V.verify_sampling, V.verify_sampling_reference):
             with pytest.raises(ValueError, match="^draft_probs: "):
                 verify(*good, uniforms=torch.rand(n, 2, generator=rng), draft_probs=q)
+
+
+_LOGITS, _CU1 = torch.randn(4, 8), torch.tensor([0, 4])
+
+
+@pytest.mark.parametrize("arg,call", [
+    # issue 22: the public helpers beside the kernels took bad arguments to raw torch errors
+    ("temperature", lambda: V.target_probs(_LOGITS, _CU1, torch.ones(3))),
+    ("cu_nodes", lambda: V.target_probs(_LOGITS, torch.tensor([0, 5]), torch.ones(1))),
+    ("top_k", lambda: V.target_probs(_LOGITS, _CU1, torch.ones(1), torch.ones(3, dtype=torch.int64))),
+    ("top_p", lambda: V.target_probs(_LOGITS, _CU1, torch.ones(1), None, torch.zeros(1))),
+    ("logits", lambda: V.target_probs(_LOGITS.long(), _CU1, torch.ones(1))),
+    ("cu_nodes", lambda: V.draw_uniforms(torch.zeros(2, 2, dtype=torch.int32))),
+    ("cu_nodes", lambda: V.draw_uniforms(torch.tensor([0.0, 2.0]))),
+    ("cu_nodes", lambda: V.draw_uniforms(torch.tensor([0, 5, 2]))),
+    ("seeds", lambda: V.keyed_uniforms(["a"], torch.tensor([0]))),
+    ("positions", lambda: V.keyed_uniforms([1], [0])),
+])
+def test_bad_helper_inputs_name_the_argument(arg, call):
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        call()

@@ -9,6 +9,7 @@ import torch
 from tkernels.spec.token_recycling import TokenRecycling
 from tkernels.spec.tree import MAX_TREE_NODES, depths, select_subtree, validate_parents
 from tkernels.spec.tree_policy import ConfidenceTreePolicy, DynamicTreePolicy, greedy_tree
+from tkernels.spec.tree_policy import tested_nodes as find_tested_nodes  # not "test_*": pytest would collect it
 
 
 def best_by_search(weight, max_depth: int, k: int, num_nodes: int) -> float:
@@ -274,3 +275,48 @@ def test_confidence_host_estimate_equals_the_tensor_one():
     for depth in (1, 2, 8, 30):
         expected = policy.accept_prob(probs, depth)
         assert torch.equal(torch.tensor([host(q, depth) for q in probs.tolist()], dtype=torch.float64), expected)
+
+
+_P = torch.tensor([-1, 0, 0, 1], dtype=torch.int32)
+_CU = torch.tensor([0, 4])
+
+
+@pytest.mark.parametrize("arg,call", [
+    # issue 22: every public function of the tree policies, a bad argument named first
+    ("num_nodes", lambda: greedy_tree(torch.full((3, 2), 0.5), 0)),
+    ("num_nodes", lambda: greedy_tree(torch.full((3, 2), 0.5), 2.5)),
+    ("accept_probs", lambda: greedy_tree(torch.tensor([[float("nan"), 0.5]]), 4)),
+    ("accept_probs", lambda: greedy_tree(torch.full((3,), 0.5), 4)),
+    ("decay", lambda: DynamicTreePolicy(decay=float("nan"))),
+    ("max_depth", lambda: DynamicTreePolicy(max_depth=0)),
+    ("k", lambda: DynamicTreePolicy(k=2.5)),
+    ("prior_weight", lambda: DynamicTreePolicy(prior_weight=0)),
+    ("accepted_ranks", lambda: DynamicTreePolicy(k=4).update(torch.tensor([[0.0, 0.0]]), torch.tensor([1]))),
+    ("accepted_ranks", lambda: DynamicTreePolicy(k=4).update(torch.tensor([[-2, 0]]), torch.tensor([1]))),
+    ("num_observed", lambda: DynamicTreePolicy(k=4).update(torch.tensor([[0, 0]]), torch.tensor([1.0]))),
+    ("batch_size", lambda: DynamicTreePolicy().choose(1.5, 8)),
+    ("max_nodes", lambda: DynamicTreePolicy().choose(1, 0)),
+    ("other_tokens", lambda: DynamicTreePolicy().choose(1, 8, other_tokens=-3)),
+    ("decay", lambda: ConfidenceTreePolicy(decay=2)),
+    ("bins", lambda: ConfidenceTreePolicy(bins=0)),
+    ("prior_weight", lambda: ConfidenceTreePolicy(prior_weight=float("nan"))),
+    ("depth", lambda: ConfidenceTreePolicy().accept_prob(torch.tensor([0.5]), 0)),
+    ("probs", lambda: ConfidenceTreePolicy().accept_prob([0.5], 1)),
+    ("depth", lambda: ConfidenceTreePolicy().record(torch.rand(3), torch.ones(2, dtype=torch.long), torch.ones(3, dtype=torch.bool))),
+    ("probs", lambda: ConfidenceTreePolicy().record(torch.full((1,), 2.0), torch.ones(1, dtype=torch.long), torch.ones(1, dtype=torch.bool))),
+    ("accepted", lambda: ConfidenceTreePolicy().record(torch.rand(2), torch.ones(2, dtype=torch.long), torch.ones(2))),
+    ("other_tokens", lambda: ConfidenceTreePolicy().choose(torch.rand(1, 5), other_tokens=-1)),
+    ("scores", lambda: ConfidenceTreePolicy().choose(torch.full((1, 5), float("nan")))),
+    ("cu_nodes", lambda: find_tested_nodes(_P, torch.tensor([0, 3]), torch.zeros(1, 3, dtype=torch.int32), torch.tensor([1]))),
+    ("num_accepted", lambda: find_tested_nodes(_P, _CU, torch.tensor([[0, 1, 3]]), torch.tensor([9]))),
+    ("accepted_nodes", lambda: find_tested_nodes(_P, _CU, torch.tensor([[0, 9, 3]]), torch.tensor([3]))),
+    ("accepted_nodes", lambda: find_tested_nodes(_P, _CU, torch.tensor([[0.0, 1.0]]), torch.tensor([2]))),
+])
+def test_bad_inputs_name_the_argument(arg, call):
+    with pytest.raises(ValueError, match=rf"^{arg}\b"):
+        call()
+
+
+def test_nan_stored_probability_gives_a_nan_estimate_not_an_index_error():
+    got = ConfidenceTreePolicy().accept_prob(torch.tensor([float("nan"), 0.5]), 1)
+    assert math.isnan(got[0]) and 0 < got[1] <= 1

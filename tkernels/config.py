@@ -80,8 +80,8 @@ class ConfigChoice:
 
 def device_file_name(device_name: str) -> str:
     """``"NVIDIA H100 80GB HBM3"`` → ``"NVIDIA_H100_80GB_HBM3"`` (vLLM's convention)."""
-    if not device_name or not device_name.strip():
-        raise ValueError("device_name: must be a non-empty device name")
+    if not isinstance(device_name, str) or not device_name.strip():
+        raise ValueError(f"device_name: must be a non-empty device name, got {device_name!r}")
     name = device_name.strip().replace(" ", "_")
     # vLLM folds every H200 variant (NVIDIA H200, H200 NVL, ...) into one file name.
     if "H200" in name:

@@ -23,11 +23,12 @@ Where the kernel cannot run. vLLM never picks CUSTOM on its own, so this backend
 when asked for; when the Triton kernel cannot launch (no CUDA/ROCm device and no
 ``TRITON_INTERPRET=1``) the request fails with a clear error rather than dying inside Triton.
 vLLM's CPU platform ignores ``--attention-backend`` altogether and uses ``CPU_ATTN`` (logging
-"Cannot use ... CUSTOM backend on CPU"). For CPU tests, ``TKERNELS_VLLM_CPU_TEST_BACKEND=1``
-(with ``TRITON_INTERPRET=1``) makes :func:`tkernels.plugins.vllm.register_attention_backend` put this backend in
-``CPU_ATTN``'s place, running the kernel under Triton's interpreter;
-``TKERNELS_VLLM_CPU_TEST_BACKEND=reference`` runs :func:`tkernels.attention.mixed_attention_reference`
-instead (no interpreter; for end-to-end measurements on CPU).
+"Cannot use ... CUSTOM backend on CPU"). ``TKERNELS_VLLM_CPU_ATTENTION=interpreter`` (with
+``TRITON_INTERPRET=1``; older name ``TKERNELS_VLLM_CPU_TEST_BACKEND=1``) makes
+:func:`tkernels.plugins.vllm.register_attention_backend` put this backend in ``CPU_ATTN``'s place,
+running the kernel under Triton's interpreter (tests); ``TKERNELS_VLLM_CPU_ATTENTION=reference``
+runs :func:`tkernels.attention.mixed_attention_reference` instead (no interpreter; for serving
+and end-to-end measurements on CPU).
 
 Trees: when tkernels' tree speculation runs (:mod:`tkernels.plugins.vllm.tree`), each step's
 tree rows are handed to this step's metadata builders (:attr:`TkernelsAttentionMetadataBuilder.step_trees`,

@@ -56,14 +56,16 @@ Patched vLLM symbols, and why:
    the output through untouched.
 
 Supported: greedy and temperature/top-k/top-p sampled requests; one KV-cache group; decoder
-models without M-RoPE; tkernels' attention backend (``--attention-backend CUSTOM``; on CPU the
-test backend, ``TKERNELS_VLLM_CPU_TEST_BACKEND``); no pipeline parallelism. Anything else is
-refused at start-up (or, for requests, at submission).
+models without M-RoPE; tkernels' attention backend (``--attention-backend CUSTOM``; on CPU
+``TKERNELS_VLLM_CPU_ATTENTION``); no async scheduling (vLLM turns it off for custom_class
+proposers), no pipeline parallelism. Anything else is refused at start-up (or, for requests, at
+submission).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 
 import torch
@@ -115,8 +117,8 @@ def check_attention_backend(vllm_config) -> None:
     if others:
         raise ValueError(
             f"tkernels tree speculation needs tkernels' attention backend for the tree mask, but layers use {others}: "
-            "pass --attention-backend CUSTOM (on vLLM-CPU, which ignores it, set TKERNELS_VLLM_CPU_TEST_BACKEND=1 "
-            "with TRITON_INTERPRET=1, or TKERNELS_VLLM_CPU_TEST_BACKEND=reference)"
+            "pass --attention-backend CUSTOM (on vLLM-CPU, which ignores it, set TKERNELS_VLLM_CPU_ATTENTION=reference, "
+            "or TKERNELS_VLLM_CPU_ATTENTION=interpreter with TRITON_INTERPRET=1)"
         )
 
 
@@ -183,13 +185,18 @@ def install(vllm_config) -> None:
 
 def unsupported_request_params(params) -> list[str]:
     """What in these SamplingParams tree verification cannot reproduce ([] if nothing)."""
+    # vLLM runs beam search (use_beam_search) as one-token requests asking for 2 x beam_width
+    # logprobs, without detokenizing (entrypoints/generate/beam_search): named as such, since a
+    # user who asked for beam search never asked for logprobs.
+    beam_search = params.logprobs is not None and params.max_tokens == 1 and not params.detokenize
     checks = (
+        ("beam search (use_beam_search)", beam_search),
         ("presence/frequency/repetition penalties",
          params.presence_penalty != 0 or params.frequency_penalty != 0 or params.repetition_penalty != 1),
         ("bad_words", bool(params.bad_words)),
         ("allowed_token_ids", params.allowed_token_ids is not None),
         ("min_tokens", params.min_tokens > 0),
-        ("logprobs", params.logprobs is not None or params.prompt_logprobs is not None),
+        ("logprobs", (params.logprobs is not None and not beam_search) or params.prompt_logprobs is not None),
         ("structured outputs (response_format, guided decoding)", params.structured_outputs is not None),
     )
     return [name for name, asked in checks if asked]
@@ -253,3 +260,29 @@ def install_request_validation() -> None:
                 )
 
     patch_method(SamplingParams, "_validate_spec_decode", _validate_spec_decode)
+    quiet_refusal_tracebacks()
+
+
+# vLLM's stream generators log any exception raised while a streamed request runs with
+# logger.exception (a full ERROR traceback) before sending the error event; a request refused at
+# admission (UnsupportedRequestError, HTTP 400 in the event) is the client's mistake, not the
+# server's, so its record becomes one WARNING line with the reason.
+_STREAM_LOGGERS = ("vllm.entrypoints.openai.chat_completion.serving", "vllm.entrypoints.openai.completion.serving")
+
+
+class _RefusalAsWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, UnsupportedRequestError):
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            record.msg, record.args = "tkernels: refused a streamed request (HTTP 400 in its stream): %s", (str(error),)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_refusal_tracebacks() -> None:
+    """Install :class:`_RefusalAsWarning` on vLLM's stream generators' loggers (idempotent)."""
+    for name in _STREAM_LOGGERS:
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _RefusalAsWarning) for f in target.filters):
+            target.addFilter(_RefusalAsWarning())

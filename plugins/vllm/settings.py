@@ -20,9 +20,11 @@ Settings (README, vLLM plugin section):
   otherwise be ignored);
 - ``$TKERNELS_TBT_SLO_MS``: the scheduler's TBT SLO in milliseconds (a positive number);
 - ``$TKERNELS_MAX_WAIT_MS``: the scheduler's ageing bound in milliseconds (a number >= 0);
-- ``$TKERNELS_VLLM_CPU_TEST_BACKEND``: ``1`` or ``reference`` (tkernels' attention on vLLM-CPU);
-- ``$TKERNELS_CONFIG_DIR``: a folder of per-GPU configs;
-- the tree proposer's configuration (:func:`tkernels.plugins.vllm.patches.check_config`).
+- ``$TKERNELS_VLLM_CPU_ATTENTION``: ``reference`` or ``interpreter`` (tkernels' attention on
+  vLLM-CPU; older name ``$TKERNELS_VLLM_CPU_TEST_BACKEND``: ``reference`` or ``1``);
+- ``$TKERNELS_CONFIG_DIR``: a folder of per-GPU configs, every one of them validated;
+- the tree proposer's configuration (:func:`tkernels.plugins.vllm.patches.check_config`) and its
+  attention backend (:func:`check_tree_attention`).
 """
 
 from __future__ import annotations
@@ -125,11 +127,53 @@ def check_environment() -> None:
     from tkernels.config import ENV_CONFIG_DIR
     from tkernels.plugins.vllm import cpu_test_mode
 
-    cpu_test_mode()  # raises naming TKERNELS_VLLM_CPU_TEST_BACKEND and its values
+    cpu_test_mode()  # raises naming TKERNELS_VLLM_CPU_ATTENTION (or its older name) and its values
     folder = os.environ.get(ENV_CONFIG_DIR)
     if folder and not os.path.isdir(folder):
         raise ValueError(f"${ENV_CONFIG_DIR}: expected a folder of per-GPU config files (<GPU name>.json, "
                          f"written by `tkernels autotune`), got {folder!r}, which is not a folder")
+    if folder:
+        check_config_files(folder)
+
+
+def check_config_files(folder: str) -> None:
+    """Every per-GPU config in ``folder``, loaded and validated here in the front end: which one
+    the GPU will pick is only known on the GPU (its device name), and a malformed one would
+    otherwise stop the workers a minute later. The error names the variable, the file and the field."""
+    from pathlib import Path
+
+    from tkernels.config import ENV_CONFIG_DIR, ConfigError, load
+
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            load(path)
+        except ConfigError as err:
+            raise ValueError(f"${ENV_CONFIG_DIR}: {err} (fix or remove the file; `tkernels autotune --force` "
+                             f"rewrites it)") from None
+
+
+def check_tree_attention(vllm_config) -> None:
+    """The tree proposer's attention, checked in the front end: only tkernels' attention backend
+    applies the tree mask, and the proposer checks the model's layers only once the model has
+    loaded (:func:`tkernels.plugins.vllm.patches.check_attention_backend`), a minute or more later.
+    vLLM-CPU ignores ``--attention-backend``: there tkernels' attention replaces its CPU one when
+    ``$TKERNELS_VLLM_CPU_ATTENTION`` is set (:func:`tkernels.plugins.vllm.cpu_test_mode`)."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from tkernels.plugins.vllm import CPU_ATTENTION_HINT, cpu_test_mode
+
+    if current_platform.is_cpu():
+        if cpu_test_mode() is None:
+            raise ValueError("tkernels tree speculation on vLLM-CPU needs tkernels' attention for the tree mask and "
+                             f"vLLM-CPU ignores --attention-backend: {CPU_ATTENTION_HINT}")
+        return
+    attention = getattr(vllm_config, "attention_config", None)
+    backends = {getattr(attention, "backend", None), *getattr(attention, "backend_per_kind", {}).values()}
+    if backends != {AttentionBackendEnum.CUSTOM}:
+        names = sorted("auto" if b is None else getattr(b, "name", str(b)) for b in backends)
+        raise ValueError("tkernels tree speculation needs tkernels' attention backend for the tree mask, but the "
+                         f"attention backend is {', '.join(names)}: pass --attention-backend CUSTOM")
 
 
 def check(vllm_config) -> None:
@@ -156,6 +200,7 @@ def check(vllm_config) -> None:
 
     if is_tree_config(vllm_config.speculative_config):
         check_config(vllm_config)
+        check_tree_attention(vllm_config)
 
 
 _POST_INIT_SIGNATURE = ("self",)

@@ -10,7 +10,7 @@ sampler); ``tr-tree``, Token Recycling trees
 (:class:`~tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer`, tkernels' tree
 verification). All speculative methods draft ``--num-spec-tokens`` tokens per step: the same
 verify budget (``tr-tree`` with its per-batch tree sizing off, ``size: fixed``). ``tr-tree`` needs tkernels' attention backend: ``--attention-backend CUSTOM`` on
-a GPU; on vLLM-CPU, ``TKERNELS_VLLM_CPU_TEST_BACKEND=reference`` (set here), whose PyTorch
+a GPU; on vLLM-CPU, ``TKERNELS_VLLM_CPU_ATTENTION=reference`` (set here unless set, even empty), whose PyTorch
 reference attention makes its tokens/s incomparable with the other methods' (MAT is unaffected).
 
 docs/design.md's acceptance-length workload: first turns of the Spec-Bench dev questions through the
@@ -111,9 +111,10 @@ def run_method(model_dir: Path, questions: list[Question], method: str, max_toke
         if torch.cuda.is_available():
             kwargs["attention_backend"] = "CUSTOM"
         else:
-            from tkernels.plugins.vllm import CPU_TEST_ENV
+            from tkernels.plugins.vllm import CPU_ATTENTION_ENV, CPU_TEST_ENV
 
-            os.environ.setdefault(CPU_TEST_ENV, "reference")
+            if CPU_ATTENTION_ENV not in os.environ and CPU_TEST_ENV not in os.environ:  # set empty: none, on purpose
+                os.environ[CPU_ATTENTION_ENV] = "reference"
     llm = LLM(**kwargs)
     tokenizer = llm.get_tokenizer()
     prompts = [

@@ -27,7 +27,7 @@ as a chain: causal attention, the draft tokens in order, which is exactly lossle
 draft. That row is counted (``TreeBatch.foreign_drafts``) and the first one logged; no
 inconsistency in one request raises out of the engine.
 
-With ``TKERNELS_VLLM_CPU_TEST_BACKEND=reference`` verification and compaction run their torch
+With ``TKERNELS_VLLM_CPU_ATTENTION=reference`` verification and compaction run their torch
 references, as attention does.
 """
 

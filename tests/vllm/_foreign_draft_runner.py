@@ -21,7 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    os.environ["TKERNELS_VLLM_CPU_TEST_BACKEND"] = "reference"
+    os.environ["TKERNELS_VLLM_CPU_ATTENTION"] = "reference"
 
     import torch
     from vllm import LLM, SamplingParams

@@ -32,7 +32,7 @@ MAX_TOKENS = 12
 START_TIMEOUT_S = 900  # a shared 2-core machine: the engine's start alone can take minutes
 REQUEST_TIMEOUT_S = 600
 SEEDED = {"temperature": 0.8, "top_p": 0.95, "seed": 123}
-# Every parameter tree verification refuses (tree.unsupported_request_params), as a client sends it,
+# Every parameter tree verification refuses (patches.unsupported_request_params), as a client sends it,
 # and the words the error message must hold.
 REFUSED = [
     ({"logprobs": 2}, "logprobs"),
@@ -61,7 +61,7 @@ def server_command(model_dir, port: int, *extra: str) -> list[str]:
 
 
 def server_env(**extra: str) -> dict:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TKERNELS_VLLM_CPU_TEST_BACKEND="reference", **extra)
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TKERNELS_VLLM_CPU_ATTENTION="reference", **extra)
     env.pop("VLLM_PLUGINS", None)
     return env
 
@@ -205,6 +205,10 @@ def test_server_serves_greedy_sampled_and_seeded_requests_and_refuses_unsupporte
         "model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
         "response_format": {"type": "json_object"}})
     assert status == 400 and "structured outputs" in json.loads(text)["error"]["message"], text
+    # issue 22 item 3: beam search is refused as beam search (it was "asks for logprobs": vLLM runs
+    # it as one-token requests asking for logprobs)
+    status, text = completion(port, ids[0], use_beam_search=True, n=2)
+    assert status == 400 and "beam search" in json.loads(text)["error"]["message"], text
 
     assert greedy(0) == expected[0]  # the server still serves, and correctly
     status, text = post(port, "/v1/chat/completions", {
@@ -214,6 +218,8 @@ def test_server_serves_greedy_sampled_and_seeded_requests_and_refuses_unsupporte
 
     time.sleep(2)  # one more stats interval
     log = log_path.read_text()
+    # a refused streamed request is one WARNING line, not vLLM's ERROR traceback (issue 22 item 3)
+    assert "tkernels: refused a streamed request" in log and "Error in completion stream generator" not in log
     assert "tkernels scheduler: TBT SLO 50 ms (from $TKERNELS_TBT_SLO_MS" in log  # the start-up line
     assert "latency model: the analytic H100-class default rates" in log
     stats = [line for line in log.splitlines() if "tkernels scheduler: Avg budget:" in line]

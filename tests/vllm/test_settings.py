@@ -55,6 +55,7 @@ def test_malformed_additional_config_is_refused_naming_the_key(engine_config, ad
                                        r"got '-5'.*\(e.g. TKERNELS_MAX_WAIT_MS=500\)"),
         ("TKERNELS_CONFIG_DIR", "/nonexistent/tkernels", r"\$TKERNELS_CONFIG_DIR: expected a folder"),
         ("TKERNELS_VLLM_CPU_TEST_BACKEND", "yes", "TKERNELS_VLLM_CPU_TEST_BACKEND must be one of"),
+        ("TKERNELS_VLLM_CPU_ATTENTION", "yes", "TKERNELS_VLLM_CPU_ATTENTION must be one of"),
     ],
 )
 def test_malformed_environment_is_refused_naming_the_variable(engine_config, monkeypatch, name, value, message):
@@ -69,7 +70,64 @@ def test_tree_proposer_configuration_is_checked_before_the_engine_starts(engine_
         engine_config(speculative_config=spec)
 
 
+def test_malformed_per_gpu_config_is_refused_in_the_front_end(engine_config, monkeypatch, tmp_path):
+    """Issue 22 item 2: a malformed file in $TKERNELS_CONFIG_DIR stopped the workers ~90 s later,
+    with vLLM's misleading "The class constructor must accept VllmConfig as argument"."""
+    from tkernels.config import SCHEMA_VERSION
+
+    shipped = {"schema_version": SCHEMA_VERSION, "device": "NVIDIA H100 80GB HBM3", "is_gpu": True, "sm_count": 132,
+               "total_memory_gb": 80, "versions": {}, "date": "2026-12-06", "kernels": {}, "latency_model": {},
+               "budgets": {}, "tree_budgets": {}}
+    (tmp_path / "Good_GPU.json").write_text(json.dumps(shipped))
+    monkeypatch.setenv("TKERNELS_CONFIG_DIR", str(tmp_path))
+    engine_config()  # a valid folder passes
+    (tmp_path / "NVIDIA_H100_80GB_HBM3.json").write_text(json.dumps({**shipped, "sm_count": -3}))
+    with pytest.raises(ValueError, match=r"\$TKERNELS_CONFIG_DIR: \S*NVIDIA_H100_80GB_HBM3.json: field 'sm_count'"):
+        engine_config()
+    (tmp_path / "NVIDIA_H100_80GB_HBM3.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"NVIDIA_H100_80GB_HBM3.json: not valid JSON"):
+        engine_config()
+
+
+def test_tree_proposer_without_tree_attention_is_refused_in_the_front_end(engine_config, monkeypatch):
+    """Issue 22 items 2 and 4: the tree proposer without tkernels' attention failed ~84 s later at
+    model load; on vLLM-CPU the message says exactly which variable to set."""
+    spec = {"method": "custom_class", "model": TREE, "num_speculative_tokens": 4}
+    for name in ("TKERNELS_VLLM_CPU_ATTENTION", "TKERNELS_VLLM_CPU_TEST_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=r"vLLM-CPU .* set TKERNELS_VLLM_CPU_ATTENTION=reference"):
+        engine_config(speculative_config=spec)
+    for name, value in (("TKERNELS_VLLM_CPU_ATTENTION", "reference"), ("TKERNELS_VLLM_CPU_TEST_BACKEND", "reference")):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)  # the user-facing name, and the older one (still read)
+            engine_config(speculative_config=spec)
+
+
+@pytest.mark.parametrize("env,mode", [
+    ({"TKERNELS_VLLM_CPU_ATTENTION": "reference"}, "reference"),
+    ({"TKERNELS_VLLM_CPU_ATTENTION": "interpreter"}, "1"),
+    ({"TKERNELS_VLLM_CPU_TEST_BACKEND": "1"}, "1"),  # the older name, still read
+    ({"TKERNELS_VLLM_CPU_ATTENTION": "reference", "TKERNELS_VLLM_CPU_TEST_BACKEND": "reference"}, "reference"),
+    ({}, None),
+    ({"TKERNELS_VLLM_CPU_ATTENTION": "1"}, "TKERNELS_VLLM_CPU_ATTENTION must be one of"),
+    ({"TKERNELS_VLLM_CPU_ATTENTION": "interpreter", "TKERNELS_VLLM_CPU_TEST_BACKEND": "reference"}, "disagree"),
+])
+def test_cpu_attention_variable_and_its_older_name(monkeypatch, env, mode):
+    from tkernels.plugins.vllm import cpu_test_mode
+
+    for name in ("TKERNELS_VLLM_CPU_ATTENTION", "TKERNELS_VLLM_CPU_TEST_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if mode in (None, "1", "reference"):
+        assert cpu_test_mode() == mode
+    else:
+        with pytest.raises(ValueError, match=mode):
+            cpu_test_mode()
+
+
 def test_well_formed_settings_pass(engine_config, monkeypatch):
+    monkeypatch.setenv("TKERNELS_VLLM_CPU_ATTENTION", "reference")  # vLLM-CPU: the tree proposer's attention
     monkeypatch.setenv("TKERNELS_TBT_SLO_MS", "50")
     config = engine_config(
         scheduler_cls="tkernels.plugins.vllm.scheduler.DecodeMaximalScheduler",

@@ -297,6 +297,49 @@ def test_requests_tree_verification_cannot_reproduce_are_refused_at_submission()
     SamplingParams(repetition_penalty=1.2)._validate_spec_decode(linear)  # other proposers: unchanged
 
 
+def test_beam_search_is_refused_as_beam_search():
+    """Issue 22 item 3: use_beam_search was refused with "this request asks for logprobs"."""
+    from vllm.sampling_params import SamplingParams
+
+    from tkernels.plugins.vllm.patches import UnsupportedRequestError, install_request_validation
+
+    install_request_validation()
+    tree_spec = vllm_config().speculative_config
+    # what vLLM's beam search submits per beam and step (entrypoints/generate/beam_search)
+    beam_step = SamplingParams(logprobs=8, max_tokens=1, temperature=0.0, detokenize=False)
+    with pytest.raises(UnsupportedRequestError, match=r"asks for beam search \(use_beam_search\) \("):
+        beam_step._validate_spec_decode(tree_spec)
+    with pytest.raises(UnsupportedRequestError, match="asks for logprobs"):
+        SamplingParams(logprobs=2, max_tokens=1)._validate_spec_decode(tree_spec)
+
+
+def test_a_refused_streamed_request_logs_one_warning_line_not_a_traceback():
+    """Issue 22 item 3: vLLM's stream generators log any exception with a full ERROR traceback;
+    a refused request (the client's mistake, HTTP 400 in the stream) is one WARNING line."""
+    import logging
+
+    from tkernels.plugins.vllm.patches import UnsupportedRequestError, install_request_validation
+
+    install_request_validation()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    for name in ("vllm.entrypoints.openai.chat_completion.serving", "vllm.entrypoints.openai.completion.serving"):
+        served = logging.getLogger(name)
+        served.addHandler(handler)
+        try:
+            for error in (UnsupportedRequestError("tkernels tree speculation ...: asks for logprobs"), RuntimeError("bug")):
+                try:
+                    raise error
+                except Exception:
+                    served.exception("Error in chat completion stream generator.")  # what vLLM's generator does
+        finally:
+            served.removeHandler(handler)
+    refused, other = records[0::2], records[1::2]
+    assert all(r.levelname == "WARNING" and r.exc_info is None and "asks for logprobs" in r.getMessage() for r in refused)
+    assert all(r.levelname == "ERROR" and r.exc_info is not None for r in other)  # real errors keep their traceback
+
+
 def test_a_failed_request_is_finished_with_an_error_and_the_others_go_on(monkeypatch):
     """Patch 6 on vLLM's own scheduler: a row whose tokens are [FAILED_TOKEN] (the worker could not
     verify it) ends that request with FINISHED_ERROR; the other request keeps its token."""
@@ -491,6 +534,7 @@ def test_a_request_with_unusable_logits_fails_alone(monkeypatch, rng):
 def _bench(method: str, model: str, max_tokens: int, rounds: int, cpu_backend: str | None = None, num_spec: int = 4):
     env = dict(os.environ)
     if cpu_backend is not None:
+        env.pop("TKERNELS_VLLM_CPU_ATTENTION", None)
         env["TKERNELS_VLLM_CPU_TEST_BACKEND"] = cpu_backend
     return subprocess.run(
         [sys.executable, "-m", "tkernels.plugins.vllm.speculation_bench", "--method", method, "--raw",
@@ -595,9 +639,13 @@ def test_drafts_the_proposer_did_not_make_affect_only_their_rows_in_the_engine()
 
 
 def test_tree_speculation_without_tkernels_attention_fails_at_start_up():
+    """Refused in the front end, before any model loads, saying what to set (issue 22 items 2
+    and 4: it failed at model load, ~84 s into a real server's start)."""
     out = _bench("tr-tree", "tiny", 4, 1, cpu_backend="")
     assert out.returncode != 0
-    assert "tree speculation needs tkernels' attention backend" in out.stderr
+    assert "tree speculation on vLLM-CPU needs tkernels' attention" in out.stderr
+    assert "set TKERNELS_VLLM_CPU_ATTENTION=reference" in out.stderr
+    assert "Model loading took" not in out.stderr and "EngineCore" not in out.stderr
 
 
 @pytest.mark.slow

@@ -87,6 +87,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 def default_config(head_dim: int, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """:data:`DEFAULT_CONFIG` adjusted to the head size and the input dtype (register budget of
     one tile; ``dtype`` None: 16-bit inputs)."""
+    head_dim = integer("head_dim", head_dim, minimum=1)
     if dtype == torch.float32 and head_dim <= 128:
         # fp32 K/V tiles take twice the registers: the 16-bit tiles spill on sm_80 (Triton 3.6:
         # 544-680 B at head_dim 64 and 128, 112 B on sm_90 at 64 with trees); these do not.
@@ -479,8 +480,15 @@ def plan_mixed_attention(
     for arg, t in (("seq_lens", seq_lens), ("block_table", block_table)):
         if t.device != cu_seqlens_q.device:
             _fail(arg, f"must be on {cu_seqlens_q.device} like cu_seqlens_q, got {t.device}")
-    if num_q_heads <= 0 or num_kv_heads <= 0 or num_q_heads % num_kv_heads:
+    num_kv_heads = integer("num_kv_heads", num_kv_heads, minimum=1)
+    if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, int) or num_q_heads <= 0 or num_q_heads % num_kv_heads:
         _fail("num_q_heads", f"must be a positive multiple of num_kv_heads={num_kv_heads}, got {num_q_heads}")
+    head_dim, num_blocks = integer("head_dim", head_dim, minimum=1), integer("num_blocks", num_blocks, minimum=0)
+    block_size = integer("block_size", block_size, minimum=1)
+    if num_sms is not None:
+        integer("num_sms", num_sms, minimum=1)
+    if num_tokens is not None:
+        integer("num_tokens", num_tokens, minimum=0)
     window = _check_window(window)
     device = cu_seqlens_q.device
 
@@ -781,10 +789,24 @@ def mixed_attention_reference(
     window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Plain-PyTorch fp32 reference: one request at a time, K/V gathered through the block table."""
+    """Plain-PyTorch fp32 reference: one request at a time, K/V gathered through the block table.
+
+    Takes the arguments :func:`mixed_attention` takes, checked the same way where that costs no
+    host read (tensors' types and shapes, the scalars); the index tensors' values are
+    :func:`plan_mixed_attention`'s to check (the vLLM backend plans every step, also when it
+    runs this reference)."""
+    _check_inputs(q, k_cache, v_cache, None)
     _T, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
-    scale = D ** -0.5 if scale is None else scale
+    _check_int_vector(cu_seqlens_q, "cu_seqlens_q")
+    if cu_seqlens_q.numel() < 1:
+        _fail("cu_seqlens_q", "must have B + 1 >= 1 entries")
+    _check_int_vector(seq_lens, "seq_lens", cu_seqlens_q.numel() - 1)
+    if (tree_parents is None) != (is_tree is None):
+        _fail("tree_parents" if tree_parents is None else "is_tree", "tree_parents and is_tree go together")
+    scale = D ** -0.5 if scale is None else real("scale", scale, positive=True)
+    softcap = None if softcap is None else real("softcap", softcap, positive=True)
+    window = _check_window(window)
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     for r, ctx in enumerate(seq_lens.tolist()):

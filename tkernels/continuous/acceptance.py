@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tkernels.checks import in_unit_interval, require
+from tkernels.checks import in_unit_interval, integer, require
 from tkernels.config import launch_config as _launch_config
 from tkernels.registry import gpu_compile_check
 
@@ -37,6 +37,7 @@ DEFAULT_CONFIG = {"block_k": 512, "block_elements": 2048, "num_warps": 4}
 def launch_config(elements: int, config: dict | None = None) -> dict:
     """trajectory_log_ratio's launch parameters for rows of ``elements`` = steps x dims:
     ``config`` over the GPU's tuned bucket over :data:`DEFAULT_CONFIG`."""
+    integer("elements", elements, minimum=1)
     return _launch_config("trajectory_log_ratio", {"elements": elements}, DEFAULT_CONFIG, config)
 
 

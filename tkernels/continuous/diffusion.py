@@ -18,6 +18,12 @@ from typing import Protocol
 import torch
 
 
+def _steps(num_steps) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps: must be a positive integer, got {num_steps!r}")
+    return num_steps
+
+
 class DiffusionSchedule:
     """Noise schedule of ``S`` steps; reverse-step stds are ``sqrt(beta_t)`` (always > 0).
 
@@ -44,12 +50,14 @@ class DiffusionSchedule:
     @classmethod
     def cosine(cls, num_steps: int, max_beta: float = 0.999) -> DiffusionSchedule:
         """Nichol & Dhariwal's cosine schedule."""
+        num_steps = _steps(num_steps)
         f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = [min(1 - f((i + 1) / num_steps) / f(i / num_steps), max_beta) for i in range(num_steps)]
         return cls(torch.tensor(betas, dtype=torch.float64))
 
     @classmethod
     def linear(cls, num_steps: int, beta_start: float, beta_end: float) -> DiffusionSchedule:
+        num_steps = _steps(num_steps)
         return cls(torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64))
 
     def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -81,13 +89,24 @@ class DiffusionHead(Protocol):
         ...
 
 
+def _check_chain(head: DiffusionHead, z, x_start) -> tuple[int, int]:
+    """``x_start [N, D]`` and ``z [N, ...]`` for ``head``; returns ``(N, S)``."""
+    if not isinstance(x_start, torch.Tensor) or x_start.dim() != 2 or x_start.shape[1] != head.token_dim:
+        raise ValueError(f"x_start: must be [N, D={head.token_dim}], got {getattr(x_start, 'shape', type(x_start))}")
+    if not isinstance(z, torch.Tensor) or z.dim() < 1 or z.shape[0] != x_start.shape[0]:
+        raise ValueError(f"z: must have one row per row of x_start ({x_start.shape[0]}), got {getattr(z, 'shape', type(z))}")
+    return x_start.shape[0], head.schedule.num_steps
+
+
 def sample_chain(
     head: DiffusionHead, z: torch.Tensor, x_start: torch.Tensor, noise: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the reverse chain (``S`` sequential head calls). ``noise [N, S, D]`` is the
     per-step standard-normal noise; returns ``xs, mus`` (each ``[N, S, D]``)."""
+    n, num_steps = _check_chain(head, z, x_start)
+    if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (n, num_steps, head.token_dim):
+        raise ValueError(f"noise: must be [N={n}, S={num_steps}, D={head.token_dim}], got {getattr(noise, 'shape', type(noise))}")
     sigmas = head.schedule.sigmas.to(x_start.device)
-    n, num_steps = x_start.shape[0], head.schedule.num_steps
     xs = x_start.new_empty(n, num_steps, x_start.shape[1])
     mus = torch.empty_like(xs)
     x = x_start
@@ -101,7 +120,10 @@ def sample_chain(
 def chain_means(head: DiffusionHead, z: torch.Tensor, x_start: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
     """Means of every transition of given trajectories, in ONE batched head call (all steps at
     once): this is what makes verification by the target cost one call instead of ``S``."""
-    n, num_steps, dims = xs.shape
+    n, num_steps = _check_chain(head, z, x_start)
+    dims = head.token_dim
+    if not isinstance(xs, torch.Tensor) or tuple(xs.shape) != (n, num_steps, dims):
+        raise ValueError(f"xs: must be [N={n}, S={num_steps}, D={dims}], got {getattr(xs, 'shape', type(xs))}")
     x_t = torch.cat([x_start[:, None], xs[:, :-1]], dim=1).reshape(n * num_steps, dims)
     step = torch.arange(num_steps, device=xs.device).repeat(n)
     z_rep = z.repeat_interleave(num_steps, dim=0)

@@ -31,6 +31,7 @@ from typing import Protocol
 
 import torch
 
+from tkernels.checks import fail, integer, real
 from tkernels.continuous import acceptance
 from tkernels.continuous.diffusion import DiffusionHead, chain_means, sample_chain
 
@@ -81,8 +82,25 @@ def _check_heads(target: DiffusionHead, draft: DiffusionHead) -> None:
 
 
 def _check_inner_temperature(inner_temperature: float | None) -> None:
-    if inner_temperature is not None and not inner_temperature > 0:
-        raise ValueError(f"inner_temperature must be > 0 or None (exact), got {inner_temperature}")
+    if inner_temperature is not None:
+        real("inner_temperature", inner_temperature, positive=True, what="number or None (exact)")
+
+
+def _check_conditions(z_p, z_q) -> int:
+    """``z_p`` and ``z_q``: condition tensors ``[N, ...]`` with one row per token; returns N."""
+    for name, z in (("z_p", z_p), ("z_q", z_q)):
+        if not isinstance(z, torch.Tensor) or z.dim() < 2:
+            fail(name, f"must be a [N, C] condition tensor (one row per token), got {getattr(z, 'shape', type(z))}")
+    if z_q.shape[0] != z_p.shape[0]:
+        fail("z_q", f"must have z_p's {z_p.shape[0]} rows (one per token), got {z_q.shape[0]}")
+    if z_q.device != z_p.device:
+        fail("z_q", f"is on {z_q.device} but z_p is on {z_p.device}")
+    return z_p.shape[0]
+
+
+def _check_labels(labels) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        fail("labels", f"must be a 1-D tensor [B] (one class label per row), got {getattr(labels, 'shape', type(labels))}")
 
 
 def _randn(shape, generator, device) -> torch.Tensor:
@@ -122,10 +140,14 @@ def sample_residual(
     kept; a speculation window's bonus token), batched with the residual rows so that each try
     costs one target chain for all of them.
     """
-    if max_tries < 1:
-        raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+    integer("max_tries", max_tries, minimum=1)
+    n = _check_conditions(z_p, z_q)
+    if plain is not None and (not isinstance(plain, torch.Tensor) or plain.dtype != torch.bool
+                              or plain.shape != (n,) or plain.device != z_p.device):
+        fail("plain", f"must be a bool tensor [{n}] on {z_p.device} (one per row of z_p) or None, "
+                      f"got {getattr(plain, 'shape', type(plain))} {getattr(plain, 'dtype', '')}")
     stats = SpeculationStats() if stats is None else stats
-    n, dims, device = z_p.shape[0], target.token_dim, z_p.device
+    dims, device = target.token_dim, z_p.device
     sigmas = target.schedule.sigmas.to(device)
     plain = torch.zeros(n, dtype=torch.bool, device=device) if plain is None else plain
     out = torch.empty(n, dims, device=device)
@@ -166,8 +188,12 @@ def speculative_sample(
     The draft proposes from ``z_q``; the target checks with ``z_p`` (rows independent).
     """
     _check_heads(target, draft)
+    n = _check_conditions(z_p, z_q)
+    # Checked up front: a rejection may not happen in this call, a bad argument is bad anyway.
+    integer("max_tries", max_tries, minimum=1)
+    _check_inner_temperature(inner_temperature)
     stats = SpeculationStats() if stats is None else stats
-    n, device = z_p.shape[0], z_p.device
+    device = z_p.device
     x_start = _randn((n, draft.token_dim), generator, device)
     xs, mus_q = sample_chain(draft, z_q, x_start, _randn(_chain_shape(n, draft), generator, device))
     mus_p = chain_means(target, z_p, x_start, xs)
@@ -199,11 +225,21 @@ class ARDiffusionModel(Protocol):
 def generate(model: ARDiffusionModel, labels: torch.Tensor, generator: torch.Generator, *, stats: SpeculationStats | None = None, tokens: torch.Tensor | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """Plain autoregressive sampling of positions ``start .. stop-1`` (default: all) into
     ``tokens [B, L, D]`` (a new zero buffer by default); one backbone call and one chain per position."""
-    stats = SpeculationStats() if stats is None else stats
+    _check_labels(labels)
     head, length, device = model.head, model.num_tokens, labels.device
+    stop = length if stop is None else integer("stop", stop, minimum=0)
+    if stop > length:
+        fail("stop", f"must be at most the model's num_tokens ({length}), got {stop}")
+    if integer("start", start, minimum=0) > stop:
+        fail("start", f"must be at most stop ({stop}), got {start}")
+    want = (labels.shape[0], length, head.token_dim)
+    if tokens is not None and (not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != want):
+        fail("tokens", f"must be a {list(want)} tensor (labels' rows, num_tokens, token_dim) or None, "
+                       f"got {getattr(tokens, 'shape', type(tokens))}")
+    stats = SpeculationStats() if stats is None else stats
     if tokens is None:
         tokens = torch.zeros(labels.shape[0], length, head.token_dim, device=device)
-    for i in range(start, length if stop is None else stop):
+    for i in range(start, stop):
         z = model.conditions(tokens, labels)[:, i]
         x_start = _randn((labels.shape[0], head.token_dim), generator, device)
         xs, _ = sample_chain(head, z, x_start, _randn(_chain_shape(labels.shape[0], head), generator, device))
@@ -235,10 +271,11 @@ def generate_speculative(
     """
     _check_heads(target.head, draft.head)
     _check_inner_temperature(inner_temperature)
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if not 0.0 <= prefill <= 1.0:
-        raise ValueError(f"prefill must be in [0, 1], got {prefill}")
+    _check_labels(labels)
+    integer("window", window, minimum=1)
+    integer("max_tries", max_tries, minimum=1)
+    if real("prefill", prefill, minimum=0, what="fraction in [0, 1]") > 1:
+        fail("prefill", f"must be a fraction in [0, 1], got {prefill}")
     if draft.num_tokens != target.num_tokens:
         raise ValueError(f"draft num_tokens {draft.num_tokens} != target num_tokens {target.num_tokens}")
     stats = SpeculationStats() if stats is None else stats

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from tkernels.checks import integer
 from tkernels.config import ConfigChoice, ConfigError, current
 
 
@@ -124,6 +125,8 @@ class LatencyModel:
     def step_us(self, tokens: int, kv_tokens: int, attn_pairs: int) -> float:
         """Time of a step running ``tokens`` query tokens that read ``kv_tokens`` cached K/V
         positions and score ``attn_pairs`` (query, key) pairs in total."""
+        tokens, kv_tokens = integer("tokens", tokens, minimum=0), integer("kv_tokens", kv_tokens, minimum=0)
+        attn_pairs = integer("attn_pairs", attn_pairs, minimum=0)
         rates, shape = self.rates, self.shape
         weights_us = shape.linear_params * shape.dtype_bytes / (rates.weight_gbps * 1e3)
         matmul_us = 2 * shape.linear_params * tokens / (rates.matmul_tflops * 1e6)
@@ -139,6 +142,7 @@ class LatencyModel:
 
 def prefill_chunk_cost(prefix_len: int, chunk: int) -> tuple[int, int]:
     """(kv_tokens, attn_pairs) of a causal chunk of ``chunk`` tokens after ``prefix_len`` cached ones."""
+    prefix_len, chunk = integer("prefix_len", prefix_len, minimum=0), integer("chunk", chunk, minimum=0)
     return prefix_len + chunk, chunk * prefix_len + chunk * (chunk + 1) // 2
 
 
@@ -147,4 +151,6 @@ def draft_cost(context_len: int, spec_tokens: int) -> tuple[int, int]:
     keys (the new token included; the plain decode costs ``(context_len, context_len)``). Every
     query is counted against every key (a causal or tree mask only removes pairs):
     (1 + s)(L + s) - L = s(L + 1 + s) pairs, s more keys."""
+    context_len = integer("context_len", context_len, minimum=0)
+    spec_tokens = integer("spec_tokens", spec_tokens, minimum=0)
     return spec_tokens, spec_tokens * (context_len + 1 + spec_tokens)

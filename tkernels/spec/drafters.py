@@ -54,7 +54,7 @@ from functools import cache
 
 import torch
 
-from tkernels.checks import integer
+from tkernels.checks import integer, real
 
 from .ngram import propose_ngram
 from .retrieval import SuffixAutomaton, bfs_order
@@ -150,8 +150,9 @@ class RetrievalCalibration:
     SHARE_BINS = 3
 
     def __init__(self, prior_weight: float = 2.0, decay: float = 0.995):
-        if not 0 < decay <= 1 or prior_weight <= 0:
-            raise ValueError(f"need 0 < decay <= 1 and prior_weight > 0, got {decay}, {prior_weight}")
+        if real("decay", decay, positive=True) > 1:
+            raise ValueError(f"decay: must be in (0, 1], got {decay}")
+        real("prior_weight", prior_weight, positive=True)
         self.prior_weight, self.decay = prior_weight, decay
         shape = (len(self.DEPTH_BINS), len(self.MATCH_BINS), self.SHARE_BINS)
         self.tested = torch.zeros(shape, dtype=torch.float64)
@@ -179,6 +180,8 @@ class RetrievalCalibration:
     def record(self, features: Sequence[tuple[int, int, float]], accepted: Sequence[bool]) -> None:
         """Learn from tested candidates: their ``(depth, match length, share)`` and whether the
         target picked them. One decay per call."""
+        if len(features) != len(accepted):
+            raise ValueError(f"accepted: one per feature tuple, got {len(accepted)} for {len(features)}")
         self.tested *= self.decay
         self.accepted *= self.decay
         for (depth, match, share), ok in zip(features, accepted):
@@ -256,14 +259,17 @@ class TreeDrafter:
         """
         if len(keys) != len(histories):
             raise ValueError(f"keys: one per history, got {len(keys)} keys and {len(histories)} histories")
-        if num_nodes < 1:
-            raise ValueError(f"num_nodes: must be >= 1, got {num_nodes}")
+        num_nodes = integer("num_nodes", num_nodes, minimum=1)
         if any(len(h) < 1 for h in histories):
             raise ValueError("histories: every request needs at least one token")
         if not keys:
             return []
         histories = [h.tolist() if hasattr(h, "tolist") else [int(t) for t in h] for h in histories]
         last = torch.tensor([h[-1] for h in histories], dtype=torch.int64)
+        vocab = self.recycling.vocab_size if self.recycling is not None else None
+        if bool((last < 0).any()) or (vocab is not None and bool((last >= vocab).any())):
+            bound = "" if vocab is None else f" and < {vocab} (the vocab)"
+            raise ValueError(f"histories: the last tokens (the trees' roots) must be >= 0{bound}, got {last.tolist()}")
         if self.method == "pld":
             trees = self._draft_pld(histories, num_nodes)
         elif self.method == "tr_static":
@@ -436,6 +442,8 @@ class TreeDrafter:
         requests drafted it (the harness's single request standing for a batch). Trees without
         scores (``pld``, ``tr_static``) are returned unchanged.
         """
+        if batch_size is not None:
+            integer("batch_size", batch_size, minimum=1)
         if not trees or any(t.scores is None for t in trees):
             return trees
         if batch_size is not None and len(trees) != 1:

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tkernels.checks import integer
 from tkernels.config import launch_config as _launch_config
 from tkernels.registry import gpu_compile_check
 
@@ -41,6 +42,7 @@ DEFAULT_CONFIG = {"block_hd": 512, "num_warps": 4}  # columns of a row per progr
 def launch_config(kv_dim: int, config: dict | None = None) -> dict:
     """compact_kv's launch parameters for rows of ``kv_dim`` = heads x head_dim elements:
     ``config`` over the GPU's tuned bucket over :data:`DEFAULT_CONFIG`."""
+    integer("kv_dim", kv_dim, minimum=1)
     return _launch_config("kv_compaction", {"kv_dim": kv_dim}, DEFAULT_CONFIG, config)
 
 

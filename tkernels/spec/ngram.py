@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from tkernels.checks import fail, integer
+
 __all__ = ["propose_ngram"]
 
 
@@ -23,10 +25,12 @@ def propose_ngram(tokens: torch.Tensor, lengths: torch.Tensor, num_draft: int = 
     """
     if tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"tokens must be a 2-D integer tensor [B, L], got {tuple(tokens.shape)} {tokens.dtype}")
-    if lengths.shape != tokens.shape[:1] or bool(((lengths < 1) | (lengths > tokens.shape[1])).any()):
+    if not isinstance(lengths, torch.Tensor) or lengths.dtype.is_floating_point or lengths.dtype == torch.bool \
+            or lengths.shape != tokens.shape[:1] or bool(((lengths < 1) | (lengths > tokens.shape[1])).any()):
         raise ValueError(f"lengths must be [B] with 1 <= lengths <= {tokens.shape[1]}, got {lengths.tolist()}")
-    if not 1 <= min_ngram <= max_ngram or num_draft < 1:
-        raise ValueError(f"need 1 <= min_ngram <= max_ngram and num_draft >= 1, got {min_ngram}, {max_ngram}, {num_draft}")
+    integer("num_draft", num_draft, minimum=1)
+    if integer("min_ngram", min_ngram, minimum=1) > integer("max_ngram", max_ngram, minimum=1):
+        fail("min_ngram", f"must be <= max_ngram ({max_ngram}), got {min_ngram}")
     device, batch, length = tokens.device, tokens.shape[0], tokens.shape[1]
     lengths = lengths.to(device).long()
     continuation = torch.full((batch,), -1, dtype=torch.int64, device=device)

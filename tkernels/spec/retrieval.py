@@ -25,6 +25,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable
 
+from tkernels.checks import integer
+
 __all__ = ["SuffixAutomaton", "bfs_order"]
 
 # Above this many tokens at once, extend() recounts occurrences in one pass over the states
@@ -161,6 +163,9 @@ class SuffixAutomaton:
         Returns ``(tokens, parents, scores, features)``, nodes in BFS order, ``features[i] =
         (context_len, ratio, support)`` of node i (the root's ``(match length, 1.0, 0)``).
         """
+        integer("max_nodes", max_nodes, minimum=1)
+        integer("max_children", max_children, minimum=1)
+        integer("max_depth", max_depth, minimum=1)
         state, match = self.longest_match()
         last = self.tokens[-1] if self.tokens else -1
         tokens, parents, scores, features, depth_of = [last], [-1], [1.0], [(match, 1.0, 0)], [0]
@@ -200,6 +205,9 @@ def bfs_order(parents: list[int]) -> list[int]:
     """The nodes of a tree given by ``parents`` (root 0, any parent-before-child order) in BFS
     order: parents before children, every depth contiguous and grouped by parent, siblings in
     their given order; ``parents`` renumbered by this order satisfy the tree contract."""
+    for i, parent in enumerate(parents[1:], 1):
+        if not 0 <= parent < i:
+            raise ValueError(f"parents[{i}] = {parent} must be a node listed before it (0 <= parents[i] < i)")
     children: list[list[int]] = [[] for _ in parents]
     for i in range(1, len(parents)):
         children[parents[i]].append(i)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from tkernels.checks import probabilities, require
+from tkernels.checks import fail, integer, probabilities, require
 
 from .tree import TreeShape
 
@@ -35,8 +35,9 @@ class TokenRecycling:
     """
 
     def __init__(self, vocab_size: int, k: int = 8, device: torch.device | str = "cpu"):
-        if vocab_size < 1 or not 1 <= k <= vocab_size:
-            raise ValueError(f"need vocab_size >= 1 and 1 <= k <= vocab_size, got vocab_size={vocab_size}, k={k}")
+        vocab_size = integer("vocab_size", vocab_size, minimum=1)
+        if not 1 <= integer("k", k, minimum=1) <= vocab_size:
+            fail("k", f"must be in [1, vocab_size={vocab_size}], got {k}")
         self.k = k
         self.adjacency = torch.arange(k, dtype=torch.int32, device=device).repeat(vocab_size, 1)
         self.probs = torch.zeros(vocab_size, k, dtype=torch.float16, device=device)
@@ -57,6 +58,8 @@ class TokenRecycling:
         int32[B+1])``, every request drafting the same shape, node 0 = its last token.
         """
         self._check_ids("last_tokens", last_tokens)
+        if not isinstance(shape, TreeShape):
+            fail("shape", f"must be a TreeShape (parents and ranks), got {type(shape).__name__}")
         if int(shape.ranks.max()) >= self.k:
             raise ValueError(f"shape uses rank {int(shape.ranks.max())} but the adjacency keeps k={self.k}")
         device = self.adjacency.device
@@ -98,8 +101,7 @@ class TokenRecycling:
         :meth:`ConfidenceTreePolicy.choose` keeps is a tree too.
         """
         self._check_ids("last_tokens", last_tokens)
-        if num_nodes < 1 or max_depth < 1:
-            raise ValueError(f"num_nodes and max_depth must be >= 1, got num_nodes={num_nodes}, max_depth={max_depth}")
+        num_nodes, max_depth = integer("num_nodes", num_nodes, minimum=1), integer("max_depth", max_depth, minimum=1)
         device = self.adjacency.device
         batch, width = last_tokens.numel(), num_nodes - 1  # the beam: at most every kept node of a depth
         front_tokens = last_tokens.to(device).long()[:, None]
@@ -155,7 +157,7 @@ class TokenRecycling:
         """
         if logits.dim() != 2 or logits.shape[1] != self.vocab_size:
             raise ValueError(f"logits must be [total_nodes, {self.vocab_size}], got {tuple(logits.shape)}")
-        if draft_tokens.shape != logits.shape[:1]:
+        if not isinstance(draft_tokens, torch.Tensor) or draft_tokens.shape != logits.shape[:1]:
             raise ValueError(f"draft_tokens must be [{logits.shape[0]}] like logits' rows, got {tuple(draft_tokens.shape)}")
         ids, probs = self.top_k(logits)
         self.recycle_topk(ids, draft_tokens, probs)
@@ -190,6 +192,9 @@ class TokenRecycling:
         top-k ids outside it would leave the vocabulary in every later draft)."""
         if name == "last_tokens":
             _check_last_tokens(ids)
+        elif not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex \
+                or ids.dtype == torch.bool:
+            fail(name, f"must be an integer tensor of token ids, got {getattr(ids, 'dtype', type(ids).__name__)}")
         if ids.numel() and not bool(((ids >= 0) & (ids < self.vocab_size)).all()):
             raise ValueError(f"{name}: token ids must lie in [0, {self.vocab_size}) (the vocab), "
                              f"got range [{int(ids.min())}, {int(ids.max())}]")
@@ -200,6 +205,11 @@ class TokenRecycling:
         Called before :meth:`update` on an accepted path (+ bonus), it says which candidate rank
         the target chose at each depth, the observation the dynamic tree policy learns from.
         """
+        self._check_ids("parent_tokens", parent_tokens)
+        if not isinstance(next_tokens, torch.Tensor) or next_tokens.shape != parent_tokens.shape \
+                or next_tokens.dtype.is_floating_point or next_tokens.dtype == torch.bool:
+            fail("next_tokens", f"must be an integer tensor of parent_tokens' shape {tuple(parent_tokens.shape)}, "
+                                f"got {getattr(next_tokens, 'shape', type(next_tokens).__name__)}")
         rows = self.adjacency[parent_tokens.to(self.adjacency.device).long()]
         hit = rows == next_tokens.to(self.adjacency.device).unsqueeze(-1)
         rank = hit.int().argmax(-1)
@@ -209,6 +219,10 @@ class TokenRecycling:
 def top_k_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k ids of logits ``[rows, vocab]`` (int64 ``[rows, k]``, best first) and their
     softmax probabilities (float32 ``[rows, k]``): what Token Recycling keeps of a row."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        fail("logits", f"must be a floating-point [rows, vocab] tensor, got {getattr(logits, 'shape', type(logits))}")
+    if integer("k", k, minimum=1) > logits.shape[1]:
+        fail("k", f"must be at most the vocabulary ({logits.shape[1]}), got {k}")
     logits = logits.float()
     top = logits.topk(k, dim=-1)
     return top.indices, (top.values - logits.logsumexp(-1, keepdim=True)).exp()

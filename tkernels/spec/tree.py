@@ -57,7 +57,18 @@ __all__ = [
 MAX_TREE_NODES = 256
 
 
-def _check_cu_nodes(parents: torch.Tensor, cu_nodes: torch.Tensor) -> None:
+def _check_parents_tensor(parents) -> None:
+    """The cheap part of :func:`validate_parents` (no host read): a 1-D int32/int64 tensor."""
+    if not isinstance(parents, torch.Tensor) or parents.dim() != 1:
+        raise ValueError(f"parents must be a 1-D tensor, got {getattr(parents, 'shape', type(parents))}")
+    if parents.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"parents must be int32 (or int64), got {parents.dtype}")
+
+
+def _check_cu_nodes(parents: torch.Tensor, cu_nodes: torch.Tensor) -> torch.Tensor:
+    """Raise unless ``cu_nodes`` is a valid offsets tensor for ``parents``; returns it on the host."""
+    if not isinstance(cu_nodes, torch.Tensor):
+        raise ValueError(f"cu_nodes must be a 1-D int32 tensor [B+1], got {type(cu_nodes).__name__}")
     if cu_nodes.dim() != 1 or cu_nodes.numel() < 1 or cu_nodes.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_nodes must be a 1-D int32 tensor [B+1], got {tuple(cu_nodes.shape)} {cu_nodes.dtype}")
     if cu_nodes.device != parents.device:
@@ -68,14 +79,12 @@ def _check_cu_nodes(parents: torch.Tensor, cu_nodes: torch.Tensor) -> None:
             "cu_nodes must start at 0, end at len(parents) and increase strictly (every tree has "
             f"at least its root), got {cu.tolist()} for {parents.numel()} nodes"
         )
+    return cu
 
 
 def validate_parents(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None) -> None:
     """Raise ``ValueError`` naming ``parents`` unless it is a valid BFS tree (or ragged batch)."""
-    if not isinstance(parents, torch.Tensor) or parents.dim() != 1:
-        raise ValueError(f"parents must be a 1-D tensor, got {getattr(parents, 'shape', type(parents))}")
-    if parents.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"parents must be int32 (or int64), got {parents.dtype}")
+    _check_parents_tensor(parents)
     if parents.numel() == 0:
         raise ValueError("parents is empty: a tree has at least its root (node 0)")
     if cu_nodes is None:
@@ -106,11 +115,17 @@ def validate_parents(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None
     )
 
 
-def _global_parents(parents: torch.Tensor, cu_nodes: torch.Tensor | None) -> torch.Tensor:
-    """int64 parents in global indices (-1 for roots), so ragged batches reuse the 1-tree code."""
+def _global_parents(parents: torch.Tensor, cu_nodes: torch.Tensor | None, checked: bool = False) -> torch.Tensor:
+    """int64 parents in global indices (-1 for roots), so ragged batches reuse the 1-tree code.
+    Checks the types and ``cu_nodes`` (one host read); the values are checked by the callers'
+    pointer doubling (:func:`_doubling`). ``checked``: the caller checked both already."""
+    if not checked:
+        _check_parents_tensor(parents)
     p = parents.long()
     if cu_nodes is None:
         return p
+    if not checked:
+        _check_cu_nodes(parents, cu_nodes)
     counts = (cu_nodes[1:] - cu_nodes[:-1]).long()
     offsets = torch.repeat_interleave(cu_nodes[:-1].long(), counts)
     return torch.where(p >= 0, p + offsets, p)
@@ -150,15 +165,29 @@ def depths(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None) -> torch
 
 
 def positions(parents: torch.Tensor, start: int | torch.Tensor = 0, cu_nodes: torch.Tensor | None = None) -> torch.Tensor:
-    """Position ids of the tree tokens: ``start`` (node 0's position; int or int[B]) + depth."""
+    """Position ids of the tree tokens: ``start`` (node 0's position; int or int[B]) + depth.
+
+    ``start``: a non-negative integer (every tree), or an integer tensor on ``parents``' device,
+    0-d or with one entry per tree (``B = len(cu_nodes) - 1``, 1 without ``cu_nodes``).
+    """
     d = depths(parents, cu_nodes).long()
-    if isinstance(start, torch.Tensor) and start.dim() == 1 and cu_nodes is not None:
-        start = torch.repeat_interleave(start.long(), (cu_nodes[1:] - cu_nodes[:-1]).long())
-    return d + start
+    if not isinstance(start, torch.Tensor):
+        return d + integer("start", start, minimum=0)
+    trees = 1 if cu_nodes is None else cu_nodes.numel() - 1
+    if start.dtype.is_floating_point or start.dtype.is_complex or start.dtype == torch.bool or start.dim() > 1 \
+            or (start.dim() == 1 and start.numel() != trees):
+        raise ValueError(f"start: must be an int or an integer tensor of one entry per tree ({trees}), "
+                         f"got {start.dtype} {tuple(start.shape)}")
+    if start.device != parents.device:
+        raise ValueError(f"start: is on {start.device} but parents is on {parents.device}")
+    if start.dim() == 1 and cu_nodes is not None:
+        start = torch.repeat_interleave(start.long(), (cu_nodes[1:] - cu_nodes[:-1]).long(), output_size=parents.numel())
+    return d + start.long()
 
 
 def ancestor_words(max_nodes: int) -> int:
     """How many 64-bit words :func:`ancestor_bits` packs a row of a ``max_nodes``-node tree into."""
+    max_nodes = integer("max_nodes", max_nodes, minimum=0)
     return max(1, -(-max_nodes // 64))
 
 
@@ -171,12 +200,17 @@ def ancestor_bits(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None, w
     GPUs and CPUs, bit ``j`` is bit ``j % 32`` of int32 word ``j // 32`` of the same memory.
     This is the one derivation of ancestor sets; :func:`ancestor_mask` unpacks it.
     """
-    sizes = parents.new_tensor([parents.numel()]) if cu_nodes is None else cu_nodes[1:] - cu_nodes[:-1]
-    n_max = int(sizes.max()) if sizes.numel() else 0
+    _check_parents_tensor(parents)
+    if cu_nodes is None:
+        n_max = parents.numel()
+    else:  # one host read: the check's copy of cu_nodes gives the largest tree too
+        cu = _check_cu_nodes(parents, cu_nodes)
+        n_max = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+        sizes = cu_nodes[1:] - cu_nodes[:-1]
     needed = ancestor_words(n_max)
     if words is None:
         words = needed
-    elif words < needed:
+    elif integer("words", words, minimum=1) < needed:
         raise ValueError(f"words: a tree of {n_max} nodes needs {needed} 64-bit words per row, got {words}")
     local = torch.arange(parents.numel(), device=parents.device)
     if cu_nodes is not None:
@@ -185,7 +219,7 @@ def ancestor_bits(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None, w
     bits = torch.zeros((parents.numel(), words), dtype=torch.int64, device=parents.device)
     rows = torch.arange(parents.numel(), device=parents.device)
     bits[rows, local // 64] = torch.bitwise_left_shift(one, local % 64)  # every node sees itself
-    for has, hop in _doubling(_global_parents(parents, cu_nodes)):
+    for has, hop in _doubling(_global_parents(parents, cu_nodes, checked=True)):
         bits = bits | torch.where(has[:, None], bits[hop], 0)
     return bits
 
@@ -193,6 +227,7 @@ def ancestor_bits(parents: torch.Tensor, cu_nodes: torch.Tensor | None = None, w
 def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     """bool[n, n] tree attention mask of one tree: ``mask[i, j]`` iff j is i or an ancestor of i
     (:func:`ancestor_bits` unpacked)."""
+    _check_parents_tensor(parents)
     n = parents.numel()
     j = torch.arange(n, device=parents.device)
     words = ancestor_bits(parents)[:, j // 64]  # [n, n]: the word holding bit j of row i
@@ -260,7 +295,8 @@ def select_subtree(parents: torch.Tensor, keep: torch.Tensor, cu_nodes: torch.Te
     the kept nodes' old (global) indices and the pruned trees, still in BFS order (dropping
     nodes keeps the order of the rest, and parents are renumbered monotonically).
     """
-    if keep.shape != parents.shape or keep.dtype != torch.bool:
+    _check_parents_tensor(parents)
+    if not isinstance(keep, torch.Tensor) or keep.shape != parents.shape or keep.dtype != torch.bool:
         raise ValueError(f"keep must be a bool tensor of parents' shape {tuple(parents.shape)}, got {tuple(keep.shape)} {keep.dtype}")
     if cu_nodes is None:
         cu_nodes = torch.tensor([0, parents.numel()], dtype=torch.int32, device=parents.device)
@@ -305,7 +341,7 @@ class TreeShape:
 
     def truncate(self, n: int) -> TreeShape:
         """The first ``n`` nodes in BFS order (always a tree, since ``parents[i] < i``)."""
-        if not 1 <= n <= len(self):
+        if not 1 <= integer("n", n) <= len(self):
             raise ValueError(f"n must be in [1, {len(self)}], got {n}")
         return TreeShape(self.parents[:n].clone(), self.ranks[:n].clone())
 
@@ -331,7 +367,8 @@ def from_rank_paths(rank_paths: Sequence[Sequence[int]]) -> TreeShape:
 
     Nodes are ordered by depth, then parent, then rank, which is BFS order.
     """
-    paths = sorted({tuple(p) for p in rank_paths if len(p)}, key=lambda p: (len(p), p))
+    ranked = [tuple(integer(f"rank_paths[{i}]", r, minimum=0) for r in p) for i, p in enumerate(rank_paths)]
+    paths = sorted({p for p in ranked if p}, key=lambda p: (len(p), p))
     index = {(): 0}
     parents, ranks = [-1], [-1]
     for p in paths:
@@ -346,6 +383,7 @@ def from_rank_paths(rank_paths: Sequence[Sequence[int]]) -> TreeShape:
 
 def chain(n: int) -> TreeShape:
     """A linear draft of ``n - 1`` tokens (rank 0 at every depth)."""
+    n = integer("n", n, minimum=1)
     return from_child_counts([1] * (n - 1))
 
 
@@ -361,6 +399,7 @@ TR_80_WIDTHS: tuple[int, ...] = (8, 6, 4, 3, 2, 2, 1, 1)
 
 def from_widths(widths: Sequence[int]) -> TreeShape:
     """Shape from the rank-sum fan-out rule above: max(0, widths[d] - rank sum) children."""
+    widths = [integer(f"widths[{d}]", w, minimum=0) for d, w in enumerate(widths)]
     child_counts, rank_sums, node_depths = [], [0], [0]
     node = 0
     while node < len(rank_sums):  # BFS: children are appended behind the queue's tail
@@ -420,6 +459,7 @@ def to_sglang(draft_tokens: torch.Tensor, parents: torch.Tensor, cu_nodes: torch
         raise ValueError(f"draft_tokens must have parents' shape {tuple(parents.shape)}, got {tuple(draft_tokens.shape)}")
     if cu_nodes is None:
         return draft_tokens.long(), ancestor_mask(parents).flatten().long()
+    _check_cu_nodes(parents, cu_nodes)
     bounds = cu_nodes.tolist()
     masks = [ancestor_mask(parents[s:e]).flatten() for s, e in itertools.pairwise(bounds)]
     return draft_tokens.long(), torch.cat(masks).long()

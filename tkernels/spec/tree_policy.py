@@ -23,6 +23,8 @@ from typing import Protocol
 
 import torch
 
+from tkernels.checks import fail, integer, real
+
 from .tree import TreeShape, from_rank_paths
 
 __all__ = [
@@ -47,11 +49,12 @@ def greedy_tree(accept_probs: torch.Tensor, num_nodes: int):
     the first m nodes the expansion picked. ``len(shape) < num_nodes`` only when every
     depth/rank is used up.
     """
-    if accept_probs.dim() != 2 or num_nodes < 1:
-        raise ValueError(f"accept_probs must be [max_depth, k] and num_nodes >= 1, got {tuple(accept_probs.shape)}, {num_nodes}")
+    if not isinstance(accept_probs, torch.Tensor) or accept_probs.dim() != 2 or accept_probs.numel() == 0:
+        fail("accept_probs", f"must be a non-empty [max_depth, k] tensor, got {getattr(accept_probs, 'shape', accept_probs)}")
+    integer("num_nodes", num_nodes, minimum=1)
     p = accept_probs.detach().double().cpu()
-    if bool(((p < 0) | (p > 1)).any()):
-        raise ValueError("accept_probs must lie in [0, 1]")
+    if not bool(((p >= 0) & (p <= 1)).all()):  # NaN fails too
+        fail("accept_probs", "must lie in [0, 1] (no NaN)")
     max_depth, k = p.shape
     order = p.argsort(dim=1, descending=True, stable=True).tolist()  # ranks, best first, per depth
     p = p.tolist()
@@ -95,8 +98,9 @@ class DynamicTreePolicy:
         prior: torch.Tensor | None = None,
         prior_weight: float = 2.0,
     ):
-        if not 0 < decay <= 1:
-            raise ValueError(f"decay must be in (0, 1], got {decay}")
+        _check_decay(decay)
+        k, max_depth = integer("k", k, minimum=1), integer("max_depth", max_depth, minimum=1)
+        prior_weight = real("prior_weight", prior_weight, positive=True)
         self.k, self.max_depth, self.decay = k, max_depth, decay
         self.step_time = step_time or _default_step_time()
         if prior is None:
@@ -119,9 +123,13 @@ class DynamicTreePolicy:
         observes a+1 depths: the bonus token's rank is observed too, see
         :meth:`TokenRecycling.candidate_ranks`). Depths beyond ``max_depth`` are ignored.
         """
+        _check_integer_tensor("accepted_ranks", accepted_ranks)
+        _check_integer_tensor("num_observed", num_observed)
         if accepted_ranks.dim() != 2 or num_observed.shape != accepted_ranks.shape[:1]:
             raise ValueError(f"accepted_ranks must be [B, W] and num_observed [B], got {tuple(accepted_ranks.shape)}, {tuple(num_observed.shape)}")
         ranks = accepted_ranks[:, : self.max_depth].cpu().long()
+        if ranks.numel() and int(ranks.min()) < -1:  # -1: none of the k; ranks >= k count as none too
+            fail("accepted_ranks", f"must be >= -1 (-1: none of the k candidates), got {int(ranks.min())}")
         depth = torch.arange(ranks.shape[1]).expand_as(ranks)
         seen = depth < num_observed.cpu().long()[:, None]
         self.hits *= self.decay
@@ -137,8 +145,8 @@ class DynamicTreePolicy:
         + B * m)``: ``other_tokens`` (e.g. a prefill chunk sharing the step) count as useful work,
         so a step already full of them leaves little room for speculative nodes.
         """
-        if batch_size < 1 or max_nodes < 1:
-            raise ValueError(f"batch_size and max_nodes must be >= 1, got {batch_size}, {max_nodes}")
+        batch_size, max_nodes = integer("batch_size", batch_size, minimum=1), integer("max_nodes", max_nodes, minimum=1)
+        other_tokens = integer("other_tokens", other_tokens, minimum=0)
         shape, expected = greedy_tree(self.accept_probs(), max_nodes)
         sizes = torch.arange(1, expected.numel() + 1)
         times = torch.tensor([self.step_time.step_time(other_tokens + batch_size * int(m)) for m in sizes], dtype=torch.float64)
@@ -159,13 +167,31 @@ def tested_nodes(parents, cu_nodes, accepted_nodes, num_accepted) -> tuple[torch
     if accepted_nodes.dim() != 2 or num_accepted.shape != (cu_nodes.numel() - 1,) or accepted_nodes.shape[0] != num_accepted.numel():
         raise ValueError(f"accepted_nodes must be [B, W] and num_accepted [B] with B = {cu_nodes.numel() - 1}, "
                          f"got {tuple(accepted_nodes.shape)}, {tuple(num_accepted.shape)}")
+    _check_integer_tensor("accepted_nodes", accepted_nodes)
+    _check_integer_tensor("num_accepted", num_accepted)
     p, cu = parents.cpu().long(), cu_nodes.cpu().long()
-    nodes = accepted_nodes.cpu().long() + cu[:-1, None]
+    local_nodes, counts = accepted_nodes.cpu().long(), num_accepted.cpu().long()
+    if counts.numel() and not bool(((counts >= 1) & (counts <= local_nodes.shape[1])).all()):
+        fail("num_accepted", f"must lie in [1, {local_nodes.shape[1]}] (the root counts), got {counts.tolist()}")
+    used = torch.arange(local_nodes.shape[1]) < counts[:, None]
+    if not bool(torch.where(used, (local_nodes >= 0) & (local_nodes < (cu[1:] - cu[:-1])[:, None]), True).all()):
+        fail("accepted_nodes", "must hold local node indices of their request's tree in the first num_accepted entries")
+    nodes = local_nodes + cu[:-1, None]
     on_path = torch.zeros(p.numel(), dtype=torch.bool)
     on_path[nodes[torch.arange(nodes.shape[1]) < num_accepted.cpu().long()[:, None]]] = True
     local = torch.arange(p.numel()) - torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
     parent = torch.where(p >= 0, p + (torch.arange(p.numel()) - local), 0)
     return (p >= 0) & on_path[parent], on_path
+
+
+def _check_decay(decay) -> None:
+    if real("decay", decay, positive=True) > 1:
+        fail("decay", f"must be in (0, 1], got {decay}")
+
+
+def _check_integer_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        fail(name, f"must be an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
 
 
 def _default_step_time() -> StepTime:
@@ -200,10 +226,9 @@ class ConfidenceTreePolicy:
         prior_weight: float = 1.0,
         step_time: StepTime | None = None,
     ):
-        if not 0 < decay <= 1:
-            raise ValueError(f"decay must be in (0, 1], got {decay}")
-        if max_depth < 1 or bins < 1 or prior_weight <= 0:
-            raise ValueError(f"need max_depth >= 1, bins >= 1, prior_weight > 0, got {max_depth}, {bins}, {prior_weight}")
+        _check_decay(decay)
+        max_depth, bins = integer("max_depth", max_depth, minimum=1), integer("bins", bins, minimum=1)
+        prior_weight = real("prior_weight", prior_weight, positive=True)
         self.max_depth, self.bins, self.decay = max_depth, bins, decay
         self.step_time = step_time or _default_step_time()
         typical_q = 2.0 ** -(torch.arange(bins, dtype=torch.float64) + 0.5)  # a q inside each bin
@@ -211,7 +236,9 @@ class ConfidenceTreePolicy:
         self.accepted = self.mass.clone()  # decayed sum of acceptances (prior: factor 1)
 
     def _cells(self, probs: torch.Tensor, depth: int | torch.Tensor):
-        q_bin = (-torch.log2(probs.double().clamp(min=1e-30))).floor().clamp(0, self.bins - 1).long()
+        # NaN goes to the last bin (its estimate stays NaN, which choose() refuses) instead of
+        # becoming an out-of-range index
+        q_bin = (-torch.log2(probs.double().nan_to_num(0.0).clamp(min=1e-30))).floor().clamp(0, self.bins - 1).long()
         d = (torch.as_tensor(depth, device=probs.device).long().clamp(1, self.max_depth) - 1).expand_as(q_bin)
         return d, q_bin
 
@@ -223,6 +250,12 @@ class ConfidenceTreePolicy:
         """Calibrated acceptance probability (float64, ``probs``' shape) of candidates with
         stored probabilities ``probs`` at ``depth`` (an int or a tensor broadcasting to it);
         :meth:`TokenRecycling.draft_best`'s ``accept_prob``."""
+        # Types only: the values are the drafter's stored probabilities (checked where they are
+        # stored, TokenRecycling.recycle_topk) and reading them here would cost a device sync.
+        if not isinstance(probs, torch.Tensor) or not probs.is_floating_point():
+            fail("probs", f"must be a floating-point tensor of probabilities, got {getattr(probs, 'dtype', type(probs).__name__)}")
+        if not isinstance(depth, torch.Tensor):
+            integer("depth", depth, minimum=1)
         d, q_bin = self._cells(probs, depth)
         factor = self.factors().to(probs.device)[d, q_bin]
         return (probs.double() * factor).clamp(max=1.0)
@@ -258,7 +291,16 @@ class ConfidenceTreePolicy:
     def record(self, probs: torch.Tensor, depth: torch.Tensor, accepted: torch.Tensor) -> None:
         """Learn from tested candidates: stored probabilities ``probs`` float [m], ``depth`` int
         [m], ``accepted`` bool [m] (the target chose the candidate). One decay per call."""
-        d, q_bin = self._cells(probs.cpu(), depth.cpu())
+        probs, depth, accepted = (t.cpu() if isinstance(t, torch.Tensor) else t for t in (probs, depth, accepted))
+        if not isinstance(probs, torch.Tensor) or probs.dim() != 1 or not probs.is_floating_point() \
+                or not bool(((probs >= 0) & (probs <= 1)).all()):
+            fail("probs", "must be a 1-D float tensor of probabilities in [0, 1] (no NaN)")
+        _check_integer_tensor("depth", depth)
+        if depth.shape != probs.shape or (depth.numel() and int(depth.min()) < 1):
+            fail("depth", f"must be [{probs.numel()}] like probs, every depth >= 1, got {tuple(depth.shape)}")
+        if not isinstance(accepted, torch.Tensor) or accepted.dtype != torch.bool or accepted.shape != probs.shape:
+            fail("accepted", f"must be a bool tensor [{probs.numel()}] like probs, got {getattr(accepted, 'shape', accepted)}")
+        d, q_bin = self._cells(probs, depth)
         self.mass *= self.decay
         self.accepted *= self.decay
         self.mass.index_put_((d, q_bin), probs.cpu().double(), accumulate=True)
@@ -273,10 +315,13 @@ class ConfidenceTreePolicy:
         ``(other_tokens + B + sum) / T(other_tokens + B + j)`` over j: one budget for the batch,
         spent where the scores are highest, so requests get different trees.
         """
-        if scores.dim() != 2 or scores.shape[1] < 1:
-            raise ValueError(f"scores must be [B, n] with n >= 1, got {tuple(scores.shape)}")
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[1] < 1 or not scores.is_floating_point():
+            raise ValueError(f"scores must be a float tensor [B, n] with n >= 1, got {getattr(scores, 'shape', scores)}")
+        other_tokens = integer("other_tokens", other_tokens, minimum=0)
         batch, n = scores.shape
         rest = scores[:, 1:].double().cpu().reshape(-1)
+        if not bool(torch.isfinite(rest).all()):
+            fail("scores", "must be finite (no NaN or inf)")
         order = rest.argsort(descending=True, stable=True)  # ties: lower (row, node) first, parents before children
         expected = other_tokens + batch + torch.cat([torch.zeros(1, dtype=torch.float64), rest[order].cumsum(0)])
         times = torch.tensor([self.step_time.step_time(other_tokens + batch + j) for j in range(order.numel() + 1)],

@@ -70,9 +70,9 @@ import triton
 import triton.language as tl
 
 from tkernels import config as tkernels_config
-from tkernels.checks import fail, in_unit_interval, require
+from tkernels.checks import fail, in_unit_interval, integer, require
 from tkernels.registry import gpu_compile_check
-from tkernels.spec.tree import depths, validate_parents
+from tkernels.spec.tree import _check_cu_nodes, depths, validate_parents
 
 __all__ = [
     "verify_greedy",
@@ -504,19 +504,30 @@ def _raise_non_finite(bad_nodes: torch.Tensor, cu_nodes: torch.Tensor, why: str)
     )
 
 
-def _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs, row_max):
-    """Validate the sampling inputs of a checked tree batch (kernels and references alike);
-    return :func:`_processing`'s per-node ``(inv_temp, thr, greedy)``."""
-    batch, n, device = cu_nodes.numel() - 1, logits.shape[0], logits.device
+def _processing_checks(batch: int, device, temperature, top_k, top_p) -> list:
+    """Check the types and shapes of the sampling parameters of ``batch`` requests; return the
+    :func:`require` checks of their values (read back with the caller's other checks)."""
     for name, t, floating in (("temperature", temperature, True), ("top_k", top_k, False), ("top_p", top_p, True)):
         if t is None and name != "temperature":
             continue
-        if not isinstance(t, torch.Tensor) or t.shape != (batch,) or t.is_floating_point() != floating:
+        if not isinstance(t, torch.Tensor) or t.shape != (batch,) or t.is_floating_point() != floating \
+                or t.dtype == torch.bool:
             kind = "float" if floating else "integer"
             fail(name, f"must be a {kind} tensor [B={batch}]{'' if name == 'temperature' else ' or None'}, "
                        f"got {getattr(t, 'shape', t)} {getattr(t, 'dtype', '')}")
         if t.device != device:
             fail(name, f"is on {t.device} but logits is on {device}")
+    checks = [("temperature", "must be finite (NaN and inf are not temperatures)", torch.isfinite(temperature).all())]
+    if top_p is not None:
+        checks.append(("top_p", "must lie in (0, 1]", ((top_p > 0) & (top_p <= 1)).all()))
+    return checks
+
+
+def _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs, row_max):
+    """Validate the sampling inputs of a checked tree batch (kernels and references alike);
+    return :func:`_processing`'s per-node ``(inv_temp, thr, greedy)``."""
+    n, device = logits.shape[0], logits.device
+    checks = _processing_checks(cu_nodes.numel() - 1, device, temperature, top_k, top_p)
     if uniforms is not None and (not isinstance(uniforms, torch.Tensor) or uniforms.shape != (n, 2)
                                  or uniforms.dtype != torch.float32 or uniforms.device != device
                                  or not uniforms.is_contiguous()):
@@ -526,9 +537,6 @@ def _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft
                                     or draft_probs.stride(1) != 1):
         fail("draft_probs", f"must be float32{list(logits.shape)} on {device} with a contiguous vocab dim, "
                             f"got {_describe(draft_probs)}")
-    checks = [("temperature", "must be finite (NaN and inf are not temperatures)", torch.isfinite(temperature).all())]
-    if top_p is not None:
-        checks.append(("top_p", "must lie in (0, 1]", ((top_p > 0) & (top_p <= 1)).all()))
     if uniforms is not None:
         checks.append(in_unit_interval("uniforms", uniforms))
     if draft_probs is not None:  # probabilities: each at most 1, which keeps greedy rows exact
@@ -595,7 +603,12 @@ def draw_uniforms(
     ``generators[b]`` where given (vLLM's per-request seeded generators): those depend only on
     that request's seed and tree size, not on the rest of the batch.
     """
+    if not isinstance(cu_nodes, torch.Tensor) or cu_nodes.dim() != 1 or cu_nodes.numel() < 1 \
+            or cu_nodes.dtype not in (torch.int32, torch.int64):
+        fail("cu_nodes", f"must be a 1-D int32 tensor [B+1], got {_describe(cu_nodes)}")
     bounds = cu_nodes.tolist()
+    if bounds[0] != 0 or sorted(bounds) != bounds:
+        fail("cu_nodes", f"must start at 0 and never decrease, got {bounds}")
     device = cu_nodes.device
     for g in [generator, *(generators or {}).values()]:
         if g is not None and g.device.type != device.type:
@@ -643,8 +656,11 @@ def keyed_uniforms(seeds: torch.Tensor | list[int], positions: torch.Tensor) -> 
     output of a seeded request is a function of its seed and prompt alone). Not for sampled
     drafts: recursive rejection tests sibling nodes, which share a position, with column 0.
     """
+    if not isinstance(positions, torch.Tensor):
+        fail("positions", f"must be an int64[N] tensor, got {type(positions).__name__}")
     if not isinstance(seeds, torch.Tensor):
-        seeds = torch.tensor([_as_int64(int(seed)) for seed in seeds], dtype=torch.int64, device=positions.device)
+        seeds = torch.tensor([_as_int64(integer(f"seeds[{i}]", seed)) for i, seed in enumerate(seeds)],
+                             dtype=torch.int64, device=positions.device)
     if seeds.dtype != torch.int64 or positions.dtype != torch.int64 or seeds.shape != positions.shape or seeds.dim() != 1:
         raise ValueError(f"seeds and positions must be int64[N] of one shape, got {seeds.dtype}{list(seeds.shape)} "
                          f"and {positions.dtype}{list(positions.shape)}")
@@ -668,6 +684,7 @@ def _empty_outputs(batch: int, width: int, device):
 
 def launch_config(vocab: int, config: dict | None = None) -> dict:
     """The launch parameters for ``vocab``: ``config`` over the GPU's tuned bucket over the defaults."""
+    integer("vocab", vocab, minimum=1)
     return tkernels_config.launch_config("verify", {"vocab": vocab}, DEFAULT_CONFIG, config)
 
 
@@ -843,7 +860,13 @@ def verify_sampling(
 
 def target_probs(logits, cu_nodes, temperature, top_k=None, top_p=None) -> torch.Tensor:
     """The processed target distribution p(v) of every node, float64[total_nodes, vocab]
-    (one-hot at the first maximum for greedy requests)."""
+    (one-hot at the first maximum for greedy requests). ``logits`` [total_nodes, vocab]
+    floating point, ``cu_nodes`` int32[B+1] (every request at least one node), the sampling
+    parameters as :func:`verify_sampling` takes them."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point() or not logits.shape[1]:
+        fail("logits", f"must be a floating-point [total_nodes, vocab] tensor with vocab > 0, got {_describe(logits)}")
+    _check_cu_nodes(logits[:, 0], cu_nodes)
+    require(*_processing_checks(cu_nodes.numel() - 1, logits.device, temperature, top_k, top_p))
     inv_temp, thr, greedy = _processing(logits, cu_nodes, temperature, top_k, top_p)
     x = logits.float()
     scaled = torch.where(x >= thr[:, None], x * inv_temp[:, None], float("-inf"))

@@ -1,0 +1,53 @@
+"""The code that runs is the checkout's own (issue 22 item 5).
+
+``plugins/`` and ``autotune/`` install as ``tkernels.plugins`` / ``tkernels.autotune``; the
+editable install maps them to the installed checkout's folders. A second copy of the repository
+run with ``PYTHONPATH=<copy>`` must import its own plugins and autotune, not the installed ones.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECK = """
+import os
+import sys
+import tkernels.autotune.fit
+import tkernels.plugins.vllm.settings
+import tkernels.plugins.sglang
+import tkernels.spec
+
+copy = os.path.realpath(sys.argv[1])
+loaded = {name: getattr(module, "__file__", None) for name, module in sys.modules.items()
+          if name == "tkernels" or name.startswith("tkernels.")}
+outside = {name: path for name, path in loaded.items()
+           if path is None or not os.path.realpath(path).startswith(copy + "/")}
+assert not outside, f"tkernels modules loaded from outside {copy}: {outside}"
+print(len(loaded))
+"""
+
+
+def test_a_second_checkout_on_pythonpath_runs_its_own_plugins_and_autotune(tmp_path):
+    copy = tmp_path / "copy"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, files.decode().split("\0")):
+        if name.split("/")[0] in ("tkernels", "plugins", "autotune") or name == "pyproject.toml":
+            target = copy / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((ROOT / name).read_bytes())
+    env = dict(os.environ, PYTHONPATH=str(copy))
+    out = subprocess.run([sys.executable, "-c", CHECK, str(copy)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) > 10  # the core, the plugins and autotune all came from the copy
+
+
+def test_this_checkout_resolves_its_own_folders():
+    import tkernels.autotune
+    import tkernels.plugins
+
+    assert Path(tkernels.plugins.__file__).resolve() == ROOT / "plugins" / "__init__.py"
+    assert Path(tkernels.autotune.__file__).resolve() == ROOT / "autotune" / "__init__.py"
