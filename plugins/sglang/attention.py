@@ -22,6 +22,8 @@ sliding windows, non-causal extends without a tree mask, scaled (fp8) KV, custom
 xAI temperature, dLLM. Models whose layers use sliding windows or MLA are refused at start-up
 (SGLang's window layers read a separate KV rail that the decode call does not identify), and
 so are CUDA graphs (the plan is built on the host each batch): run with ``--disable-cuda-graph``.
+On SGLang's CPU engine with NGRAM, the backend makes NGRAM build the verify mask in the layout
+above (:func:`tkernels.plugins.sglang.cpu.use_triton_verify_mask`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
 from tkernels.attention import mixed_attention, plan_mixed_attention
+from tkernels.plugins.sglang.cpu import cpu_engine, use_triton_verify_mask
 
 
 def block_table(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, qo_indptr: torch.Tensor | None = None,
@@ -78,6 +81,8 @@ class TkernelsAttnBackend(TritonAttnBackend):
         self.decode_attention_fwd = self._decode_attention_fwd
         self.forward_batch = None
         self.plans = {}  # this forward's (block table, seq_lens, plan) per head layout, shared by its layers
+        if model_runner.spec_algorithm.is_ngram() and cpu_engine():
+            use_triton_verify_mask(self)  # NGRAM's CPU default is the AMX backend's compact mask
 
     def init_forward_metadata(self, forward_batch) -> None:
         super().init_forward_metadata(forward_batch)

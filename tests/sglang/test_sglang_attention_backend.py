@@ -56,7 +56,7 @@ def model_runner(sg):
     runner = SimpleNamespace(
         req_to_token_pool=req_pool, token_to_kv_pool=kv_pool, token_to_kv_pool_allocator=allocator, page_size=1,
         sliding_window_size=None, model_config=model_config, device="cpu", gpu_id=0, is_draft_worker=False,
-        decode_num_tokens_per_req=lambda: 1, spec_algorithm=SimpleNamespace(is_dspark=lambda: False))
+        decode_num_tokens_per_req=lambda: 1, spec_algorithm=SimpleNamespace(is_dspark=lambda: False, is_ngram=lambda: False))
     runner.kv_index_translator = sg.KVIndexTranslator(
         req_to_token=req_pool.req_to_token, token_to_kv_pool_allocator=allocator, token_to_kv_pool=kv_pool,
         page_size=1, device="cpu")
