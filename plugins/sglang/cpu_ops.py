@@ -44,11 +44,20 @@ def _not_implemented(name: str):
     return op
 
 
-def _segments(start_offset: torch.Tensor, end_offset: torch.Tensor):
-    """Per request ``(b, start, end, out_offset)``: the Triton twins pack the requests' ranges back to back."""
+def _segments(op: str, start_offset: torch.Tensor, end_offset: torch.Tensor, pool_len: int):
+    """Per request ``(b, start, end, out_offset)``: the Triton twins pack the requests' ranges back to back.
+
+    A range past the row (``end > pool_len``) is an error here: the Triton twins do not check it
+    and read or write the next request's row. SGLang 0.5.23 gets there with NGRAM near the context
+    limit (docs/sglang.md: its row headroom, 4 + d tokens, is below its per-step reserve, 2d).
+    """
     starts, ends = start_offset.tolist(), end_offset.tolist()
     out = 0
     for b, (start, end) in enumerate(zip(starts, ends)):
+        if end > pool_len:
+            raise RuntimeError(f"sgl_kernel.{op} (tkernels' CPU stand-in): request {b}'s KV slots [{start}, {end}) "
+                               f"pass its req_to_token row of {pool_len}; SGLang reserved past the row's headroom "
+                               "(see docs/sglang.md: keep prompt + max_new_tokens further from the context length)")
         yield b, start, end, out
         out += max(end - start, 0)
 
@@ -58,7 +67,7 @@ def assign_req_to_token_pool_cpu(req_pool_indices, req_to_token, start_offset, e
     """``req_to_token[req_pool_indices[b], start_b:end_b] = out_cache_loc[o_b : o_b + end_b - start_b]``,
     o_b the lengths of the requests before b (SGLang's Triton ``assign_req_to_token_pool``)."""
     rows = req_pool_indices.tolist()
-    for b, start, end, out in _segments(start_offset, end_offset):
+    for b, start, end, out in _segments("assign_req_to_token_pool_cpu", start_offset, end_offset, pool_len):
         if end > start:
             req_to_token[rows[b], start:end] = out_cache_loc[out : out + end - start].to(req_to_token.dtype)
 
@@ -68,7 +77,7 @@ def assign_extend_cache_locs_cpu(req_pool_indices, req_to_token, start_offset, e
     """The reverse: ``out_cache_loc[o_b : o_b + end_b - start_b] = req_to_token[req_pool_indices[b],
     start_b:end_b]`` (SGLang's Triton ``assign_extend_cache_locs``)."""
     rows = req_pool_indices.tolist()
-    for b, start, end, out in _segments(start_offset, end_offset):
+    for b, start, end, out in _segments("assign_extend_cache_locs_cpu", start_offset, end_offset, pool_len):
         if end > start:
             out_cache_loc[out : out + end - start] = req_to_token[rows[b], start:end].to(out_cache_loc.dtype)
 

@@ -63,6 +63,15 @@ def test_assign_extend_cache_locs(rng, bs):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("op", ["assign_req_to_token_pool_cpu", "assign_extend_cache_locs_cpu"])
+def test_ranges_past_the_row_are_refused(op):
+    """The Triton twins would read or write the next request's row; the stand-in stops instead."""
+    req_to_token = torch.zeros(3, 10, dtype=torch.int32)
+    start, end = torch.tensor([2, 9]), torch.tensor([4, 11])
+    with pytest.raises(RuntimeError, match=r"request 1's KV slots \[9, 11\) pass its req_to_token row of 10"):
+        getattr(cpu_ops, op)(torch.tensor([0, 1]), req_to_token, start, end, torch.zeros(4, dtype=torch.int64), 10)
+
+
 @pytest.mark.parametrize("bs,width", [(1, 4), (4, 3), (7, 6)])
 def test_fill_accept_out_cache_loc(rng, bs, width):
     from sglang.kernels.ops.speculative.eagle import fill_accept_out_cache_loc
