@@ -61,23 +61,26 @@ def install_stand_in(cpu_only: bool = True) -> bool:
     return True
 
 
-def use_triton_verify_mask(attn_backend) -> None:
-    """On the CPU engine, make NGRAM build the verify mask ``attn_backend`` reads, or refuse at start-up.
+TRITON_LAYOUT_BACKENDS = ("tkernels", "triton")  # read n x (prefix + n) verify-mask blocks
+COMPACT_LAYOUT_BACKENDS = ("intel_amx",)  # reads NGRAM's compact n x n CPU mask
+
+
+def use_triton_verify_mask(attention_backend: str | None) -> None:
+    """On the CPU engine, make NGRAM build the verify mask ``--attention-backend`` reads, or refuse at start-up.
 
     Triton-layout backends get the ``n x (prefix + n)`` layout; SGLang's AMX backend reads the
     compact one NGRAM builds on CPU; any other backend (``torch_native`` treats a verify as a causal
     extend) would verify trees wrongly, so it is refused.
     """
-    from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
     from sglang.srt.speculative import ngram_worker
 
-    if isinstance(attn_backend, TritonAttnBackend):
+    if attention_backend in TRITON_LAYOUT_BACKENDS:
         if ngram_worker._is_cpu:
             ngram_worker._is_cpu = False
             logger.info("tkernels: NGRAM on SGLang's CPU engine builds the n x (prefix + n) verify mask that "
-                        "%s reads", type(attn_backend).__name__)
+                        "attention backend '%s' reads", attention_backend)
         return
-    if type(attn_backend).__name__ == "IntelAMXAttnBackend":
+    if attention_backend in COMPACT_LAYOUT_BACKENDS:
         return
-    raise ValueError(f"speculation trees on SGLang's CPU engine: attention backend {type(attn_backend).__name__} "
-                     "does not read tree masks; add --attention-backend tkernels")
+    raise ValueError(f"speculation trees on SGLang's CPU engine: attention backend {attention_backend!r} does not "
+                     "read tree masks; add --attention-backend tkernels")
