@@ -16,6 +16,10 @@ What each feature is selected by (nothing changes behind the user's back):
   ``--enable-mixed-chunk`` then stays on when overlap scheduling is off,
   :mod:`tkernels.plugins.sglang.mixed_chunk`.
 
+On SGLang's CPU engine (``SGLANG_USE_CPU_ENGINE=1``) with no ``sgl_kernel`` importable,
+:func:`register` also puts tkernels' stand-in for the ``sgl_kernel`` ops that engine calls on the
+import path (:mod:`tkernels.plugins.sglang.cpu`, docs/sglang.md).
+
 Features combine: ``TKERNELS_SGLANG=budget,token_recycling``. An SGLang outside the supported
 range makes :func:`register` raise (SGLang logs it and starts without tkernels, so
 ``--attention-backend tkernels`` is then rejected by the CLI).
@@ -99,6 +103,10 @@ def register() -> None:
 
     version = require_supported_sglang()  # before anything touches SGLang's internals
     features = selected_features()
+
+    from tkernels.plugins.sglang.cpu import install_stand_in
+
+    install_stand_in()  # before any import of SGLang's CPU paths (see cpu.py for the processes it reaches)
 
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import register_attention_backend

@@ -22,6 +22,9 @@ sliding windows, non-causal extends without a tree mask, scaled (fp8) KV, custom
 xAI temperature, dLLM. Models whose layers use sliding windows or MLA are refused at start-up
 (SGLang's window layers read a separate KV rail that the decode call does not identify), and
 so are CUDA graphs (the plan is built on the host each batch): run with ``--disable-cuda-graph``.
+With NGRAM it serves Token Recycling's trees (``TKERNELS_SGLANG=token_recycling``; SGLang's own
+NGRAM trees are not in BFS order, refused at start-up), and on SGLang's CPU engine it makes NGRAM
+build the verify mask in the layout above (:func:`tkernels.plugins.sglang.cpu.use_triton_verify_mask`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
 from tkernels.attention import mixed_attention, plan_mixed_attention
+from tkernels.plugins.sglang import BACKEND_NAME, selected_features
+from tkernels.plugins.sglang.cpu import cpu_engine, use_triton_verify_mask
 
 
 def block_table(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, qo_indptr: torch.Tensor | None = None,
@@ -78,6 +83,15 @@ class TkernelsAttnBackend(TritonAttnBackend):
         self.decode_attention_fwd = self._decode_attention_fwd
         self.forward_batch = None
         self.plans = {}  # this forward's (block table, seq_lens, plan) per head layout, shared by its layers
+        if model_runner.spec_algorithm.is_ngram():
+            if "token_recycling" not in selected_features():
+                # SGLang's own NGRAM trees are not in BFS order (a node's parent may precede an
+                # earlier node's), which the kernel's tree form requires: refuse now, not at the first verify.
+                raise ValueError("--attention-backend tkernels with --speculative-algorithm NGRAM verifies Token "
+                                 "Recycling's trees only: set TKERNELS_SGLANG=token_recycling, or use "
+                                 "--attention-backend triton for SGLang's own NGRAM drafts")
+            if cpu_engine():
+                use_triton_verify_mask(BACKEND_NAME)  # NGRAM's CPU default is the AMX backend's compact mask
 
     def init_forward_metadata(self, forward_batch) -> None:
         super().init_forward_metadata(forward_batch)

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from sglang.srt.arg_groups.overrides import resolving_view
 from sglang.srt.speculative.ngram_worker import NGRAMWorker
 
+from tkernels.plugins.sglang.cpu import cpu_engine, use_triton_verify_mask
 from tkernels.spec import MAX_TREE_NODES, DynamicTreePolicy, TokenRecycling, ancestor_mask
 from tkernels.spec.tree_policy import greedy_tree
 
@@ -93,6 +95,8 @@ class TokenRecyclingWorker(NGRAMWorker):
 
     def __init__(self, server_args, gpu_id, nccl_port, target_worker):
         super().__init__(server_args, gpu_id, nccl_port, target_worker)
+        if cpu_engine():  # a backend that reads NGRAM's tree masks, in the layout it reads, or a start-up error
+            use_triton_verify_mask(resolving_view(server_args).attention_backend)
         self.drafter = TreeDrafter(self.model_runner.model_config.vocab_size, self.draft_token_num, device=self.device)
         self.draft_parents: torch.Tensor | None = None
 

@@ -56,7 +56,7 @@ def model_runner(sg):
     runner = SimpleNamespace(
         req_to_token_pool=req_pool, token_to_kv_pool=kv_pool, token_to_kv_pool_allocator=allocator, page_size=1,
         sliding_window_size=None, model_config=model_config, device="cpu", gpu_id=0, is_draft_worker=False,
-        decode_num_tokens_per_req=lambda: 1, spec_algorithm=SimpleNamespace(is_dspark=lambda: False))
+        decode_num_tokens_per_req=lambda: 1, spec_algorithm=SimpleNamespace(is_dspark=lambda: False, is_ngram=lambda: False))
     runner.kv_index_translator = sg.KVIndexTranslator(
         req_to_token=req_pool.req_to_token, token_to_kv_pool_allocator=allocator, token_to_kv_pool=kv_pool,
         page_size=1, device="cpu")
@@ -170,3 +170,14 @@ def test_cuda_graphs_are_refused_clearly(sg):
     backend = sg.TkernelsAttnBackend(model_runner(sg))
     with pytest.raises(ValueError, match="--disable-cuda-graph"):
         backend.init_cuda_graph_state(8, 8)
+
+
+def test_sglang_own_ngram_trees_are_refused_at_start(sg, monkeypatch):
+    """SGLang's own NGRAM drafts are not BFS trees: the backend refuses them when it is built."""
+    runner = model_runner(sg)
+    runner.spec_algorithm = SimpleNamespace(is_dspark=lambda: False, is_ngram=lambda: True)
+    monkeypatch.delenv("TKERNELS_SGLANG", raising=False)
+    with pytest.raises(ValueError, match="TKERNELS_SGLANG=token_recycling"):
+        sg.TkernelsAttnBackend(runner)
+    monkeypatch.setenv("TKERNELS_SGLANG", "token_recycling")
+    sg.TkernelsAttnBackend(runner)  # off the CPU engine: the verify mask is left as NGRAM builds it
