@@ -32,6 +32,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
+
 from tkernels.config import ConfigChoice, ConfigError, current
 
 
@@ -135,6 +137,54 @@ class LatencyModel:
         """Step time without attention, in µs: :class:`tkernels.spec.StepTime`, so the tree policy
         prices its trees with the same per-GPU model as the token budget."""
         return self.step_us(batch_tokens, 0, 0)
+
+    def steps_us(self, costs) -> np.ndarray:
+        """:meth:`step_us` of many steps at once: ``costs`` ``[n, 3]`` rows of (tokens, kv_tokens,
+        attn_pairs); float64 ``[n]`` µs (the same formula, vectorised for fitting)."""
+        return _steps_us(self.shape, np.asarray([getattr(self.rates, n) for n in RATE_NAMES], dtype=np.float64),
+                         np.asarray(costs, dtype=np.float64).reshape(-1, 3))
+
+
+RATE_NAMES = tuple(f.name for f in fields(LatencyRates))
+
+
+def _steps_us(shape: ModelShape, rates: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    overhead, weight_gbps, matmul_tflops, kv_gbps, attn_tflops = rates
+    tokens, kv, pairs = costs.T
+    weights_us = shape.linear_params * shape.dtype_bytes / (weight_gbps * 1e3)
+    matmul_us = 2 * shape.linear_params * tokens / (matmul_tflops * 1e6)
+    return (overhead + np.hypot(weights_us, matmul_us) + kv * shape.kv_bytes_per_token / (kv_gbps * 1e3)
+            + pairs * shape.flops_per_pair / (attn_tflops * 1e6))
+
+
+def fit_rates(shape: ModelShape, costs, measured_us, start: LatencyRates = DEFAULT_RATES) -> LatencyRates:
+    """The rates that best predict measured steps: least squares on log(predicted / measured)
+    over the five rates (kept positive by fitting their logarithms), from ``start``.
+
+    ``costs``: (tokens, kv_tokens, attn_pairs) per step (:meth:`LatencyModel.step_us`'s
+    arguments); ``measured_us``: the steps' times. A rate the steps do not constrain (no prefill
+    chunk among them: nothing tells the attention rate) stays at its ``start`` value, so a fit
+    from few or similar steps predicts what it has seen and keeps ``start`` elsewhere. A soft-L1
+    loss keeps a few outliers (a preempted process, a page fault) from moving the fit. Used by
+    ``tkernels autotune`` (profiled steps) and by the online calibration
+    (:mod:`tkernels.sched.calibration`, the engine's own steps). Needs SciPy.
+    """
+    from scipy.optimize import least_squares
+
+    costs = np.asarray(costs, dtype=np.float64).reshape(-1, 3)
+    measured = np.asarray(measured_us, dtype=np.float64).reshape(-1)
+    if len(costs) != len(measured) or not len(costs):
+        raise ValueError(f"costs: {len(costs)} steps for {len(measured)} measurements (need as many, at least one)")
+    if not (np.isfinite(measured).all() and (measured > 0).all()):
+        raise ValueError("measured_us: must be finite positive times")
+    log_measured = np.log(measured)
+    start_log = np.log([max(getattr(start, n), 1e-3) for n in RATE_NAMES])
+
+    def residuals(log_rates: np.ndarray) -> np.ndarray:
+        return np.log(_steps_us(shape, np.exp(log_rates), costs)) - log_measured
+
+    solution = least_squares(residuals, start_log, method="trf", loss="soft_l1", f_scale=0.1)
+    return LatencyRates(**{n: float(v) for n, v in zip(RATE_NAMES, np.exp(solution.x))})
 
 
 def prefill_chunk_cost(prefix_len: int, chunk: int) -> tuple[int, int]:
