@@ -159,12 +159,14 @@ def _steps_us(shape: ModelShape, rates: np.ndarray, costs: np.ndarray) -> np.nda
 
 def fit_rates(shape: ModelShape, costs, measured_us, start: LatencyRates = DEFAULT_RATES) -> LatencyRates:
     """The rates that best predict measured steps: least squares on log(predicted / measured)
-    over the five rates (kept positive by fitting their logarithms), from ``start``.
+    over the five rates (kept positive by fitting their logarithms), from ``start`` and from
+``start`` rescaled to the measured median (the better of the two fits).
 
     ``costs``: (tokens, kv_tokens, attn_pairs) per step (:meth:`LatencyModel.step_us`'s
     arguments); ``measured_us``: the steps' times. A rate the steps do not constrain (no prefill
-    chunk among them: nothing tells the attention rate) stays at its ``start`` value, so a fit
-    from few or similar steps predicts what it has seen and keeps ``start`` elsewhere. A soft-L1
+    chunk among them: nothing tells the attention rate) stays at its ``start`` value (or at it
+    rescaled with the rest, when the rescaled start wins), so a fit from few or similar steps
+    predicts what it has seen and keeps ``start``'s shape elsewhere. A soft-L1
     loss keeps a few outliers (a preempted process, a page fault) from moving the fit. Used by
     ``tkernels autotune`` (profiled steps) and by the online calibration
     (:mod:`tkernels.sched.calibration`, the engine's own steps). Needs SciPy.
@@ -183,8 +185,17 @@ def fit_rates(shape: ModelShape, costs, measured_us, start: LatencyRates = DEFAU
     def residuals(log_rates: np.ndarray) -> np.ndarray:
         return np.log(_steps_us(shape, np.exp(log_rates), costs)) - log_measured
 
-    solution = least_squares(residuals, start_log, method="trf", loss="soft_l1", f_scale=0.1)
-    return LatencyRates(**{n: float(v) for n, v in zip(RATE_NAMES, np.exp(solution.x))})
+    # Two starts: ``start`` itself, and ``start`` uniformly slowed (or sped up) to the measured
+    # median (every time term scaled alike: the shape of ``start``, the scale of this machine).
+    # From a start 1000x off (the H100 default on a CPU) one local fit can settle in a corner
+    # that explains the steps seen so far by one term alone; the rescaled start keeps the
+    # balance between the terms. The better fit of the two wins.
+    scale = float(np.exp(np.median(log_measured - np.log(_steps_us(shape, np.exp(start_log), costs)))))
+    rescaled = start_log - np.log(scale)  # rates / scale: every term x scale
+    rescaled[RATE_NAMES.index("overhead_us")] = start_log[RATE_NAMES.index("overhead_us")] + np.log(scale)
+    fits = [least_squares(residuals, x0, method="trf", loss="soft_l1", f_scale=0.1) for x0 in (start_log, rescaled)]
+    best = min(fits, key=lambda fit: fit.cost)
+    return LatencyRates(**{n: float(v) for n, v in zip(RATE_NAMES, np.exp(best.x))})
 
 
 def prefill_chunk_cost(prefix_len: int, chunk: int) -> tuple[int, int]:
