@@ -12,9 +12,9 @@ them (:func:`~tkernels.sched.latency_model.fit_rates`) from the steps the engine
 each step's cost, (tokens, kv_tokens, attn_pairs) as the model defines them, and its measured
 time. It refits every ``refit_s`` seconds (default 2) during the first ``settle_s`` seconds
 (default 60) after the first measured step, then every ``slow_refit_s`` (default 30), over the
-last ``window`` steps (default 512). Rates the steps do not constrain keep their previous
-values, or those scaled to this machine with the rest (e.g. the attention rate before any long
-prompt came; :func:`~tkernels.sched.latency_model.fit_rates`). Before ``min_steps`` measured
+last ``window`` steps (default 512). A rate the steps do not constrain (e.g. the attention
+rate before any long prompt came) keeps its previous ratio to its partner rate
+(:func:`~tkernels.sched.latency_model.fit_rates`). Before ``min_steps`` measured
 steps (default 16) the model is unchanged.
 
 The caller (the vLLM scheduler adapter) measures the steps, passes them to :meth:`record` and

@@ -160,13 +160,13 @@ def _steps_us(shape: ModelShape, rates: np.ndarray, costs: np.ndarray) -> np.nda
 def fit_rates(shape: ModelShape, costs, measured_us, start: LatencyRates = DEFAULT_RATES) -> LatencyRates:
     """The rates that best predict measured steps: least squares on log(predicted / measured)
     over the five rates (kept positive by fitting their logarithms), from ``start`` and from
-``start`` rescaled to the measured median (the better of the two fits).
+    ``start`` rescaled to the measured median (the better of the two fits).
 
     ``costs``: (tokens, kv_tokens, attn_pairs) per step (:meth:`LatencyModel.step_us`'s
     arguments); ``measured_us``: the steps' times. A rate the steps do not constrain (no prefill
-    chunk among them: nothing tells the attention rate) stays at its ``start`` value (or at it
-    rescaled with the rest, when the rescaled start wins), so a fit from few or similar steps
-    predicts what it has seen and keeps ``start``'s shape elsewhere. A soft-L1
+    chunk among them: nothing tells the attention rate) keeps ``start``'s ratio to its partner
+    (attention to matmul rate, K/V to weight bandwidth: the weak priors below), so a fit from
+    few or similar steps predicts what it has seen and keeps ``start``'s shape elsewhere. A soft-L1
     loss keeps a few outliers (a preempted process, a page fault) from moving the fit. Used by
     ``tkernels autotune`` (profiled steps) and by the online calibration
     (:mod:`tkernels.sched.calibration`, the engine's own steps). Needs SciPy.
@@ -182,8 +182,19 @@ def fit_rates(shape: ModelShape, costs, measured_us, start: LatencyRates = DEFAU
     log_measured = np.log(measured)
     start_log = np.log([max(getattr(start, n), 1e-3) for n in RATE_NAMES])
 
+    # Weak priors, one pseudo-observation each: matmul vs attention compute rate, and K/V vs
+    # weight bandwidth, keep ``start``'s ratios unless the steps say otherwise. Steps seldom
+    # separate them (a prompt chunk's tokens and its attention pairs grow together; a decode's
+    # weights and K/V reads too), and without these a noisy machine's fit may put a prompt's
+    # whole cost on its attention pairs, which then prices late chunks far too high.
+    i = {n: RATE_NAMES.index(n) for n in RATE_NAMES}
+    compute_ratio = start_log[i["matmul_tflops"]] - start_log[i["attn_tflops"]]
+    bandwidth_ratio = start_log[i["kv_gbps"]] - start_log[i["weight_gbps"]]
+
     def residuals(log_rates: np.ndarray) -> np.ndarray:
-        return np.log(_steps_us(shape, np.exp(log_rates), costs)) - log_measured
+        priors = [log_rates[i["matmul_tflops"]] - log_rates[i["attn_tflops"]] - compute_ratio,
+                  log_rates[i["kv_gbps"]] - log_rates[i["weight_gbps"]] - bandwidth_ratio]
+        return np.concatenate([np.log(_steps_us(shape, np.exp(log_rates), costs)) - log_measured, priors])
 
     # Two starts: ``start`` itself, and ``start`` uniformly slowed (or sped up) to the measured
     # median (every time term scaled alike: the shape of ``start``, the scale of this machine).
@@ -192,7 +203,7 @@ def fit_rates(shape: ModelShape, costs, measured_us, start: LatencyRates = DEFAU
     # balance between the terms. The better fit of the two wins.
     scale = float(np.exp(np.median(log_measured - np.log(_steps_us(shape, np.exp(start_log), costs)))))
     rescaled = start_log - np.log(scale)  # rates / scale: every term x scale
-    rescaled[RATE_NAMES.index("overhead_us")] = start_log[RATE_NAMES.index("overhead_us")] + np.log(scale)
+    rescaled[i["overhead_us"]] = start_log[i["overhead_us"]] + np.log(scale)
     fits = [least_squares(residuals, x0, method="trf", loss="soft_l1", f_scale=0.1) for x0 in (start_log, rescaled)]
     best = min(fits, key=lambda fit: fit.cost)
     return LatencyRates(**{n: float(v) for n, v in zip(RATE_NAMES, np.exp(best.x))})
