@@ -128,6 +128,36 @@ def test_online_calibration_waits_for_min_steps_and_checks_input():
         OnlineCalibration(calibration.model, "x", window=0)
 
 
+def test_background_fits_match_inline_ones():
+    """background=True: the fit runs in a helper thread and its model comes back at a later
+    record() (or wait()); the same steps give the same model as inline fitting."""
+    costs = served_steps(40)
+    models = []
+    for background in (False, True):
+        calibration = OnlineCalibration(LatencyModel(SMOLLM2, DEFAULT_RATES), "x", background=background,
+                                        clock=FakeClock())
+        for cost in costs[:16]:
+            refit = calibration.record(cost, TRUTH.step_us(*cost))
+        assert (refit is not None) is (not background)
+        if background:
+            assert calibration.wait() is calibration.model and calibration.refits == 1
+        models.append(calibration.model)
+    assert models[0] == models[1]
+
+
+def test_a_failed_fit_keeps_the_model(monkeypatch):
+    import tkernels.sched.calibration as calibration_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no convergence")
+
+    monkeypatch.setattr(calibration_module, "fit_rates", broken)
+    calibration = OnlineCalibration(LatencyModel(SMOLLM2, DEFAULT_RATES), "x", min_steps=1, clock=FakeClock())
+    assert calibration.record((1, 10, 10), 50_000.0) is None
+    assert calibration.model.rates == DEFAULT_RATES and calibration.failures == 1
+    assert "no convergence" in calibration.last_error and calibration.summary()["failed_fits"] == 1
+
+
 def test_calibrated_budget_holds_a_cpu_slo():
     """The H100 default grants a whole prompt under a 200 ms SLO on a CPU where it takes seconds;
     the calibrated model grants what fits."""

@@ -140,7 +140,7 @@ class DecodeMaximalScheduler(AsyncScheduler):
         self.calibration = None
         self.calibration_log = calibration["calibration_log"]
         if calibration["calibrate"]:
-            self.calibration = OnlineCalibration(self.policy.model, latency_source(self.policy, choice))
+            self.calibration = OnlineCalibration(self.policy.model, latency_source(self.policy, choice), background=True)
         how = ("calibrated online from this engine's steps (tkernels_sched.calibrate)" if self.calibration
                else "not calibrated (tkernels_sched.calibrate = false)")
         logger.info("%s, %s", describe_policy(self.policy, slo_source, choice), how)
@@ -199,7 +199,11 @@ class DecodeMaximalScheduler(AsyncScheduler):
         measured_us = (time.perf_counter() - max(start, self._last_update)) * 1e6
         if measured_us <= 0 or cost[0] < 1:
             return
+        failures = self.calibration.failures
         model = self.calibration.record(cost, measured_us)
+        if self.calibration.failures > failures:
+            logger.warning("tkernels scheduler: a latency-model fit failed (%s); the model is kept",
+                           self.calibration.last_error)
         if model is None:
             return
         self.policy.model = model

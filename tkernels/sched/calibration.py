@@ -18,8 +18,14 @@ rate before any long prompt came) keeps its previous ratio to its partner rate
 steps (default 16) the model is unchanged.
 
 The caller (the vLLM scheduler adapter) measures the steps, passes them to :meth:`record` and
-swaps in the model :meth:`record` returns when it refits. Everything here is plain Python and
-NumPy (SciPy for the fit), with an injectable clock for tests.
+swaps in the model :meth:`record` returns when it refits. With ``background=True`` (what the
+scheduler uses) a fit runs in one helper thread while steps go on, and :meth:`record` returns
+its model at the first call after it is done: a fit takes tens to hundreds of milliseconds on a
+loaded CPU, which inline would stretch the step it lands in (the engine's forward runs in
+another process there, so the thread mostly overlaps it). A fit that raises leaves the model
+as it was (counted in ``failures``, the error in ``last_error``): calibration never stops the
+engine. Everything here is plain Python and NumPy (SciPy for the fit, imported when the
+calibration is built), with an injectable clock for tests.
 """
 
 from __future__ import annotations
@@ -27,12 +33,13 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 
 import numpy as np
 
 from tkernels.checks import integer, real
-from tkernels.sched.latency_model import LatencyModel, fit_rates
+from tkernels.sched.latency_model import LatencyModel, LatencyRates, fit_rates
 
 DEFAULT_WINDOW = 512
 DEFAULT_MIN_STEPS = 16
@@ -51,7 +58,9 @@ class OnlineCalibration:
     def __init__(self, model: LatencyModel, source: str, *, window: int = DEFAULT_WINDOW,
                  min_steps: int = DEFAULT_MIN_STEPS, refit_s: float = DEFAULT_REFIT_S,
                  settle_s: float = DEFAULT_SETTLE_S, slow_refit_s: float = DEFAULT_SLOW_REFIT_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 background: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+        import scipy.optimize  # noqa: F401  (here, not in the first fit: the import alone takes ~1 s on a loaded CPU)
+
         self.window = integer("window", window, minimum=1)
         self.min_steps = integer("min_steps", min_steps, minimum=1)
         self.refit_s = real("refit_s", refit_s, minimum=0, what="number of seconds")
@@ -64,8 +73,12 @@ class OnlineCalibration:
         self._measured: deque[float] = deque(maxlen=self.window)
         self.steps = 0  # measured steps recorded, all of them
         self.refits = 0
+        self.failures = 0
+        self.last_error: str | None = None
         self._first: float | None = None
         self._last_fit: float | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="tkernels-calibration") if background else None
+        self._pending: Future | None = None
 
     @property
     def settled(self) -> bool:
@@ -77,22 +90,45 @@ class OnlineCalibration:
         Returns the refit model when this call refit it, else None."""
         tokens, kv, pairs = (integer("cost", c, minimum=0) for c in cost)
         measured_us = real("measured_us", measured_us, positive=True, what="number of microseconds")
+        refit = self._collect()
         if tokens < 1:
-            return None
+            return refit
         now = self._clock()
         if self._first is None:
             self._first = now
         self._costs.append((tokens, kv, pairs))
         self._measured.append(measured_us)
         self.steps += 1
-        if len(self._costs) < self.min_steps:
-            return None
+        if len(self._costs) < self.min_steps or self._pending is not None:
+            return refit
         every = self.refit_s if now - self._first < self.settle_s else self.slow_refit_s
         if self._last_fit is not None and now - self._last_fit < every:
-            return None
+            return refit
         self._last_fit = now
-        rates = fit_rates(self.model.shape, list(self._costs), list(self._measured), start=self.model.rates)
-        self.model = LatencyModel(self.model.shape, rates)
+        args = (self.model.shape, list(self._costs), list(self._measured), self.model.rates)
+        if self._executor is not None:
+            self._pending = self._executor.submit(_fit, *args)
+            return refit
+        return self._adopt(_fit(*args)) or refit
+
+    def wait(self) -> LatencyModel | None:
+        """Wait for a fit running in the background (if any) and adopt it; returns the refit model."""
+        if self._pending is not None:
+            self._pending.exception()  # blocks until done
+        return self._collect()
+
+    def _collect(self) -> LatencyModel | None:
+        if self._pending is None or not self._pending.done():
+            return None
+        pending, self._pending = self._pending, None
+        return self._adopt(pending.result())
+
+    def _adopt(self, fitted: LatencyRates | Exception) -> LatencyModel | None:
+        if isinstance(fitted, Exception):
+            self.failures += 1
+            self.last_error = f"{type(fitted).__name__}: {fitted}"
+            return None
+        self.model = LatencyModel(self.model.shape, fitted)
         self.refits += 1
         return self.model
 
@@ -112,6 +148,8 @@ class OnlineCalibration:
             "steps": self.steps,
             "window_steps": len(self._costs),
             "refits": self.refits,
+            "failed_fits": self.failures,
+            "last_error": self.last_error,
             "settled": self.settled,
             "rates": asdict(self.model.rates),
             "start_rates": asdict(self.start_model.rates),
@@ -137,3 +175,11 @@ class OnlineCalibration:
                 f"{rates}; median error {error} (the starting model's: {start}); predicts "
                 f"{model.step_us(1, 1024, 1024) / 1e3:.1f} ms for 1 decode at 1k context, "
                 f"{model.step_us(256, 256, 256 * 257 // 2) / 1e3:.1f} ms for a 256-token prompt chunk")
+
+
+def _fit(shape, costs, measured_us, start) -> LatencyRates | Exception:
+    """:func:`fit_rates`, its error returned instead of raised (it may run in a helper thread)."""
+    try:
+        return fit_rates(shape, costs, measured_us, start=start)
+    except Exception as err:  # a failed fit keeps the model; the engine goes on
+        return err
