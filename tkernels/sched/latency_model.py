@@ -146,6 +146,8 @@ class LatencyModel:
 
 
 RATE_NAMES = tuple(f.name for f in fields(LatencyRates))
+# fit_rates' priors: a ratio e times off start's costs what a 10%-off step does (log residuals)
+PRIOR_WEIGHT = 0.1
 
 
 def _steps_us(shape: ModelShape, rates: np.ndarray, costs: np.ndarray) -> np.ndarray:
@@ -165,8 +167,9 @@ def fit_rates(shape: ModelShape, costs, measured_us, start: LatencyRates = DEFAU
     ``costs``: (tokens, kv_tokens, attn_pairs) per step (:meth:`LatencyModel.step_us`'s
     arguments); ``measured_us``: the steps' times. A rate the steps do not constrain (no prefill
     chunk among them: nothing tells the attention rate) keeps ``start``'s ratio to its partner
-    (attention to matmul rate, K/V to weight bandwidth: the weak priors below), so a fit from
-    few or similar steps predicts what it has seen and keeps ``start``'s shape elsewhere. A soft-L1
+    (the weak priors below: overhead to weight streaming, matmul to weight rate, attention to
+    matmul rate, K/V to weight bandwidth), so a fit from few or similar steps predicts what it
+    has seen and keeps ``start``'s shape elsewhere. A soft-L1
     loss keeps a few outliers (a preempted process, a page fault) from moving the fit. Used by
     ``tkernels autotune`` (profiled steps) and by the online calibration
     (:mod:`tkernels.sched.calibration`, the engine's own steps). Needs SciPy.
@@ -182,19 +185,24 @@ def fit_rates(shape: ModelShape, costs, measured_us, start: LatencyRates = DEFAU
     log_measured = np.log(measured)
     start_log = np.log([max(getattr(start, n), 1e-3) for n in RATE_NAMES])
 
-    # Weak priors, one pseudo-observation each: matmul vs attention compute rate, and K/V vs
-    # weight bandwidth, keep ``start``'s ratios unless the steps say otherwise. Steps seldom
-    # separate them (a prompt chunk's tokens and its attention pairs grow together; a decode's
-    # weights and K/V reads too), and without these a noisy machine's fit may put a prompt's
-    # whole cost on its attention pairs, which then prices late chunks far too high.
+    # Weak priors (PRIOR_WEIGHT) on the ratios between the terms: overhead vs
+    # weight streaming, the linear layers' knee (matmul vs weight rate), matmul vs attention
+    # compute rate, K/V vs weight bandwidth. They keep ``start``'s shape where the steps do not
+    # tell the terms apart, and leave the overall scale to the data alone. Without them a
+    # noisy machine's fit from similar steps (16 prompt chunks of 32 tokens) put the whole
+    # time in the fixed overhead, or a prompt's whole cost on its attention pairs: either
+    # misprices every other step. Steps of different shapes outweigh them at once.
     i = {n: RATE_NAMES.index(n) for n in RATE_NAMES}
-    compute_ratio = start_log[i["matmul_tflops"]] - start_log[i["attn_tflops"]]
-    bandwidth_ratio = start_log[i["kv_gbps"]] - start_log[i["weight_gbps"]]
+    pairs = (("overhead_us", "weight_gbps", 1.0), ("matmul_tflops", "weight_gbps", -1.0),
+             ("matmul_tflops", "attn_tflops", -1.0), ("kv_gbps", "weight_gbps", -1.0))
+
+    def priors(log_rates: np.ndarray) -> list[float]:
+        # overhead x weight rate: the overhead in units of the weights' streaming time
+        return [PRIOR_WEIGHT * ((log_rates[i[a]] + sign * log_rates[i[b]]) - (start_log[i[a]] + sign * start_log[i[b]]))
+                for a, b, sign in pairs]
 
     def residuals(log_rates: np.ndarray) -> np.ndarray:
-        priors = [log_rates[i["matmul_tflops"]] - log_rates[i["attn_tflops"]] - compute_ratio,
-                  log_rates[i["kv_gbps"]] - log_rates[i["weight_gbps"]] - bandwidth_ratio]
-        return np.concatenate([np.log(_steps_us(shape, np.exp(log_rates), costs)) - log_measured, priors])
+        return np.concatenate([np.log(_steps_us(shape, np.exp(log_rates), costs)) - log_measured, priors(log_rates)])
 
     # Two starts: ``start`` itself, and ``start`` uniformly slowed (or sped up) to the measured
     # median (every time term scaled alike: the shape of ``start``, the scale of this machine).
