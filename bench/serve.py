@@ -1,6 +1,6 @@
 """Serving benchmark: the real vLLM OpenAI server, driven by vLLM's own benchmark client.
 
-    python bench/serve.py            # the whole sweep (5 configurations x 4 rates; ~40 min on a quiet 2-core VM)
+    python bench/serve.py            # the whole sweep (6 configurations x 4 rates; ~40 min on a quiet 2-core VM)
     python bench/serve.py --quick    # 2 configurations x 2 rates, few short requests (< 5 min): records only
 
 Per configuration one server (``python -m vllm.entrypoints.openai.api_server``, i.e. ``vllm
@@ -39,10 +39,12 @@ make every drafter look useless).
 **Latency model**: the tkernels configurations log and write (``calibration_log``) what the
 scheduler's online calibration learned (:mod:`tkernels.sched.calibration`); the records keep its
 summary and a sample of measured steps against the model's predictions (``latency_model``).
-The first configuration that calibrates writes its rates as a ``cpu.json`` config
-(``latency_model`` section only) into the work folder, and the configurations after it start
-with ``TKERNELS_CONFIG_DIR`` there: their scheduler starts from the measured model, and the
-tree proposer sizes its trees from it (at start-up, from the per-GPU config).
+Each configuration that calibrates writes its rates as a ``cpu.json`` config (``latency_model``
+section only) into the work folder, and the tkernels configurations after it start with
+``TKERNELS_CONFIG_DIR`` there: their scheduler starts from the latest measured model, and the
+tree proposer sizes its trees from it (at start-up, from the per-GPU config; ``tree`` runs after
+``decode_maximal_ref``, whose steps run the same attention code). ``--latency-config DIR``
+starts every tkernels configuration from a given folder's ``cpu.json`` instead (not rewritten).
 
 Writes ``--out`` (default ``bench/results/serving_cpu_vm.json``; ``--quick``: the work folder)
 and a PNG beside it (P99 ITL and output throughput against the rate, one line per
@@ -68,8 +70,9 @@ RESULTS = HERE / "results" / "serving_cpu_vm.json"
 SCHEDULER = "tkernels.plugins.vllm.scheduler.DecodeMaximalScheduler"
 TREE_PROPOSER = "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"
 CATEGORIES = ("summarization", "rag")
-CONFIGS = ("vllm_default", "vllm_chunk", "decode_maximal", "tree", "decode_maximal_ref", "ngram")
-FULL_CONFIGS = ("vllm_default", "vllm_chunk", "decode_maximal", "tree", "ngram")
+CONFIGS = ("vllm_default", "vllm_chunk", "decode_maximal", "decode_maximal_ref", "tree", "ngram")
+# decode_maximal_ref before tree: tree starts from its measured rates (the same attention code)
+FULL_CONFIGS = ("vllm_default", "vllm_chunk", "decode_maximal", "decode_maximal_ref", "tree", "ngram")
 QUICK_CONFIGS = ("vllm_default", "decode_maximal")
 FULL_RATES = (0.05, 0.15, 0.3, 0.45)  # 0.05: about one request at a time here
 QUICK_RATES = (0.2, 0.5)
@@ -107,8 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.rates = [float(r) for r in args.rates.split(",")] if args.rates else list(QUICK_RATES if quick else FULL_RATES)
     if not args.rates or min(args.rates) <= 0:
         parser.error("--rates: positive request rates")
-    args.seconds_per_rate = args.seconds_per_rate or (8.0 if quick else 60.0)
-    args.min_prompts = args.min_prompts or (3 if quick else 6)
+    args.seconds_per_rate = args.seconds_per_rate or (8.0 if quick else 50.0)
+    args.min_prompts = args.min_prompts or (3 if quick else 5)
     args.output_len = args.output_len or (24 if quick else 96)
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tkernels-serve-"))
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -337,6 +340,8 @@ def main(argv=None) -> int:
         if measured_config_dir.is_dir() and "--scheduler-cls" in flags:
             env["TKERNELS_CONFIG_DIR"] = str(measured_config_dir)
             described["env"] = env
+            # the rates this server's scheduler and tree proposer start from
+            described["latency_start"] = json.loads((measured_config_dir / "cpu.json").read_text())["latency_model"]
         print(f"[serve] {config}: starting the server ({' '.join(flags) or 'defaults'})", flush=True)
         with Server(model_dir, args, flags, env, args.workdir / f"server_{config}.log") as server:
             start_s = server.wait_ready()
@@ -357,7 +362,7 @@ def main(argv=None) -> int:
         entry = calibration_entry(calibration_log)
         if entry is not None:
             out["latency_model"][config] = entry
-            if not measured_config_dir.is_dir():
+            if args.latency_config is None:  # the next tkernels configuration starts from these rates
                 write_cpu_config(measured_config_dir, entry["rates"], f"online calibration of bench/serve.py's {config}")
     out["wall_s"] = round(time.monotonic() - started, 1)
     out["summary"] = summarize(out)
