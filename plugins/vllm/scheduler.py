@@ -210,7 +210,12 @@ class DecodeMaximalScheduler(AsyncScheduler):
         if self.calibration.refits == 1 or self.calibration.settled:  # first fit, then every slow refit (30 s)
             logger.info("tkernels scheduler: %s", self.calibration.line())
         if self.calibration_log:
-            _write_json(self.calibration_log, {**self.calibration.summary(), **self.calibration.samples()})
+            try:
+                _write_json(self.calibration_log, {**self.calibration.summary(), **self.calibration.samples()})
+            except OSError as err:  # a log that cannot be written never stops the engine
+                logger.warning("tkernels scheduler: cannot write calibration_log %s (%s); not written again",
+                               self.calibration_log, err)
+                self.calibration_log = None
 
     def update_from_output(self, scheduler_output, model_runner_output):
         if self.calibration is not None:
