@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import numpy as np
 
 from tkernels.sched.budget import DecodeMaximalPolicy, Prefill
-from tkernels.sched.latency_model import DEFAULT_RATES, LatencyModel, LatencyRates, ModelShape
+from tkernels.sched.latency_model import LatencyModel, ModelShape, fit_rates
 from tkernels.spec.tree import MAX_TREE_NODES
 from tkernels.spec.tree_policy import DynamicTreePolicy
 
@@ -17,23 +17,6 @@ REFERENCE_DECODES = 64
 REFERENCE_CONTEXT = 2048
 TREE_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 TREE_MAX_NODES = MAX_TREE_NODES  # the largest tree the kernels and plugins take
-
-
-def fit_rates(shape: ModelShape, costs: list[tuple[int, int, int]], measured_us: list[float]) -> LatencyRates:
-    """Least squares on log(predicted / measured) over the five rates (kept positive by fitting
-    their logarithms), starting from the analytic default."""
-    from scipy.optimize import least_squares
-
-    names = [f.name for f in fields(LatencyRates)]
-    start = np.log([max(getattr(DEFAULT_RATES, n), 1e-3) for n in names])
-    measured = np.asarray(measured_us, dtype=np.float64)
-
-    def residuals(log_rates: np.ndarray) -> np.ndarray:
-        model = LatencyModel(shape, LatencyRates(**dict(zip(names, np.exp(log_rates).tolist()))))
-        return np.log([model.step_us(*c) for c in costs]) - np.log(measured)
-
-    solution = least_squares(residuals, start, method="trf")
-    return LatencyRates(**{n: float(v) for n, v in zip(names, np.exp(solution.x))})
 
 
 def derive(shape: ModelShape, costs, measured_us, slos_ms: list[float]) -> dict:

@@ -24,6 +24,18 @@ token budget and fills it with running requests in list order, then admits waiti
 4. ``max_num_scheduled_tokens`` = the plan's budget, never above its configured value (which
    sizes vLLM's buffers).
 
+**Online calibration** (on by default; ``"calibrate": false`` turns it off): the policy's latency
+model starts from the per-GPU config's rates, else the analytic H100-class default, and is refit
+from the engine's own steps (:class:`~tkernels.sched.calibration.OnlineCalibration`: every 2 s
+in the first minute, then every 30 s). A step's time is measured from the later of its
+``schedule()`` and the previous step's ``update_from_output()`` to its own
+``update_from_output()`` (the forward, sampling and the output's trip back; with async
+scheduling, the overlap of the next ``schedule()`` is not counted twice); its cost is each
+scheduled request's chunk after its cached prefix (:func:`~tkernels.sched.latency_model.prefill_chunk_cost`).
+The start-up line says where the starting rates came from; a line says what the fit learned at
+its first refit, when the first minute is over, and at every later refit; ``"calibration_log":
+PATH`` also rewrites a JSON file at each refit (the rates and the measured steps against the model).
+
 Moving decodes first also makes FCFS preemption (``running[-1]``) pick a prefilling request first.
 """
 
@@ -41,10 +53,11 @@ import vllm.envs as envs  # noqa: E402
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 
 from tkernels.config import ConfigChoice, current  # noqa: E402
-from tkernels.plugins.vllm.settings import SCHED_KEY, sched_options  # noqa: E402
+from tkernels.plugins.vllm.settings import SCHED_KEY, calibration_options, sched_options  # noqa: E402
 from tkernels.sched import DecodeMaximalPolicy, ModelShape, Prefill, StepBudget, WaitClock  # noqa: E402
 from tkernels.sched.budget import ENV_TBT_SLO_MS  # noqa: E402
-from tkernels.sched.latency_model import DEFAULT_RATES  # noqa: E402
+from tkernels.sched.calibration import OnlineCalibration  # noqa: E402
+from tkernels.sched.latency_model import DEFAULT_RATES, prefill_chunk_cost  # noqa: E402
 
 logger = logging.getLogger("vllm.tkernels")  # vLLM's handlers and format, with the process name
 
@@ -79,11 +92,14 @@ def describe_policy(policy: DecodeMaximalPolicy, slo_source: str, choice: Config
                   f"margin): budget {alone.tokens} tokens per step for a prompt alone (predicted "
                   f"{alone.predicted_us / 1e3:.1f} ms), {busy.tokens} beside 16 decodes of 1k context (tile "
                   f"{policy.tile}, at most max_num_batched_tokens = {policy.max_tokens})")
+    return f"tkernels scheduler: {budget}; latency model: {latency_source(policy, choice)}"
+
+
+def latency_source(policy: DecodeMaximalPolicy, choice: ConfigChoice) -> str:
+    """Where the policy's latency rates came from."""
     if policy.model.rates == DEFAULT_RATES:
-        source = f"the analytic H100-class default rates ({choice.reason})"
-    else:
-        source = f"the latency_model section of {choice.path} ({choice.reason})"
-    return f"tkernels scheduler: {budget}; latency model: {source}"
+        return f"the analytic H100-class default rates ({choice.reason})"
+    return f"the latency_model section of {choice.path} ({choice.reason})"
 
 
 class _StepStats:
@@ -120,7 +136,16 @@ class DecodeMaximalScheduler(AsyncScheduler):
                                           **options)
         self.last_plan: StepBudget | None = None
         slo_source = f"additional_config['{SCHED_KEY}']" if "slo_ms" in options else f"${ENV_TBT_SLO_MS}"
-        logger.info("%s", describe_policy(self.policy, slo_source, choice))
+        calibration = calibration_options(self.vllm_config.additional_config)
+        self.calibration = None
+        self.calibration_log = calibration["calibration_log"]
+        if calibration["calibrate"]:
+            self.calibration = OnlineCalibration(self.policy.model, latency_source(self.policy, choice), background=True)
+        how = ("calibrated online from this engine's steps (tkernels_sched.calibrate)" if self.calibration
+               else "not calibrated (tkernels_sched.calibrate = false)")
+        logger.info("%s, %s", describe_policy(self.policy, slo_source, choice), how)
+        self._step_started: dict[int, tuple[float, tuple[int, int, int]]] = {}  # id(output) -> (time, cost)
+        self._last_update = 0.0
         self.stats = _StepStats()
         self._decode_ids: dict[int, tuple[object, set[str]]] = {}  # id(output) -> (output, its decodes)
         self.wait_clock = WaitClock()
@@ -146,9 +171,61 @@ class DecodeMaximalScheduler(AsyncScheduler):
         self.last_plan = plan
         output = super().schedule(*args, **kwargs)
         self._count(output, {r.request_id for r in decodes})
+        if self.calibration is not None and output.total_num_scheduled_tokens:
+            self._step_started[id(output)] = (time.perf_counter(), self._step_cost(output))
+            while len(self._step_started) > 8:  # outputs that never came back (a bound, as in _count)
+                self._step_started.pop(next(iter(self._step_started)))
         return output
 
+    def _step_cost(self, output) -> tuple[int, int, int]:
+        """(tokens, kv_tokens, attn_pairs) of a scheduled step, as the latency model counts them:
+        each request's scheduled tokens as a chunk after its computed prefix (a decode: one
+        query over its context; drafts: more queries)."""
+        tokens = kv = pairs = 0
+        for req_id, n in output.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is None or n <= 0:
+                continue
+            # vLLM has already advanced num_computed_tokens by the scheduled tokens
+            chunk_kv, chunk_pairs = prefill_chunk_cost(max(request.num_computed_tokens - n, 0), n)
+            tokens, kv, pairs = tokens + n, kv + chunk_kv, pairs + chunk_pairs
+        return tokens, kv, pairs
+
+    def _measure(self, scheduler_output) -> None:
+        started = self._step_started.pop(id(scheduler_output), None)
+        if started is None:
+            return
+        start, cost = started
+        measured_us = (time.perf_counter() - max(start, self._last_update)) * 1e6
+        if measured_us <= 0 or cost[0] < 1:
+            return
+        failures = self.calibration.failures
+        model = self.calibration.record(cost, measured_us)
+        if self.calibration.failures > failures:
+            logger.warning("tkernels scheduler: a latency-model fit failed (%s); the model is kept",
+                           self.calibration.last_error)
+        if model is None:
+            return
+        self.policy.model = model
+        if self.calibration.refits == 1 or self.calibration.settled:  # first fit, then every slow refit (30 s)
+            logger.info("tkernels scheduler: %s", self.calibration.line())
+        if self.calibration_log:
+            try:
+                _write_json(self.calibration_log, {**self.calibration.summary(), **self.calibration.samples()})
+            except OSError as err:  # a log that cannot be written never stops the engine
+                logger.warning("tkernels scheduler: cannot write calibration_log %s (%s); not written again",
+                               self.calibration_log, err)
+                self.calibration_log = None
+
     def update_from_output(self, scheduler_output, model_runner_output):
+        if self.calibration is not None:
+            self._measure(scheduler_output)
+        try:
+            return self._update_from_output(scheduler_output, model_runner_output)
+        finally:
+            self._last_update = time.perf_counter()
+
+    def _update_from_output(self, scheduler_output, model_runner_output):
         _, decodes = self._decode_ids.pop(id(scheduler_output), (None, set()))
         index = model_runner_output.req_id_to_index
         for req_id in decodes:
@@ -173,3 +250,14 @@ class DecodeMaximalScheduler(AsyncScheduler):
         if self.log_stats and time.monotonic() - stats.since >= envs.VLLM_LOG_STATS_INTERVAL:
             logger.info("%s", stats.line())
             self.stats = _StepStats()
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Replace ``path`` atomically (a reader never sees half a file)."""
+    import json
+    import os
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)

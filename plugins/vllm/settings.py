@@ -36,10 +36,16 @@ import os
 logger = logging.getLogger("vllm.tkernels")  # vLLM's handlers and format, with the process name
 
 SCHED_KEY = "tkernels_sched"
-SCHED_OPTIONS = ("slo_ms", "margin", "tile", "default_budget", "max_wait_ms")  # DecodeMaximalPolicy's keyword arguments
+POLICY_OPTIONS = ("slo_ms", "margin", "tile", "default_budget", "max_wait_ms")  # DecodeMaximalPolicy's keyword arguments
+# the scheduler's online calibration of its latency model (tkernels.sched.calibration): on by
+# default; "calibration_log": a JSON file the scheduler rewrites at each refit (what it learned,
+# and the measured steps against the model's predictions)
+CALIBRATION_OPTIONS = ("calibrate", "calibration_log")
+SCHED_OPTIONS = POLICY_OPTIONS + CALIBRATION_OPTIONS
 SCHED_FORM = ('{"slo_ms": <TBT SLO in ms, > 0>, "margin": <0 <= margin < 1>, "tile": <integer >= 1>, '
               '"default_budget": <tokens per step without an SLO, integer >= 1>, '
-              '"max_wait_ms": <ageing bound in ms, >= 0>} (every key optional)')
+              '"max_wait_ms": <ageing bound in ms, >= 0>, "calibrate": true | false, '
+              '"calibration_log": <path of a JSON file>} (every key optional)')
 TREE_KEY = "tkernels_tree"
 TREE_SIZES = ("per_batch", "fixed")
 # the tree proposer's drafters: "dynamic" (per-(depth, rank) estimates on the TR template) or a
@@ -65,12 +71,25 @@ def _section(additional_config, key: str, form: str) -> dict:
 
 
 def sched_options(additional_config) -> dict:
-    """The scheduler's options from ``additional_config`` (form only; values are checked by the policy)."""
+    """The scheduler's policy options from ``additional_config`` (form only; values are checked
+    by the policy); the calibration's are :func:`calibration_options`."""
     options = _section(additional_config, SCHED_KEY, SCHED_FORM)
     unknown = sorted(set(options) - set(SCHED_OPTIONS))
     if unknown:
         raise ValueError(f"additional_config['{SCHED_KEY}']: unknown keys {unknown}; expected {SCHED_FORM}")
-    return options
+    return {k: v for k, v in options.items() if k in POLICY_OPTIONS}
+
+
+def calibration_options(additional_config) -> dict:
+    """``{"calibrate": bool, "calibration_log": str | None}`` from ``additional_config['tkernels_sched']``
+    (defaults true, None)."""
+    options = _section(additional_config, SCHED_KEY, SCHED_FORM)
+    calibrate, log = options.get("calibrate", True), options.get("calibration_log")
+    if not isinstance(calibrate, bool):
+        raise ValueError(f"additional_config['{SCHED_KEY}']['calibrate']: must be true or false, got {calibrate!r}")
+    if log is not None and (not isinstance(log, str) or not log):
+        raise ValueError(f"additional_config['{SCHED_KEY}']['calibration_log']: must be a file path, got {log!r}")
+    return {"calibrate": calibrate, "calibration_log": log}
 
 
 def tree_options(additional_config) -> dict:
@@ -103,6 +122,7 @@ def check_scheduler(vllm_config) -> None:
     from tkernels.sched.budget import ENV_MAX_WAIT_MS, ENV_TBT_SLO_MS
 
     options = sched_options(vllm_config.additional_config)
+    calibration_options(vllm_config.additional_config)
     max_tokens = int(vllm_config.scheduler_config.max_num_batched_tokens)
     try:
         DecodeMaximalPolicy(model_shape(vllm_config), max_tokens=max_tokens, choice=ConfigChoice(None, "check only"),

@@ -68,7 +68,9 @@ def test_mixed_load_respects_budget_and_never_skips_a_decode(model_dir):
     from tkernels.plugins.vllm.scheduler import DecodeMaximalScheduler
     from tkernels.sched import LLAMA3_8B, DecodeMaximalPolicy
 
-    scheduler = create_scheduler(model_dir, DecodeMaximalScheduler, long_prefill_token_threshold=128)
+    # no online calibration: the policies below price the steps as an 8B model on an H100
+    scheduler = create_scheduler(model_dir, DecodeMaximalScheduler, long_prefill_token_threshold=128,
+                                 additional_config={"tkernels_sched": {"calibrate": False}})
     # Cost the steps as an 8B model on the analytic H100 rates, so that the budget binds. The SLO
     # tightens at step 14 to 5.65 ms, barely above the 5.0 ms of streaming the weights: from then
     # on the decodes alone often fill the budget, and "s4", decoding behind the still-prefilling
@@ -151,6 +153,51 @@ def test_drafts_beyond_the_grant_are_dropped_from_the_last_decodes(model_dir):
     assert [len(output.scheduled_spec_decode_tokens.get(r.request_id, [])) for r in scheduler.running] == [4, 1, 0]
 
 
+def test_online_calibration_learns_from_the_steps(model_dir, tmp_path):
+    """The scheduler measures every step it hands out, refits its latency model (from the
+    default: no config here) and writes what it learned; no timing is asserted."""
+    from tkernels.plugins.vllm.scheduler import DecodeMaximalScheduler
+    from tkernels.sched import DEFAULT_RATES
+    from tkernels.sched.calibration import OnlineCalibration
+
+    log = tmp_path / "calibration.json"
+    scheduler = create_scheduler(model_dir, DecodeMaximalScheduler,
+                                 additional_config={"tkernels_sched": {"slo_ms": 50, "calibration_log": str(log)}})
+    calibration = scheduler.calibration
+    assert calibration is not None and calibration.model.rates == DEFAULT_RATES
+    assert "default" in calibration.source and calibration._executor is not None  # fits off the engine's thread
+    # the same calibration fitting inline, so that this test knows when a fit lands
+    scheduler.calibration = calibration = OnlineCalibration(scheduler.policy.model, calibration.source)
+    for n, length in enumerate((300, 40, 700, 90)):
+        scheduler.add_request(make_request(f"r{n}", length, 40))
+    tokens = []
+    for _ in range(200):
+        if not scheduler.requests:
+            break
+        output = scheduler.schedule()
+        tokens.append(output.total_num_scheduled_tokens)
+        step(scheduler, output)
+    assert not scheduler.requests
+    stepped = [t for t in tokens if t]
+    assert calibration.steps == len(stepped) >= calibration.min_steps and calibration.refits >= 1
+    assert scheduler.policy.model is calibration.model and calibration.model.rates != DEFAULT_RATES
+    data = json.loads(log.read_text())
+    # written at the last refit: the steps up to it
+    assert 0 < data["steps"] <= calibration.steps and len(data["costs"]) == len(data["measured_us"]) == data["steps"]
+    assert [c[0] for c in data["costs"]] == stepped[:data["steps"]]  # each step's tokens, as scheduled
+    assert all(t > 0 for t in data["measured_us"]) and "rates" in data
+    off = create_scheduler(model_dir, DecodeMaximalScheduler, additional_config={"tkernels_sched": {"calibrate": False}})
+    assert off.calibration is None
+
+
+@pytest.mark.parametrize("option, value", [("calibrate", "yes"), ("calibration_log", 3)])
+def test_calibration_options_are_checked(model_dir, option, value):
+    from tkernels.plugins.vllm.scheduler import DecodeMaximalScheduler
+
+    with pytest.raises(ValueError, match=option):
+        create_scheduler(model_dir, DecodeMaximalScheduler, additional_config={"tkernels_sched": {option: value}})
+
+
 def test_unknown_option_is_rejected(model_dir):
     from tkernels.plugins.vllm.scheduler import DecodeMaximalScheduler
 
@@ -231,7 +278,7 @@ def test_a_prompt_behind_many_decodes_does_not_starve(model_dir):
     from tkernels.sched import LLAMA3_8B, DecodeMaximalPolicy, WaitClock
 
     scheduler = create_scheduler(model_dir, DecodeMaximalScheduler, max_num_seqs=32, additional_config={
-        "tkernels_sched": {"slo_ms": 0.5, "max_wait_ms": 20}})
+        "tkernels_sched": {"slo_ms": 0.5, "max_wait_ms": 20, "calibrate": False}})  # the 8B pricing below, kept
     assert scheduler.policy.max_wait_ms == 20  # the option reaches the policy
     scheduler.policy = DecodeMaximalPolicy(LLAMA3_8B, slo_ms=0.5, max_wait_ms=20, max_tokens=scheduler.max_budget,
                                            choice=ConfigChoice(None, "fallback: test", {}))

@@ -32,6 +32,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
+
 from tkernels.checks import integer
 from tkernels.config import ConfigChoice, ConfigError, current
 
@@ -138,6 +140,84 @@ class LatencyModel:
         """Step time without attention, in µs: :class:`tkernels.spec.StepTime`, so the tree policy
         prices its trees with the same per-GPU model as the token budget."""
         return self.step_us(batch_tokens, 0, 0)
+
+    def steps_us(self, costs) -> np.ndarray:
+        """:meth:`step_us` of many steps at once: ``costs`` ``[n, 3]`` rows of (tokens, kv_tokens,
+        attn_pairs); float64 ``[n]`` µs (the same formula, vectorised for fitting)."""
+        return _steps_us(self.shape, np.asarray([getattr(self.rates, n) for n in RATE_NAMES], dtype=np.float64),
+                         np.asarray(costs, dtype=np.float64).reshape(-1, 3))
+
+
+RATE_NAMES = tuple(f.name for f in fields(LatencyRates))
+# fit_rates' priors: a ratio e times off start's costs what a 10%-off step does (log residuals)
+PRIOR_WEIGHT = 0.1
+
+
+def _steps_us(shape: ModelShape, rates: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    overhead, weight_gbps, matmul_tflops, kv_gbps, attn_tflops = rates
+    tokens, kv, pairs = costs.T
+    weights_us = shape.linear_params * shape.dtype_bytes / (weight_gbps * 1e3)
+    matmul_us = 2 * shape.linear_params * tokens / (matmul_tflops * 1e6)
+    return (overhead + np.hypot(weights_us, matmul_us) + kv * shape.kv_bytes_per_token / (kv_gbps * 1e3)
+            + pairs * shape.flops_per_pair / (attn_tflops * 1e6))
+
+
+def fit_rates(shape: ModelShape, costs, measured_us, start: LatencyRates = DEFAULT_RATES) -> LatencyRates:
+    """The rates that best predict measured steps: least squares on log(predicted / measured)
+    over the five rates (kept positive by fitting their logarithms), from ``start`` and from
+    ``start`` rescaled to the measured median (the better of the two fits).
+
+    ``costs``: (tokens, kv_tokens, attn_pairs) per step (:meth:`LatencyModel.step_us`'s
+    arguments); ``measured_us``: the steps' times. A rate the steps do not constrain (no prefill
+    chunk among them: nothing tells the attention rate) keeps ``start``'s ratio to its partner
+    (the weak priors below: overhead to weight streaming, matmul to weight rate, attention to
+    matmul rate, K/V to weight bandwidth), so a fit from few or similar steps predicts what it
+    has seen and keeps ``start``'s shape elsewhere. A soft-L1
+    loss keeps a few outliers (a preempted process, a page fault) from moving the fit. Used by
+    ``tkernels autotune`` (profiled steps) and by the online calibration
+    (:mod:`tkernels.sched.calibration`, the engine's own steps). Needs SciPy.
+    """
+    from scipy.optimize import least_squares
+
+    costs = np.asarray(costs, dtype=np.float64).reshape(-1, 3)
+    measured = np.asarray(measured_us, dtype=np.float64).reshape(-1)
+    if len(costs) != len(measured) or not len(costs):
+        raise ValueError(f"costs: {len(costs)} steps for {len(measured)} measurements (need as many, at least one)")
+    if not (np.isfinite(measured).all() and (measured > 0).all()):
+        raise ValueError("measured_us: must be finite positive times")
+    log_measured = np.log(measured)
+    start_log = np.log([max(getattr(start, n), 1e-3) for n in RATE_NAMES])
+
+    # Weak priors (PRIOR_WEIGHT) on the ratios between the terms: overhead vs
+    # weight streaming, the linear layers' knee (matmul vs weight rate), matmul vs attention
+    # compute rate, K/V vs weight bandwidth. They keep ``start``'s shape where the steps do not
+    # tell the terms apart, and leave the overall scale to the data alone. Without them a
+    # noisy machine's fit from similar steps (16 prompt chunks of 32 tokens) put the whole
+    # time in the fixed overhead, or a prompt's whole cost on its attention pairs: either
+    # misprices every other step. Steps of different shapes outweigh them at once.
+    i = {n: RATE_NAMES.index(n) for n in RATE_NAMES}
+    pairs = (("overhead_us", "weight_gbps", 1.0), ("matmul_tflops", "weight_gbps", -1.0),
+             ("matmul_tflops", "attn_tflops", -1.0), ("kv_gbps", "weight_gbps", -1.0))
+
+    def priors(log_rates: np.ndarray) -> list[float]:
+        # overhead x weight rate: the overhead in units of the weights' streaming time
+        return [PRIOR_WEIGHT * ((log_rates[i[a]] + sign * log_rates[i[b]]) - (start_log[i[a]] + sign * start_log[i[b]]))
+                for a, b, sign in pairs]
+
+    def residuals(log_rates: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.log(_steps_us(shape, np.exp(log_rates), costs)) - log_measured, priors(log_rates)])
+
+    # Two starts: ``start`` itself, and ``start`` uniformly slowed (or sped up) to the measured
+    # median (every time term scaled alike: the shape of ``start``, the scale of this machine).
+    # From a start 1000x off (the H100 default on a CPU) one local fit can settle in a corner
+    # that explains the steps seen so far by one term alone; the rescaled start keeps the
+    # balance between the terms. The better fit of the two wins.
+    scale = float(np.exp(np.median(log_measured - np.log(_steps_us(shape, np.exp(start_log), costs)))))
+    rescaled = start_log - np.log(scale)  # rates / scale: every term x scale
+    rescaled[i["overhead_us"]] = start_log[i["overhead_us"]] + np.log(scale)
+    fits = [least_squares(residuals, x0, method="trf", loss="soft_l1", f_scale=0.1) for x0 in (start_log, rescaled)]
+    best = min(fits, key=lambda fit: fit.cost)
+    return LatencyRates(**{n: float(v) for n, v in zip(RATE_NAMES, np.exp(best.x))})
 
 
 def prefill_chunk_cost(prefix_len: int, chunk: int) -> tuple[int, int]:
