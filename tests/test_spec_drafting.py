@@ -56,7 +56,7 @@ def _observe(drafters, trees, vocab: int, rng: random.Random, g: torch.Generator
         d.observe(trees, ids, probs, paths)
 
 
-@pytest.mark.parametrize("method", ["pld", "tr_static", "hybrid"])
+@pytest.mark.parametrize("method", ["pld", "tr_static", "retrieval", "hybrid"])
 @pytest.mark.parametrize("vocab", [40, 3000])
 def test_compiled_drafters_draft_the_reference_trees(method, vocab):
     rng, g = random.Random(vocab), torch.Generator().manual_seed(vocab)

@@ -111,9 +111,9 @@ class TreeDrafter:
     common token is whichever request verified it last, another context most of the time; the
     own row keeps the request's latest. ~ (nodes verified) x k x 12 bytes per request.
 
-    ``compiled``: draft ``pld``, ``tr_static`` and ``hybrid`` with the compiled batch drafters of
-    :mod:`tkernels.spec.drafting` (identical trees, one numba call per step), else with the
-    Python reference in this module; None (default): compiled unless the environment variable
+    ``compiled``: draft with the compiled batch drafters of :mod:`tkernels.spec.drafting`
+    (every method but ``tr``; identical trees, one numba call per step), else with the Python
+    reference in this module; None (default): compiled unless the environment variable
     ``TKERNELS_DRAFTERS`` is ``reference``.
     """
 
@@ -213,6 +213,9 @@ class TreeDrafter:
         elif self.method == "tr_static":
             trees = drafting.draft_tr_static(self.compiled, self.recycling, self.compiled.slots_of(keys), flat[cu[1:] - 1],
                                              static_template(num_nodes))
+        elif self.method == "retrieval":
+            trees = drafting.draft_retrieval(self, self.compiled, self.compiled.slots_of(keys), flat, cu, num_nodes,
+                                             MAX_CHILDREN)
         else:
             template = static_template(max(1, int(num_nodes * HYBRID_TEMPLATE_SHARE)))
             trees = drafting.draft_hybrid(self, self.compiled, self.compiled.slots_of(keys), flat, cu, num_nodes,

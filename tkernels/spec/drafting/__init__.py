@@ -1,5 +1,5 @@
-"""Compiled drafters: every :class:`~tkernels.spec.drafters.TreeDrafter` method but ``tr`` and
-``retrieval`` drafts the whole batch in one call of numba-compiled code (one host thread,
+"""Compiled drafters: every :class:`~tkernels.spec.drafters.TreeDrafter` method but ``tr`` drafts
+the whole batch in one call of numba-compiled code (one host thread,
 ``cache=True``: compiled on a machine's first use, a few seconds, then loaded from
 ``__pycache__``). The Python drafters in :mod:`tkernels.spec.drafters` stay the readable
 reference; ``tests/test_spec_drafting.py`` asserts that both draft identical trees.
@@ -9,9 +9,11 @@ reference; ``tests/test_spec_drafting.py`` asserts that both draft identical tre
   request's own rows first).
 * ``hybrid``: :func:`.hybrid.hybrid_trees`, the reference's heap growth over arrays, after
   :func:`.kernels.sync_contexts` extends every request's suffix automaton with its new tokens.
+* ``retrieval``: :func:`.retrieval.retrieval_trees` (the automaton's best-first continuations),
+  after the same sync.
 
-``tr`` keeps its batched torch beam (already one call per batch) and ``retrieval`` the
-reference's per-request automaton for now.
+``tr`` keeps its batched torch beam (one call per batch already; its ties between equal scores
+follow ``torch.topk``, which a compiled heap would not reproduce exactly).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from ..draft_tree import DraftTree
 from . import kernels as K
 from .compiled import CompiledState, Features, flatten
 from .hybrid import hybrid_trees
+from .retrieval import retrieval_trees
 
-__all__ = ["COMPILED_METHODS", "CompiledState", "draft_hybrid", "draft_pld", "draft_tr_static", "flatten"]
+__all__ = ["COMPILED_METHODS", "CompiledState", "draft_hybrid", "draft_pld", "draft_retrieval", "draft_tr_static",
+           "flatten"]
 
-COMPILED_METHODS = ("pld", "tr_static", "hybrid")
+COMPILED_METHODS = ("pld", "tr_static", "retrieval", "hybrid")
 
 
 def _check_tokens(name: str, tokens: np.ndarray, vocab_size: int) -> None:
@@ -88,4 +92,27 @@ def draft_hybrid(drafter, state: CompiledState, slots: np.ndarray, flat: np.ndar
     tokens, parents = torch.from_numpy(out_tokens), torch.from_numpy(out_parents)
     scores, trp = torch.from_numpy(out_scores), torch.from_numpy(out_trp)
     return [DraftTree(tokens[b, :m], parents[b, :m], scores[b, :m], trp[b, :m], Features(out_feat[b, :m], out_share[b, :m]))
+            for b, m in enumerate(out_n.tolist())]
+
+
+def draft_retrieval(drafter, state: CompiledState, slots: np.ndarray, flat: np.ndarray, cu: np.ndarray,
+                    num_nodes: int, max_children: int) -> list[DraftTree]:
+    """``TreeDrafter._draft_contexts`` of ``retrieval`` for the batch."""
+    calibration = drafter.retrieval_calibration
+    _check_tokens("histories", flat, 2**31)  # the automaton's hash keys hold a token in 32 bits
+    state.sync_contexts(slots, flat, cu)
+    batch, n = slots.shape[0], num_nodes
+    out_tokens = np.empty((batch, n), np.int64)
+    out_parents = np.empty((batch, n), np.int32)
+    out_scores = np.empty((batch, n), np.float64)
+    out_feat = np.empty((batch, n, 2), np.int64)
+    out_share = np.empty((batch, n), np.float64)
+    out_n = np.empty(batch, np.int64)
+    retrieval_trees(state.states, state.edges, state.meta, slots, flat[cu[1:] - 1],
+                    torch.stack([calibration.accepted, calibration.tested]).numpy(), calibration._prior.numpy(),
+                    float(calibration.prior_weight), np.array(calibration.DEPTH_BINS, np.int64),
+                    np.array(calibration.MATCH_BINS, np.int64), n, 2 * drafter.max_depth, max_children,
+                    out_tokens, out_parents, out_scores, out_feat, out_share, out_n)
+    tokens, parents, scores = torch.from_numpy(out_tokens), torch.from_numpy(out_parents), torch.from_numpy(out_scores)
+    return [DraftTree(tokens[b, :m], parents[b, :m], scores[b, :m], None, Features(out_feat[b, :m], out_share[b, :m]))
             for b, m in enumerate(out_n.tolist())]

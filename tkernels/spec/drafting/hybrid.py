@@ -64,6 +64,31 @@ def _pop(hk, hn, hj, size):
 
 
 @njit(cache=True)
+def _bfs_order(par, count, nchild, first, kids, layout, new):
+    """retrieval.bfs_order of the first ``count`` nodes (``par``: parents): ``layout`` the
+    nodes in BFS order (children in index order), ``new`` their new indices; the other
+    arguments are scratch arrays of ``count`` (``first``: ``count + 1``) entries."""
+    nchild[:count] = 0
+    for i in range(1, count):
+        nchild[par[i]] += 1
+    first[0] = 0
+    for i in range(count):
+        first[i + 1] = first[i] + nchild[i]
+    nchild[:count] = 0
+    for i in range(1, count):
+        kids[first[par[i]] + nchild[par[i]]] = i
+        nchild[par[i]] += 1
+    layout[0], tail = 0, 1
+    for head in range(count):
+        u = layout[head]
+        for i in range(first[u], first[u + 1]):
+            layout[tail] = kids[i]
+            tail += 1
+    for i in range(count):
+        new[layout[i]] = i
+
+
+@njit(cache=True)
 def _find(ctok, ncand, node, token):
     for j in range(ncand[node]):
         if ctok[node, j] == token:
@@ -248,25 +273,7 @@ def hybrid_trees(l_states, l_edges, l_own_tables, l_own_ids, l_own_probs, meta, 
             tok[v], par[v], ndepth[v] = ctok[node, cj], node, ndepth[node] + 1
             fd[v], fm[v], fs[v] = cfd[node, cj], cfm[node, cj], cfs[node, cj]
             cst[v], cln[v] = ccs[node, cj], ccl[node, cj]
-        # bfs_order: children in index order, BFS from the root
-        nchild[:count] = 0
-        for i in range(1, count):
-            nchild[par[i]] += 1
-        first[0] = 0
-        for i in range(count):
-            first[i + 1] = first[i] + nchild[i]
-        nchild[:count] = 0
-        for i in range(1, count):
-            kids[first[par[i]] + nchild[par[i]]] = i
-            nchild[par[i]] += 1
-        layout[0], tail = 0, 1
-        for head in range(count):
-            u = layout[head]
-            for i in range(first[u], first[u + 1]):
-                layout[tail] = kids[i]
-                tail += 1
-        for i in range(count):
-            new[layout[i]] = i
+        _bfs_order(par, count, nchild, first, kids, layout, new)
         for i in range(count):
             u = layout[i]
             out_tokens[b, i], out_parents[b, i] = tok[u], new[par[u]] if par[u] >= 0 else -1
