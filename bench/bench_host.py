@@ -8,7 +8,7 @@ histories that follow a row's best candidate 70% of the time), at batch 1 / 8 / 
 ``NgramProposer.propose`` gets the array itself (prompt lookup of 1..3 tokens, as the project's
 vLLM comparisons run it) and proposes ``K`` = 8 tokens (the issue's reference) and
 ``nodes - 1``. Each drafter has seen one verify step of every request before timing.
-``us`` in each record: the median call over the batch; ``x_ngram``: that over vLLM's ``ngram``
+One host thread (torch's and numba's). ``us`` in each record: the median call over the batch; ``x_ngram``: that over vLLM's ``ngram``
 at K = 8 and the same batch (measured in the same run, earlier in it).
 
 ``pytest bench/bench_host.py --benchmark-enable --benchmark-json=bench/results/host_cpu_vm.json``
@@ -82,6 +82,17 @@ def ngram_proposer(k: int, batch: int):
     proposer.num_tokens_threshold = 8192
     proposer.num_numba_thread_available = 1
     return proposer
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One host thread for every drafter, as for vLLM's ngram (``tr``'s beam and the reference
+    drafters' tensor calls would otherwise spread over torch's intra-op pool, whose spinning
+    threads fight the other jobs of a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _median_us(fn, batch: int, calls: int = 7) -> float:

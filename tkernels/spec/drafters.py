@@ -56,8 +56,8 @@ import torch
 
 from tkernels.checks import integer
 
-from . import drafting
 from .draft_tree import DraftTree, RetrievalCalibration
+from .drafting import COMPILED_METHODS
 from .ngram import propose_ngram
 from .retrieval import SuffixAutomaton, bfs_order
 from .token_recycling import TokenRecycling
@@ -123,7 +123,11 @@ class TreeDrafter:
             raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
         if compiled is None:
             compiled = os.environ.get(DRAFTERS_ENV, "compiled") != "reference"
-        self.compiled = drafting.CompiledState(k) if compiled and method in drafting.COMPILED_METHODS else None
+        self.compiled = None  # the compiled drafters' per-request state (None: the Python reference drafts)
+        if compiled and method in COMPILED_METHODS:
+            from .drafting import batch  # numba: loaded on first use (tkernels.spec.drafting's doc says why)
+
+            self._batch, self.compiled = batch, batch.CompiledState(k)
         self.method, self.max_depth = method, max_depth
         self.pld_max_draft = pld_max_draft
         self.recycling = TokenRecycling(vocab_size, k) if method in ("tr_static", "tr", "hybrid") else None
@@ -206,19 +210,19 @@ class TreeDrafter:
         return trees
 
     def _draft_compiled(self, keys, histories, num_nodes: int) -> list[DraftTree]:
-        flat, cu = drafting.flatten(histories)
+        flat, cu = self._batch.flatten(histories)
         if self.method == "pld":
             num_draft = num_nodes - 1 if self.pld_max_draft is None else min(num_nodes - 1, self.pld_max_draft)
-            trees = drafting.draft_pld(flat, cu, max(num_draft, 0))
+            trees = self._batch.draft_pld(flat, cu, max(num_draft, 0))
         elif self.method == "tr_static":
-            trees = drafting.draft_tr_static(self.compiled, self.recycling, self.compiled.slots_of(keys), flat[cu[1:] - 1],
+            trees = self._batch.draft_tr_static(self.compiled, self.recycling, self.compiled.slots_of(keys), flat[cu[1:] - 1],
                                              static_template(num_nodes))
         elif self.method == "retrieval":
-            trees = drafting.draft_retrieval(self, self.compiled, self.compiled.slots_of(keys), flat, cu, num_nodes,
+            trees = self._batch.draft_retrieval(self, self.compiled, self.compiled.slots_of(keys), flat, cu, num_nodes,
                                              MAX_CHILDREN)
         else:
             template = static_template(max(1, int(num_nodes * HYBRID_TEMPLATE_SHARE)))
-            trees = drafting.draft_hybrid(self, self.compiled, self.compiled.slots_of(keys), flat, cu, num_nodes,
+            trees = self._batch.draft_hybrid(self, self.compiled, self.compiled.slots_of(keys), flat, cu, num_nodes,
                                           template, ROOT_CONTEXTS, MAX_CHILDREN)
         for tree, key in zip(trees, keys):
             tree.key = key
