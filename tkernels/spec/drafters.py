@@ -40,8 +40,10 @@ to whichever source is likelier at this step, node by node: a long copy of the p
 retrieval matches, recycled alternatives where a copy may diverge, and recycling alone where
 nothing matches; a recycled token that continues the context picks the copy up again. Each
 source's calibration learns from its own candidates' outcomes (a candidate is tested when its
-parent was accepted). The growth is a per-request host loop (a heap, ``num_nodes`` pops), a few
-milliseconds per request at 256 nodes (``bench/bench_drafters.py``).
+parent was accepted). The growth is a per-request host loop (a heap, ``num_nodes`` pops): here,
+the readable reference, a few milliseconds per request at 256 nodes (``bench/bench_drafters.py``);
+:mod:`tkernels.spec.drafting` runs the same loop compiled, for the whole batch in one call, and
+is what :class:`TreeDrafter` drafts with by default (``bench/bench_host.py``).
 """
 
 from __future__ import annotations
