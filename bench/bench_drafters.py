@@ -12,6 +12,11 @@ first), and 600-token histories that follow a row's best candidate 70% of the ti
 token otherwise, so retrieval finds earlier matches as in real text. Each drafter has seen one
 verify step of every request (its own rows, calibrations) before timing.
 
+It times :class:`TreeDrafter`'s default path: the compiled drafters since issue 23
+(``TKERNELS_DRAFTERS=reference`` times the Python reference, which is what the committed
+``bench/results/drafters_cpu_vm.json`` measured); ``bench/bench_host.py`` (H1) times them per
+batch size beside vLLM's ``ngram``.
+
 Runs anywhere (host work only): ``pytest bench/bench_drafters.py --benchmark-enable``. On a GPU
 machine (``bench/device.sh``) the records go to ``bench/results/<device file name>.json``
 (``{"workload": "D1-draft-hybrid-80", "impl": "hybrid", "us": ...}``, the host CPU of that
