@@ -8,8 +8,8 @@ compared whole: tokens, parents, scores and the stored TR probabilities (exactly
 operations in the same order), retrieval features: about 4800 trees (130k nodes) over the eight
 cases.
 
-The first run on a machine compiles the kernels (numba, ``cache=True``: about 30 s on the
-project's 2-core VM, then about 2 s to load them).
+The first run on a machine compiles the kernels (numba, ``cache=True``: 20 s for all four methods
+on the project's 2-core VM at load 6, then about 4 s to load them).
 """
 
 import random
