@@ -12,6 +12,11 @@ first), and 600-token histories that follow a row's best candidate 70% of the ti
 token otherwise, so retrieval finds earlier matches as in real text. Each drafter has seen one
 verify step of every request (its own rows, calibrations) before timing.
 
+It times :class:`TreeDrafter`'s default path: the compiled drafters since issue 23
+(``TKERNELS_DRAFTERS=reference`` times the Python reference, which is what the committed
+``bench/results/drafters_cpu_vm.json`` measured); ``bench/bench_host.py`` (H1) times them per
+batch size beside vLLM's ``ngram``.
+
 Runs anywhere (host work only): ``pytest bench/bench_drafters.py --benchmark-enable``. On a GPU
 machine (``bench/device.sh``) the records go to ``bench/results/<device file name>.json``
 (``{"workload": "D1-draft-hybrid-80", "impl": "hybrid", "us": ...}``, the host CPU of that
@@ -36,13 +41,15 @@ METHODS = ("pld", "tr_static", "tr", "hybrid")
 
 
 @functools.cache
-def workload():
+def workload(batch: int = BATCH):
+    """``(ids, probs, histories)``: the adjacency's rows and ``batch`` histories (the first
+    ``n`` of a larger batch are the histories of batch ``n``)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.stack([torch.randperm(VOCAB, generator=g)[:K] for _ in range(VOCAB // 16)])
     ids = ids.repeat(16, 1)[torch.randperm(VOCAB, generator=g)]  # [VOCAB, K]
     probs = torch.softmax(torch.randn(VOCAB, K, generator=g) * 2, dim=-1).sort(dim=-1, descending=True).values
     histories = []
-    for _ in range(BATCH):
+    for _ in range(batch):
         tokens = [int(torch.randint(VOCAB, (1,), generator=g))]
         follow = torch.rand(HISTORY, generator=g) < 0.7
         jumps = torch.randint(VOCAB, (HISTORY,), generator=g).tolist()
@@ -54,7 +61,7 @@ def workload():
 
 @functools.cache
 def drafter(method: str, nodes: int) -> TreeDrafter:
-    ids, probs, histories = workload()
+    ids, probs, histories = workload(BATCH)
     d = TreeDrafter(VOCAB, method, K)
     if d.recycling is not None:
         d.recycle(torch.arange(VOCAB), ids, probs)
@@ -79,7 +86,7 @@ def median_draft_us(d: TreeDrafter, histories, nodes: int, calls: int = 5) -> fl
 @pytest.mark.parametrize("nodes", NODES)
 @pytest.mark.parametrize("method", METHODS)
 def test_draft_cost(benchmark, records, method, nodes):
-    d, (_, _, histories) = drafter(method, nodes), workload()
+    d, (_, _, histories) = drafter(method, nodes), workload(BATCH)
     trees = benchmark(d.draft, list(range(BATCH)), histories, nodes)
     assert len(trees) == BATCH and all(1 <= len(t) <= nodes for t in trees)
     record = {"workload": f"D1-draft-{method}-{nodes}", "impl": method, "nodes": nodes, "batch": BATCH,

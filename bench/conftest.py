@@ -49,7 +49,7 @@ def pytest_runtest_protocol(item, nextitem):
 
 # Benchmarks of host work only (no kernel): run after the GPU workloads, so that a deadline
 # cuts them rather than a GPU measurement.
-HOST_ONLY_MODULES = ("bench_drafters",)
+HOST_ONLY_MODULES = ("bench_drafters", "bench_host")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,8 +26,9 @@ target's top-k at the prompt's positions, from the prefill). Besides MAT, every 
 predicts tokens/s per request on an H100 and an H200 at batch sizes 1/8/32/64 from the
 step-latency model (:data:`STEP_MODELS`): tokens received after the prefill's over the summed
 predicted times of the verify steps, each of B times its tree's nodes (every request of the
-batch drafting like this one); with ``--draft-cost`` (D1's file, ``bench/bench_drafters.py``)
-also with the host's drafting time per request added to every step.
+batch drafting like this one); with ``--draft-cost`` (D1's file, ``bench/bench_drafters.py``, or
+H1's, ``bench/bench_host.py``, timed per batch size) also with the host's drafting time per
+request added to every step.
 
 Results keep every method's per-question raw counts, so runs of different methods in parallel
 processes merge (``--merge``) and an interrupted run resumes (``--resume``) at method granularity.
@@ -257,27 +258,39 @@ def run(model, tokenizer, questions: list[Question], methods: list[str], max_new
     return raw
 
 
-def predicted_tokens_per_s(steps: list[int], decode_tokens: int, host_us_per_request: float = 0.0) -> dict[str, dict[str, float]]:
+def predicted_tokens_per_s(steps: list[int], decode_tokens: int,
+                           host_us_per_request: float | dict[int, float] = 0.0) -> dict[str, dict[str, float]]:
     """Tokens/s per request per GPU and batch size: ``decode_tokens`` over the predicted times of
     the verify ``steps`` (tree sizes; each step ``batch`` times its tree), plus ``batch`` requests'
-    host drafting per step."""
+    host drafting per step (``host_us_per_request``: one time for every batch, or per batch size)."""
+    def host(b: int) -> float:
+        return host_us_per_request[b] if isinstance(host_us_per_request, dict) else host_us_per_request
+
     return {gpu: {str(b): 1e6 * decode_tokens / max(sum(model.step_time(b * n) for n in steps)
-                                                     + len(steps) * b * host_us_per_request, 1e-9)
+                                                     + len(steps) * b * host(b), 1e-9)
                   for b in PREDICTED_BATCHES}
             for gpu, model in STEP_MODELS.items()}
 
 
-def load_draft_cost(path: Path) -> dict[tuple[str, int], float]:
+def load_draft_cost(path: Path) -> dict[tuple[str, int], float | dict[int, float]]:
     """Drafting time per request, µs, by ``(method, nodes)``, from the pytest-benchmark JSON of
-    ``bench/bench_drafters.py`` (D1): each benchmark's median over its batch."""
-    costs = {}
+    ``bench/bench_drafters.py`` (D1, one batch size: a time) or ``bench/bench_host.py`` (H1,
+    batch 1/8/32/64: per batch size a time, each predicted batch priced at its own): each
+    benchmark's median over its batch."""
+    costs: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
     for bench in json.loads(Path(path).read_text())["benchmarks"]:
         info = bench.get("extra_info", {})
         if {"impl", "nodes", "batch"} <= set(info):
-            costs[(info["impl"], int(info["nodes"]))] = 1e6 * bench["stats"]["median"] / info["batch"]
+            costs[(info["impl"], int(info["nodes"]))][int(info["batch"])] = 1e6 * bench["stats"]["median"] / info["batch"]
     if not costs:
         raise ValueError(f"path: {path} holds no bench_drafters.py records (extra_info impl, nodes, batch)")
-    return costs
+    if all(len(by_batch) == 1 for by_batch in costs.values()):
+        return {key: next(iter(by_batch.values())) for key, by_batch in costs.items()}
+    missing = {key: sorted(set(PREDICTED_BATCHES) - set(by_batch)) for key, by_batch in costs.items()
+               if not set(PREDICTED_BATCHES) <= set(by_batch)}
+    if missing:
+        raise ValueError(f"path: per-batch costs must cover batches {PREDICTED_BATCHES}, missing {missing}")
+    return dict(costs)
 
 
 def summarize(raw: dict[str, list[dict]], draft_us: dict[tuple[str, int], float] | None = None) -> list[dict]:
@@ -305,7 +318,7 @@ def summarize(raw: dict[str, list[dict]], draft_us: dict[tuple[str, int], float]
             steps = [n for r in rs for n in r["step_nodes"]]
             decode_tokens = sum(r["tokens"] - 1 for r in rs)
             drafting = {} if host_us is None else {
-                "draft_us_per_request": host_us,
+                "draft_us_per_request": host_us if not isinstance(host_us, dict) else {str(b): us for b, us in host_us.items()},
                 "predicted_tokens_per_s_with_drafting": predicted_tokens_per_s(steps, decode_tokens, host_us)}
             records.append({
                 "method": method, "nodes": drafter_nodes, "batch": batch, "category": category, "questions": len(rs),
@@ -341,10 +354,12 @@ def format_table(records: list[dict]) -> str:
                if "predicted_tokens_per_s_with_drafting" in by_cat["overall"]}
     for gpu in STEP_MODELS if drafted else ():
         lines.append(f"\npredicted {gpu} tokens/s per request with the host's drafting (--draft-cost)\n"
-                     f"{'method':<12}{'nodes':>7}{'us/req':>8}" + "".join(f"{'batch ' + str(b):>12}" for b in PREDICTED_BATCHES))
+                     f"{'method':<12}{'nodes':>7}{'us/req':>16}" + "".join(f"{'batch ' + str(b):>12}" for b in PREDICTED_BATCHES))
         for (method, nodes), r in drafted.items():
             predicted = r["predicted_tokens_per_s_with_drafting"][gpu]
-            lines.append(f"{method:<12}{nodes:>7}{r['draft_us_per_request']:>8.0f}"
+            cost = r["draft_us_per_request"]
+            cost = "/".join(f"{v:.0f}" for v in cost.values()) if isinstance(cost, dict) else f"{cost:.0f}"
+            lines.append(f"{method:<12}{nodes:>7}{cost:>16}"
                          + "".join(f"{predicted[str(b)]:>12.0f}" for b in PREDICTED_BATCHES))
     return "\n".join(lines)
 
@@ -375,8 +390,8 @@ def main(argv=None) -> None:
     parser.add_argument("--merge", type=Path, nargs="+", default=None,
                         help="no run: merge these result files' complete methods into --out and print the table")
     parser.add_argument("--draft-cost", type=Path, default=None,
-                        help="bench/bench_drafters.py's pytest-benchmark JSON: also predict tokens/s with that "
-                             "host's drafting time per step (e.g. bench/results/drafters_cpu_vm.json)")
+                        help="bench/bench_drafters.py's or bench/bench_host.py's pytest-benchmark JSON: also predict "
+                             "tokens/s with that host's drafting time per step (e.g. bench/results/host_cpu_vm.json)")
     args = parser.parse_args(argv)
     if not args.data.is_file():
         raise SystemExit(f"--data: {args.data} not found (the Spec-Bench dev questions ship as {SPECBENCH_DEV})")

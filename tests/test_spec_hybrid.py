@@ -192,7 +192,7 @@ def test_every_method_drafts_valid_trees_for_a_batch(method):
 
 
 def test_contexts_follow_each_request():
-    drafter = TreeDrafter(V, "retrieval")
+    drafter = TreeDrafter(V, "retrieval", compiled=False)  # the compiled slots: tests/test_spec_drafting.py
     drafter.draft(["a"], [[1, 2, 3, 1, 2]], 4)
     assert drafter._contexts["a"].tokens == [1, 2, 3, 1, 2]
     drafter.draft(["a"], [[1, 2, 3, 1, 2, 3, 1]], 4)  # extended in place
@@ -243,7 +243,8 @@ def _observe_random(drafter, trees, g):
 def test_own_rows_change_nothing_for_one_request_at_a_time():
     """The harness's case: a request's own row of a token is the shared row's latest value."""
     g, rng = torch.Generator().manual_seed(0), random.Random(0)
-    with_own, shared_only = TreeDrafter(V, "hybrid"), TreeDrafter(V, "hybrid")
+    # the reference's own rows (the compiled ones draft the same trees: tests/test_spec_drafting.py)
+    with_own, shared_only = TreeDrafter(V, "hybrid", compiled=False), TreeDrafter(V, "hybrid", compiled=False)
     for d in (with_own, shared_only):
         _warm(d, 1)
     history = [rng.randrange(V) for _ in range(20)]
@@ -273,7 +274,7 @@ def test_own_rows_keep_each_request_its_latest_row_among_many():
 
 
 def test_a_token_at_several_nodes_keeps_the_last_nodes_row():
-    drafter = TreeDrafter(V, "hybrid")
+    drafter = TreeDrafter(V, "hybrid", compiled=False)  # the compiled rows: tests/test_spec_drafting.py
     tree = DraftTree(torch.tensor([7, 3, 4, 3]), torch.tensor([-1, 0, 0, 1], dtype=torch.int32), key="a")
     ids = torch.arange(32).view(4, 8)
     drafter.observe([tree], ids, torch.full((4, 8), 0.1), [[0]])

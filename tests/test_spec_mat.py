@@ -126,6 +126,29 @@ def test_drafting_cost_adds_the_batch_s_host_time_to_every_step(spec_mat, tmp_pa
         spec_mat.load_draft_cost(path)
 
 
+def test_per_batch_drafting_cost_prices_each_batch_at_its_own(spec_mat, tmp_path):
+    raw = {"hybrid:9": [{"question_id": 1, "category": "a", "tokens": 10, "forwards": 4, "step_nodes": [9, 9, 5],
+                         "equal": True}]}
+    per_request = {1: 40.0, 8: 20.0, 32: 15.0, 64: 12.0}
+    bench = {"benchmarks": [  # pytest-benchmark's file as bench/bench_host.py writes it
+        {"stats": {"median": b * us * 1e-6}, "extra_info": {"impl": "hybrid", "nodes": 9, "batch": b, "us": 1.0}}
+        for b, us in per_request.items()]}
+    path = tmp_path / "h1.json"
+    path.write_text(json.dumps(bench))
+    costs = spec_mat.load_draft_cost(path)
+    assert costs == {("hybrid", 9): pytest.approx(per_request)}
+    hybrid = next(r for r in spec_mat.summarize(raw, costs) if r["category"] == "overall")
+    for gpu, model in spec_mat.STEP_MODELS.items():
+        for b in spec_mat.PREDICTED_BATCHES:
+            steps = sum(model.step_time(b * n) for n in (9, 9, 5))
+            assert hybrid["predicted_tokens_per_s_with_drafting"][gpu][str(b)] == pytest.approx(
+                9e6 / (steps + 3 * b * per_request[b]))
+    assert "40/20/15/12" in spec_mat.format_table(spec_mat.summarize(raw, costs))
+    path.write_text(json.dumps({"benchmarks": bench["benchmarks"][:2]}))
+    with pytest.raises(ValueError, match="^path:.*missing"):
+        spec_mat.load_draft_cost(path)
+
+
 def test_load_questions_takes_first_turns_per_category(spec_mat, tmp_path):
     rows = [{"category": c, "turns": [f"{c} {i}", "second turn"]} for i in range(3) for c in ("a", "b")]
     data = tmp_path / "q.jsonl"

@@ -40,22 +40,26 @@ to whichever source is likelier at this step, node by node: a long copy of the p
 retrieval matches, recycled alternatives where a copy may diverge, and recycling alone where
 nothing matches; a recycled token that continues the context picks the copy up again. Each
 source's calibration learns from its own candidates' outcomes (a candidate is tested when its
-parent was accepted). The growth is a per-request host loop (a heap, ``num_nodes`` pops), a few
-milliseconds per request at 256 nodes (``bench/bench_drafters.py``).
+parent was accepted). The growth is a per-request host loop (a heap, ``num_nodes`` pops): here,
+the readable reference, a few milliseconds per request at 256 nodes (``bench/bench_drafters.py``);
+:mod:`tkernels.spec.drafting` runs the same loop compiled, for the whole batch in one call, and
+is what :class:`TreeDrafter` drafts with by default (``bench/bench_host.py``).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import os
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from functools import cache
 
 import torch
 
-from tkernels.checks import integer, real
+from tkernels.checks import integer
 
+from .draft_tree import DraftTree, RetrievalCalibration
+from .drafting import COMPILED_METHODS
 from .ngram import propose_ngram
 from .retrieval import SuffixAutomaton, bfs_order
 from .token_recycling import TokenRecycling
@@ -74,6 +78,8 @@ ROOT_CONTEXTS = 3  # hybrid: the longest earlier match and up to two shorter suf
 # nodes, -1% at 9), on questions outside the benchmark too (+2% / +5% at 32 / 80).
 HYBRID_TEMPLATE_SHARE = 0.5
 OWN_ROWS = ("tr_static", "hybrid")  # methods that keep per-request own adjacency rows (TreeDrafter doc)
+# TreeDrafter(compiled=None) reads it: "reference" drafts with the Python reference (tests, debugging)
+DRAFTERS_ENV = "TKERNELS_DRAFTERS"
 
 def static_template(num_nodes: int) -> TreeShape:
     """The static Token Recycling tree of ``num_nodes`` nodes (root included, at most
@@ -91,105 +97,6 @@ def _template(num_nodes: int) -> TreeShape:
     return token_recycling_tree(num_nodes).truncate(num_nodes)
 
 
-@dataclass
-class DraftTree:
-    """One request's draft: a tree in BFS order (the ``parents`` contract of :mod:`tkernels.spec.tree`).
-
-    ``tokens`` int64 [n] (node 0 = the last committed token), ``parents`` int32 [n]; ``scores``
-    float64 [n], the estimated probability that the target accepts each node's path (root 1;
-    None for methods without estimates: ``pld``, ``tr_static``); ``tr_probs`` float32 [n], the
-    stored Token Recycling probability of the nodes TR proposed (NaN elsewhere; None without
-    TR); ``retrieval`` per node the retrieval features ``(depth, match length, share)`` of the
-    nodes retrieval proposed (None elsewhere; None without retrieval); ``key`` the request's id
-    given to :meth:`TreeDrafter.draft`.
-    """
-
-    tokens: torch.Tensor
-    parents: torch.Tensor
-    scores: torch.Tensor | None = None
-    tr_probs: torch.Tensor | None = None
-    retrieval: list[tuple[int, int, float] | None] | None = None
-    key: Hashable | None = None
-
-    def __len__(self) -> int:
-        return self.tokens.numel()
-
-    def select(self, nodes: torch.Tensor) -> DraftTree:
-        """The sub-tree of ``nodes`` (int64, ascending, holding node 0 and every kept node's
-        parent), still in BFS order: dropping nodes keeps the order of the rest."""
-        nodes = nodes.long().cpu()
-        new = torch.full((len(self),), -1, dtype=torch.int64)
-        new[nodes] = torch.arange(nodes.numel())
-        old_parents = self.parents.long()[nodes]
-        parents = torch.where(old_parents >= 0, new[old_parents.clamp(min=0)], -1)
-        if bool((parents[1:] < 0).any()) or int(nodes[0]) != 0:
-            raise ValueError("nodes: must hold the root and the parent of every kept node")
-        keep = nodes.tolist()
-        return DraftTree(self.tokens[nodes], parents.int(), None if self.scores is None else self.scores[nodes],
-                         None if self.tr_probs is None else self.tr_probs[nodes],
-                         None if self.retrieval is None else [self.retrieval[i] for i in keep], self.key)
-
-
-class RetrievalCalibration:
-    """Acceptance estimates of retrieval candidates, learned online.
-
-    Cells: the candidate's depth (1, 2, 3-4, 5-8, 9+), the length of the match its context
-    started from (1, 2, 3-4, 5-8, 9-16, 17+ tokens) and its share of the context's earlier
-    continuations (1, [1/2, 1), below 1/2). Per cell decayed counts of tested candidates (their
-    parent was accepted) and accepted ones; the estimate is their ratio after ``prior_weight``
-    pseudo-tests at the prior ``share * min(0.95, 0.35 + 0.12 (depth - 1) + 0.08 (match - 1))``
-    (cell lower edges): a copy is likelier to go on the longer it has gone on and the longer
-    the match it started from. That rule was read off replays of retrieval drafts on greedy
-    SmolLM2 answers to held-out dev questions (the 3rd and 4th of each category, not the
-    benchmark's first two): depth 1 after a 1-token match accepted 34%, depth 5-8 about 80%.
-    Every :meth:`record` multiplies the counts by ``decay``.
-    """
-
-    DEPTH_BINS = (1, 2, 3, 5, 9)  # lower edges
-    MATCH_BINS = (1, 2, 3, 5, 9, 17)
-    SHARE_BINS = 3
-
-    def __init__(self, prior_weight: float = 2.0, decay: float = 0.995):
-        if real("decay", decay, positive=True) > 1:
-            raise ValueError(f"decay: must be in (0, 1], got {decay}")
-        real("prior_weight", prior_weight, positive=True)
-        self.prior_weight, self.decay = prior_weight, decay
-        shape = (len(self.DEPTH_BINS), len(self.MATCH_BINS), self.SHARE_BINS)
-        self.tested = torch.zeros(shape, dtype=torch.float64)
-        self.accepted = torch.zeros(shape, dtype=torch.float64)
-        depth = torch.tensor(self.DEPTH_BINS, dtype=torch.float64)[:, None]
-        match = torch.tensor(self.MATCH_BINS, dtype=torch.float64)[None, :]
-        self._prior = (0.35 + 0.12 * (depth - 1) + 0.08 * (match - 1)).clamp(max=0.95)  # [depth, match] at share 1
-
-    @staticmethod
-    def _bin(value: int, edges: tuple[int, ...]) -> int:
-        return max(i for i, edge in enumerate(edges) if value >= edge) if value >= edges[0] else 0
-
-    def cell(self, depth: int, match: int, share: float) -> tuple[int, int, int]:
-        return (self._bin(depth, self.DEPTH_BINS), self._bin(match, self.MATCH_BINS),
-                0 if share >= 1 else 1 if share >= 0.5 else 2)
-
-    def accept_prob(self, share: float, context_len: int, support: int, depth: int) -> float:
-        """Estimated chance that the target picks a candidate (its parent accepted);
-        :meth:`SuffixAutomaton.continuations`' ``accept_prob`` (the match length is the
-        context's length less the depth above the candidate)."""
-        d, m, s = self.cell(depth, context_len - depth + 1, share)
-        return float((self.accepted[d, m, s] + self.prior_weight * float(self._prior[d, m]) * share)
-                     / (self.tested[d, m, s] + self.prior_weight))
-
-    def record(self, features: Sequence[tuple[int, int, float]], accepted: Sequence[bool]) -> None:
-        """Learn from tested candidates: their ``(depth, match length, share)`` and whether the
-        target picked them. One decay per call."""
-        if len(features) != len(accepted):
-            raise ValueError(f"accepted: one per feature tuple, got {len(accepted)} for {len(features)}")
-        self.tested *= self.decay
-        self.accepted *= self.decay
-        for (depth, match, share), ok in zip(features, accepted):
-            cell = self.cell(depth, match, share)
-            self.tested[cell] += 1.0
-            self.accepted[cell] += float(ok)
-
-
 class TreeDrafter:
     """Drafts one tree per request per step with one of :data:`METHODS` (see the module doc).
 
@@ -205,12 +112,24 @@ class TreeDrafter:
     verified is its own latest one. With many requests at once (a server) the shared row of a
     common token is whichever request verified it last, another context most of the time; the
     own row keeps the request's latest. ~ (nodes verified) x k x 12 bytes per request.
+
+    ``compiled``: draft with the compiled batch drafters of :mod:`tkernels.spec.drafting`
+    (every method but ``tr``; identical trees, one numba call per step), else with the Python
+    reference in this module; None (default): compiled unless the environment variable
+    ``TKERNELS_DRAFTERS`` is ``reference``.
     """
 
     def __init__(self, vocab_size: int, method: str = "hybrid", k: int = 8, step_time: StepTime | None = None,
-                 max_depth: int = 16, pld_max_draft: int | None = None):
+                 max_depth: int = 16, pld_max_draft: int | None = None, compiled: bool | None = None):
         if method not in METHODS:
             raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
+        if compiled is None:
+            compiled = os.environ.get(DRAFTERS_ENV, "compiled") != "reference"
+        self.compiled = None  # the compiled drafters' per-request state (None: the Python reference drafts)
+        if compiled and method in COMPILED_METHODS:
+            from .drafting import batch  # numba: loaded on first use (tkernels.spec.drafting's doc says why)
+
+            self._batch, self.compiled = batch, batch.CompiledState(k)
         self.method, self.max_depth = method, max_depth
         self.pld_max_draft = pld_max_draft
         self.recycling = TokenRecycling(vocab_size, k) if method in ("tr_static", "tr", "hybrid") else None
@@ -239,9 +158,14 @@ class TreeDrafter:
         rebuilds the context)."""
         self._contexts.pop(key, None)
         self._own.pop(key, None)
+        if self.compiled is not None:
+            self.compiled.release(key)
 
     def keys(self) -> list[Hashable]:
-        return list(self._contexts)
+        """The requests whose state (context, own rows) is kept, until :meth:`release`."""
+        if self.compiled is not None:
+            return list(self.compiled.slots)
+        return list(dict.fromkeys([*self._contexts, *self._own]))
 
     # --- drafting --------------------------------------------------------------------------------
 
@@ -264,12 +188,15 @@ class TreeDrafter:
             raise ValueError("histories: every request needs at least one token")
         if not keys:
             return []
-        histories = [h.tolist() if hasattr(h, "tolist") else [int(t) for t in h] for h in histories]
-        last = torch.tensor([h[-1] for h in histories], dtype=torch.int64)
+        roots = [int(h[-1]) for h in histories]
         vocab = self.recycling.vocab_size if self.recycling is not None else None
-        if bool((last < 0).any()) or (vocab is not None and bool((last >= vocab).any())):
+        if min(roots) < 0 or (vocab is not None and max(roots) >= vocab):
             bound = "" if vocab is None else f" and < {vocab} (the vocab)"
-            raise ValueError(f"histories: the last tokens (the trees' roots) must be >= 0{bound}, got {last.tolist()}")
+            raise ValueError(f"histories: the last tokens (the trees' roots) must be >= 0{bound}, got {roots}")
+        if self.compiled is not None:
+            return self._draft_compiled(keys, histories, num_nodes)
+        histories = [h.tolist() if hasattr(h, "tolist") else [int(t) for t in h] for h in histories]
+        last = torch.tensor(roots, dtype=torch.int64)
         if self.method == "pld":
             trees = self._draft_pld(histories, num_nodes)
         elif self.method == "tr_static":
@@ -284,6 +211,25 @@ class TreeDrafter:
             trees = self._draft_tr(last, num_nodes)
         else:
             trees = self._draft_contexts(keys, histories, num_nodes)
+        for tree, key in zip(trees, keys):
+            tree.key = key
+        return trees
+
+    def _draft_compiled(self, keys, histories, num_nodes: int) -> list[DraftTree]:
+        flat, cu = self._batch.flatten(histories)
+        if self.method == "pld":
+            num_draft = num_nodes - 1 if self.pld_max_draft is None else min(num_nodes - 1, self.pld_max_draft)
+            trees = self._batch.draft_pld(flat, cu, max(num_draft, 0))
+        elif self.method == "tr_static":
+            trees = self._batch.draft_tr_static(self.compiled, self.recycling, self.compiled.slots_of(keys), flat[cu[1:] - 1],
+                                             static_template(num_nodes))
+        elif self.method == "retrieval":
+            trees = self._batch.draft_retrieval(self, self.compiled, self.compiled.slots_of(keys), flat, cu, num_nodes,
+                                             MAX_CHILDREN)
+        else:
+            template = static_template(max(1, int(num_nodes * HYBRID_TEMPLATE_SHARE)))
+            trees = self._batch.draft_hybrid(self, self.compiled, self.compiled.slots_of(keys), flat, cu, num_nodes,
+                                          template, ROOT_CONTEXTS, MAX_CHILDREN)
         for tree, key in zip(trees, keys):
             tree.key = key
         return trees
@@ -478,9 +424,13 @@ class TreeDrafter:
                 raise ValueError(f"topk_ids: one row per tree node ({total}), got {tuple(topk_ids.shape)}")
             self.recycling.recycle_topk(topk_ids, torch.cat([t.tokens for t in trees]), topk_probs)
         if self.method in OWN_ROWS:  # own rows, as stored in the shared adjacency (int32 ids, fp16 probabilities)
-            ids = topk_ids.tolist()
             probs = torch.zeros(topk_ids.shape) if topk_probs is None else topk_probs.to(self.recycling.probs.dtype)
-            probs, start = probs.float().tolist(), 0
+            if self.compiled is not None:
+                self.compiled.write_own_rows([t.key for t in trees], [len(t) for t in trees],
+                                             torch.cat([t.tokens for t in trees]).numpy(), topk_ids.cpu().numpy(),
+                                             probs.float().cpu().numpy())
+        if self.method in OWN_ROWS and self.compiled is None:
+            ids, probs, start = topk_ids.tolist(), probs.float().tolist(), 0
             for tree in trees:
                 own = self._own.setdefault(tree.key, {})
                 for i, token in enumerate(tree.tokens.tolist()):  # a token at several nodes: the last one's

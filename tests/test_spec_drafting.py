@@ -1,0 +1,141 @@
+"""tkernels.spec.drafting: the compiled drafters draft exactly the Python reference's trees.
+
+Both run side by side through a served batch's life: cold start (rows never written), requests
+joining and leaving (release, a reused slot), long contexts (bulk automaton builds), a history
+replaced under its key (rebuild), an end-of-sequence token, 1 to 256 nodes, and observe()
+learning from every step in between (shared rows, own rows, both calibrations). Every tree is
+compared whole: tokens, parents, scores and the stored TR probabilities (exactly: the same float64
+operations in the same order), retrieval features: about 4800 trees (130k nodes) over the eight
+cases.
+
+The first run on a machine compiles the kernels (numba, ``cache=True``: 20 s for all four methods
+on the project's 2-core VM at load 6, then about 4 s to load them).
+"""
+
+import random
+
+import pytest
+import torch
+
+from tkernels.spec import validate_parents
+from tkernels.spec.drafters import TreeDrafter
+
+EOS = 2
+
+
+def _same(a, b) -> None:
+    assert a.key == b.key
+    assert a.tokens.dtype == b.tokens.dtype and a.tokens.tolist() == b.tokens.tolist()
+    assert a.parents.tolist() == b.parents.tolist()
+    validate_parents(a.parents)
+    for name in ("scores", "tr_probs"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.dtype == y.dtype and torch.equal(x.isnan(), y.isnan()), name
+            assert torch.equal(x.nan_to_num(-1.0), y.nan_to_num(-1.0)), name
+    assert (a.retrieval is None) == (b.retrieval is None)
+    if a.retrieval is not None:
+        assert list(a.retrieval) == list(b.retrieval)
+
+
+def _observe(drafters, trees, vocab: int, rng: random.Random, g: torch.Generator) -> None:
+    """One verify step for both drafters: random top-k (probabilities or none), a random
+    accepted path per tree."""
+    total = sum(map(len, trees))
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:8] for _ in range(total)])
+    probs = None if rng.random() < 0.1 else torch.rand(total, 8, generator=g).sort(dim=1, descending=True).values
+    paths = []
+    for tree in trees:
+        path, children = [0], {}
+        for i, p in enumerate(tree.parents.tolist()[1:], 1):
+            children.setdefault(p, []).append(i)
+        while children.get(path[-1]) and rng.random() < 0.7:
+            path.append(rng.choice(children[path[-1]]))
+        paths.append(path)
+    for d in drafters:
+        d.observe(trees, ids, probs, paths)
+
+
+@pytest.mark.parametrize("method", ["pld", "tr_static", "retrieval", "hybrid"])
+@pytest.mark.parametrize("vocab", [40, 3000])
+def test_compiled_drafters_draft_the_reference_trees(method, vocab):
+    rng, g = random.Random(vocab), torch.Generator().manual_seed(vocab)
+    compiled, reference = TreeDrafter(vocab, method, compiled=True), TreeDrafter(vocab, method, compiled=False)
+    assert compiled.compiled is not None and reference.compiled is None
+    drafters = (compiled, reference)
+    live: dict[int, list[int]] = {}
+    next_key, drafts = 0, 0
+    for step in range(70):
+        if step == 25 and compiled.recycling is not None:  # a warm adjacency from here (cold before)
+            rows = torch.arange(vocab)
+            ids = torch.stack([torch.randperm(vocab, generator=g)[:8] for _ in range(vocab)])
+            probs = torch.rand(vocab, 8, generator=g).sort(dim=1, descending=True).values * 0.7
+            for d in drafters:
+                d.recycle(rows, ids, probs)
+        while len(live) < rng.randint(1, 12):  # requests join: short, long (bulk builds), repetitive
+            length = rng.choice([1, 2, 5, 40, 300, 1500])
+            period = rng.randint(1, 30)
+            base = [rng.randrange(vocab) for _ in range(period)]
+            live[next_key] = [base[i % period] if rng.random() < 0.8 else rng.randrange(vocab) for i in range(length)]
+            next_key += 1
+        keys = list(live)
+        histories = [live[key] for key in keys]
+        if step % 3 == 0:  # the server's form: int32 arrays / tensors
+            histories = [torch.tensor(h, dtype=torch.int32).numpy() if i % 2 else torch.tensor(h) for i, h in
+                         enumerate(histories)]
+        num_nodes = rng.choice([1, 2, 3, 9, 16, 32, 57, 80, 128, 256])
+        trees = [d.draft(keys, histories, num_nodes) for d in drafters]
+        for a, b in zip(*trees):
+            _same(a, b)
+        drafts += len(keys)
+        _observe(drafters, trees[0], vocab, rng, g)
+        for key, tree in zip(keys, trees[0]):  # commit: the first drafted token or a random one
+            live[key].append(int(tree.tokens[1]) if len(tree) > 1 and rng.random() < 0.6 else rng.randrange(vocab))
+            if rng.random() < 0.05:  # preempted and resumed with another history under the same key
+                live[key] = live[key][: rng.randint(1, len(live[key]))]
+            if rng.random() < 0.08 or len(live[key]) > 2500:  # finished (end of sequence): leaves
+                live[key].append(EOS)
+                for d in drafters:
+                    d.draft([key], [live[key]], 4)
+                    d.release(key)
+                del live[key]
+        assert sorted(compiled.keys()) == sorted(set(compiled.keys()))
+    assert drafts > 300
+
+
+def test_contexts_and_own_rows_follow_each_request_compiled():
+    drafter = TreeDrafter(50, "hybrid", compiled=True)
+    drafter.draft(["a"], [[1, 2, 3, 1, 2]], 4)
+    assert drafter.compiled.context_tokens("a") == [1, 2, 3, 1, 2]
+    drafter.draft(["a"], [[1, 2, 3, 1, 2, 3, 1]], 4)
+    assert drafter.compiled.context_tokens("a") == [1, 2, 3, 1, 2, 3, 1]
+    tree = drafter.draft(["a"], [[4, 5, 4]], 4)[0]
+    assert drafter.compiled.context_tokens("a") == [4, 5, 4] and tree.tokens.tolist() == [4, 5, 4]
+    tree = DraftTree_of([7, 3, 4, 3], [-1, 0, 0, 1], "a")
+    drafter.observe([tree], torch.arange(32).view(4, 8), torch.full((4, 8), 0.1), [[0]])
+    assert drafter.compiled.own_row("a", 3)[0] == list(range(24, 32))  # the last node's row
+    drafter.release("a")
+    assert drafter.keys() == [] and drafter.compiled.own_row("a", 3) is None
+
+
+def DraftTree_of(tokens, parents, key):
+    from tkernels.spec.drafters import DraftTree
+
+    return DraftTree(torch.tensor(tokens), torch.tensor(parents, dtype=torch.int32), key=key)
+
+
+def test_compiled_drafters_refuse_ids_outside_the_vocabulary():
+    for method in ("tr_static", "hybrid"):
+        with pytest.raises(ValueError, match="^histories:"):
+            TreeDrafter(50, method, compiled=True).draft(["a"], [[1, 2, 50]], 8)
+        with pytest.raises(ValueError, match="^histories:"):
+            TreeDrafter(50, method, compiled=True).draft(["a"], [[-1, 2, 3]] if method == "hybrid" else [[-1]], 8)
+
+
+def test_the_environment_switches_to_the_reference(monkeypatch):
+    monkeypatch.setenv("TKERNELS_DRAFTERS", "reference")
+    assert TreeDrafter(50, "hybrid").compiled is None
+    monkeypatch.delenv("TKERNELS_DRAFTERS")
+    assert TreeDrafter(50, "hybrid").compiled is not None
+    assert TreeDrafter(50, "tr").compiled is None  # tr: its batched torch beam in both

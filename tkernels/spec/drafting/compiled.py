@@ -1,0 +1,178 @@
+"""Per-request state of the compiled drafters and the batch calls into :mod:`.kernels` / :mod:`.hybrid`.
+
+:class:`CompiledState` gives every request (by key) a *slot*: its suffix automaton and its own
+Token Recycling rows as arrays in numba typed lists (one list per field, indexed by slot; see
+:mod:`.kernels` for the layouts). Slots are reused after :meth:`CompiledState.release`; a
+slot's arrays grow here, on the host, before a kernel needs them (a suffix automaton of n
+tokens has at most 2n - 1 states and 3n - 4 transitions), so the kernels never allocate state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+import torch
+from numba import njit, typed, types
+
+from . import kernels as K
+
+_INT32_2D = types.Array(types.int32, 2, "C")
+_INT64_2D = types.Array(types.int64, 2, "C")
+_INT64_1D = types.Array(types.int64, 1, "C")
+_F32_2D = types.Array(types.float32, 2, "C")
+
+
+@njit(cache=True)
+def _rehash(old, new):
+    new[:, 0] = -1
+    for i in range(old.shape[0]):
+        if old[i, 0] != -1:
+            j = K._probe(new, old[i, 0])
+            new[j, 0], new[j, 1] = old[i, 0], old[i, 1]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 1).bit_length()
+
+
+def _grown(array: np.ndarray, rows: int, fill: int = 0) -> np.ndarray:
+    out = np.full((rows,) + array.shape[1:], fill, dtype=array.dtype)
+    out[:array.shape[0]] = array
+    return out
+
+
+def flatten(histories: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Histories (lists, 1-D tensors or arrays) as one int64 array and offsets ``cu`` [B + 1]."""
+    arrays = [h if isinstance(h, np.ndarray) else h.numpy() if isinstance(h, torch.Tensor) else np.asarray(h, np.int64)
+              for h in histories]
+    cu = np.zeros(len(arrays) + 1, np.int64)
+    np.cumsum([a.shape[0] for a in arrays], out=cu[1:])
+    return np.concatenate(arrays).astype(np.int64, copy=False), cu
+
+
+class Features(Sequence):
+    """:attr:`DraftTree.retrieval` of a compiled draft, read lazily from its arrays: per node
+    ``(depth, match length, share)`` or None (not proposed by retrieval)."""
+
+    __slots__ = ("feat", "share")
+
+    def __init__(self, feat: np.ndarray, share: np.ndarray):
+        self.feat, self.share = feat, share
+
+    def __len__(self) -> int:
+        return self.share.shape[0]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        depth = int(self.feat[i, 0])
+        return None if depth < 0 else (depth, int(self.feat[i, 1]), float(self.share[i]))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
+class CompiledState:
+    """Slots of per-request state for the compiled drafters (module doc); ``k`` the adjacency's width."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.slots: dict[Hashable, int] = {}
+        self.free: list[int] = []
+        self.meta = np.zeros((8, 8), np.int64)
+        self.capacity = np.zeros(8, np.int64)  # tokens a slot's automaton has room for
+        self.states = typed.List.empty_list(_INT32_2D)
+        self.edges = typed.List.empty_list(_INT32_2D)
+        self.tables = typed.List.empty_list(_INT64_2D)
+        self.tokens = typed.List.empty_list(_INT64_1D)
+        self.own_tables = typed.List.empty_list(_INT64_2D)
+        self.own_ids = typed.List.empty_list(_INT32_2D)
+        self.own_probs = typed.List.empty_list(_F32_2D)
+
+    def slot(self, key: Hashable) -> int:
+        s = self.slots.get(key)
+        if s is not None:
+            return s
+        if self.free:
+            s = self.free.pop()
+        else:
+            s = len(self.states)
+            if s >= self.meta.shape[0]:
+                self.meta = _grown(self.meta, 2 * s)
+                self.capacity = _grown(self.capacity, 2 * s)
+            self.states.append(np.zeros((2, 6), np.int32))
+            self.edges.append(np.zeros((4, 3), np.int32))
+            self.tables.append(np.full((8, 2), -1, np.int64))
+            self.tokens.append(np.zeros(1, np.int64))
+            self.own_tables.append(np.full((16, 2), -1, np.int64))
+            self.own_ids.append(np.zeros((8, self.k), np.int32))
+            self.own_probs.append(np.zeros((8, self.k), np.float32))
+        self.meta[s] = 0  # no automaton yet (0 states): the next sync builds it
+        self.own_tables[s][:, 0] = -1
+        self.slots[key] = s
+        return s
+
+    def slots_of(self, keys: Sequence[Hashable]) -> np.ndarray:
+        return np.fromiter((self.slot(key) for key in keys), np.int64, len(keys))
+
+    def release(self, key: Hashable) -> None:
+        s = self.slots.pop(key, None)
+        if s is not None:
+            self.meta[s] = 0
+            self.free.append(s)
+
+    # --- suffix automata --------------------------------------------------------------------------
+
+    def _grow_context(self, s: int, n: int) -> None:
+        n = max(n, 2 * int(self.capacity[s]))  # doubling: amortised O(1) per token
+        self.states[s] = _grown(self.states[s], 2 * n + 2)
+        self.edges[s] = _grown(self.edges[s], 3 * n + 4)
+        self.tokens[s] = _grown(self.tokens[s], n)
+        table = np.empty((_pow2(2 * (3 * n + 4)), 2), np.int64)
+        _rehash(self.tables[s], table)
+        self.tables[s] = table
+        self.capacity[s] = n
+
+    def sync_contexts(self, slots: np.ndarray, flat: np.ndarray, cu: np.ndarray) -> None:
+        """Every request's automaton holds its history (TreeDrafter._context)."""
+        for b in np.flatnonzero(np.diff(cu) > self.capacity[slots]).tolist():
+            self._grow_context(int(slots[b]), int(cu[b + 1] - cu[b]))
+        K.sync_contexts(self.states, self.edges, self.tables, self.tokens, self.meta, slots, flat, cu)
+
+    def context_tokens(self, key: Hashable) -> list[int]:
+        """The tokens a request's automaton holds (tests)."""
+        s = self.slots[key]
+        return self.tokens[s][:self.meta[s, K.M_TOKENS]].tolist()
+
+    # --- own rows ---------------------------------------------------------------------------------
+
+    def write_own_rows(self, keys: Sequence[Hashable], sizes: Sequence[int], tokens: np.ndarray, ids: np.ndarray,
+                       probs: np.ndarray) -> None:
+        """Per tree (``keys``, node counts ``sizes``, nodes concatenated) own[token] := its node's row."""
+        slots = self.slots_of(keys)
+        cu = np.zeros(len(sizes) + 1, np.int64)
+        np.cumsum(sizes, out=cu[1:])
+        for b, s in enumerate(slots.tolist()):
+            need = int(self.meta[s, K.M_OWN]) + int(sizes[b])  # at most one new row per node
+            if need > self.own_ids[s].shape[0]:
+                rows = max(need, 2 * self.own_ids[s].shape[0])
+                self.own_ids[s] = _grown(self.own_ids[s], rows)
+                self.own_probs[s] = _grown(self.own_probs[s], rows)
+                table = np.empty((_pow2(2 * rows), 2), np.int64)
+                _rehash(self.own_tables[s], table)
+                self.own_tables[s] = table
+        K.write_own_rows(self.own_tables, self.own_ids, self.own_probs, self.meta, slots, cu,
+                         np.ascontiguousarray(tokens, np.int64), np.ascontiguousarray(ids, np.int32),
+                         np.ascontiguousarray(probs, np.float32))
+
+    def own_row(self, key: Hashable, token: int) -> tuple[list[int], list[float]] | None:
+        """A request's own row of ``token`` (tests)."""
+        s = self.slots.get(key)
+        if s is None or self.meta[s, K.M_OWN] == 0:
+            return None
+        row = K._get(self.own_tables[s], np.int64(token))
+        return None if row < 0 else (self.own_ids[s][row].tolist(), self.own_probs[s][row].tolist())

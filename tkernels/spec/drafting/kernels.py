@@ -1,0 +1,328 @@
+"""Numba kernels of the compiled drafters (:mod:`tkernels.spec.drafting`): one call per step
+drafts the whole batch, one host thread, ``cache=True`` (compiled once per machine, then loaded).
+
+Every function mirrors a Python reference line by line (named in its doc); the tests assert
+identical trees. Per-request state lives in per-slot arrays held by numba typed lists (one list
+per field, indexed by the request's slot); :mod:`.compiled` allocates and grows them, so the
+kernels never allocate per-request state. Layouts:
+
+* ``states`` int32 [cap, 6]: suffix automaton state: link, length, count, clone, first edge, last edge.
+* ``edges`` int32 [cap, 3]: transition: token, target state, next edge of the same state
+  (insertion order: the reference's dict order, which breaks count ties in ``children``).
+* ``table`` int64 [cap, 2]: open-addressing hash (key, value), key -1 empty, capacity a power of
+  two at least twice the entries: the automaton's ``(state << 32) | token -> edge``, and the own
+  rows' ``token -> row``.
+* ``meta`` int64 [slots, 8]: per slot the counts below (``M_*``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+M_TOKENS, M_STATES, M_EDGES, M_LAST, M_OWN = 0, 1, 2, 3, 4
+BULK = 64  # retrieval._BULK: above this many tokens at once, counts are recomputed in one pass
+S_LINK, S_LEN, S_COUNT, S_CLONE, S_HEAD, S_TAIL = 0, 1, 2, 3, 4, 5
+NONE = -1
+
+# --- hash table --------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _probe(table, key):
+    """Position of ``key`` in ``table``, or of the empty entry where it would go."""
+    mask = table.shape[0] - 1
+    h = key * 0x9E3779B1
+    i = (h ^ (h >> 29)) & mask
+    while table[i, 0] != -1 and table[i, 0] != key:
+        i = (i + 1) & mask
+    return i
+
+
+@njit(cache=True)
+def _get(table, key):
+    i = _probe(table, key)
+    return table[i, 1] if table[i, 0] == key else -1
+
+
+# --- fp16 ----------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def half_to_float(bits):
+    """The value of fp16 ``bits`` (uint16) as float64, exactly (torch's fp16 -> float)."""
+    b = np.int64(bits)
+    sign = -1.0 if b & 0x8000 else 1.0
+    e = (b >> 10) & 0x1F
+    m = b & 0x3FF
+    if e == 0:
+        return sign * m * 2.0 ** -24
+    if e == 31:
+        return sign * math.inf if m == 0 else math.nan
+    return sign * (1024 + m) * 2.0 ** (e - 25)
+
+
+# --- suffix automaton (retrieval.SuffixAutomaton) ----------------------------------------------
+
+
+@njit(cache=True)
+def _sam_reset(states, meta, s):
+    states[0, S_LINK], states[0, S_LEN], states[0, S_COUNT] = -1, 0, 0
+    states[0, S_CLONE], states[0, S_HEAD], states[0, S_TAIL] = 0, NONE, NONE
+    meta[s, M_TOKENS], meta[s, M_STATES], meta[s, M_EDGES], meta[s, M_LAST] = 0, 1, 0, 0
+
+
+@njit(cache=True)
+def _new_state(states, meta, s, length, link, count, clone):
+    v = meta[s, M_STATES]
+    meta[s, M_STATES] = v + 1
+    states[v, S_LINK], states[v, S_LEN], states[v, S_COUNT] = link, length, count
+    states[v, S_CLONE], states[v, S_HEAD], states[v, S_TAIL] = clone, NONE, NONE
+    return v
+
+
+@njit(cache=True)
+def _add_edge(states, edges, table, meta, s, state, token, target):
+    e = meta[s, M_EDGES]
+    meta[s, M_EDGES] = e + 1
+    edges[e, 0], edges[e, 1], edges[e, 2] = token, target, NONE
+    if states[state, S_TAIL] == NONE:
+        states[state, S_HEAD] = e
+    else:
+        edges[states[state, S_TAIL], 2] = e
+    states[state, S_TAIL] = e
+    key = (np.int64(state) << 32) | token
+    i = _probe(table, key)
+    table[i, 0], table[i, 1] = key, e
+
+
+@njit(cache=True)
+def _sam_add(states, edges, table, toks, meta, s, token, count):
+    """SuffixAutomaton._add."""
+    toks[meta[s, M_TOKENS]] = token
+    meta[s, M_TOKENS] += 1
+    last = meta[s, M_LAST]
+    cur = _new_state(states, meta, s, states[last, S_LEN] + 1, 0, 0, 0)
+    p = last
+    while p != -1 and _get(table, (np.int64(p) << 32) | token) < 0:
+        _add_edge(states, edges, table, meta, s, p, token, cur)
+        p = states[p, S_LINK]
+    if p != -1:
+        q = edges[_get(table, (np.int64(p) << 32) | token), 1]
+        if states[p, S_LEN] + 1 == states[q, S_LEN]:
+            states[cur, S_LINK] = q
+        else:
+            clone = _new_state(states, meta, s, states[p, S_LEN] + 1, states[q, S_LINK], states[q, S_COUNT], 1)
+            e = states[q, S_HEAD]
+            while e != NONE:  # dict(nxt[q]): the same transitions in the same order
+                _add_edge(states, edges, table, meta, s, clone, edges[e, 0], edges[e, 1])
+                e = edges[e, 2]
+            while p != -1:
+                e = _get(table, (np.int64(p) << 32) | token)
+                if e < 0 or edges[e, 1] != q:
+                    break
+                edges[e, 1] = clone
+                p = states[p, S_LINK]
+            states[q, S_LINK] = clone
+            states[cur, S_LINK] = clone
+    meta[s, M_LAST] = cur
+    if count:
+        v = cur
+        while v > 0:
+            states[v, S_COUNT] += 1
+            v = states[v, S_LINK]
+
+
+@njit(cache=True)
+def _sam_recount(states, meta, s):
+    """SuffixAutomaton._recount: 1 per non-clone state, summed up the suffix-link tree in
+    decreasing length order (a counting sort by length)."""
+    n = meta[s, M_STATES]
+    max_len = meta[s, M_TOKENS]
+    start = np.zeros(max_len + 2, np.int64)
+    for v in range(1, n):
+        start[states[v, S_LEN] + 1] += 1
+    for i in range(1, max_len + 2):
+        start[i] += start[i - 1]
+    order = np.empty(max(n - 1, 0), np.int64)
+    for v in range(1, n):
+        order[start[states[v, S_LEN]]] = v
+        start[states[v, S_LEN]] += 1
+    states[0, S_COUNT] = 0
+    for v in range(1, n):
+        states[v, S_COUNT] = 0 if states[v, S_CLONE] else 1
+    for i in range(n - 2, -1, -1):
+        v = order[i]
+        if states[v, S_LINK] > 0:
+            states[states[v, S_LINK], S_COUNT] += states[v, S_COUNT]
+
+
+@njit(cache=True)
+def _sam_extend(states, edges, table, toks, meta, s, history, lo, hi):
+    bulk = hi - lo > BULK
+    for i in range(lo, hi):
+        _sam_add(states, edges, table, toks, meta, s, history[i], not bulk)
+    if bulk:
+        _sam_recount(states, meta, s)
+
+
+@njit(cache=True)
+def sync_contexts(l_states, l_edges, l_tables, l_tokens, meta, slots, flat, cu):
+    """TreeDrafter._context for every request: extend its automaton with the history's new
+    tokens, or rebuild it when the history does not extend what it holds. Capacities were
+    ensured by the caller (2 n + 2 states, 3 n + 4 edges, hash >= 2 x edges)."""
+    for b in range(slots.shape[0]):
+        s = slots[b]
+        states, edges, table, toks = l_states[s], l_edges[s], l_tables[s], l_tokens[s]
+        history = flat[cu[b]:cu[b + 1]]
+        n = meta[s, M_TOKENS]
+        same = n <= history.shape[0] and meta[s, M_STATES] > 0
+        if same:
+            for i in range(n):
+                if toks[i] != history[i]:
+                    same = False
+                    break
+        if not same:
+            table[:, 0] = -1
+            _sam_reset(states, meta, s)
+            n = 0
+        if history.shape[0] > n:
+            _sam_extend(states, edges, table, toks, meta, s, history, n, history.shape[0])
+
+
+@njit(cache=True)
+def _children(states, edges, state, max_children, out_tok, out_child, out_share, out_support):
+    """SuffixAutomaton.children: the ``max_children`` most frequent continuations (ties: the
+    first inserted), written to the ``out_*`` arrays; returns how many."""
+    e = states[state, S_HEAD]
+    support = 0
+    m = 0
+    while e != NONE:
+        c = states[edges[e, 1], S_COUNT]
+        support += c
+        j = m if m < max_children else max_children
+        while j > 0 and states[out_child[j - 1], S_COUNT] < c:  # stable: move past strictly smaller
+            if j < max_children:
+                out_tok[j], out_child[j] = out_tok[j - 1], out_child[j - 1]
+            j -= 1
+        if j < max_children:
+            out_tok[j], out_child[j] = edges[e, 0], edges[e, 1]
+            if m < max_children:
+                m += 1
+        e = edges[e, 2]
+    for j in range(m):
+        out_share[j] = states[out_child[j], S_COUNT] / support
+        out_support[j] = support
+    return m
+
+
+# --- calibrations --------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _tr_accept(prob, depth, factors):
+    """ConfidenceTreePolicy.accept_prob_host."""
+    bins, max_depth = factors.shape[1], factors.shape[0]
+    q_bin = min(max(math.floor(-math.log2(max(prob, 1e-30))), 0), bins - 1)
+    return min(prob * factors[min(max(depth, 1), max_depth) - 1, q_bin], 1.0)
+
+
+@njit(cache=True, inline="always")
+def _bin(value, edges):
+    if value < edges[0]:
+        return 0
+    i = 0
+    for j in range(edges.shape[0]):
+        if value >= edges[j]:
+            i = j
+    return i
+
+
+@njit(cache=True)
+def _ret_accept(share, context, support, depth, cal_accepted, cal_tested, prior, prior_weight, depth_bins, match_bins):
+    """RetrievalCalibration.accept_prob (the same float64 operations in the same order)."""
+    d = _bin(depth, depth_bins)
+    m = _bin(context - depth + 1, match_bins)
+    sh = 0 if share >= 1 else (1 if share >= 0.5 else 2)
+    return (cal_accepted[d, m, sh] + prior_weight * prior[d, m] * share) / (cal_tested[d, m, sh] + prior_weight)
+
+
+# --- Token Recycling rows -------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _own_row(own_table, own_rows, token):
+    if own_rows == 0:
+        return -1
+    return _get(own_table, np.int64(token))
+
+
+@njit(cache=True)
+def write_own_rows(l_own_tables, l_own_ids, l_own_probs, meta, slots, cu, tokens, ids, probs):
+    """TreeDrafter.observe's own rows: per tree (slot ``slots[b]``, nodes ``cu[b]:cu[b+1]``)
+    ``own[token] := (ids[i], probs[i])``, the last node of a repeated token winning. Capacity
+    ensured by the caller."""
+    for b in range(slots.shape[0]):
+        s = slots[b]
+        table, own_ids, own_probs = l_own_tables[s], l_own_ids[s], l_own_probs[s]
+        for i in range(cu[b], cu[b + 1]):
+            key = np.int64(tokens[i])
+            j = _probe(table, key)
+            if table[j, 0] != key:
+                table[j, 0], table[j, 1] = key, meta[s, M_OWN]
+                meta[s, M_OWN] += 1
+            row = table[j, 1]
+            own_ids[row, :] = ids[i, :]
+            own_probs[row, :] = probs[i, :]
+
+
+@njit(cache=True)
+def fill_template(l_own_tables, l_own_ids, meta, slots, roots, adjacency, parents, ranks, out):
+    """``tr_static``: TokenRecycling.draft of the template (``parents``, ``ranks``) per request,
+    a token's row from the request's own rows first (TreeDrafter._fill_template); ``out`` int64 [B, n]."""
+    n = parents.shape[0]
+    for b in range(roots.shape[0]):
+        s = slots[b]
+        own_rows = meta[s, M_OWN] if s >= 0 else 0
+        out[b, 0] = roots[b]
+        for i in range(1, n):
+            parent = out[b, parents[i]]
+            row = _own_row(l_own_tables[s], own_rows, parent) if s >= 0 else -1
+            out[b, i] = l_own_ids[s][row, ranks[i]] if row >= 0 else adjacency[parent, ranks[i]]
+
+
+# --- prompt lookup (ngram.propose_ngram) -----------------------------------------------------------
+
+
+@njit(cache=True)
+def prompt_lookup(flat, cu, num_draft, max_ngram, min_ngram, out_tokens, out_cu):
+    """Per request the latest earlier match of its last ``max_ngram`` .. ``min_ngram`` tokens
+    (longest first) and up to ``num_draft`` tokens that followed it: a chain, root first.
+    ``out_tokens`` holds ``B * (num_draft + 1)``; ``out_cu`` [B + 1] the chains' offsets."""
+    out_cu[0] = 0
+    for b in range(cu.shape[0] - 1):
+        h = flat[cu[b]:cu[b + 1]]
+        length = h.shape[0]
+        cont = -1
+        for n in range(max_ngram, min_ngram - 1, -1):
+            if length < n:
+                continue
+            for start in range(length - n - 1, -1, -1):  # the continuation start + n must exist
+                ok = True
+                for j in range(n):
+                    if h[start + j] != h[length - n + j]:
+                        ok = False
+                        break
+                if ok:
+                    cont = start + n
+                    break
+            if cont >= 0:
+                break
+        num = min(length - cont, num_draft) if cont >= 0 else 0
+        at = out_cu[b]
+        out_tokens[at] = h[length - 1]
+        for j in range(num):
+            out_tokens[at + 1 + j] = h[cont + j]
+        out_cu[b + 1] = at + 1 + num

@@ -1,0 +1,84 @@
+"""Numba kernel of the ``retrieval`` drafter: :func:`retrieval_trees` is
+:meth:`SuffixAutomaton.continuations <tkernels.spec.retrieval.SuffixAutomaton.continuations>`
+under the retrieval calibration (``TreeDrafter._draft_contexts``) for the whole batch. Its heap
+orders (-score, push counter) as the reference's does; a popped entry's payload (parent node,
+token, child state, context, share, support) sits in side arrays indexed by its push counter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .hybrid import _bfs_order, _pop, _push
+from .kernels import M_LAST, S_LEN, S_LINK, _children, _ret_accept
+
+
+@njit(cache=True)
+def retrieval_trees(l_states, l_edges, meta, slots, roots, cal, prior, prior_weight, depth_bins, match_bins,
+                    num_nodes, max_depth, max_children,
+                    out_tokens, out_parents, out_scores, out_feat, out_share, out_n):
+    """One tree per request (slot ``slots[b]``, root ``roots[b]``), outputs as
+    :func:`.hybrid.hybrid_trees`'s (``max_depth``: the automaton's, twice the drafter's)."""
+    N = num_nodes
+    P = max_children * N + max_children  # pushes: at most max_children per node
+    par = np.empty(N, np.int64)
+    tok = np.empty(N, np.int64)
+    score = np.empty(N, np.float64)
+    depth = np.empty(N, np.int64)
+    ctx = np.empty(N, np.int64)  # the node's feature: context length, share
+    share = np.empty(N, np.float64)
+    hk = np.empty(P, np.float64)
+    hn = np.empty(P, np.int64)
+    hj = np.empty(P, np.int64)
+    e_parent = np.empty(P, np.int64)
+    e_token = np.empty(P, np.int64)
+    e_child = np.empty(P, np.int64)
+    e_context = np.empty(P, np.int64)
+    e_share = np.empty(P, np.float64)
+    o_tok = np.empty(max_children, np.int64)
+    o_child = np.empty(max_children, np.int64)
+    o_share = np.empty(max_children, np.float64)
+    o_support = np.empty(max_children, np.int64)
+    nchild = np.empty(N, np.int64)
+    first = np.empty(N + 1, np.int64)
+    kids = np.empty(N, np.int64)
+    layout = np.empty(N, np.int64)
+    new = np.empty(N, np.int64)
+    cal_accepted, cal_tested = cal[0], cal[1]
+    for b in range(slots.shape[0]):
+        s = slots[b]
+        states, edges = l_states[s], l_edges[s]
+        state = max(states[meta[s, M_LAST], S_LINK], 0) if meta[s, M_LAST] else 0  # longest_match()
+        tok[0], par[0], score[0], depth[0] = roots[b], -1, 1.0, 0
+        count, heap, ties = 1, 0, 0
+        if state > 0 and N >= 2:
+            node, from_state, context = 0, state, states[state, S_LEN]
+            while True:
+                if depth[node] < max_depth:  # push_children(node, from_state, score, depth, context)
+                    m = _children(states, edges, from_state, max_children, o_tok, o_child, o_share, o_support)
+                    for i in range(m):
+                        p = _ret_accept(o_share[i], context, o_support[i], depth[node] + 1, cal_accepted, cal_tested,
+                                        prior, prior_weight, depth_bins, match_bins)
+                        if p > 0:
+                            e_parent[ties], e_token[ties], e_child[ties] = node, o_tok[i], o_child[i]
+                            e_context[ties], e_share[ties] = context, o_share[i]
+                            heap = _push(hk, hn, hj, heap, -score[node] * p, ties, ties)
+                            ties += 1
+                if heap == 0 or count >= N:
+                    break
+                heap = _pop(hk, hn, hj, heap)
+                e = hn[heap]
+                node = count
+                count += 1
+                tok[node], par[node], score[node] = e_token[e], e_parent[e], -hk[heap]
+                depth[node] = depth[e_parent[e]] + 1
+                ctx[node], share[node] = e_context[e], e_share[e]
+                from_state, context = e_child[e], e_context[e] + 1
+        _bfs_order(par, count, nchild, first, kids, layout, new)
+        for i in range(count):
+            u = layout[i]
+            out_tokens[b, i], out_parents[b, i], out_scores[b, i] = tok[u], new[par[u]] if par[u] >= 0 else -1, score[u]
+            d = depth[u]
+            out_feat[b, i, 0], out_feat[b, i, 1], out_share[b, i] = (d, ctx[u] - d + 1, share[u]) if u > 0 else (-1, 0, 0.0)
+        out_n[b] = count
