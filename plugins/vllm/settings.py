@@ -49,14 +49,14 @@ SCHED_FORM = ('{"slo_ms": <TBT SLO in ms, > 0>, "margin": <0 <= margin < 1>, "ti
 TREE_KEY = "tkernels_tree"
 TREE_SIZES = ("per_batch", "fixed")
 # the tree proposer's drafters: "dynamic" (per-(depth, rank) estimates on the TR template) or a
-# method of tkernels.spec.drafters (the offline harness's drafters). The default is the static
-# template: in vLLM (bench/results/vllm_spec_mat_smollm2.json, 26 dev questions, K = 32) it gives
-# 1.89 MAT (dynamic 1.35, vLLM's ngram 1.63) and drafts in ~0.07 ms per request. The hybrid gives
-# more (2.51) but drafts in a per-request host loop (bench/results/drafters_cpu_vm.json: 0.3 ms
-# per request at 9 nodes, 1.8 ms at 80 on this project's CPU), which under the step model of an 8B model on
-# an H100 costs more tokens/s than its extra acceptance brings at batch >= 8 (README, Speculation).
+# method of tkernels.spec.drafters (the offline harness's drafters). The default is the hybrid: in
+# vLLM (bench/results/vllm_spec_mat_smollm2.json, 26 dev questions, K = 32) it gives 2.51 MAT (the
+# static template 1.89, dynamic 1.35, vLLM's ngram 1.63), and compiled it drafts in ~15 µs per
+# request at 32 nodes (bench/results/host_cpu_vm.json, batch 32), so under the step model of an
+# 8B model on an H100 it gives the most tokens/s per request at batch 1 to 32 and ties prompt
+# lookup at 64, drafting included (docs/speculation.md, "The vLLM tree proposer's default drafter").
 TREE_DRAFTERS = ("dynamic", "pld", "tr_static", "tr", "retrieval", "hybrid")
-DEFAULT_TREE_DRAFTER = "tr_static"
+DEFAULT_TREE_DRAFTER = "hybrid"
 TREE_FORM = ('{"size": "per_batch" | "fixed", "drafter": ' + " | ".join(f'"{d}"' for d in TREE_DRAFTERS)
              + ', "prompt_topk": true | false} (every key optional)')
 KNOWN_KEYS = {SCHED_KEY: SCHED_FORM, TREE_KEY: TREE_FORM}

@@ -41,7 +41,7 @@ def vllm_config(num_spec=NUM_SPEC, async_scheduling=False, max_model_len=256, ad
     )
 
 
-DYNAMIC = {"tkernels_tree": {"drafter": "dynamic"}}  # the per-(depth, rank) drafter (the default is tr_static)
+DYNAMIC = {"tkernels_tree": {"drafter": "dynamic"}}  # the per-(depth, rank) drafter (the default is hybrid)
 
 
 def make_tree_proposer(**config):
@@ -128,16 +128,16 @@ def test_lone_request_drafts_past_64_nodes_on_an_8b_model_and_a_batch_small_tree
     assert min(sizes[1]) >= 127 and max(sizes[32]) <= 16
 
 
-@pytest.mark.parametrize("drafter", [None, "hybrid"])
+@pytest.mark.parametrize("drafter", [None, "tr_static"])
 def test_harness_drafters_draft_no_more_per_request_than_the_batch_pays_for(drafter):
-    """The default drafter (tr_static) and the hybrid with per-batch sizing: each request's tree
+    """The default drafter (hybrid) and the static template with per-batch sizing: each request's tree
     is drafted at most at the dynamic policy's size for this batch (128 nodes for one request,
     8 for 32 on a Llama-3-8B-shaped model), then priced by its own estimates where it has them
     (the template has none: it keeps them all); ``size: fixed`` drafts the whole budget."""
     from tkernels.plugins.vllm.settings import DEFAULT_TREE_DRAFTER
     from tkernels.spec import MAX_TREE_NODES
 
-    assert DEFAULT_TREE_DRAFTER == "tr_static"
+    assert DEFAULT_TREE_DRAFTER == "hybrid"
     for size, expected in (("per_batch", {1: 128, 32: 8}), ("fixed", {1: MAX_TREE_NODES, 32: MAX_TREE_NODES})):
         options = {"size": size} | ({"drafter": drafter} if drafter else {})
         proposer, _ = make_tree_proposer(num_spec=MAX_TREE_NODES - 1, shape=LLAMA3_8B,
