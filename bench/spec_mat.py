@@ -55,7 +55,7 @@ from tkernels.data import SPECBENCH_DEV, Question, specbench_dev
 from tkernels.sched.latency_model import DEFAULT_RATES, LLAMA3_8B, LatencyModel
 from tkernels.spec.drafters import METHODS, TreeDrafter
 from tkernels.spec.token_recycling import top_k_probs
-from tkernels.spec.tree import ancestor_mask, depths
+from tkernels.spec.tree import TOP_K, ancestor_mask, depths
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = SPECBENCH_DEV
@@ -135,7 +135,7 @@ def make_drafter(spec: str, vocab_size: int) -> HarnessDrafter:
 
 
 @torch.no_grad()
-def prefill(model, prompt: torch.Tensor, k: int = 8):
+def prefill(model, prompt: torch.Tensor, k: int = TOP_K):
     """The prompt's forward, shared by every decoding of one question: (KV cache, first token,
     (top-k ids, their probabilities) at every prompt position, for ``+prompt`` recycling)."""
     out = model(input_ids=prompt[None], use_cache=True)

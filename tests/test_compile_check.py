@@ -92,7 +92,7 @@ def test_every_allowlisted_spill_names_its_reason_and_a_registered_kernel():
 
 
 def test_every_autotune_candidate_kept_for_a_gpu_fits_it_by_the_estimate():
-    from tkernels.autotune.profile import attention_candidate_launches
+    from tkernels.autotune.candidates import attention_candidate_launches
 
     for limit in (registry.SHARED_LIMITS[90], registry.SHARED_LIMITS[80]):
         launches = list(attention_candidate_launches(limit))

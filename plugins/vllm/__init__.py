@@ -10,7 +10,10 @@ use tkernels' features keeps working); each feature raises when it is actually s
 from __future__ import annotations
 
 import logging
-import os
+
+# The CPU test modes live in compat.py, which the adapters import (not this package: register()
+# imports them); re-exported here, where the tests and users find them.
+from tkernels.plugins.vllm.compat import CPU_TEST_ENV, CPU_TEST_MODES, cpu_test_mode  # noqa: F401
 
 logger = logging.getLogger("tkernels")
 
@@ -43,21 +46,6 @@ def register() -> None:
 
 
 BACKEND_PATH = "tkernels.plugins.vllm.attention.TkernelsAttentionBackend"
-CPU_TEST_ENV = "TKERNELS_VLLM_CPU_TEST_BACKEND"
-# CPU test modes: "1" runs tkernels' Triton kernels under the interpreter (TRITON_INTERPRET=1);
-# "reference" runs their plain-PyTorch references (attention, tree verification, KV
-# compaction), fast enough for end-to-end measurements on a real model.
-CPU_TEST_MODES = ("1", "reference")
-
-
-def cpu_test_mode() -> str | None:
-    """The CPU test mode asked for in ``TKERNELS_VLLM_CPU_TEST_BACKEND`` (None when unset or empty)."""
-    mode = os.environ.get(CPU_TEST_ENV) or None
-    if mode is not None and mode not in CPU_TEST_MODES:
-        raise ValueError(f"tkernels: {CPU_TEST_ENV} must be one of {CPU_TEST_MODES} or unset, got {mode!r}")
-    return mode
-
-
 def register_attention_backend() -> None:
     """Register this backend as vLLM's ``CUSTOM`` one (and, in a CPU test mode, as ``CPU_ATTN``).
 

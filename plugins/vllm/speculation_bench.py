@@ -111,7 +111,7 @@ def run_method(model_dir: Path, questions: list[Question], method: str, max_toke
         if torch.cuda.is_available():
             kwargs["attention_backend"] = "CUSTOM"
         else:
-            from tkernels.plugins.vllm import CPU_TEST_ENV
+            from tkernels.plugins.vllm.compat import CPU_TEST_ENV
 
             os.environ.setdefault(CPU_TEST_ENV, "reference")
     llm = LLM(**kwargs)

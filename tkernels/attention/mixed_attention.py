@@ -84,6 +84,23 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
+def search_space(dry_run: bool, quick: bool) -> dict[str, list[dict[str, int]]]:
+    """The configs ``tkernels autotune`` tries, per tuning stage (decode-only, prefill-only and
+    mixed batches, tuned in that order, each over the best of the stages before): a few tiny
+    tiles for a CPU dry run, fewer for ``--quick``."""
+    if dry_run:
+        return {"decode": [{"decode_block_n": n} for n in (16, 32)],
+                "prefill": [{"prefill_block_m": 32, "prefill_block_n": n} for n in (16, 32)],
+                "mix": [{"num_warps": 4, "num_stages": 2}]}
+    block_n = (32, 64, 128)
+    return {
+        "decode": [{"decode_block_n": n, "min_split_keys": s} for n in block_n
+                   for s in ((512,) if quick else (256, 512, 1024))],
+        "prefill": [{"prefill_block_m": m, "prefill_block_n": n} for m in (64, 128) for n in block_n],
+        "mix": [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in ((2,) if quick else (2, 3))],
+    }
+
+
 def default_config(head_dim: int, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """:data:`DEFAULT_CONFIG` adjusted to the head size and the input dtype (register budget of
     one tile; ``dtype`` None: 16-bit inputs)."""
@@ -272,16 +289,13 @@ _CHECK_Q_LENS = (DEFAULT_CONFIG["decode_max_q"] + 1, 16)
 
 def _attention_launches(shared_limit: int | None):
     """Every default launch (fp16/bf16/fp32 x the three default tile regimes of head_dim 64, 128,
-    256 x plain and tree/window/softcap batches), then autotune's candidates
-    (:func:`tkernels.autotune.profile.attention_candidate_launches`)."""
+    256 x plain and tree/window/softcap batches); autotune's candidates are listed on its side
+    (:func:`tkernels.autotune.candidates.attention_candidate_launches`)."""
     for dtype in _DTYPES:
         for head_dim in (64, 128, 256):
             for name, features in _CHECK_FEATURES.items():
                 launch = compile_launch({}, head_dim, dtype, _CHECK_Q_LENS, features)
                 yield replace(launch, label=f"{launch.label} {name}")
-    from tkernels.autotune.profile import attention_candidate_launches
-
-    yield from attention_candidate_launches(shared_limit)
 
 
 _ATTN_SIGNATURE = {

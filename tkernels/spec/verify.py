@@ -93,6 +93,14 @@ _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Launch parameters of every kernel here; tuned per vocabulary size by ``tkernels autotune``.
 DEFAULT_CONFIG = {"block_v": 4096, "num_warps": 8}
 
+
+def search_space(dry_run: bool, quick: bool) -> list[dict[str, int]]:
+    """The configs ``tkernels autotune`` tries over :data:`DEFAULT_CONFIG` (a few tiny ones for a
+    CPU dry run, fewer warps for ``--quick``)."""
+    if dry_run:
+        return [{"block_v": 32, "num_warps": 2}, {"block_v": 64}]
+    return [{"block_v": v, "num_warps": w} for v in (1024, 2048, 4096, 8192) for w in ((4, 8) if quick else (4, 8, 16))]
+
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS, so a server's greedy rows agree).
 GREEDY_TEMPERATURE = 1e-5
 
@@ -109,6 +117,7 @@ class NonFiniteLogitsError(ValueError):
 
 # _node_pass_kernel modes
 _ARGMAX, _STATS, _SAMPLE = 0, 1, 2
+MODES = (_ARGMAX, _STATS, _SAMPLE)  # the node pass's MODE values
 
 
 @triton.jit
@@ -150,34 +159,27 @@ def _inverse_cdf(logits_ptr, l_off, scratch_ptr, s_off, V, live, from_scratch, i
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # (nodes or requests, vocabulary): a large vocabulary (one row per program) and a small one
 # (rows packed into a program).
-_CHECK_SHAPES = ((64, 128256), (64, 1000))
+CHECK_SHAPES = ((64, 128256), (64, 1000))
 # Most children of a node in the path walk's check: Token Recycling's fan-out and a 256-node
 # star (the walks' tiles do not depend on a tree's size or depth, only this).
 _CHECK_CHILDREN = (8, 255)
 
 
-def _candidates():
-    """Every config a full ``tkernels autotune`` tries (over the defaults)."""
-    from tkernels.autotune.profile import verify_search_space
+def node_pass_launch(mode, dtype, count, vocab, cfg, candidate=False):
+    """The node pass's compile for ``count`` rows of ``vocab`` logits under ``cfg``."""
+    from tkernels.registry import Launch
 
-    return [{**DEFAULT_CONFIG, **c} for c in verify_search_space(dry_run=False, quick=False)]
+    block_r, block_v = _tiles(count, vocab, cfg)
+    return Launch(f"{('argmax', 'stats', 'sample')[mode]} {_DTYPES[dtype]} {block_r}x{block_v} w{cfg['num_warps']}",
+                  dict(MODE=mode, BLOCK_R=block_r, BLOCK_V=block_v), types={"logits_ptr": f"*{_DTYPES[dtype]}"},
+                  options={"num_warps": cfg["num_warps"]}, candidate=candidate)
 
 
 def _node_pass_launches(shared_limit):
-    from tkernels.registry import Launch
-
-    def launch(mode, dtype, count, vocab, cfg, candidate):
-        block_r, block_v = _tiles(count, vocab, cfg)
-        return Launch(f"{('argmax', 'stats', 'sample')[mode]} {_DTYPES[dtype]} {block_r}x{block_v} w{cfg['num_warps']}",
-                      dict(MODE=mode, BLOCK_R=block_r, BLOCK_V=block_v), types={"logits_ptr": f"*{_DTYPES[dtype]}"},
-                      options={"num_warps": cfg["num_warps"]}, candidate=candidate)
-
-    for mode in (_ARGMAX, _STATS, _SAMPLE):
+    for mode in MODES:
         for dtype in _DTYPES:
-            for count, vocab in _CHECK_SHAPES:
-                yield launch(mode, dtype, count, vocab, DEFAULT_CONFIG, False)
-        for cfg in _candidates():
-            yield launch(mode, torch.bfloat16, *_CHECK_SHAPES[0], cfg, True)
+            for count, vocab in CHECK_SHAPES:
+                yield node_pass_launch(mode, dtype, count, vocab, DEFAULT_CONFIG)
 
 
 def _path_walk_launches(shared_limit):
@@ -189,20 +191,20 @@ def _path_walk_launches(shared_limit):
                      options={"num_warps": 1})
 
 
-def _rejection_walk_launches(shared_limit):
+def rejection_walk_launch(dtype, vocab, cfg, candidate=False):
+    """The rejection walk's compile for ``vocab`` logits under ``cfg``."""
     from tkernels.registry import Launch
 
-    def launch(dtype, batch, vocab, cfg, candidate):
-        block_b, block_v = _rejection_tiles(vocab, cfg)
-        return Launch(f"{_DTYPES[dtype]} {block_b}x{block_v} w{cfg['num_warps']}", dict(BLOCK_B=block_b, BLOCK_V=block_v),
-                      types={"logits_ptr": f"*{_DTYPES[dtype]}"},
-                      options={"num_warps": cfg["num_warps"], **_REJECTION_MAXNREG}, candidate=candidate)
+    block_b, block_v = _rejection_tiles(vocab, cfg)
+    return Launch(f"{_DTYPES[dtype]} {block_b}x{block_v} w{cfg['num_warps']}", dict(BLOCK_B=block_b, BLOCK_V=block_v),
+                  types={"logits_ptr": f"*{_DTYPES[dtype]}"},
+                  options={"num_warps": cfg["num_warps"], **_REJECTION_MAXNREG}, candidate=candidate)
 
+
+def _rejection_walk_launches(shared_limit):
     for dtype in _DTYPES:
-        for batch, vocab in _CHECK_SHAPES:
-            yield launch(dtype, batch, vocab, DEFAULT_CONFIG, False)
-    for cfg in _candidates():
-        yield launch(torch.bfloat16, *_CHECK_SHAPES[0], cfg, True)
+        for _batch, vocab in CHECK_SHAPES:
+            yield rejection_walk_launch(dtype, vocab, DEFAULT_CONFIG)
 
 
 @gpu_compile_check(
