@@ -20,7 +20,7 @@ from tkernels.autotune.profile import attention_cases, fits_shared_memory
 from tkernels.continuous import acceptance
 from tkernels.registry import Launch, add_candidates
 from tkernels.spec import kv_compaction
-from tkernels.spec import verify as verify_kernels
+from tkernels.spec.verify import kernels as verify_kernels
 
 # Head sizes of the built-in models autotune tunes for; the compile check compiles their candidates.
 CANDIDATE_HEAD_DIMS = (64, 128)
@@ -73,8 +73,8 @@ def _trajectory_candidates(shared_limit: int | None) -> Iterator[Launch]:
 
 CANDIDATES = {
     "tkernels.attention.mixed_attention:mixed_attention_kernel": attention_candidate_launches,
-    "tkernels.spec.verify:_node_pass_kernel": _node_pass_candidates,
-    "tkernels.spec.verify:_rejection_walk_kernel": _rejection_walk_candidates,
+    "tkernels.spec.verify.kernels:_node_pass_kernel": _node_pass_candidates,
+    "tkernels.spec.verify.kernels:_rejection_walk_kernel": _rejection_walk_candidates,
     "tkernels.spec.kv_compaction:_compact_kv_kernel": _kv_compaction_candidates,
     "tkernels.continuous.acceptance:_trajectory_log_ratio_kernel": _trajectory_candidates,
 }

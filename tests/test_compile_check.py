@@ -71,7 +71,7 @@ def test_compile_check_fails_on_a_default_launch_that_spills():
     (True, False, 0, 70_000, 65_536, 90, "autotune's estimate 65536 B"),
 ])
 def test_what_fails_the_check(monkeypatch, candidate, allowlisted, spills, shared, bound, arch, problem):
-    key = "tkernels.spec.verify:_node_pass_kernel"
+    key = "tkernels.spec.verify.kernels:_node_pass_kernel"
     registry.load_all()
     if allowlisted:
         monkeypatch.setitem(registry.SPILL_ALLOWLIST, key, "being fixed elsewhere")

@@ -37,7 +37,7 @@ from typing import Any
 # checks that every `*_kernel` function under tkernels/ is registered.
 KERNEL_MODULES: tuple[str, ...] = (
     "tkernels.attention.mixed_attention",
-    "tkernels.spec.verify",
+    "tkernels.spec.verify.kernels",
     "tkernels.spec.kv_compaction",
     "tkernels.continuous.acceptance",
 )
