@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
-from tkernels.attention.mixed_attention import compile_launch as attention_launch
-from tkernels.attention.mixed_attention import search_space as attention_search_space
+from tkernels.attention.kernels import compile_launch as attention_launch
+from tkernels.attention.plan import search_space as attention_search_space
 from tkernels.autotune.profile import attention_cases, fits_shared_memory
 from tkernels.continuous import acceptance
 from tkernels.registry import Launch, add_candidates
@@ -72,7 +72,7 @@ def _trajectory_candidates(shared_limit: int | None) -> Iterator[Launch]:
 
 
 CANDIDATES = {
-    "tkernels.attention.mixed_attention:mixed_attention_kernel": attention_candidate_launches,
+    "tkernels.attention.kernels:mixed_attention_kernel": attention_candidate_launches,
     "tkernels.spec.verify.kernels:_node_pass_kernel": _node_pass_candidates,
     "tkernels.spec.verify.kernels:_rejection_walk_kernel": _rejection_walk_candidates,
     "tkernels.spec.kv_compaction:_compact_kv_kernel": _kv_compaction_candidates,

@@ -35,8 +35,8 @@ import torch
 
 from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention
 from tkernels.attention.batch import random_paged_batch
-from tkernels.attention.mixed_attention import default_config
-from tkernels.attention.mixed_attention import search_space as attention_search_space
+from tkernels.attention.plan import default_config
+from tkernels.attention.plan import search_space as attention_search_space
 from tkernels.continuous import acceptance
 from tkernels.sched.latency_model import ModelShape, draft_cost, prefill_chunk_cost
 from tkernels.spec import kv_compaction, verify
@@ -123,11 +123,12 @@ def shared_memory_limit(device: str) -> int | None:
 
 def fits_shared_memory(config: dict, head_dim: int, shared_limit: int | None) -> bool:
     """Whether attention ``config`` (over the defaults) can launch within ``shared_limit`` bytes
-    in any batch it will serve: :func:`~tkernels.attention.mixed_attention.shared_memory_estimate`
+    in any batch it will serve: :func:`~tkernels.attention.plan.shared_memory_estimate`
     of a prefill tile beside a full decode tile, checked before anything is compiled."""
     if shared_limit is None:
         return True
-    from tkernels.attention.mixed_attention import DEFAULT_CONFIG, compile_launch
+    from tkernels.attention.kernels import compile_launch
+    from tkernels.attention.plan import DEFAULT_CONFIG
 
     worst = compile_launch(config, head_dim, torch.bfloat16, (DEFAULT_CONFIG["decode_max_q"] + 1, DEFAULT_CONFIG["decode_max_q"]),
                            candidate=True)

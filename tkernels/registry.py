@@ -36,7 +36,7 @@ from typing import Any
 # Modules holding @triton.jit kernels. Add a module here when it defines a kernel; a test
 # checks that every `*_kernel` function under tkernels/ is registered.
 KERNEL_MODULES: tuple[str, ...] = (
-    "tkernels.attention.mixed_attention",
+    "tkernels.attention.kernels",
     "tkernels.spec.verify.kernels",
     "tkernels.spec.kv_compaction",
     "tkernels.continuous.acceptance",
