@@ -10,4 +10,4 @@ cd "$(dirname "$0")/.."
 main=$(bash tests/envs/ensure.sh main)
 "$main/bin/tkernels" info
 "$main/bin/tkernels" demo "$@"
-"$main/bin/python" -m tkernels.plugins.vllm.speculation_bench --questions 3 --max-tokens 64 --require-equal "$@"
+"$main/bin/tkernels" speculation-bench --questions 3 --max-tokens 64 --require-equal "$@"

@@ -17,10 +17,10 @@ cd "$copy"
 "$main/bin/python" - "$copy" <<'PY'
 import sys
 import tkernels.data
-import tkernels.plugins.vllm.speculation_bench as bench
+import tkernels.cli.speculation_bench as bench
 
 for module in (tkernels.data, bench):  # imported from the copy, not from the calling checkout
     assert module.__file__.startswith(sys.argv[1]), f"{module.__name__} imported from {module.__file__}"
 PY
 echo "[standalone] speculation comparison in $copy (tracked files only)" >&2
-"$main/bin/python" -m tkernels.plugins.vllm.speculation_bench --questions 1 --max-tokens 16 --require-equal
+"$main/bin/tkernels" speculation-bench --questions 1 --max-tokens 16 --require-equal

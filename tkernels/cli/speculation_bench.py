@@ -1,6 +1,6 @@
 """Speculative decoding in vLLM: no speculation vs vLLM's ``ngram`` vs tkernels' Token Recycling.
 
-    python -m tkernels.plugins.vllm.speculation_bench [--model smollm2|tiny|DIR] [--questions 8]
+    tkernels speculation-bench (or python -m tkernels.cli.speculation_bench) [--model smollm2|tiny|DIR] [--questions 8]
         [--max-tokens 128] [--num-spec-tokens 5] [--rounds 1] [--methods none,ngram,tr,tr-tree]
         [--method M] [--json]
 
@@ -50,8 +50,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from tkernels.cli.demo import resolve_model
 from tkernels.data import Question, specbench_dev
-from tkernels.plugins.vllm.demo import resolve_model
 
 METHODS = ("none", "ngram", "tr", "tr-tree")  # plus tree:<drafter>[+prompt], see tree_drafter()
 NGRAM_MIN, NGRAM_MAX = 1, 3  # as tkernels.spec.propose_ngram's defaults (prompt lookup, PLD)
@@ -161,7 +161,7 @@ def run_method(model_dir: Path, questions: list[Question], method: str, max_toke
 
 
 def _run_subprocess(args: argparse.Namespace, method: str, num_spec_tokens: int) -> dict:
-    command = [sys.executable, "-m", "tkernels.plugins.vllm.speculation_bench", "--method", method, "--raw",
+    command = [sys.executable, "-m", "tkernels.cli.speculation_bench", "--method", method, "--raw",
                "--model", args.model, "--questions", str(args.questions), "--max-tokens", str(args.max_tokens),
                "--num-spec-tokens", str(num_spec_tokens), "--rounds", str(args.rounds)]
     if args.per_category is not None:
@@ -235,7 +235,7 @@ def _check_method(method: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tkernels.plugins.vllm.speculation_bench",
+    parser = argparse.ArgumentParser(prog="tkernels speculation-bench",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="HF folder, 'smollm2' (embedded) or 'tiny'")
     parser.add_argument("--questions", type=int, default=8, help="the first N of the selection")
