@@ -23,4 +23,4 @@ for module in (tkernels.data, bench):  # imported from the copy, not from the ca
     assert module.__file__.startswith(sys.argv[1]), f"{module.__name__} imported from {module.__file__}"
 PY
 echo "[standalone] speculation comparison in $copy (tracked files only)" >&2
-"$main/bin/tkernels" speculation-bench --questions 1 --max-tokens 16 --require-equal
+"$main/bin/tkernels" speculation-bench --questions 1 --max-tokens 16 --require-equal  # the main job's methods, one question
