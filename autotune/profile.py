@@ -35,7 +35,8 @@ import torch
 
 from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention
 from tkernels.attention.batch import random_paged_batch
-from tkernels.attention.mixed_attention import default_config
+from tkernels.attention.plan import default_config
+from tkernels.attention.plan import search_space as attention_search_space
 from tkernels.continuous import acceptance
 from tkernels.sched.latency_model import ModelShape, draft_cost, prefill_chunk_cost
 from tkernels.spec import kv_compaction, verify
@@ -80,18 +81,10 @@ def attention_cases(dry_run: bool, quick: bool) -> dict[str, AttentionCase]:
             "mix": AttentionCase("W1", (512,) + (1,) * (64 // scale), (4096,) + (2048,) * (64 // scale))}
 
 
-def attention_search_space(dry_run: bool, quick: bool) -> dict[str, list[dict[str, int]]]:
-    if dry_run:
-        return {"decode": [{"decode_block_n": n} for n in (16, 32)],
-                "prefill": [{"prefill_block_m": 32, "prefill_block_n": n} for n in (16, 32)],
-                "mix": [{"num_warps": 4, "num_stages": 2}]}
-    block_n = (32, 64, 128)
-    return {
-        "decode": [{"decode_block_n": n, "min_split_keys": s} for n in block_n
-                   for s in ((512,) if quick else (256, 512, 1024))],
-        "prefill": [{"prefill_block_m": m, "prefill_block_n": n} for m in (64, 128) for n in block_n],
-        "mix": [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in ((2,) if quick else (2, 3))],
-    }
+# Each kernel module owns its search space beside its default config.
+verify_search_space = verify.search_space
+kv_compaction_search_space = kv_compaction.search_space
+trajectory_search_space = acceptance.search_space
 
 
 Runner = Callable[[dict, bool], "float | None"]  # run(config, on_gpu) -> median us, None: fails or wrong
@@ -130,39 +123,16 @@ def shared_memory_limit(device: str) -> int | None:
 
 def fits_shared_memory(config: dict, head_dim: int, shared_limit: int | None) -> bool:
     """Whether attention ``config`` (over the defaults) can launch within ``shared_limit`` bytes
-    in any batch it will serve: :func:`~tkernels.attention.mixed_attention.shared_memory_estimate`
+    in any batch it will serve: :func:`~tkernels.attention.plan.shared_memory_estimate`
     of a prefill tile beside a full decode tile, checked before anything is compiled."""
     if shared_limit is None:
         return True
-    from tkernels.attention.mixed_attention import DEFAULT_CONFIG, compile_launch
+    from tkernels.attention.kernels import compile_launch
+    from tkernels.attention.plan import DEFAULT_CONFIG
 
     worst = compile_launch(config, head_dim, torch.bfloat16, (DEFAULT_CONFIG["decode_max_q"] + 1, DEFAULT_CONFIG["decode_max_q"]),
                            candidate=True)
     return worst.shared_bound <= shared_limit
-
-
-# Head sizes of the built-in models autotune tunes for; the compile check compiles their candidates.
-CANDIDATE_HEAD_DIMS = (64, 128)
-
-
-def attention_candidate_launches(shared_limit: int | None):
-    """Every attention launch a full (non-quick) ``tkernels autotune`` can try, as it launches it
-    (bf16; decode-only, prefill-only and mixed batches for the three stages, each candidate over
-    the defaults), less those :func:`fits_shared_memory` prunes for ``shared_limit``."""
-    from tkernels.attention.mixed_attention import compile_launch
-
-    cases = attention_cases(dry_run=False, quick=False)
-    seen = set()
-    for head_dim in CANDIDATE_HEAD_DIMS:
-        for stage, candidates in attention_search_space(dry_run=False, quick=False).items():
-            for candidate in candidates:
-                if not fits_shared_memory(candidate, head_dim, shared_limit):
-                    continue
-                launch = compile_launch(candidate, head_dim, torch.bfloat16, cases[stage].q_lens, candidate=True)
-                key = (tuple(sorted(launch.constexprs.items())), tuple(sorted(launch.options.items())))
-                if key not in seen:
-                    seen.add(key)
-                    yield launch
 
 
 def tune_attention(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry_run: bool, quick: bool,
@@ -184,12 +154,6 @@ def tune_attention(shape: ModelShape, dtype: torch.dtype, device: str, measure, 
     return _bucket(f"mixed_attention/{cases['mix'].name}", key, best, mix, measure, device)
 
 
-def verify_search_space(dry_run: bool, quick: bool) -> list[dict[str, int]]:
-    if dry_run:
-        return [{"block_v": 32, "num_warps": 2}, {"block_v": 64}]
-    return [{"block_v": v, "num_warps": w} for v in (1024, 2048, 4096, 8192) for w in ((4, 8) if quick else (4, 8, 16))]
-
-
 def tune_verify(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry_run: bool, quick: bool) -> dict:
     """Best verification launch config for the model's vocabulary (bucket key ``vocab``), with
     default vs tuned time on V1's chains: 64 requests x 4 drafts (4 requests in a dry run)."""
@@ -197,12 +161,6 @@ def tune_verify(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry
     run = _verify_runner(4 if dry_run else 64, shape.vocab_size, dtype, device)
     best = _search(f"verify/{case}", verify_search_space(dry_run, quick), {}, run, measure, device)
     return _bucket(f"verify/{case}", {"vocab": shape.vocab_size}, best, run, measure, device)
-
-
-def kv_compaction_search_space(dry_run: bool, quick: bool) -> list[dict[str, int]]:
-    if dry_run:
-        return [{"block_hd": 16, "num_warps": 1}, {"block_hd": 32}]
-    return [{"block_hd": c, "num_warps": w} for c in (64, 128, 256, 512) for w in ((4,) if quick else (1, 2, 4, 8))]
 
 
 def tune_kv_compaction(shape: ModelShape, dtype: torch.dtype, device: str, measure, dry_run: bool, quick: bool) -> dict:
@@ -213,13 +171,6 @@ def tune_kv_compaction(shape: ModelShape, dtype: torch.dtype, device: str, measu
     best = _search(f"kv_compaction/{case}", kv_compaction_search_space(dry_run, quick), {}, run, measure, device)
     key = {"kv_dim": shape.num_kv_heads * shape.head_dim}
     return _bucket(f"kv_compaction/{case}", key, best, run, measure, device)
-
-
-def trajectory_search_space(dry_run: bool, quick: bool) -> list[dict[str, int]]:
-    if dry_run:
-        return [{"block_k": 8, "block_elements": 32}, {"block_k": 16, "num_warps": 2}]
-    return [{"block_k": k, "block_elements": e, "num_warps": w} for k in (256, 512, 1024) for e in (1024, 2048, 4096)
-            for w in ((4,) if quick else (4, 8)) if e >= k]
 
 
 def tune_trajectory_log_ratio(device: str, measure, dry_run: bool, quick: bool) -> dict:

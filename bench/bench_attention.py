@@ -31,7 +31,7 @@ import workloads
 from common import DEVICE, HAS_CUDA, median_us, requires_gpu
 
 from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention
-from tkernels.attention.mixed_attention import default_config
+from tkernels.attention.plan import default_config
 
 pytestmark = requires_gpu
 

@@ -41,7 +41,7 @@ NODES = (9, 32) if TINY else (9, 32, 80, 256)
 # batches fit: D1's adjacency takes seconds to build (half a minute on a loaded VM)
 WORKLOAD_BATCH = max(*BATCHES, BATCH)
 NGRAM_K = 8  # the issue's reference: vLLM's ngram at K = 8
-NGRAM_MIN, NGRAM_MAX = 1, 3  # plugins/vllm/speculation_bench.py's
+NGRAM_MIN, NGRAM_MAX = 1, 3  # tkernels/cli/speculation_bench.py's
 MAX_MODEL_LEN = 1024
 NOTE = os.environ.get("TKERNELS_BENCH_NOTE", "")  # e.g. "shared machine, loaded": goes into every record
 _ngram_us: dict[int, float] = {}  # batch -> vLLM ngram at K = 8, µs per request

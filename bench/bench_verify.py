@@ -34,6 +34,7 @@ from common import DEVICE, HAS_CUDA, median_us, requires_gpu
 
 from tkernels.spec import verify as V
 from tkernels.spec.tree import chain, depths, token_recycling_template
+from tkernels.spec.verify import reference as VR
 
 pytestmark = requires_gpu
 
@@ -90,7 +91,7 @@ def _torch_baseline(tree, mode):
     def run():
         drawn = torch.multinomial(torch.softmax(logits.float(), -1), 1).squeeze(1)
         no_margin = torch.zeros(drawn.shape, dtype=torch.float64, device=DEVICE)
-        return V._walk_reference(drawn, no_margin, tokens, parents, cu, width).result()
+        return VR._walk_reference(drawn, no_margin, tokens, parents, cu, width).result()
 
     return run
 

@@ -11,7 +11,7 @@ MAT (mean accepted tokens per target forward) = tokens the user receives (the fi
 prefill's forward, then every verify step's accepted drafts and bonus, up to the cap or EOS) /
 target forwards that produced them (the prefill + every verify step; a step with no draft gives
 one token), summed over questions; the vLLM speculation bench
-(:mod:`tkernels.plugins.vllm.speculation_bench`) counts the same way. Each speculative output is
+(:mod:`tkernels.cli.speculation_bench`) counts the same way. Each speculative output is
 compared token-for-token with plain greedy decoding (``equal``). Drafters keep their state (TR's
 adjacency matrix, the policies' estimates) across the questions of a run, which go round-robin
 over the categories (file order within each) and share one prefill per question.
@@ -56,7 +56,7 @@ from tkernels.data import SPECBENCH_DEV, Question, specbench_dev
 from tkernels.sched.latency_model import DEFAULT_RATES, LLAMA3_8B, LatencyModel
 from tkernels.spec.drafters import METHODS, TreeDrafter
 from tkernels.spec.token_recycling import top_k_probs
-from tkernels.spec.tree import ancestor_mask, depths
+from tkernels.spec.tree import TOP_K, ancestor_mask, depths
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = SPECBENCH_DEV
@@ -136,7 +136,7 @@ def make_drafter(spec: str, vocab_size: int) -> HarnessDrafter:
 
 
 @torch.no_grad()
-def prefill(model, prompt: torch.Tensor, k: int = 8):
+def prefill(model, prompt: torch.Tensor, k: int = TOP_K):
     """The prompt's forward, shared by every decoding of one question: (KV cache, first token,
     (top-k ids, their probabilities) at every prompt position, for ``+prompt`` recycling)."""
     out = model(input_ids=prompt[None], use_cache=True)
@@ -297,7 +297,7 @@ def summarize(raw: dict[str, list[dict]], draft_us: dict[tuple[str, int], float]
     """Result records per (method, category) and overall from :func:`run`'s raw records.
 
     ``mat`` = tokens received / target forwards that produced them (summed over the questions),
-    the definition :mod:`tkernels.plugins.vllm.speculation_bench` uses too. ``predicted_tokens_per_s``
+    the definition :mod:`tkernels.cli.speculation_bench` uses too. ``predicted_tokens_per_s``
     per GPU and batch size: tokens received after the prefill's / the summed predicted time of the
     verify steps, ``batch`` times each step's tree (every request of the batch drafting like this one).
     With ``draft_us`` (:func:`load_draft_cost`), records of a (method, nodes) it prices also get

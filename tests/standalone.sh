@@ -29,11 +29,11 @@ print(f"[standalone] {len(loaded)} tkernels modules, all from {copy}", file=sys.
 # Every tkernels module loaded (the core, the plugins, autotune) comes from the copy, not from
 # the calling checkout: run here with the copy installed, and again with the calling checkout
 # installed and the copy on PYTHONPATH (two checkouts, one environment).
-"$main/bin/python" -c "import tkernels.data, tkernels.autotune, tkernels.plugins.vllm.speculation_bench
+"$main/bin/python" -c "import tkernels.data, tkernels.autotune, tkernels.plugins.vllm, tkernels.cli.speculation_bench
 $check_loaded" "$copy"
 bash "$root/tests/envs/ensure.sh" main >/dev/null
-(cd "$work" && PYTHONPATH="$copy" "$main/bin/python" -c "import tkernels.data, tkernels.autotune, tkernels.plugins.vllm.speculation_bench
+(cd "$work" && PYTHONPATH="$copy" "$main/bin/python" -c "import tkernels.data, tkernels.autotune, tkernels.plugins.vllm, tkernels.cli.speculation_bench
 $check_loaded" "$copy")
 bash "$copy/tests/envs/ensure.sh" main >/dev/null
 echo "[standalone] speculation comparison in $copy (tracked files only)" >&2
-"$main/bin/python" -m tkernels.plugins.vllm.speculation_bench --questions 1 --max-tokens 16 --require-equal
+"$main/bin/tkernels" speculation-bench --questions 1 --max-tokens 16 --require-equal  # the main job's methods, one question

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from tkernels.attention import mixed_attention, mixed_attention_reference, plan_mixed_attention
 from tkernels.attention.batch import TREE_KINDS, random_paged_batch, random_parents, tree_parents
-from tkernels.attention.mixed_attention import MAX_TREE_NODES, default_config
+from tkernels.attention.plan import MAX_TREE_NODES, default_config
 from tkernels.spec.tree import validate_parents
 
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=3e-3, rtol=1e-2)}

@@ -71,7 +71,7 @@ def test_compile_check_fails_on_a_default_launch_that_spills():
     (True, False, 0, 70_000, 65_536, 90, "autotune's estimate 65536 B"),
 ])
 def test_what_fails_the_check(monkeypatch, candidate, allowlisted, spills, shared, bound, arch, problem):
-    key = "tkernels.spec.verify:_node_pass_kernel"
+    key = "tkernels.spec.verify.kernels:_node_pass_kernel"
     registry.load_all()
     if allowlisted:
         monkeypatch.setitem(registry.SPILL_ALLOWLIST, key, "being fixed elsewhere")
@@ -92,7 +92,7 @@ def test_every_allowlisted_spill_names_its_reason_and_a_registered_kernel():
 
 
 def test_every_autotune_candidate_kept_for_a_gpu_fits_it_by_the_estimate():
-    from tkernels.autotune.profile import attention_candidate_launches
+    from tkernels.autotune.candidates import attention_candidate_launches
 
     for limit in (registry.SHARED_LIMITS[90], registry.SHARED_LIMITS[80]):
         launches = list(attention_candidate_launches(limit))

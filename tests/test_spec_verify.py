@@ -8,6 +8,9 @@ from tkernels import config
 from tkernels.attention.batch import TREE_KINDS, tree_parents
 from tkernels.spec import verify as V
 from tkernels.spec.tree import MAX_TREE_NODES, depths, from_child_counts
+from tkernels.spec.verify import inputs as VI
+from tkernels.spec.verify import launch as VL
+from tkernels.spec.verify import reference as VR
 
 SHAPES = {  # parents of one tree
     "single": [-1],
@@ -51,7 +54,7 @@ def poisoned(monkeypatch):
             torch.full((batch, width), 777, dtype=torch.int32, device=device),
             torch.full((batch,), 777, dtype=torch.int32, device=device),
         )
-    monkeypatch.setattr(V, "_empty_outputs", empty_outputs)
+    monkeypatch.setattr(VL, "_empty_outputs", empty_outputs)
 
 
 def assert_same(out, ref):
@@ -196,8 +199,8 @@ def exact_compare(logits, tokens, parents, cu, params, uniforms, draft_probs, co
     top_p = None if p is None else torch.full((batch,), p)
     out = V.verify_sampling(logits, tokens, parents, cu, temp, top_k, top_p, uniforms=uniforms, draft_probs=draft_probs,
                             config=config)
-    width = V._check_tree_batch(logits, tokens, parents, cu).width
-    walk = V._sampling_reference(logits, tokens, parents, cu, temp, top_k, top_p, uniforms, draft_probs, width)
+    width = VI._check_tree_batch(logits, tokens, parents, cu).width
+    walk = VR._sampling_reference(logits, tokens, parents, cu, temp, top_k, top_p, uniforms, draft_probs, width)
     ref = walk.result()
     # Float rounding (fp32 kernel vs fp64 reference) may flip a decision only where a uniform
     # lies within ~1e-6 of its threshold: those draws may differ, every other draw must not.
@@ -256,7 +259,7 @@ def test_children_table(rng):
     trees = [tree_parents(kind, n, rng).tolist() for kind in TREE_KINDS for n in (1, 2, 65, MAX_TREE_NODES)]
     parents = torch.tensor([p for t in trees for p in t], dtype=torch.int32)
     cu = torch.tensor([0] + [len(t) for t in trees]).cumsum(0).int()
-    first, count = V._children(parents, cu)
+    first, count = VI._children(parents, cu)
     for b, tree in enumerate(trees):
         s = int(cu[b])
         for i in range(len(tree)):
@@ -284,7 +287,7 @@ def test_trees_past_64_nodes(rng, poisoned, nodes, kind):
     temp[::3] = 0.5  # as exact_compare sets it
     probs = V.target_probs(logits, cu, temp, torch.full((len(trees),), k), torch.full((len(trees),), p))
     uniforms = torch.rand(logits.shape[0], 2, generator=rng)
-    tokens = follow(tokens, parents, cu, V._inverse_cdf_reference(probs, uniforms[:, 1])[0], rng)  # target-only draws
+    tokens = follow(tokens, parents, cu, VR._inverse_cdf_reference(probs, uniforms[:, 1])[0], rng)  # target-only draws
     exact_compare(logits, tokens, parents, cu, params, uniforms, None)
     draft_probs = (0.9 * probs + 0.1 * torch.softmax(torch.randn(logits.shape, generator=rng), -1)).float()
     exact_compare(logits, tokens, parents, cu, params, uniforms, draft_probs)
@@ -420,7 +423,7 @@ def test_sampling_is_lossless(rng, shape, sampled, params, keyed):
         seeds = torch.full((draws,), offset) if keyed == "positions" else torch.arange(draws) + offset
         node_depth = depths(torch.tensor(tree)).long()
         uniforms = V.keyed_uniforms(seeds.repeat_interleave(n), (root[:, None] + node_depth + 1).flatten())
-    out_tokens, out_nodes, num = V._sampling_reference(
+    out_tokens, out_nodes, num = VR._sampling_reference(
         logits, tokens, parents, cu, temp, top_k, top_p, uniforms, draft_probs, width
     ).result()
     checked = 0
@@ -622,7 +625,7 @@ def test_greedy_finiteness_check_reads_the_argmax_pass_row_max(rng, vocab, dtype
     logits[4, vocab - 2] = float("inf")
     logits[6] = float("-inf")
     token = torch.empty(9, dtype=torch.int64)
-    row_max = V._argmax_pass(logits, token, V.launch_config(vocab))
+    row_max = VL._argmax_pass(logits, token, V.launch_config(vocab))
     torch.testing.assert_close(row_max, logits.amax(-1).float(), equal_nan=True)
     ok = torch.isfinite(row_max)
     assert torch.equal(token[ok], logits[ok].float().argmax(-1))

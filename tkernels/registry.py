@@ -4,8 +4,8 @@ GPU-target compile check.
 Each kernel module decorates its kernels with :func:`gpu_compile_check`, giving the signature
 and, through ``launches``, every configuration its launcher compiles by default (per supported
 head size and dtype: the constexprs, argument dtypes, ``num_warps`` and ``num_stages`` the
-launcher passes) plus every autotune candidate (:class:`Launch`); :data:`KERNEL_MODULES` names
-the modules to import to see them all.
+launcher passes; :class:`Launch`); autotune adds every candidate it can try
+(:data:`CANDIDATES_MODULE`); :data:`KERNEL_MODULES` names the modules to import to see them all.
 
 ``python -m tkernels.registry [--candidates] [--targets=cuda:90,cuda:80] [--representative=hip:gfx942]
 [--jobs=N] [--fail-fast] [MODULE | MODULE:KERNEL ...]`` compiles each launch for each of
@@ -36,8 +36,8 @@ from typing import Any
 # Modules holding @triton.jit kernels. Add a module here when it defines a kernel; a test
 # checks that every `*_kernel` function under tkernels/ is registered.
 KERNEL_MODULES: tuple[str, ...] = (
-    "tkernels.attention.mixed_attention",
-    "tkernels.spec.verify",
+    "tkernels.attention.kernels",
+    "tkernels.spec.verify.kernels",
     "tkernels.spec.kv_compaction",
     "tkernels.continuous.acceptance",
 )
@@ -89,12 +89,27 @@ class KernelEntry:
     launches: LaunchList | None = None
 
     def all_launches(self, shared_limit: int | None = None, candidates: bool = True) -> list[Launch]:
-        """The launches to compile: the kernel's list, else the registered representative."""
+        """The launches to compile: the kernel's list (else the registered representative), then
+        autotune's candidates if asked (registered by :data:`CANDIDATES_MODULE`, imported by
+        :func:`load_all` with ``candidates=True``)."""
         found = list(self.launches(shared_limit)) if self.launches else [Launch("registered", self.constexprs)]
+        if candidates and f"{self.module}:{self.name}" in CANDIDATES:
+            found += CANDIDATES[f"{self.module}:{self.name}"](shared_limit)
         return [launch for launch in found if candidates or not launch.candidate]
 
 
 REGISTRY: dict[str, KernelEntry] = {}
+
+# Autotune's candidate launches per kernel key (``module:kernel``), added by the module named
+# here when it is imported: the candidate lists belong to autotune (what it tries), the kernels
+# only own their search spaces, so kernel modules never import autotune.
+CANDIDATES_MODULE = "tkernels.autotune.candidates"
+CANDIDATES: dict[str, LaunchList] = {}
+
+
+def add_candidates(key: str, launches: LaunchList) -> None:
+    """Register autotune's candidate launches of kernel ``key`` (``module:kernel``)."""
+    CANDIDATES[key] = launches
 
 
 def gpu_compile_check(signature: dict[str, str], launches: LaunchList | None = None, **constexprs: Any) -> Callable:
@@ -102,8 +117,8 @@ def gpu_compile_check(signature: dict[str, str], launches: LaunchList | None = N
 
     ``signature`` maps every non-constexpr argument to a Triton type (``"*fp16"``, ``"i32"``,
     ``"fp32"``); ``constexprs`` gives each ``tl.constexpr`` argument a representative value;
-    ``launches`` (called at check time, so it may import autotune) lists what the launcher
-    really compiles.
+    ``launches`` (called at check time) lists what the launcher really compiles by default;
+    autotune's candidates are added on its side (:func:`add_candidates`).
     """
 
     def register(kernel: Any) -> Any:
@@ -117,10 +132,14 @@ def gpu_compile_check(signature: dict[str, str], launches: LaunchList | None = N
     return register
 
 
-def load_all(modules: tuple[str, ...] = KERNEL_MODULES) -> dict[str, KernelEntry]:
-    """The kernels registered by ``modules`` (imported here)."""
+def load_all(modules: tuple[str, ...] = KERNEL_MODULES, candidates: bool = False) -> dict[str, KernelEntry]:
+    """The kernels registered by ``modules`` (imported here), with autotune's candidate launches
+    if ``candidates`` (:data:`CANDIDATES_MODULE`, imported by name: the compile check is the one
+    place that joins the kernels and the autotune command)."""
     for module in modules:
         importlib.import_module(module)
+    if candidates:
+        importlib.import_module(CANDIDATES_MODULE)
     return {key: entry for key, entry in REGISTRY.items() if entry.module in modules}
 
 
@@ -247,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile check: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
-    entries = {key: entry for key, entry in load_all(modules).items()
+    entries = {key: entry for key, entry in load_all(modules, "--candidates" in options).items()
                if not selected or entry.module in selected or key in selected}
     targets = [_target_arg(t) for t in options.get("--targets", "cuda:90,cuda:80").split(",") if t]
     representative = [_target_arg(t) for t in options.get("--representative", "hip:gfx942").split(",") if t]

@@ -28,24 +28,15 @@ range makes :func:`register` raise (SGLang logs it and starts without tkernels, 
 from __future__ import annotations
 
 import logging
-import os
 
 logger = logging.getLogger("tkernels")
 
-ENV_FEATURES = "TKERNELS_SGLANG"
-FEATURES = ("budget", "token_recycling")
-BACKEND_NAME = "tkernels"
+# The features, their variable and the backend's name live in compat.py (attention.py reads them
+# too); re-exported here, where users and tests find them.
+from tkernels.plugins.sglang.compat import BACKEND_NAME, ENV_FEATURES, FEATURES, selected_features  # noqa: E402, F401
 
 REGISTERED = False
 
-
-def selected_features() -> tuple[str, ...]:
-    """The features named in ``$TKERNELS_SGLANG`` (comma-separated); ValueError on unknown names."""
-    names = tuple(n.strip() for n in os.environ.get(ENV_FEATURES, "").split(",") if n.strip())
-    unknown = sorted(set(names) - set(FEATURES))
-    if unknown:
-        raise ValueError(f"${ENV_FEATURES}: unknown features {unknown}; known: {', '.join(FEATURES)}")
-    return names
 
 
 def create_attention_backend(model_runner):

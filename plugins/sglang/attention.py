@@ -33,7 +33,7 @@ import torch
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 
 from tkernels.attention import mixed_attention, plan_mixed_attention
-from tkernels.plugins.sglang import BACKEND_NAME, selected_features
+from tkernels.plugins.sglang.compat import BACKEND_NAME, selected_features
 from tkernels.plugins.sglang.cpu import cpu_engine, use_triton_verify_mask
 
 

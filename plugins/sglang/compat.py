@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
 
@@ -25,3 +26,18 @@ def require_supported_sglang(version: str | None = None) -> str:
             ) from None
     return require_supported("SGLang", version, SUPPORTED_SGLANG,
                              "disable the plugin with SGLANG_PLUGINS set to a list without 'tkernels'")
+
+
+# The plugin's features (``$TKERNELS_SGLANG``) and its attention backend's name.
+ENV_FEATURES = "TKERNELS_SGLANG"
+FEATURES = ("budget", "token_recycling")
+BACKEND_NAME = "tkernels"
+
+
+def selected_features() -> tuple[str, ...]:
+    """The features named in ``$TKERNELS_SGLANG`` (comma-separated); ValueError on unknown names."""
+    names = tuple(n.strip() for n in os.environ.get(ENV_FEATURES, "").split(",") if n.strip())
+    unknown = sorted(set(names) - set(FEATURES))
+    if unknown:
+        raise ValueError(f"${ENV_FEATURES}: unknown features {unknown}; known: {', '.join(FEATURES)}")
+    return names

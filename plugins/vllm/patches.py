@@ -110,10 +110,9 @@ def check_attention_backend(vllm_config) -> None:
     from vllm.config import get_layers_from_vllm_config
     from vllm.model_executor.layers.attention import Attention
 
-    from tkernels.plugins.vllm.attention import TkernelsAttentionImpl
-
+    # tkernels' backend marks its layers (TkernelsAttentionImpl.applies_tree_mask)
     others = sorted({type(layer.impl).__name__ for layer in get_layers_from_vllm_config(vllm_config, Attention).values()
-                     if not isinstance(layer.impl, TkernelsAttentionImpl)})
+                     if not getattr(layer.impl, "applies_tree_mask", False)})
     if others:
         raise ValueError(
             f"tkernels tree speculation needs tkernels' attention backend for the tree mask, but layers use {others}: "

@@ -53,32 +53,14 @@ import vllm.envs as envs  # noqa: E402
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 
 from tkernels.config import ConfigChoice, current  # noqa: E402
-from tkernels.plugins.vllm.settings import SCHED_KEY, calibration_options, sched_options  # noqa: E402
-from tkernels.sched import DecodeMaximalPolicy, ModelShape, Prefill, StepBudget, WaitClock  # noqa: E402
+from tkernels.plugins.vllm.settings import SCHED_KEY, calibration_options, model_shape, sched_options  # noqa: E402
+from tkernels.sched import DecodeMaximalPolicy, Prefill, StepBudget, WaitClock  # noqa: E402
 from tkernels.sched.budget import ENV_TBT_SLO_MS  # noqa: E402
 from tkernels.sched.calibration import OnlineCalibration  # noqa: E402
 from tkernels.sched.latency_model import DEFAULT_RATES, prefill_chunk_cost  # noqa: E402
 
 logger = logging.getLogger("vllm.tkernels")  # vLLM's handlers and format, with the process name
 
-
-
-def model_shape(vllm_config) -> ModelShape:
-    """The per-GPU shard of the served model, as the latency model needs it (dense Llama-like;
-    MoE and quantized weights are costed as dense in the model dtype)."""
-    model, parallel = vllm_config.model_config, vllm_config.parallel_config
-    tp = parallel.tensor_parallel_size
-    hidden = model.get_hidden_size()
-    return ModelShape(
-        num_layers=model.get_num_layers(parallel),
-        hidden_size=hidden,
-        num_q_heads=model.get_num_attention_heads(parallel),
-        num_kv_heads=model.get_num_kv_heads(parallel),
-        head_dim=model.get_head_size(),
-        intermediate_size=max(1, getattr(model.hf_text_config, "intermediate_size", 4 * hidden) // tp),
-        vocab_size=max(1, model.get_vocab_size() // tp),
-        dtype_bytes=model.dtype.itemsize,
-    )
 
 
 def describe_policy(policy: DecodeMaximalPolicy, slo_source: str, choice: ConfigChoice) -> str:

@@ -113,11 +113,33 @@ def uses_scheduler(vllm_config) -> bool:
     return cls is not None and f"{cls.__module__}.{cls.__qualname__}" == SCHEDULER_CLS
 
 
+def model_shape(vllm_config):
+    """The per-GPU shard of the served model, as the latency model needs it (dense Llama-like;
+    MoE and quantized weights are costed as dense in the model dtype):
+    :meth:`tkernels.sched.ModelShape.sharded` of the model config's sizes."""
+    from tkernels.sched import ModelShape
+
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    tp = parallel.tensor_parallel_size
+    hidden = model.get_hidden_size()
+    return ModelShape.sharded(
+        num_layers=model.get_num_layers(parallel),
+        hidden_size=hidden,
+        # vLLM's own per-GPU head counts (MLA decodes with one KV head), as whole-model sizes
+        num_q_heads=model.get_num_attention_heads(parallel) * tp,
+        num_kv_heads=model.get_num_kv_heads(parallel) * tp,
+        head_dim=model.get_head_size(),
+        intermediate_size=getattr(model.hf_text_config, "intermediate_size", 4 * hidden),
+        vocab_size=model.get_vocab_size(),
+        tensor_parallel=tp,
+        dtype_bytes=model.dtype.itemsize,
+    )
+
+
 def check_scheduler(vllm_config) -> None:
     """The scheduler's options and SLO, checked by building its policy without any per-GPU
     config lookup (the front end must not touch the GPU)."""
     from tkernels.config import ConfigChoice
-    from tkernels.plugins.vllm.scheduler import model_shape
     from tkernels.sched import DecodeMaximalPolicy
     from tkernels.sched.budget import ENV_MAX_WAIT_MS, ENV_TBT_SLO_MS
 
@@ -145,7 +167,7 @@ def check_scheduler(vllm_config) -> None:
 def check_environment() -> None:
     """The tkernels environment variables a vLLM process reads."""
     from tkernels.config import ENV_CONFIG_DIR
-    from tkernels.plugins.vllm import cpu_test_mode
+    from tkernels.plugins.vllm.compat import cpu_test_mode
 
     cpu_test_mode()  # raises naming TKERNELS_VLLM_CPU_ATTENTION (or its older name) and its values
     folder = os.environ.get(ENV_CONFIG_DIR)
@@ -181,7 +203,7 @@ def check_tree_attention(vllm_config) -> None:
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from tkernels.plugins.vllm import CPU_ATTENTION_HINT, cpu_test_mode
+    from tkernels.plugins.vllm.compat import CPU_ATTENTION_HINT, cpu_test_mode
 
     if current_platform.is_cpu():
         if cpu_test_mode() is None:

@@ -66,7 +66,7 @@ def is_tree_config(speculative_config) -> bool:
 
 
 def _cpu_reference_mode() -> bool:
-    from tkernels.plugins.vllm import cpu_test_mode
+    from tkernels.plugins.vllm.compat import cpu_test_mode
 
     return cpu_test_mode() == "reference"
 

@@ -28,8 +28,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from tkernels.cli.speculation_bench import SPEC_COUNTERS
     from tkernels.models import tiny_llama_dir
-    from tkernels.plugins.vllm.speculation_bench import SPEC_COUNTERS
 
     llm = LLM(model=str(tiny_llama_dir()), dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
               tensor_parallel_size=tp, max_num_batched_tokens=64, disable_log_stats=False, **kwargs)

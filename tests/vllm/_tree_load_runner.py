@@ -47,8 +47,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from tkernels.cli.speculation_bench import SPEC_COUNTERS
     from tkernels.models import tiny_llama_dir
-    from tkernels.plugins.vllm.speculation_bench import SPEC_COUNTERS
 
     spec = {"method": "custom_class", "num_speculative_tokens": 6,
             "model": "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"} if args.tree else None

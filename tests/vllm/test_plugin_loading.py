@@ -44,7 +44,7 @@ def _demo(plugins: str | None) -> dict:
     if plugins is not None:
         env["VLLM_PLUGINS"] = plugins
     out = subprocess.run(
-        [sys.executable, "-m", "tkernels.plugins.vllm.demo", "--model", "tiny", "--json", "--max-tokens", "12"],
+        [sys.executable, "-m", "tkernels.cli.demo", "--model", "tiny", "--json", "--max-tokens", "12"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]

@@ -156,7 +156,7 @@ def test_draft_tree_widens_for_budgets_past_the_template():
 
 def _bench(method: str, rounds: int) -> dict:
     out = subprocess.run(
-        [sys.executable, "-m", "tkernels.plugins.vllm.speculation_bench", "--method", method, "--raw",
+        [sys.executable, "-m", "tkernels.cli.speculation_bench", "--method", method, "--raw",
          "--model", "smollm2", "--questions", "2", "--max-tokens", "32", "--num-spec-tokens", "4",
          "--rounds", str(rounds)],
         capture_output=True, text=True, timeout=900,

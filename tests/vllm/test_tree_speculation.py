@@ -537,7 +537,7 @@ def _bench(method: str, model: str, max_tokens: int, rounds: int, cpu_backend: s
         env.pop("TKERNELS_VLLM_CPU_ATTENTION", None)
         env["TKERNELS_VLLM_CPU_TEST_BACKEND"] = cpu_backend
     return subprocess.run(
-        [sys.executable, "-m", "tkernels.plugins.vllm.speculation_bench", "--method", method, "--raw",
+        [sys.executable, "-m", "tkernels.cli.speculation_bench", "--method", method, "--raw",
          "--model", model, "--questions", "2", "--max-tokens", str(max_tokens), "--num-spec-tokens", str(num_spec),
          "--rounds", str(rounds)],
         capture_output=True, text=True, timeout=1200, env=env,

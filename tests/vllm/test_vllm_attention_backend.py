@@ -201,7 +201,7 @@ def test_engine_greedy_tokens_match_vllm_cpu_attention():
     """The CPU engine with tkernels' backend in CPU_ATTN's place (kernel under the interpreter)
     generates the same greedy tokens, with the same log-probabilities at every prompt and
     generated position, as vLLM's own CPU attention, on chunked prefills mixed with decodes."""
-    from tkernels.attention.mixed_attention import DEFAULT_CONFIG
+    from tkernels.attention.plan import DEFAULT_CONFIG
     from tkernels.models import tiny_llama_dir
 
     tiny_llama_dir()  # build before the two engines race for it

@@ -1,10 +1,27 @@
-"""Mixed-batch paged attention (prefill chunks, decodes and speculation trees in one launch)."""
+"""Mixed-batch paged attention: prefill chunks, decodes and speculation trees in one launch.
 
-from tkernels.attention.mixed_attention import (
-    MixedAttentionPlan,
-    mixed_attention,
-    mixed_attention_reference,
-    plan_mixed_attention,
-)
+Inputs follow vLLM: queries ``q [T, Hq, D]`` packed request after request (``cu_seqlens_q``),
+a paged K/V cache ``[num_blocks, block_size, Hkv, D]`` addressed through
+``block_table [B, max_blocks]``, and ``seq_lens [B]`` = context length INCLUDING the request's
+new tokens, whose K/V are already in the cache (key ``prefix + i`` belongs to new token ``i``,
+``prefix = seq_len - query_len``).
+
+Visibility. Every query token sees the whole cached prefix. Among the request's new tokens an
+ordinary request is causal (token i sees new tokens 0..i); a request flagged in ``is_tree`` is a
+speculation tree (``tree_parents`` holds its nodes' local parents, BFS order, parent[0] = -1,
+at most ``MAX_TREE_NODES`` = 256 nodes) and node i sees exactly its ancestors and itself. Positions: token i of a causal
+request sits at ``prefix + i``, tree node i at ``prefix + depth(i)``. An optional sliding
+``window`` keeps keys with ``query_pos - key_pos < window``; an optional ``softcap`` maps a
+scaled logit s to ``softcap * tanh(s / softcap)``.
+
+
+Files, in fla's manner: ``plan.py`` (host planning, launch parameters, the tables' layout),
+``kernels.py`` (Triton kernels and the launches they compile), ``launch.py``
+(:func:`mixed_attention`), ``reference.py`` (plain PyTorch). docs/design.md has the design.
+"""
+
+from tkernels.attention.launch import mixed_attention
+from tkernels.attention.plan import MixedAttentionPlan, plan_mixed_attention
+from tkernels.attention.reference import mixed_attention_reference
 
 __all__ = ["MixedAttentionPlan", "mixed_attention", "mixed_attention_reference", "plan_mixed_attention"]

@@ -34,6 +34,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DEFAULT_CONFIG = {"block_k": 512, "block_elements": 2048, "num_warps": 4}
 
 
+def search_space(dry_run: bool, quick: bool) -> list[dict[str, int]]:
+    """The trajectory_log_ratio configs ``tkernels autotune`` tries over :data:`DEFAULT_CONFIG`."""
+    if dry_run:
+        return [{"block_k": 8, "block_elements": 32}, {"block_k": 16, "num_warps": 2}]
+    return [{"block_k": k, "block_elements": e, "num_warps": w} for k in (256, 512, 1024) for e in (1024, 2048, 4096)
+            for w in ((4,) if quick else (4, 8)) if e >= k]
+
+
 def launch_config(elements: int, config: dict | None = None) -> dict:
     """trajectory_log_ratio's launch parameters for rows of ``elements`` = steps x dims:
     ``config`` over the GPU's tuned bucket over :data:`DEFAULT_CONFIG`."""
@@ -53,23 +61,23 @@ def _tiles(rows: int, elements: int, device: torch.device, cfg: dict) -> tuple[i
     return max(1, min(triton.next_power_of_2(rows), _max_tile(device, cfg["block_elements"]) // block_k)), block_k
 
 
-def _trajectory_launches(shared_limit):
-    """What trajectory_log_ratio compiles on a GPU (compile check, tkernels.registry): each
-    input dtype at C1's 100 x 16 and a toy's 10 x 2 elements per row, then autotune's candidates."""
-    from tkernels.autotune.profile import trajectory_search_space
+def trajectory_launch(dtype: str, elements: int, cfg: dict, candidate: bool = False):
+    """What trajectory_log_ratio compiles on a GPU for rows of ``elements`` under ``cfg``."""
     from tkernels.registry import Launch
 
-    def launch(dtype, elements, cfg, candidate):
-        block_n, block_k = _tiles(1 << 14, elements, torch.device("cuda"), cfg)
-        return Launch(f"{dtype} {block_n}x{block_k} w{cfg['num_warps']}", dict(BLOCK_N=block_n, BLOCK_K=block_k),
-                      types={name: f"*{dtype}" for name in ("x_ptr", "mu_p_ptr", "mu_q_ptr")},
-                      options={"num_warps": cfg["num_warps"]}, candidate=candidate)
+    block_n, block_k = _tiles(1 << 14, elements, torch.device("cuda"), cfg)
+    return Launch(f"{dtype} {block_n}x{block_k} w{cfg['num_warps']}", dict(BLOCK_N=block_n, BLOCK_K=block_k),
+                  types={name: f"*{dtype}" for name in ("x_ptr", "mu_p_ptr", "mu_q_ptr")},
+                  options={"num_warps": cfg["num_warps"]}, candidate=candidate)
 
+
+def _trajectory_launches(shared_limit):
+    """What trajectory_log_ratio compiles by default (compile check, tkernels.registry): each
+    input dtype at C1's 100 x 16 and a toy's 10 x 2 elements per row (autotune's candidates:
+    :mod:`tkernels.autotune.candidates`)."""
     for dtype in ("fp32", "fp16", "bf16"):
         for elements in (1600, 20):
-            yield launch(dtype, elements, DEFAULT_CONFIG, False)
-    for c in trajectory_search_space(dry_run=False, quick=False):
-        yield launch("fp32", 1600, {**DEFAULT_CONFIG, **c}, True)
+            yield trajectory_launch(dtype, elements, DEFAULT_CONFIG)
 
 
 @gpu_compile_check(

@@ -57,6 +57,19 @@ class ModelShape:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{f.name}: must be a positive integer, got {value!r}")
 
+    @classmethod
+    def sharded(cls, *, num_layers: int, hidden_size: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                intermediate_size: int, vocab_size: int, tensor_parallel: int = 1, dtype_bytes: int = 2) -> ModelShape:
+        """The per-GPU shard of a model given its whole sizes, as a server shards it: query
+        heads, MLP width and vocabulary divided by ``tensor_parallel``, KV heads too but at least
+        one (replicated when fewer than the GPUs). The one reading of a served model's shape:
+        the vLLM and SGLang adapters pass their configs' sizes."""
+        tp = tensor_parallel
+        return cls(num_layers=num_layers, hidden_size=hidden_size, num_q_heads=max(1, num_q_heads // tp),
+                   num_kv_heads=max(1, num_kv_heads // tp), head_dim=head_dim,
+                   intermediate_size=max(1, intermediate_size // tp), vocab_size=max(1, vocab_size // tp),
+                   dtype_bytes=dtype_bytes)
+
     @property
     def linear_params(self) -> int:
         """Weights of the QKV/O projections, gated MLP and LM head."""

@@ -5,6 +5,7 @@ from .ngram import propose_ngram
 from .token_recycling import TokenRecycling
 from .tree import (
     MAX_TREE_NODES,
+    TOP_K,
     TreeShape,
     ancestor_bits,
     ancestor_mask,
@@ -40,6 +41,7 @@ from .verify import (
 
 __all__ = [
     "MAX_TREE_NODES",
+    "TOP_K",
     "TreeShape",
     "ancestor_bits",
     "ancestor_mask",

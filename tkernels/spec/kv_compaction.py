@@ -39,6 +39,13 @@ __all__ = ["compact_kv", "compact_kv_reference", "DEFAULT_CONFIG", "launch_confi
 DEFAULT_CONFIG = {"block_hd": 512, "num_warps": 4}  # columns of a row per program (<= 4096 elements in all)
 
 
+def search_space(dry_run: bool, quick: bool) -> list[dict[str, int]]:
+    """The configs ``tkernels autotune`` tries over :data:`DEFAULT_CONFIG`."""
+    if dry_run:
+        return [{"block_hd": 16, "num_warps": 1}, {"block_hd": 32}]
+    return [{"block_hd": c, "num_warps": w} for c in (64, 128, 256, 512) for w in ((4,) if quick else (1, 2, 4, 8))]
+
+
 def launch_config(kv_dim: int, config: dict | None = None) -> dict:
     """compact_kv's launch parameters for rows of ``kv_dim`` = heads x head_dim elements:
     ``config`` over the GPU's tuned bucket over :data:`DEFAULT_CONFIG`."""
@@ -52,22 +59,22 @@ def _tiles(width: int, kv_dim: int, cfg: dict) -> tuple[int, int]:
     return block_a, min(cfg["block_hd"], triton.next_power_of_2(kv_dim), max(16, 4096 // block_a))
 
 
-def _launches(shared_limit):
-    """What compact_kv compiles (GPU-target compile check, tkernels.registry): each cache dtype
-    for 8-wide and 64-wide accepted paths in 8 x 128 KV rows, then autotune's candidates."""
-    from tkernels.autotune.profile import kv_compaction_search_space
+def compile_launch(dtype: str, width: int, cfg: dict, candidate: bool = False):
+    """What compact_kv compiles for ``width``-wide accepted paths in 8 x 128 KV rows under ``cfg``."""
     from tkernels.registry import Launch
 
-    def launch(dtype, width, cfg, candidate):
-        block_a, block_hd = _tiles(width, 1024, cfg)
-        return Launch(f"{dtype} {block_a}x{block_hd} w{cfg['num_warps']}", dict(BLOCK_A=block_a, BLOCK_HD=block_hd),
-                      types={"cache_ptr": f"*{dtype}"}, options={"num_warps": cfg["num_warps"]}, candidate=candidate)
+    block_a, block_hd = _tiles(width, 1024, cfg)
+    return Launch(f"{dtype} {block_a}x{block_hd} w{cfg['num_warps']}", dict(BLOCK_A=block_a, BLOCK_HD=block_hd),
+                  types={"cache_ptr": f"*{dtype}"}, options={"num_warps": cfg["num_warps"]}, candidate=candidate)
 
+
+def _launches(shared_limit):
+    """What compact_kv compiles by default (GPU-target compile check, tkernels.registry): each
+    cache dtype for 8-wide and 64-wide accepted paths (autotune's candidates:
+    :mod:`tkernels.autotune.candidates`)."""
     for dtype in ("fp32", "fp16", "bf16"):
         for width in (8, 64):
-            yield launch(dtype, width, DEFAULT_CONFIG, False)
-    for c in kv_compaction_search_space(dry_run=False, quick=False):
-        yield launch("bf16", 8, {**DEFAULT_CONFIG, **c}, True)
+            yield compile_launch(dtype, width, DEFAULT_CONFIG)
 
 
 @gpu_compile_check(

@@ -55,6 +55,9 @@ __all__ = [
 # The largest tree every kernel and server path takes (attention's tree tiles, verification,
 # KV compaction, the vLLM and SGLang plugins): 256 nodes, root included, so 255 draft tokens.
 MAX_TREE_NODES = 256
+# Candidates per token in Token Recycling's adjacency matrix (the paper's k): the templates'
+# widest fan-out, the policies' ranks and every drafter's default.
+TOP_K = 8
 
 
 def _check_parents_tensor(parents) -> None:
@@ -417,7 +420,7 @@ def token_recycling_template() -> TreeShape:
     return from_widths(TR_80_WIDTHS)
 
 
-def token_recycling_tree(min_nodes: int = 1, depth: int | None = None, k: int = 8) -> TreeShape:
+def token_recycling_tree(min_nodes: int = 1, depth: int | None = None, k: int = TOP_K) -> TreeShape:
     """Token Recycling's fan-out rule past the paper's tree: :data:`TR_80_WIDTHS` widened by the
     smallest ``e >= 0`` (every width + e, at most ``k``, the adjacency's columns) that gives at
     least ``min_nodes`` nodes, root included. One rule for every tree past 80 nodes (e = 1: 173

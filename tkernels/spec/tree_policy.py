@@ -25,7 +25,7 @@ import torch
 
 from tkernels.checks import fail, integer, real
 
-from .tree import TreeShape, from_rank_paths
+from .tree import TOP_K, TreeShape, from_rank_paths
 
 __all__ = [
     "StepTime",
@@ -91,7 +91,7 @@ class DynamicTreePolicy:
 
     def __init__(
         self,
-        k: int = 8,
+        k: int = TOP_K,
         max_depth: int = 32,
         decay: float = 0.99,
         step_time: StepTime | None = None,

@@ -1,8 +1,14 @@
-"""Speculative decoding in vLLM: no speculation vs vLLM's ``ngram`` vs tkernels' Token Recycling.
+"""Speculative decoding in vLLM: no speculation vs vLLM's ``ngram`` vs tkernels' trees.
 
-    python -m tkernels.plugins.vllm.speculation_bench [--model smollm2|tiny|DIR] [--questions 8]
-        [--max-tokens 128] [--num-spec-tokens 5] [--rounds 1] [--methods none,ngram,tr,tr-tree]
-        [--method M] [--json]
+    tkernels speculation-bench [--model smollm2|tiny|DIR] [--questions 13] [--per-category 1]
+        [--max-tokens 64] [--num-spec-tokens 32] [--rounds 1]
+        [--methods none,ngram,tree:tr_static,tree:hybrid] [--method M] [--json]
+
+(also ``python -m tkernels.cli.speculation_bench``). The defaults are the main job's comparison:
+one question of each Spec-Bench category, vLLM's ``ngram`` against tkernels' tree proposer with
+the static Token Recycling template and with the hybrid drafter, 32 draft tokens per step (a
+size where trees pay on a GPU: a verify step of 33 tokens costs about what a 1-token step does
+at batch 1), MAT and output equality first.
 
 Methods: ``none``; vLLM's ``ngram`` (prompt lookup); ``tr``, Token Recycling's best path
 (:class:`~tkernels.plugins.vllm.proposer.TokenRecyclingProposer`, verified by vLLM's rejection
@@ -23,7 +29,17 @@ runs one in this process.
 
 Reported per method:
 
-* tokens/s: generated tokens of all questions / wall time of the generation loop.
+* CPU tok/s: generated tokens of all questions / wall time of the generation loop, on this
+  machine. On vLLM-CPU a verify step of many tokens costs many times a 1-token step and the
+  tree methods run a PyTorch reference attention, so speculation is slower here than plain
+  decoding: this column says nothing about a GPU.
+* GPU tok/s (predicted): tokens per second per request that the step-latency model
+  (:mod:`tkernels.sched.latency_model`, default H100 rates, a Llama-3-8B target, batch 1)
+  predicts for this run's steps: tokens after each request's prefill over the predicted time
+  of its decode steps, each priced at the tokens it verified (tree methods: K + 1; ``ngram``:
+  1 + its mean draft per drafting step, 1 when it drafted nothing; plain: 1), weights and
+  matmuls only (attention and drafting not counted, as bench/spec_mat.py's prediction without
+  ``--draft-cost``). A prediction, not a measurement.
 * MAT (mean accepted tokens per step, bonus counted, as Spec-Bench): per request, generated
   tokens / target forward passes that produced tokens for it (its prefill's last chunk counts as
   one step giving one token; every verify step gives 1 + accepted drafts). The engine is
@@ -50,10 +66,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from tkernels.cli.demo import resolve_model
 from tkernels.data import Question, specbench_dev
-from tkernels.plugins.vllm.demo import resolve_model
 
-METHODS = ("none", "ngram", "tr", "tr-tree")  # plus tree:<drafter>[+prompt], see tree_drafter()
+METHODS = ("none", "ngram", "tr", "tr-tree")  # plus tree:<drafter>[+prompt], see tree_options()
+# The main job's comparison (the command's defaults; see the module doc).
+DEFAULT_METHODS = ("none", "ngram", "tree:tr_static", "tree:hybrid")
+DEFAULT_SPEC_TOKENS = 32
 NGRAM_MIN, NGRAM_MAX = 1, 3  # as tkernels.spec.propose_ngram's defaults (prompt lookup, PLD)
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
 
@@ -111,7 +130,7 @@ def run_method(model_dir: Path, questions: list[Question], method: str, max_toke
         if torch.cuda.is_available():
             kwargs["attention_backend"] = "CUSTOM"
         else:
-            from tkernels.plugins.vllm import CPU_ATTENTION_ENV, CPU_TEST_ENV
+            from tkernels.plugins.vllm.compat import CPU_ATTENTION_ENV, CPU_TEST_ENV
 
             if CPU_ATTENTION_ENV not in os.environ and CPU_TEST_ENV not in os.environ:  # set empty: none, on purpose
                 os.environ[CPU_ATTENTION_ENV] = "reference"
@@ -162,7 +181,7 @@ def run_method(model_dir: Path, questions: list[Question], method: str, max_toke
 
 
 def _run_subprocess(args: argparse.Namespace, method: str, num_spec_tokens: int) -> dict:
-    command = [sys.executable, "-m", "tkernels.plugins.vllm.speculation_bench", "--method", method, "--raw",
+    command = [sys.executable, "-m", "tkernels.cli.speculation_bench", "--method", method, "--raw",
                "--model", args.model, "--questions", str(args.questions), "--max-tokens", str(args.max_tokens),
                "--num-spec-tokens", str(num_spec_tokens), "--rounds", str(args.rounds)]
     if args.per_category is not None:
@@ -172,6 +191,32 @@ def _run_subprocess(args: argparse.Namespace, method: str, num_spec_tokens: int)
     if out.returncode != 0:
         raise RuntimeError(f"method {method} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def predicted_gpu_tokens_per_s(run: dict, requests: int) -> float:
+    """Tokens/s per request the step-latency model predicts for ``run``'s decode steps (module
+    doc: default H100 rates, Llama-3-8B, batch 1, drafting not counted)."""
+    from tkernels.sched import DEFAULT_RATES, LLAMA3_8B, LatencyModel
+
+    model = LatencyModel(LLAMA3_8B, DEFAULT_RATES)
+    tokens = sum(map(len, run["token_ids"])) - requests  # each request's prefill gives its first token
+    steps = sum(run["steps"]) - requests
+    if tokens <= 0 or steps <= 0:
+        return 0.0
+    k = run.get("num_spec_tokens") or 0
+    if run["method"] == "none":
+        seconds = steps * model.step_time(1)
+    elif run["method"] == "ngram":  # drafts only where the prompt lookup matched
+        c = run["counters"]
+        drafting = min(c["spec_decode_num_drafts"], steps)
+        mean_draft = c["spec_decode_num_draft_tokens"] / drafting if drafting else 0.0
+        # the step time at a mean draft length: between the whole token counts around it
+        low, frac = int(mean_draft), mean_draft - int(mean_draft)
+        mean_step = (1 - frac) * model.step_time(1 + low) + frac * model.step_time(2 + low)
+        seconds = drafting * mean_step + (steps - drafting) * model.step_time(1)
+    else:  # a draft of K tokens (a tree of K + 1 nodes) every step
+        seconds = steps * model.step_time(1 + k)
+    return 1e6 * tokens / seconds
 
 
 def summarize(runs: list[dict], questions: list[Question]) -> list[dict]:
@@ -199,6 +244,7 @@ def summarize(runs: list[dict], questions: list[Question]) -> list[dict]:
             "rounds": run["rounds"],
             "tokens": generated,
             "tokens_per_s": generated / run["seconds"],
+            "predicted_gpu_tokens_per_s": predicted_gpu_tokens_per_s(run, len(questions) * run["rounds"]),
             "mat": by_category["overall"][0] / by_category["overall"][1],
             "mat_by_category": {k: t / s for k, (t, s) in by_category.items() if k != "overall"},
             **c,
@@ -220,13 +266,24 @@ def format_table(records: list[dict]) -> str:
         return (r["method"] + (f" K={r['num_spec_tokens']}" if r.get("num_spec_tokens") else "")
                 + (" seq" if r.get("sequential") else "") + (" eos" if r.get("eos") else ""))
 
-    lines = [f"{'method':<24} {'tokens/s':>9} {'MAT':>6} {'vLLM AL':>8} {'accept':>7} {'drafts':>7} {'equal':>6}"]
+    lines = [f"{'method':<24} {'MAT':>6} {'equal':>6} {'GPU tok/s':>10} {'CPU tok/s':>10} {'vLLM AL':>8} "
+             f"{'accept':>7} {'drafts':>7}"]
     for r in records:
-        lines.append(f"{label(r):<24} {r['tokens_per_s']:>9.1f} {r['mat']:>6.3f} {fmt(r['vllm_acceptance_length'], '.3f'):>8} "
-                     f"{fmt(r['draft_acceptance_rate'], '.3f'):>7} {r['spec_decode_num_drafts']:>7} {r['equal']!s:>6}")
+        lines.append(f"{label(r):<24} {r['mat']:>6.3f} {r['equal']!s:>6} {fmt(r.get('predicted_gpu_tokens_per_s'), '.0f'):>10} "
+                     f"{r['tokens_per_s']:>10.1f} {fmt(r['vllm_acceptance_length'], '.3f'):>8} "
+                     f"{fmt(r['draft_acceptance_rate'], '.3f'):>7} {r['spec_decode_num_drafts']:>7}")
+    lines += [
+        "MAT: tokens per target forward (bonus counted); equal: tokens identical to plain decoding.",
+        "GPU tok/s: PREDICTED per request by the step-latency model (H100 default rates, Llama-3-8B, batch 1;",
+        "  attention and drafting not counted) from this run's steps. CPU tok/s: MEASURED wall clock on this machine's",
+        "  vLLM-CPU (tree methods on a PyTorch reference attention): not a GPU figure.",
+    ]
     categories = sorted({c for r in records for c in r["mat_by_category"]})
-    lines.append("MAT by category: " + "; ".join(
-        f"{c}: " + ", ".join(f"{label(r)} {r['mat_by_category'][c]:.3f}" for r in records) for c in categories))
+    width = max(map(len, categories), default=8)
+    lines.append(f"MAT by category: {'category':<{width}} " + " ".join(f"{label(r):>24}" for r in records))
+    for c in categories:
+        lines.append(f"                 {c:<{width}} " + " ".join(f"{r['mat_by_category'].get(c, float('nan')):>24.3f}"
+                                                             for r in records))
     return "\n".join(lines)
 
 
@@ -236,18 +293,19 @@ def _check_method(method: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tkernels.plugins.vllm.speculation_bench",
+    parser = argparse.ArgumentParser(prog="tkernels speculation-bench",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="HF folder, 'smollm2' (embedded) or 'tiny'")
-    parser.add_argument("--questions", type=int, default=8, help="the first N of the selection")
-    parser.add_argument("--per-category", type=int, default=None,
-                        help="at most K per category, categories in turn (as bench/spec_mat.py); default file order")
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--num-spec-tokens", default="5", help="draft tokens per step; comma-separated: one run per value")
+    parser.add_argument("--questions", type=int, default=13, help="the first N of the selection")
+    parser.add_argument("--per-category", type=int, default=1,
+                        help="at most K per category, categories in turn (as bench/spec_mat.py); 0: file order")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--num-spec-tokens", default=str(DEFAULT_SPEC_TOKENS),
+                        help="draft tokens per step; comma-separated: one run per value")
     parser.add_argument("--rounds", type=int, default=1, help="submit the questions this many times in sequence")
     parser.add_argument("--sequential", action="store_true", help="one request at a time, as bench/spec_mat.py")
     parser.add_argument("--eos", action="store_true", help="answers end at EOS (default: --max-tokens each)")
-    parser.add_argument("--methods", default=",".join(METHODS),
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated methods to compare: {METHODS} or tree:<drafter>[+prompt]")
     parser.add_argument("--method", help="run only this method, in this process")
     parser.add_argument("--out", type=Path, default=None,
@@ -265,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--num-spec-tokens / --methods: {err}")
     if min(args.questions, args.max_tokens, *spec_tokens, args.rounds, args.per_category or 1) < 1:
         parser.error("--questions, --per-category, --max-tokens, --num-spec-tokens and --rounds must be >= 1")
-    questions = specbench_dev(args.questions, args.per_category)
+    questions = specbench_dev(args.questions, args.per_category or None)
     model_dir = resolve_model(args.model)
     if args.method:
         runs = [run_method(model_dir, questions, args.method, args.max_tokens, k, args.rounds, args.sequential, args.eos)

@@ -1,6 +1,6 @@
 """End-to-end generation on vLLM with the tkernels plugin installed (the README's main job).
 
-``python -m tkernels.plugins.vllm.demo [--model DIR|smollm2|tiny] [--json]`` starts an in-process
+``tkernels demo [--model DIR|smollm2|tiny] [--json]`` (or ``python -m tkernels.cli.demo``) starts an in-process
 vLLM engine (CPU-friendly settings unless a GPU is present), answers a few Spec-Bench dev
 questions (shipped with tkernels) greedily through the chat template, and prints each answer up
 to its end of turn (or ``--max-tokens``), tokens/s over the tokens generated, and whether vLLM's
@@ -90,6 +90,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m tkernels.plugins.vllm.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tkernels demo", description=__doc__.splitlines()[0])
     add_arguments(parser)
     sys.exit(run(parser.parse_args()))

@@ -1,4 +1,6 @@
-"""``tkernels`` console script."""
+"""``tkernels`` console script, above everything else in the package: its subcommands run the
+autotune command, the continuous demo, and the vLLM demo and speculation comparison (this
+package's ``demo.py`` and ``speculation_bench.py``: tools, not part of the installed plugins)."""
 
 from __future__ import annotations
 
@@ -65,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="the tiny random Llama used by tests instead")
     p.set_defaults(func=model)
     from tkernels import autotune
+    from tkernels.cli import demo
     from tkernels.continuous import demo as continuous_demo
-    from tkernels.plugins.vllm import demo
 
     p = sub.add_parser("autotune", help="tune kernels, fit the step-latency model, write this GPU's config")
     autotune.add_arguments(p)
@@ -79,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="greedy generation on vLLM with the tkernels plugin loaded")
     demo.add_arguments(p)
     p.set_defaults(func=demo.run)
+    sub.add_parser("speculation-bench", add_help=False,
+                   help="speculative decoding on vLLM: plain vs vLLM ngram vs tkernels' trees (MAT, equality, "
+                        "tokens/s); see `tkernels speculation-bench --help`")
+    if argv[:1] == ["speculation-bench"]:  # its own parser takes every argument after the name
+        from tkernels.cli import speculation_bench
+
+        return speculation_bench.main(argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 
