@@ -19,16 +19,14 @@ token. The HTTP client is the standard library's. Few tokens: CI has 2 cores.
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from servers import free_port, stop, wait_healthy
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
@@ -59,10 +57,6 @@ FEATURE_LINES = {"plain": [], "budget": [BUDGET_LINE], "token_recycling": [TREE_
                  "both": [BUDGET_LINE, TREE_LINE, "tkernels: --enable-mixed-chunk kept for NGRAM"]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_command(model_dir, port: int, *extra: str) -> list[str]:
@@ -79,31 +73,8 @@ def server_env(**extra: str) -> dict:
     return dict(env, SGLANG_USE_CPU_ENGINE="1", TRITON_INTERPRET="1", **extra)
 
 
-def stop(process: subprocess.Popen) -> None:
-    """The server and the processes it started (one process group)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(30)
 
 
-def wait_healthy(process: subprocess.Popen, port: int, log_path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()[-5000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"the server did not start in {START_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
-        time.sleep(2)
 
 
 def request(port: int, body: dict):
@@ -191,7 +162,7 @@ def server(request, tmp_path_factory):
         process = subprocess.Popen(server_command(tiny_llama_dir(), port, *flags), env=server_env(**env_extra),
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_healthy(process, port, log_path)
+        wait_healthy(process, port, log_path, START_TIMEOUT_S)
         yield request.param, port, log_path
     finally:
         stop(process)

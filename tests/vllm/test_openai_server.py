@@ -11,8 +11,6 @@ stop in the front end, before any model is loaded.
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from servers import free_port, stop, wait_healthy
 
 pytestmark = pytest.mark.vllm
 
@@ -47,10 +46,6 @@ REFUSED = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_command(model_dir, port: int, *extra: str) -> list[str]:
@@ -66,15 +61,6 @@ def server_env(**extra: str) -> dict:
     return env
 
 
-def stop(process: subprocess.Popen) -> None:
-    """The server and the engine processes it started (one process group)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(30)
 
 
 def post(port: int, path: str, body: dict, timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, str]:
@@ -105,19 +91,7 @@ def server(tmp_path_factory):
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()[-5000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server did not start in {START_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
-            time.sleep(2)
+        wait_healthy(process, port, log_path, START_TIMEOUT_S)
         yield port, model_dir, log_path
     finally:
         stop(process)

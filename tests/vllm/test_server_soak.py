@@ -27,7 +27,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from test_openai_server import SCHEDULER, free_port, post, server_command, server_env, stop, stream_events
+from servers import free_port, stop, wait_healthy
+from test_openai_server import SCHEDULER, post, server_command, server_env, stream_events
 
 pytestmark = pytest.mark.vllm
 
@@ -39,22 +40,6 @@ TREE = {"method": "custom_class", "model": "tkernels.plugins.vllm.proposer.Token
 START_TIMEOUT_S = 900
 SOAK_REQUESTS = 200  # the bound of the soak's load loop (each request has post()'s timeout too)
 VOCAB = 512  # the tiny Llama's
-
-
-def _wait_healthy(process: subprocess.Popen, port: int, log_path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()[-5000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"the server did not start in {START_TIMEOUT_S} s:\n{log_path.read_text()[-5000:]}")
-        time.sleep(2)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +64,7 @@ def servers(tmp_path_factory):
                                            stderr=subprocess.STDOUT, start_new_session=True)
             started[name] = (process, port, log_path)
         for process, port, log_path in started.values():
-            _wait_healthy(process, port, log_path)
+            wait_healthy(process, port, log_path, START_TIMEOUT_S)
         yield started["tree"][1], started["plain"][1], started["tree"][2]
     finally:
         for process, _, _ in started.values():
