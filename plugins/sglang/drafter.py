@@ -30,10 +30,8 @@ from sglang.srt.arg_groups.overrides import resolving_view
 from sglang.srt.speculative.ngram_worker import NGRAMWorker
 
 from tkernels.plugins.sglang.cpu import cpu_engine, use_triton_verify_mask
-from tkernels.spec import MAX_TREE_NODES, DynamicTreePolicy, TokenRecycling, ancestor_mask
+from tkernels.spec import MAX_TREE_NODES, TOP_K, DynamicTreePolicy, TokenRecycling, ancestor_mask
 from tkernels.spec.tree_policy import greedy_tree
-
-TOP_K = 8  # adjacency candidates per token (Token Recycling's k)
 
 
 class TreeDrafter:

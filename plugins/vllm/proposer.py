@@ -67,14 +67,13 @@ import numpy as np
 import torch
 
 from tkernels.plugins.vllm.settings import DEFAULT_TREE_DRAFTER, TREE_DRAFTERS, TREE_KEY, tree_options
-from tkernels.spec import DynamicTreePolicy, TokenRecycling, TreeShape, best_path, depths
+from tkernels.spec import TOP_K, DynamicTreePolicy, TokenRecycling, TreeShape, best_path, depths
 from tkernels.spec.drafters import DraftTree, TreeDrafter
 from tkernels.spec.token_recycling import top_k_probs
 from tkernels.spec.tree import token_recycling_tree
 
 __all__ = ["DEFAULT_TREE_DRAFTER", "TREE_DRAFTERS", "TokenRecyclingProposer", "TokenRecyclingTreeProposer", "draft_tree"]
 
-TOP_K = 8  # adjacency columns, as in the paper's 80-node tree
 TREE_CONFIG_KEY = TREE_KEY  # the tree proposer's options in vLLM's additional_config (settings.py)
 PROMPT_TOPK_CHUNK = 512  # prompt rows per LM-head matmul when recycling prompt logits (bounds the [rows, vocab] buffer)
 

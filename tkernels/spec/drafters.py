@@ -63,7 +63,7 @@ from .drafting import COMPILED_METHODS
 from .ngram import propose_ngram
 from .retrieval import SuffixAutomaton, bfs_order
 from .token_recycling import TokenRecycling
-from .tree import MAX_TREE_NODES, TreeShape, depths, token_recycling_tree
+from .tree import MAX_TREE_NODES, TOP_K, TreeShape, depths, token_recycling_tree
 from .tree_policy import ConfidenceTreePolicy, StepTime
 
 __all__ = ["METHODS", "DraftTree", "RetrievalCalibration", "TreeDrafter", "static_template"]
@@ -119,7 +119,7 @@ class TreeDrafter:
     ``TKERNELS_DRAFTERS`` is ``reference``.
     """
 
-    def __init__(self, vocab_size: int, method: str = "hybrid", k: int = 8, step_time: StepTime | None = None,
+    def __init__(self, vocab_size: int, method: str = "hybrid", k: int = TOP_K, step_time: StepTime | None = None,
                  max_depth: int = 16, pld_max_draft: int | None = None, compiled: bool | None = None):
         if method not in METHODS:
             raise ValueError(f"method: must be one of {METHODS}, got {method!r}")

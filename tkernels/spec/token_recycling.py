@@ -21,7 +21,7 @@ import torch
 
 from tkernels.checks import fail, integer, probabilities, require
 
-from .tree import TreeShape
+from .tree import TOP_K, TreeShape
 
 __all__ = ["TokenRecycling", "top_k_probs"]
 
@@ -34,7 +34,7 @@ class TokenRecycling:
     guesses that verification rejects and that :meth:`draft_best` never expands.
     """
 
-    def __init__(self, vocab_size: int, k: int = 8, device: torch.device | str = "cpu"):
+    def __init__(self, vocab_size: int, k: int = TOP_K, device: torch.device | str = "cpu"):
         vocab_size = integer("vocab_size", vocab_size, minimum=1)
         if not 1 <= integer("k", k, minimum=1) <= vocab_size:
             fail("k", f"must be in [1, vocab_size={vocab_size}], got {k}")
