@@ -598,42 +598,37 @@ def test_harness_drafters_in_the_engine_are_lossless_and_recycle_the_prompt():
     assert stats["skipped_steps"] == 0 and stats["prompt_topk_rows"] > 0 and stats["prompt_topk_s"] > 0
 
 
-def _load_run(tree: bool) -> dict:
-    runner = Path(__file__).with_name("_tree_load_runner.py")
-    out = subprocess.run([sys.executable, str(runner)] + (["--tree"] if tree else []), capture_output=True, text=True,
-                         timeout=900)
-    return _result(out)
+def _runner_engines(script: str) -> tuple[dict, dict]:
+    """(plain, tree): the runner script's JSON without and with ``--tree``, two engines at once."""
+    from tkernels.models import tiny_llama_dir
+
+    tiny_llama_dir()  # built once, before the two processes read it
+    runner = Path(__file__).with_name(script)
+
+    def run(tree: bool) -> dict:
+        out = subprocess.run([sys.executable, str(runner)] + (["--tree"] if tree else []), capture_output=True,
+                             text=True, timeout=900)
+        return _result(out)
+
+    with ThreadPoolExecutor(2) as pool:
+        plain, tree = pool.map(run, [False, True])
+    return plain, tree
 
 
 def test_tree_speculation_under_a_mixed_load_matches_plain_decoding():
     """Staggered arrivals, chunked prefills next to trees, prefix-cache hits, greedy and sampled
     requests in one batch (reference backend); see _tree_load_runner.py."""
-    from tkernels.models import tiny_llama_dir
-
-    tiny_llama_dir()
-    with ThreadPoolExecutor(2) as pool:
-        plain, tree = pool.map(_load_run, [False, True])
+    plain, tree = _runner_engines("_tree_load_runner.py")
     free = [run["token_ids"].pop("free") for run in (plain, tree)]
     assert len(plain["token_ids"]) == 14 and tree["token_ids"] == plain["token_ids"]
     assert [len(f) for f in free] == [30, 30]
     assert tree["counters"]["spec_decode_num_accepted_tokens"] > 0 and tree["steps"] < plain["steps"]
 
 
-def _foreign_run(tree: bool) -> dict:
-    runner = Path(__file__).with_name("_foreign_draft_runner.py")
-    out = subprocess.run([sys.executable, str(runner)] + (["--tree"] if tree else []), capture_output=True, text=True,
-                         timeout=900)
-    return _result(out)
-
-
 def test_drafts_the_proposer_did_not_make_affect_only_their_rows_in_the_engine():
     """Zeros (vLLM's drafts near max_model_len) and reversed trees injected for two requests every
     third step: those rows are verified as chains, every output is still plain decoding's."""
-    from tkernels.models import tiny_llama_dir
-
-    tiny_llama_dir()
-    with ThreadPoolExecutor(2) as pool:
-        plain, tree = pool.map(_foreign_run, [False, True])
+    plain, tree = _runner_engines("_foreign_draft_runner.py")
     assert len(plain["token_ids"]) == 6 and tree["token_ids"] == plain["token_ids"]
     assert tree["proposer_stats"]["foreign_drafts"] > 0
 
