@@ -281,8 +281,8 @@ class TreeBatch:
             if not failed:
                 raise
             logger.error("tkernels tree speculation: requests %s fail: %s", [step.req_ids[r] for r in failed], err)
-            cu = step.cu_nodes.tolist()
-            rows = torch.cat([torch.arange(cu[r], cu[r + 1]) for r in failed]).to(device)
+            starts = step.cu_nodes.numpy()[failed].astype(np.int64)
+            rows = torch.from_numpy(ragged_arange(starts, step.num_nodes[failed])).to(device)
             logits = logits.clone()
             logits[rows] = 0.0  # any finite scores: their tokens are replaced below
             tokens, nodes, num = run(logits)
