@@ -9,14 +9,15 @@ class (:class:`TokenRecyclingWorker`, an ``NGRAMWorker``) and verification
 (:mod:`tkernels.plugins.sglang.verify`):
 
 - drafting (:meth:`TokenRecyclingWorker._prepare_draft_tokens`): every request's last committed
-  token is node 0 of a d-node tree (d = ``--speculative-num-draft-tokens``, at most 256) filled from the
-  shared adjacency matrix (:class:`tkernels.spec.TokenRecycling`); the tree is the best d-node
-  tree under the hardware-aware policy's live acceptance estimates
+  token is node 0 of a d-node tree (d = ``--speculative-num-draft-tokens``, at most 256) that
+  tkernels' drafter (:class:`tkernels.spec.drafters.TreeDrafter`, method ``dynamic``) fills from
+  the shared adjacency matrix (:class:`tkernels.spec.TokenRecycling`); the tree is the best
+  d-node tree under the hardware-aware policy's live acceptance estimates
   (:class:`tkernels.spec.DynamicTreePolicy`; d is fixed by SGLang's buffers, so the policy picks
-  which d-node tree, not its size). Output in NGRAM's format: BFS tokens ``int64[bs*d]`` and
-  ancestor masks ``bool[bs*d*d]``;
+  which d-node tree, not its size). :class:`NgramDrafter` reshapes it into NGRAM's format: BFS
+  tokens ``int64[bs*d]`` and ancestor masks ``bool[bs*d*d]``;
 - after verification, the target logits at ALL tree nodes refresh the adjacency rows and the
-  accepted path updates the policy (:meth:`TreeDrafter.observe`, called by the verify hook).
+  accepted path updates the policy (:meth:`NgramDrafter.observe`, called by the verify hook).
 
 Mixed chunks: SGLang's NGRAM server-args handling turns ``--enable-mixed-chunk`` off, and its
 mixed step runs decodes as plain one-token decodes; the plugin keeps that (see the README).
@@ -30,26 +31,29 @@ from sglang.srt.arg_groups.overrides import resolving_view
 from sglang.srt.speculative.ngram_worker import NGRAMWorker
 
 from tkernels.plugins.sglang.cpu import cpu_engine, use_triton_verify_mask
-from tkernels.spec import MAX_TREE_NODES, TOP_K, DynamicTreePolicy, TokenRecycling, ancestor_mask
-from tkernels.spec.tree_policy import greedy_tree
+from tkernels.spec import MAX_TREE_NODES, TOP_K, TokenRecycling, ancestor_mask
+from tkernels.spec.drafters import DYNAMIC, TreeDrafter
 
 
-class TreeDrafter:
-    """Token Recycling drafter with policy-chosen d-node trees, in SGLang's NGRAM format."""
+class NgramDrafter:
+    """tkernels' :class:`~tkernels.spec.drafters.TreeDrafter` (``dynamic``: the policy's best
+    d-node tree, every node drafted) reshaped into SGLang's NGRAM format, and taught from
+    SGLang's verify outputs."""
 
     def __init__(self, vocab_size: int, num_nodes: int, k: int = TOP_K, device: torch.device | str = "cpu"):
         if not 1 <= num_nodes <= MAX_TREE_NODES:
             raise ValueError(f"--speculative-num-draft-tokens={num_nodes}: tkernels' trees hold 1 to "
                              f"{MAX_TREE_NODES} nodes")
         self.num_nodes = num_nodes
-        self.recycling = TokenRecycling(vocab_size, k, device=device)
-        self.policy = DynamicTreePolicy(k=k)  # its default depth builds trees of MAX_TREE_NODES
+        self.tree_drafter = TreeDrafter(vocab_size, DYNAMIC, k, recycling=TokenRecycling(vocab_size, k, device=device))
+        self.recycling, self.policy = self.tree_drafter.recycling, self.tree_drafter.dynamic.policy
         if len(self.shape()) != num_nodes:
             raise ValueError(f"--speculative-num-draft-tokens={num_nodes}: the tree policy builds trees of at most "
                              f"{len(self.shape())} nodes with k={k}")
 
     def shape(self):
-        return greedy_tree(self.policy.accept_probs(), self.num_nodes)[0]
+        """The tree every request drafts at this step."""
+        return self.tree_drafter.dynamic.policy_shape(self.num_nodes)
 
     def draft(self, last_tokens: torch.Tensor):
         """``(tokens int64[B*d], mask bool[B*d*d], parents int32[B*d])`` from the requests' last tokens.
@@ -57,10 +61,11 @@ class TreeDrafter:
         Every request drafts the same shape, so one ancestor mask serves all: ``mask[b*d*d + i*d + j]``
         is 1 iff j is i or an ancestor of i (:func:`tkernels.spec.to_sglang`'s layout).
         """
-        shape = self.shape()
-        tokens, parents, _ = self.recycling.draft(last_tokens, shape)
-        mask = ancestor_mask(shape.parents).flatten().repeat(last_tokens.numel())
-        return tokens, mask, parents
+        if not last_tokens.numel():
+            return (torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.bool), torch.empty(0, dtype=torch.int32))
+        trees = self.tree_drafter.draft(range(last_tokens.numel()), last_tokens.view(-1, 1), self.num_nodes)
+        mask = ancestor_mask(trees[0].parents.cpu()).flatten().repeat(len(trees))
+        return torch.cat([t.tokens for t in trees]), mask, torch.cat([t.parents for t in trees])
 
     def observe(self, logits: torch.Tensor, draft_tokens: torch.Tensor, predict: torch.Tensor,
                 accept_lens: torch.Tensor, accept_index: torch.Tensor) -> None:
@@ -72,9 +77,8 @@ class TreeDrafter:
         the policy's observations; then every node's row takes its logits' top-k.
         """
         nodes = accept_index.long().clamp(min=0)
-        ranks = self.recycling.candidate_ranks(draft_tokens[nodes].flatten(), predict[nodes].flatten().long())
-        self.policy.update(ranks.view(nodes.shape), accept_lens)
-        self.recycling.update(logits[:, : self.recycling.vocab_size], draft_tokens)
+        self.tree_drafter.observe_ranks(draft_tokens[nodes], predict[nodes].long(), accept_lens)
+        self.tree_drafter.recycle(draft_tokens, *self.recycling.top_k(logits[:, : self.recycling.vocab_size]))
 
 
 def last_committed_tokens(worker, batch) -> list[int]:
@@ -95,7 +99,7 @@ class TokenRecyclingWorker(NGRAMWorker):
         super().__init__(server_args, gpu_id, nccl_port, target_worker)
         if cpu_engine():  # a backend that reads NGRAM's tree masks, in the layout it reads, or a start-up error
             use_triton_verify_mask(resolving_view(server_args).attention_backend)
-        self.drafter = TreeDrafter(self.model_runner.model_config.vocab_size, self.draft_token_num, device=self.device)
+        self.drafter = NgramDrafter(self.model_runner.model_config.vocab_size, self.draft_token_num, device=self.device)
         self.draft_parents: torch.Tensor | None = None
 
     def _prepare_draft_tokens(self, batch) -> tuple[np.ndarray, np.ndarray]:

@@ -48,8 +48,9 @@ SCHED_FORM = ('{"slo_ms": <TBT SLO in ms, > 0>, "margin": <0 <= margin < 1>, "ti
               '"calibration_log": <path of a JSON file>} (every key optional)')
 TREE_KEY = "tkernels_tree"
 TREE_SIZES = ("per_batch", "fixed")
-# the tree proposer's drafters: "dynamic" (per-(depth, rank) estimates on the TR template) or a
-# method of tkernels.spec.drafters (the offline harness's drafters). The default is the hybrid: in
+# the tree proposer's drafters: tkernels.spec.drafters.DRAFTERS, "dynamic" (per-(depth, rank)
+# estimates on the TR template) or a method of the offline harness (written out: this module is
+# read before torch loads; tests/vllm/test_settings.py keeps the two equal). The default is the hybrid: in
 # vLLM (bench/results/vllm_spec_mat_smollm2.json, 26 dev questions, K = 32) it gives 2.51 MAT (the
 # static template 1.89, dynamic 1.35, vLLM's ngram 1.63), and compiled it drafts in ~15 µs per
 # request at 32 nodes (bench/results/host_cpu_vm.json, batch 32), so under the step model of an

@@ -33,7 +33,7 @@ def sg():
 
 def trained_drafter(sg, rng, num_nodes=NODES):
     """A drafter whose adjacency has seen one verify step's logits at every token."""
-    tree = sg.drafter.TreeDrafter(VOCAB, num_nodes)
+    tree = sg.drafter.NgramDrafter(VOCAB, num_nodes)
     tree.recycling.update(torch.randn(VOCAB, VOCAB, generator=rng), torch.randperm(VOCAB, generator=rng))
     return tree
 

@@ -86,7 +86,7 @@ def test_every_verified_position_is_recycled_including_rejected_drafts(rng):
     # Rows 4 -> 8 -> 12 -> 16 as if recycled earlier: after token 4, request 0 drafts [8, 12, 16].
     for a, b in ((4, 8), (8, 12), (12, 16)):
         proposer.drafter.adjacency[a, 0] = b
-        proposer.recycled[a] = True
+        proposer.tree_drafter.dynamic.recycled[a] = True
     drafts = step(proposer, target, batch, [[4], [42]], [[4], [42]], rng)
     assert drafts[0] == [8, 12, 16]
     # Verify: row 0 owns 1 + 3 logits rows (4, 8, 12, 16), row 1 owns 1 (+ its drafts, if any).
@@ -118,7 +118,7 @@ def test_rows_with_nothing_sampled_get_no_draft_and_drafts_respect_max_model_len
     batch = Batch([[1, 2], [7]])
     proposer.drafter.adjacency[5, 0] = 6
     proposer.drafter.adjacency[6, 0] = 7
-    proposer.recycled[[5, 6]] = True
+    proposer.tree_drafter.dynamic.recycled[[5, 6]] = True
     drafts = step(proposer, target, batch, [[5], []], [[5], [8]], rng)
     assert drafts == [[6], []]  # 3 tokens + 1 draft + its bonus fill max_model_len 5; row 1 is mid-prefill
 

@@ -137,3 +137,11 @@ def test_well_formed_settings_pass(engine_config, monkeypatch):
     )
     assert json.loads(json.dumps(config.additional_config))["tkernels_sched"] == {"margin": 0.2, "tile": 32,
                                                                                   "max_wait_ms": 200}
+
+
+def test_the_tree_drafters_are_tkernels_drafter_methods():
+    """settings.py keeps its own list (it is read before torch loads); it must be TreeDrafter's."""
+    from tkernels.plugins.vllm.settings import TREE_DRAFTERS
+    from tkernels.spec.drafters import DRAFTERS
+
+    assert TREE_DRAFTERS == DRAFTERS

@@ -65,7 +65,7 @@ def fake_step(proposer, req_ids, drafts):
 def learn(proposer, rows):
     for token, next_tokens in rows.items():
         proposer.drafter.adjacency[token] = torch.tensor(next_tokens + [60] * (8 - len(next_tokens)), dtype=torch.int32)
-        proposer.recycled[token] = True
+        proposer.tree_drafter.dynamic.recycled[token] = True
 
 
 def test_tree_draft_is_the_best_nodes_in_bfs_order_recorded_per_request():
@@ -112,7 +112,7 @@ def test_lone_request_drafts_past_64_nodes_on_an_8b_model_and_a_batch_small_tree
     from tkernels.spec import MAX_TREE_NODES, validate_parents
 
     proposer, _ = make_tree_proposer(num_spec=MAX_TREE_NODES - 1, shape=LLAMA3_8B, additional_config=DYNAMIC)
-    assert len(proposer.shape) >= 2 * MAX_TREE_NODES  # candidates to choose the 256 best from
+    assert len(proposer.tree_drafter.dynamic.candidates) >= 2 * MAX_TREE_NODES  # candidates to choose the 256 best from
     learn(proposer, {t: [(t + r + 1) % VOCAB for r in range(8)] for t in range(VOCAB)})  # every row recycled
     sizes = {}
     for batch_size in (1, 32):
@@ -222,7 +222,7 @@ def test_prompt_topk_recycles_the_prompt_positions(rng):
     hidden = logits_preferring([0, 30, 31, 32], rng)  # FakeTarget.compute_logits returns its input
     proposer.recycle_prompt(hidden, forward_s=1.0)
     assert proposer.drafter.adjacency[[20, 21, 22], 0].tolist() == [30, 31, 32]
-    assert bool(proposer.recycled[[20, 21, 22]].all()) and proposer.drafter.probs[20, 0] > 0
+    assert bool((proposer.drafter.probs[[20, 21, 22], 0] > 0).all())  # the rows written, with probabilities
     assert proposer.stats["prompt_topk_rows"] == 3 and proposer.stats["prompt_forward_s"] == 1.0
     proposer.recycle_prompt(hidden, forward_s=1.0)  # consumed: a second forward of the step recycles nothing
     assert proposer.stats["prompt_topk_rows"] == 3
