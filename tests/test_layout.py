@@ -12,22 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CHECK = """
-import os
-import sys
-import tkernels.autotune.fit
-import tkernels.plugins.vllm.settings
-import tkernels.plugins.sglang
-import tkernels.spec
-
-copy = os.path.realpath(sys.argv[1])
-loaded = {name: getattr(module, "__file__", None) for name, module in sys.modules.items()
-          if name == "tkernels" or name.startswith("tkernels.")}
-outside = {name: path for name, path in loaded.items()
-           if path is None or not os.path.realpath(path).startswith(copy + "/")}
-assert not outside, f"tkernels modules loaded from outside {copy}: {outside}"
-print(len(loaded))
-"""
+# the modules whose files must all come from the copy (tests/provenance.py checks them)
+MODULES = ("tkernels.autotune.fit", "tkernels.plugins.vllm.settings", "tkernels.plugins.sglang", "tkernels.spec")
 
 
 def test_a_second_checkout_on_pythonpath_runs_its_own_plugins_and_autotune(tmp_path):
@@ -39,8 +25,8 @@ def test_a_second_checkout_on_pythonpath_runs_its_own_plugins_and_autotune(tmp_p
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes((ROOT / name).read_bytes())
     env = dict(os.environ, PYTHONPATH=str(copy))
-    out = subprocess.run([sys.executable, "-c", CHECK, str(copy)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-P", str(ROOT / "tests" / "provenance.py"), str(copy), *MODULES], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert int(out.stdout.split()[-1]) > 10  # the core, the plugins and autotune all came from the copy
 
