@@ -25,8 +25,19 @@ from tkernels.attention.plan import (
     _DTYPES,
     DECODE,
     DEFAULT_CONFIG,
+    ITEM_CLASS,
     ITEM_FIELDS,
+    ITEM_KV_END,
+    ITEM_KV_HEAD,
+    ITEM_KV_START,
+    ITEM_Q_START,
+    ITEM_REQ,
+    ITEM_WS_ROW,
     MERGE_FIELDS,
+    MERGE_ROW_STRIDE,
+    MERGE_SPLITS,
+    MERGE_TOKEN,
+    MERGE_WS_ROW,
     PREFILL,
     _launch_config,
     _one_class_tiles,
@@ -36,8 +47,14 @@ from tkernels.attention.plan import (
 from tkernels.registry import gpu_compile_check
 
 LOG2E = 1.4426950408889634
-# The plan's host layout, passed to the attention kernel as constexprs (MERGE_FIELDS to the merge).
-LAYOUT = {"ITEM_FIELDS": ITEM_FIELDS, "PREFILL": PREFILL}
+# The plan's host layout (tkernels.attention.plan), passed to the kernels as constexprs: the item
+# table's width and columns and the prefill tile class to the attention kernel, the merge
+# table's to the merge kernel.
+LAYOUT = {"ITEM_FIELDS": ITEM_FIELDS, "PREFILL": PREFILL, "ITEM_REQ": ITEM_REQ, "ITEM_KV_HEAD": ITEM_KV_HEAD,
+          "ITEM_CLASS": ITEM_CLASS, "ITEM_Q_START": ITEM_Q_START, "ITEM_KV_START": ITEM_KV_START,
+          "ITEM_KV_END": ITEM_KV_END, "ITEM_WS_ROW": ITEM_WS_ROW}
+MERGE_LAYOUT = {"MERGE_FIELDS": MERGE_FIELDS, "MERGE_TOKEN": MERGE_TOKEN, "MERGE_WS_ROW": MERGE_WS_ROW,
+                "MERGE_ROW_STRIDE": MERGE_ROW_STRIDE, "MERGE_SPLITS": MERGE_SPLITS}
 
 @triton.jit
 def _tanh(x):
@@ -217,16 +234,18 @@ def mixed_attention_kernel(
     PREFILL_BLOCK_M: tl.constexpr, PREFILL_BLOCK_N: tl.constexpr,
     DECODE_BLOCK_M: tl.constexpr, DECODE_BLOCK_N: tl.constexpr,
     HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    ITEM_FIELDS: tl.constexpr, PREFILL: tl.constexpr,
+    ITEM_FIELDS: tl.constexpr, PREFILL: tl.constexpr, ITEM_REQ: tl.constexpr, ITEM_KV_HEAD: tl.constexpr,
+    ITEM_CLASS: tl.constexpr, ITEM_Q_START: tl.constexpr, ITEM_KV_START: tl.constexpr, ITEM_KV_END: tl.constexpr,
+    ITEM_WS_ROW: tl.constexpr,
 ):
     item = items_ptr + tl.program_id(0) * ITEM_FIELDS  # columns: see tkernels.attention.plan.ITEM_FIELDS
-    req = tl.load(item)
-    kv_head = tl.load(item + 1)
-    tile_class = tl.load(item + 2)
-    q_start = tl.load(item + 3)
-    kv_start = tl.load(item + 4)
-    kv_end = tl.load(item + 5)
-    ws_row = tl.load(item + 6)
+    req = tl.load(item + ITEM_REQ)
+    kv_head = tl.load(item + ITEM_KV_HEAD)
+    tile_class = tl.load(item + ITEM_CLASS)
+    q_start = tl.load(item + ITEM_Q_START)
+    kv_start = tl.load(item + ITEM_KV_START)
+    kv_end = tl.load(item + ITEM_KV_END)
+    ws_row = tl.load(item + ITEM_WS_ROW)
     token0 = tl.load(cu_seqlens_q_ptr + req)
     q_len = tl.load(cu_seqlens_q_ptr + req + 1) - token0
     prefix = tl.load(seq_lens_ptr + req) - q_len
@@ -271,26 +290,27 @@ def _merge_launches(shared_limit: int | None):
             head_dim_pad = triton.next_power_of_2(head_dim)
             block = _merge_heads(heads, head_dim_pad)
             yield Launch(f"{name} d{head_dim} {block} of {heads} heads",
-                         dict(HEADS_BLOCK=block, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, MERGE_FIELDS=MERGE_FIELDS),
+                         dict(HEADS_BLOCK=block, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **MERGE_LAYOUT),
                          types={"out_ptr": f"*{name}"})
 
 
 @gpu_compile_check(
     {"out_ptr": "*fp16", "ws_o_ptr": "*fp32", "ws_lse_ptr": "*fp32", "merge_ptr": "*i32",
      "stride_ot": "i32", "stride_oh": "i32", "num_q_heads": "i32"},
-    _merge_launches, HEADS_BLOCK=8, HEAD_DIM=128, HEAD_DIM_PAD=128, MERGE_FIELDS=MERGE_FIELDS,
+    _merge_launches, HEADS_BLOCK=8, HEAD_DIM=128, HEAD_DIM_PAD=128, **MERGE_LAYOUT,
 )
 @triton.jit
 def merge_split_kv_kernel(
     out_ptr, ws_o_ptr, ws_lse_ptr, merge_ptr, stride_ot, stride_oh, num_q_heads,
     HEADS_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, MERGE_FIELDS: tl.constexpr,
+    MERGE_TOKEN: tl.constexpr, MERGE_WS_ROW: tl.constexpr, MERGE_ROW_STRIDE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
 ):
     # Program (merge entry, head block): HEADS_BLOCK query heads of one split token.
     entry = merge_ptr + tl.program_id(0) * MERGE_FIELDS  # columns: see tkernels.attention.plan.MERGE_FIELDS
-    token = tl.load(entry)
-    row0 = tl.load(entry + 1)
-    row_stride = tl.load(entry + 2)
-    num_splits = tl.load(entry + 3)
+    token = tl.load(entry + MERGE_TOKEN)
+    row0 = tl.load(entry + MERGE_WS_ROW)
+    row_stride = tl.load(entry + MERGE_ROW_STRIDE)
+    num_splits = tl.load(entry + MERGE_SPLITS)
     heads = tl.program_id(1) * HEADS_BLOCK + tl.arange(0, HEADS_BLOCK)
     dims = tl.arange(0, HEAD_DIM_PAD)
     head_valid = heads < num_q_heads

@@ -6,8 +6,15 @@ from __future__ import annotations
 import torch
 import triton
 
-from tkernels.attention.kernels import LAYOUT, LOG2E, _merge_heads, merge_split_kv_kernel, mixed_attention_kernel
-from tkernels.attention.plan import MERGE_FIELDS, MixedAttentionPlan, _check_window, plan_mixed_attention
+from tkernels.attention.kernels import (
+    LAYOUT,
+    LOG2E,
+    MERGE_LAYOUT,
+    _merge_heads,
+    merge_split_kv_kernel,
+    mixed_attention_kernel,
+)
+from tkernels.attention.plan import MixedAttentionPlan, _check_window, plan_mixed_attention
 from tkernels.checks import fail as _fail
 from tkernels.checks import real
 
@@ -89,7 +96,7 @@ def mixed_attention(
         heads = _merge_heads(Hq, head_dim_pad)
         merge_split_kv_kernel[(plan.merge.shape[0], triton.cdiv(Hq, heads))](
             out, ws_o, ws_lse, plan.merge, out.stride(0), out.stride(1), Hq,
-            HEADS_BLOCK=heads, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, MERGE_FIELDS=MERGE_FIELDS,
+            HEADS_BLOCK=heads, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, **MERGE_LAYOUT,
         )
     return out
 

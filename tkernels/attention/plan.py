@@ -37,10 +37,14 @@ from tkernels.config import launch_config
 from tkernels.spec.tree import MAX_TREE_NODES, ancestor_bits, ancestor_words, depths, validate_parents
 
 PREFILL, DECODE = 0, 1
-# Columns of a plan's item table (int32 [num_items, ITEM_FIELDS]).
-ITEM_FIELDS = 8  # req, kv_head, class, q_start, kv_start, kv_end, ws_row, unused (alignment)
-# Columns of a plan's merge table (int32 [num_split_tokens, MERGE_FIELDS]).
-MERGE_FIELDS = 4  # token, first workspace row, row stride between splits, number of splits
+# Columns of a plan's item table (int32 [num_items, ITEM_FIELDS]): request, KV head, tile class,
+# first query row, KV range [start, end), workspace row (-1: not split); one more unused (alignment).
+ITEM_REQ, ITEM_KV_HEAD, ITEM_CLASS, ITEM_Q_START, ITEM_KV_START, ITEM_KV_END, ITEM_WS_ROW = range(7)
+ITEM_FIELDS = 8
+# Columns of a plan's merge table (int32 [num_split_tokens, MERGE_FIELDS]): token, first
+# workspace row, row stride between splits, number of splits.
+MERGE_TOKEN, MERGE_WS_ROW, MERGE_ROW_STRIDE, MERGE_SPLITS = range(4)
+MERGE_FIELDS = 4
 
 # The input dtypes the kernels take, with their Triton names.
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -266,7 +270,7 @@ def plan_mixed_attention(
     cfg = _launch_config(num_q_heads // num_kv_heads, head_dim, block_size, q_len, dtype, config)
     items, merge, ws_rows = _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, num_q_heads // num_kv_heads,
                                       window, num_sms or _num_sms(device))
-    _one_class_tiles(cfg, set(items[:, 2].tolist()))
+    _one_class_tiles(cfg, set(items[:, ITEM_CLASS].tolist()))
     return MixedAttentionPlan(
         items=items.to(device), merge=merge.to(device), ws_rows=ws_rows, has_tree=bool(tree_req.any()),
         is_tree=tree_req.to(torch.int8).to(device), ancestors=ancestors.to(device),
@@ -349,7 +353,9 @@ def _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, group, window, num_sms):
     ws_first = torch.cumsum(torch.where(is_split, splits * q_len, 0), 0) - torch.where(is_split, splits * q_len, 0)
     ws_row = torch.where(is_split[req], ws_first[req] + split * q_len[req] + q_start, -1)
     cls = torch.where(prefill[req], PREFILL, DECODE)
-    items = torch.stack([req, kv_head, cls, q_start, kv_start, kv_end, ws_row, torch.zeros_like(req)], 1)
+    columns = {ITEM_REQ: req, ITEM_KV_HEAD: kv_head, ITEM_CLASS: cls, ITEM_Q_START: q_start, ITEM_KV_START: kv_start,
+               ITEM_KV_END: kv_end, ITEM_WS_ROW: ws_row}
+    items = torch.stack([columns.get(c, torch.zeros_like(req)) for c in range(ITEM_FIELDS)], 1)
     cost = 2 * block_m[req] + (kv_end - kv_start)
     items = items[torch.argsort(-cost, stable=True)].to(torch.int32)
 
@@ -357,6 +363,8 @@ def _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, group, window, num_sms):
     m_req = torch.repeat_interleave(split_reqs, q_len[split_reqs])
     m_local = torch.arange(m_req.numel()) - (torch.cumsum(q_len[split_reqs], 0) - q_len[split_reqs]).repeat_interleave(q_len[split_reqs])
     cu = torch.cumsum(q_len, 0) - q_len
-    merge = torch.stack([cu[m_req] + m_local, ws_first[m_req] + m_local, q_len[m_req], splits[m_req]], 1).to(torch.int32)
+    columns = {MERGE_TOKEN: cu[m_req] + m_local, MERGE_WS_ROW: ws_first[m_req] + m_local, MERGE_ROW_STRIDE: q_len[m_req],
+               MERGE_SPLITS: splits[m_req]}
+    merge = torch.stack([columns[c] for c in range(MERGE_FIELDS)], 1).to(torch.int32)
     ws_rows = int((splits * q_len)[is_split].sum())
     return items.contiguous(), merge.contiguous(), ws_rows
