@@ -80,27 +80,35 @@ def draft_tr_static(state: CompiledState, recycling, slots: np.ndarray, roots: n
     return [DraftTree(t, parents) for t in torch.from_numpy(out).unbind(0)]
 
 
+def _outputs(batch: int, n: int) -> tuple[np.ndarray, ...]:
+    """The context kernels' outputs: tokens, parents, scores, TR probabilities (hybrid's only),
+    retrieval features (depth, match length) and shares per node, and each tree's node count."""
+    return (np.empty((batch, n), np.int64), np.empty((batch, n), np.int32), np.empty((batch, n), np.float64),
+            np.empty((batch, n), np.float32), np.empty((batch, n, 2), np.int64), np.empty((batch, n), np.float64),
+            np.empty(batch, np.int64))
+
+
+def _calibration(calibration) -> tuple:
+    """The retrieval calibration as the kernels read it: counts (accepted, tested), prior, its
+    weight, depth and match-length bins."""
+    return (torch.stack([calibration.accepted, calibration.tested]).numpy(), calibration._prior.numpy(),
+            float(calibration.prior_weight), np.array(calibration.DEPTH_BINS, np.int64),
+            np.array(calibration.MATCH_BINS, np.int64))
+
+
 def draft_hybrid(drafter, state: CompiledState, slots: np.ndarray, flat: np.ndarray, cu: np.ndarray, num_nodes: int,
                  template, root_contexts: int, max_children: int) -> list[DraftTree]:
-    """``TreeDrafter._draft_contexts`` of ``hybrid`` for the batch (``template``: the static
+    """:func:`.reference.draft_contexts` of ``hybrid`` for the batch (``template``: the static
     template of the breadth phase)."""
     recycling, calibration = drafter.recycling, drafter.retrieval_calibration
     _check_tokens("histories", flat, recycling.vocab_size)
     state.sync_contexts(slots, flat, cu)
     batch, n = slots.shape[0], num_nodes
     roots = flat[cu[1:] - 1]
-    out_tokens = np.empty((batch, n), np.int64)
-    out_parents = np.empty((batch, n), np.int32)
-    out_scores = np.empty((batch, n), np.float64)
-    out_trp = np.empty((batch, n), np.float32)
-    out_feat = np.empty((batch, n, 2), np.int64)
-    out_share = np.empty((batch, n), np.float64)
-    out_n = np.empty(batch, np.int64)
-    cal = torch.stack([calibration.accepted, calibration.tested]).numpy()
+    out_tokens, out_parents, out_scores, out_trp, out_feat, out_share, out_n = _outputs(batch, n)
     hybrid_trees(state.states, state.edges, state.own_tables, state.own_ids, state.own_probs, state.meta, slots, roots,
                  recycling.adjacency.numpy(), recycling.probs.view(torch.int16).numpy().view(np.uint16),
-                 drafter.tr_policy.factors().numpy(), cal, calibration._prior.numpy(), float(calibration.prior_weight),
-                 np.array(calibration.DEPTH_BINS, np.int64), np.array(calibration.MATCH_BINS, np.int64),
+                 drafter.tr_policy.factors().numpy(), *_calibration(calibration),
                  template.parents.numpy().astype(np.int64), template.ranks.numpy().astype(np.int64), n,
                  drafter.max_depth, root_contexts, max_children,
                  out_tokens, out_parents, out_scores, out_trp, out_feat, out_share, out_n)
@@ -112,21 +120,14 @@ def draft_hybrid(drafter, state: CompiledState, slots: np.ndarray, flat: np.ndar
 
 def draft_retrieval(drafter, state: CompiledState, slots: np.ndarray, flat: np.ndarray, cu: np.ndarray,
                     num_nodes: int, max_children: int) -> list[DraftTree]:
-    """``TreeDrafter._draft_contexts`` of ``retrieval`` for the batch."""
+    """:func:`.reference.draft_contexts` of ``retrieval`` for the batch."""
     calibration = drafter.retrieval_calibration
     _check_tokens("histories", flat, 2**31)  # the automaton's hash keys hold a token in 32 bits
     state.sync_contexts(slots, flat, cu)
     batch, n = slots.shape[0], num_nodes
-    out_tokens = np.empty((batch, n), np.int64)
-    out_parents = np.empty((batch, n), np.int32)
-    out_scores = np.empty((batch, n), np.float64)
-    out_feat = np.empty((batch, n, 2), np.int64)
-    out_share = np.empty((batch, n), np.float64)
-    out_n = np.empty(batch, np.int64)
-    retrieval_trees(state.states, state.edges, state.meta, slots, flat[cu[1:] - 1],
-                    torch.stack([calibration.accepted, calibration.tested]).numpy(), calibration._prior.numpy(),
-                    float(calibration.prior_weight), np.array(calibration.DEPTH_BINS, np.int64),
-                    np.array(calibration.MATCH_BINS, np.int64), n, 2 * drafter.max_depth, max_children,
+    out_tokens, out_parents, out_scores, _, out_feat, out_share, out_n = _outputs(batch, n)
+    retrieval_trees(state.states, state.edges, state.meta, slots, flat[cu[1:] - 1], *_calibration(calibration),
+                    n, 2 * drafter.max_depth, max_children,
                     out_tokens, out_parents, out_scores, out_feat, out_share, out_n)
     counts = out_n.tolist()
     return [DraftTree(tokens, parents, scores, None, Features(feat, share)) for tokens, parents, scores, feat, share in

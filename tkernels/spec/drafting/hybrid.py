@@ -1,5 +1,5 @@
 """Numba kernel of the ``hybrid`` drafter: :func:`hybrid_trees` grows every request's tree as
-``TreeDrafter._hybrid_tree`` (the readable reference, :mod:`tkernels.spec.drafters`) does, in one
+:func:`.reference.hybrid_tree` (the readable reference) does, in one
 call for the batch. The reference's per-node candidate dicts become fixed-width rows of arrays
 (``[nodes, candidates]``, candidates in the dicts' insertion order), its ``waiting`` lists one
 ranked row per expanded node, and its heap a binary heap on (key, node, candidate), the same
@@ -13,7 +13,18 @@ import math
 import numpy as np
 from numba import njit
 
-from .kernels import M_LAST, M_OWN, S_LEN, S_LINK, _children, _own_row, _ret_accept, _tr_accept, half_to_float
+from .kernels import (
+    M_LAST,
+    M_OWN,
+    S_LEN,
+    S_LINK,
+    _children,
+    _children_scratch,
+    _own_row,
+    _ret_accept,
+    _tr_accept,
+    half_to_float,
+)
 
 
 @njit(cache=True, inline="always")
@@ -43,6 +54,12 @@ def _push(hk, hn, hj, size, key, node, j):
         _swap(hk, hn, hj, i, up)
         i = up
     return size + 1
+
+
+@njit(cache=True)
+def _heap(size):
+    """An empty heap of ``size`` entries for :func:`_push` and :func:`_pop`: keys, nodes, candidates."""
+    return np.empty(size, np.float64), np.empty(size, np.int64), np.empty(size, np.int64)
 
 
 @njit(cache=True)
@@ -89,6 +106,14 @@ def _bfs_order(par, count, nchild, first, kids, layout, new):
 
 
 @njit(cache=True)
+def _bfs_scratch(n):
+    """:func:`_bfs_order`'s scratch arrays for trees of up to ``n`` nodes, in its argument order
+    (``nchild``, ``first``, ``kids``, ``layout``, ``new``)."""
+    return (np.empty(n, np.int64), np.empty(n + 1, np.int64), np.empty(n, np.int64), np.empty(n, np.int64),
+            np.empty(n, np.int64))
+
+
+@njit(cache=True)
 def _find(ctok, ncand, node, token):
     for j in range(ncand[node]):
         if ctok[node, j] == token:
@@ -132,21 +157,12 @@ def hybrid_trees(l_states, l_edges, l_own_tables, l_own_ids, l_own_probs, meta, 
     wkey = np.empty(C, np.float64)
     wpos = np.empty(N, np.int64)
     wlen = np.empty(N, np.int64)
-    hk = np.empty(2 * N + 2, np.float64)
-    hn = np.empty(2 * N + 2, np.int64)
-    hj = np.empty(2 * N + 2, np.int64)
+    hk, hn, hj = _heap(2 * N + 2)
     at = np.empty(t_parents.shape[0], np.int64)
     root_state = np.empty(root_contexts, np.int64)
     root_len = np.empty(root_contexts, np.int64)
-    o_tok = np.empty(max_children, np.int64)
-    o_child = np.empty(max_children, np.int64)
-    o_share = np.empty(max_children, np.float64)
-    o_support = np.empty(max_children, np.int64)
-    nchild = np.empty(N, np.int64)
-    first = np.empty(N + 1, np.int64)
-    kids = np.empty(N, np.int64)
-    layout = np.empty(N, np.int64)
-    new = np.empty(N, np.int64)
+    o_tok, o_child, o_share, o_support = _children_scratch(max_children)
+    nchild, first, kids, layout, new = _bfs_scratch(N)
     cal_accepted, cal_tested = cal[0], cal[1]
     for b in range(slots.shape[0]):
         s = slots[b]

@@ -193,6 +193,13 @@ def sync_contexts(l_states, l_edges, l_tables, l_tokens, meta, slots, flat, cu):
 
 
 @njit(cache=True)
+def _children_scratch(max_children):
+    """:func:`_children`'s output arrays (``out_tok``, ``out_child``, ``out_share``, ``out_support``)."""
+    return (np.empty(max_children, np.int64), np.empty(max_children, np.int64), np.empty(max_children, np.float64),
+            np.empty(max_children, np.int64))
+
+
+@njit(cache=True)
 def _children(states, edges, state, max_children, out_tok, out_child, out_share, out_support):
     """SuffixAutomaton.children: the ``max_children`` most frequent continuations (ties: the
     first inserted), written to the ``out_*`` arrays; returns how many."""
@@ -281,7 +288,7 @@ def write_own_rows(l_own_tables, l_own_ids, l_own_probs, meta, slots, cu, tokens
 @njit(cache=True)
 def fill_template(l_own_tables, l_own_ids, meta, slots, roots, adjacency, parents, ranks, out):
     """``tr_static``: TokenRecycling.draft of the template (``parents``, ``ranks``) per request,
-    a token's row from the request's own rows first (TreeDrafter._fill_template); ``out`` int64 [B, n]."""
+    a token's row from the request's own rows first (:func:`.reference.fill_template`); ``out`` int64 [B, n]."""
     n = parents.shape[0]
     for b in range(roots.shape[0]):
         s = slots[b]

@@ -1,6 +1,6 @@
 """Numba kernel of the ``retrieval`` drafter: :func:`retrieval_trees` is
 :meth:`SuffixAutomaton.continuations <tkernels.spec.retrieval.SuffixAutomaton.continuations>`
-under the retrieval calibration (``TreeDrafter._draft_contexts``) for the whole batch. Its heap
+under the retrieval calibration (:func:`.reference.draft_contexts`) for the whole batch. Its heap
 orders (-score, push counter) as the reference's does; a popped entry's payload (parent node,
 token, child state, context, share, support) sits in side arrays indexed by its push counter.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .hybrid import _bfs_order, _pop, _push
-from .kernels import M_LAST, S_LEN, S_LINK, _children, _ret_accept
+from .hybrid import _bfs_order, _bfs_scratch, _heap, _pop, _push
+from .kernels import M_LAST, S_LEN, S_LINK, _children, _children_scratch, _ret_accept
 
 
 @njit(cache=True)
@@ -28,23 +28,14 @@ def retrieval_trees(l_states, l_edges, meta, slots, roots, cal, prior, prior_wei
     depth = np.empty(N, np.int64)
     ctx = np.empty(N, np.int64)  # the node's feature: context length, share
     share = np.empty(N, np.float64)
-    hk = np.empty(P, np.float64)
-    hn = np.empty(P, np.int64)
-    hj = np.empty(P, np.int64)
+    hk, hn, hj = _heap(P)
     e_parent = np.empty(P, np.int64)
     e_token = np.empty(P, np.int64)
     e_child = np.empty(P, np.int64)
     e_context = np.empty(P, np.int64)
     e_share = np.empty(P, np.float64)
-    o_tok = np.empty(max_children, np.int64)
-    o_child = np.empty(max_children, np.int64)
-    o_share = np.empty(max_children, np.float64)
-    o_support = np.empty(max_children, np.int64)
-    nchild = np.empty(N, np.int64)
-    first = np.empty(N + 1, np.int64)
-    kids = np.empty(N, np.int64)
-    layout = np.empty(N, np.int64)
-    new = np.empty(N, np.int64)
+    o_tok, o_child, o_share, o_support = _children_scratch(max_children)
+    nchild, first, kids, layout, new = _bfs_scratch(N)
     cal_accepted, cal_tested = cal[0], cal[1]
     for b in range(slots.shape[0]):
         s = slots[b]
