@@ -359,6 +359,10 @@ def main(argv=None) -> int:
                 print(f"[serve] {config} rate {rate:g}: ITL p99 {rec['itl_p99_ms']:.0f} ms, TTFT p99 "
                       f"{rec['ttft_p99_ms']:.0f} ms, {rec['output_tokens_per_s']:.1f} output tok/s"
                       + (f", MAT {rec['mat']:.2f}" if rec["mat"] else ""), flush=True)
+        proposer_lines = [line.strip() for line in (args.workdir / f"server_{config}.log").read_text(errors="replace")
+                          .splitlines() if "tkernels tree proposer:" in line]
+        if proposer_lines:  # the tree proposer's own latency model: its source and its last refits
+            out["servers"][config]["proposer_log"] = proposer_lines[:1] + proposer_lines[-3:]
         entry = calibration_entry(calibration_log)
         if entry is not None:
             out["latency_model"][config] = entry

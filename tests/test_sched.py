@@ -4,7 +4,9 @@ import itertools
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from tkernels.config import ConfigChoice, ConfigError
 from tkernels.sched import (
@@ -18,7 +20,7 @@ from tkernels.sched import (
     ModelShape,
     Prefill,
 )
-from tkernels.sched.latency_model import draft_cost, prefill_chunk_cost
+from tkernels.sched.latency_model import batch_cost, draft_cost, prefill_chunk_cost
 
 MODEL = LatencyModel(LLAMA3_8B, DEFAULT_RATES)
 NO_CONFIG = ConfigChoice(None, "fallback: test", {})
@@ -317,3 +319,21 @@ def test_wait_clock_ages_prompts_from_first_sight():
 def test_latency_model_bad_inputs_name_the_argument(arg, call):
     with pytest.raises(ValueError, match=rf"^{arg}\b"):
         call()
+
+
+def test_batch_cost_sums_the_rows_chunks(rng):
+    prefix = torch.randint(0, 900, (9,), generator=rng).tolist() + [5]
+    chunks = torch.randint(1, 40, (9,), generator=rng).tolist() + [0]  # a row with nothing scheduled adds nothing
+    expected = [sum(chunks), 0, 0]
+    for p, c in zip(prefix, chunks):
+        if c:
+            kv, pairs = prefill_chunk_cost(p, c)
+            expected[1] += kv
+            expected[2] += pairs
+    assert batch_cost(prefix, chunks) == tuple(expected)
+    assert batch_cost(np.array(prefix), np.array(chunks)) == tuple(expected)
+    assert batch_cost([], []) == (0, 0, 0)
+    with pytest.raises(ValueError, match="prefix_lens"):
+        batch_cost([1, 2], [3])
+    with pytest.raises(ValueError, match="prefix_lens, chunks"):
+        batch_cost([1], [-3])

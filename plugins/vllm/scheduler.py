@@ -31,7 +31,7 @@ in the first minute, then every 30 s). A step's time is measured from the later 
 ``schedule()`` and the previous step's ``update_from_output()`` to its own
 ``update_from_output()`` (the forward, sampling and the output's trip back; with async
 scheduling, the overlap of the next ``schedule()`` is not counted twice); its cost is each
-scheduled request's chunk after its cached prefix (:func:`~tkernels.sched.latency_model.prefill_chunk_cost`).
+scheduled request's chunk after its cached prefix (:func:`~tkernels.sched.latency_model.batch_cost`).
 The start-up line says where the starting rates came from; a line says what the fit learned at
 its first refit, when the first minute is over, and at every later refit; ``"calibration_log":
 PATH`` also rewrites a JSON file at each refit (the rates and the measured steps against the model).
@@ -56,8 +56,8 @@ from tkernels.config import ConfigChoice, current  # noqa: E402
 from tkernels.plugins.vllm.settings import SCHED_KEY, calibration_options, model_shape, sched_options  # noqa: E402
 from tkernels.sched import DecodeMaximalPolicy, Prefill, StepBudget, WaitClock  # noqa: E402
 from tkernels.sched.budget import ENV_TBT_SLO_MS  # noqa: E402
-from tkernels.sched.calibration import OnlineCalibration  # noqa: E402
-from tkernels.sched.latency_model import DEFAULT_RATES, prefill_chunk_cost  # noqa: E402
+from tkernels.sched.calibration import OnlineCalibration, rates_source  # noqa: E402
+from tkernels.sched.latency_model import batch_cost  # noqa: E402
 
 logger = logging.getLogger("vllm.tkernels")  # vLLM's handlers and format, with the process name
 
@@ -74,14 +74,7 @@ def describe_policy(policy: DecodeMaximalPolicy, slo_source: str, choice: Config
                   f"margin): budget {alone.tokens} tokens per step for a prompt alone (predicted "
                   f"{alone.predicted_us / 1e3:.1f} ms), {busy.tokens} beside 16 decodes of 1k context (tile "
                   f"{policy.tile}, at most max_num_batched_tokens = {policy.max_tokens})")
-    return f"tkernels scheduler: {budget}; latency model: {latency_source(policy, choice)}"
-
-
-def latency_source(policy: DecodeMaximalPolicy, choice: ConfigChoice) -> str:
-    """Where the policy's latency rates came from."""
-    if policy.model.rates == DEFAULT_RATES:
-        return f"the analytic H100-class default rates ({choice.reason})"
-    return f"the latency_model section of {choice.path} ({choice.reason})"
+    return f"tkernels scheduler: {budget}; latency model: {rates_source(policy.model.rates, choice)}"
 
 
 class _StepStats:
@@ -122,7 +115,7 @@ class DecodeMaximalScheduler(AsyncScheduler):
         self.calibration = None
         self.calibration_log = calibration["calibration_log"]
         if calibration["calibrate"]:
-            self.calibration = OnlineCalibration(self.policy.model, latency_source(self.policy, choice), background=True)
+            self.calibration = OnlineCalibration(self.policy.model, rates_source(self.policy.model.rates, choice), background=True)
         how = ("calibrated online from this engine's steps (tkernels_sched.calibrate)" if self.calibration
                else "not calibrated (tkernels_sched.calibrate = false)")
         logger.info("%s, %s", describe_policy(self.policy, slo_source, choice), how)
@@ -160,18 +153,17 @@ class DecodeMaximalScheduler(AsyncScheduler):
         return output
 
     def _step_cost(self, output) -> tuple[int, int, int]:
-        """(tokens, kv_tokens, attn_pairs) of a scheduled step, as the latency model counts them:
-        each request's scheduled tokens as a chunk after its computed prefix (a decode: one
-        query over its context; drafts: more queries)."""
-        tokens = kv = pairs = 0
+        """(tokens, kv_tokens, attn_pairs) of a scheduled step, as the latency model counts them
+        (:func:`~tkernels.sched.latency_model.batch_cost`): each request's scheduled tokens as a
+        chunk after its computed prefix (a decode: one query over its context; drafts: more queries)."""
+        prefix, chunks = [], []
         for req_id, n in output.num_scheduled_tokens.items():
             request = self.requests.get(req_id)
-            if request is None or n <= 0:
-                continue
-            # vLLM has already advanced num_computed_tokens by the scheduled tokens
-            chunk_kv, chunk_pairs = prefill_chunk_cost(max(request.num_computed_tokens - n, 0), n)
-            tokens, kv, pairs = tokens + n, kv + chunk_kv, pairs + chunk_pairs
-        return tokens, kv, pairs
+            if request is not None and n > 0:
+                # vLLM has already advanced num_computed_tokens by the scheduled tokens
+                prefix.append(max(request.num_computed_tokens - n, 0))
+                chunks.append(n)
+        return batch_cost(prefix, chunks)
 
     def _measure(self, scheduler_output) -> None:
         started = self._step_started.pop(id(scheduler_output), None)

@@ -59,7 +59,7 @@ TREE_SIZES = ("per_batch", "fixed")
 TREE_DRAFTERS = ("dynamic", "pld", "tr_static", "tr", "retrieval", "hybrid")
 DEFAULT_TREE_DRAFTER = "hybrid"
 TREE_FORM = ('{"size": "per_batch" | "fixed", "drafter": ' + " | ".join(f'"{d}"' for d in TREE_DRAFTERS)
-             + ', "prompt_topk": true | false} (every key optional)')
+             + ', "prompt_topk": true | false, "calibrate": true | false} (every key optional)')
 KNOWN_KEYS = {SCHED_KEY: SCHED_FORM, TREE_KEY: TREE_FORM}
 SCHEDULER_CLS = "tkernels.plugins.vllm.scheduler.DecodeMaximalScheduler"
 
@@ -94,16 +94,20 @@ def calibration_options(additional_config) -> dict:
 
 
 def tree_options(additional_config) -> dict:
-    """The tree proposer's options from ``additional_config``: ``{"size", "drafter", "prompt_topk"}``
-    (defaults ``"per_batch"``, :data:`DEFAULT_TREE_DRAFTER`, false)."""
+    """The tree proposer's options from ``additional_config``: ``{"size", "drafter", "prompt_topk",
+    "calibrate"}`` (defaults ``"per_batch"``, :data:`DEFAULT_TREE_DRAFTER`, false, true;
+    ``calibrate``: refit its step-latency model from the engine's measured steps,
+    :mod:`tkernels.plugins.vllm.step_model`)."""
     options = _section(additional_config, TREE_KEY, TREE_FORM)
     size = options.pop("size", "per_batch")
     drafter = options.pop("drafter", DEFAULT_TREE_DRAFTER)
     prompt_topk = options.pop("prompt_topk", False)
-    if options or size not in TREE_SIZES or drafter not in TREE_DRAFTERS or not isinstance(prompt_topk, bool):
+    calibrate = options.pop("calibrate", True)
+    if options or size not in TREE_SIZES or drafter not in TREE_DRAFTERS or not isinstance(prompt_topk, bool) \
+            or not isinstance(calibrate, bool):
         raise ValueError(f"additional_config['{TREE_KEY}']: expected {TREE_FORM}, got "
                          f"{_section(additional_config, TREE_KEY, TREE_FORM)!r}")
-    return {"size": size, "drafter": drafter, "prompt_topk": prompt_topk}
+    return {"size": size, "drafter": drafter, "prompt_topk": prompt_topk, "calibrate": calibrate}
 
 
 def uses_scheduler(vllm_config) -> bool:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +99,7 @@ class TreeStep:
     # with the proposer's prompt_topk: the step's prompt tokens (indices into its tokens, their ids)
     prompt_rows: torch.Tensor | None = None
     prompt_tokens: torch.Tensor | None = None
+    started: float | None = None  # perf_counter() when the step began: the proposer times it (step_model.py)
 
     def seeded_uniforms(self, uniforms: torch.Tensor) -> torch.Tensor:
         """``uniforms`` with the seeded rows' nodes drawn from :func:`keyed_uniforms`: node ``i`` of
@@ -174,6 +176,7 @@ class TreeBatch:
     # patch 1 ------------------------------------------------------------------------------------
     def begin_step(self, runner, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
         """Build the step's trees (one :class:`TreeStep`) and overwrite the tree nodes' RoPE positions."""
+        started = time.perf_counter()
         for req_id in scheduler_output.finished_req_ids:
             self.proposed.pop(req_id, None)
         num_reqs = runner.input_batch.num_reqs
@@ -198,7 +201,7 @@ class TreeBatch:
         self.step = TreeStep(
             req_ids=req_ids, drafts=drafts, prefix=prefix, num_nodes=num_nodes, parents=parents, cu_nodes=cu,
             seeds=[_seed(runner, req_id) for req_id in req_ids], root_position=prefix + scheduled_tokens - num_nodes,
-            node_depths=node_depths, is_tree=is_tree,
+            node_depths=node_depths, is_tree=is_tree, started=started,
         )
         # Seeded rows draw from keyed_uniforms, never from vLLM's per-request generators. Dropping
         # them also keeps vLLM-CPU from rewinding a CPU generator after a partial prefill chunk

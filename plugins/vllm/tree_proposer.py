@@ -5,6 +5,8 @@ parents, verified as a tree by :mod:`tkernels.plugins.vllm.tree`'s patches."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -16,6 +18,8 @@ from tkernels.spec.token_recycling import top_k_probs
 
 __all__ = ["TokenRecyclingTreeProposer"]
 
+logger = logging.getLogger("vllm.tkernels")  # vLLM's handlers and format, as the scheduler's
+CAP_REFRESH_STEPS = 16  # per_batch: steps between re-sizings of the trees from the learnt acceptance
 PROMPT_TOPK_CHUNK = 512  # prompt rows per LM-head matmul when recycling prompt logits (bounds the [rows, vocab] buffer)
 
 
@@ -32,6 +36,16 @@ def _accepted_path(tree: DraftTree, accepted_tokens: list[int]) -> list[int] | N
     return path
 
 
+def sibling_ranks(parents: list[int], path: list[int]) -> tuple[list[int], int]:
+    """``(ranks, observed)`` of an accepted ``path`` (root first) in a BFS tree: the rank of each
+    accepted node among its siblings (BFS keeps siblings together, best first), then -1 when the
+    last accepted node has children (the target chose none of them); ``observed`` counts them all."""
+    ranks = [node - parents.index(parents[node]) for node in path[1:]]
+    if path[-1] in parents:
+        ranks.append(-1)
+    return ranks, len(ranks)
+
+
 class TokenRecyclingTreeProposer(TokenRecyclingProposer):
     """Tree speculation: each row's draft is the best nodes of the tree, at most ``num_speculative_tokens``.
 
@@ -41,8 +55,10 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
     (:mod:`tkernels.spec.tree_policy`); the best path is one of them. ``n`` follows the hardware
     and the batch: each step the policy picks the node count that maximises expected tokens per
     second for this many drafting requests, priced by the step-latency model of the served
-    model's shape on this GPU (per-GPU config, else the documented analytic default), so a
-    lone request verifies the whole budget and a large batch small trees.
+    model's shape on this machine (per-GPU config, else the documented analytic default, refit
+    from the engine's measured steps: :mod:`tkernels.plugins.vllm.step_model`), so a lone
+    request on a GPU verifies the whole budget, a large batch small trees, and a machine where
+    no draft pays none at all.
     ``--additional-config '{"tkernels_tree": {"size": "fixed"}}'`` always drafts the whole
     budget instead (comparisons at a fixed verify budget); the default is ``"per_batch"``.
     ``"drafter"`` (default ``"hybrid"``) and ``"prompt_topk"`` (default false): see the
@@ -56,8 +72,8 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
 
     def __init__(self, vllm_config) -> None:
         from tkernels.plugins.vllm import patches, tree
-        from tkernels.plugins.vllm.scheduler import model_shape
-        from tkernels.sched.latency_model import LatencyModel, LatencyRates
+        from tkernels.plugins.vllm.settings import model_shape
+        from tkernels.plugins.vllm.step_model import MeasuredSteps
 
         super().__init__(vllm_config)
         patches.install(vllm_config)
@@ -67,8 +83,9 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         self.per_batch = options["size"] == "per_batch"
         self.prompt_topk = options["prompt_topk"]
         drafter = options["drafter"]
-        step_time = LatencyModel(model_shape(vllm_config), LatencyRates.from_config())
-        self.policy.step_time = step_time
+        # measured on this machine as the engine runs, from the per-GPU config or default (step_model.py)
+        self.step_model = MeasuredSteps(model_shape(vllm_config), calibrate=options["calibrate"])
+        step_time = self.policy.step_time = self.step_model.model
         self._num_nodes = self.num_speculative_tokens + 1  # this step's node count, root included
         # drafter "dynamic": the per-(depth, rank) policy on the TR template, the best nodes of each
         # row's candidates (super() built it); any other: a method of the offline harness's
@@ -78,7 +95,10 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         self._capture_probs = self.tree_drafter.method != DYNAMIC
         self._draft_caps: dict[int, int] = {}  # drafting requests -> nodes drafted per request (per_batch)
         self._trees: dict[str, DraftTree] = {}  # per request, the tree it was last proposed
-        self.stats.update(prompt_topk_rows=0, prompt_topk_s=0.0, prompt_forward_s=0.0, foreign_drafts=0)
+        self.stats.update(prompt_topk_rows=0, prompt_topk_s=0.0, prompt_forward_s=0.0, foreign_drafts=0,
+                          undrafted_steps=0)
+        logger.info("tkernels tree proposer: drafter %s, %s trees of at most %d draft tokens; %s", drafter,
+                    options["size"], self.num_speculative_tokens, self.step_model.describe())
 
     def _draft_shape(self, num_speculative_tokens: int) -> TreeShape:
         # Twice the budget in candidates, so the best num_speculative_tokens nodes are chosen
@@ -94,6 +114,21 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
     # --- the offline harness's drafters (TreeDrafter.draft / observe) ---------------------------------
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None) -> list[list[int]]:
+        drafts = self._propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings)
+        self._measure_step()
+        return drafts
+
+    def _measure_step(self) -> None:
+        """Time the step that just ended (step_model.py); a refit model prices every later tree."""
+        model = self.step_model.record(self.tree_batch.step)
+        if model is None:
+            return
+        self.policy.step_time = model
+        if self.tree_drafter.method != DYNAMIC:
+            self.tree_drafter.tr_policy.step_time = model
+        self._draft_caps.clear()
+
+    def _propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings) -> list[list[int]]:
         self.stats["foreign_drafts"] = self.tree_batch.foreign_drafts  # rows verified as chains (tree.py)
         if self.tree_drafter.method == DYNAMIC:
             return super().propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings)
@@ -122,10 +157,20 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             # H100-class Llama-3-8B), so a large batch never pays the host time of drafting big
             # trees it would cut (drafting costs: bench/bench_drafters.py); choose() then prices
             # the drafted nodes by their own estimates (the template has none and keeps them all).
-            # The policy learns nothing on this path (its estimates stay the prior): one size per batch size.
+            # The policy learns the drafter's real acceptance on this path (_learn_acceptance: the
+            # accepted nodes' ranks among their siblings), so the sizes are recomputed every
+            # CAP_REFRESH_STEPS steps, and at every refit of the latency model (_measure_step).
+            if self.stats["steps"] % CAP_REFRESH_STEPS == 0:
+                self._draft_caps.clear()
             if len(active) not in self._draft_caps:
                 self._draft_caps[len(active)] = len(self.policy.choose(len(active), num_nodes))
             num_nodes = self._draft_caps[len(active)]
+        if num_nodes <= 1:  # no draft pays at this batch on this machine: skip drafting altogether
+            self.stats["undrafted_steps"] += 1
+            for req_id in step.req_ids:
+                self._trees.pop(req_id, None)
+                self.tree_batch.propose(req_id, [], None)
+            return drafts
         trees = self.tree_drafter.draft(keys, [token_ids_cpu[i, :n] for i, n in zip(active, lengths)], num_nodes)
         if self.per_batch:
             trees = self.tree_drafter.choose(trees)  # methods with estimates; others keep the whole budget
@@ -168,8 +213,25 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             return
         index = torch.tensor(rows, device=top[0].device)
         self.tree_drafter.observe(trees, top[0][index].cpu(), top[1][index].cpu(), paths)
+        self._learn_acceptance(trees, paths)
         self.stats["recycled_steps"] += 1
         self.stats["recycled_rows"] += len(rows)
+
+    def _learn_acceptance(self, trees: list[DraftTree], paths: list[list[int]]) -> None:
+        """Teach the size policy (per-(depth, rank) estimates) what this drafter's trees achieve:
+        at each depth of an accepted path, the accepted node's rank among its siblings, and a
+        miss (-1) below the last accepted node when the tree had children there."""
+        drafted = [(t, p) for t, p in zip(trees, paths) if len(t) > 1]
+        if not drafted:
+            return
+        ranks = torch.full((len(drafted), self.policy.max_depth), -1, dtype=torch.int64)
+        observed = torch.zeros(len(drafted), dtype=torch.int64)
+        for b, (tree, path) in enumerate(drafted):
+            rank, seen = sibling_ranks(tree.parents.tolist(), path)
+            width = min(len(rank), self.policy.max_depth)
+            ranks[b, :width] = torch.tensor(rank[:width], dtype=torch.int64)
+            observed[b] = min(seen, self.policy.max_depth)
+        self.policy.update(ranks, observed)
 
     def recycle_prompt(self, hidden_states: torch.Tensor, forward_s: float) -> None:
         """With ``prompt_topk``: recycle the target's top-k at this step's prompt positions

@@ -39,13 +39,22 @@ from dataclasses import asdict
 import numpy as np
 
 from tkernels.checks import integer, real
-from tkernels.sched.latency_model import LatencyModel, LatencyRates, fit_rates
+from tkernels.config import ConfigChoice
+from tkernels.sched.latency_model import DEFAULT_RATES, LatencyModel, LatencyRates, fit_rates
 
 DEFAULT_WINDOW = 512
 DEFAULT_MIN_STEPS = 16
 DEFAULT_REFIT_S = 2.0
 DEFAULT_SETTLE_S = 60.0
 DEFAULT_SLOW_REFIT_S = 30.0
+
+
+def rates_source(rates: LatencyRates, choice: ConfigChoice) -> str:
+    """Where latency rates taken from :meth:`LatencyRates.from_config` with ``choice`` came from
+    (the start-up log's wording, and :class:`OnlineCalibration`'s ``source``)."""
+    if rates == DEFAULT_RATES:
+        return f"the analytic H100-class default rates ({choice.reason})"
+    return f"the latency_model section of {choice.path} ({choice.reason})"
 
 
 class OnlineCalibration:

@@ -239,6 +239,22 @@ def prefill_chunk_cost(prefix_len: int, chunk: int) -> tuple[int, int]:
     return prefix_len + chunk, chunk * prefix_len + chunk * (chunk + 1) // 2
 
 
+def batch_cost(prefix_lens, chunks) -> tuple[int, int, int]:
+    """(tokens, kv_tokens, attn_pairs) of a step that runs, for every request, ``chunks[i]``
+    query tokens after ``prefix_lens[i]`` cached ones (:func:`prefill_chunk_cost` summed: a
+    decode is a 1-token chunk, a request verifying ``s`` drafts a ``1 + s``-token chunk). Any
+    integer sequences or arrays of equal length; rows with no tokens add nothing."""
+    prefix = np.asarray(prefix_lens, dtype=np.int64).reshape(-1)
+    chunk = np.asarray(chunks, dtype=np.int64).reshape(-1)
+    if prefix.shape != chunk.shape:
+        raise ValueError(f"prefix_lens: one per chunk, got {prefix.size} for {chunk.size} chunks")
+    if (prefix < 0).any() or (chunk < 0).any():
+        raise ValueError("prefix_lens, chunks: must be >= 0")
+    live = chunk > 0
+    prefix, chunk = prefix[live], chunk[live]
+    return int(chunk.sum()), int((prefix + chunk).sum()), int((chunk * prefix + chunk * (chunk + 1) // 2).sum())
+
+
 def draft_cost(context_len: int, spec_tokens: int) -> tuple[int, int]:
     """(kv_tokens, attn_pairs) that ``spec_tokens`` draft tokens add to a decode at ``context_len``
     keys (the new token included; the plain decode costs ``(context_len, context_len)``). Every

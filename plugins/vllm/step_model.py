@@ -1,0 +1,81 @@
+"""The tree proposer's step-latency model, measured in the engine it runs in.
+
+The tree proposer sizes its trees (``size: per_batch``) by expected tokens per second under a
+:class:`~tkernels.sched.latency_model.LatencyModel`. Its rates start from the per-GPU config
+(``tkernels autotune``) or, without one, the analytic H100-class default, which on a machine
+nobody profiled (a CPU, a GPU without a config) is wrong by orders of magnitude: on the 2-core
+CPU VM a SmolLM2 step of 33 tokens costs several times a 1-token step, where the default says
+they cost the same, so a proposer trusting it drafts big trees that make every request slower
+(issue 24). The scheduler calibrates its own copy of the model, but it runs in the engine-core
+process and the proposer in the worker; this is the worker side.
+
+:class:`MeasuredSteps` times every step the proposer sees: from the runner's ``_prepare_inputs``
+(where :meth:`~tkernels.plugins.vllm.tree.TreeBatch.begin_step` stamps
+:attr:`~tkernels.plugins.vllm.tree.TreeStep.started`) to the end of that step's ``propose`` (the
+forward, sampling, verification and the drafting of the next step, all of which the step costs;
+on a GPU, ``propose`` runs after the sampled tokens reached the host, so the device work is in).
+Not in it: the scheduler's time and the engine-core round trip, a fixed cost per step that only
+makes speculation look less worth it than it is. Idle time between requests never enters, unlike
+the interval between two ``propose`` calls. Each step's cost (tokens, kv_tokens, attn_pairs) is
+:func:`~tkernels.sched.latency_model.batch_cost` of its rows' scheduled chunks, and
+:class:`~tkernels.sched.calibration.OnlineCalibration` refits the rates in a helper thread (2 s
+refits in the first minute, then every 30 s). The proposer swaps every refit model into its
+tree policies, so its trees shrink to what pays on this machine at this batch, down to no draft.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from tkernels.config import ConfigChoice, current
+from tkernels.sched.calibration import OnlineCalibration, rates_source
+from tkernels.sched.latency_model import LatencyModel, LatencyRates, ModelShape, batch_cost
+
+logger = logging.getLogger("vllm.tkernels")
+
+
+class MeasuredSteps:
+    """The proposer's latency model (:attr:`model`) and, with ``calibrate``, its online refit."""
+
+    def __init__(self, shape: ModelShape, calibrate: bool = True, choice: ConfigChoice | None = None) -> None:
+        choice = choice or current()
+        self.model = LatencyModel(shape, LatencyRates.from_config(choice))
+        self.source = rates_source(self.model.rates, choice)
+        self.calibration = OnlineCalibration(self.model, self.source, background=True) if calibrate else None
+
+    def describe(self) -> str:
+        """Start-up wording: where the rates come from and whether they are refit."""
+        how = ("calibrated online from this engine's steps (tkernels_tree.calibrate)" if self.calibration
+               else "not calibrated (tkernels_tree.calibrate = false)")
+        return f"latency model from {self.source}, {how}"
+
+    def record(self, step) -> LatencyModel | None:
+        """Measure ``step`` (a :class:`~tkernels.plugins.vllm.tree.TreeStep`, once: its stamp is
+        cleared) up to now; returns the refit model when this refit it, else None."""
+        started = getattr(step, "started", None)
+        if self.calibration is None or started is None:
+            return None
+        step.started = None  # one measurement per step (a second propose of a step adds nothing)
+        measured_us = (time.perf_counter() - started) * 1e6
+        scheduled = step.root_position - step.prefix + step.num_nodes  # tokens each row ran this step
+        cost = batch_cost(step.prefix, scheduled)
+        if measured_us <= 0 or cost[0] < 1:
+            return None
+        failures = self.calibration.failures
+        model = self.calibration.record(cost, measured_us)
+        if self.calibration.failures > failures:
+            logger.warning("tkernels tree proposer: a latency-model fit failed (%s); the model is kept",
+                           self.calibration.last_error)
+        if model is None:
+            return None
+        self.model = model
+        if self.calibration.refits == 1 or self.calibration.settled:  # first fit, then every slow refit (30 s)
+            logger.info("tkernels tree proposer: %s", self.calibration.line())
+        return model
+
+    def summary(self) -> dict:
+        """What the calibration learned (:meth:`OnlineCalibration.summary`), or the fixed model's source."""
+        if self.calibration is None:
+            return {"source": self.source, "calibrated": False}
+        return {**self.calibration.summary(), "calibrated": True}

@@ -1,0 +1,108 @@
+"""The tree proposer's measured step-latency model (plugins/vllm/step_model.py) and what it
+changes: trees sized by this machine's measured steps, down to no draft at all."""
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from test_proposer import Batch
+from test_tree_speculation import LLAMA3_8B, fake_step, make_tree_proposer
+
+from tkernels.sched.latency_model import DEFAULT_RATES, LatencyModel, LatencyRates, ModelShape, batch_cost
+
+pytestmark = pytest.mark.vllm
+
+SHAPE = ModelShape(num_layers=30, hidden_size=576, num_q_heads=9, num_kv_heads=3, head_dim=64,
+                   intermediate_size=1536, vocab_size=49152, dtype_bytes=4)
+# A CPU-like machine: every token costs a sizeable share of the weights' streaming time, so a
+# step of 8 x 33 tokens costs many times a step of 8 tokens.
+CPU_RATES = LatencyRates(overhead_us=2000.0, weight_gbps=20.0, matmul_tflops=0.05, kv_gbps=10.0, attn_tflops=0.02)
+
+
+def test_sibling_ranks_of_accepted_paths():
+    from tkernels.plugins.vllm.tree_proposer import sibling_ranks
+
+    parents = [-1, 0, 0, 0, 1, 1, 3, 4]  # BFS: root's children 1 2 3, 1's 4 5, 3's 6, 4's 7
+    assert sibling_ranks(parents, [0]) == ([-1], 1)  # nothing accepted below a root with children
+    assert sibling_ranks(parents, [0, 3, 6]) == ([2, 0], 2)  # 6 is a leaf: nothing more observed
+    assert sibling_ranks(parents, [0, 1, 5]) == ([0, 1], 2)
+    assert sibling_ranks(parents, [0, 1, 4]) == ([0, 0, -1], 3)  # 4 has a child the target did not take
+    assert sibling_ranks([-1], [0]) == ([], 0)
+
+
+def measured_step(model: LatencyModel, prefix, chunks):
+    """A TreeStep-like record of a step that ran ``chunks`` tokens per row after ``prefix`` and took
+    what ``model`` predicts (stamped that long ago)."""
+    prefix, chunks = np.asarray(prefix, dtype=np.int64), np.asarray(chunks, dtype=np.int64)
+    took = model.step_us(*batch_cost(prefix, chunks)) / 1e6
+    return SimpleNamespace(prefix=prefix, num_nodes=chunks, root_position=prefix.copy(), started=time.perf_counter() - took)
+
+
+def test_measured_steps_refit_the_model_to_this_machine():
+    from tkernels.config import ConfigChoice
+    from tkernels.plugins.vllm.step_model import MeasuredSteps
+
+    truth = LatencyModel(SHAPE, CPU_RATES)
+    steps = MeasuredSteps(SHAPE, choice=ConfigChoice(None, "no config in this test"))
+    assert steps.model.rates == DEFAULT_RATES and "analytic H100-class default" in steps.describe()
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        rows = int(rng.integers(1, 9))
+        step = measured_step(truth, rng.integers(10, 600, rows), rng.integers(1, 34, rows))
+        steps.record(step)
+        assert step.started is None  # measured once
+    assert steps.record(SimpleNamespace(started=None)) is None  # a step nobody stamped
+    model = steps.calibration.wait()
+    assert model is not None and steps.calibration.refits >= 1
+    for tokens in (8, 64, 264):
+        predicted, actual = model.step_time(tokens), truth.step_time(tokens)
+        assert abs(predicted / actual - 1) < 0.3, (tokens, predicted, actual)
+    off = MeasuredSteps(SHAPE, calibrate=False, choice=ConfigChoice(None, "no config in this test"))
+    assert off.record(measured_step(truth, [10], [1])) is None and "not calibrated" in off.describe()
+
+
+def propose_at(proposer, batch_size):
+    batch = Batch([[3, 4, 5, 3, 4]] * batch_size)  # "3 4" repeats: the hybrid's retrieval drafts
+    fake_step(proposer, [f"r{i}" for i in range(batch_size)], [[]] * batch_size)
+    batch.commit([[3]] * batch_size)
+    return proposer.propose([[3]] * batch_size, batch.num_tokens.copy(), batch.token_ids)
+
+
+@pytest.mark.parametrize("drafter", ["hybrid", "tr_static", "dynamic"])
+def test_a_measured_model_where_drafts_do_not_pay_drafts_nothing(drafter):
+    """The analytic default (an H100) makes a batch of 8 draft; this machine's measured model
+    (a CPU: tokens are dear) makes the same batch draft nothing, and each refit reaches the
+    proposer's policies."""
+    proposer, _ = make_tree_proposer(num_spec=8, shape=LLAMA3_8B, additional_config={"tkernels_tree": {"drafter": drafter}})
+    if drafter == "dynamic":
+        from test_tree_speculation import learn
+
+        learn(proposer, {3: [4, 5], 4: [5, 3]})
+    assert any(propose_at(proposer, 8))  # the default: drafts pay on an H100
+    cpu = LatencyModel(proposer.step_model.model.shape, CPU_RATES)
+    proposer.step_model.record = lambda step: cpu  # this step's measurement refit the model
+    propose_at(proposer, 8)
+    assert proposer.policy.step_time is cpu
+    if drafter != "dynamic":
+        assert proposer.tree_drafter.tr_policy.step_time is cpu
+    proposer.step_model.record = lambda step: None
+    drafts = propose_at(proposer, 8)
+    assert drafts == [[]] * 8 and not proposer.tree_batch.proposed
+    if drafter != "dynamic":
+        assert proposer.stats["undrafted_steps"] >= 1
+
+
+def test_the_size_policy_learns_the_drafters_acceptance():
+    """Harness drafters: every verified tree teaches the size policy the accepted nodes' ranks."""
+    import torch
+
+    from tkernels.spec.drafters import DraftTree
+
+    proposer, _ = make_tree_proposer(num_spec=8)
+    before = proposer.policy.accept_probs().clone()
+    tree = DraftTree(torch.tensor([3, 4, 9, 5]), torch.tensor([-1, 0, 0, 1], dtype=torch.int32))
+    for _ in range(20):
+        proposer._learn_acceptance([tree], [[0, 1, 3]])  # rank 0 at depths 1 and 2, every time
+    after = proposer.policy.accept_probs()
+    assert after[0, 0] > before[0, 0] and after[1, 0] > before[1, 0] and after[0, 1] < before[0, 1]
