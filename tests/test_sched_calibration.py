@@ -197,3 +197,15 @@ def test_measured_rates_reach_every_reader_through_the_config_folder(tmp_path, m
     choice = config.choose()
     assert choice.path == path and LatencyRates.from_config(choice) == CPU
     assert DecodeMaximalPolicy(SMOLLM2, slo_ms=200, choice=choice).model == TRUTH
+
+
+def test_tail_ratio_is_the_upper_quantile_of_measured_over_predicted():
+    """A machine whose steps are usually on the model but one in ten runs 1.5x slower: the fit
+    follows the usual step and the tail ratio says how much slower the tail is."""
+    calibration = OnlineCalibration(LatencyModel(SMOLLM2, DEFAULT_RATES), "the default", min_steps=8, refit_s=0)
+    assert calibration.tail_ratio == 1.0
+    for i, cost in enumerate(served_steps(200)):
+        calibration.record(cost, TRUTH.step_us(*cost) * (1.5 if i % 10 == 0 else 1.0))
+    assert 1.4 < calibration.tail_ratio < 1.6
+    assert calibration.summary()["tail_ratio"] == calibration.tail_ratio
+    assert f"x{calibration.tail_ratio:.2f}" in calibration.line()

@@ -32,6 +32,9 @@ in the first minute, then every 30 s). A step's time is measured from the later 
 ``update_from_output()`` (the forward, sampling and the output's trip back; with async
 scheduling, the overlap of the next ``schedule()`` is not counted twice); its cost is each
 scheduled request's chunk after its cached prefix (:func:`~tkernels.sched.latency_model.batch_cost`).
+At each refit the SLO's step target (the SLO times ``1 - margin``) is divided by the fit's
+``tail_ratio`` (the 95th percentile of measured / predicted step time): the fit predicts the
+typical step, the SLO bounds the tail, so on a noisy machine the budget leaves room for it.
 The start-up line says where the starting rates came from; a line says what the fit learned at
 its first refit, when the first minute is over, and at every later refit; ``"calibration_log":
 PATH`` also rewrites a JSON file at each refit (the rates and the measured steps against the model).
@@ -110,6 +113,7 @@ class DecodeMaximalScheduler(AsyncScheduler):
         self.policy = DecodeMaximalPolicy(model_shape(self.vllm_config), max_tokens=self.max_budget, choice=choice,
                                           **options)
         self.last_plan: StepBudget | None = None
+        self.slo_target_us = self.policy.target_us  # the SLO after the margin; the calibration's tail_ratio divides it
         slo_source = f"additional_config['{SCHED_KEY}']" if "slo_ms" in options else f"${ENV_TBT_SLO_MS}"
         calibration = calibration_options(self.vllm_config.additional_config)
         self.calibration = None
@@ -181,6 +185,8 @@ class DecodeMaximalScheduler(AsyncScheduler):
         if model is None:
             return
         self.policy.model = model
+        if self.slo_target_us is not None:  # aim the predicted step below the SLO by this machine's tail spread
+            self.policy.target_us = self.slo_target_us / self.calibration.tail_ratio
         if self.calibration.refits == 1 or self.calibration.settled:  # first fit, then every slow refit (30 s)
             logger.info("tkernels scheduler: %s", self.calibration.line())
         if self.calibration_log:

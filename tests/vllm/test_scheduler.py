@@ -181,6 +181,9 @@ def test_online_calibration_learns_from_the_steps(model_dir, tmp_path):
     stepped = [t for t in tokens if t]
     assert calibration.steps == len(stepped) >= calibration.min_steps and calibration.refits >= 1
     assert scheduler.policy.model is calibration.model and calibration.model.rates != DEFAULT_RATES
+    # the SLO's step target (50 ms less the margin) leaves room for the measured tail
+    assert calibration.tail_ratio >= 1
+    assert scheduler.policy.target_us == pytest.approx(scheduler.slo_target_us / calibration.tail_ratio)
     data = json.loads(log.read_text())
     # written at the last refit: the steps up to it
     assert 0 < data["steps"] <= calibration.steps and len(data["costs"]) == len(data["measured_us"]) == data["steps"]

@@ -15,7 +15,9 @@ time. It refits every ``refit_s`` seconds (default 2) during the first ``settle_
 last ``window`` steps (default 512). A rate the steps do not constrain (e.g. the attention
 rate before any long prompt came) keeps its previous ratio to its partner rate
 (:func:`~tkernels.sched.latency_model.fit_rates`). Before ``min_steps`` measured
-steps (default 16) the model is unchanged.
+steps (default 16) the model is unchanged. Each refit also sets :attr:`OnlineCalibration.tail_ratio`,
+the 95th percentile of measured / predicted over the window (at least 1): the fit predicts a
+step's typical time, a TBT SLO bounds its tail, so the scheduler divides its step target by it.
 
 The caller (the vLLM scheduler adapter) measures the steps, passes them to :meth:`record` and
 swaps in the model :meth:`record` returns when it refits. With ``background=True`` (what the
@@ -47,6 +49,7 @@ DEFAULT_MIN_STEPS = 16
 DEFAULT_REFIT_S = 2.0
 DEFAULT_SETTLE_S = 60.0
 DEFAULT_SLOW_REFIT_S = 30.0
+TAIL_QUANTILE = 0.95  # the measured / predicted ratio a step-time target is divided by (tail_ratio)
 
 
 def rates_source(rates: LatencyRates, choice: ConfigChoice) -> str:
@@ -84,6 +87,7 @@ class OnlineCalibration:
         self.refits = 0
         self.failures = 0
         self.last_error: str | None = None
+        self.tail_ratio = 1.0  # TAIL_QUANTILE of measured / predicted over the window at the last refit, >= 1
         self._first: float | None = None
         self._last_fit: float | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="tkernels-calibration") if background else None
@@ -139,6 +143,12 @@ class OnlineCalibration:
             return None
         self.model = LatencyModel(self.model.shape, fitted)
         self.refits += 1
+        # The model fits the steps' typical time (log residuals, soft-L1), but a TBT SLO is a tail
+        # target: a step predicted at the target overruns it whenever the machine is slower than
+        # usual (another process on the cores, a page fault). The ratio's upper quantile says by
+        # how much; callers aiming at a deadline divide their target by it.
+        ratios = np.asarray(self._measured) / self.model.steps_us(list(self._costs))
+        self.tail_ratio = max(1.0, float(np.quantile(ratios, TAIL_QUANTILE))) if len(ratios) else 1.0
         return self.model
 
     def errors(self, model: LatencyModel | None = None) -> np.ndarray:
@@ -163,6 +173,7 @@ class OnlineCalibration:
             "rates": asdict(self.model.rates),
             "start_rates": asdict(self.start_model.rates),
             "fit_median_rel_error": median(current),
+            "tail_ratio": self.tail_ratio,
             "start_median_rel_error": median(start),
         }
 
@@ -181,7 +192,8 @@ class OnlineCalibration:
         start = "n/a" if s["start_median_rel_error"] is None else f"{s['start_median_rel_error']:.0%}"
         return (f"latency model calibrated online from {s['window_steps']} of {s['steps']} measured steps "
                 f"({s['refits']} refits, {'settled' if s['settled'] else 'settling'}; started from {self.source}): "
-                f"{rates}; median error {error} (the starting model's: {start}); predicts "
+                f"{rates}; median error {error} (the starting model's: {start}); P{TAIL_QUANTILE * 100:g} of "
+                f"measured / predicted x{self.tail_ratio:.2f}; predicts "
                 f"{model.step_us(1, 1024, 1024) / 1e3:.1f} ms for 1 decode at 1k context, "
                 f"{model.step_us(256, 256, 256 * 257 // 2) / 1e3:.1f} ms for a 256-token prompt chunk")
 
