@@ -362,7 +362,7 @@ def main(argv=None) -> int:
         proposer_lines = [line.strip() for line in (args.workdir / f"server_{config}.log").read_text(errors="replace")
                           .splitlines() if "tkernels tree proposer:" in line]
         if proposer_lines:  # the tree proposer's own latency model: its source and its last refits
-            out["servers"][config]["proposer_log"] = proposer_lines[:1] + proposer_lines[-3:]
+            out["servers"][config]["proposer_log"] = proposer_lines[:1] + proposer_lines[1:][-3:]
         entry = calibration_entry(calibration_log)
         if entry is not None:
             out["latency_model"][config] = entry
