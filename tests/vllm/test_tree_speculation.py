@@ -533,9 +533,9 @@ def test_a_request_with_unusable_logits_fails_alone(monkeypatch, rng):
 
 def _bench(method: str, model: str, max_tokens: int, rounds: int, cpu_backend: str | None = None, num_spec: int = 4):
     env = dict(os.environ)
-    if cpu_backend is not None:
-        env.pop("TKERNELS_VLLM_CPU_ATTENTION", None)
-        env["TKERNELS_VLLM_CPU_TEST_BACKEND"] = cpu_backend
+    if cpu_backend is not None:  # "1" (the interpreter, the older name's value), "reference", "torch" or "" (none)
+        env.pop("TKERNELS_VLLM_CPU_TEST_BACKEND", None)
+        env["TKERNELS_VLLM_CPU_ATTENTION"] = {"1": "interpreter"}.get(cpu_backend, cpu_backend)
     return subprocess.run(
         [sys.executable, "-m", "tkernels.cli.speculation_bench", "--method", method, "--raw",
          "--model", model, "--questions", "2", "--max-tokens", str(max_tokens), "--num-spec-tokens", str(num_spec),
@@ -617,7 +617,7 @@ def _runner_engines(script: str) -> tuple[dict, dict]:
 
 def test_tree_speculation_under_a_mixed_load_matches_plain_decoding():
     """Staggered arrivals, chunked prefills next to trees, prefix-cache hits, greedy and sampled
-    requests in one batch (reference backend); see _tree_load_runner.py."""
+    requests in one batch (the torch attention path, float32); see _tree_load_runner.py."""
     plain, tree = _runner_engines("_tree_load_runner.py")
     free = [run["token_ids"].pop("free") for run in (plain, tree)]
     assert len(plain["token_ids"]) == 14 and tree["token_ids"] == plain["token_ids"]
@@ -639,7 +639,7 @@ def test_tree_speculation_without_tkernels_attention_fails_at_start_up():
     out = _bench("tr-tree", "tiny", 4, 1, cpu_backend="")
     assert out.returncode != 0
     assert "tree speculation on vLLM-CPU needs tkernels' attention" in out.stderr
-    assert "set TKERNELS_VLLM_CPU_ATTENTION=reference" in out.stderr
+    assert "set TKERNELS_VLLM_CPU_ATTENTION=torch" in out.stderr
     assert "Model loading took" not in out.stderr and "EngineCore" not in out.stderr
 
 
