@@ -127,3 +127,14 @@ def test_errors_name_the_argument():
         with pytest.raises(ValueError, match=r"^block_table: holds block ids outside"):
             planner(b.cu_seqlens_q, b.seq_lens, bad, num_q_heads=4, num_kv_heads=2, head_dim=16,
                     num_blocks=b.k_cache.shape[0], block_size=4)
+
+
+def test_short_requests_of_very_different_contexts_split_into_groups():
+    """Decodes and trees from 1 to 1500 keys: padded in a few groups of similar context, not one."""
+    gen = torch.Generator().manual_seed(11)
+    ctxs = torch.randint(1, 1500, (30,), generator=gen).tolist()
+    q_lens = [min(c, 1 + 8 * (i % 2)) for i, c in enumerate(ctxs)]
+    b = random_paged_batch(q_lens, ctxs, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
+                           dtype=torch.float32, generator=gen, trees=[i % 2 == 1 for i in range(30)])
+    assert 1 < len(plan_for(b).groups) <= 4
+    check(b)
