@@ -138,3 +138,17 @@ def test_short_requests_of_very_different_contexts_split_into_groups():
                            dtype=torch.float32, generator=gen, trees=[i % 2 == 1 for i in range(30)])
     assert 1 < len(plan_for(b).groups) <= 4
     check(b)
+
+
+@pytest.mark.parametrize("physical", ["HND", "NHD"])
+def test_k_and_v_halves_of_one_cache_as_the_vllm_plugin_views_it(physical):
+    """vLLM's cache [blocks, kv_heads, block_size, 2 * D] in either physical order, viewed as K
+    and V halves: gathered together (one 2D-wide row gather), same result."""
+    gen = torch.Generator().manual_seed(2)
+    b = random_paged_batch([1, 9, 40], [70, 30, 90], num_q_heads=6, num_kv_heads=2, head_dim=32, block_size=16,
+                           dtype=torch.float32, generator=gen, trees=[False, True, False])
+    kv = torch.cat([b.k_cache, b.v_cache], -1)  # [blocks, block_size, kv_heads, 2D]: NHD
+    if physical == "HND":
+        kv = kv.transpose(1, 2).contiguous().transpose(1, 2)
+    b.k_cache, b.v_cache = kv.split(32, dim=-1)
+    check(b)
