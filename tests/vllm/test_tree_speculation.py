@@ -447,16 +447,18 @@ def test_a_draft_that_is_not_the_proposed_tree_is_verified_as_a_chain_for_that_r
     assert torch.equal(cache, moved)
 
 
-@pytest.mark.parametrize("backend", ["reference", "1"])
+@pytest.mark.parametrize("backend", ["torch", "reference", "interpreter"])
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled-top-k-1"])
 def test_verify_returns_vllm_layout_and_compacts_the_accepted_path(monkeypatch, rng, backend, sampled):
     """Greedy verification, and sampling verification with row 1 at temperature 0.9 and top-k 1
-    (greedy again, so the same result) beside a greedy row; references and interpreted kernels."""
+    (greedy again, so the same result) beside a greedy row; references (the torch and reference
+    attention modes) and interpreted kernels."""
     from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
 
     from tkernels.plugins.vllm import tree
 
-    monkeypatch.setenv("TKERNELS_VLLM_CPU_TEST_BACKEND", backend)
+    monkeypatch.delenv("TKERNELS_VLLM_CPU_TEST_BACKEND", raising=False)
+    monkeypatch.setenv("TKERNELS_VLLM_CPU_ATTENTION", backend)
     block_size, heads, dim = 4, 2, 16
     cache = torch.randn(heads, 6, block_size, 1, dim, generator=rng)  # kv_planes' layout
     block_table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
