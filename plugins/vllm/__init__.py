@@ -72,7 +72,8 @@ def register_attention_backend() -> None:
             "CPU interpreter: set TRITON_INTERPRET=1 as well (before any Triton kernel is defined)"
         )
     if not AttentionBackendEnum.CPU_ATTN.is_overridden():
-        how = "under the Triton interpreter" if mode == "1" else "as its PyTorch reference"
+        how = {"1": "under the Triton interpreter", "reference": "as its PyTorch reference",
+               "torch": "in vectorised PyTorch"}[mode]
         logger.warning("tkernels: %s=%s: vLLM's CPU_ATTN backend is replaced by tkernels' mixed-batch attention "
                        "%s", CPU_ATTENTION_ENV, {v: k for k, v in CPU_ATTENTION_MODES.items()}[mode], how)
     register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)

@@ -26,9 +26,12 @@ vLLM's CPU platform ignores ``--attention-backend`` altogether and uses ``CPU_AT
 "Cannot use ... CUSTOM backend on CPU"). ``TKERNELS_VLLM_CPU_ATTENTION=interpreter`` (with
 ``TRITON_INTERPRET=1``; older name ``TKERNELS_VLLM_CPU_TEST_BACKEND=1``) makes
 :func:`tkernels.plugins.vllm.register_attention_backend` put this backend in ``CPU_ATTN``'s place,
-running the kernel under Triton's interpreter (tests); ``TKERNELS_VLLM_CPU_ATTENTION=reference``
-runs :func:`tkernels.attention.mixed_attention_reference` instead (no interpreter; for serving
-and end-to-end measurements on CPU).
+running the kernel under Triton's interpreter (tests); ``TKERNELS_VLLM_CPU_ATTENTION=torch`` runs
+:mod:`tkernels.attention.torch_path` instead (vectorised PyTorch, no interpreter: the CPU serving
+path), the builder building its per-step plan (:func:`~tkernels.attention.torch_path.plan_torch_attention`)
+in place of the Triton kernel's; ``TKERNELS_VLLM_CPU_ATTENTION=reference`` runs
+:func:`tkernels.attention.mixed_attention_reference` (a Python loop per request; slow, kept to
+check against), the builder only checking the batch (:func:`~tkernels.attention.plan.describe_batch`).
 
 Trees: when tkernels' tree speculation runs (:mod:`tkernels.plugins.vllm.tree`), each step's
 tree rows are handed to this step's metadata builders (:attr:`TkernelsAttentionMetadataBuilder.step_trees`,
@@ -57,7 +60,9 @@ from vllm.v1.attention.backends.utils import get_num_attention_heads_from_layers
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from tkernels.attention import MixedAttentionPlan, mixed_attention, mixed_attention_reference, plan_mixed_attention
-from tkernels.plugins.vllm.compat import cpu_test_mode, require_supported_vllm
+from tkernels.attention.plan import BatchLayout, describe_batch
+from tkernels.attention.torch_path import TorchAttentionPlan, mixed_attention_torch, plan_torch_attention
+from tkernels.plugins.vllm.compat import CPU_PYTORCH_MODES, cpu_test_mode, require_supported_vllm
 
 logger = logging.getLogger("tkernels")
 
@@ -65,7 +70,7 @@ def kernel_unavailable_reason() -> str | None:
     """Why the Triton kernel cannot launch in this process, or None when it can."""
     import triton
 
-    if triton.knobs.runtime.interpret or torch.cuda.is_available() or cpu_test_mode() == "reference":
+    if triton.knobs.runtime.interpret or torch.cuda.is_available() or cpu_test_mode() in CPU_PYTORCH_MODES:
         return None
     return ("tkernels' attention backend runs a Triton GPU kernel: it needs a CUDA or ROCm device "
             "(or TRITON_INTERPRET=1, Triton's CPU interpreter, for tests)")
@@ -76,7 +81,9 @@ class TkernelsAttentionMetadata:
     query_start_loc: torch.Tensor  # int32 [B + 1]
     seq_lens: torch.Tensor  # int32 [B], context including the new tokens
     block_table: torch.Tensor  # int32 [B, max_blocks]
-    plans: dict[int | None, MixedAttentionPlan]  # one per sliding window in the group
+    # One per sliding window in the group: the Triton kernel's plan, the torch path's
+    # (TKERNELS_VLLM_CPU_ATTENTION=torch) or, for the reference, the checked batch alone.
+    plans: dict[int | None, MixedAttentionPlan | TorchAttentionPlan | BatchLayout]
     tree_parents: torch.Tensor | None = None  # int32 [T]: speculation trees' local parents (tree rows)
     is_tree: torch.Tensor | None = None  # bool [B]
 
@@ -101,6 +108,7 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
         # The running step's (tree_parents int32 [T], is_tree bool [B]), handed over by the tree
         # path for this step only (None: no tree rows); see the module doc.
         self.step_trees: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.mode = cpu_test_mode()  # read once: which attention forward runs, so which plan to build
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TkernelsAttentionMetadata:
@@ -109,19 +117,25 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
             raise NotImplementedError("tkernels' attention backend supports causal decoder attention only")
         num_blocks = self.layers[0].kv_cache.shape[0]
         tree_parents, is_tree = self._trees(m)
-        plans = {
-            window: plan_mixed_attention(
-                m.query_start_loc, m.seq_lens, m.block_table_tensor, num_q_heads=self.num_q_heads,
-                num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, num_blocks=num_blocks,
-                block_size=self.block_size, tree_parents=tree_parents, is_tree=is_tree, window=window,
-                dtype=self.dtype,
-            )
-            for window in self.windows
-        }
+        plans = {window: self._plan(m, num_blocks, tree_parents, is_tree, window) for window in self.windows}
         return TkernelsAttentionMetadata(
             query_start_loc=m.query_start_loc, seq_lens=m.seq_lens, block_table=m.block_table_tensor, plans=plans,
             tree_parents=tree_parents, is_tree=is_tree,
         )
+
+    def _plan(self, m: CommonAttentionMetadata, num_blocks: int, tree_parents: torch.Tensor | None,
+              is_tree: torch.Tensor | None, window: int | None):
+        """The plan the layers' forward runs (only that one: the Triton plan costs tens of ms of
+        host time per step on a CPU, where it is not used)."""
+        layout = dict(num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                      num_blocks=num_blocks, block_size=self.block_size, tree_parents=tree_parents, is_tree=is_tree,
+                      window=window)
+        batch = (m.query_start_loc, m.seq_lens, m.block_table_tensor)
+        if self.mode == "torch":
+            return plan_torch_attention(*batch, **layout)
+        if self.mode == "reference":  # the reference plans nothing; the batch is still checked
+            return describe_batch(*batch, **layout)
+        return plan_mixed_attention(*batch, **layout, dtype=self.dtype)
 
     def _trees(self, m: CommonAttentionMetadata) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The running step's speculation trees, padded to this batch's (padded) rows and tokens."""
@@ -169,6 +183,7 @@ class TkernelsAttentionImpl(TritonAttentionImpl):
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         self.window = sliding_window
         self.softcap = logits_soft_cap or None  # vLLM passes 0 or None for "no softcap"
+        self.mode = cpu_test_mode()  # as the builder's: the plan it builds is the one forward takes
 
     def _kv_caches(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [blocks, kv_heads, block_size, 2 * head_size] -> K, V views [blocks, block_size, kv_heads, head_size]
@@ -186,7 +201,11 @@ class TkernelsAttentionImpl(TritonAttentionImpl):
         num_tokens = plan.num_tokens  # the batch's real tokens; rows beyond are padding
         k_cache, v_cache = self._kv_caches(kv_cache)
         m = attn_metadata
-        if cpu_test_mode() == "reference":
+        if self.mode == "torch":
+            mixed_attention_torch(query[:num_tokens], k_cache, v_cache, plan, self.scale, softcap=self.softcap,
+                                  out=output[:num_tokens])
+            return output
+        if self.mode == "reference":
             output[:num_tokens] = mixed_attention_reference(
                 query[:num_tokens], k_cache, v_cache, m.block_table, m.query_start_loc, m.seq_lens, self.scale,
                 tree_parents=m.tree_parents, is_tree=m.is_tree, window=self.window, softcap=self.softcap,

@@ -48,21 +48,29 @@ def already_patched(owner, name: str) -> bool:
 CPU_ATTENTION_ENV = "TKERNELS_VLLM_CPU_ATTENTION"
 # vLLM-CPU ignores --attention-backend and always runs its CPU_ATTN backend, which has no tree
 # mask: the tree proposer there needs tkernels' attention in its place, asked for with
-# TKERNELS_VLLM_CPU_ATTENTION: "reference" runs the plain-PyTorch references (attention, tree
-# verification, KV compaction), fast enough to serve a real model on CPU; "interpreter" runs
-# tkernels' Triton kernels under Triton's CPU interpreter (TRITON_INTERPRET=1; tests only, slow).
-CPU_ATTENTION_MODES = {"reference": "reference", "interpreter": "1"}
+# TKERNELS_VLLM_CPU_ATTENTION: "torch" runs tkernels.attention.torch_path (vectorised PyTorch,
+# planned once per step: the CPU serving path); "reference" runs the plain-PyTorch reference (a
+# Python loop per request and layer; slow, kept to check against); both verify and compact with
+# the torch references; "interpreter" runs tkernels' Triton kernels under Triton's CPU
+# interpreter (TRITON_INTERPRET=1; tests only, slow). The variable is read when the plugin
+# registers the backends, before anyone knows whether tree speculation will run, so no mode is
+# the default: a default would swap vLLM-CPU's attention for every model the plugin loads with.
+CPU_ATTENTION_MODES = {"torch": "torch", "reference": "reference", "interpreter": "1"}
+# The modes that run PyTorch code only (no Triton kernel: verification and compaction too).
+CPU_PYTORCH_MODES = ("torch", "reference")
 # The variable's first name, for tests: "1" (interpreter) or "reference"; still read.
 CPU_TEST_ENV = "TKERNELS_VLLM_CPU_TEST_BACKEND"
 CPU_TEST_MODES = ("1", "reference")
-CPU_ATTENTION_HINT = (f"set {CPU_ATTENTION_ENV}=reference (tkernels' attention as its PyTorch reference; or "
-                      f"{CPU_ATTENTION_ENV}=interpreter with TRITON_INTERPRET=1, the Triton kernels under the interpreter)")
+CPU_ATTENTION_HINT = (f"set {CPU_ATTENTION_ENV}=torch (tkernels' attention in vectorised PyTorch; or "
+                      f"{CPU_ATTENTION_ENV}=reference, its plain-PyTorch reference, or {CPU_ATTENTION_ENV}=interpreter "
+                      f"with TRITON_INTERPRET=1, the Triton kernels under the interpreter)")
 
 
 def cpu_test_mode() -> str | None:
-    """The CPU attention mode asked for in ``TKERNELS_VLLM_CPU_ATTENTION`` (``reference`` |
-    ``interpreter``) or its older name ``TKERNELS_VLLM_CPU_TEST_BACKEND`` (``reference`` | ``1``):
-    ``"reference"``, ``"1"`` (the interpreter) or None when neither is set (or both are empty)."""
+    """The CPU attention mode asked for in ``TKERNELS_VLLM_CPU_ATTENTION`` (``torch`` |
+    ``reference`` | ``interpreter``) or its older name ``TKERNELS_VLLM_CPU_TEST_BACKEND``
+    (``reference`` | ``1``): ``"torch"``, ``"reference"``, ``"1"`` (the interpreter) or None when
+    neither is set (or both are empty)."""
     named = os.environ.get(CPU_ATTENTION_ENV) or None
     if named is not None and named not in CPU_ATTENTION_MODES:
         raise ValueError(f"tkernels: {CPU_ATTENTION_ENV} must be one of {tuple(CPU_ATTENTION_MODES)} or unset, "
@@ -70,7 +78,7 @@ def cpu_test_mode() -> str | None:
     mode = os.environ.get(CPU_TEST_ENV) or None
     if mode is not None and mode not in CPU_TEST_MODES:
         raise ValueError(f"tkernels: {CPU_TEST_ENV} must be one of {CPU_TEST_MODES} or unset, got {mode!r} "
-                         f"(its user-facing name: {CPU_ATTENTION_ENV}=reference|interpreter)")
+                         f"(its user-facing name: {CPU_ATTENTION_ENV}={'|'.join(CPU_ATTENTION_MODES)})")
     if named is None:
         return mode
     if mode is not None and mode != CPU_ATTENTION_MODES[named]:

@@ -71,7 +71,7 @@ import time
 import torch
 from vllm.exceptions import VLLMValidationError
 
-from tkernels.plugins.vllm.compat import already_patched, checked_method, patch_method
+from tkernels.plugins.vllm.compat import CPU_ATTENTION_HINT, already_patched, checked_method, patch_method
 from tkernels.plugins.vllm.tree import FAILED_TOKEN, TreeBatch, is_tree_config
 from tkernels.spec import MAX_TREE_NODES
 
@@ -116,8 +116,7 @@ def check_attention_backend(vllm_config) -> None:
     if others:
         raise ValueError(
             f"tkernels tree speculation needs tkernels' attention backend for the tree mask, but layers use {others}: "
-            "pass --attention-backend CUSTOM (on vLLM-CPU, which ignores it, set TKERNELS_VLLM_CPU_ATTENTION=reference, "
-            "or TKERNELS_VLLM_CPU_ATTENTION=interpreter with TRITON_INTERPRET=1)"
+            f"pass --attention-backend CUSTOM (on vLLM-CPU, which ignores it, {CPU_ATTENTION_HINT})"
         )
 
 

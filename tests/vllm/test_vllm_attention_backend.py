@@ -123,10 +123,19 @@ def _kv_cache(layout: str, dtype: torch.dtype, rng: torch.Generator) -> torch.Te
     return torch.randn(NUM_BLOCKS, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM, generator=rng).to(dtype)  # LBHNC
 
 
+@pytest.mark.parametrize("cpu_attention", ["", "torch"], ids=["kernel", "torch-path"])
 @pytest.mark.parametrize("dtype, layout", [(torch.float32, "HND"), (torch.float16, "NHD")])
-def test_one_step_matches_the_reference(vllm_config, rng, dtype, layout):
+def test_one_step_matches_the_reference(vllm_config, rng, dtype, layout, cpu_attention, monkeypatch):
     """Builder plans a mixed batch once for two layers (global, and windowed + softcap); each layer
-    writes its new K/V into vLLM's cache and attends; outputs match the torch reference."""
+    writes its new K/V into vLLM's cache and attends; outputs match the torch reference. Twice:
+    the Triton kernel (under the interpreter here) and TKERNELS_VLLM_CPU_ATTENTION=torch, whose
+    builder builds the torch path's plan and nothing else."""
+    import tkernels.plugins.vllm.attention as backend
+
+    monkeypatch.delenv("TKERNELS_VLLM_CPU_TEST_BACKEND", raising=False)
+    monkeypatch.setenv("TKERNELS_VLLM_CPU_ATTENTION", cpu_attention)
+    if cpu_attention:
+        monkeypatch.setattr(backend, "plan_mixed_attention", None)  # not called: the forward does not use it
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.layers.attention import Attention
     from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -165,6 +174,8 @@ def test_one_step_matches_the_reference(vllm_config, rng, dtype, layout):
         block_table_tensor=block_table, slot_mapping=slot_mapping,
     ))
     assert set(metadata.plans) == {None, 24}  # one plan per window, shared by the layers using it
+    plan_type = backend.TorchAttentionPlan if cpu_attention else backend.MixedAttentionPlan
+    assert all(isinstance(plan, plan_type) for plan in metadata.plans.values())
 
     for name, layer in layers.items():
         q = torch.randn(num_tokens + padding, NUM_HEADS, HEAD_DIM, generator=rng).to(dtype)

@@ -15,13 +15,17 @@ request sits at ``prefix + i``, tree node i at ``prefix + depth(i)``. An optiona
 scaled logit s to ``softcap * tanh(s / softcap)``.
 
 
-Files, in fla's manner: ``plan.py`` (host planning, launch parameters, the tables' layout),
-``kernels.py`` (Triton kernels and the launches they compile), ``launch.py``
-(:func:`mixed_attention`), ``reference.py`` (plain PyTorch). docs/design.md has the design.
+Files, in fla's manner: ``plan.py`` (the batch checks, host planning, launch parameters, the
+tables' layout), ``kernels.py`` (Triton kernels and the launches they compile), ``launch.py``
+(:func:`mixed_attention`), ``reference.py`` (plain PyTorch, one request at a time),
+``torch_path.py`` (vectorised PyTorch for CPUs: :func:`plan_torch_attention` per step,
+:func:`mixed_attention_torch` per layer). docs/design.md has the design.
 """
 
 from tkernels.attention.launch import mixed_attention
 from tkernels.attention.plan import MixedAttentionPlan, plan_mixed_attention
 from tkernels.attention.reference import mixed_attention_reference
+from tkernels.attention.torch_path import TorchAttentionPlan, mixed_attention_torch, plan_torch_attention
 
-__all__ = ["MixedAttentionPlan", "mixed_attention", "mixed_attention_reference", "plan_mixed_attention"]
+__all__ = ["MixedAttentionPlan", "TorchAttentionPlan", "mixed_attention", "mixed_attention_reference",
+           "mixed_attention_torch", "plan_mixed_attention", "plan_torch_attention"]

@@ -158,7 +158,30 @@ def _check_int_vector(t: Any, arg: str, length: int | None = None) -> None:
         _fail(arg, "must be contiguous")
 
 
-def plan_mixed_attention(
+@dataclass(frozen=True)
+class BatchLayout:
+    """A checked batch description on the host (what every planner starts from)."""
+
+    q_len: torch.Tensor  # int64 [B] new tokens per request
+    ctx: torch.Tensor  # int64 [B] context incl. the new tokens
+    token_req: torch.Tensor  # int64 [T] request of each query token
+    positions: torch.Tensor  # int64 [T] position of each query token (prefix + depth for tree nodes)
+    tree_req: torch.Tensor  # bool [B]
+    tree_token: torch.Tensor  # bool [T]: the token belongs to a tree request
+    ancestors: torch.Tensor  # int64 [T, words]: ancestor-or-self bits of tree nodes (0 elsewhere)
+    window: int | None
+    device: torch.device  # where the inputs live
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_req.numel()
+
+    @property
+    def batch(self) -> int:
+        return self.q_len.numel()
+
+
+def describe_batch(
     cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor,
     block_table: torch.Tensor,
@@ -171,21 +194,12 @@ def plan_mixed_attention(
     tree_parents: torch.Tensor | None = None,
     is_tree: torch.Tensor | None = None,
     window: int | None = None,
-    config: dict[str, Any] | None = None,
-    num_sms: int | None = None,
     num_tokens: int | None = None,
-    dtype: torch.dtype | None = None,
-) -> MixedAttentionPlan:
-    """Validate the batch description and schedule it (one host read of the small index tensors).
-
-    ``config`` overrides entries of the tuned/default launch config; ``dtype`` (q/K/V's element
-    type; None: 16-bit) picks the default tiles (:func:`default_config`); ``num_sms`` overrides the
-    SM count used to decide split-KV (default: the current GPU's, else 132); ``num_tokens``
-    (q's length) is checked against ``cu_seqlens_q``.
-    """
+) -> BatchLayout:
+    """Validate a batch description (arguments as :func:`plan_mixed_attention`'s) and derive
+    the trees' ancestor bits and every token's position, on the host (one read of the small
+    index tensors, one flag for the block table's ids)."""
     _check_int_vector(cu_seqlens_q, "cu_seqlens_q")
-    if dtype is not None and dtype not in _DTYPES:
-        _fail("dtype", f"must be None, torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
     if cu_seqlens_q.numel() < 1:
         _fail("cu_seqlens_q", "must have B + 1 >= 1 entries")
     B = cu_seqlens_q.numel() - 1
@@ -204,8 +218,6 @@ def plan_mixed_attention(
         _fail("num_q_heads", f"must be a positive multiple of num_kv_heads={num_kv_heads}, got {num_q_heads}")
     head_dim, num_blocks = integer("head_dim", head_dim, minimum=1), integer("num_blocks", num_blocks, minimum=0)
     block_size = integer("block_size", block_size, minimum=1)
-    if num_sms is not None:
-        integer("num_sms", num_sms, minimum=1)
     if num_tokens is not None:
         integer("num_tokens", num_tokens, minimum=0)
     window = _check_window(window)
@@ -241,6 +253,7 @@ def plan_mixed_attention(
     positions = prefix[token_req] + local
     ancestors = torch.zeros((T, 1), dtype=torch.int64)
     tree_req = torch.zeros(B, dtype=torch.bool)
+    tree_token = torch.zeros(T, dtype=torch.bool)
     if (tree_parents is None) != (is_tree is None):
         _fail("tree_parents" if tree_parents is None else "is_tree", "tree_parents and is_tree go together")
     if tree_parents is not None:
@@ -267,14 +280,51 @@ def plan_mixed_attention(
             ancestors[tree_token] = ancestor_bits(parents, cu_trees, words)
             positions[tree_token] = prefix[token_req][tree_token] + depths(parents, cu_trees).long()
 
+    return BatchLayout(q_len=q_len, ctx=ctx, token_req=token_req, positions=positions, tree_req=tree_req,
+                       tree_token=tree_token, ancestors=ancestors, window=window, device=device)
+
+
+def plan_mixed_attention(
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    num_blocks: int,
+    block_size: int,
+    tree_parents: torch.Tensor | None = None,
+    is_tree: torch.Tensor | None = None,
+    window: int | None = None,
+    config: dict[str, Any] | None = None,
+    num_sms: int | None = None,
+    num_tokens: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> MixedAttentionPlan:
+    """Validate the batch description and schedule it (one host read of the small index tensors).
+
+    ``config`` overrides entries of the tuned/default launch config; ``dtype`` (q/K/V's element
+    type; None: 16-bit) picks the default tiles (:func:`default_config`); ``num_sms`` overrides the
+    SM count used to decide split-KV (default: the current GPU's, else 132); ``num_tokens``
+    (q's length) is checked against ``cu_seqlens_q``.
+    """
+    if dtype is not None and dtype not in _DTYPES:
+        _fail("dtype", f"must be None, torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
+    if num_sms is not None:
+        integer("num_sms", num_sms, minimum=1)
+    layout = describe_batch(cu_seqlens_q, seq_lens, block_table, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                            head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,
+                            tree_parents=tree_parents, is_tree=is_tree, window=window, num_tokens=num_tokens)
+    q_len, ctx, tree_req, window, device = layout.q_len, layout.ctx, layout.tree_req, layout.window, layout.device
     cfg = _launch_config(num_q_heads // num_kv_heads, head_dim, block_size, q_len, dtype, config)
     items, merge, ws_rows = _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, num_q_heads // num_kv_heads,
                                       window, num_sms or _num_sms(device))
     _one_class_tiles(cfg, set(items[:, ITEM_CLASS].tolist()))
     return MixedAttentionPlan(
         items=items.to(device), merge=merge.to(device), ws_rows=ws_rows, has_tree=bool(tree_req.any()),
-        is_tree=tree_req.to(torch.int8).to(device), ancestors=ancestors.to(device),
-        positions=positions.to(torch.int32).to(device), num_tokens=T, batch=B,
+        is_tree=tree_req.to(torch.int8).to(device), ancestors=layout.ancestors.to(device),
+        positions=layout.positions.to(torch.int32).to(device), num_tokens=layout.num_tokens, batch=layout.batch,
         num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, window=window, config=cfg,
         trees=None if tree_parents is None else (tree_parents, is_tree),
     )

@@ -28,8 +28,8 @@ def mixed_attention_reference(
 
     Takes the arguments :func:`mixed_attention` takes, checked the same way where that costs no
     host read (tensors' types and shapes, the scalars); the index tensors' values are
-    :func:`plan_mixed_attention`'s to check (the vLLM backend plans every step, also when it
-    runs this reference)."""
+    :func:`~tkernels.attention.plan.describe_batch`'s to check (the vLLM backend runs it on every
+    step's batch when it runs this reference)."""
     _check_inputs(q, k_cache, v_cache, None)
     _T, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape

