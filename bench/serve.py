@@ -30,10 +30,12 @@ make every drafter look useless).
 - ``decode_maximal``: tkernels' ``DecodeMaximalScheduler`` under the TBT SLO (``--slo-ms``,
   default 250 ms: a decode step here is 50-100 ms, a whole prompt a second or more);
 - ``tree``: ``decode_maximal`` with the Token Recycling tree proposer at its default settings
-  (``tr_static``, per-batch size, at most ``--spec-tokens`` = 32 nodes), tkernels' attention as
-  its PyTorch reference (the tree verification needs it; vLLM-CPU has no Triton);
-- ``decode_maximal_ref``: ``decode_maximal`` on that same reference attention: the plain
-  decoding that ``tree``'s speed-up is measured against (same attention code);
+  (the ``hybrid`` drafter, per-batch size from its own measured latency model and learnt
+  acceptance, at most ``--spec-tokens`` = 32 nodes), tkernels' attention as its vectorised
+  PyTorch path (``TKERNELS_VLLM_CPU_ATTENTION=torch``: the tree mask needs tkernels' attention,
+  and vLLM-CPU has no Triton);
+- ``decode_maximal_torch``: ``decode_maximal`` on that same attention: the plain decoding that
+  ``tree``'s speed-up is measured against (same attention code);
 - ``ngram``: vLLM's scheduler with vLLM's ``ngram`` speculation (5 tokens), for comparison.
 
 **Latency model**: the tkernels configurations log and write (``calibration_log``) what the
@@ -43,7 +45,8 @@ Each configuration that calibrates writes its rates as a ``cpu.json`` config (``
 section only) into the work folder, and the tkernels configurations after it start with
 ``TKERNELS_CONFIG_DIR`` there: their scheduler starts from the latest measured model, and the
 tree proposer sizes its trees from it (at start-up, from the per-GPU config; ``tree`` runs after
-``decode_maximal_ref``, whose steps run the same attention code). ``--latency-config DIR``
+``decode_maximal_torch``, whose steps run the same attention code; the proposer then refits its
+own model from its steps). ``--latency-config DIR``
 starts every tkernels configuration from a given folder's ``cpu.json`` instead (not rewritten).
 
 Writes ``--out`` (default ``bench/results/serving_cpu_vm.json``; ``--quick``: the work folder)
@@ -70,9 +73,9 @@ RESULTS = HERE / "results" / "serving_cpu_vm.json"
 SCHEDULER = "tkernels.plugins.vllm.scheduler.DecodeMaximalScheduler"
 TREE_PROPOSER = "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"
 CATEGORIES = ("summarization", "rag")
-CONFIGS = ("vllm_default", "vllm_chunk", "decode_maximal", "decode_maximal_ref", "tree", "ngram")
-# decode_maximal_ref before tree: tree starts from its measured rates (the same attention code)
-FULL_CONFIGS = ("vllm_default", "vllm_chunk", "decode_maximal", "decode_maximal_ref", "tree", "ngram")
+CONFIGS = ("vllm_default", "vllm_chunk", "decode_maximal", "decode_maximal_torch", "tree", "ngram")
+# decode_maximal_torch before tree: tree starts from its measured rates (the same attention code)
+FULL_CONFIGS = ("vllm_default", "vllm_chunk", "decode_maximal", "decode_maximal_torch", "tree", "ngram")
 QUICK_CONFIGS = ("vllm_default", "decode_maximal")
 FULL_RATES = (0.05, 0.15, 0.3, 0.45)  # 0.05: about one request at a time here
 QUICK_RATES = (0.2, 0.5)
@@ -136,12 +139,12 @@ def server_setup(config: str, args, calibration_log: Path) -> tuple[list[str], d
     additional: dict = {}
     if config == "vllm_chunk":
         flags += ["--max-num-batched-tokens", str(args.chunk)]
-    if config in ("decode_maximal", "tree", "decode_maximal_ref"):
+    if config in ("decode_maximal", "tree", "decode_maximal_torch"):
         flags += ["--scheduler-cls", SCHEDULER]
         additional.update(sched["additional-config"])
         env.update(sched["env"])
-    if config in ("tree", "decode_maximal_ref"):
-        env["TKERNELS_VLLM_CPU_TEST_BACKEND"] = "reference"
+    if config in ("tree", "decode_maximal_torch"):
+        env["TKERNELS_VLLM_CPU_ATTENTION"] = "torch"
     if config == "tree":
         flags += ["--speculative-config", json.dumps({"method": "custom_class", "model": TREE_PROPOSER,
                                                       "num_speculative_tokens": args.spec_tokens})]
@@ -394,7 +397,7 @@ def summarize(out: dict) -> dict:
             best = rec["rate"]
         capacity[config] = best
     speedup = {}
-    for spec, plain in (("tree", "decode_maximal_ref"), ("tree", "decode_maximal"), ("ngram", "vllm_default")):
+    for spec, plain in (("tree", "decode_maximal_torch"), ("tree", "decode_maximal"), ("ngram", "vllm_default")):
         if spec in by_config and plain in by_config:
             plain_at = {r["rate"]: r["per_request_output_tokens_per_s_mean"] for r in by_config[plain]}
             speedup[f"{spec}/{plain}"] = {
