@@ -21,7 +21,7 @@ Files, in fla's manner: ``plan.py`` (host planning, launch parameters, the table
 """
 
 from tkernels.attention.launch import mixed_attention
-from tkernels.attention.plan import MixedAttentionPlan, plan_mixed_attention
+from tkernels.attention.plan import HostBatch, MixedAttentionPlan, plan_mixed_attention
 from tkernels.attention.reference import mixed_attention_reference
 
-__all__ = ["MixedAttentionPlan", "mixed_attention", "mixed_attention_reference", "plan_mixed_attention"]
+__all__ = ["HostBatch", "MixedAttentionPlan", "mixed_attention", "mixed_attention_reference", "plan_mixed_attention"]
