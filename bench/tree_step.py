@@ -188,3 +188,28 @@ class TreeServingStep:
         self.plan()
         out = self.verify(self.logits())
         self.propose(self.commit(out))
+
+    def greedy_outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What greedy verification returns for :meth:`logits`' rows (the first-child path of
+        every scheduled tree, then the bonus token 1), from the proposer's trees on the host:
+        ``(accepted_tokens, accepted_nodes, num_accepted)`` for a stand-in of the kernels."""
+        from tkernels.spec import depths
+
+        paths, width = [], 1
+        for req_id, draft in zip(self.req_ids, self.drafts):
+            proposal = self.tree_batch.proposed.get(req_id)
+            parents = [-1] if not draft else proposal.parents[:1 + len(draft)].tolist()
+            width = max(width, int(depths(torch.tensor(parents, dtype=torch.int32)).max()) + 1)
+            path = [0]
+            while True:
+                children = [j for j in range(path[-1] + 1, len(parents)) if parents[j] == path[-1]]
+                if not children:
+                    break
+                path.append(children[0])
+            paths.append((path, [draft[j - 1] for j in path[1:]] + [1]))
+        tokens = torch.full((self.batch, width), -1, dtype=torch.int64)
+        nodes = torch.full((self.batch, width), -1, dtype=torch.int32)
+        for i, (path, accepted) in enumerate(paths):
+            tokens[i, :len(accepted)] = torch.tensor(accepted)
+            nodes[i, :len(path)] = torch.tensor(path, dtype=torch.int32)
+        return tokens, nodes, torch.tensor([len(p) for p, _ in paths], dtype=torch.int32)
