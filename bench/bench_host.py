@@ -155,12 +155,174 @@ def test_draft(benchmark, records, method, batch, nodes):
     _record(benchmark, records, record)
 
 
+# --- H2: the tree proposer's whole host work per step, beside vLLM's ngram + rejection sampler --
+
+STEP_BATCH, STEP_NODES = (8, 9) if TINY else (64, 32)
+# Prompt lookup. The methods with own rows (hybrid, the proposer's default, and tr_static) hang in
+# the proposer's first observe at this size: rows without a draft are observed as root-only
+# DraftTrees without a key (plugins/vllm/proposer.py _observe_trees), so every such row gets the
+# same drafter slot, and the compiled own-rows write (spec/drafting/compiled.py write_own_rows)
+# checks capacity per tree, not per slot: 64 distinct root tokens fill that slot's 16-entry hash
+# table and its probe never ends (open; batch 8 x 9, TKERNELS_BENCH_TINY, stays under it).
+STEP_DRAFTERS = ("pld",) if not TINY else ("hybrid", "tr_static", "pld")
+STEP_LOGITS_VOCAB = 128  # logits columns: the device's own work per row kept negligible on both sides
+STEP_ROUNDS = 5 if TINY else 30
+_step_ms: dict[int, float] = {}  # vLLM ngram + rejection sampler per step, by K
+
+
+class _NoLaunch:
+    """A Triton kernel's launch that does nothing (the kernels are not host work); the argmax
+    pass leaves every node's row maximum finite and the walk writes the known greedy outputs."""
+
+    def __init__(self, fill=None):
+        self.fill = fill
+
+    def __getitem__(self, grid):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        if self.fill is not None:
+            self.fill(args, kwargs)
+
+
+def _stub_kernels(monkeypatch, outputs: list) -> None:
+    from tkernels.spec import kv_compaction
+    from tkernels.spec.verify import kernels as VK
+    from tkernels.spec.verify import launch as VL
+
+    def node_pass(args, kwargs):
+        if kwargs.get("MODE") == VK.ARGMAX:
+            args[8].zero_()  # row_max
+
+    def walk(args, kwargs):
+        for out, known in zip(args[5:8], outputs[0]):
+            out.copy_(known)
+
+    monkeypatch.setattr(VL, "_node_pass_kernel", _NoLaunch(node_pass))
+    monkeypatch.setattr(VL, "_path_walk_kernel", _NoLaunch(walk))
+    monkeypatch.setattr(kv_compaction, "_compact_kv_kernel", _NoLaunch())
+
+
+@pytest.mark.parametrize("k", sorted({NGRAM_K, STEP_NODES - 1}))
+def test_vllm_ngram_rejection_step(benchmark, records, monkeypatch, k):
+    """vLLM's host work per step for ``ngram``: ``NgramProposer.propose`` (numba, its thread
+    setting), the ``SpecDecodeMetadata`` of the drafts (``make_dummy``: the runner's own builder
+    does a little more) and ``RejectionSampler.forward`` on CPU tensors, greedy (the bonus
+    token's sampler, the target logits' gather and argmax; its Triton kernel stubbed, as ours)."""
+    pytest.importorskip("vllm")
+    from vllm.v1.sample import rejection_sampler as rs
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+    from vllm.v1.sample.sampler import Sampler
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+    batch = STEP_BATCH
+    tokens, lengths = token_ids(batch)
+    proposer = ngram_proposer(k, batch)
+    sampled = [[0]] * batch
+    proposer.propose(k, sampled, lengths, tokens)  # numba compiles on the first call
+    sampler = rs.RejectionSampler(Sampler())
+    monkeypatch.setattr(rs, "_rejection_greedy_sample", lambda *args, **kwargs: None)  # its kernel
+    empty = torch.tensor([])
+    sampling = SamplingMetadata(
+        temperature=None, all_greedy=True, all_random=False, top_p=None, top_k=None, generators={},
+        max_num_logprobs=None, no_penalties=True, prompt_token_ids=None, frequency_penalties=empty,
+        presence_penalties=empty, repetition_penalties=empty, output_token_ids=[[] for _ in range(batch)],
+        allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors(),
+    )
+    cpu = torch.device("cpu")
+    rows = []
+
+    def step():
+        start = time.perf_counter()
+        drafts = proposer.propose(k, sampled, lengths, tokens)
+        drafts = [list(d) for d in drafts]
+        metadata = SpecDecodeMetadata.make_dummy(drafts, cpu)
+        logits = torch.zeros(sum(map(len, drafts)) + batch, STEP_LOGITS_VOCAB)
+        out = sampler(metadata, None, logits, sampling)
+        rows.append((time.perf_counter() - start, sum(map(len, drafts))))
+        return out
+
+    for _ in range(3):
+        step()
+    rows.clear()
+    benchmark.pedantic(step, rounds=STEP_ROUNDS, iterations=1)
+    ms = statistics.median(r[0] for r in rows) * 1e3
+    _step_ms[k] = ms
+    _record(benchmark, records, {"workload": f"H2-step-ngram-k{k}-b{batch}", "impl": "vllm-ngram+rejection", "k": k,
+                                 "nodes": k + 1, "batch": batch, "ms": ms,
+                                 "mean_drafts": statistics.mean(r[1] for r in rows) / batch,
+                                 "check": "rejection sampler output shape"})
+
+
+@pytest.mark.parametrize("method", STEP_DRAFTERS)
+def test_tree_step(benchmark, records, monkeypatch, method):
+    """The tree proposer's host work per step at STEP_BATCH x STEP_NODES (``bench/tree_step.py``:
+    the plugin's own code on a stand-in runner): ``begin_step`` (the step's trees, checked once;
+    positions), the attention builder's plan, ``TreeBatch.verify`` (verification and compaction
+    bookkeeping; the kernels stubbed, :class:`_NoLaunch`) and the proposer's ``propose``
+    (recycling the verified top-k, drafting the next trees). Histories: D1's, 600 tokens."""
+    pytest.importorskip("vllm")
+    from tree_step import TreeServingStep
+
+    for name in ("TKERNELS_VLLM_CPU_ATTENTION", "TKERNELS_VLLM_CPU_TEST_BACKEND"):
+        monkeypatch.delenv(name, raising=False)  # the kernels' launchers (stubbed), not the references
+    outputs: list = [None]
+    _stub_kernels(monkeypatch, outputs)
+    top_ids, top_probs, histories = workload(WORKLOAD_BATCH)
+    step = TreeServingStep(histories[:STEP_BATCH], VOCAB, STEP_NODES, method, logits_vocab=STEP_LOGITS_VOCAB,
+                           capture=lambda ids: (top_ids[ids], top_probs[ids]), max_model_len=MAX_MODEL_LEN)
+    if step.proposer.tree_drafter.recycling is not None:
+        step.proposer.tree_drafter.recycle(torch.arange(VOCAB), top_ids, top_probs)
+    parts = {"begin_step": [], "plan": [], "verify": [], "propose": []}
+    nodes = []
+
+    def setup():
+        step.schedule()
+        outputs[0] = step.greedy_outputs()
+        step.proposer._captured = [step.capture(step.runner.input_ids.gpu)]  # the target's top-k (a kernel)
+        return (torch.zeros(int(step.scheduled.sum()), STEP_LOGITS_VOCAB),), {}
+
+    def run(logits):
+        t0 = time.perf_counter()
+        step.begin()
+        t1 = time.perf_counter()
+        step.plan()
+        t2 = time.perf_counter()
+        out = step.tree_batch.verify(step.runner, logits, step.spec)
+        t3 = time.perf_counter()
+        sampled = step.commit(out)  # vLLM's read of the sampled tokens (every method pays it)
+        t4 = time.perf_counter()
+        step.propose(sampled)
+        t5 = time.perf_counter()
+        for part, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t5 - t4)):
+            parts[part].append(seconds)
+        nodes.append(sum(step.last_tree_sizes))
+
+    for _ in range(3):  # drafts for every row, own rows written, numba loaded
+        run(*setup()[0])
+    for values in parts.values():
+        values.clear()
+    nodes.clear()
+    benchmark.pedantic(run, setup=setup, rounds=STEP_ROUNDS, iterations=1)
+    total = [sum(p) for p in zip(*parts.values())]
+    ms = statistics.median(total) * 1e3
+    record = {"workload": f"H2-step-{method}-b{STEP_BATCH}-n{STEP_NODES}", "impl": f"tree-{method}",
+              "nodes": STEP_NODES, "batch": STEP_BATCH, "ms": ms,
+              "parts_ms": {p: statistics.median(v) * 1e3 for p, v in parts.items()},
+              "mean_tree_nodes": statistics.mean(nodes) / STEP_BATCH, "check": "accepted paths committed"}
+    for k, contender in _step_ms.items():
+        record[f"x_ngram_k{k}"] = ms / contender
+    _record(benchmark, records, record)
+
+
 def table(path: str) -> str:
     """The markdown table of a run's pytest-benchmark JSON: µs per request (pytest-benchmark's
     median call over the batch, what ``bench/spec_mat.py --draft-cost`` reads) and x vLLM ngram
     (K = 8, the same batch)."""
+    benches = json.loads(open(path).read())["benchmarks"]
     rows = [{**b["extra_info"], "us": 1e6 * b["stats"]["median"] / b["extra_info"]["batch"]}
-            for b in json.loads(open(path).read())["benchmarks"] if "impl" in b.get("extra_info", {})]
+            for b in benches if "impl" in b.get("extra_info", {}) and not b["extra_info"]["workload"].startswith("H2-")]
     ngram = {r["batch"]: r["us"] for r in rows if r["impl"] == "vllm-ngram" and r["k"] == NGRAM_K}
     batches = sorted({r["batch"] for r in rows})
     lines = ["| drafter | nodes | " + " | ".join(f"batch {b}" for b in batches) + " |",
@@ -172,6 +334,20 @@ def table(path: str) -> str:
         cells.setdefault((name, r["nodes"]), {})[r["batch"]] = f"{r['us']:.1f}{ratio}"
     for (name, nodes), by_batch in cells.items():
         lines.append(f"| {name} | {nodes} | " + " | ".join(by_batch.get(b, "") for b in batches) + " |")
+    steps = [b["extra_info"] for b in benches if b.get("extra_info", {}).get("workload", "").startswith("H2-")]
+    if steps:
+        contenders = sorted(r["k"] for r in steps if "k" in r)
+        lines += ["", "| per step (host) | batch x nodes | ms | begin_step / plan / verify / propose ms | "
+                  + " | ".join(f"x ngram + rejection K = {k}" for k in contenders) + " |",
+                  "|---|---|---|---|" + "---|" * len(contenders)]
+        for r in steps:
+            if "k" in r:
+                name, parts = f"vLLM `ngram` K = {r['k']} + rejection sampler", f"{r['mean_drafts']:.1f} drafts per request"
+            else:
+                name = f"tree proposer, `{r['impl'].removeprefix('tree-')}`"
+                parts = " / ".join(f"{v:.2f}" for v in r["parts_ms"].values())
+            ratios = " | ".join(f"{r[f'x_ngram_k{k}']:.1f}" if f"x_ngram_k{k}" in r else "" for k in contenders)
+            lines.append(f"| {name} | {r['batch']} x {r['nodes']} | {r['ms']:.2f} | {parts} | {ratios} |")
     return "\n".join(lines)
 
 

@@ -280,6 +280,8 @@ def load_draft_cost(path: Path) -> dict[tuple[str, int], float | dict[int, float
     costs: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
     for bench in json.loads(Path(path).read_text())["benchmarks"]:
         info = bench.get("extra_info", {})
+        if str(info.get("workload", "")).startswith("H2-"):  # bench_host.py's whole-step records
+            continue
         if {"impl", "nodes", "batch"} <= set(info):
             costs[(info["impl"], int(info["nodes"]))][int(info["batch"])] = 1e6 * bench["stats"]["median"] / info["batch"]
     if not costs:

@@ -356,3 +356,31 @@ def test_stale_trees_and_bad_scalars_are_refused(rng):
     got = mixed_attention(*batch.inputs(), window=np.int64(4), **batch.tree_kwargs())  # NumPy integers are integers
     torch.testing.assert_close(got, mixed_attention_reference(*batch.inputs(), window=4, **batch.tree_kwargs()),
                                **TOL[torch.float32])
+
+
+def test_host_copies_plan_the_same_step_and_checked_skips_the_values_only(rng):
+    """A server's host copies (``host=``) plan exactly what the device tensors plan; ``checked``
+    skips the tree and block-id validation (a server checked them once) but not the sizes."""
+    from tkernels.attention import HostBatch
+    from tkernels.spec.tree import depths
+
+    batch = make([9, 3, 1], [50, 35, 17], rng, trees=[True, False, False])
+    num_blocks, block_size, num_kv_heads, head_dim = batch.k_cache.shape
+    args = (batch.cu_seqlens_q, batch.seq_lens, batch.block_table)
+    kwargs = dict(num_q_heads=batch.q.shape[1], num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=num_blocks,
+                  block_size=block_size, **batch.tree_kwargs())
+    tree_depths = torch.zeros(batch.q.shape[0], dtype=torch.int64)
+    tree_depths[:9] = depths(batch.tree_parents[:9])
+    host = HostBatch(batch.cu_seqlens_q.clone(), batch.seq_lens.clone(), batch.tree_parents.clone(), batch.is_tree.clone(),
+                     tree_depths)
+    want = plan_mixed_attention(*args, **kwargs)
+    got = plan_mixed_attention(*args, **kwargs, host=host, checked=True)
+    for field in ("items", "merge", "is_tree", "ancestors", "positions"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    bad = batch.tree_parents.clone()
+    bad[:9] = torch.tensor([-1, 0, 1, 0, 3, 3, 4, 4, 4], dtype=torch.int32)  # a tree, but not in BFS order
+    with pytest.raises(ValueError, match="tree_parents: tree requests must hold BFS trees"):
+        plan_mixed_attention(*args, **{**kwargs, "tree_parents": bad})
+    plan_mixed_attention(*args, **{**kwargs, "tree_parents": bad}, host=host._replace(tree_parents=bad), checked=True)
+    with pytest.raises(ValueError, match="host: must hold host copies"):
+        plan_mixed_attention(*args, **kwargs, host=host._replace(seq_lens=batch.seq_lens[:2]))

@@ -684,3 +684,32 @@ _LOGITS, _CU1 = torch.randn(4, 8), torch.tensor([0, 4])
 def test_bad_helper_inputs_name_the_argument(arg, call):
     with pytest.raises(ValueError, match=rf"^{arg}\b"):
         call()
+
+
+def test_checked_trees_verify_the_same_and_still_refuse_unusable_logits(rng, poisoned):
+    """``checked=`` (a server's trees, checked once on the host by ``check_trees``) gives the same
+    outputs as the public checks, greedy and sampling, kernels and references; unusable logits
+    are still refused; ``check_trees`` refuses what the public path refuses."""
+    trees = [random_parents(n, rng) for n in (1, 7, 16, 3)] + [SHAPES["chain"]]
+    logits, tokens, parents, cu = make_batch(trees, 500, rng)
+    checked = V.check_trees(parents, cu)
+    assert checked == VI._check_tree_batch(logits, tokens, parents, cu)[:3]
+    for verify in (V.verify_greedy, V.verify_greedy_reference):
+        assert_same(verify(logits, tokens, parents, cu, checked=checked), verify(logits, tokens, parents, cu))
+    temperature = torch.tensor([0.0, 0.7, 1.0, 1.3, 0.5])
+    uniforms = V.draw_uniforms(cu, torch.Generator().manual_seed(1))
+    for verify in (V.verify_sampling, V.verify_sampling_reference):
+        assert_same(verify(logits, tokens, parents, cu, temperature, uniforms=uniforms, checked=checked),
+                     verify(logits, tokens, parents, cu, temperature, uniforms=uniforms))
+    logits[int(cu[1]) + 2, 3] = float("nan")  # request 1
+    with pytest.raises(V.NonFiniteLogitsError) as err:
+        V.verify_greedy(logits, tokens, parents, cu, checked=checked)
+    assert err.value.requests == [1]
+    with pytest.raises(V.NonFiniteLogitsError):
+        V.verify_sampling(logits, tokens, parents, cu, temperature, uniforms=uniforms, checked=checked)
+    bad = parents.clone()
+    bad[int(cu[1]) + 2] = 5
+    with pytest.raises(ValueError, match="parents"):
+        V.check_trees(bad, cu)
+    with pytest.raises(ValueError, match="check_trees takes the host copy"):
+        V.check_trees(parents.to("meta"), cu)

@@ -37,7 +37,10 @@ Trees: when tkernels' tree speculation runs (:mod:`tkernels.plugins.vllm.tree`),
 tree rows are handed to this step's metadata builders (:attr:`TkernelsAttentionMetadataBuilder.step_trees`,
 set by ``TreeBatch.begin_step`` before vLLM builds the metadata and cleared after verification),
 and the builder passes them to the plan, so each tree node attends to the prefix, its ancestors
-and itself.
+and itself. The plan reads host copies only (vLLM's ``query_start_loc_cpu`` and
+``seq_lens_cpu_upper_bound``, exact without async speculative scheduling, and the step's
+host-built trees, ``step_trees_host``, checked once by the tree path): planning a step costs no
+device synchronisation.
 """
 
 from __future__ import annotations
@@ -59,7 +62,13 @@ from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
 from vllm.v1.attention.backends.utils import get_num_attention_heads_from_layers
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from tkernels.attention import MixedAttentionPlan, mixed_attention, mixed_attention_reference, plan_mixed_attention
+from tkernels.attention import (
+    HostBatch,
+    MixedAttentionPlan,
+    mixed_attention,
+    mixed_attention_reference,
+    plan_mixed_attention,
+)
 from tkernels.attention.plan import BatchLayout, describe_batch
 from tkernels.attention.torch_path import TorchAttentionPlan, mixed_attention_torch, plan_torch_attention
 from tkernels.plugins.vllm.compat import CPU_PYTORCH_MODES, cpu_test_mode, require_supported_vllm
@@ -109,6 +118,11 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
         # path for this step only (None: no tree rows); see the module doc.
         self.step_trees: tuple[torch.Tensor, torch.Tensor] | None = None
         self.mode = cpu_test_mode()  # read once: which attention forward runs, so which plan to build
+        # Their host copies with every token's depth (tree_parents, is_tree, tree_depths), checked by the tree path.
+        self.step_trees_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # vLLM's host seq_lens are exact unless drafts are scheduled asynchronously (optimistic then).
+        self.exact_host_seq_lens = not (getattr(vllm_config.scheduler_config, "async_scheduling", False)
+                                        and vllm_config.speculative_config is not None)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TkernelsAttentionMetadata:
@@ -117,19 +131,21 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
             raise NotImplementedError("tkernels' attention backend supports causal decoder attention only")
         num_blocks = self.layers[0].kv_cache.shape[0]
         tree_parents, is_tree = self._trees(m)
-        plans = {window: self._plan(m, num_blocks, tree_parents, is_tree, window) for window in self.windows}
+        host = self._host(m)
+        plans = {window: self._plan(m, num_blocks, tree_parents, is_tree, window, host) for window in self.windows}
         return TkernelsAttentionMetadata(
             query_start_loc=m.query_start_loc, seq_lens=m.seq_lens, block_table=m.block_table_tensor, plans=plans,
             tree_parents=tree_parents, is_tree=is_tree,
         )
 
     def _plan(self, m: CommonAttentionMetadata, num_blocks: int, tree_parents: torch.Tensor | None,
-              is_tree: torch.Tensor | None, window: int | None):
+              is_tree: torch.Tensor | None, window: int | None, host: HostBatch | None):
         """The plan the layers' forward runs (only that one: the Triton plan costs tens of ms of
-        host time per step on a CPU, where it is not used)."""
+        host time per step on a CPU, where it is not used), from ``host`` copies where there are
+        (:meth:`_host`: then nothing is read back from the device and nothing checked twice)."""
         layout = dict(num_q_heads=self.num_q_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                       num_blocks=num_blocks, block_size=self.block_size, tree_parents=tree_parents, is_tree=is_tree,
-                      window=window)
+                      window=window, host=host, checked=host is not None)
         batch = (m.query_start_loc, m.seq_lens, m.block_table_tensor)
         if self.mode == "torch":
             return plan_torch_attention(*batch, **layout)
@@ -150,6 +166,23 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
         pad = torch.nn.functional.pad
         return pad(tree_parents, (0, num_tokens - tree_parents.numel()), value=-1), \
             pad(is_tree, (0, num_reqs - is_tree.numel()), value=False)
+
+    def _host(self, m: CommonAttentionMetadata) -> HostBatch | None:
+        """vLLM's host copies of the batch and the step's host trees, padded as :meth:`_trees`
+        pads the device ones (None where vLLM's host seq_lens are not exact: the plan reads back)."""
+        if m.seq_lens_cpu_upper_bound is None or not self.exact_host_seq_lens \
+                or m.seq_lens_cpu_upper_bound.shape != m.seq_lens.shape \
+                or (self.step_trees is None) != (self.step_trees_host is None):
+            return None
+        if self.step_trees_host is None:
+            return HostBatch(m.query_start_loc_cpu, m.seq_lens_cpu_upper_bound)
+        tree_parents, is_tree, tree_depths = self.step_trees_host
+        num_reqs, num_tokens = m.query_start_loc_cpu.numel() - 1, int(m.query_start_loc_cpu[-1])
+        pad = torch.nn.functional.pad
+        return HostBatch(m.query_start_loc_cpu, m.seq_lens_cpu_upper_bound,
+                         pad(tree_parents, (0, num_tokens - tree_parents.numel()), value=-1),
+                         pad(is_tree, (0, num_reqs - is_tree.numel()), value=False),
+                         pad(tree_depths, (0, num_tokens - tree_depths.numel())))
 
 
 class TkernelsAttentionImpl(TritonAttentionImpl):

@@ -4,9 +4,12 @@ The patches that call into this module, and why each is needed, are in
 :mod:`tkernels.plugins.vllm.patches`. A step goes: the proposer records each request's tree
 (:meth:`TreeBatch.propose`); vLLM schedules a draft list per row (the tree's nodes in BFS order,
 possibly cut to a BFS prefix); :meth:`TreeBatch.begin_step` builds the step's :class:`TreeStep`
-(one object: every row's parents, offsets, node depths, seeds) and the tree nodes' RoPE
-positions; the attention backend masks each tree node to its ancestors; :meth:`TreeBatch.verify`
-verifies the trees and compacts the accepted paths' K/V.
+(one object: every row's parents, offsets, node depths, seeds), checks the trees once on the
+host (:func:`tkernels.spec.check_trees`), moves them to the device once, and overwrites the tree
+nodes' RoPE positions; the attention backend plans with the host copies (no read back from the
+device) and masks each tree node to its ancestors; :meth:`TreeBatch.verify` verifies the trees
+(``checked=``: not validated again, one device read for unusable logits) and compacts the
+accepted paths' K/V (``checked=True``: no device read).
 
 Verification. The step's logits (row ``j`` of a request = tree node ``j``) go to
 :func:`tkernels.spec.verify_greedy` (all requests greedy) or :func:`tkernels.spec.verify_sampling`
@@ -42,10 +45,11 @@ import numpy as np
 import torch
 
 from tkernels.spec import (
+    CheckedTrees,
+    check_trees,
     compact_kv,
     compact_kv_reference,
     depths,
-    draw_uniforms,
     keyed_uniforms,
     verify_greedy,
     verify_greedy_reference,
@@ -96,6 +100,8 @@ class TreeStep:
     root_position: np.ndarray | None = None  # index in its sequence of each row's node 0 (logits row)
     node_depths: torch.Tensor | None = None  # int64 [sum(num_nodes)], depth of every node (computed once)
     is_tree: np.ndarray | None = None  # bool [num_reqs]: verified as its proposer's tree (else chain or no draft)
+    checked: CheckedTrees | None = None  # check_trees of parents/cu_nodes: verification trusts them
+    device_trees: tuple[torch.Tensor, torch.Tensor] | None = None  # (parents, cu_nodes) on the device, moved once
     # with the proposer's prompt_topk: the step's prompt tokens (indices into its tokens, their ids)
     prompt_rows: torch.Tensor | None = None
     prompt_tokens: torch.Tensor | None = None
@@ -141,15 +147,21 @@ class TreeBatch:
         self.foreign_drafts = 0  # rows verified as a chain: their draft was not their proposer's tree
         self._builders: list = []  # the runner's builders the step's trees are handed to
         self.trees: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.trees_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def attention_trees(self, runner, trees: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """Hand this step's ``(tree_parents int32 [num_tokens], is_tree bool [num_reqs])`` (None: no
-        tree rows) to the attention metadata builders of ``runner``, which plan with them."""
+    def attention_trees(self, runner, trees: tuple[torch.Tensor, torch.Tensor] | None,
+                        host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Hand this step's ``(tree_parents int32 [num_tokens], is_tree bool [num_reqs])`` on the
+        device (None: no tree rows) and their host copies with every token's depth, ``(tree_parents,
+        is_tree, tree_depths int64 [num_tokens])``, to the attention metadata builders of
+        ``runner``, which plan with the host copies (checked here: the builders trust them)."""
         if not self._builders:  # found once the runner has its attention groups
             self._builders = _tree_builders(runner)
         for builder in self._builders:
             builder.step_trees = trees
+            builder.step_trees_host = host
         self.trees = trees  # what the builders were handed (tests read it)
+        self.trees_host = host
 
     def propose(self, req_id: str, tokens: list[int], parents: torch.Tensor | None) -> None:
         """Record the tree a request was proposed (no draft: forget any older one)."""
@@ -175,7 +187,8 @@ class TreeBatch:
 
     # patch 1 ------------------------------------------------------------------------------------
     def begin_step(self, runner, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
-        """Build the step's trees (one :class:`TreeStep`) and overwrite the tree nodes' RoPE positions."""
+        """Build the step's trees (one :class:`TreeStep`, checked once on the host and moved to the
+        device once) and overwrite the tree nodes' RoPE positions."""
         started = time.perf_counter()
         for req_id in scheduler_output.finished_req_ids:
             self.proposed.pop(req_id, None)
@@ -198,10 +211,13 @@ class TreeBatch:
                 is_tree[i] = True
         cu = torch.from_numpy(cu_nodes).int()
         node_depths = depths(parents, cu).long()  # chains: depth = local index
+        device = runner.positions.device
         self.step = TreeStep(
             req_ids=req_ids, drafts=drafts, prefix=prefix, num_nodes=num_nodes, parents=parents, cu_nodes=cu,
             seeds=[_seed(runner, req_id) for req_id in req_ids], root_position=prefix + scheduled_tokens - num_nodes,
             node_depths=node_depths, is_tree=is_tree, started=started,
+            checked=check_trees(parents, cu, node_depths),  # the one validation of the step's trees
+            device_trees=(parents.to(device), cu.to(device)),
         )
         # Seeded rows draw from keyed_uniforms, never from vLLM's per-request generators. Dropping
         # them also keeps vLLM-CPU from rewinding a CPU generator after a partial prefill chunk
@@ -221,11 +237,14 @@ class TreeBatch:
         token = torch.from_numpy(starts[node_rows] + nodes - cu_nodes[node_rows])
         tree_parents = torch.full((int(scheduled_tokens.sum()),), -1, dtype=torch.int32)
         tree_parents[token] = parents[torch.from_numpy(nodes)]
-        device = runner.positions.device
+        tree_depths = torch.zeros(tree_parents.numel(), dtype=torch.int64)
+        tree_depths[token] = node_depths[torch.from_numpy(nodes)]
         drafted = nodes != cu_nodes[node_rows]  # the roots keep vLLM's position (= prefix)
         new_positions = torch.from_numpy(prefix[node_rows][drafted]) + node_depths[torch.from_numpy(nodes[drafted])]
         runner.positions[token[torch.from_numpy(drafted)].to(device)] = new_positions.to(device, runner.positions.dtype)
-        self.attention_trees(runner, (tree_parents.to(device), torch.from_numpy(is_tree).to(device)))
+        host_is_tree = torch.from_numpy(is_tree)
+        self.attention_trees(runner, (tree_parents.to(device), host_is_tree.to(device)),
+                             (tree_parents, host_is_tree, tree_depths))
 
     def _prompt_positions(self, runner, num_scheduled_tokens: np.ndarray, starts: np.ndarray, prefix: np.ndarray) -> None:
         """Record which of the step's tokens are prompt tokens (prefill chunks), for prompt_topk."""
@@ -258,20 +277,22 @@ class TreeBatch:
             node_tokens = torch.zeros(num_reqs, dtype=torch.int64, device=device)
         else:
             node_tokens = runner.input_ids.gpu[spec_decode_metadata.logits_indices].long()
-        parents, cu_nodes = step.parents.to(device), step.cu_nodes.to(device)
+        parents, cu_nodes = step.device_trees  # moved once, by begin_step
         reference = _cpu_reference_mode()
         sampling = runner.input_batch.sampling_metadata
-        # unseeded rows: torch's default generator, as vLLM's sampler; seeded rows: keyed by (seed, position)
-        uniforms = None if sampling.all_greedy else step.seeded_uniforms(draw_uniforms(cu_nodes))
+        # unseeded rows: torch's default generator, as vLLM's sampler (draw_uniforms' rule, sized
+        # on the host); seeded rows: keyed by (seed, position)
+        uniforms = None if sampling.all_greedy else \
+            step.seeded_uniforms(torch.rand((int(step.num_nodes.sum()), 2), dtype=torch.float32, device=device))
 
         def run(logits):
             if sampling.all_greedy:
                 verify = verify_greedy_reference if reference else verify_greedy
-                return verify(logits, node_tokens, parents, cu_nodes)
+                return verify(logits, node_tokens, parents, cu_nodes, checked=step.checked)
             # greedy rows have temperature 0, which verify_sampling treats as greedy
             verify = verify_sampling_reference if reference else verify_sampling
             return verify(logits, node_tokens, parents, cu_nodes, sampling.temperature, sampling.top_k, sampling.top_p,
-                          uniforms=uniforms)
+                          uniforms=uniforms, checked=step.checked)
 
         failed: list[int] = []
         try:
@@ -308,7 +329,9 @@ class TreeBatch:
         block_table = runner.input_batch.block_table[0].get_device_tensor(len(step.req_ids))[index].contiguous()
         prefix = torch.from_numpy(step.prefix[rows]).to(device, torch.int32)
         compact = compact_kv_reference if reference else compact_kv
-        compact(self.kv_planes(runner), block_table, prefix, nodes[index].contiguous(), num[index].contiguous())
+        # verification's outputs, vLLM's block table and the host-built prefixes: trusted (no device read)
+        compact(self.kv_planes(runner), block_table, prefix, nodes[index].contiguous(), num[index].contiguous(),
+                checked=True)
 
     def kv_planes(self, runner) -> list[torch.Tensor]:
         """Every layer's K and V as ``[kv_heads, num_blocks, block_size, 1, head_dim]`` views, the

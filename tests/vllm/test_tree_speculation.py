@@ -501,13 +501,13 @@ def test_a_request_with_unusable_logits_fails_alone(monkeypatch, rng):
     monkeypatch.setenv("TKERNELS_VLLM_CPU_TEST_BACKEND", "reference")
     real = tree.verify_greedy_reference
 
-    def refusing(logits, tokens, parents, cu_nodes):  # as tkernels.spec.NonFiniteLogitsError
+    def refusing(logits, tokens, parents, cu_nodes, checked=None):  # as tkernels.spec.NonFiniteLogitsError
         bad = (~torch.isfinite(logits).all(-1)).nonzero().flatten()
         if bad.numel():
             error = ValueError(f"logits: nodes {bad.tolist()} hold NaN")
             error.requests = sorted({int(torch.searchsorted(cu_nodes, int(b), right=True)) - 1 for b in bad})
             raise error
-        return real(logits, tokens, parents, cu_nodes)
+        return real(logits, tokens, parents, cu_nodes, checked=checked)
 
     monkeypatch.setattr(tree, "verify_greedy_reference", refusing)
     cache = torch.randn(2, 6, 4, 1, 16, generator=rng)

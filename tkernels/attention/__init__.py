@@ -23,9 +23,9 @@ tables' layout), ``kernels.py`` (Triton kernels and the launches they compile), 
 """
 
 from tkernels.attention.launch import mixed_attention
-from tkernels.attention.plan import MixedAttentionPlan, plan_mixed_attention
+from tkernels.attention.plan import HostBatch, MixedAttentionPlan, plan_mixed_attention
 from tkernels.attention.reference import mixed_attention_reference
 from tkernels.attention.torch_path import TorchAttentionPlan, mixed_attention_torch, plan_torch_attention
 
-__all__ = ["MixedAttentionPlan", "TorchAttentionPlan", "mixed_attention", "mixed_attention_reference",
+__all__ = ["HostBatch", "MixedAttentionPlan", "TorchAttentionPlan", "mixed_attention", "mixed_attention_reference",
            "mixed_attention_torch", "plan_mixed_attention", "plan_torch_attention"]

@@ -26,7 +26,7 @@ only so that the tiles compile without register spills; ``tkernels autotune`` re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -147,6 +147,19 @@ class MixedAttentionPlan:
     trees: tuple[torch.Tensor, torch.Tensor] | None = None  # (tree_parents, is_tree) as planned, else None
 
 
+class HostBatch(NamedTuple):
+    """Host copies of a step's index tensors that a server already holds (vLLM's
+    ``query_start_loc_cpu``; a tree step's host-built ``seq_lens`` and trees), handed to
+    :func:`plan_mixed_attention` as ``host=`` so that planning reads nothing back from the device.
+    ``tree_depths``: every token's depth in its tree (0 elsewhere), when the caller has them."""
+
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    tree_parents: torch.Tensor | None = None
+    is_tree: torch.Tensor | None = None
+    tree_depths: torch.Tensor | None = None
+
+
 def _check_int_vector(t: Any, arg: str, length: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         _fail(arg, f"must be a torch.Tensor, got {type(t).__name__}")
@@ -195,10 +208,16 @@ def describe_batch(
     is_tree: torch.Tensor | None = None,
     window: int | None = None,
     num_tokens: int | None = None,
+    host: HostBatch | None = None,
+    checked: bool = False,
 ) -> BatchLayout:
     """Validate a batch description (arguments as :func:`plan_mixed_attention`'s) and derive
     the trees' ancestor bits and every token's position, on the host (one read of the small
-    index tensors, one flag for the block table's ids)."""
+    index tensors, one flag for the block table's ids). ``host``: the same index tensors' host
+    copies (:class:`HostBatch`), read instead of the device tensors; ``checked``: the caller
+    built and checked the trees and the block table (a server's step): the trees' contract and
+    the block ids are not validated again (the block-id check is a device read). With both, a
+    description costs no device synchronisation."""
     _check_int_vector(cu_seqlens_q, "cu_seqlens_q")
     if cu_seqlens_q.numel() < 1:
         _fail("cu_seqlens_q", "must have B + 1 >= 1 entries")
@@ -223,8 +242,11 @@ def describe_batch(
     window = _check_window(window)
     device = cu_seqlens_q.device
 
-    cu = cu_seqlens_q.cpu().long()
-    ctx = seq_lens.cpu().long()
+    if host is not None and (host.cu_seqlens_q.shape != cu_seqlens_q.shape or host.seq_lens.shape != seq_lens.shape
+                             or (host.tree_parents is None) != (tree_parents is None)):
+        _fail("host", "must hold host copies of cu_seqlens_q, seq_lens (and the trees, when given)")
+    cu = (cu_seqlens_q if host is None else host.cu_seqlens_q).cpu().long()
+    ctx = (seq_lens if host is None else host.seq_lens).cpu().long()
     if B and cu[0] != 0:
         _fail("cu_seqlens_q", f"must start at 0, got {int(cu[0])}")
     q_len = cu[1:] - cu[:-1]
@@ -239,7 +261,7 @@ def describe_batch(
     max_blocks_needed = (ctx + block_size - 1) // block_size
     if B and int(max_blocks_needed.max()) > block_table.shape[1]:
         _fail("block_table", f"has {block_table.shape[1]} columns, seq_lens need up to {int(max_blocks_needed.max())}")
-    if B and block_table.shape[1]:
+    if B and block_table.shape[1] and not checked:
         # Checked where the table lives: only one flag crosses to the host.
         needed = max_blocks_needed.to(device)
         used = torch.arange(block_table.shape[1], device=device)[None, :] < needed[:, None]
@@ -263,22 +285,25 @@ def describe_batch(
         for arg, t in (("tree_parents", tree_parents), ("is_tree", is_tree)):
             if t.device != device:
                 _fail(arg, f"must be on {device} like cu_seqlens_q, got {t.device}")
-        tree_req = is_tree.cpu()
+        tree_req = (is_tree if host is None else host.is_tree).cpu()
         if (q_len[tree_req] > MAX_TREE_NODES).any():
             _fail("tree_parents", f"trees hold at most {MAX_TREE_NODES} nodes")
         # The spec contract's own checks and derivations, on the tree requests' tokens only.
         tree_token = tree_req[token_req]
-        parents = tree_parents.cpu()[tree_token]
+        parents = (tree_parents if host is None else host.tree_parents).cpu()[tree_token]
         cu_trees = torch.nn.functional.pad(torch.cumsum(q_len[tree_req & (q_len > 0)], 0), (1, 0))
         if parents.numel():
             try:
-                validate_parents(parents, cu_trees)
+                if not checked:
+                    validate_parents(parents, cu_trees)
             except ValueError as err:
                 _fail("tree_parents", f"tree requests must hold BFS trees: {err}")
             words = ancestor_words(int(q_len[tree_req].max()))
             ancestors = torch.zeros((T, words), dtype=torch.int64)
             ancestors[tree_token] = ancestor_bits(parents, cu_trees, words)
-            positions[tree_token] = prefix[token_req][tree_token] + depths(parents, cu_trees).long()
+            tree_depths = depths(parents, cu_trees) if host is None or host.tree_depths is None \
+                else host.tree_depths[tree_token]
+            positions[tree_token] = prefix[token_req][tree_token] + tree_depths.long()
 
     return BatchLayout(q_len=q_len, ctx=ctx, token_req=token_req, positions=positions, tree_req=tree_req,
                        tree_token=tree_token, ancestors=ancestors, window=window, device=device)
@@ -301,13 +326,16 @@ def plan_mixed_attention(
     num_sms: int | None = None,
     num_tokens: int | None = None,
     dtype: torch.dtype | None = None,
+    host: HostBatch | None = None,
+    checked: bool = False,
 ) -> MixedAttentionPlan:
-    """Validate the batch description and schedule it (one host read of the small index tensors).
+    """Validate the batch description (:func:`describe_batch`) and schedule it.
 
     ``config`` overrides entries of the tuned/default launch config; ``dtype`` (q/K/V's element
     type; None: 16-bit) picks the default tiles (:func:`default_config`); ``num_sms`` overrides the
     SM count used to decide split-KV (default: the current GPU's, else 132); ``num_tokens``
-    (q's length) is checked against ``cu_seqlens_q``.
+    (q's length) is checked against ``cu_seqlens_q``; ``host`` and ``checked``: as
+    :func:`describe_batch` (with both, planning costs no device synchronisation).
     """
     if dtype is not None and dtype not in _DTYPES:
         _fail("dtype", f"must be None, torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
@@ -315,7 +343,8 @@ def plan_mixed_attention(
         integer("num_sms", num_sms, minimum=1)
     layout = describe_batch(cu_seqlens_q, seq_lens, block_table, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                             head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,
-                            tree_parents=tree_parents, is_tree=is_tree, window=window, num_tokens=num_tokens)
+                            tree_parents=tree_parents, is_tree=is_tree, window=window, num_tokens=num_tokens,
+                            host=host, checked=checked)
     q_len, ctx, tree_req, window, device = layout.q_len, layout.ctx, layout.tree_req, layout.window, layout.device
     cfg = _launch_config(num_q_heads // num_kv_heads, head_dim, block_size, q_len, dtype, config)
     items, merge, ws_rows = _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, num_q_heads // num_kv_heads,

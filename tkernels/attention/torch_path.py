@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from tkernels.attention.launch import _check_inputs
-from tkernels.attention.plan import BatchLayout, describe_batch
+from tkernels.attention.plan import BatchLayout, HostBatch, describe_batch
 from tkernels.checks import fail as _fail
 from tkernels.checks import real
 
@@ -92,12 +92,16 @@ def plan_torch_attention(
     is_tree: torch.Tensor | None = None,
     window: int | None = None,
     num_tokens: int | None = None,
+    host: HostBatch | None = None,
+    checked: bool = False,
 ) -> TorchAttentionPlan:
     """Validate the batch (as :func:`tkernels.attention.plan_mixed_attention` does, same
-    arguments and messages) and build the groups (host work, vectorised per group)."""
+    arguments and messages; ``host`` and ``checked`` as :func:`~tkernels.attention.plan.describe_batch`)
+    and build the groups (host work, vectorised per group)."""
     layout = describe_batch(cu_seqlens_q, seq_lens, block_table, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                             head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,
-                            tree_parents=tree_parents, is_tree=is_tree, window=window, num_tokens=num_tokens)
+                            tree_parents=tree_parents, is_tree=is_tree, window=window, num_tokens=num_tokens,
+                            host=host, checked=checked)
     table = block_table.cpu().long()
     q_len = layout.q_len
     short = (layout.tree_req | (q_len <= SHORT_MAX_Q)) & (q_len > 0)

@@ -29,7 +29,9 @@ from .tree import (
 from .tree_policy import ConfidenceTreePolicy, DynamicTreePolicy, StepTime, greedy_tree
 from .verify import (
     GREEDY_TEMPERATURE,
+    CheckedTrees,
     NonFiniteLogitsError,
+    check_trees,
     draw_uniforms,
     keyed_uniforms,
     target_probs,
@@ -69,6 +71,8 @@ __all__ = [
     "greedy_tree",
     "GREEDY_TEMPERATURE",
     "NonFiniteLogitsError",
+    "CheckedTrees",
+    "check_trees",
     "draw_uniforms",
     "keyed_uniforms",
     "target_probs",

@@ -123,7 +123,9 @@ def _as_list(kv_caches) -> list[torch.Tensor]:
     return caches
 
 
-def _check(caches, block_table, prefix_lens, accepted_nodes, num_accepted) -> None:
+def _check(caches, block_table, prefix_lens, accepted_nodes, num_accepted, checked: bool = False) -> None:
+    """Types and shapes (host metadata), then the values in one device read (``checked``: the
+    values are trusted, as a server's verification outputs are: no read at all)."""
     device = block_table.device if isinstance(block_table, torch.Tensor) else None
     for name, t, dtypes in (
         ("block_table", block_table, (torch.int32,)),
@@ -153,27 +155,34 @@ def _check(caches, block_table, prefix_lens, accepted_nodes, num_accepted) -> No
             )
         if c.stride(-1) != 1 or c.stride(-2) != c.shape[-1]:
             raise ValueError(f"kv_caches[{i}]: each slot's [num_kv_heads, head_dim] must be contiguous, strides {c.stride()}")
-    if batch == 0:
+    if batch == 0 or checked:
         return
+    # The values, checked where they live and read back together (one device synchronisation).
     width = accepted_nodes.shape[1]
     num = num_accepted.long()
-    if bool(((num < 1) | (num > width)).any()):
-        raise ValueError(f"num_accepted must lie in [1, {width}], got {num_accepted.tolist()}")
     d = torch.arange(width, device=device)
     used = d[None, :] < num[:, None]
     nodes = accepted_nodes.long()
-    ok_root = bool((nodes[:, 0] == 0).all())
-    ok_increasing = bool(((nodes[:, 1:] > nodes[:, :-1]) | ~used[:, 1:]).all())
-    if not (ok_root and ok_increasing):
-        raise ValueError("accepted_nodes must start at node 0 and increase strictly along each accepted path")
-    if bool((prefix_lens < 0).any()):
-        raise ValueError(f"prefix_lens: must be >= 0 (node 0's position), got {prefix_lens.tolist()}")
     positions = prefix_lens.long()[:, None] + torch.where(used, nodes, 0)
     block_size, num_blocks = shape[-3], shape[-4]
-    if int(positions.max()) >= block_table.shape[1] * block_size:
+    inside = positions < block_table.shape[1] * block_size
+    blocks = block_table.long().gather(1, torch.where(inside, positions, 0).clamp(min=0) // block_size)
+    flags = torch.stack([
+        ((num >= 1) & (num <= width)).all(),
+        (nodes[:, 0] == 0).all() & ((nodes[:, 1:] > nodes[:, :-1]) | ~used[:, 1:]).all(),
+        (prefix_lens >= 0).all(),
+        (inside | ~used).all(),
+        (~(used & ((blocks < 0) | (blocks >= num_blocks)))).all(),
+    ]).tolist()
+    if not flags[0]:
+        raise ValueError(f"num_accepted must lie in [1, {width}], got {num_accepted.tolist()}")
+    if not flags[1]:
+        raise ValueError("accepted_nodes must start at node 0 and increase strictly along each accepted path")
+    if not flags[2]:
+        raise ValueError(f"prefix_lens: must be >= 0 (node 0's position), got {prefix_lens.tolist()}")
+    if not flags[3]:
         raise ValueError(f"prefix_lens + accepted_nodes reach past block_table's {block_table.shape[1]} blocks of {block_size}")
-    blocks = block_table.long().gather(1, positions // block_size)
-    if bool((used & ((blocks < 0) | (blocks >= num_blocks))).any()):
+    if not flags[4]:
         raise ValueError(f"block_table has block ids outside [0, {num_blocks}) at accepted positions")
 
 
@@ -184,15 +193,20 @@ def compact_kv(
     accepted_nodes: torch.Tensor,
     num_accepted: torch.Tensor,
     config: dict | None = None,
+    *,
+    checked: bool = False,
 ) -> None:
     """Move every accepted node's K/V to its path position, in place, in each cache tensor.
 
     ``block_table`` int32[B, max_blocks], ``prefix_lens`` int32[B] (position of node 0),
     ``accepted_nodes`` int32[B, W] and ``num_accepted`` int32[B] as returned by verification;
     ``config``: launch parameters overriding the tuned ones (:func:`launch_config`).
+    Their values are checked on the device and read back once (one synchronisation);
+    ``checked=True`` trusts them (a server passing verification's outputs and its own block
+    table and prefixes straight on): no synchronisation at all.
     """
     caches = _as_list(kv_caches)
-    _check(caches, block_table, prefix_lens, accepted_nodes, num_accepted)
+    _check(caches, block_table, prefix_lens, accepted_nodes, num_accepted, checked)
     num_blocks, block_size, heads, head_dim = caches[0].shape[-4:]
     hd = heads * head_dim
     cfg = launch_config(hd, config)
@@ -211,10 +225,10 @@ def compact_kv(
         )
 
 
-def compact_kv_reference(kv_caches, block_table, prefix_lens, accepted_nodes, num_accepted) -> None:
+def compact_kv_reference(kv_caches, block_table, prefix_lens, accepted_nodes, num_accepted, *, checked: bool = False) -> None:
     """Plain-PyTorch :func:`compact_kv` (in place): gather every source slot, then scatter."""
     caches = _as_list(kv_caches)
-    _check(caches, block_table, prefix_lens, accepted_nodes, num_accepted)
+    _check(caches, block_table, prefix_lens, accepted_nodes, num_accepted, checked)
     block_size = caches[0].shape[-3]
     rows, cols = (accepted_nodes >= 0).nonzero(as_tuple=True)
     keep = (cols >= 1) & (cols < num_accepted.long()[rows])

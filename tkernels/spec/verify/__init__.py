@@ -14,9 +14,13 @@ docs/design.md ("Tree verification"). Files: ``kernels.py`` (Triton kernels, lau
 parameters, compile-check launches), ``inputs.py`` (checks and per-node processing shared by
 launchers and references), ``uniforms.py``, ``launch.py`` (:func:`verify_greedy`,
 :func:`verify_sampling`), ``reference.py`` (plain PyTorch).
+
+A server that builds a step's trees on the host checks them there once (:func:`check_trees`)
+and passes the result as ``checked=``: the launchers then neither copy the trees back nor
+validate them again, and read one flag from the device (unusable logits).
 """
 
-from tkernels.spec.verify.inputs import GREEDY_TEMPERATURE, NonFiniteLogitsError
+from tkernels.spec.verify.inputs import GREEDY_TEMPERATURE, CheckedTrees, NonFiniteLogitsError, check_trees
 from tkernels.spec.verify.kernels import DEFAULT_CONFIG, launch_config, search_space
 from tkernels.spec.verify.launch import verify_greedy, verify_sampling
 from tkernels.spec.verify.reference import target_probs, verify_greedy_reference, verify_sampling_reference
@@ -30,6 +34,8 @@ __all__ = [
     "target_probs",
     "draw_uniforms",
     "keyed_uniforms",
+    "check_trees",
+    "CheckedTrees",
     "DEFAULT_CONFIG",
     "GREEDY_TEMPERATURE",
     "NonFiniteLogitsError",

@@ -35,11 +35,44 @@ class _Shape(NamedTuple):
     row_max: torch.Tensor  # float32[total_nodes]: every node's largest logit (finite)
 
 
-def _check_tree_batch(logits, draft_tokens, parents, cu_nodes, row_max_pass=None) -> _Shape:
+class CheckedTrees(NamedTuple):
+    """A batch of trees checked once on the host (:func:`check_trees`): the sizes verification
+    would otherwise read back from the device and derive on every call."""
+
+    width: int  # max depth + 1
+    max_nodes: int
+    max_children: int
+
+
+def _sizes(par: torch.Tensor, cu: torch.Tensor, node_depths: torch.Tensor | None = None) -> CheckedTrees:
+    """The output width and per-tree size bounds of valid host trees (``par``, ``cu`` int64)."""
+    sizes = cu[1:] - cu[:-1]
+    global_parents = torch.where(par >= 0, par + torch.repeat_interleave(cu[:-1], sizes), -1)
+    children = torch.bincount(global_parents[par >= 0], minlength=par.numel())
+    node_depths = depths(par, cu) if node_depths is None else node_depths
+    return CheckedTrees(int(node_depths.max()) + 1, int(sizes.max()), int(children.max()) if par.numel() else 0)
+
+
+def check_trees(parents: torch.Tensor, cu_nodes: torch.Tensor, node_depths: torch.Tensor | None = None) -> CheckedTrees:
+    """Validate a batch of trees held on the host (the tree contract, ``spec.tree.validate_parents``)
+    once and return what verification needs of them, for a caller that verifies the same trees
+    with ``checked=`` (a server's step: its trees are built on the host anyway). ``node_depths``:
+    the nodes' depths when the caller has them (else computed)."""
+    if parents.device.type != "cpu" or cu_nodes.device.type != "cpu":
+        fail("parents", "check_trees takes the host copy of the trees (a device copy would cost a sync)")
+    validate_parents(parents, cu_nodes)
+    return _sizes(parents.long(), cu_nodes.long(), None if node_depths is None else node_depths.long())
+
+
+def _check_tree_batch(logits, draft_tokens, parents, cu_nodes, row_max_pass=None, checked: CheckedTrees | None = None,
+                      finite: bool = True) -> _Shape:
     """Validate the common inputs; return the output width and the per-tree size bounds.
     ``row_max_pass``: a callable launching a pass over the (shape-checked) logits that returns
     every node's largest logit, float32[total_nodes] with NaN for rows holding one (the argmax
-    pass of :func:`verify_greedy`); default a torch ``amax``."""
+    pass of :func:`verify_greedy`); default a torch ``amax``. ``checked``: the trees' sizes from
+    :func:`check_trees` (the trees and the draft tokens' range are trusted: the one device read
+    left is whether some logits are unusable; ``finite`` False: not even that, the caller reads
+    it with its own flags)."""
     for name, t in (("logits", logits), ("draft_tokens", draft_tokens), ("parents", parents), ("cu_nodes", cu_nodes)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -65,6 +98,15 @@ def _check_tree_batch(logits, draft_tokens, parents, cu_nodes, row_max_pass=None
         if n != 0 or int(cu_nodes[0]) != 0:
             raise ValueError(f"cu_nodes = {cu_nodes.tolist()} describes no request but there are {n} nodes")
         return _Shape(1, 0, 0, logits.new_empty(0, dtype=torch.float32))
+    if checked is not None:
+        if not isinstance(checked, CheckedTrees):
+            fail("checked", f"must be the CheckedTrees of check_trees, got {type(checked).__name__}")
+        row_max = logits.amax(-1).float() if row_max_pass is None else row_max_pass()
+        if finite:
+            bad_nodes = ~torch.isfinite(row_max)
+            if bool(bad_nodes.any()):  # the one device read of a checked call
+                _raise_non_finite(bad_nodes, cu_nodes, "hold NaN or +inf, or no finite logit (all -inf)")
+        return _Shape(checked.width, checked.max_nodes, checked.max_children, row_max)
     if n == 0:
         validate_parents(parents, cu_nodes)  # raises: requests without nodes
     # One device-to-host copy (a few KB) of the tree, the token range and the number of nodes
@@ -79,10 +121,7 @@ def _check_tree_batch(logits, draft_tokens, parents, cu_nodes, row_max_pass=None
         raise ValueError(f"draft_tokens must lie in [0, {logits.shape[1]}) (the vocab), got range [{lo}, {hi}]")
     if bad:
         _raise_non_finite(~torch.isfinite(row_max), cu, "hold NaN or +inf, or no finite logit (all -inf)")
-    sizes = cu[1:] - cu[:-1]
-    global_parents = torch.where(par >= 0, par + torch.repeat_interleave(cu[:-1], sizes), -1)
-    children = torch.bincount(global_parents[par >= 0], minlength=n)
-    return _Shape(int(depths(par, cu).max()) + 1, int(sizes.max()), int(children.max()), row_max)
+    return _Shape(*_sizes(par, cu), row_max)
 
 
 def _raise_non_finite(bad_nodes: torch.Tensor, cu_nodes: torch.Tensor, why: str):
@@ -115,9 +154,12 @@ def _processing_checks(batch: int, device, temperature, top_k, top_p) -> list:
     return checks
 
 
-def _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs, row_max):
+def _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs, row_max, checked=False):
     """Validate the sampling inputs of a checked tree batch (kernels and references alike);
-    return :func:`_processing`'s per-node ``(inv_temp, thr, greedy)``."""
+    return :func:`_processing`'s per-node ``(inv_temp, thr, greedy)``. ``checked``: the values
+    are trusted (a server's validated sampling parameters, uniforms it drew) and the logits'
+    finiteness, not read by :func:`_check_tree_batch` (``finite=False``), is read here with the
+    temperature overflow in one device read."""
     n, device = logits.shape[0], logits.device
     checks = _processing_checks(cu_nodes.numel() - 1, device, temperature, top_k, top_p)
     if uniforms is not None and (not isinstance(uniforms, torch.Tensor) or uniforms.shape != (n, 2)
@@ -129,6 +171,17 @@ def _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft
                                     or draft_probs.stride(1) != 1):
         fail("draft_probs", f"must be float32{list(logits.shape)} on {device} with a contiguous vocab dim, "
                             f"got {_describe(draft_probs)}")
+    if checked:
+        inv_temp, thr, greedy = _processing(logits, cu_nodes, temperature, top_k, top_p, row_max)
+        bad = ~torch.isfinite(row_max)
+        overflow = ~torch.isfinite(row_max * inv_temp)
+        if n:
+            any_bad, any_overflow = torch.stack([bad.any(), overflow.any()]).tolist()  # one device read
+            if any_bad:
+                _raise_non_finite(bad, cu_nodes, "hold NaN or +inf, or no finite logit (all -inf)")
+            if any_overflow:
+                _raise_non_finite(overflow, cu_nodes, "overflow float32 when divided by the temperature")
+        return inv_temp, thr, greedy
     if uniforms is not None:
         checks.append(in_unit_interval("uniforms", uniforms))
     if draft_probs is not None:  # probabilities: each at most 1, which keeps greedy rows exact

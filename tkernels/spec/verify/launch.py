@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 import triton
 
-from tkernels.spec.verify.inputs import _check_sampling, _check_tree_batch, _children, _greedy_requests, _Shape
+from tkernels.spec.verify.inputs import (
+    CheckedTrees,
+    _check_sampling,
+    _check_tree_batch,
+    _children,
+    _greedy_requests,
+    _Shape,
+)
 from tkernels.spec.verify.kernels import (
     ARGMAX,
     MODE_CONSTEXPRS,
@@ -67,17 +74,20 @@ def _walk(node_token, draft_tokens, parents, cu_nodes, shape: _Shape, out) -> No
 
 
 def verify_greedy(logits: torch.Tensor, draft_tokens: torch.Tensor, parents: torch.Tensor, cu_nodes: torch.Tensor,
-                  config: dict | None = None):
+                  config: dict | None = None, *, checked: CheckedTrees | None = None):
     """Greedy tree verification -> (accepted_tokens int64[B, W], accepted_nodes int32[B, W],
     num_accepted int32[B]), W = max depth + 1. Chains are trees with parents[i] = i - 1.
-    ``config``: launch parameters overriding the tuned ones (see :func:`launch_config`)."""
+    ``config``: launch parameters overriding the tuned ones (see :func:`launch_config`).
+    ``checked``: :func:`check_trees` of the host copy of these trees, for a server that built and
+    checked them once: the trees are not read back nor validated again, the draft tokens are
+    trusted, and the call's one device read is whether some logits are unusable."""
     node_token = []
 
     def argmax_pass() -> torch.Tensor:  # runs before the host sync that checks its row maxima
         node_token.append(torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device))
         return _argmax_pass(logits, node_token[0], launch_config(logits.shape[1], config))
 
-    shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes, argmax_pass)
+    shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes, argmax_pass, checked)
     batch = cu_nodes.numel() - 1
     out = _empty_outputs(batch, shape.width, logits.device)
     if batch == 0:
@@ -100,6 +110,7 @@ def verify_sampling(
     generators: dict[int, torch.Generator] | None = None,
     draft_probs: torch.Tensor | None = None,
     config: dict | None = None,
+    checked: CheckedTrees | None = None,
 ):
     """Exact (lossless) sampling verification; same outputs as :func:`verify_greedy`.
 
@@ -110,15 +121,17 @@ def verify_sampling(
     :func:`draw_uniforms` from ``generator`` / per-request ``generators``; ``draft_probs``
     float32[total_nodes, vocab] in [0, 1]: the distribution each node's children were sampled
     from (None for deterministic drafts); ``config``: launch parameters overriding the tuned
-    ones (see :func:`launch_config`).
+    ones (see :func:`launch_config`); ``checked``: as :func:`verify_greedy`'s, and the sampling
+    values (temperature, top-p, uniforms, draft probabilities) are trusted too: the one device
+    read left holds the unusable-logits and temperature-overflow flags.
     Raises :class:`NonFiniteLogitsError` for unusable logits (module doc).
     """
-    shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
+    shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes, checked=checked, finite=checked is None)
     cfg = launch_config(logits.shape[1], config)
     batch, (n, vocab) = cu_nodes.numel() - 1, logits.shape
     device = logits.device
     inv_temp, thr, greedy = _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs,
-                                            shape.row_max)
+                                            shape.row_max, checked is not None)
     out = _empty_outputs(batch, shape.width, device)
     if batch == 0:
         return out

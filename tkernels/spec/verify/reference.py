@@ -105,9 +105,9 @@ def _walk_reference(node_token, node_margin, draft_tokens, parents, cu_nodes, wi
     return walk
 
 
-def verify_greedy_reference(logits, draft_tokens, parents, cu_nodes):
-    """Plain-PyTorch :func:`verify_greedy` (same inputs, same outputs)."""
-    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes).width
+def verify_greedy_reference(logits, draft_tokens, parents, cu_nodes, *, checked=None):
+    """Plain-PyTorch :func:`verify_greedy` (same inputs, ``checked`` too; same outputs)."""
+    width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes, checked=checked).width
     argmax = logits.argmax(-1) if logits.numel() else draft_tokens.clone()  # the first maximum
     no_margin = torch.full(argmax.shape, float("inf"), dtype=torch.float64, device=logits.device)
     return _walk_reference(argmax, no_margin, draft_tokens, parents, cu_nodes, width).result()
@@ -154,12 +154,15 @@ def _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, to
 
 
 def verify_sampling_reference(
-    logits, draft_tokens, parents, cu_nodes, temperature, top_k=None, top_p=None, *, uniforms, draft_probs=None
+    logits, draft_tokens, parents, cu_nodes, temperature, top_k=None, top_p=None, *, uniforms, draft_probs=None,
+    checked=None,
 ):
-    """Plain-PyTorch :func:`verify_sampling` on the same ``uniforms`` (float64 probabilities)."""
-    shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes)
+    """Plain-PyTorch :func:`verify_sampling` on the same ``uniforms`` (float64 probabilities;
+    ``checked`` as the kernels')."""
+    shape = _check_tree_batch(logits, draft_tokens, parents, cu_nodes, checked=checked, finite=checked is None)
     if uniforms is None:
         fail("uniforms", "the reference takes the kernels' uniforms: a float32[total_nodes, 2] tensor")
-    _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs, shape.row_max)
+    _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs, shape.row_max,
+                    checked is not None)
     width = shape.width
     return _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, top_k, top_p, uniforms, draft_probs, width).result()
