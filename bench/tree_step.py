@@ -62,6 +62,7 @@ def attention_builder(num_blocks: int):
     builder.windows = {None}
     builder.step_trees = builder.step_trees_host = None
     builder.exact_host_seq_lens = True
+    builder.mode = None  # a GPU's: the Triton kernel's plan (not a CPU attention mode)
     return builder
 
 

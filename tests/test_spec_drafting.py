@@ -139,3 +139,18 @@ def test_the_environment_switches_to_the_reference(monkeypatch):
     monkeypatch.delenv("TKERNELS_DRAFTERS")
     assert TreeDrafter(50, "hybrid").compiled is not None
     assert TreeDrafter(50, "tr").compiled is None  # tr: its batched torch beam in both
+
+
+@pytest.mark.parametrize("method", ["hybrid", "tr_static"])
+def test_many_trees_of_one_slot_in_one_observe_grow_its_own_rows_first(method):
+    """64 root-only trees with distinct roots under one key (or none) in one step: the slot's
+    own-row table grows for all of them before the kernel writes (it used to grow per tree and
+    the kernel's probe then looped forever on the full table), and matches the reference."""
+    compiled, reference = (TreeDrafter(200, method, compiled=c) for c in (True, False))
+    for key in (None, "a"):
+        trees = [DraftTree_of([t], [-1], key) for t in range(64)]
+        ids = torch.arange(64 * 8).view(64, 8) % 200
+        for drafter in (compiled, reference):
+            drafter.observe(trees, ids, torch.full((64, 8), 0.1), [[0]] * 64)
+        for t in (0, 17, 63):
+            assert compiled.compiled.own_row(key, t)[0] == ids[t].tolist() == reference._own[key][t][0]

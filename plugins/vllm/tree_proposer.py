@@ -199,7 +199,8 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
                     path = _accepted_path(tree, sampled[:-1])
                 else:  # no draft: its root's row alone
                     root = int(token_ids_cpu[i, int(num_tokens_no_spec[i]) - len(sampled) - 1])
-                    tree, path = DraftTree(torch.tensor([root]), torch.tensor([-1], dtype=torch.int32)), [0]
+                    tree = DraftTree(torch.tensor([root]), torch.tensor([-1], dtype=torch.int32), key=step.req_ids[i])
+                    path = [0]
                 if path is not None and len(tree) == 1 + len(drafts):
                     rows += range(offset, offset + len(tree))
                     trees.append(tree)

@@ -156,8 +156,13 @@ class CompiledState:
         slots = self.slots_of(keys)
         cu = np.zeros(len(sizes) + 1, np.int64)
         np.cumsum(sizes, out=cu[1:])
-        for b, s in enumerate(slots.tolist()):
-            need = int(self.meta[s, K.M_OWN]) + int(sizes[b])  # at most one new row per node
+        # At most one new row per node. Several trees may share a slot (one request's trees, or
+        # trees without a key), so the room is counted per slot over all of them: a table filled
+        # past its size would make the kernel's probe loop forever.
+        needs: dict[int, int] = {}
+        for s, n in zip(slots.tolist(), sizes):
+            needs[s] = needs.get(s, int(self.meta[s, K.M_OWN])) + int(n)
+        for s, need in needs.items():
             if need > self.own_ids[s].shape[0]:
                 rows = max(need, 2 * self.own_ids[s].shape[0])
                 self.own_ids[s] = _grown(self.own_ids[s], rows)
