@@ -158,13 +158,9 @@ def test_draft(benchmark, records, method, batch, nodes):
 # --- H2: the tree proposer's whole host work per step, beside vLLM's ngram + rejection sampler --
 
 STEP_BATCH, STEP_NODES = (8, 9) if TINY else (64, 32)
-# Prompt lookup. The methods with own rows (hybrid, the proposer's default, and tr_static) hang in
-# the proposer's first observe at this size: rows without a draft are observed as root-only
-# DraftTrees without a key (plugins/vllm/proposer.py _observe_trees), so every such row gets the
-# same drafter slot, and the compiled own-rows write (spec/drafting/compiled.py write_own_rows)
-# checks capacity per tree, not per slot: 64 distinct root tokens fill that slot's 16-entry hash
-# table and its probe never ends (open; batch 8 x 9, TKERNELS_BENCH_TINY, stays under it).
-STEP_DRAFTERS = ("pld",) if not TINY else ("hybrid", "tr_static", "pld")
+# Every method with its own step path: the proposer's default (hybrid), the static template and
+# prompt lookup.
+STEP_DRAFTERS = ("hybrid", "tr_static", "pld")
 STEP_LOGITS_VOCAB = 128  # logits columns: the device's own work per row kept negligible on both sides
 STEP_ROUNDS = 5 if TINY else 30
 _step_ms: dict[int, float] = {}  # vLLM ngram + rejection sampler per step, by K

@@ -154,3 +154,63 @@ def test_many_trees_of_one_slot_in_one_observe_grow_its_own_rows_first(method):
             drafter.observe(trees, ids, torch.full((64, 8), 0.1), [[0]] * 64)
         for t in (0, 17, 63):
             assert compiled.compiled.own_row(key, t)[0] == ids[t].tolist() == reference._own[key][t][0]
+
+
+def random_tree(gen: random.Random, n: int) -> list[int]:
+    """BFS parents of a random n-node tree (each node's parent an earlier node, non-decreasing)."""
+    parents = [-1]
+    for i in range(1, n):
+        parents.append(gen.randint(parents[-1] if i > 1 else 0, i - 1))
+    return parents
+
+
+def test_the_batched_calibration_records_what_a_per_tree_loop_would(rng):
+    """TreeDrafter._calibrate (the whole batch at once) against a plain-Python reading of the
+    rule: a node is tested when its parent is on the accepted path; TR nodes (finite stored
+    probability) go to the TR calibration with their depth, retrieval nodes (features) to the
+    retrieval one, both with whether the node is on the path, trees and nodes in order."""
+    from tkernels.spec.drafters import DraftTree
+
+    gen = random.Random(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    for _ in range(20):
+        trees, paths = [], []
+        for b in range(gen.randint(1, 12)):
+            parents = random_tree(gen, gen.randint(1, 20))
+            n = len(parents)
+            path = [0]
+            while gen.random() < 0.7:
+                children = [j for j in range(n) if parents[j] == path[-1]]
+                if not children:
+                    break
+                path.append(gen.choice(children))
+            tr = None if gen.random() < 0.3 else torch.tensor([gen.random() if gen.random() < 0.6 else float("nan")
+                                                               for _ in range(n)], dtype=torch.float32)
+            ret = None if gen.random() < 0.3 else [(gen.randint(1, 5), gen.randint(1, 9), gen.random())
+                                                   if gen.random() < 0.5 else None for _ in range(n)]
+            trees.append(DraftTree(torch.arange(n), torch.tensor(parents, dtype=torch.int32), tr_probs=tr, retrieval=ret,
+                                   key=b))
+            paths.append(path)
+        want_tr, want_ret = ([], [], []), ([], [])
+        for tree, path in zip(trees, paths):
+            parents = tree.parents.tolist()
+            for i in range(1, len(tree)):
+                if parents[i] not in path:
+                    continue
+                depth, j = 0, i
+                while j > 0:
+                    depth, j = depth + 1, parents[j]
+                if tree.tr_probs is not None and tree.tr_probs[i] == tree.tr_probs[i]:
+                    want_tr[0].append(float(tree.tr_probs[i]))
+                    want_tr[1].append(depth)
+                    want_tr[2].append(i in path)
+                if tree.retrieval is not None and tree.retrieval[i] is not None:
+                    want_ret[0].append(tree.retrieval[i])
+                    want_ret[1].append(i in path)
+        drafter = TreeDrafter(50, "hybrid", compiled=False)
+        got_tr, got_ret = [], []
+        drafter.tr_policy.record = lambda p, d, ok, got=got_tr: got.append((p.tolist(), d.tolist(), ok.tolist()))
+        drafter.retrieval_calibration.record = lambda f, ok, got=got_ret: got.append((list(f), list(ok)))
+        drafter._calibrate(trees, paths, sum(map(len, trees)))
+        any_tr = any(t.tr_probs is not None for t in trees)
+        assert got_tr == ([(want_tr[0], want_tr[1], want_tr[2])] if any_tr else [])
+        assert got_ret == [want_ret]

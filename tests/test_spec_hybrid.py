@@ -306,3 +306,24 @@ def test_hybrid_never_drafts_placeholders_of_rows_never_written():
     assert drafter.draft(["a"], [[1, 2, 4]], 40)[0].tokens.tolist() == [4]  # cold root, nothing to copy
     tree = drafter.draft(["b"], [[1, 2, 3]], 40)[0]
     assert sorted(tree.tokens.tolist()) == [3] + list(range(10, 18))  # row 3's entries; theirs are unwritten
+
+
+def test_retrieval_calibration_record_counts_each_candidate_in_its_cell(rng):
+    """The vectorised record against cell() one candidate at a time (edges and shares included)."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    cal, want = RetrievalCalibration(decay=0.9), RetrievalCalibration(decay=0.9)
+    for _ in range(5):
+        n = int(torch.randint(0, 300, (1,), generator=gen))
+        depth = torch.randint(0, 20, (n,), generator=gen).tolist()
+        match = torch.randint(0, 40, (n,), generator=gen).tolist()
+        share = torch.tensor([0.25, 0.5, 0.75, 1.0])[torch.randint(0, 4, (n,), generator=gen)].tolist()
+        ok = (torch.rand(n, generator=gen) < 0.5).tolist()
+        features = list(zip(depth, match, share))
+        cal.record(features, ok)
+        want.tested *= want.decay
+        want.accepted *= want.decay
+        for f, accepted in zip(features, ok):
+            want.tested[want.cell(*f)] += 1.0
+            want.accepted[want.cell(*f)] += float(accepted)
+        torch.testing.assert_close(cal.tested, want.tested, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(cal.accepted, want.accepted, rtol=1e-12, atol=1e-12)

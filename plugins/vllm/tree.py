@@ -56,6 +56,7 @@ from tkernels.spec import (
     verify_sampling,
     verify_sampling_reference,
 )
+from tkernels.spec.verify.inputs import UNIFORM_COLUMNS
 
 TREE_PROPOSER = "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"
 logger = logging.getLogger("vllm.tkernels")  # vLLM's handlers and format, with the process name
@@ -283,7 +284,8 @@ class TreeBatch:
         # unseeded rows: torch's default generator, as vLLM's sampler (draw_uniforms' rule, sized
         # on the host); seeded rows: keyed by (seed, position)
         uniforms = None if sampling.all_greedy else \
-            step.seeded_uniforms(torch.rand((int(step.num_nodes.sum()), 2), dtype=torch.float32, device=device))
+            step.seeded_uniforms(torch.rand((int(step.num_nodes.sum()), UNIFORM_COLUMNS), dtype=torch.float32,
+                                                device=device))
 
         def run(logits):
             if sampling.all_greedy:

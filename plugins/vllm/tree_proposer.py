@@ -26,10 +26,12 @@ PROMPT_TOPK_CHUNK = 512  # prompt rows per LM-head matmul when recycling prompt 
 def _accepted_path(tree: DraftTree, accepted_tokens: list[int]) -> list[int] | None:
     """The nodes (root first) of ``tree`` whose tokens the target accepted, in order (siblings
     hold distinct tokens); None if the tokens are not a path of the tree."""
-    parents, tokens = tree.parents.tolist(), tree.tokens.tolist()
+    children: dict[tuple[int, int], int] = {}
+    for j, key in enumerate(zip(tree.parents.tolist()[1:], tree.tokens.tolist()[1:]), 1):
+        children.setdefault(key, j)
     path = [0]
     for token in accepted_tokens:
-        child = next((j for j in range(path[-1] + 1, len(tokens)) if parents[j] == path[-1] and tokens[j] == token), None)
+        child = children.get((path[-1], token))
         if child is None:
             return None
         path.append(child)
@@ -194,8 +196,15 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
                 # a row verified as a chain (its draft was not this tree: tree.py) teaches nothing
                 as_tree = step.is_tree is None or bool(step.is_tree[i])
                 tree = self._trees.get(step.req_ids[i]) if drafts and as_tree else None
-                if tree is not None and tree.tokens[1:1 + len(drafts)].tolist() == list(drafts):
-                    tree = tree.select(torch.arange(1 + len(drafts)))  # as scheduled: a BFS prefix
+                n = 1 + len(drafts)
+                # is_tree: tree.py found the draft to be a BFS prefix of this very proposal; without
+                # it (a caller that does not say), compare the tokens
+                if tree is not None and (len(tree) < n or (step.is_tree is None
+                                                           and tree.tokens[1:n].tolist() != list(drafts))):
+                    tree = None
+                if tree is not None:
+                    if len(tree) > n:
+                        tree = tree.select(torch.arange(n))  # as scheduled: a BFS prefix
                     path = _accepted_path(tree, sampled[:-1])
                 else:  # no draft: its root's row alone
                     root = int(token_ids_cpu[i, int(num_tokens_no_spec[i]) - len(sampled) - 1])

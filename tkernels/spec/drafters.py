@@ -63,7 +63,7 @@ import torch
 
 from tkernels.checks import integer
 
-from .draft_tree import DraftTree, RetrievalCalibration
+from .draft_tree import DraftTree, RetrievalCalibration, features_of
 from .drafting import COMPILED_METHODS, HYBRID_TEMPLATE_SHARE, MAX_CHILDREN, ROOT_CONTEXTS, reference, static_template
 from .drafting.dynamic import DynamicDrafting
 from .retrieval import SuffixAutomaton
@@ -287,25 +287,45 @@ class TreeDrafter:
                 for i, token in enumerate(tree.tokens.tolist()):  # a token at several nodes: the last one's
                     own[token] = (ids[start + i], probs[start + i])
                 start += len(tree)
-        tr_probs, tr_depths, tr_ok, ret_features, ret_ok = [], [], [], [], []
-        for tree, path in zip(trees, accepted):
-            on_path = torch.zeros(len(tree), dtype=torch.bool)
-            on_path[torch.as_tensor(list(path), dtype=torch.int64)] = True
-            parents = tree.parents.long()
-            tested = (parents >= 0) & on_path[parents.clamp(min=0)]
-            if tree.tr_probs is not None:
-                mask = tested & ~torch.isnan(tree.tr_probs)
-                tr_probs.append(tree.tr_probs[mask])
-                tr_depths.append(depths(tree.parents)[mask])
-                tr_ok.append(on_path[mask])
-            if tree.retrieval is not None:
-                for i in tested.nonzero().flatten().tolist():
-                    if tree.retrieval[i] is not None:
-                        ret_features.append(tree.retrieval[i])
-                        ret_ok.append(bool(on_path[i]))
-        if tr_probs:
-            self.tr_policy.record(torch.cat(tr_probs), torch.cat(tr_depths), torch.cat(tr_ok))
+        self._calibrate(trees, accepted, total)
+
+    def _calibrate(self, trees: list[DraftTree], accepted: Sequence[Sequence[int]], total: int) -> None:
+        """Record every *tested* node (its parent is on the accepted path) in the TR and retrieval
+        calibrations, whether it was accepted: the whole batch at once (one tensor per quantity,
+        trees concatenated in order; a server's batch of 64 trees costs one pass, not 64)."""
+        if not trees:
+            if self.uses_retrieval:
+                self.retrieval_calibration.record([], [])
+            return
+        with_tr = [t.tr_probs is not None for t in trees]
+        if not any(with_tr) and not self.uses_retrieval:
+            return
+        sizes = torch.tensor([len(t) for t in trees], dtype=torch.int64)
+        starts = torch.cumsum(sizes, 0) - sizes
+        first = starts.tolist()
+        parents = torch.cat([t.parents for t in trees]).long()
+        on_path = torch.zeros(total, dtype=torch.bool)
+        on_path[torch.tensor([first[b] + n for b, path in enumerate(accepted) for n in path], dtype=torch.int64)] = True
+        has_parent = parents >= 0
+        tested = has_parent & on_path[torch.where(has_parent, parents + starts.repeat_interleave(sizes), 0)]
+        if any(with_tr):  # one record (one decay) per step with TR nodes, as many as they are
+            tr_probs = torch.cat([t.tr_probs if t.tr_probs is not None else torch.full((len(t),), float("nan"))
+                                  for t in trees])
+            mask = tested & ~torch.isnan(tr_probs)
+            cu = torch.nn.functional.pad(torch.cumsum(sizes, 0), (1, 0)).int()
+            self.tr_policy.record(tr_probs[mask], depths(parents.int(), cu)[mask], on_path[mask])
         if self.uses_retrieval:
+            # only the tested nodes' features are read (a compiled tree's features are a lazy view)
+            ret_features, ret_ok = [], []
+            for b, tree in enumerate(trees):
+                if tree.retrieval is None:
+                    continue
+                local = tested[first[b]:first[b] + len(tree)].nonzero().flatten()
+                ok = on_path[first[b]:first[b] + len(tree)][local].tolist()
+                for feature, accepted in zip(features_of(tree.retrieval, local), ok):
+                    if feature is not None:
+                        ret_features.append(feature)
+                        ret_ok.append(accepted)
             self.retrieval_calibration.record(ret_features, ret_ok)
 
     def recycle(self, tokens: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tensor | None = None) -> None:

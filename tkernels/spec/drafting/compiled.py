@@ -69,6 +69,15 @@ class Features(Sequence):
         depth = int(self.feat[i, 0])
         return None if depth < 0 else (depth, int(self.feat[i, 1]), float(self.share[i]))
 
+    def tolist(self) -> list[tuple[int, int, float] | None]:
+        """Every node's features at once (array reads, not one ``__getitem__`` per node)."""
+        depth, match, share = self.feat[:, 0].tolist(), self.feat[:, 1].tolist(), self.share.tolist()
+        return [None if d < 0 else (d, m, s) for d, m, s in zip(depth, match, share)]
+
+    def take(self, nodes: np.ndarray) -> Features:
+        """The features of ``nodes`` (int indices), still a lazy view (:meth:`DraftTree.select`)."""
+        return Features(self.feat[nodes], self.share[nodes])
+
     def __eq__(self, other) -> bool:
         return isinstance(other, Sequence) and list(self) == list(other)
 

@@ -11,6 +11,12 @@ import torch
 from tkernels.checks import fail, in_unit_interval, require
 from tkernels.spec.tree import depths, validate_parents
 
+# The uniforms table the sampling kernels read (float32 [total_nodes, UNIFORM_COLUMNS], one row
+# per node): column ACCEPT_COLUMN decides the node's acceptance test against its parent's
+# distribution, DRAW_COLUMN the token drawn at the node (a residual after a rejection, or the
+# bonus token). Kernels take these as constexprs (kernels.UNIFORM_CONSTEXPRS).
+UNIFORM_COLUMNS, ACCEPT_COLUMN, DRAW_COLUMN = 2, 0, 1
+
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS, so a server's greedy rows agree).
@@ -162,10 +168,10 @@ def _check_sampling(logits, cu_nodes, temperature, top_k, top_p, uniforms, draft
     temperature overflow in one device read."""
     n, device = logits.shape[0], logits.device
     checks = _processing_checks(cu_nodes.numel() - 1, device, temperature, top_k, top_p)
-    if uniforms is not None and (not isinstance(uniforms, torch.Tensor) or uniforms.shape != (n, 2)
+    if uniforms is not None and (not isinstance(uniforms, torch.Tensor) or uniforms.shape != (n, UNIFORM_COLUMNS)
                                  or uniforms.dtype != torch.float32 or uniforms.device != device
                                  or not uniforms.is_contiguous()):
-        fail("uniforms", f"must be a contiguous float32[{n}, 2] tensor on {device}, got {_describe(uniforms)}")
+        fail("uniforms", f"must be a contiguous float32[{n}, {UNIFORM_COLUMNS}] tensor on {device}, got {_describe(uniforms)}")
     if draft_probs is not None and (not isinstance(draft_probs, torch.Tensor) or draft_probs.shape != logits.shape
                                     or draft_probs.dtype != torch.float32 or draft_probs.device != device
                                     or draft_probs.stride(1) != 1):

@@ -11,6 +11,7 @@ import triton.language as tl
 from tkernels import config as tkernels_config
 from tkernels.checks import integer
 from tkernels.registry import gpu_compile_check
+from tkernels.spec.verify.inputs import ACCEPT_COLUMN, DRAW_COLUMN, UNIFORM_COLUMNS
 
 # Launch parameters of every kernel here; tuned per vocabulary size by ``tkernels autotune``.
 DEFAULT_CONFIG = {"block_v": 4096, "num_warps": 8}
@@ -28,8 +29,10 @@ def search_space(dry_run: bool, quick: bool) -> list[dict[str, int]]:
 # The node pass's MODE values, passed to the kernel with MODE (constexprs: one compile per mode).
 ARGMAX, STATS, SAMPLE = 0, 1, 2
 MODES = (ARGMAX, STATS, SAMPLE)
+# The uniforms table's layout (inputs.py), as the constexprs the sampling kernels take.
+UNIFORM_CONSTEXPRS = {"U_COLS": UNIFORM_COLUMNS, "U_ACCEPT": ACCEPT_COLUMN, "U_DRAW": DRAW_COLUMN}
 # The constexprs every node pass compile takes besides MODE and its tiles.
-MODE_CONSTEXPRS = {"ARGMAX": ARGMAX, "STATS": STATS}
+MODE_CONSTEXPRS = {"ARGMAX": ARGMAX, "STATS": STATS, **UNIFORM_CONSTEXPRS}
 
 
 def launch_config(vocab: int, config: dict | None = None) -> dict:
@@ -142,7 +145,8 @@ def rejection_walk_launch(dtype, vocab, cfg, candidate=False):
     from tkernels.registry import Launch
 
     block_b, block_v = _rejection_tiles(vocab, cfg)
-    return Launch(f"{_DTYPES[dtype]} {block_b}x{block_v} w{cfg['num_warps']}", dict(BLOCK_B=block_b, BLOCK_V=block_v),
+    return Launch(f"{_DTYPES[dtype]} {block_b}x{block_v} w{cfg['num_warps']}",
+                  dict(**UNIFORM_CONSTEXPRS, BLOCK_B=block_b, BLOCK_V=block_v),
                   types={"logits_ptr": f"*{_DTYPES[dtype]}"},
                   options={"num_warps": cfg["num_warps"], **REJECTION_MAXNREG}, candidate=candidate)
 
@@ -167,7 +171,8 @@ def _rejection_walk_launches(shared_limit):
 @triton.jit
 def _node_pass_kernel(
     logits_ptr, stride_row, N, V, inv_temp_ptr, thr_ptr, uniform_ptr, token_ptr, max_ptr, sum_ptr,
-    MODE: tl.constexpr, ARGMAX: tl.constexpr, STATS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    MODE: tl.constexpr, ARGMAX: tl.constexpr, STATS: tl.constexpr, U_COLS: tl.constexpr, U_ACCEPT: tl.constexpr,
+    U_DRAW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # BLOCK_R tree nodes (rows of logits) per program. MODE ARGMAX: argmax -> token, row max -> max. STATS: max and
     # sum-exp of the processed distribution -> max/sum. SAMPLE: inverse-CDF draw with the
@@ -212,7 +217,7 @@ def _node_pass_kernel(
             tl.store(max_ptr + rows, row_max, mask=live)
             tl.store(sum_ptr + rows, total, mask=live)
         else:
-            u = tl.load(uniform_ptr + rows.to(tl.int64) * 2 + 1, mask=live, other=0.0)
+            u = tl.load(uniform_ptr + rows.to(tl.int64) * U_COLS + U_DRAW, mask=live, other=0.0)
             no_scratch = tl.zeros([BLOCK_R], tl.int32)
             token = _inverse_cdf(logits_ptr, l_off, max_ptr, l_off, V, live, no_scratch, inv_temp, thr,
                                  tl.where(live, row_max, 0.0), u * total, BLOCK_R, BLOCK_V)
@@ -285,6 +290,7 @@ def _path_walk_kernel(
         "scratch_p_ptr": "*fp32", "scratch_q_ptr": "*fp32", **_WALK_SIGNATURE,
     },
     _rejection_walk_launches,
+    **UNIFORM_CONSTEXPRS,
     BLOCK_B=1,
     BLOCK_V=1024,
 )
@@ -293,7 +299,7 @@ def _rejection_walk_kernel(
     logits_ptr, stride_l, q_ptr, stride_q, V, inv_temp_ptr, thr_ptr, max_ptr, sum_ptr, uniform_ptr,
     scratch_p_ptr, scratch_q_ptr,
     draft_ptr, first_child_ptr, num_children_ptr, cu_ptr, out_tokens_ptr, out_nodes_ptr, num_ptr, B, W, max_children,
-    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
+    U_COLS: tl.constexpr, U_ACCEPT: tl.constexpr, U_DRAW: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # BLOCK_B requests per program walk their trees with recursive rejection sampling. A node's
     # p and q are read from logits / draft_probs until its first rejected child; after that the
@@ -326,7 +332,7 @@ def _rejection_walk_kernel(
         while tl.max(tested.to(tl.int32), 0) > 0:  # until every request accepted a child or ran out of them
             c = first_child + r
             t = tl.load(draft_ptr + c, mask=tested, other=0)
-            u = tl.load(uniform_ptr + c.to(tl.int64) * 2, mask=tested, other=0.0)
+            u = tl.load(uniform_ptr + c.to(tl.int64) * U_COLS + U_ACCEPT, mask=tested, other=0.0)
             p_t = _p_tile(logits_ptr, l_off, scratch_p_ptr, s_off, t, V, tested, p_scratch, inv_temp, thr, row_max) / p_total
             inv_q = tl.where(q_total > 0, 1.0 / q_total, 0.0)
             q_t = tl.where(
@@ -369,7 +375,7 @@ def _rejection_walk_kernel(
         stop = alive & (accepted < 0)
         token = tl.load(draft_ptr + accepted, mask=advance, other=-1)
         if tl.max(stop.to(tl.int32), 0) > 0:
-            u = tl.load(uniform_ptr + g * 2 + 1, mask=stop, other=0.0)
+            u = tl.load(uniform_ptr + g * U_COLS + U_DRAW, mask=stop, other=0.0)
             bonus = _inverse_cdf(logits_ptr, l_off, scratch_p_ptr, s_off, V, stop, p_scratch, inv_temp, thr, row_max,
                                  u * p_total, BLOCK_B, BLOCK_V)
             token = tl.where(stop, bonus.to(tl.int64), token)

@@ -20,6 +20,7 @@ from tkernels.spec.verify.kernels import (
     REJECTION_MAXNREG,
     SAMPLE,
     STATS,
+    UNIFORM_CONSTEXPRS,
     _node_pass_kernel,
     _path_walk_kernel,
     _rejection_tiles,
@@ -153,7 +154,7 @@ def verify_sampling(
     _rejection_walk_kernel[(triton.cdiv(batch, block_b),)](
         logits, logits.stride(0), draft_probs, draft_probs.stride(0), vocab, inv_temp, thr, row_max, row_sum, uniforms,
         scratch[0], scratch[1], *_walk_args(draft_tokens, parents, cu_nodes, shape, out),
-        BLOCK_B=block_b, BLOCK_V=block_v, num_warps=cfg["num_warps"],
+        **UNIFORM_CONSTEXPRS, BLOCK_B=block_b, BLOCK_V=block_v, num_warps=cfg["num_warps"],
         **(REJECTION_MAXNREG if device.type == "cuda" and torch.version.hip is None else {}),
     )
     greedy_requests = _greedy_requests(temperature, top_k)

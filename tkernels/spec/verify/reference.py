@@ -8,6 +8,8 @@ import torch
 from tkernels.checks import fail, require
 from tkernels.spec.tree import _check_cu_nodes
 from tkernels.spec.verify.inputs import (
+    ACCEPT_COLUMN,
+    DRAW_COLUMN,
     _check_sampling,
     _check_tree_batch,
     _children,
@@ -117,7 +119,7 @@ def _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, to
     """The walk behind :func:`verify_sampling_reference` on validated inputs (``width`` = max depth + 1)."""
     probs = target_probs(logits, cu_nodes, temperature, top_k, top_p)
     if draft_probs is None:
-        token, margin = _inverse_cdf_reference(probs, uniforms[:, 1])
+        token, margin = _inverse_cdf_reference(probs, uniforms[:, DRAW_COLUMN])
         return _walk_reference(token, margin, draft_tokens, parents, cu_nodes, width)
     walk = _Walk(draft_tokens, parents, cu_nodes, width)
     rows = torch.arange(walk.cur.numel(), device=logits.device)
@@ -131,7 +133,7 @@ def _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, to
             c = walk.children(r)
             tested = walk.alive & (c >= 0) & (child < 0)
             t = draft_tokens[c.clamp(min=0)]
-            u = uniforms[c.clamp(min=0), 0].double()
+            u = uniforms[c.clamp(min=0), ACCEPT_COLUMN].double()
             p_t, q_t = p[rows, t], q[rows, t]
             gap = (u * q_t - p_t).abs() / torch.maximum(u * q_t, p_t).clamp(min=1e-300)  # relative, like rounding
             walk.margin = torch.where(tested, torch.minimum(walk.margin, gap), walk.margin)
@@ -146,7 +148,7 @@ def _sampling_reference(logits, draft_tokens, parents, cu_nodes, temperature, to
             q_total = new_q.sum(-1, keepdim=True)
             new_q = torch.where(q_total > 0, new_q / q_total.clamp(min=1e-300), 0.0)
             p, q = torch.where(reject, new_p, p), torch.where(reject, new_q, q)
-        bonus, margin = _inverse_cdf_reference(p, uniforms[walk.cur, 1])
+        bonus, margin = _inverse_cdf_reference(p, uniforms[walk.cur, DRAW_COLUMN])
         stops = walk.alive & (child < 0)
         walk.margin = torch.where(stops, torch.minimum(walk.margin, margin), walk.margin)
         walk.step(step, child, bonus)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tkernels.checks import fail, integer
-from tkernels.spec.verify.inputs import _describe
+from tkernels.spec.verify.inputs import UNIFORM_COLUMNS, _describe
 
 
 def draw_uniforms(
@@ -27,11 +27,11 @@ def draw_uniforms(
     for g in [generator, *(generators or {}).values()]:
         if g is not None and g.device.type != device.type:
             raise ValueError(f"generator is on {g.device} but the inputs are on {device}")
-    uniforms = torch.rand((bounds[-1], 2), generator=generator, device=device)
+    uniforms = torch.rand((bounds[-1], UNIFORM_COLUMNS), generator=generator, device=device)
     for b, g in (generators or {}).items():
         if not 0 <= b < len(bounds) - 1:
             raise ValueError(f"generators has request {b} but the batch has {len(bounds) - 1}")
-        uniforms[bounds[b] : bounds[b + 1]] = torch.rand((bounds[b + 1] - bounds[b], 2), generator=g, device=device)
+        uniforms[bounds[b] : bounds[b + 1]] = torch.rand((bounds[b + 1] - bounds[b], UNIFORM_COLUMNS), generator=g, device=device)
     return uniforms
 
 
@@ -83,6 +83,6 @@ def keyed_uniforms(seeds: torch.Tensor | list[int], positions: torch.Tensor) -> 
     if positions.numel() and int(positions.min()) < 0:
         raise ValueError(f"positions must be non-negative, got minimum {int(positions.min())}")
     stream = _splitmix64(seeds + _GOLDEN)  # the seed's own starting point
-    counters = (2 * positions[:, None] + torch.arange(1, 3, device=positions.device)) * _GOLDEN
+    counters = (UNIFORM_COLUMNS * positions[:, None] + torch.arange(1, UNIFORM_COLUMNS + 1, device=positions.device)) * _GOLDEN
     bits = _shr(_splitmix64(stream[:, None] + counters), 40)  # top 24 bits
     return bits.to(torch.float32) * 2.0**-24
