@@ -191,7 +191,7 @@ def test_a_tree_step_syncs_once_in_verification_and_twice_for_the_recycled_top_k
     # 1. tkernels/spec/verify/inputs.py (_check_tree_batch): whether some node's logits are
     #    unusable (NaN, +inf, no finite logit), the flag that lets one request fail alone
     #    instead of returning a token outside the vocabulary (docs/design.md, tree verification).
-    # 2, 3. plugins/vllm/proposer.py (_observe_trees): the verified nodes' top-k ids, then their
+    # 2, 3. plugins/vllm/tree_proposer.py (_observe_trees): the verified nodes' top-k ids, then their
     #    probabilities, copied to the host for the host drafter to recycle (its adjacency lives
     #    on the host); one copy of both would make them one.
     # Planning (vLLM's host copies and the step's host trees), the trees (built and checked on
