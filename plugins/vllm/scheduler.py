@@ -175,20 +175,12 @@ class DecodeMaximalScheduler(AsyncScheduler):
             return
         start, cost = started
         measured_us = (time.perf_counter() - max(start, self._last_update)) * 1e6
-        if measured_us <= 0 or cost[0] < 1:
-            return
-        failures = self.calibration.failures
-        model = self.calibration.record(cost, measured_us)
-        if self.calibration.failures > failures:
-            logger.warning("tkernels scheduler: a latency-model fit failed (%s); the model is kept",
-                           self.calibration.last_error)
+        model = self.calibration.record_logged(cost, measured_us, logger, "tkernels scheduler")
         if model is None:
             return
         self.policy.model = model
         if self.slo_target_us is not None:  # aim the predicted step below the SLO by this machine's tail spread
             self.policy.target_us = self.slo_target_us / self.calibration.tail_ratio
-        if self.calibration.refits == 1 or self.calibration.settled:  # first fit, then every slow refit (30 s)
-            logger.info("tkernels scheduler: %s", self.calibration.line())
         if self.calibration_log:
             try:
                 _write_json(self.calibration_log, {**self.calibration.summary(), **self.calibration.samples()})

@@ -59,23 +59,8 @@ class MeasuredSteps:
         step.started = None  # one measurement per step (a second propose of a step adds nothing)
         measured_us = (time.perf_counter() - started) * 1e6
         scheduled = step.root_position - step.prefix + step.num_nodes  # tokens each row ran this step
-        cost = batch_cost(step.prefix, scheduled)
-        if measured_us <= 0 or cost[0] < 1:
-            return None
-        failures = self.calibration.failures
-        model = self.calibration.record(cost, measured_us)
-        if self.calibration.failures > failures:
-            logger.warning("tkernels tree proposer: a latency-model fit failed (%s); the model is kept",
-                           self.calibration.last_error)
-        if model is None:
-            return None
-        self.model = model
-        if self.calibration.refits == 1 or self.calibration.settled:  # first fit, then every slow refit (30 s)
-            logger.info("tkernels tree proposer: %s", self.calibration.line())
+        model = self.calibration.record_logged(batch_cost(step.prefix, scheduled), measured_us, logger,
+                                               "tkernels tree proposer")
+        if model is not None:
+            self.model = model
         return model
-
-    def summary(self) -> dict:
-        """What the calibration learned (:meth:`OnlineCalibration.summary`), or the fixed model's source."""
-        if self.calibration is None:
-            return {"source": self.source, "calibrated": False}
-        return {**self.calibration.summary(), "calibrated": True}

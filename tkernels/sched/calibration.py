@@ -124,6 +124,21 @@ class OnlineCalibration:
             return refit
         return self._adopt(_fit(*args)) or refit
 
+    def record_logged(self, cost: tuple[int, int, int], measured_us: float, logger, who: str) -> LatencyModel | None:
+        """:meth:`record` for an engine component measuring its steps: a step without time or
+        tokens is skipped, a failed fit is logged as a warning (the model is kept), and what the
+        model learned at its first refit and at every refit once settled (``who``: the lines'
+        prefix). Returns the refit model, else None."""
+        if measured_us <= 0 or cost[0] < 1:
+            return None
+        failures = self.failures
+        model = self.record(cost, measured_us)
+        if self.failures > failures:
+            logger.warning("%s: a latency-model fit failed (%s); the model is kept", who, self.last_error)
+        if model is not None and (self.refits == 1 or self.settled):  # first fit, then every slow refit (30 s)
+            logger.info("%s: %s", who, self.line())
+        return model
+
     def wait(self) -> LatencyModel | None:
         """Wait for a fit running in the background (if any) and adopt it; returns the refit model."""
         if self._pending is not None:
