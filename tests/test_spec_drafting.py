@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tkernels.spec import validate_parents
-from tkernels.spec.drafters import TreeDrafter
+from tkernels.spec.drafters import DraftBatch, TreeDrafter
 
 EOS = 2
 
@@ -210,7 +210,11 @@ def test_the_batched_calibration_records_what_a_per_tree_loop_would(rng):
         got_tr, got_ret = [], []
         drafter.tr_policy.record = lambda p, d, ok, got=got_tr: got.append((p.tolist(), d.tolist(), ok.tolist()))
         drafter.retrieval_calibration.record = lambda f, ok, got=got_ret: got.append((list(f), list(ok)))
-        drafter._calibrate(trees, paths, sum(map(len, trees)))
+        batch = DraftBatch.from_trees(trees)
+        on_path = torch.zeros(batch.num_nodes, dtype=torch.bool)
+        for b, path in enumerate(paths):
+            on_path[[int(batch.cu[b]) + n for n in path]] = True
+        drafter._calibrate(batch, on_path)
         any_tr = any(t.tr_probs is not None for t in trees)
         assert got_tr == ([(want_tr[0], want_tr[1], want_tr[2])] if any_tr else [])
         assert got_ret == [want_ret]

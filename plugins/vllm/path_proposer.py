@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tkernels.plugins.vllm import tree as tree_step
 from tkernels.spec import TOP_K, TokenRecycling, TreeShape
 from tkernels.spec.drafters import DYNAMIC, DraftTree, TreeDrafter
 from tkernels.spec.token_recycling import top_k_probs
@@ -58,6 +59,7 @@ class TokenRecyclingProposer:
         self._num_nodes = self.num_speculative_tokens + 1  # this step's node count, root included (the tree proposer's)
         # (top-k ids, their probabilities or None) of every compute_logits call since the last propose
         self._captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._host_buffers: dict[str, torch.Tensor] = {}  # pinned buffers of the captures' host copies
         # Only the harness's drafters read the probabilities: the others skip the logsumexp
         # over the whole [rows, vocab] logits (and their fp32 copy) on every target step.
         self._capture_probs = False
@@ -78,8 +80,12 @@ class TokenRecyclingProposer:
                 if logits.shape[1] != self.drafter.vocab_size:
                     raise ValueError(f"TokenRecyclingProposer: the target's logits have {logits.shape[1]} columns "
                                      f"but model_config.get_vocab_size() is {self.drafter.vocab_size}")
-                self._captured.append(top_k_probs(logits, self.drafter.k) if self._capture_probs
-                                      else (logits.topk(self.drafter.k, dim=-1).indices, None))
+                top = top_k_probs(logits, self.drafter.k) if self._capture_probs \
+                    else (logits.topk(self.drafter.k, dim=-1).indices, None)
+                # to the host without a sync (read in propose, after vLLM's read of the sampled tokens)
+                n = len(self._captured)
+                self._captured.append(tuple(None if t is None else tree_step.host_copy(t, self._host_buffers, f"{name}{n}")
+                                            for name, t in zip(("ids", "probs"), top)))
             return logits
 
         target_model.compute_logits = compute_logits

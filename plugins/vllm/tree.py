@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +57,7 @@ from tkernels.spec import (
     verify_sampling,
     verify_sampling_reference,
 )
+from tkernels.spec.draft_tree import DraftBatch, ragged_arange
 from tkernels.spec.verify.inputs import UNIFORM_COLUMNS
 
 TREE_PROPOSER = "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"
@@ -82,8 +84,16 @@ def _cpu_reference_mode() -> bool:
 
 @dataclass
 class Proposal:
+    """A request's proposed tree: row ``row`` of the step's proposed trees (one batch for the step)."""
+
     tokens: list[int]  # the row's draft list: tree nodes 1..n in BFS order
-    parents: torch.Tensor  # int32 [n + 1], root included (local indices, BFS)
+    trees: DraftBatch  # the proposing step's trees, every drafted row
+    row: int  # this request's tree in ``trees``
+
+    @property
+    def parents(self) -> torch.Tensor:
+        """The tree's parents, int32 [n + 1] (root included)."""
+        return self.trees.parents[int(self.trees.cu[self.row]):int(self.trees.cu[self.row + 1])]
 
 
 @dataclass
@@ -103,6 +113,12 @@ class TreeStep:
     is_tree: np.ndarray | None = None  # bool [num_reqs]: verified as its proposer's tree (else chain or no draft)
     checked: CheckedTrees | None = None  # check_trees of parents/cu_nodes: verification trusts them
     device_trees: tuple[torch.Tensor, torch.Tensor] | None = None  # (parents, cu_nodes) on the device, moved once
+    # the tree rows' trees (rows np.flatnonzero(is_tree), in order) as verified: their proposals cut
+    # to what was scheduled; the proposer learns from them (their tokens, keys, drafter fields)
+    trees: DraftBatch | None = None
+    # verification's accepted nodes [num_reqs, width] (local indices, root first, -1 padded) and
+    # their counts [num_reqs], on the host once vLLM has read the sampled tokens (:func:`host_copy`)
+    accepted: tuple[torch.Tensor, torch.Tensor] | None = None
     # with the proposer's prompt_topk: the step's prompt tokens (indices into its tokens, their ids)
     prompt_rows: torch.Tensor | None = None
     prompt_tokens: torch.Tensor | None = None
@@ -125,9 +141,34 @@ class TreeStep:
         return uniforms
 
 
-def ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``concatenate([arange(s, s + c) for s, c in zip(starts, counts)])`` without a Python loop."""
-    return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+def host_copy(tensor: torch.Tensor, buffers: dict, name: str) -> torch.Tensor:
+    """``tensor``'s host copy without a synchronisation: on a GPU, copied ``non_blocking`` into a
+    pinned buffer (``buffers[name]``, grown as needed and reused step after step), readable once the
+    stream has reached this point, which vLLM's own read of the step's sampled tokens (enqueued
+    later on the same stream) guarantees before the proposer reads it; on the CPU the tensor itself."""
+    if tensor.device.type == "cpu":
+        return tensor
+    buffer = buffers.get(name)
+    if buffer is None or buffer.dtype != tensor.dtype or buffer.numel() < tensor.numel():
+        buffer = buffers[name] = torch.empty(max(tensor.numel(), 2 * (0 if buffer is None else buffer.numel())),
+                                             dtype=tensor.dtype, pin_memory=True)
+    out = buffer[:tensor.numel()].view(tensor.shape)
+    out.copy_(tensor, non_blocking=True)
+    return out
+
+
+def _verified_trees(proposals: list[Proposal], counts: np.ndarray) -> DraftBatch:
+    """The proposals' trees cut to ``counts`` nodes (as scheduled), as one batch in their order
+    (they come from one proposing step's batch but for requests scheduled late: one gather)."""
+    rows = np.fromiter((p.row for p in proposals), np.int64, len(proposals))
+    first = proposals[0].trees
+    if all(p.trees is first for p in proposals):
+        return first.rows(rows, counts)
+    groups: dict[int, list[int]] = {}
+    for j, p in enumerate(proposals):
+        groups.setdefault(id(p.trees), []).append(j)
+    merged = DraftBatch.cat([proposals[js[0]].trees.rows(rows[js], counts[js]) for js in groups.values()])
+    return merged.rows(np.argsort([j for js in groups.values() for j in js]))
 
 
 def _tree_builders(runner) -> list:
@@ -149,6 +190,7 @@ class TreeBatch:
         self._builders: list = []  # the runner's builders the step's trees are handed to
         self.trees: tuple[torch.Tensor, torch.Tensor] | None = None
         self.trees_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._host_buffers: dict[str, torch.Tensor] = {}  # pinned buffers of host_copy
 
     def attention_trees(self, runner, trees: tuple[torch.Tensor, torch.Tensor] | None,
                         host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -164,20 +206,24 @@ class TreeBatch:
         self.trees = trees  # what the builders were handed (tests read it)
         self.trees_host = host
 
-    def propose(self, req_id: str, tokens: list[int], parents: torch.Tensor | None) -> None:
-        """Record the tree a request was proposed (no draft: forget any older one)."""
-        if tokens:
-            self.proposed[req_id] = Proposal(tokens, parents)
-        else:
-            self.proposed.pop(req_id, None)
+    def propose(self, req_ids: Sequence[str], drafts: Sequence[list[int]], trees: DraftBatch | None = None,
+                rows: Sequence[int] | None = None) -> None:
+        """Record the trees the requests were proposed: request ``req_ids[i]`` drafted
+        ``drafts[i]``, the nodes 1.. of tree ``rows[i]`` of ``trees`` (one batch for the step); no
+        draft: forget any older one."""
+        for i, (req_id, tokens) in enumerate(zip(req_ids, drafts)):
+            if tokens:
+                self.proposed[req_id] = Proposal(tokens, trees, rows[i])
+            else:
+                self.proposed.pop(req_id, None)
 
-    def _row_tree(self, req_id: str, draft: list[int], num_scheduled: int) -> torch.Tensor | None:
-        """The parents (root included) of the tree a row's scheduled draft is, or None when the draft
-        is not a BFS prefix of its proposer's tree scheduled as ``1 + n`` tokens (verified as a chain)."""
+    def _row_tree(self, req_id: str, draft: list[int], num_scheduled: int) -> Proposal | None:
+        """The proposal a row's scheduled draft is a BFS prefix of, or None when it is not one
+        scheduled as ``1 + n`` tokens (then verified as a chain)."""
         proposal = self.proposed.pop(req_id, None)
         n = len(draft)
         if proposal is not None and num_scheduled == n + 1 and proposal.tokens[:n] == draft:
-            return proposal.parents[: n + 1]
+            return proposal
         self.foreign_drafts += 1
         if self.foreign_drafts == 1:
             logger.warning("tkernels tree speculation: request %s was scheduled a draft of %d tokens in %d that is not "
@@ -185,6 +231,31 @@ class TreeBatch:
                            "are counted in the proposer's stats['foreign_drafts']; this is logged once.",
                            req_id, n, num_scheduled)
         return None
+
+    def verification_trees(self, req_ids: Sequence[str], drafts: Sequence[list[int]], scheduled_tokens: np.ndarray):
+        """Each row's verification tree, from the requests' proposals: ``(num_nodes, cu_nodes,
+        parents, node_depths, is_tree, trees)``, numpy arrays (parents int32, local; depths
+        int64) and the tree rows' :class:`DraftBatch` (None without one). A row whose draft is
+        a BFS prefix of its proposal is that tree; any other row is a chain (no draft: the
+        1-node chain)."""
+        num_nodes = np.array([len(d) + 1 for d in drafts], dtype=np.int64)
+        cu_nodes = np.zeros(len(drafts) + 1, dtype=np.int64)
+        np.cumsum(num_nodes, out=cu_nodes[1:])
+        local = np.arange(cu_nodes[-1], dtype=np.int64) - np.repeat(cu_nodes[:-1], num_nodes)
+        parents, node_depths = (local - 1).astype(np.int32), local  # a chain's depth is its local index
+        proposals = [(i, self._row_tree(req_ids[i], drafts[i], int(scheduled_tokens[i])))
+                     for i in np.flatnonzero(num_nodes > 1).tolist()]
+        proposals = [(i, p) for i, p in proposals if p is not None]
+        is_tree = np.zeros(len(drafts), dtype=bool)
+        trees = None
+        if proposals:  # their nodes' parents and depths: the proposals', gathered once
+            rows = np.array([i for i, _ in proposals], np.int64)
+            is_tree[rows] = True
+            trees = _verified_trees([p for _, p in proposals], num_nodes[rows])
+            nodes = ragged_arange(cu_nodes[:-1][rows], num_nodes[rows])
+            parents[nodes] = trees.parents.numpy()
+            node_depths[nodes] = trees.depths
+        return num_nodes, cu_nodes, parents, node_depths, is_tree, trees
 
     # patch 1 ------------------------------------------------------------------------------------
     def begin_step(self, runner, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
@@ -200,23 +271,15 @@ class TreeBatch:
         starts = np.cumsum(scheduled_tokens) - scheduled_tokens
         scheduled = scheduler_output.scheduled_spec_decode_tokens
         drafts = [list(scheduled.get(req_id, ())) for req_id in req_ids]
-        num_nodes = np.array([len(d) + 1 for d in drafts], dtype=np.int64)
-        cu_nodes = np.concatenate([[0], np.cumsum(num_nodes)])
-        # Default: every row a chain (a row without a draft is the 1-node chain [-1]).
-        parents = torch.from_numpy(np.arange(cu_nodes[-1], dtype=np.int64) - np.repeat(cu_nodes[:-1], num_nodes) - 1).int()
-        is_tree = np.zeros(num_reqs, dtype=bool)
-        for i in np.flatnonzero(num_nodes > 1):
-            tree = self._row_tree(req_ids[i], drafts[i], int(scheduled_tokens[i]))
-            if tree is not None:
-                parents[cu_nodes[i] : cu_nodes[i + 1]] = tree
-                is_tree[i] = True
+        num_nodes, cu_nodes, parents, node_depths, is_tree, trees = self.verification_trees(req_ids, drafts,
+                                                                                            scheduled_tokens)
+        parents, node_depths = torch.from_numpy(parents), torch.from_numpy(node_depths)
         cu = torch.from_numpy(cu_nodes).int()
-        node_depths = depths(parents, cu).long()  # chains: depth = local index
         device = runner.positions.device
         self.step = TreeStep(
             req_ids=req_ids, drafts=drafts, prefix=prefix, num_nodes=num_nodes, parents=parents, cu_nodes=cu,
             seeds=[_seed(runner, req_id) for req_id in req_ids], root_position=prefix + scheduled_tokens - num_nodes,
-            node_depths=node_depths, is_tree=is_tree, started=started,
+            node_depths=node_depths, is_tree=is_tree, started=started, trees=trees,
             checked=check_trees(parents, cu, node_depths),  # the one validation of the step's trees
             device_trees=(parents.to(device), cu.to(device)),
         )
@@ -234,18 +297,18 @@ class TreeBatch:
         # Tree rows hold exactly 1 + n scheduled tokens, node j at token starts[i] + j.
         rows = np.flatnonzero(is_tree)
         node_rows = np.repeat(rows, num_nodes[rows])
-        nodes = ragged_arange(cu_nodes[rows], num_nodes[rows])
-        token = torch.from_numpy(starts[node_rows] + nodes - cu_nodes[node_rows])
-        tree_parents = torch.full((int(scheduled_tokens.sum()),), -1, dtype=torch.int32)
-        tree_parents[token] = parents[torch.from_numpy(nodes)]
-        tree_depths = torch.zeros(tree_parents.numel(), dtype=torch.int64)
-        tree_depths[token] = node_depths[torch.from_numpy(nodes)]
-        drafted = nodes != cu_nodes[node_rows]  # the roots keep vLLM's position (= prefix)
-        new_positions = torch.from_numpy(prefix[node_rows][drafted]) + node_depths[torch.from_numpy(nodes[drafted])]
-        runner.positions[token[torch.from_numpy(drafted)].to(device)] = new_positions.to(device, runner.positions.dtype)
-        host_is_tree = torch.from_numpy(is_tree)
+        nodes = ragged_arange(cu_nodes[:-1][rows], num_nodes[rows])
+        token = starts[node_rows] + nodes - cu_nodes[node_rows]
+        tree_parents = np.full(int(scheduled_tokens.sum()), -1, dtype=np.int32)
+        tree_parents[token] = trees.parents.numpy()
+        tree_depths = np.zeros(tree_parents.size, dtype=np.int64)
+        tree_depths[token] = trees.depths
+        drafted = trees.depths > 0  # the roots keep vLLM's position (= prefix)
+        new_positions = torch.from_numpy(prefix[node_rows][drafted] + trees.depths[drafted])
+        runner.positions[torch.from_numpy(token[drafted]).to(device)] = new_positions.to(device, runner.positions.dtype)
+        tree_parents, host_is_tree = torch.from_numpy(tree_parents), torch.from_numpy(is_tree)
         self.attention_trees(runner, (tree_parents.to(device), host_is_tree.to(device)),
-                             (tree_parents, host_is_tree, tree_depths))
+                             (tree_parents, host_is_tree, torch.from_numpy(tree_depths)))
 
     def _prompt_positions(self, runner, num_scheduled_tokens: np.ndarray, starts: np.ndarray, prefix: np.ndarray) -> None:
         """Record which of the step's tokens are prompt tokens (prefill chunks), for prompt_topk."""
@@ -315,6 +378,8 @@ class TreeBatch:
             num[failed] = 1  # nothing accepted, nothing compacted
             nodes[failed, 1:] = -1
         self._compact(runner, step, nodes, num, reference)
+        # what the proposer learns from (the accepted paths), on the host without a sync
+        step.accepted = tuple(host_copy(t, self._host_buffers, name) for name, t in (("nodes", nodes), ("num", num)))
         out = torch.full((num_reqs, max(drafts, default=0) + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
         out[:, : tokens.shape[1]] = torch.where(tokens >= 0, tokens, PLACEHOLDER_TOKEN_ID)
         if failed:

@@ -5,6 +5,7 @@ parents, verified as a tree by :mod:`tkernels.plugins.vllm.tree`'s patches."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 from tkernels.plugins.vllm.path_proposer import TokenRecyclingProposer, draft_tree
 from tkernels.plugins.vllm.settings import tree_options
 from tkernels.spec import TOP_K, TreeShape
-from tkernels.spec.drafters import DYNAMIC, DraftTree, TreeDrafter
+from tkernels.spec.draft_tree import ragged_arange
+from tkernels.spec.drafters import DYNAMIC, DraftBatch, TreeDrafter
 from tkernels.spec.token_recycling import top_k_probs
 
 __all__ = ["TokenRecyclingTreeProposer"]
@@ -21,21 +23,6 @@ __all__ = ["TokenRecyclingTreeProposer"]
 logger = logging.getLogger("vllm.tkernels")  # vLLM's handlers and format, as the scheduler's
 CAP_REFRESH_STEPS = 16  # per_batch: steps between re-sizings of the trees from the learnt acceptance
 PROMPT_TOPK_CHUNK = 512  # prompt rows per LM-head matmul when recycling prompt logits (bounds the [rows, vocab] buffer)
-
-
-def _accepted_path(tree: DraftTree, accepted_tokens: list[int]) -> list[int] | None:
-    """The nodes (root first) of ``tree`` whose tokens the target accepted, in order (siblings
-    hold distinct tokens); None if the tokens are not a path of the tree."""
-    children: dict[tuple[int, int], int] = {}
-    for j, key in enumerate(zip(tree.parents.tolist()[1:], tree.tokens.tolist()[1:]), 1):
-        children.setdefault(key, j)
-    path = [0]
-    for token in accepted_tokens:
-        child = children.get((path[-1], token))
-        if child is None:
-            return None
-        path.append(child)
-    return path
 
 
 def sibling_ranks(parents: list[int], path: list[int]) -> tuple[list[int], int]:
@@ -46,6 +33,29 @@ def sibling_ranks(parents: list[int], path: list[int]) -> tuple[list[int], int]:
     if path[-1] in parents:
         ranks.append(-1)
     return ranks, len(ranks)
+
+
+def batch_sibling_ranks(trees: DraftBatch, on_path: np.ndarray, max_depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`sibling_ranks` of every tree of a batch at once: ``ranks`` int64 [B, max_depth]
+    (-1 padded) and ``observed`` int64 [B], both cut at ``max_depth``; ``on_path`` bool [N] the
+    accepted paths' nodes (roots included)."""
+    n = trees.num_nodes
+    index = np.arange(n)
+    parent = trees.global_parents()
+    # BFS keeps siblings together: a node's first sibling is the last node before it (or itself)
+    # whose parent differs from its predecessor's
+    first = (parent >= 0) & (parent != np.concatenate([[-2], parent[:-1]]))
+    rank = index - np.maximum.accumulate(np.where(first, index, 0))
+    has_child = np.zeros(n, bool)
+    has_child[parent[parent >= 0]] = True
+    row = np.repeat(np.arange(len(trees)), trees.sizes)
+    depth = trees.depths
+    ranks = np.full((len(trees), max_depth + 1), -1, np.int64)
+    accepted = np.flatnonzero(on_path & (depth >= 1))
+    ranks[row[accepted], np.minimum(depth[accepted], max_depth + 1) - 1] = rank[accepted]
+    last = np.maximum.reduceat(np.where(on_path, index, -1), trees.cu[:-1])  # BFS: the deepest accepted node
+    observed = np.minimum(depth[last] + has_child[last], max_depth)
+    return ranks[:, :max_depth], observed
 
 
 class TokenRecyclingTreeProposer(TokenRecyclingProposer):
@@ -96,7 +106,6 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
                                             recycling=self.drafter)  # one adjacency: what prompt_topk and the capture feed
         self._capture_probs = self.tree_drafter.method != DYNAMIC
         self._draft_caps: dict[int, int] = {}  # drafting requests -> nodes drafted per request (per_batch)
-        self._trees: dict[str, DraftTree] = {}  # per request, the tree it was last proposed
         self.stats.update(prompt_topk_rows=0, prompt_topk_s=0.0, prompt_forward_s=0.0, foreign_drafts=0,
                           undrafted_steps=0)
         logger.info("tkernels tree proposer: drafter %s, %s trees of at most %d draft tokens; %s", drafter,
@@ -140,20 +149,14 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         self.stats["steps"] += 1
         captured, self._captured = self._captured, []
         self._observe_trees(step, captured, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
-        for req_id in set(self._trees) - set(step.req_ids):  # finished or preempted: a resumed one is rebuilt
-            self._trees.pop(req_id)
-        for key in set(self.tree_drafter.keys()) - set(step.req_ids):
+        for key in set(self.tree_drafter.keys()) - set(step.req_ids):  # finished or preempted
             self.tree_drafter.release(key)
-        active = [i for i, s in enumerate(sampled_token_ids) if s and int(num_tokens_no_spec[i]) + 1 < self.max_model_len]
+        lengths = np.asarray(num_tokens_no_spec[:len(sampled_token_ids)], dtype=np.int64)
+        sampled = np.fromiter(map(bool, sampled_token_ids), bool, len(sampled_token_ids))
+        active = np.flatnonzero(sampled & (lengths + 1 < self.max_model_len))
         drafts = [[] for _ in sampled_token_ids]
-        if not active:
-            for req_id in step.req_ids:
-                self.tree_batch.propose(req_id, [], None)
-            return drafts
-        lengths = [int(num_tokens_no_spec[i]) for i in active]
-        keys = [step.req_ids[i] for i in active]
         num_nodes = self.num_speculative_tokens + 1
-        if self.per_batch:
+        if active.size and self.per_batch:
             # Draft no more per request than this batch can pay for under the step model (the
             # dynamic policy's size at its prior estimates: 128 nodes at batch 1, 8 at 32 on an
             # H100-class Llama-3-8B), so a large batch never pays the host time of drafting big
@@ -164,84 +167,90 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             # CAP_REFRESH_STEPS steps, and at every refit of the latency model (_measure_step).
             if self.stats["steps"] % CAP_REFRESH_STEPS == 0:
                 self._draft_caps.clear()
-            if len(active) not in self._draft_caps:
-                self._draft_caps[len(active)] = len(self.policy.choose(len(active), num_nodes))
-            num_nodes = self._draft_caps[len(active)]
-        if num_nodes <= 1:  # no draft pays at this batch on this machine: skip drafting altogether
-            self.stats["undrafted_steps"] += 1
-            for req_id in step.req_ids:
-                self._trees.pop(req_id, None)
-                self.tree_batch.propose(req_id, [], None)
+            if active.size not in self._draft_caps:
+                self._draft_caps[active.size] = len(self.policy.choose(active.size, num_nodes))
+            num_nodes = self._draft_caps[active.size]
+            if num_nodes <= 1:  # no draft pays at this batch on this machine: skip drafting altogether
+                self.stats["undrafted_steps"] += 1
+        if not active.size or num_nodes <= 1:
+            self.tree_batch.propose(step.req_ids, drafts)
             return drafts
-        trees = self.tree_drafter.draft(keys, [token_ids_cpu[i, :n] for i, n in zip(active, lengths)], num_nodes)
+        rows = active.tolist()
+        lengths = lengths[active]
+        trees = self.tree_drafter.draft_batch([step.req_ids[i] for i in rows],
+                                              [token_ids_cpu[i, :n] for i, n in zip(rows, lengths.tolist())], num_nodes)
         if self.per_batch:
-            trees = self.tree_drafter.choose(trees)  # methods with estimates; others keep the whole budget
-        for i, key, n, tree in zip(active, keys, lengths, trees):
-            room = self.max_model_len - n - 1
-            if len(tree) > room + 1:
-                tree = tree.select(torch.arange(room + 1))  # a BFS prefix: still a tree
-            self._trees[key] = tree
-            drafts[i] = tree.tokens[1:].tolist()
-        for i, req_id in enumerate(step.req_ids):
-            self.tree_batch.propose(req_id, drafts[i], self._trees[req_id].parents if drafts[i] else None)
+            trees = self.tree_drafter.choose_batch(trees)  # methods with estimates; others keep the whole budget
+        room = self.max_model_len - lengths  # nodes that fit before the context limit, root included
+        if (trees.sizes > room).any():
+            trees = trees.rows(np.arange(len(trees)), np.minimum(trees.sizes, room))  # BFS prefixes: still trees
+        tokens, bounds = trees.tokens.tolist(), trees.cu.tolist()
+        batch_rows = [-1] * len(drafts)
+        for b, i in enumerate(rows):
+            drafts[i] = tokens[bounds[b] + 1:bounds[b + 1]]
+            batch_rows[i] = b
+        self.tree_batch.propose(step.req_ids, drafts, trees, batch_rows)
         return drafts
 
     def _observe_trees(self, step, captured, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> None:
         """Teach the drafter this step's verification: every verified node's top-k (rows matched
-        as in :meth:`_recycle`) and each row's accepted path, read off its sampled tokens."""
-        rows, trees, paths, offset = [], [], [], 0
-        for i, sampled in enumerate(sampled_token_ids):
-            drafts = step.drafts[i] if i < len(step.drafts) else []
-            if sampled:
-                # a row verified as a chain (its draft was not this tree: tree.py) teaches nothing
-                as_tree = step.is_tree is None or bool(step.is_tree[i])
-                tree = self._trees.get(step.req_ids[i]) if drafts and as_tree else None
-                n = 1 + len(drafts)
-                # is_tree: tree.py found the draft to be a BFS prefix of this very proposal; without
-                # it (a caller that does not say), compare the tokens
-                if tree is not None and (len(tree) < n or (step.is_tree is None
-                                                           and tree.tokens[1:n].tolist() != list(drafts))):
-                    tree = None
-                if tree is not None:
-                    if len(tree) > n:
-                        tree = tree.select(torch.arange(n))  # as scheduled: a BFS prefix
-                    path = _accepted_path(tree, sampled[:-1])
-                else:  # no draft: its root's row alone
-                    root = int(token_ids_cpu[i, int(num_tokens_no_spec[i]) - len(sampled) - 1])
-                    tree = DraftTree(torch.tensor([root]), torch.tensor([-1], dtype=torch.int32), key=step.req_ids[i])
-                    path = [0]
-                if path is not None and len(tree) == 1 + len(drafts):
-                    rows += range(offset, offset + len(tree))
-                    trees.append(tree)
-                    paths.append(path)
-            offset += 1 + len(drafts)
-        if not rows:
+        as in :meth:`_recycle`) and each tree's accepted path (verification's, ``step.accepted``),
+        the step's trees as one batch. Rows verified as chains (their draft was not their tree:
+        tree.py) teach nothing; rows without a draft teach their root's row."""
+        num_reqs = len(step.req_ids)
+        if len(sampled_token_ids) != num_reqs:
+            self.stats["skipped_steps"] += 1
             return
-        top = next(((ids, probs) for ids, probs in captured if ids.shape[0] == offset), None)
+        # rows that sampled tokens (a failed row's first is tree.FAILED_TOKEN: nothing to learn)
+        counts = np.fromiter((len(s) if s and s[0] >= 0 else 0 for s in sampled_token_ids), np.int64, num_reqs)
+        cu_nodes = step.cu_nodes.numpy().astype(np.int64)
+        total = int(cu_nodes[-1])
+        top = next(((ids, probs) for ids, probs in captured if ids.shape[0] == total), None)
+        tree_rows = np.flatnonzero(step.is_tree) if step.accepted is not None else np.zeros(0, np.int64)
+        nodes, num = (t.numpy() for t in step.accepted) if tree_rows.size else (None, None)
+        # a tree row's sampled tokens are its accepted path's drafts and the bonus token
+        learn = (counts[tree_rows] > 0) & (counts[tree_rows] == (num[tree_rows] if tree_rows.size else 0))
+        parts, index, on_path = [], [], []
+        if learn.any():
+            trees = step.trees.rows(np.flatnonzero(learn))
+            rows = tree_rows[learn]
+            width = nodes.shape[1]
+            path = nodes[rows].astype(np.int64) + trees.cu[:-1, None]
+            path_mask = np.arange(width)[None, :] < num[rows, None]
+            accepted = np.zeros(trees.num_nodes, bool)
+            accepted[path[path_mask]] = True
+            parts.append(trees)
+            index.append(ragged_arange(cu_nodes[rows], step.num_nodes[rows]))
+            on_path.append(accepted)
+            self._learn_acceptance(trees, accepted)
+        roots = np.flatnonzero((step.num_nodes == 1) & (counts > 0))  # no draft: its root's row alone
+        if roots.size:
+            lengths = np.asarray(num_tokens_no_spec[:num_reqs], dtype=np.int64)[roots]
+            tokens = token_ids_cpu[roots, lengths - counts[roots] - 1].astype(np.int64)
+            parts.append(DraftBatch(torch.from_numpy(tokens), torch.full((roots.size,), -1, dtype=torch.int32),
+                                    np.arange(roots.size + 1, dtype=np.int64), [step.req_ids[r] for r in roots.tolist()],
+                                    node_depths=np.zeros(roots.size, np.int64)))
+            index.append(cu_nodes[roots])
+            on_path.append(np.ones(roots.size, bool))
+        if not parts:
+            return
         if top is None:
             self.stats["skipped_steps"] += 1
             return
-        index = torch.tensor(rows, device=top[0].device)
-        self.tree_drafter.observe(trees, top[0][index].cpu(), top[1][index].cpu(), paths)
-        self._learn_acceptance(trees, paths)
+        trees, index, on_path = DraftBatch.cat(parts), np.concatenate(index), np.concatenate(on_path)
+        rows = torch.from_numpy(index)  # the captured top-k is on the host already (load_model's capture)
+        self.tree_drafter.observe_batch(trees, top[0][rows], top[1][rows], on_path)
         self.stats["recycled_steps"] += 1
-        self.stats["recycled_rows"] += len(rows)
+        self.stats["recycled_rows"] += index.size
 
-    def _learn_acceptance(self, trees: list[DraftTree], paths: list[list[int]]) -> None:
+    def _learn_acceptance(self, trees: DraftBatch, on_path: np.ndarray) -> None:
         """Teach the size policy (per-(depth, rank) estimates) what this drafter's trees achieve:
         at each depth of an accepted path, the accepted node's rank among its siblings, and a
-        miss (-1) below the last accepted node when the tree had children there."""
-        drafted = [(t, p) for t, p in zip(trees, paths) if len(t) > 1]
-        if not drafted:
-            return
-        ranks = torch.full((len(drafted), self.policy.max_depth), -1, dtype=torch.int64)
-        observed = torch.zeros(len(drafted), dtype=torch.int64)
-        for b, (tree, path) in enumerate(drafted):
-            rank, seen = sibling_ranks(tree.parents.tolist(), path)
-            width = min(len(rank), self.policy.max_depth)
-            ranks[b, :width] = torch.tensor(rank[:width], dtype=torch.int64)
-            observed[b] = min(seen, self.policy.max_depth)
-        self.policy.update(ranks, observed)
+        miss (-1) below the last accepted node when the tree had children there
+        (:func:`batch_sibling_ranks`)."""
+        if len(trees):
+            ranks, observed = batch_sibling_ranks(trees, on_path, self.policy.max_depth)
+            self.policy.update(torch.from_numpy(ranks), torch.from_numpy(observed))
 
     def recycle_prompt(self, hidden_states: torch.Tensor, forward_s: float) -> None:
         """With ``prompt_topk``: recycle the target's top-k at this step's prompt positions
@@ -281,6 +290,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         step = self.tree_batch.step
         if step is None:
             raise RuntimeError("TokenRecyclingTreeProposer.propose ran before any step: are tkernels' vLLM patches installed?")
-        for req_id, tree in zip(step.req_ids, drafted):
-            tokens = [] if tree is None else tree.tokens[1:].tolist()
-            self.tree_batch.propose(req_id, tokens, tree.parents if tokens else None)
+        trees = [tree for tree in drafted if tree is not None and len(tree) > 1]
+        rows = list(itertools.accumulate((tree is not None and len(tree) > 1 for tree in drafted), initial=-1))[1:]
+        drafts = [tree.tokens[1:].tolist() if tree is not None and len(tree) > 1 else [] for tree in drafted]
+        self.tree_batch.propose(step.req_ids, drafts, DraftBatch.from_trees(trees), rows)

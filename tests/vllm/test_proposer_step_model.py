@@ -31,6 +31,40 @@ def test_sibling_ranks_of_accepted_paths():
     assert sibling_ranks([-1], [0]) == ([], 0)
 
 
+@pytest.mark.parametrize("max_depth", [2, 8, 40])
+def test_batched_sibling_ranks_are_the_per_path_reference(max_depth):
+    """The step's trees at once (batch_sibling_ranks) against sibling_ranks tree by tree, on
+    random BFS trees (1 to 60 nodes) and random accepted paths."""
+    import torch
+
+    from tkernels.plugins.vllm.tree_proposer import batch_sibling_ranks, sibling_ranks
+    from tkernels.spec.drafters import DraftBatch, DraftTree
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        trees, paths = [], []
+        for _ in range(int(rng.integers(1, 12))):
+            n = int(rng.integers(1, 61))
+            parents = [-1] + sorted(int(rng.integers(0, j)) for j in range(1, n))  # non-decreasing: BFS
+            path = [0]
+            while rng.random() < 0.8:
+                children = [j for j in range(n) if parents[j] == path[-1]]
+                if not children:
+                    break
+                path.append(int(rng.choice(children)))
+            trees.append(DraftTree(torch.arange(n), torch.tensor(parents, dtype=torch.int32)))
+            paths.append(path)
+        batch = DraftBatch.from_trees(trees)
+        on_path = np.zeros(batch.num_nodes, bool)
+        for b, path in enumerate(paths):
+            on_path[batch.cu[b] + np.array(path)] = True
+        ranks, observed = batch_sibling_ranks(batch, on_path, max_depth)
+        for b, (tree, path) in enumerate(zip(trees, paths)):
+            want, seen = sibling_ranks(tree.parents.tolist(), path)
+            want = (want + [-1] * max_depth)[:max_depth]
+            assert ranks[b].tolist() == want and observed[b] == min(seen, max_depth)
+
+
 def measured_step(model: LatencyModel, prefix, chunks):
     """A TreeStep-like record of a step that ran ``chunks`` tokens per row after ``prefix`` and took
     what ``model`` predicts (stamped that long ago)."""
@@ -97,12 +131,12 @@ def test_the_size_policy_learns_the_drafters_acceptance():
     """Harness drafters: every verified tree teaches the size policy the accepted nodes' ranks."""
     import torch
 
-    from tkernels.spec.drafters import DraftTree
+    from tkernels.spec.drafters import DraftBatch, DraftTree
 
     proposer, _ = make_tree_proposer(num_spec=8)
     before = proposer.policy.accept_probs().clone()
-    tree = DraftTree(torch.tensor([3, 4, 9, 5]), torch.tensor([-1, 0, 0, 1], dtype=torch.int32))
+    trees = DraftBatch.from_trees([DraftTree(torch.tensor([3, 4, 9, 5]), torch.tensor([-1, 0, 0, 1], dtype=torch.int32))])
     for _ in range(20):
-        proposer._learn_acceptance([tree], [[0, 1, 3]])  # rank 0 at depths 1 and 2, every time
+        proposer._learn_acceptance(trees, np.array([True, True, False, True]))  # rank 0 at depths 1 and 2, every time
     after = proposer.policy.accept_probs()
     assert after[0, 0] > before[0, 0] and after[1, 0] > before[1, 0] and after[0, 1] < before[0, 1]

@@ -54,12 +54,42 @@ def make_tree_proposer(**config):
 
 
 def fake_step(proposer, req_ids, drafts):
-    """The TreeStep begin_step would record for rows verified with ``drafts``."""
+    """The TreeStep begin_step would record for rows verified with ``drafts`` (every row
+    scheduled as ``1 + len(draft)`` tokens)."""
     from tkernels.plugins.vllm.tree import TreeStep
 
-    num_nodes = np.array([len(d) + 1 for d in drafts])
+    num_nodes, cu_nodes, parents, depths, is_tree, trees = proposer.tree_batch.verification_trees(
+        req_ids, drafts, np.array([len(d) + 1 for d in drafts]))
     proposer.tree_batch.step = TreeStep(req_ids=req_ids, drafts=drafts, prefix=np.zeros(len(drafts), dtype=np.int64),
-                                        num_nodes=num_nodes, parents=torch.empty(0), cu_nodes=torch.empty(0))
+                                        num_nodes=num_nodes, parents=torch.from_numpy(parents),
+                                        cu_nodes=torch.from_numpy(cu_nodes).int(), node_depths=torch.from_numpy(depths),
+                                        is_tree=is_tree, trees=trees)
+
+
+def propose_tree(batch, req_id, tokens, parents):
+    """TreeBatch.propose of one request's tree (root token 0: verification never reads it)."""
+    from tkernels.spec.drafters import DraftBatch
+
+    trees = DraftBatch(torch.tensor([0, *tokens]), parents, np.array([0, parents.numel()]), [req_id])
+    batch.propose([req_id], [tokens], trees, [0])
+
+
+def verified(proposer, sampled):
+    """What TreeBatch.verify records of the fake step: each row's accepted nodes (root first),
+    read off its sampled tokens (the accepted drafts, then the bonus token)."""
+    step = proposer.tree_batch.step
+    cu = step.cu_nodes.tolist()
+    paths = []
+    for i, tokens in enumerate(sampled):
+        parents = step.parents[cu[i]:cu[i + 1]].tolist()
+        draft = step.drafts[i]
+        path = [0]
+        for token in tokens[:-1]:
+            path.append(next(j for j in range(1, len(parents)) if parents[j] == path[-1] and draft[j - 1] == token))
+        paths.append(path)
+    width = max(map(len, paths))
+    nodes = torch.tensor([p + [-1] * (width - len(p)) for p in paths], dtype=torch.int32)
+    step.accepted = (nodes, torch.tensor([len(p) for p in paths], dtype=torch.int32))
 
 
 def learn(proposer, rows):
@@ -145,11 +175,11 @@ def test_harness_drafters_draft_no_more_per_request_than_the_batch_pays_for(draf
         assert proposer.tree_drafter.method == (drafter or DEFAULT_TREE_DRAFTER)
         budgets = []
 
-        def draft(keys, histories, num_nodes, original=proposer.tree_drafter.draft, budgets=budgets):
+        def draft(keys, histories, num_nodes, original=proposer.tree_drafter.draft_batch, budgets=budgets):
             budgets.append(num_nodes)
             return original(keys, histories, num_nodes)
 
-        proposer.tree_drafter.draft = draft
+        proposer.tree_drafter.draft_batch = draft
         for batch_size in (1, 32):
             batch = Batch([[3, 4, 5, 3, 4]] * batch_size)  # "3 4" repeats: retrieval has something to draft
             fake_step(proposer, [f"r{i}" for i in range(batch_size)], [[]] * batch_size)
@@ -190,9 +220,8 @@ def test_harness_drafters_draft_observe_and_follow_requests(rng):
     drafts = proposer.propose([[7], [4]], batch.num_tokens.copy(), batch.token_ids)
     assert drafts[0][:3] == [8, 9, 10]  # retrieval: what followed 5 6 7 in the prompt
     assert drafts[1] == [] or len(drafts[1]) <= 6  # b: unwritten rows, probability 0
-    tree = proposer._trees["a"]
-    assert proposer.tree_batch.proposed["a"].tokens == drafts[0]
-    assert proposer.tree_batch.proposed["a"].parents.tolist() == tree.parents.tolist()
+    tree = proposer.tree_batch.proposed["a"].trees.trees()[proposer.tree_batch.proposed["a"].row]
+    assert proposer.tree_batch.proposed["a"].tokens == drafts[0] == tree.tokens[1:].tolist()
     # Verify a's tree: the target accepts 8, 9 and says 42 after 9 (b drafted nothing or was cut).
     scheduled = [drafts[0], []]
     fake_step(proposer, ["a", "b"], scheduled)
@@ -202,6 +231,7 @@ def test_harness_drafters_draft_observe_and_follow_requests(rng):
     target.compute_logits(logits_preferring(after + [11], rng))
     batch.commit([[8, 9, 42], [11]])
     before = proposer.tree_drafter.retrieval_calibration.accepted.sum().item()
+    verified(proposer, [[8, 9, 42], [11]])
     proposer.propose([[8, 9, 42], [11]], batch.num_tokens.copy(), batch.token_ids)
     assert proposer.drafter.adjacency[9, 0] == 42 and proposer.drafter.adjacency[3, 0] == 4  # and b's root row
     assert proposer.tree_drafter.retrieval_calibration.accepted.sum().item() > before  # 8 and 9 were retrieval's
@@ -211,7 +241,7 @@ def test_harness_drafters_draft_observe_and_follow_requests(rng):
     proposer.tree_batch.step.drafts = [[]]
     target.compute_logits(logits_preferring([1], rng))
     proposer.propose([[1]], batch.num_tokens[:1].copy() + 1, batch.token_ids[:1])
-    assert set(proposer.tree_drafter.keys()) == {"a"} and set(proposer._trees) <= {"a"}
+    assert set(proposer.tree_drafter.keys()) == {"a"}
 
 
 def test_prompt_topk_recycles_the_prompt_positions(rng):
@@ -383,8 +413,8 @@ def test_begin_step_sets_tree_positions_and_attention_trees():
     from tkernels.plugins.vllm import tree
 
     batch = tree.TreeBatch()
-    batch.propose("t", [8, 9, 12, 13], torch.tensor([-1, 0, 0, 1, 1], dtype=torch.int32))
-    batch.propose("gone", [5], torch.tensor([-1, 0], dtype=torch.int32))
+    propose_tree(batch, "t", [8, 9, 12, 13], torch.tensor([-1, 0, 0, 1, 1], dtype=torch.int32))
+    propose_tree(batch, "gone", [5], torch.tensor([-1, 0], dtype=torch.int32))
     # Row 0 prefills 3 tokens, row 1 verifies its tree cut by the scheduler to 3 nodes.
     runner = fake_runner(["p", "t"], [0, 10], 3 + 4)
     linear = runner.positions.clone()
@@ -412,10 +442,10 @@ def test_a_draft_that_is_not_the_proposed_tree_is_verified_as_a_chain_for_that_r
 
     batch = tree.TreeBatch()
     tree_parents = torch.tensor([-1, 0, 0, 1], dtype=torch.int32)
-    batch.propose("t", [8, 9, 12], tree_parents)
-    batch.propose("z", [8, 9, 12], tree_parents)  # scheduled zeros instead
+    propose_tree(batch, "t", [8, 9, 12], tree_parents)
+    propose_tree(batch, "z", [8, 9, 12], tree_parents)  # scheduled zeros instead
     # "n" was never proposed anything but is scheduled a draft; "c" is a draft with extra tokens
-    batch.propose("c", [5, 6], torch.tensor([-1, 0, 0], dtype=torch.int32))
+    propose_tree(batch, "c", [5, 6], torch.tensor([-1, 0, 0], dtype=torch.int32))
     runner = fake_runner(["t", "z", "n", "c"], [10, 20, 30, 40], 4 + 4 + 3 + 4, torch.arange(16).view(4, 4).int())
     linear = runner.positions.clone()
     drafts = {"t": [8, 9, 12], "z": [0, 0, 0], "n": [7, 7], "c": [5, 6]}
@@ -467,7 +497,7 @@ def test_verify_returns_vllm_layout_and_compacts_the_accepted_path(monkeypatch, 
     runner = fake_runner(["d", "t"], [5, 6], 1 + 5, block_table, sampling)
     batch = tree.TreeBatch()
     batch._kv_planes = [cache]
-    batch.propose("t", [8, 9, 12, 13], torch.tensor([-1, 0, 0, 1, 2], dtype=torch.int32))
+    propose_tree(batch, "t", [8, 9, 12, 13], torch.tensor([-1, 0, 0, 1, 2], dtype=torch.int32))
     batch.begin_step(runner, SimpleNamespace(finished_req_ids=set(), scheduled_spec_decode_tokens={"t": [8, 9, 12, 13]}),
                      np.array([1, 5]))
     # Row 0 (no draft) says 40. Row 1: root 4 -> 9 (node 2), 9 -> 13 (node 4), then 50: path 0, 2, 4.
@@ -515,7 +545,7 @@ def test_a_request_with_unusable_logits_fails_alone(monkeypatch, rng):
     batch = tree.TreeBatch()
     batch._kv_planes = [cache]
     for req_id in ("a", "t"):
-        batch.propose(req_id, [8, 9], torch.tensor([-1, 0, 1], dtype=torch.int32))
+        propose_tree(batch, req_id, [8, 9], torch.tensor([-1, 0, 1], dtype=torch.int32))
     batch.begin_step(runner, SimpleNamespace(finished_req_ids=set(), scheduled_spec_decode_tokens={"a": [8, 9], "t": [8, 9]}),
                      np.array([3, 3]))
     runner.input_ids.gpu = torch.tensor([4, 8, 9, 4, 8, 9])

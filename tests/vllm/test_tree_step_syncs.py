@@ -157,7 +157,22 @@ def kernels(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_a_tree_step_syncs_once_in_verification_and_twice_for_the_recycled_top_k(kernels):
+@pytest.fixture
+def pinned_copies(monkeypatch):
+    """``tree.host_copy`` as on a GPU: a ``non_blocking`` copy into a pinned host buffer, enqueued
+    before vLLM's own read of the step's sampled tokens on the same stream, so complete when the
+    proposer reads it (no synchronisation of its own); here a fresh host tensor."""
+    from tkernels.plugins.vllm import tree
+
+    def host_copy(tensor, buffers, name):
+        out = tensor.clone()
+        setattr(out, MARK, False)  # on the host (the counter marks what a torch call makes from a device tensor)
+        return out
+
+    monkeypatch.setattr(tree, "host_copy", host_copy)
+
+
+def test_a_tree_step_syncs_once_in_verification(kernels, pinned_copies):
     from tree_step import TreeServingStep
 
     vocab, batch, nodes = 64, 4, 9
@@ -187,17 +202,15 @@ def test_a_tree_step_syncs_once_in_verification_and_twice_for_the_recycled_top_k
         assert step.tree_batch.step.is_tree.any() and plan.plans[None].has_tree
         per_step.append(counter.syncs)
     report = "\n".join(f"{n} x {where}" for where, n in sorted(per_step[-1].items()))
-    # The syncs left in a step, each one read:
-    # 1. tkernels/spec/verify/inputs.py (_check_tree_batch): whether some node's logits are
-    #    unusable (NaN, +inf, no finite logit), the flag that lets one request fail alone
-    #    instead of returning a token outside the vocabulary (docs/design.md, tree verification).
-    # 2, 3. plugins/vllm/tree_proposer.py (_observe_trees): the verified nodes' top-k ids, then their
-    #    probabilities, copied to the host for the host drafter to recycle (its adjacency lives
-    #    on the host); one copy of both would make them one.
-    # Planning (vLLM's host copies and the step's host trees), the trees (built and checked on
-    # the host once, moved to the device once) and KV compaction (checked=True) read nothing.
-    assert sum(per_step[-1].values()) == 3, report
-    assert len(per_step[-1]) == 2 and per_step[0] == per_step[-1], report
+    # The sync left in a step: tkernels/spec/verify/inputs.py (_check_tree_batch), whether some
+    # node's logits are unusable (NaN, +inf, no finite logit), the flag that lets one request
+    # fail alone instead of returning a token outside the vocabulary (docs/design.md, tree
+    # verification). Planning (vLLM's host copies and the step's host trees), the trees (built
+    # and checked on the host once, moved to the device once) and KV compaction (checked=True)
+    # read nothing; what the proposer learns from (the captured top-k, verification's accepted
+    # nodes) reaches the host by pinned non-blocking copies (pinned_copies).
+    assert sum(per_step[-1].values()) == 1, report
+    assert len(per_step[-1]) == 1 and per_step[0] == per_step[-1], report
 
 
 def test_the_counter_sees_a_device_read_and_ignores_host_tensors():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import torch
 
 from tkernels.checks import real
 
-__all__ = ["DraftTree", "RetrievalCalibration"]
+__all__ = ["DraftBatch", "DraftTree", "RetrievalCalibration", "ragged_arange"]
 
 
 @dataclass
@@ -133,3 +134,148 @@ class RetrievalCalibration:
         self.tested += torch.from_numpy(np.bincount(flat, minlength=size).astype(np.float64)).view_as(self.tested)
         ok = np.asarray(accepted, dtype=np.float64)
         self.accepted += torch.from_numpy(np.bincount(flat, weights=ok, minlength=size)).view_as(self.accepted)
+
+
+def ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + c) for s, c in zip(starts, counts)])`` without a Python loop."""
+    starts, counts = np.asarray(starts, np.int64), np.asarray(counts, np.int64)
+    return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+
+
+def _offsets(sizes: np.ndarray) -> np.ndarray:
+    cu = np.zeros(sizes.shape[0] + 1, np.int64)
+    np.cumsum(sizes, out=cu[1:])
+    return cu
+
+
+class DraftBatch:
+    """A step's drafts as one ragged batch: tree ``b``'s nodes are ``cu[b]:cu[b + 1]`` of every
+    per-node field (the fields of :class:`DraftTree`, trees concatenated in order), so a server's
+    step drafts, prices, hands over and learns its trees without a Python object per request.
+
+    ``tokens`` int64 [N], ``parents`` int32 [N] (local indices, BFS), ``cu`` int64 numpy [B + 1];
+    optional ``scores`` float64 [N], ``tr_probs`` float32 [N] (NaN where TR did not propose),
+    ``retrieval`` the nodes' retrieval features (a compiled draft's lazy
+    :class:`~tkernels.spec.drafting.compiled.Features`, or a list of tuples / None); ``keys`` the
+    requests' ids; ``node_depths`` int64 numpy [N] when the drafter knows them (else computed
+    once, on first use: :attr:`depths`). :meth:`trees` gives the :class:`DraftTree` views.
+    """
+
+    __slots__ = ("_depths", "cu", "keys", "parents", "retrieval", "scores", "tokens", "tr_probs")
+
+    def __init__(self, tokens: torch.Tensor, parents: torch.Tensor, cu: np.ndarray, keys: Sequence[Hashable] | None = None,
+                 scores: torch.Tensor | None = None, tr_probs: torch.Tensor | None = None, retrieval=None,
+                 node_depths: np.ndarray | None = None):
+        self.tokens, self.parents, self.cu = tokens, parents, cu
+        self.keys = list(keys) if keys is not None else [None] * (cu.shape[0] - 1)
+        self.scores, self.tr_probs, self.retrieval, self._depths = scores, tr_probs, retrieval, node_depths
+
+    def __len__(self) -> int:
+        return self.cu.shape[0] - 1
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.cu)
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.cu[-1])
+
+    @property
+    def depths(self) -> np.ndarray:
+        """Every node's depth (root 0), int64 numpy [N]."""
+        if self._depths is None:
+            from .tree import depths
+
+            self._depths = depths(self.parents, torch.from_numpy(self.cu)).numpy().astype(np.int64)
+        return self._depths
+
+    def global_parents(self) -> np.ndarray:
+        """Every node's parent as an index into the batch's nodes (-1 at the roots)."""
+        parents = self.parents.numpy().astype(np.int64)
+        return np.where(parents >= 0, parents + np.repeat(self.cu[:-1], self.sizes), -1)
+
+    @classmethod
+    def from_trees(cls, trees: Sequence[DraftTree]) -> DraftBatch:
+        """One batch of ``trees`` (copies; fields a tree lacks are filled: NaN TR probabilities,
+        no retrieval features)."""
+        sizes = np.fromiter((len(t) for t in trees), np.int64, len(trees))
+        cu = _offsets(sizes)
+        if not trees:
+            return cls(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), cu, [])
+        tokens = torch.cat([t.tokens for t in trees])
+        parents = torch.cat([t.parents for t in trees]).int()
+        scores = None if any(t.scores is None for t in trees) else torch.cat([t.scores for t in trees])
+        tr_probs = None if all(t.tr_probs is None for t in trees) else torch.cat(
+            [t.tr_probs if t.tr_probs is not None else torch.full((len(t),), float("nan")) for t in trees])
+        retrieval = None if all(t.retrieval is None for t in trees) else _cat_features(
+            [t.retrieval if t.retrieval is not None else [None] * len(t) for t in trees])
+        return cls(tokens, parents, cu, [t.key for t in trees], scores, tr_probs, retrieval)
+
+    @classmethod
+    def cat(cls, batches: Sequence[DraftBatch]) -> DraftBatch:
+        """The trees of ``batches``, in order, as one batch."""
+        if len(batches) == 1:
+            return batches[0]
+        sizes = np.concatenate([b.sizes for b in batches]) if batches else np.zeros(0, np.int64)
+        if not batches or not sizes.size:
+            return cls(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), _offsets(sizes), [])
+        n = [b.num_nodes for b in batches]
+        tokens = torch.cat([b.tokens for b in batches])
+        parents = torch.cat([b.parents for b in batches]).int()
+        scores = None if any(b.scores is None for b in batches) else torch.cat([b.scores for b in batches])
+        tr_probs = None if all(b.tr_probs is None for b in batches) else torch.cat(
+            [b.tr_probs if b.tr_probs is not None else torch.full((m,), float("nan")) for b, m in zip(batches, n)])
+        retrieval = None if all(b.retrieval is None for b in batches) else _cat_features(
+            [b.retrieval if b.retrieval is not None else [None] * m for b, m in zip(batches, n)])
+        depths = np.concatenate([b.depths for b in batches])
+        return cls(tokens, parents, _offsets(sizes), [k for b in batches for k in b.keys], scores, tr_probs, retrieval,
+                   depths)
+
+    def trees(self) -> list[DraftTree]:
+        """One :class:`DraftTree` per request (views of the batch's fields)."""
+        sizes = self.sizes.tolist()
+        fields = [f.split(sizes) if f is not None else [None] * len(sizes)
+                  for f in (self.tokens, self.parents, self.scores, self.tr_probs)]
+        bounds = self.cu.tolist()
+        features = [None] * len(sizes) if self.retrieval is None else \
+            [self.retrieval[a:b] if isinstance(self.retrieval, list) else self.retrieval.slice(a, b)
+             for a, b in itertools.pairwise(bounds)]
+        return [DraftTree(*row, retrieval, key) for *row, retrieval, key in zip(*fields, features, self.keys)]
+
+    def _gather(self, nodes: np.ndarray, cu: np.ndarray, parents: torch.Tensor, keys) -> DraftBatch:
+        index = torch.from_numpy(nodes)
+        return DraftBatch(self.tokens[index], parents, cu, keys,
+                          None if self.scores is None else self.scores[index],
+                          None if self.tr_probs is None else self.tr_probs[index], _take(self.retrieval, index),
+                          self.depths[nodes])
+
+    def rows(self, rows: np.ndarray, counts: np.ndarray | None = None) -> DraftBatch:
+        """Trees ``rows`` (indices, in that order), each cut to its first ``counts`` nodes (a BFS
+        prefix: still a tree; None: whole)."""
+        rows = np.asarray(rows, np.int64)
+        sizes = self.sizes[rows] if counts is None else np.asarray(counts, np.int64)
+        nodes = ragged_arange(self.cu[:-1][rows], sizes)
+        return self._gather(nodes, _offsets(sizes), self.parents[torch.from_numpy(nodes)], [self.keys[r] for r in rows])
+
+    def select(self, keep: np.ndarray) -> DraftBatch:
+        """The sub-trees of the nodes where ``keep`` (bool [N]) holds: every kept node's parent and
+        every root must be kept; BFS order is kept (as :meth:`DraftTree.select`)."""
+        keep = np.asarray(keep, bool)
+        nodes = np.flatnonzero(keep)
+        new = np.cumsum(keep) - 1  # a kept node's index in the new batch
+        rows = np.repeat(np.arange(len(self)), self.sizes)[nodes]
+        cu = _offsets(np.bincount(rows, minlength=len(self)))
+        parent = self.global_parents()[nodes]
+        if not keep[self.cu[:-1][self.sizes > 0]].all() or not keep[parent[parent >= 0]].all():
+            raise ValueError("keep: must hold every root and the parent of every kept node")
+        parents = np.where(parent >= 0, new[np.maximum(parent, 0)] - cu[:-1][rows], -1)
+        return self._gather(nodes, cu, torch.from_numpy(parents.astype(np.int32)), self.keys)
+
+
+def _cat_features(parts: list):
+    """Retrieval features of several trees as one: lazy arrays stay one (``cat``), lists concatenate."""
+    arrays = [p for p in parts if hasattr(p, "cat")]
+    if arrays:
+        return type(arrays[0]).cat(parts)
+    return [f for p in parts for f in p]

@@ -59,19 +59,20 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable, Sequence
 
+import numpy as np
 import torch
 
 from tkernels.checks import integer
 
-from .draft_tree import DraftTree, RetrievalCalibration, features_of
+from .draft_tree import DraftBatch, DraftTree, RetrievalCalibration, features_of
 from .drafting import COMPILED_METHODS, HYBRID_TEMPLATE_SHARE, MAX_CHILDREN, ROOT_CONTEXTS, reference, static_template
 from .drafting.dynamic import DynamicDrafting
 from .retrieval import SuffixAutomaton
 from .token_recycling import TokenRecycling
-from .tree import TOP_K, TreeShape, depths
+from .tree import TOP_K, TreeShape
 from .tree_policy import ConfidenceTreePolicy, StepTime
 
-__all__ = ["DRAFTERS", "DYNAMIC", "HYBRID_TEMPLATE_SHARE", "MAX_CHILDREN", "METHODS", "ROOT_CONTEXTS", "DraftTree",
+__all__ = ["DRAFTERS", "DYNAMIC", "HYBRID_TEMPLATE_SHARE", "MAX_CHILDREN", "METHODS", "ROOT_CONTEXTS", "DraftBatch", "DraftTree",
            "RetrievalCalibration", "TreeDrafter", "static_template"]
 
 METHODS = ("pld", "tr_static", "tr", "retrieval", "hybrid")  # the offline harness's methods (bench/spec_mat.py)
@@ -180,25 +181,26 @@ class TreeDrafter:
             num_nodes: the node budget per request, >= 1.
 
         Returns:
-            list of :class:`DraftTree`, one per request.
+            list of :class:`DraftTree`, one per request (:meth:`draft_batch`'s trees).
         """
+        return self.draft_batch(keys, histories, num_nodes).trees()
+
+    def draft_batch(self, keys: Sequence[Hashable], histories: Sequence[Sequence[int]], num_nodes: int) -> DraftBatch:
+        """:meth:`draft`'s trees as one :class:`DraftBatch` (a server's step: no object per request)."""
         if len(keys) != len(histories):
             raise ValueError(f"keys: one per history, got {len(keys)} keys and {len(histories)} histories")
         num_nodes = integer("num_nodes", num_nodes, minimum=1)
         if any(len(h) < 1 for h in histories):
             raise ValueError("histories: every request needs at least one token")
         if not keys:
-            return []
+            return DraftBatch.from_trees([])
+        if self.compiled is not None:
+            return self._draft_compiled(keys, histories, num_nodes)
         roots = [int(h[-1]) for h in histories]
-        vocab = self.recycling.vocab_size if self.recycling is not None else None
-        if min(roots) < 0 or (vocab is not None and max(roots) >= vocab):
-            bound = "" if vocab is None else f" and < {vocab} (the vocab)"
-            raise ValueError(f"histories: the last tokens (the trees' roots) must be >= 0{bound}, got {roots}")
+        self._check_roots(roots)
         last = torch.tensor(roots, dtype=torch.int64)
         if self.dynamic is not None:  # the roots alone
             trees = self.dynamic.draft(last, num_nodes)
-        elif self.compiled is not None:
-            return self._draft_compiled(keys, histories, num_nodes)
         else:
             histories = [h.tolist() if hasattr(h, "tolist") else [int(t) for t in h] for h in histories]
             if self.method == "pld":
@@ -211,26 +213,33 @@ class TreeDrafter:
                 trees = reference.draft_contexts(self, keys, histories, num_nodes)
         for tree, key in zip(trees, keys):
             tree.key = key
-        return trees
+        return DraftBatch.from_trees(trees)
 
-    def _draft_compiled(self, keys, histories, num_nodes: int) -> list[DraftTree]:
+    def _check_roots(self, roots) -> None:
+        vocab = self.recycling.vocab_size if self.recycling is not None else None
+        low, high = int(min(roots)), int(max(roots))
+        if low < 0 or (vocab is not None and high >= vocab):
+            bound = "" if vocab is None else f" and < {vocab} (the vocab)"
+            raise ValueError(f"histories: the last tokens (the trees' roots) must be >= 0{bound}, got "
+                             f"{roots.tolist() if hasattr(roots, 'tolist') else list(roots)}")
+
+    def _draft_compiled(self, keys, histories, num_nodes: int) -> DraftBatch:
+        if self.method == "tr_static":  # the roots alone
+            roots = np.fromiter((h[-1] for h in histories), np.int64, len(histories))
+            self._check_roots(roots)
+            return self._batch.draft_tr_static(self.compiled, self.recycling, self.compiled.slots_of(keys), roots,
+                                               static_template(num_nodes), keys)
         flat, cu = self._batch.flatten(histories)
+        self._check_roots(flat[cu[1:] - 1])
         if self.method == "pld":
             num_draft = num_nodes - 1 if self.pld_max_draft is None else min(num_nodes - 1, self.pld_max_draft)
-            trees = self._batch.draft_pld(flat, cu, max(num_draft, 0))
-        elif self.method == "tr_static":
-            trees = self._batch.draft_tr_static(self.compiled, self.recycling, self.compiled.slots_of(keys), flat[cu[1:] - 1],
-                                             static_template(num_nodes))
-        elif self.method == "retrieval":
-            trees = self._batch.draft_retrieval(self, self.compiled, self.compiled.slots_of(keys), flat, cu, num_nodes,
-                                             MAX_CHILDREN)
-        else:
-            template = static_template(max(1, int(num_nodes * HYBRID_TEMPLATE_SHARE)))
-            trees = self._batch.draft_hybrid(self, self.compiled, self.compiled.slots_of(keys), flat, cu, num_nodes,
-                                          template, ROOT_CONTEXTS, MAX_CHILDREN)
-        for tree, key in zip(trees, keys):
-            tree.key = key
-        return trees
+            return self._batch.draft_pld(flat, cu, max(num_draft, 0), keys)
+        slots = self.compiled.slots_of(keys)
+        if self.method == "retrieval":
+            return self._batch.draft_retrieval(self, self.compiled, slots, flat, cu, num_nodes, MAX_CHILDREN, keys)
+        template = static_template(max(1, int(num_nodes * HYBRID_TEMPLATE_SHARE)))
+        return self._batch.draft_hybrid(self, self.compiled, slots, flat, cu, num_nodes, template, ROOT_CONTEXTS,
+                                        MAX_CHILDREN, keys)
 
     def choose(self, trees: list[DraftTree], batch_size: int | None = None, other_tokens: int = 0) -> list[DraftTree]:
         """Price the batch's nodes: keep, over all trees, the best-scoring nodes that maximise
@@ -245,13 +254,22 @@ class TreeDrafter:
             return trees
         if batch_size is not None and len(trees) != 1:
             raise ValueError(f"batch_size: prices one tree as a batch, got {len(trees)} trees")
-        width = max(map(len, trees))
-        scores = torch.zeros(len(trees), width, dtype=torch.float64)
-        for b, t in enumerate(trees):
-            scores[b, :len(t)] = t.scores
-        keep = self.tr_policy.choose(scores.expand(batch_size, -1) if batch_size else scores, other_tokens)[:len(trees)]
+        return self.choose_batch(DraftBatch.from_trees(trees), batch_size, other_tokens).trees()
+
+    def choose_batch(self, batch: DraftBatch, batch_size: int | None = None, other_tokens: int = 0) -> DraftBatch:
+        """:meth:`choose` of a :class:`DraftBatch` (returned as is without scores)."""
+        if batch_size is not None:
+            integer("batch_size", batch_size, minimum=1)
+        if not len(batch) or batch.scores is None:
+            return batch
+        sizes = batch.sizes
+        rows = np.repeat(np.arange(len(batch)), sizes)
+        local = np.arange(batch.num_nodes) - batch.cu[:-1][rows]
+        scores = torch.zeros(len(batch), int(sizes.max()), dtype=torch.float64)
+        scores[torch.from_numpy(rows), torch.from_numpy(local)] = batch.scores
+        keep = self.tr_policy.choose(scores.expand(batch_size, -1) if batch_size else scores, other_tokens)[:len(batch)]
         # zero-score padding is never worth its time; a kept node's parent scores at least as high
-        return [t.select(keep[b, :len(t)].nonzero().flatten()) for b, t in enumerate(trees)]
+        return batch.select(keep.numpy()[rows, local])
 
     # --- learning --------------------------------------------------------------------------------
 
@@ -269,63 +287,62 @@ class TreeDrafter:
         """
         if len(accepted) != len(trees):
             raise ValueError(f"accepted: one path per tree, got {len(accepted)} for {len(trees)} trees")
-        total = sum(map(len, trees))
+        batch = DraftBatch.from_trees(trees)
+        on_path = np.zeros(batch.num_nodes, bool)
+        on_path[[int(batch.cu[b]) + n for b, path in enumerate(accepted) for n in path]] = True
+        self.observe_batch(batch, topk_ids, topk_probs, on_path)
+
+    def observe_batch(self, batch: DraftBatch, topk_ids: torch.Tensor, topk_probs: torch.Tensor | None,
+                      on_path: np.ndarray) -> None:
+        """:meth:`observe` of a :class:`DraftBatch`: ``on_path`` bool [N], the nodes of every
+        tree's accepted path (roots included)."""
+        total = batch.num_nodes
         if self.recycling is not None:
             if topk_ids.shape[0] != total:
                 raise ValueError(f"topk_ids: one row per tree node ({total}), got {tuple(topk_ids.shape)}")
-            self.recycle(torch.cat([t.tokens for t in trees]), topk_ids, topk_probs)
+            if self.compiled is not None and self.recycling.adjacency.device.type == "cpu":
+                self._batch.recycle(self.compiled, self.recycling, batch.tokens, topk_ids, topk_probs)
+            else:
+                self.recycle(batch.tokens, topk_ids, topk_probs)
         if self.method in OWN_ROWS:  # own rows, as stored in the shared adjacency (int32 ids, fp16 probabilities)
             probs = torch.zeros(topk_ids.shape) if topk_probs is None else topk_probs.to(self.recycling.probs.dtype)
             if self.compiled is not None:
-                self.compiled.write_own_rows([t.key for t in trees], [len(t) for t in trees],
-                                             torch.cat([t.tokens for t in trees]).numpy(), topk_ids.cpu().numpy(),
+                self.compiled.write_own_rows(batch.keys, batch.sizes, batch.tokens.numpy(), topk_ids.cpu().numpy(),
                                              probs.float().cpu().numpy())
-        if self.method in OWN_ROWS and self.compiled is None:
-            ids, probs, start = topk_ids.tolist(), probs.float().tolist(), 0
-            for tree in trees:
-                own = self._own.setdefault(tree.key, {})
-                for i, token in enumerate(tree.tokens.tolist()):  # a token at several nodes: the last one's
-                    own[token] = (ids[start + i], probs[start + i])
-                start += len(tree)
-        self._calibrate(trees, accepted, total)
+            else:
+                ids, probs = topk_ids.tolist(), probs.float().tolist()
+                tokens = batch.tokens.tolist()
+                for b, key in enumerate(batch.keys):
+                    own = self._own.setdefault(key, {})
+                    for i in range(int(batch.cu[b]), int(batch.cu[b + 1])):  # a token at several nodes: the last one's
+                        own[tokens[i]] = (ids[i], probs[i])
+        self._calibrate(batch, torch.from_numpy(np.asarray(on_path, bool)))
 
-    def _calibrate(self, trees: list[DraftTree], accepted: Sequence[Sequence[int]], total: int) -> None:
+    def _calibrate(self, batch: DraftBatch, on_path: torch.Tensor) -> None:
         """Record every *tested* node (its parent is on the accepted path) in the TR and retrieval
-        calibrations, whether it was accepted: the whole batch at once (one tensor per quantity,
-        trees concatenated in order; a server's batch of 64 trees costs one pass, not 64)."""
-        if not trees:
+        calibrations, whether it was accepted: the whole batch at once (one tensor per quantity;
+        a server's batch of 64 trees costs one pass, not 64)."""
+        if not len(batch):
             if self.uses_retrieval:
                 self.retrieval_calibration.record([], [])
             return
-        with_tr = [t.tr_probs is not None for t in trees]
-        if not any(with_tr) and not self.uses_retrieval:
+        if batch.tr_probs is None and not self.uses_retrieval:
             return
-        sizes = torch.tensor([len(t) for t in trees], dtype=torch.int64)
-        starts = torch.cumsum(sizes, 0) - sizes
-        first = starts.tolist()
-        parents = torch.cat([t.parents for t in trees]).long()
-        on_path = torch.zeros(total, dtype=torch.bool)
-        on_path[torch.tensor([first[b] + n for b, path in enumerate(accepted) for n in path], dtype=torch.int64)] = True
-        has_parent = parents >= 0
-        tested = has_parent & on_path[torch.where(has_parent, parents + starts.repeat_interleave(sizes), 0)]
-        if any(with_tr):  # one record (one decay) per step with TR nodes, as many as they are
-            tr_probs = torch.cat([t.tr_probs if t.tr_probs is not None else torch.full((len(t),), float("nan"))
-                                  for t in trees])
-            mask = tested & ~torch.isnan(tr_probs)
-            cu = torch.nn.functional.pad(torch.cumsum(sizes, 0), (1, 0)).int()
-            self.tr_policy.record(tr_probs[mask], depths(parents.int(), cu)[mask], on_path[mask])
+        parent = torch.from_numpy(batch.global_parents())
+        has_parent = parent >= 0
+        tested = has_parent & on_path[parent.clamp(min=0)]
+        if batch.tr_probs is not None:  # one record (one decay) per step with TR nodes, as many as they are
+            mask = tested & ~torch.isnan(batch.tr_probs)
+            self.tr_policy.record(batch.tr_probs[mask], torch.from_numpy(batch.depths)[mask].int(), on_path[mask])
         if self.uses_retrieval:
-            # only the tested nodes' features are read (a compiled tree's features are a lazy view)
+            # only the tested nodes' features are read (a compiled draft's features are a lazy view)
+            nodes = tested.nonzero().flatten()
             ret_features, ret_ok = [], []
-            for b, tree in enumerate(trees):
-                if tree.retrieval is None:
-                    continue
-                local = tested[first[b]:first[b] + len(tree)].nonzero().flatten()
-                ok = on_path[first[b]:first[b] + len(tree)][local].tolist()
-                for feature, accepted in zip(features_of(tree.retrieval, local), ok):
+            if batch.retrieval is not None:
+                for feature, ok in zip(features_of(batch.retrieval, nodes), on_path[nodes].tolist()):
                     if feature is not None:
                         ret_features.append(feature)
-                        ret_ok.append(accepted)
+                        ret_ok.append(ok)
             self.retrieval_calibration.record(ret_features, ret_ok)
 
     def recycle(self, tokens: torch.Tensor, topk_ids: torch.Tensor, topk_probs: torch.Tensor | None = None) -> None:

@@ -1,5 +1,5 @@
 """The batch calls of the compiled drafters (:mod:`tkernels.spec.drafting`): checks, output
-arrays, the kernels, and :class:`~tkernels.spec.draft_tree.DraftTree` views of their rows."""
+arrays, the kernels, and their trees as one :class:`~tkernels.spec.draft_tree.DraftBatch`."""
 
 from __future__ import annotations
 
@@ -34,13 +34,13 @@ def _introspection_safe_llvmlite() -> None:
 
 _introspection_safe_llvmlite()
 
-from ..draft_tree import DraftTree  # noqa: E402  (numba and llvmlite load below, after the fix above)
+from ..draft_tree import DraftBatch, _offsets  # noqa: E402  (numba and llvmlite load below, after the fix above)
 from . import kernels as K  # noqa: E402
 from .compiled import CompiledState, Features, flatten  # noqa: E402
 from .hybrid import hybrid_trees  # noqa: E402
 from .retrieval import retrieval_trees  # noqa: E402
 
-__all__ = ["CompiledState", "draft_hybrid", "draft_pld", "draft_retrieval", "draft_tr_static", "flatten"]
+__all__ = ["CompiledState", "draft_hybrid", "draft_pld", "draft_retrieval", "draft_tr_static", "flatten", "recycle"]
 
 
 def _check_tokens(name: str, tokens: np.ndarray, vocab_size: int) -> None:
@@ -51,33 +51,60 @@ def _check_tokens(name: str, tokens: np.ndarray, vocab_size: int) -> None:
                          f"got range [{int(tokens.min())}, {int(tokens.max())}]")
 
 
-def _rows(array, counts: list[int], n: int) -> list:
-    """Row b of ``array`` [B, n, ...] cut to ``counts[b]`` entries: views, one unbind for the
-    batch (cheaper than indexing every row)."""
-    rows = array.unbind(0) if isinstance(array, torch.Tensor) else list(array)
-    return [row if m == n else row[:m] for row, m in zip(rows, counts)]
+def recycle(state: CompiledState, recycling, tokens: torch.Tensor, topk_ids: torch.Tensor,
+            topk_probs: torch.Tensor | None) -> None:
+    """:meth:`TokenRecycling.recycle_topk` (same checks, same rows kept) in one compiled pass
+    over the nodes, for a host adjacency."""
+    if topk_ids.dim() != 2 or topk_ids.shape != (tokens.numel(), recycling.k):
+        raise ValueError(f"topk_ids must be [{tokens.numel()}, {recycling.k}], got {tuple(topk_ids.shape)}")
+    if topk_probs is not None and topk_probs.shape != topk_ids.shape:
+        raise ValueError(f"topk_probs must have topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_probs.shape)}")
+    tokens, ids = tokens.cpu().numpy(), topk_ids.cpu().numpy()
+    _check_tokens("draft_tokens", tokens, recycling.vocab_size)
+    _check_tokens("topk_ids", ids, recycling.vocab_size)
+    probs = None if topk_probs is None else topk_probs.cpu().float().numpy()
+    if probs is not None and probs.size and not ((probs >= 0) & (probs < np.inf)).all():
+        raise ValueError("topk_probs: must hold finite probabilities >= 0 (no NaN, inf or negative values)")
+    state.recycle(recycling, tokens, ids, probs)
 
 
-def draft_pld(flat: np.ndarray, cu: np.ndarray, num_draft: int) -> list[DraftTree]:
+def _flat(counts: np.ndarray, n: int) -> np.ndarray:
+    """The mask of a [B, n] output's first ``counts[b]`` entries per row (row-major: the ragged batch)."""
+    return np.arange(n)[None, :] < counts[:, None]
+
+
+def draft_pld(flat: np.ndarray, cu: np.ndarray, num_draft: int, keys) -> DraftBatch:
     batch = cu.shape[0] - 1
     out = np.empty(batch * (num_draft + 1), np.int64)
     out_cu = np.empty(batch + 1, np.int64)
     K.prompt_lookup(flat, cu, num_draft, 3, 1, out, out_cu)
-    sizes = np.diff(out_cu).tolist()
-    chain = torch.arange(-1, num_draft, dtype=torch.int32)
-    chains = {m: chain[:m] for m in set(sizes)}  # views, shared by the trees of a size
-    return [DraftTree(t, chains[m]) for t, m in zip(torch.from_numpy(out[:out_cu[-1]]).split(sizes), sizes)]
+    local = np.arange(int(out_cu[-1]), dtype=np.int64) - np.repeat(out_cu[:-1], np.diff(out_cu))  # chains
+    return DraftBatch(torch.from_numpy(out[:out_cu[-1]]), torch.from_numpy((local - 1).astype(np.int32)), out_cu.copy(),
+                      keys, node_depths=local)
 
 
-def draft_tr_static(state: CompiledState, recycling, slots: np.ndarray, roots: np.ndarray, shape) -> list[DraftTree]:
+def draft_tr_static(state: CompiledState, recycling, slots: np.ndarray, roots: np.ndarray, shape, keys) -> DraftBatch:
     _check_tokens("histories", roots, recycling.vocab_size)
     if int(shape.ranks.max()) >= recycling.k:
         raise ValueError(f"shape uses rank {int(shape.ranks.max())} but the adjacency keeps k={recycling.k}")
-    out = np.empty((roots.shape[0], len(shape)), np.int64)
+    batch, n = roots.shape[0], len(shape)
+    out = np.empty((batch, n), np.int64)
     K.fill_template(state.own_tables, state.own_ids, state.meta, slots, roots, recycling.adjacency.numpy(),
                     shape.parents.numpy().astype(np.int64), shape.ranks.numpy().astype(np.int64), out)
-    parents = shape.parents.int()
-    return [DraftTree(t, parents) for t in torch.from_numpy(out).unbind(0)]
+    return DraftBatch(torch.from_numpy(out.reshape(-1)), shape.parents.int().repeat(batch),
+                      np.arange(0, (batch + 1) * n, n, dtype=np.int64), keys,
+                      node_depths=np.tile(_shape_depths(shape), batch))
+
+
+def _shape_depths(shape) -> np.ndarray:
+    """A template's node depths (int64 numpy), computed once per shape."""
+    depths = getattr(shape, "_node_depths", None)
+    if depths is None:
+        from ..tree import depths as tree_depths
+
+        depths = tree_depths(shape.parents).numpy().astype(np.int64)
+        object.__setattr__(shape, "_node_depths", depths)
+    return depths
 
 
 def _outputs(batch: int, n: int) -> tuple[np.ndarray, ...]:
@@ -97,7 +124,7 @@ def _calibration(calibration) -> tuple:
 
 
 def draft_hybrid(drafter, state: CompiledState, slots: np.ndarray, flat: np.ndarray, cu: np.ndarray, num_nodes: int,
-                 template, root_contexts: int, max_children: int) -> list[DraftTree]:
+                 template, root_contexts: int, max_children: int, keys) -> DraftBatch:
     """:func:`.reference.draft_contexts` of ``hybrid`` for the batch (``template``: the static
     template of the breadth phase)."""
     recycling, calibration = drafter.recycling, drafter.retrieval_calibration
@@ -112,14 +139,14 @@ def draft_hybrid(drafter, state: CompiledState, slots: np.ndarray, flat: np.ndar
                  template.parents.numpy().astype(np.int64), template.ranks.numpy().astype(np.int64), n,
                  drafter.max_depth, root_contexts, max_children,
                  out_tokens, out_parents, out_scores, out_trp, out_feat, out_share, out_n)
-    counts = out_n.tolist()
-    return [DraftTree(*fields, Features(feat, share)) for *fields, feat, share in
-            zip(*(_rows(torch.from_numpy(a), counts, n) for a in (out_tokens, out_parents, out_scores, out_trp)),
-                _rows(out_feat, counts, n), _rows(out_share, counts, n))]
+    mask = _flat(out_n, n)
+    return DraftBatch(torch.from_numpy(out_tokens[mask]), torch.from_numpy(out_parents[mask]), _offsets(out_n), keys,
+                      torch.from_numpy(out_scores[mask]), torch.from_numpy(out_trp[mask]),
+                      Features(out_feat[mask], out_share[mask]))
 
 
 def draft_retrieval(drafter, state: CompiledState, slots: np.ndarray, flat: np.ndarray, cu: np.ndarray,
-                    num_nodes: int, max_children: int) -> list[DraftTree]:
+                    num_nodes: int, max_children: int, keys) -> DraftBatch:
     """:func:`.reference.draft_contexts` of ``retrieval`` for the batch."""
     calibration = drafter.retrieval_calibration
     _check_tokens("histories", flat, 2**31)  # the automaton's hash keys hold a token in 32 bits
@@ -129,7 +156,6 @@ def draft_retrieval(drafter, state: CompiledState, slots: np.ndarray, flat: np.n
     retrieval_trees(state.states, state.edges, state.meta, slots, flat[cu[1:] - 1], *_calibration(calibration),
                     n, 2 * drafter.max_depth, max_children,
                     out_tokens, out_parents, out_scores, out_feat, out_share, out_n)
-    counts = out_n.tolist()
-    return [DraftTree(tokens, parents, scores, None, Features(feat, share)) for tokens, parents, scores, feat, share in
-            zip(*(_rows(torch.from_numpy(a), counts, n) for a in (out_tokens, out_parents, out_scores)),
-                _rows(out_feat, counts, n), _rows(out_share, counts, n))]
+    mask = _flat(out_n, n)
+    return DraftBatch(torch.from_numpy(out_tokens[mask]), torch.from_numpy(out_parents[mask]), _offsets(out_n), keys,
+                      torch.from_numpy(out_scores[mask]), None, Features(out_feat[mask], out_share[mask]))

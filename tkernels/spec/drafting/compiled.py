@@ -78,6 +78,23 @@ class Features(Sequence):
         """The features of ``nodes`` (int indices), still a lazy view (:meth:`DraftTree.select`)."""
         return Features(self.feat[nodes], self.share[nodes])
 
+    def slice(self, start: int, stop: int) -> Features:
+        """Nodes ``start:stop`` (a view: one tree of a :class:`~tkernels.spec.draft_tree.DraftBatch`)."""
+        return Features(self.feat[start:stop], self.share[start:stop])
+
+    @classmethod
+    def cat(cls, parts: Sequence) -> Features:
+        """Several trees' features as one view; a part that is a list (a tree without retrieval:
+        ``[None] * n``, or a reference draft's tuples) is converted."""
+        feats, shares = [], []
+        for part in parts:
+            if not isinstance(part, Features):
+                part = cls(np.array([(-1, 0) if f is None else f[:2] for f in part], np.int64).reshape(-1, 2),
+                           np.array([0.0 if f is None else f[2] for f in part], np.float64))
+            feats.append(part.feat)
+            shares.append(part.share)
+        return cls(np.concatenate(feats), np.concatenate(shares))
+
     def __eq__(self, other) -> bool:
         return isinstance(other, Sequence) and list(self) == list(other)
 
@@ -94,6 +111,7 @@ class CompiledState:
         self.free: list[int] = []
         self.meta = np.zeros((8, 8), np.int64)
         self.capacity = np.zeros(8, np.int64)  # tokens a slot's automaton has room for
+        self.own_capacity = np.zeros(8, np.int64)  # own rows a slot has room for (not read from the typed lists)
         self.states = typed.List.empty_list(_INT32_2D)
         self.edges = typed.List.empty_list(_INT32_2D)
         self.tables = typed.List.empty_list(_INT64_2D)
@@ -113,6 +131,7 @@ class CompiledState:
             if s >= self.meta.shape[0]:
                 self.meta = _grown(self.meta, 2 * s)
                 self.capacity = _grown(self.capacity, 2 * s)
+                self.own_capacity = _grown(self.own_capacity, 2 * s)
             self.states.append(np.zeros((2, 6), np.int32))
             self.edges.append(np.zeros((4, 3), np.int32))
             self.tables.append(np.full((8, 2), -1, np.int64))
@@ -120,6 +139,7 @@ class CompiledState:
             self.own_tables.append(np.full((16, 2), -1, np.int64))
             self.own_ids.append(np.zeros((8, self.k), np.int32))
             self.own_probs.append(np.zeros((8, self.k), np.float32))
+            self.own_capacity[s] = 8
         self.meta[s] = 0  # no automaton yet (0 states): the next sync builds it
         self.own_tables[s][:, 0] = -1
         self.slots[key] = s
@@ -168,20 +188,31 @@ class CompiledState:
         # At most one new row per node. Several trees may share a slot (one request's trees, or
         # trees without a key), so the room is counted per slot over all of them: a table filled
         # past its size would make the kernel's probe loop forever.
-        needs: dict[int, int] = {}
-        for s, n in zip(slots.tolist(), sizes):
-            needs[s] = needs.get(s, int(self.meta[s, K.M_OWN])) + int(n)
-        for s, need in needs.items():
-            if need > self.own_ids[s].shape[0]:
-                rows = max(need, 2 * self.own_ids[s].shape[0])
-                self.own_ids[s] = _grown(self.own_ids[s], rows)
-                self.own_probs[s] = _grown(self.own_probs[s], rows)
-                table = np.empty((_pow2(2 * rows), 2), np.int64)
-                _rehash(self.own_tables[s], table)
-                self.own_tables[s] = table
+        sizes = np.asarray(sizes, np.int64)
+        needs = self.meta[slots, K.M_OWN] + sizes
+        if len(set(slots.tolist())) < slots.shape[0]:  # a slot of several trees: their nodes together
+            needs = self.meta[slots, K.M_OWN] + np.bincount(slots, sizes, self.meta.shape[0]).astype(np.int64)[slots]
+        for b in np.flatnonzero(needs > self.own_capacity[slots]).tolist():
+            s = int(slots[b])
+            if needs[b] <= self.own_capacity[s]:  # grown already (a shared slot)
+                continue
+            rows = max(int(needs[b]), 2 * int(self.own_capacity[s]))
+            self.own_ids[s] = _grown(self.own_ids[s], rows)
+            self.own_probs[s] = _grown(self.own_probs[s], rows)
+            table = np.empty((_pow2(2 * rows), 2), np.int64)
+            _rehash(self.own_tables[s], table)
+            self.own_tables[s] = table
+            self.own_capacity[s] = rows
         K.write_own_rows(self.own_tables, self.own_ids, self.own_probs, self.meta, slots, cu,
                          np.ascontiguousarray(tokens, np.int64), np.ascontiguousarray(ids, np.int32),
                          np.ascontiguousarray(probs, np.float32))
+
+    def recycle(self, recycling, tokens: np.ndarray, ids: np.ndarray, probs: np.ndarray | None) -> None:
+        """:meth:`TokenRecycling.recycle_topk` of a host adjacency in one compiled pass (node order:
+        a token at several nodes keeps the last one's row); ``probs`` float32 or None (0)."""
+        half = np.zeros(ids.shape, np.float16) if probs is None else np.asarray(probs, np.float32).astype(np.float16)
+        K.recycle_rows(recycling.adjacency.numpy(), recycling.probs.view(torch.int16).numpy().view(np.uint16),
+                       np.ascontiguousarray(tokens, np.int64), np.ascontiguousarray(ids, np.int32), half.view(np.uint16))
 
     def own_row(self, key: Hashable, token: int) -> tuple[list[int], list[float]] | None:
         """A request's own row of ``token`` (tests)."""

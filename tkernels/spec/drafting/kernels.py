@@ -286,6 +286,15 @@ def write_own_rows(l_own_tables, l_own_ids, l_own_probs, meta, slots, cu, tokens
 
 
 @njit(cache=True)
+def recycle_rows(adjacency, probs, tokens, ids, node_probs):
+    """TokenRecycling.recycle_topk on the host adjacency: row ``tokens[i]`` := ``ids[i]`` and its
+    probabilities (float16 bits), in node order, so a token at several nodes keeps the last one's."""
+    for i in range(tokens.shape[0]):
+        adjacency[tokens[i], :] = ids[i, :]
+        probs[tokens[i], :] = node_probs[i, :]
+
+
+@njit(cache=True)
 def fill_template(l_own_tables, l_own_ids, meta, slots, roots, adjacency, parents, ranks, out):
     """``tr_static``: TokenRecycling.draft of the template (``parents``, ``ranks``) per request,
     a token's row from the request's own rows first (:func:`.reference.fill_template`); ``out`` int64 [B, n]."""
@@ -294,10 +303,15 @@ def fill_template(l_own_tables, l_own_ids, meta, slots, roots, adjacency, parent
         s = slots[b]
         own_rows = meta[s, M_OWN] if s >= 0 else 0
         out[b, 0] = roots[b]
+        if own_rows == 0:
+            for i in range(1, n):
+                out[b, i] = adjacency[out[b, parents[i]], ranks[i]]
+            continue
+        table, own_ids = l_own_tables[s], l_own_ids[s]  # read once per request, not per node
         for i in range(1, n):
             parent = out[b, parents[i]]
-            row = _own_row(l_own_tables[s], own_rows, parent) if s >= 0 else -1
-            out[b, i] = l_own_ids[s][row, ranks[i]] if row >= 0 else adjacency[parent, ranks[i]]
+            row = _get(table, np.int64(parent))
+            out[b, i] = own_ids[row, ranks[i]] if row >= 0 else adjacency[parent, ranks[i]]
 
 
 # --- prompt lookup (ngram.propose_ngram) -----------------------------------------------------------
