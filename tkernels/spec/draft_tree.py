@@ -116,8 +116,8 @@ class RetrievalCalibration:
                      / (self.tested[d, m, s] + self.prior_weight))
 
     def record(self, features: Sequence[tuple[int, int, float]], accepted: Sequence[bool]) -> None:
-        """Learn from tested candidates: their ``(depth, match length, share)`` and whether the
-        target picked them. One decay per call."""
+        """Learn from tested candidates: their ``(depth, match length, share)`` (tuples, or a float
+        array [n, 3]) and whether the target picked them. One decay per call."""
         if len(features) != len(accepted):
             raise ValueError(f"accepted: one per feature tuple, got {len(accepted)} for {len(features)}")
         self.tested *= self.decay
@@ -255,6 +255,8 @@ class DraftBatch:
         prefix: still a tree; None: whole)."""
         rows = np.asarray(rows, np.int64)
         sizes = self.sizes[rows] if counts is None else np.asarray(counts, np.int64)
+        if rows.shape[0] == len(self) and (rows == np.arange(len(self))).all() and (sizes == self.sizes).all():
+            return self  # every tree, whole (a server's common step): nothing to gather
         nodes = ragged_arange(self.cu[:-1][rows], sizes)
         return self._gather(nodes, _offsets(sizes), self.parents[torch.from_numpy(nodes)], [self.keys[r] for r in rows])
 

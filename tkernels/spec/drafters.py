@@ -335,10 +335,13 @@ class TreeDrafter:
             mask = tested & ~torch.isnan(batch.tr_probs)
             self.tr_policy.record(batch.tr_probs[mask], torch.from_numpy(batch.depths)[mask].int(), on_path[mask])
         if self.uses_retrieval:
-            # only the tested nodes' features are read (a compiled draft's features are a lazy view)
+            # only the tested nodes' features are read
             nodes = tested.nonzero().flatten()
             ret_features, ret_ok = [], []
-            if batch.retrieval is not None:
+            if hasattr(batch.retrieval, "arrays"):  # a compiled draft's: arrays, no tuple per node
+                ret_features, proposed = batch.retrieval.arrays(nodes.numpy())
+                ret_ok = on_path[nodes].numpy()[proposed]
+            elif batch.retrieval is not None:
                 for feature, ok in zip(features_of(batch.retrieval, nodes), on_path[nodes].tolist()):
                     if feature is not None:
                         ret_features.append(feature)

@@ -21,6 +21,7 @@ import heapq
 import math
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from tkernels.checks import fail, integer, real
@@ -127,16 +128,18 @@ class DynamicTreePolicy:
         _check_integer_tensor("num_observed", num_observed)
         if accepted_ranks.dim() != 2 or num_observed.shape != accepted_ranks.shape[:1]:
             raise ValueError(f"accepted_ranks must be [B, W] and num_observed [B], got {tuple(accepted_ranks.shape)}, {tuple(num_observed.shape)}")
-        ranks = accepted_ranks[:, : self.max_depth].cpu().long()
-        if ranks.numel() and int(ranks.min()) < -1:  # -1: none of the k; ranks >= k count as none too
+        # numpy on the host: a server updates every step, and these are a few hundred entries
+        ranks = accepted_ranks[:, : self.max_depth].cpu().long().numpy()
+        if ranks.size and int(ranks.min()) < -1:  # -1: none of the k; ranks >= k count as none too
             fail("accepted_ranks", f"must be >= -1 (-1: none of the k candidates), got {int(ranks.min())}")
-        depth = torch.arange(ranks.shape[1]).expand_as(ranks)
-        seen = depth < num_observed.cpu().long()[:, None]
+        depth = np.broadcast_to(np.arange(ranks.shape[1]), ranks.shape)
+        seen = depth < num_observed.cpu().long().numpy()[:, None]
         self.hits *= self.decay
         self.trials *= self.decay
-        self.trials += torch.bincount(depth[seen], minlength=self.max_depth)[: self.max_depth].double()
+        self.trials += torch.from_numpy(np.bincount(depth[seen], minlength=self.max_depth)[: self.max_depth].astype(np.float64))
         hit = seen & (ranks >= 0) & (ranks < self.k)
-        self.hits.index_put_((depth[hit], ranks[hit]), torch.ones(int(hit.sum()), dtype=torch.float64), accumulate=True)
+        counts = np.bincount(depth[hit] * self.k + ranks[hit], minlength=self.max_depth * self.k).astype(np.float64)
+        self.hits += torch.from_numpy(counts.reshape(self.max_depth, self.k))
 
     def choose(self, batch_size: int, max_nodes: int, other_tokens: int = 0) -> TreeShape:
         """This step's tree for each of ``batch_size`` requests, at most ``max_nodes`` nodes.

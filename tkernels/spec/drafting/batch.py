@@ -65,9 +65,18 @@ def draft_tr_static(state: CompiledState, recycling, slots: np.ndarray, roots: n
     out = np.empty((batch, n), np.int64)
     K.fill_template(state.own_tables, state.own_ids, state.meta, slots, roots, recycling.adjacency.numpy(),
                     shape.parents.numpy().astype(np.int64), shape.ranks.numpy().astype(np.int64), out)
-    return DraftBatch(torch.from_numpy(out.reshape(-1)), shape.parents.int().repeat(batch),
+    return DraftBatch(torch.from_numpy(out.reshape(-1)), torch.from_numpy(np.tile(_shape_parents(shape), batch)),
                       np.arange(0, (batch + 1) * n, n, dtype=np.int64), keys,
                       node_depths=np.tile(_shape_depths(shape), batch))
+
+
+def _shape_parents(shape) -> np.ndarray:
+    """A template's parents (int32 numpy), converted once per shape."""
+    parents = getattr(shape, "_parents_np", None)
+    if parents is None:
+        parents = shape.parents.numpy().astype(np.int32)
+        object.__setattr__(shape, "_parents_np", parents)
+    return parents
 
 
 def _shape_depths(shape) -> np.ndarray:

@@ -78,6 +78,14 @@ class Features(Sequence):
         """The features of ``nodes`` (int indices), still a lazy view (:meth:`DraftTree.select`)."""
         return Features(self.feat[nodes], self.share[nodes])
 
+    def arrays(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The features of those of ``nodes`` that retrieval proposed, float64 ``[m, 3]`` (depth,
+        match length, share: :meth:`RetrievalCalibration.record`'s rows), and which those are
+        (bool mask over ``nodes``)."""
+        feat, share = self.feat[nodes], self.share[nodes]
+        proposed = feat[:, 0] >= 0
+        return np.column_stack([feat[proposed].astype(np.float64), share[proposed]]), proposed
+
     def slice(self, start: int, stop: int) -> Features:
         """Nodes ``start:stop`` (a view: one tree of a :class:`~tkernels.spec.draft_tree.DraftBatch`)."""
         return Features(self.feat[start:stop], self.share[start:stop])
