@@ -1,5 +1,6 @@
-"""Host drafting cost H1: per-request time of one :meth:`TreeDrafter.draft` of the batch, every
-method, beside vLLM's ``ngram`` proposer (its own numba path and thread setting) in the same run.
+"""Host drafting cost H1: per-request time of one :meth:`TreeDrafter.draft_batch` of the batch (the
+tree proposer's call), every method, beside vLLM's ``ngram`` proposer (its own numba path and thread
+setting) in the same run.
 
 Workload: D1's (:mod:`bench_drafters`: vocabulary 49152, every adjacency row written, 600-token
 histories that follow a row's best candidate 70% of the time), at batch 1 / 8 / 32 / 64 x 9 /
@@ -142,11 +143,11 @@ def test_draft(benchmark, records, method, batch, nodes):
     tokens, lengths = token_ids(batch)
     keys, sizes = list(range(batch)), lengths.tolist()
 
-    def step():  # as plugins/vllm/proposer.py calls it
-        return d.draft(keys, [tokens[i, :n] for i, n in enumerate(sizes)], nodes)
+    def step():  # as the tree proposer (plugins/vllm/tree_proposer.py) calls it: the batch's trees as one DraftBatch
+        return d.draft_batch(keys, [tokens[i, :n] for i, n in enumerate(sizes)], nodes)
 
     trees = benchmark(step)
-    assert len(trees) == batch and all(1 <= len(t) <= nodes for t in trees)
+    assert len(trees) == batch and 1 <= trees.sizes.min() and trees.sizes.max() <= nodes
     us = _median_us(step, batch)
     record = {"workload": f"H1-draft-{method}-b{batch}-n{nodes}", "impl": method, "nodes": nodes, "batch": batch,
               "us": us, "compiled": d.compiled is not None, "check": "tree sizes"}
