@@ -93,3 +93,19 @@ def test_compiled_recycling_keeps_what_recycle_topk_keeps():
         drafter.observe(trees, torch.full((n, k), vocab), probs, [[0]])
     with pytest.raises(ValueError, match="topk_probs"):
         drafter.observe(trees, ids, torch.full((n, k), float("nan")), [[0]])
+
+
+@pytest.mark.parametrize("method", ["pld", "tr_static", "retrieval", "hybrid"])
+def test_compiled_drafts_carry_their_nodes_depths(method):
+    """The depths a compiled draft carries (from its template, its chain or one compiled pass)
+    are the tree contract's."""
+    from tkernels.spec import depths
+
+    rng = np.random.default_rng(3)
+    drafter = TreeDrafter(30, method, compiled=True)
+    if drafter.recycling is not None:
+        drafter.recycle(torch.arange(30), torch.from_numpy(rng.integers(0, 30, (30, 8))), torch.rand(30, 8))
+    histories = [list(rng.integers(0, 6, int(rng.integers(1, 60)))) for _ in range(7)]
+    for nodes in (1, 9, 32, 80):
+        batch = drafter.draft_batch([f"r{b}" for b in range(7)], histories, nodes)
+        assert batch.depths.tolist() == depths(batch.parents, torch.from_numpy(batch.cu)).tolist()

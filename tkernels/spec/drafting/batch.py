@@ -42,6 +42,12 @@ def recycle(state: CompiledState, recycling, tokens: torch.Tensor, topk_ids: tor
     state.recycle(recycling, tokens, ids, probs)
 
 
+def _depths(parents: np.ndarray, cu: np.ndarray) -> np.ndarray:
+    out = np.empty(parents.shape[0], np.int64)
+    K.bfs_depths(parents, cu, out)
+    return out
+
+
 def _flat(counts: np.ndarray, n: int) -> np.ndarray:
     """The mask of a [B, n] output's first ``counts[b]`` entries per row (row-major: the ragged batch)."""
     return np.arange(n)[None, :] < counts[:, None]
@@ -123,9 +129,10 @@ def draft_hybrid(drafter, state: CompiledState, slots: np.ndarray, flat: np.ndar
                  drafter.max_depth, root_contexts, max_children,
                  out_tokens, out_parents, out_scores, out_trp, out_feat, out_share, out_n)
     mask = _flat(out_n, n)
-    return DraftBatch(torch.from_numpy(out_tokens[mask]), torch.from_numpy(out_parents[mask]), _offsets(out_n), keys,
+    parents, cu = out_parents[mask], _offsets(out_n)
+    return DraftBatch(torch.from_numpy(out_tokens[mask]), torch.from_numpy(parents), cu, keys,
                       torch.from_numpy(out_scores[mask]), torch.from_numpy(out_trp[mask]),
-                      Features(out_feat[mask], out_share[mask]))
+                      Features(out_feat[mask], out_share[mask]), _depths(parents, cu))
 
 
 def draft_retrieval(drafter, state: CompiledState, slots: np.ndarray, flat: np.ndarray, cu: np.ndarray,
@@ -140,5 +147,7 @@ def draft_retrieval(drafter, state: CompiledState, slots: np.ndarray, flat: np.n
                     n, 2 * drafter.max_depth, max_children,
                     out_tokens, out_parents, out_scores, out_feat, out_share, out_n)
     mask = _flat(out_n, n)
-    return DraftBatch(torch.from_numpy(out_tokens[mask]), torch.from_numpy(out_parents[mask]), _offsets(out_n), keys,
-                      torch.from_numpy(out_scores[mask]), None, Features(out_feat[mask], out_share[mask]))
+    parents, cu = out_parents[mask], _offsets(out_n)
+    return DraftBatch(torch.from_numpy(out_tokens[mask]), torch.from_numpy(parents), cu, keys,
+                      torch.from_numpy(out_scores[mask]), None, Features(out_feat[mask], out_share[mask]),
+                      _depths(parents, cu))

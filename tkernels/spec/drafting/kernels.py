@@ -286,6 +286,16 @@ def write_own_rows(l_own_tables, l_own_ids, l_own_probs, meta, slots, cu, tokens
 
 
 @njit(cache=True)
+def bfs_depths(parents, cu, out):
+    """Every node's depth (root 0) of BFS trees (``parents`` local, trees ``cu[b]:cu[b + 1]``):
+    a parent precedes its children, so one pass."""
+    for b in range(cu.shape[0] - 1):
+        start = cu[b]
+        for i in range(start, cu[b + 1]):
+            out[i] = 0 if parents[i] < 0 else out[start + parents[i]] + 1
+
+
+@njit(cache=True)
 def recycle_rows(adjacency, probs, tokens, ids, node_probs):
     """TokenRecycling.recycle_topk on the host adjacency: row ``tokens[i]`` := ``ids[i]`` and its
     probabilities (float16 bits), in node order, so a token at several nodes keeps the last one's."""
