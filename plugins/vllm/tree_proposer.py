@@ -210,7 +210,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         nodes, num = (t.numpy() for t in step.accepted) if tree_rows.size else (None, None)
         # a tree row's sampled tokens are its accepted path's drafts and the bonus token
         learn = (counts[tree_rows] > 0) & (counts[tree_rows] == (num[tree_rows] if tree_rows.size else 0))
-        parts, index, on_path = [], [], []
+        parts, index, on_path, part_rows = [], [], [], []
         if learn.any():
             trees = step.trees.rows(np.flatnonzero(learn))
             rows = tree_rows[learn]
@@ -222,6 +222,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             parts.append(trees)
             index.append(ragged_arange(cu_nodes[rows], step.num_nodes[rows]))
             on_path.append(accepted)
+            part_rows.append(rows)
             self._learn_acceptance(trees, accepted)
         roots = np.flatnonzero((step.num_nodes == 1) & (counts > 0))  # no draft: its root's row alone
         if roots.size:
@@ -232,14 +233,22 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
                                     node_depths=np.zeros(roots.size, np.int64)))
             index.append(cu_nodes[roots])
             on_path.append(np.ones(roots.size, bool))
+            part_rows.append(roots)
         if not parts:
             return
         if top is None:
             self.stats["skipped_steps"] += 1
             return
         trees, index, on_path = DraftBatch.cat(parts), np.concatenate(index), np.concatenate(on_path)
-        rows = torch.from_numpy(index)  # the captured top-k is on the host already (load_model's capture)
-        self.tree_drafter.observe_batch(trees, top[0][rows], top[1][rows], on_path)
+        if len(parts) > 1:  # in row order, as the rows were verified (a token at several nodes: the last one's row)
+            order = np.argsort(np.concatenate(part_rows), kind="stable")
+            nodes = ragged_arange(trees.cu[:-1][order], trees.sizes[order])
+            trees, index, on_path = trees.rows(order), index[nodes], on_path[nodes]
+        ids, probs = top  # on the host already (load_model's capture)
+        if index.size != total:  # every verified node learns in the common step: no gather
+            rows = torch.from_numpy(index)
+            ids, probs = ids[rows], probs[rows]
+        self.tree_drafter.observe_batch(trees, ids, probs, on_path)
         self.stats["recycled_steps"] += 1
         self.stats["recycled_rows"] += index.size
 

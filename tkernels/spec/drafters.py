@@ -297,25 +297,21 @@ class TreeDrafter:
         """:meth:`observe` of a :class:`DraftBatch`: ``on_path`` bool [N], the nodes of every
         tree's accepted path (roots included)."""
         total = batch.num_nodes
-        if self.recycling is not None:
-            if topk_ids.shape[0] != total:
-                raise ValueError(f"topk_ids: one row per tree node ({total}), got {tuple(topk_ids.shape)}")
-            if self.compiled is not None and self.recycling.adjacency.device.type == "cpu":
-                self._batch.recycle(self.compiled, self.recycling, batch.tokens, topk_ids, topk_probs)
-            else:
-                self.recycle(batch.tokens, topk_ids, topk_probs)
-        if self.method in OWN_ROWS:  # own rows, as stored in the shared adjacency (int32 ids, fp16 probabilities)
+        if self.recycling is not None and topk_ids.shape[0] != total:
+            raise ValueError(f"topk_ids: one row per tree node ({total}), got {tuple(topk_ids.shape)}")
+        if self.compiled is not None and self.recycling is not None:
+            # the compiled drafters' (host) adjacency and own rows: checked once, one compiled pass each
+            self._batch.observe(self.compiled, self.recycling, batch, topk_ids, topk_probs, self.method in OWN_ROWS)
+        elif self.recycling is not None:
+            self.recycle(batch.tokens, topk_ids, topk_probs)
+        if self.method in OWN_ROWS and self.compiled is None:
+            # own rows, as stored in the shared adjacency (int32 ids, fp16 probabilities)
             probs = torch.zeros(topk_ids.shape) if topk_probs is None else topk_probs.to(self.recycling.probs.dtype)
-            if self.compiled is not None:
-                self.compiled.write_own_rows(batch.keys, batch.sizes, batch.tokens.numpy(), topk_ids.cpu().numpy(),
-                                             probs.float().cpu().numpy())
-            else:
-                ids, probs = topk_ids.tolist(), probs.float().tolist()
-                tokens = batch.tokens.tolist()
-                for b, key in enumerate(batch.keys):
-                    own = self._own.setdefault(key, {})
-                    for i in range(int(batch.cu[b]), int(batch.cu[b + 1])):  # a token at several nodes: the last one's
-                        own[tokens[i]] = (ids[i], probs[i])
+            ids, probs, tokens = topk_ids.tolist(), probs.float().tolist(), batch.tokens.tolist()
+            for b, key in enumerate(batch.keys):
+                own = self._own.setdefault(key, {})
+                for i in range(int(batch.cu[b]), int(batch.cu[b + 1])):  # a token at several nodes: the last one's
+                    own[tokens[i]] = (ids[i], probs[i])
         self._calibrate(batch, torch.from_numpy(np.asarray(on_path, bool)))
 
     def _calibrate(self, batch: DraftBatch, on_path: torch.Tensor) -> None:

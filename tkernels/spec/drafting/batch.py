@@ -14,7 +14,7 @@ from .compiled import CompiledState, Features, flatten
 from .hybrid import hybrid_trees
 from .retrieval import retrieval_trees
 
-__all__ = ["CompiledState", "draft_hybrid", "draft_pld", "draft_retrieval", "draft_tr_static", "flatten", "recycle"]
+__all__ = ["CompiledState", "draft_hybrid", "draft_pld", "draft_retrieval", "draft_tr_static", "flatten", "observe"]
 
 
 def _check_tokens(name: str, tokens: np.ndarray, vocab_size: int) -> None:
@@ -25,21 +25,28 @@ def _check_tokens(name: str, tokens: np.ndarray, vocab_size: int) -> None:
                          f"got range [{int(tokens.min())}, {int(tokens.max())}]")
 
 
-def recycle(state: CompiledState, recycling, tokens: torch.Tensor, topk_ids: torch.Tensor,
-            topk_probs: torch.Tensor | None) -> None:
-    """:meth:`TokenRecycling.recycle_topk` (same checks, same rows kept) in one compiled pass
-    over the nodes, for a host adjacency."""
+def observe(state: CompiledState, recycling, batch: DraftBatch, topk_ids: torch.Tensor,
+            topk_probs: torch.Tensor | None, own_rows: bool) -> None:
+    """What :meth:`TreeDrafter.observe_batch` stores of a step for a host adjacency, checked and
+    converted once: every node's row recycled (:meth:`TokenRecycling.recycle_topk`'s checks and
+    rows kept, in one compiled pass in node order) and, with ``own_rows``, each request's own rows."""
+    tokens = batch.tokens
     if topk_ids.dim() != 2 or topk_ids.shape != (tokens.numel(), recycling.k):
         raise ValueError(f"topk_ids must be [{tokens.numel()}, {recycling.k}], got {tuple(topk_ids.shape)}")
     if topk_probs is not None and topk_probs.shape != topk_ids.shape:
         raise ValueError(f"topk_probs must have topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_probs.shape)}")
-    tokens, ids = tokens.cpu().numpy(), topk_ids.cpu().numpy()
+    tokens, ids = tokens.cpu().numpy(), topk_ids.cpu()
     _check_tokens("draft_tokens", tokens, recycling.vocab_size)
-    _check_tokens("topk_ids", ids, recycling.vocab_size)
-    probs = None if topk_probs is None else topk_probs.cpu().float().numpy()
-    if probs is not None and probs.size and not ((probs >= 0) & (probs < np.inf)).all():
+    _check_tokens("topk_ids", ids.numpy(), recycling.vocab_size)
+    if topk_probs is not None and topk_probs.numel() and not bool(((topk_probs >= 0) & (topk_probs < np.inf)).all()):
         raise ValueError("topk_probs: must hold finite probabilities >= 0 (no NaN, inf or negative values)")
-    state.recycle(recycling, tokens, ids, probs)
+    # as the shared adjacency stores them: int32 ids, fp16 probabilities (own rows: those, as float32)
+    ids = ids.to(torch.int32).numpy()
+    half = torch.zeros(ids.shape, dtype=torch.float16) if topk_probs is None else topk_probs.cpu().to(torch.float16)
+    K.recycle_rows(recycling.adjacency.numpy(), recycling.probs.view(torch.int16).numpy().view(np.uint16),
+                   np.ascontiguousarray(tokens, np.int64), ids, half.view(torch.int16).numpy().view(np.uint16))
+    if own_rows:
+        state.write_own_rows(batch.keys, batch.sizes, tokens, ids, half.float().numpy())
 
 
 def _depths(parents: np.ndarray, cu: np.ndarray) -> np.ndarray:

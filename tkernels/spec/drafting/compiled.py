@@ -215,13 +215,6 @@ class CompiledState:
                          np.ascontiguousarray(tokens, np.int64), np.ascontiguousarray(ids, np.int32),
                          np.ascontiguousarray(probs, np.float32))
 
-    def recycle(self, recycling, tokens: np.ndarray, ids: np.ndarray, probs: np.ndarray | None) -> None:
-        """:meth:`TokenRecycling.recycle_topk` of a host adjacency in one compiled pass (node order:
-        a token at several nodes keeps the last one's row); ``probs`` float32 or None (0)."""
-        half = np.zeros(ids.shape, np.float16) if probs is None else np.asarray(probs, np.float32).astype(np.float16)
-        K.recycle_rows(recycling.adjacency.numpy(), recycling.probs.view(torch.int16).numpy().view(np.uint16),
-                       np.ascontiguousarray(tokens, np.int64), np.ascontiguousarray(ids, np.int32), half.view(np.uint16))
-
     def own_row(self, key: Hashable, token: int) -> tuple[list[int], list[float]] | None:
         """A request's own row of ``token`` (tests)."""
         s = self.slots.get(key)
