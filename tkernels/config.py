@@ -271,6 +271,18 @@ def _launch_param_problem(name: str, value: Any) -> str | None:
     return None
 
 
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` for host code (the smallest power of two >= ``n``; 0 for
+    ``n <= 0``, as Triton's): Triton's is a constexpr function, ~2 us a call outside a kernel,
+    and a launcher computes several per launch."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for host code (see :func:`next_power_of_2`): ``ceil(a / b)``."""
+    return -(-a // b)
+
+
 def launch_config(kernel: str, key: dict[str, float], default: dict[str, Any], override: dict | None = None,
                   choice: ConfigChoice | None = None) -> dict[str, Any]:
     """A kernel launcher's parameters: ``override`` (a caller's, e.g. autotune's candidate) over
