@@ -280,7 +280,7 @@ class TreeBatch:
             req_ids=req_ids, drafts=drafts, prefix=prefix, num_nodes=num_nodes, parents=parents, cu_nodes=cu,
             seeds=[_seed(runner, req_id) for req_id in req_ids], root_position=prefix + scheduled_tokens - num_nodes,
             node_depths=node_depths, is_tree=is_tree, started=started, trees=trees,
-            checked=check_trees(parents, cu, node_depths),  # the one validation of the step's trees
+            checked=check_trees(parents, cu, node_depths).to(device),  # the one validation of the step's trees
             device_trees=(parents.to(device), cu.to(device)),
         )
         # Seeded rows draw from keyed_uniforms, never from vLLM's per-request generators. Dropping

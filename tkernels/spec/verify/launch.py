@@ -58,17 +58,21 @@ def _argmax_pass(logits, node_token, cfg: dict) -> torch.Tensor:
 
 
 def _walk_args(draft_tokens, parents, cu_nodes, shape: _Shape, out) -> tuple:
-    """The tree and output arguments both walk kernels end with."""
-    first, count = _children(parents, cu_nodes)
+    """The tree and output arguments both walk kernels end with (the children table: the checks'
+    where they built it, :func:`check_trees`, else derived on the trees' device)."""
+    if shape.children is not None:
+        first, count = shape.children
+    else:
+        first, count = (t.int() for t in _children(parents, cu_nodes))
     tokens, nodes, num = out
-    return (draft_tokens, first.int(), count.int(), cu_nodes.int(), tokens, nodes, num, num.numel(), shape.width,
+    return (draft_tokens, first, count, cu_nodes.int(), tokens, nodes, num, num.numel(), shape.width,
             shape.max_children)
 
 
 def _walk(node_token, draft_tokens, parents, cu_nodes, shape: _Shape, out) -> None:
     batch = out[2].numel()
     block_b, block_c = _walk_tiles(batch, shape.max_children)
-    _path_walk_kernel[(triton.cdiv(batch, block_b),)](
+    _path_walk_kernel[(cdiv(batch, block_b),)](
         node_token, *_walk_args(draft_tokens, parents, cu_nodes, shape, out), BLOCK_B=block_b, BLOCK_C=block_c,
         num_warps=1,
     )
