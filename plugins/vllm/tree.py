@@ -340,7 +340,7 @@ class TreeBatch:
         if spec_decode_metadata is None:  # 1-node trees: node 0's token is never compared
             node_tokens = torch.zeros(num_reqs, dtype=torch.int64, device=device)
         else:
-            node_tokens = runner.input_ids.gpu[spec_decode_metadata.logits_indices].long()
+            node_tokens = runner.input_ids.gpu.index_select(0, spec_decode_metadata.logits_indices).long()
         parents, cu_nodes = step.device_trees  # moved once, by begin_step
         reference = _cpu_reference_mode()
         sampling = runner.input_batch.sampling_metadata
@@ -382,8 +382,8 @@ class TreeBatch:
         step.accepted = tuple(host_copy(t, self._host_buffers, name) for name, t in (("nodes", nodes), ("num", num)))
         out = torch.full((num_reqs, max(drafts, default=0) + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
         # verification pads its rows with -1: vLLM's placeholder id, else replaced
-        out[:, : tokens.shape[1]] = tokens if PLACEHOLDER_TOKEN_ID == -1 else \
-            torch.where(tokens >= 0, tokens, PLACEHOLDER_TOKEN_ID)
+        out.narrow(1, 0, tokens.shape[1]).copy_(tokens if PLACEHOLDER_TOKEN_ID == -1 else
+                                               torch.where(tokens >= 0, tokens, PLACEHOLDER_TOKEN_ID))
         if failed:
             out[failed] = PLACEHOLDER_TOKEN_ID
             out[failed, 0] = FAILED_TOKEN
