@@ -177,3 +177,24 @@ def test_device_file_name_refuses_a_non_string():
     for bad in (5, None, "  "):
         with pytest.raises(ValueError, match=r"^device_name\b"):
             config.device_file_name(bad)
+
+
+def test_launch_config_memo_follows_the_choice_and_hands_out_fresh_dicts():
+    """launch_config memoises the checked tuned bucket per (kernel, key, default) and config
+    choice: another choice gets its own bucket, a bad bucket raises on every call, overrides
+    still apply and are checked, and the caller's dict is its own."""
+    default = {"block_v": 4096, "num_warps": 8}
+    a = config.ConfigChoice(None, "a", {"kernels": {"verify": {"buckets": [{"key": {"vocab": 1000}, "config": {"block_v": 512}}]}}})
+    b = config.ConfigChoice(None, "b", {})
+    got = config.launch_config("verify", {"vocab": 1000}, default, choice=a)
+    assert got == {"block_v": 512, "num_warps": 8}
+    got["block_v"] = 1  # the caller's own dict
+    assert config.launch_config("verify", {"vocab": 1000}, default, choice=a) == {"block_v": 512, "num_warps": 8}
+    assert config.launch_config("verify", {"vocab": 1000}, default, choice=b) == default
+    assert config.launch_config("verify", {"vocab": 1000}, default, {"num_warps": 2}, choice=a) == {"block_v": 512, "num_warps": 2}
+    with pytest.raises(ValueError, match="config: verify num_warps"):
+        config.launch_config("verify", {"vocab": 1000}, default, {"num_warps": 3}, choice=a)
+    bad = config.ConfigChoice(None, "bad", {"kernels": {"verify": {"buckets": [{"key": {"vocab": 1000}, "config": {"block_v": 3}}]}}})
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="block_v"):
+            config.launch_config("verify", {"vocab": 1000}, default, choice=bad)

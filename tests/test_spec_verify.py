@@ -1,5 +1,8 @@
 """Tree verification: kernels vs references, greedy = plain greedy, statistical losslessness."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -693,7 +696,7 @@ def test_checked_trees_verify_the_same_and_still_refuse_unusable_logits(rng, poi
     trees = [random_parents(n, rng) for n in (1, 7, 16, 3)] + [SHAPES["chain"]]
     logits, tokens, parents, cu = make_batch(trees, 500, rng)
     checked = V.check_trees(parents, cu)
-    assert checked == VI._check_tree_batch(logits, tokens, parents, cu)[:3]
+    assert checked[:3] == VI._check_tree_batch(logits, tokens, parents, cu)[:3]
     for verify in (V.verify_greedy, V.verify_greedy_reference):
         assert_same(verify(logits, tokens, parents, cu, checked=checked), verify(logits, tokens, parents, cu))
     temperature = torch.tensor([0.0, 0.7, 1.0, 1.3, 0.5])
@@ -713,3 +716,121 @@ def test_checked_trees_verify_the_same_and_still_refuse_unusable_logits(rng, poi
         V.check_trees(bad, cu)
     with pytest.raises(ValueError, match="check_trees takes the host copy"):
         V.check_trees(parents.to("meta"), cu)
+
+
+def _outcome(check, *args):
+    """``("ok", result)`` or ``("error", type, message)`` of ``check(*args)``."""
+    try:
+        return "ok", check(*args)
+    except Exception as err:
+        return "error", type(err), str(err)
+
+
+def _same_checked(a: V.CheckedTrees, b: V.CheckedTrees) -> None:
+    assert a[:3] == b[:3]
+    assert a.children.dtype == b.children.dtype == torch.int32 and torch.equal(a.children, b.children)
+
+
+def _random_batch(rng, dtype):
+    sizes = torch.randint(1, 40, (int(torch.randint(1, 12, (1,), generator=rng)),), generator=rng).tolist()
+    if int(torch.randint(0, 4, (1,), generator=rng)) == 0:
+        sizes.append(MAX_TREE_NODES)
+    trees = [random_parents(n, rng) if int(torch.randint(0, 2, (1,), generator=rng)) else
+             tree_parents(TREE_KINDS[int(torch.randint(0, len(TREE_KINDS), (1,), generator=rng))], n, rng).tolist()
+             for n in sizes]
+    parents = torch.tensor([p for t in trees for p in t], dtype=dtype)
+    cu = torch.tensor([0] + [len(t) for t in trees]).cumsum(0).to(dtype)
+    return parents, cu
+
+
+def test_importing_verification_does_not_load_numba():
+    """check_trees' compiled pass is imported on the first call, not with tkernels.spec."""
+    code = "import sys, tkernels.spec; assert 'numba' not in sys.modules, 'numba loaded'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_check_trees_matches_its_reference_on_random_batches(rng, dtype):
+    """The compiled check_trees (one numba pass) against its plain-PyTorch reference on random
+    valid ragged batches: the sizes and the children table (the walks' table, :func:`VI._children`)."""
+    for _ in range(30):
+        parents, cu = _random_batch(rng, dtype)
+        got = V.check_trees(parents, cu)
+        _same_checked(got, VI.check_trees_reference(parents, cu))
+        _same_checked(got, VI.check_trees_reference(parents, cu, depths(parents, cu)))
+        first, count = VI._children(parents, cu)
+        assert torch.equal(got.children, torch.stack([first, count]).int())
+
+
+def _corrupt(parents, cu, rng):
+    """A random invalid (or, by chance, still valid) variant of a valid batch."""
+    parents, cu = parents.clone(), cu.clone()
+    n, pick = parents.numel(), int(torch.randint(0, 9, (1,), generator=rng))
+    i = int(torch.randint(0, n, (1,), generator=rng))
+    if pick == 0:  # any parent value
+        parents[i] = int(torch.randint(-3, n + 2, (1,), generator=rng))
+    elif pick == 1:  # a root that is not -1, or a non-root that is
+        parents[int(cu[int(torch.randint(0, cu.numel() - 1, (1,), generator=rng))])] = 0 if i % 2 else -1
+    elif pick == 2:  # BFS order broken: two parents swapped
+        j = int(torch.randint(0, n, (1,), generator=rng))
+        parents[i], parents[j] = parents[j].clone(), parents[i].clone()
+    elif pick == 3:  # a parent at its node or later
+        parents[i] = i - int(cu[torch.searchsorted(cu, i, right=True) - 1]) + int(torch.randint(0, 2, (1,), generator=rng))
+    elif pick == 4:  # offsets: an empty tree, an end past the nodes, a start other than 0
+        cu[int(torch.randint(0, cu.numel(), (1,), generator=rng))] += int(torch.randint(-2, 3, (1,), generator=rng))
+    elif pick == 5:
+        return parents[:0], cu[:1] * 0
+    elif pick == 6:
+        return parents.float(), cu
+    elif pick == 7:
+        return parents, cu.float()
+    else:
+        return parents[None], cu
+    return parents, cu
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_check_trees_refuses_what_its_reference_refuses_with_the_same_error(rng, dtype):
+    """Random corruptions of valid batches (parents out of range, roots, BFS order, offsets,
+    dtypes, shapes): the compiled check_trees and its reference both accept (same result) or
+    both raise the same error (validate_parents' wording)."""
+    raised = 0
+    for _ in range(200):
+        parents, cu = _corrupt(*_random_batch(rng, dtype), rng)
+        got, want = _outcome(V.check_trees, parents, cu), _outcome(VI.check_trees_reference, parents, cu)
+        assert got[0] == want[0], (got, want)
+        if got[0] == "ok":
+            _same_checked(got[1], want[1])
+        else:
+            assert got[1:] == want[1:] and got[1] is ValueError
+            raised += 1
+    assert raised > 100
+
+
+def test_checked_children_table_is_used_where_it_lives_and_only_there(rng):
+    """``checked``'s children table (moved with ``.to``) reaches the walks when it is on the
+    logits' device and of these trees; else the launchers derive their own, with the same outputs."""
+    trees = [random_parents(n, rng) for n in (1, 9, 30, 4)]
+    logits, tokens, parents, cu = make_batch(trees, 64, rng)
+    checked = V.check_trees(parents, cu).to(logits.device)
+    assert VI._check_tree_batch(logits, tokens, parents, cu, checked=checked).children is checked.children
+    other = checked._replace(children=checked.children[:, :-1])
+    assert VI._check_tree_batch(logits, tokens, parents, cu, checked=other).children is None
+    assert checked._replace(children=None).to("cpu").children is None
+    want = V.verify_greedy(logits, tokens, parents, cu)
+    for c in (checked, other, checked._replace(children=None)):
+        assert_same(V.verify_greedy(logits, tokens, parents, cu, checked=c), want)
+
+
+def test_checked_finiteness_read_survives_row_maxima_summing_past_float32(rng):
+    """The checked call reads one sum of the row maxima: finite maxima whose sum overflows
+    float32 are not unusable logits (the exact test decides), a NaN row still is."""
+    trees = [random_parents(n, rng) for n in (6, 3)]
+    logits, tokens, parents, cu = make_batch(trees, 16, rng)
+    logits[:, 0] = 3e38  # every node's maximum: finite, their sum is not
+    checked = V.check_trees(parents, cu)
+    assert_same(V.verify_greedy(logits, tokens, parents, cu, checked=checked), V.verify_greedy(logits, tokens, parents, cu))
+    logits[7, 3] = float("nan")  # request 1
+    with pytest.raises(V.NonFiniteLogitsError) as err:
+        V.verify_greedy(logits, tokens, parents, cu, checked=checked)
+    assert err.value.requests == [1]

@@ -271,6 +271,24 @@ def _launch_param_problem(name: str, value: Any) -> str | None:
     return None
 
 
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` for host code (the smallest power of two >= ``n``; 0 for
+    ``n <= 0``, as Triton's): Triton's is a constexpr function, ~2 us a call outside a kernel,
+    and a launcher computes several per launch."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for host code (see :func:`next_power_of_2`): ``ceil(a / b)``."""
+    return -(-a // b)
+
+
+# launch_config's checked tuned bucket per (kernel, key, default), with the config choice it came
+# from (a hit only for that same choice object): launchers ask every call, for few shapes.
+_TUNED: dict[tuple, tuple[ConfigChoice, dict[str, Any]]] = {}
+_TUNED_SIZE = 256
+
+
 def launch_config(kernel: str, key: dict[str, float], default: dict[str, Any], override: dict | None = None,
                   choice: ConfigChoice | None = None) -> dict[str, Any]:
     """A kernel launcher's parameters: ``override`` (a caller's, e.g. autotune's candidate) over
@@ -279,13 +297,26 @@ def launch_config(kernel: str, key: dict[str, float], default: dict[str, Any], o
     two, ``num_warps`` in 1..32 (a power of two). A bad override raises
     ``ValueError("config: ...")``; a bad tuned bucket :class:`ConfigError` naming its file and field."""
     choice = choice or current()
-    tuned, field_ = _nearest_bucket(kernel, key, choice)
-    for name, value in tuned.items():
-        problem = None if name in default else f"is not a launch parameter of {kernel} (known: {sorted(default)})"
-        problem = problem or _launch_param_problem(name, value)
-        if problem:
-            raise ConfigError(f"{choice.path}: field '{field_}.{name}' {problem}")
-    override = override or {}
+    memo = (kernel, tuple(key.items()), tuple(default.items()))
+    try:
+        hit = _TUNED.get(memo)
+    except TypeError:  # unhashable values: not memoised
+        memo = hit = None
+    if hit is not None and hit[0] is choice:
+        tuned = hit[1]
+    else:
+        tuned, field_ = _nearest_bucket(kernel, key, choice)
+        for name, value in tuned.items():
+            problem = None if name in default else f"is not a launch parameter of {kernel} (known: {sorted(default)})"
+            problem = problem or _launch_param_problem(name, value)
+            if problem:
+                raise ConfigError(f"{choice.path}: field '{field_}.{name}' {problem}")
+        if memo is not None:
+            if len(_TUNED) >= _TUNED_SIZE:
+                _TUNED.clear()
+            _TUNED[memo] = (choice, dict(tuned))
+    if not override:
+        return {**default, **tuned}
     unknown = set(override) - set(default)
     if unknown:
         raise ValueError(f"config: unknown keys {sorted(unknown)} for {kernel} (known: {sorted(default)})")

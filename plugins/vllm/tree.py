@@ -280,7 +280,7 @@ class TreeBatch:
             req_ids=req_ids, drafts=drafts, prefix=prefix, num_nodes=num_nodes, parents=parents, cu_nodes=cu,
             seeds=[_seed(runner, req_id) for req_id in req_ids], root_position=prefix + scheduled_tokens - num_nodes,
             node_depths=node_depths, is_tree=is_tree, started=started, trees=trees,
-            checked=check_trees(parents, cu, node_depths),  # the one validation of the step's trees
+            checked=check_trees(parents, cu, node_depths).to(device),  # the one validation of the step's trees
             device_trees=(parents.to(device), cu.to(device)),
         )
         # Seeded rows draw from keyed_uniforms, never from vLLM's per-request generators. Dropping
@@ -340,7 +340,7 @@ class TreeBatch:
         if spec_decode_metadata is None:  # 1-node trees: node 0's token is never compared
             node_tokens = torch.zeros(num_reqs, dtype=torch.int64, device=device)
         else:
-            node_tokens = runner.input_ids.gpu[spec_decode_metadata.logits_indices].long()
+            node_tokens = runner.input_ids.gpu.index_select(0, spec_decode_metadata.logits_indices).long()
         parents, cu_nodes = step.device_trees  # moved once, by begin_step
         reference = _cpu_reference_mode()
         sampling = runner.input_batch.sampling_metadata
@@ -381,7 +381,9 @@ class TreeBatch:
         # what the proposer learns from (the accepted paths), on the host without a sync
         step.accepted = tuple(host_copy(t, self._host_buffers, name) for name, t in (("nodes", nodes), ("num", num)))
         out = torch.full((num_reqs, max(drafts, default=0) + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
-        out[:, : tokens.shape[1]] = torch.where(tokens >= 0, tokens, PLACEHOLDER_TOKEN_ID)
+        # verification pads its rows with -1: vLLM's placeholder id, else replaced
+        out.narrow(1, 0, tokens.shape[1]).copy_(tokens if PLACEHOLDER_TOKEN_ID == -1 else
+                                               torch.where(tokens >= 0, tokens, PLACEHOLDER_TOKEN_ID))
         if failed:
             out[failed] = PLACEHOLDER_TOKEN_ID
             out[failed, 0] = FAILED_TOKEN
@@ -391,14 +393,15 @@ class TreeBatch:
         rows = np.flatnonzero(step.is_tree)  # a chain's accepted nodes already sit at their depths
         if not rows.size:
             return
-        device = nodes.device
-        index = torch.from_numpy(rows).to(device)
-        block_table = runner.input_batch.block_table[0].get_device_tensor(len(step.req_ids))[index].contiguous()
-        prefix = torch.from_numpy(step.prefix[rows]).to(device, torch.int32)
+        block_table = runner.input_batch.block_table[0].get_device_tensor(len(step.req_ids))
+        prefix = step.prefix
+        if rows.size < len(step.req_ids):  # only the tree rows (else all of them, as they are)
+            index = torch.from_numpy(rows).to(nodes.device)
+            block_table, nodes, num, prefix = block_table[index], nodes[index], num[index], prefix[rows]
+        prefix = torch.from_numpy(prefix.astype(np.int32)).to(nodes.device)
         compact = compact_kv_reference if reference else compact_kv
         # verification's outputs, vLLM's block table and the host-built prefixes: trusted (no device read)
-        compact(self.kv_planes(runner), block_table, prefix, nodes[index].contiguous(), num[index].contiguous(),
-                checked=True)
+        compact(self.kv_planes(runner), block_table, prefix, nodes, num, checked=True)
 
     def kv_planes(self, runner) -> list[torch.Tensor]:
         """Every layer's K and V as ``[kv_heads, num_blocks, block_size, 1, head_dim]`` views, the

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from tkernels.checks import integer
+from tkernels.config import cdiv, next_power_of_2
 from tkernels.config import launch_config as _launch_config
 from tkernels.registry import gpu_compile_check
 
@@ -55,8 +56,8 @@ def launch_config(kv_dim: int, config: dict | None = None) -> dict:
 
 def _tiles(width: int, kv_dim: int, cfg: dict) -> tuple[int, int]:
     """(path slots, columns) per program: at most 4096 elements in registers."""
-    block_a = triton.next_power_of_2(width)
-    return block_a, min(cfg["block_hd"], triton.next_power_of_2(kv_dim), max(16, 4096 // block_a))
+    block_a = next_power_of_2(width)
+    return block_a, min(cfg["block_hd"], next_power_of_2(kv_dim), max(16, 4096 // block_a))
 
 
 def compile_launch(dtype: str, width: int, cfg: dict, candidate: bool = False):
@@ -217,7 +218,7 @@ def compact_kv(
     prefix = prefix_lens.int()
     for cache in caches:
         planes = cache.view(-1, num_blocks, block_size, heads, head_dim) if cache.dim() > 4 else cache[None]
-        grid = (batch, planes.shape[0], triton.cdiv(hd, block_hd))
+        grid = (batch, planes.shape[0], cdiv(hd, block_hd))
         _compact_kv_kernel[grid](
             planes, planes.stride(0), planes.stride(1), planes.stride(2), block_table, block_table.stride(0), prefix,
             accepted_nodes, num_accepted, width, hd, block_size,

@@ -43,14 +43,20 @@ def _check_parents_tensor(parents) -> None:
         raise ValueError(f"parents must be int32 (or int64), got {parents.dtype}")
 
 
-def _check_cu_nodes(parents: torch.Tensor, cu_nodes: torch.Tensor) -> torch.Tensor:
-    """Raise unless ``cu_nodes`` is a valid offsets tensor for ``parents``; returns it on the host."""
+def _check_cu_nodes_tensor(parents: torch.Tensor, cu_nodes) -> None:
+    """The cheap part of :func:`_check_cu_nodes` (no host read): a 1-D int32/int64 tensor
+    beside ``parents``."""
     if not isinstance(cu_nodes, torch.Tensor):
         raise ValueError(f"cu_nodes must be a 1-D int32 tensor [B+1], got {type(cu_nodes).__name__}")
     if cu_nodes.dim() != 1 or cu_nodes.numel() < 1 or cu_nodes.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"cu_nodes must be a 1-D int32 tensor [B+1], got {tuple(cu_nodes.shape)} {cu_nodes.dtype}")
     if cu_nodes.device != parents.device:
         raise ValueError(f"cu_nodes is on {cu_nodes.device} but parents is on {parents.device}")
+
+
+def _check_cu_nodes(parents: torch.Tensor, cu_nodes: torch.Tensor) -> torch.Tensor:
+    """Raise unless ``cu_nodes`` is a valid offsets tensor for ``parents``; returns it on the host."""
+    _check_cu_nodes_tensor(parents, cu_nodes)
     cu = cu_nodes.cpu()
     if int(cu[0]) != 0 or int(cu[-1]) != parents.numel() or bool((cu[1:] <= cu[:-1]).any()):
         raise ValueError(

@@ -15,9 +15,10 @@ parameters, compile-check launches), ``inputs.py`` (checks and per-node processi
 launchers and references), ``uniforms.py``, ``launch.py`` (:func:`verify_greedy`,
 :func:`verify_sampling`), ``reference.py`` (plain PyTorch).
 
-A server that builds a step's trees on the host checks them there once (:func:`check_trees`)
-and passes the result as ``checked=``: the launchers then neither copy the trees back nor
-validate them again, and read one flag from the device (unusable logits).
+A server that builds a step's trees on the host checks them there once (:func:`check_trees`,
+one compiled pass that also builds the walks' children table; ``.to(device)`` moves that table
+once) and passes the result as ``checked=``: the launchers then neither copy the trees back nor
+validate nor describe them again, and read one flag from the device (unusable logits).
 """
 
 from tkernels.spec.verify.inputs import GREEDY_TEMPERATURE, CheckedTrees, NonFiniteLogitsError, check_trees

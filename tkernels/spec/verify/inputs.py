@@ -1,15 +1,22 @@
 """Input handling shared by the verification launchers and references: the tree batch and
 sampling checks, the per-node processing (temperature, top-k/top-p thresholds, greedy rows)
-and the children of every node."""
+and the children of every node.
+
+Host trees (:func:`check_trees`: a server's step, and the public launchers' one read back of
+the trees) are validated and described by one compiled loop
+(:func:`tkernels.spec.verify.trees_compiled.tree_tables`, numba, imported on first use);
+:func:`check_trees_reference` is its plain-PyTorch reference."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from tkernels.checks import fail, in_unit_interval, require
 from tkernels.spec.tree import depths, validate_parents
+from tkernels.spec.tree_contract import _check_cu_nodes_tensor, _check_parents_tensor
 
 # The uniforms table the sampling kernels read (float32 [total_nodes, UNIFORM_COLUMNS], one row
 # per node): column ACCEPT_COLUMN decides the node's acceptance test against its parent's
@@ -39,15 +46,28 @@ class _Shape(NamedTuple):
     max_nodes: int
     max_children: int
     row_max: torch.Tensor  # float32[total_nodes]: every node's largest logit (finite)
+    # int32 [2, total_nodes] on the logits' device: every node's first child and number of
+    # children (:func:`_children`'s table), where the checks have it (else the walks derive it)
+    children: torch.Tensor | None = None
 
 
 class CheckedTrees(NamedTuple):
-    """A batch of trees checked once on the host (:func:`check_trees`): the sizes verification
-    would otherwise read back from the device and derive on every call."""
+    """A batch of trees checked once on the host (:func:`check_trees`): the sizes and the
+    children table verification would otherwise read back from the device or derive on every
+    call. ``children`` is where :func:`check_trees` built it (the host); :meth:`to` moves it once
+    to the device the trees are verified on (a copy elsewhere is not used: the launchers then
+    derive the table themselves)."""
 
     width: int  # max depth + 1
     max_nodes: int
     max_children: int
+    # int32 [2, total_nodes]: every node's first child (global index; total_nodes if none) and
+    # its number of children, :func:`_children`'s table (None: not built)
+    children: torch.Tensor | None = None
+
+    def to(self, device) -> CheckedTrees:
+        """The same trees with their children table on ``device`` (one copy)."""
+        return self if self.children is None else self._replace(children=self.children.to(device))
 
 
 def _sizes(par: torch.Tensor, cu: torch.Tensor, node_depths: torch.Tensor | None = None) -> CheckedTrees:
@@ -59,15 +79,42 @@ def _sizes(par: torch.Tensor, cu: torch.Tensor, node_depths: torch.Tensor | None
     return CheckedTrees(int(node_depths.max()) + 1, int(sizes.max()), int(children.max()) if par.numel() else 0)
 
 
+def _compiled():
+    """:mod:`tkernels.spec.verify.trees_compiled`, imported on first use (it loads numba)."""
+    from tkernels.spec.verify import trees_compiled
+
+    return trees_compiled
+
+
 def check_trees(parents: torch.Tensor, cu_nodes: torch.Tensor, node_depths: torch.Tensor | None = None) -> CheckedTrees:
     """Validate a batch of trees held on the host (the tree contract, ``spec.tree.validate_parents``)
     once and return what verification needs of them, for a caller that verifies the same trees
-    with ``checked=`` (a server's step: its trees are built on the host anyway). ``node_depths``:
-    the nodes' depths when the caller has them (else computed)."""
+    with ``checked=`` (a server's step: its trees are built on the host anyway; ``.to(device)``
+    moves the children table to the device once). One compiled pass
+    (:func:`~tkernels.spec.verify.trees_compiled.tree_tables`; the same result and errors as
+    :func:`check_trees_reference`). ``node_depths``: the nodes' depths when the caller has them;
+    the pass derives them in its loop, only the reference reads them."""
+    if parents.device.type != "cpu" or cu_nodes.device.type != "cpu":
+        fail("parents", "check_trees takes the host copy of the trees (a device copy would cost a sync)")
+    _check_parents_tensor(parents)
+    _check_cu_nodes_tensor(parents, cu_nodes)
+    valid, width, max_nodes, max_children, children = _compiled().tree_tables(parents.numpy(), cu_nodes.numpy())
+    if not valid:
+        validate_parents(parents, cu_nodes)  # raises the contract's error
+        raise AssertionError("check_trees: the compiled pass refused trees validate_parents accepts")
+    return CheckedTrees(int(width), int(max_nodes), int(max_children), torch.from_numpy(children))
+
+
+def check_trees_reference(parents: torch.Tensor, cu_nodes: torch.Tensor,
+                          node_depths: torch.Tensor | None = None) -> CheckedTrees:
+    """Plain-PyTorch :func:`check_trees` (same inputs, result and errors)."""
     if parents.device.type != "cpu" or cu_nodes.device.type != "cpu":
         fail("parents", "check_trees takes the host copy of the trees (a device copy would cost a sync)")
     validate_parents(parents, cu_nodes)
-    return _sizes(parents.long(), cu_nodes.long(), None if node_depths is None else node_depths.long())
+    par, cu = parents.long(), cu_nodes.long()
+    first, count = _children(par, cu)
+    return _sizes(par, cu, None if node_depths is None else node_depths.long())._replace(
+        children=torch.stack([first, count]).int())
 
 
 def _check_tree_batch(logits, draft_tokens, parents, cu_nodes, row_max_pass=None, checked: CheckedTrees | None = None,
@@ -108,11 +155,14 @@ def _check_tree_batch(logits, draft_tokens, parents, cu_nodes, row_max_pass=None
         if not isinstance(checked, CheckedTrees):
             fail("checked", f"must be the CheckedTrees of check_trees, got {type(checked).__name__}")
         row_max = logits.amax(-1).float() if row_max_pass is None else row_max_pass()
-        if finite:
-            bad_nodes = ~torch.isfinite(row_max)
-            if bool(bad_nodes.any()):  # the one device read of a checked call
-                _raise_non_finite(bad_nodes, cu_nodes, "hold NaN or +inf, or no finite logit (all -inf)")
-        return _Shape(checked.width, checked.max_nodes, checked.max_children, row_max)
+        # The one device read of a checked call: the row maxima's sum, finite unless some maximum
+        # is NaN or +-inf (or finite maxima overflow float32 together: then the exact test decides).
+        if finite and not math.isfinite(row_max.sum().item()) and not bool(torch.isfinite(row_max).all()):
+            _raise_non_finite(~torch.isfinite(row_max), cu_nodes, "hold NaN or +inf, or no finite logit (all -inf)")
+        children = checked.children
+        if children is not None and (children.device != logits.device or children.shape != (2, n)):
+            children = None  # a table elsewhere (or of other trees): the walks derive their own
+        return _Shape(checked.width, checked.max_nodes, checked.max_children, row_max, children)
     if n == 0:
         validate_parents(parents, cu_nodes)  # raises: requests without nodes
     # One device-to-host copy (a few KB) of the tree, the token range and the number of nodes
@@ -122,12 +172,12 @@ def _check_tree_batch(logits, draft_tokens, parents, cu_nodes, row_max_pass=None
     bad_rows = (~torch.isfinite(row_max)).sum()[None]
     host = torch.cat([parents.long(), cu_nodes.long(), lo_hi, bad_rows]).cpu()
     par, cu, (lo, hi, bad) = host[:n], host[n:-3], host[-3:].tolist()
-    validate_parents(par, cu)
+    trees = check_trees(par, cu)  # validate_parents' checks and errors
     if lo < 0 or hi >= logits.shape[1]:
         raise ValueError(f"draft_tokens must lie in [0, {logits.shape[1]}) (the vocab), got range [{lo}, {hi}]")
     if bad:
         _raise_non_finite(~torch.isfinite(row_max), cu, "hold NaN or +inf, or no finite logit (all -inf)")
-    return _Shape(*_sizes(par, cu), row_max)
+    return _Shape(trees.width, trees.max_nodes, trees.max_children, row_max, trees.children.to(logits.device))
 
 
 def _raise_non_finite(bad_nodes: torch.Tensor, cu_nodes: torch.Tensor, why: str):

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from tkernels import config as tkernels_config
 from tkernels.checks import integer
+from tkernels.config import next_power_of_2
 from tkernels.registry import gpu_compile_check
 from tkernels.spec.verify.inputs import ACCEPT_COLUMN, DRAW_COLUMN, UNIFORM_COLUMNS
 
@@ -44,14 +45,14 @@ def launch_config(vocab: int, config: dict | None = None) -> dict:
 def _tiles(count: int, vocab: int, cfg: dict) -> tuple[int, int]:
     """(rows per program, vocabulary tile): many small rows share a program (tiny vocabularies,
     big batches); 4096 elements per program at most when rows are packed."""
-    block_v = max(16, min(cfg["block_v"], triton.next_power_of_2(vocab)))
-    return max(1, min(triton.next_power_of_2(max(count, 1)), 4096 // block_v)), block_v
+    block_v = max(16, min(cfg["block_v"], next_power_of_2(vocab)))
+    return max(1, min(next_power_of_2(max(count, 1)), 4096 // block_v)), block_v
 
 
 def _walk_tiles(batch: int, max_children: int) -> tuple[int, int]:
     """(requests per program, children scanned at once) of the path walk. Latency-bound (one
     dependent level per step): few requests per program, one warp each."""
-    return min(triton.next_power_of_2(batch), 16), min(triton.next_power_of_2(max(max_children, 1)), 16)
+    return min(next_power_of_2(batch), 16), min(next_power_of_2(max(max_children, 1)), 16)
 
 
 def _rejection_tiles(vocab: int, cfg: dict) -> tuple[int, int]:

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import torch
-import triton
 
+from tkernels.config import cdiv
 from tkernels.spec.verify.inputs import (
     CheckedTrees,
     _check_sampling,
@@ -43,7 +43,7 @@ def _empty_outputs(batch: int, width: int, device):
 def _node_pass(mode: int, logits, inv_temp, thr, uniforms, token, row_max, row_sum, cfg: dict) -> None:
     n, vocab = logits.shape
     block_r, block_v = _tiles(n, vocab, cfg)
-    _node_pass_kernel[(triton.cdiv(n, block_r),)](
+    _node_pass_kernel[(cdiv(n, block_r),)](
         logits, logits.stride(0), n, vocab, inv_temp, thr, uniforms, token, row_max, row_sum,
         MODE=mode, **MODE_CONSTEXPRS, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=cfg["num_warps"],
     )
@@ -58,17 +58,21 @@ def _argmax_pass(logits, node_token, cfg: dict) -> torch.Tensor:
 
 
 def _walk_args(draft_tokens, parents, cu_nodes, shape: _Shape, out) -> tuple:
-    """The tree and output arguments both walk kernels end with."""
-    first, count = _children(parents, cu_nodes)
+    """The tree and output arguments both walk kernels end with (the children table: the checks'
+    where they built it, :func:`check_trees`, else derived on the trees' device)."""
+    if shape.children is not None:
+        first, count = shape.children
+    else:
+        first, count = (t.int() for t in _children(parents, cu_nodes))
     tokens, nodes, num = out
-    return (draft_tokens, first.int(), count.int(), cu_nodes.int(), tokens, nodes, num, num.numel(), shape.width,
+    return (draft_tokens, first, count, cu_nodes.int(), tokens, nodes, num, num.numel(), shape.width,
             shape.max_children)
 
 
 def _walk(node_token, draft_tokens, parents, cu_nodes, shape: _Shape, out) -> None:
     batch = out[2].numel()
     block_b, block_c = _walk_tiles(batch, shape.max_children)
-    _path_walk_kernel[(triton.cdiv(batch, block_b),)](
+    _path_walk_kernel[(cdiv(batch, block_b),)](
         node_token, *_walk_args(draft_tokens, parents, cu_nodes, shape, out), BLOCK_B=block_b, BLOCK_C=block_c,
         num_warps=1,
     )
@@ -151,7 +155,7 @@ def verify_sampling(
     _node_pass(STATS, logits, inv_temp, thr, uniforms, draft_tokens, row_max, row_sum, cfg)
     scratch = torch.empty((2, batch, vocab), dtype=torch.float32, device=device)
     block_b, block_v = _rejection_tiles(vocab, cfg)
-    _rejection_walk_kernel[(triton.cdiv(batch, block_b),)](
+    _rejection_walk_kernel[(cdiv(batch, block_b),)](
         logits, logits.stride(0), draft_probs, draft_probs.stride(0), vocab, inv_temp, thr, row_max, row_sum, uniforms,
         scratch[0], scratch[1], *_walk_args(draft_tokens, parents, cu_nodes, shape, out),
         **UNIFORM_CONSTEXPRS, BLOCK_B=block_b, BLOCK_V=block_v, num_warps=cfg["num_warps"],
