@@ -163,9 +163,7 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
         if is_tree.numel() > num_reqs or tree_parents.numel() > num_tokens:
             raise RuntimeError(f"tkernels: the step's trees ({is_tree.numel()} rows, {tree_parents.numel()} tokens) do "
                                f"not fit the attention batch ({num_reqs} rows, {num_tokens} tokens)")
-        pad = torch.nn.functional.pad
-        return pad(tree_parents, (0, num_tokens - tree_parents.numel()), value=-1), \
-            pad(is_tree, (0, num_reqs - is_tree.numel()), value=False)
+        return _padded(tree_parents, num_tokens, -1), _padded(is_tree, num_reqs, False)
 
     def _host(self, m: CommonAttentionMetadata) -> HostBatch | None:
         """vLLM's host copies of the batch and the step's host trees, padded as :meth:`_trees`
@@ -178,11 +176,13 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
             return HostBatch(m.query_start_loc_cpu, m.seq_lens_cpu_upper_bound)
         tree_parents, is_tree, tree_depths = self.step_trees_host
         num_reqs, num_tokens = m.query_start_loc_cpu.numel() - 1, int(m.query_start_loc_cpu[-1])
-        pad = torch.nn.functional.pad
-        return HostBatch(m.query_start_loc_cpu, m.seq_lens_cpu_upper_bound,
-                         pad(tree_parents, (0, num_tokens - tree_parents.numel()), value=-1),
-                         pad(is_tree, (0, num_reqs - is_tree.numel()), value=False),
-                         pad(tree_depths, (0, num_tokens - tree_depths.numel())))
+        return HostBatch(m.query_start_loc_cpu, m.seq_lens_cpu_upper_bound, _padded(tree_parents, num_tokens, -1),
+                         _padded(is_tree, num_reqs, False), _padded(tree_depths, num_tokens, 0))
+
+
+def _padded(t: torch.Tensor, n: int, value) -> torch.Tensor:
+    """``t`` padded with ``value`` to ``n`` entries (vLLM pads its batch for CUDA graphs); itself when no padding is needed."""
+    return t if t.numel() == n else torch.nn.functional.pad(t, (0, n - t.numel()), value=value)
 
 
 class TkernelsAttentionImpl(TritonAttentionImpl):
