@@ -1,15 +1,17 @@
 """Tree speculation inside vLLM: one step's trees, from the drafts to verification and KV compaction.
 
 The patches that call into this module, and why each is needed, are in
-:mod:`tkernels.plugins.vllm.patches`. A step goes: the proposer records each request's tree
-(:meth:`TreeBatch.propose`); vLLM schedules a draft list per row (the tree's nodes in BFS order,
-possibly cut to a BFS prefix); :meth:`TreeBatch.begin_step` builds the step's :class:`TreeStep`
-(one object: every row's parents, offsets, node depths, seeds), checks the trees once on the
+:mod:`tkernels.plugins.vllm.patches`. A step goes: the proposer records the step's trees, one
+:class:`~tkernels.spec.draft_tree.DraftBatch` with a row per request (:meth:`TreeBatch.propose`);
+vLLM schedules a draft list per row (the tree's nodes in BFS order, possibly cut to a BFS
+prefix); :meth:`TreeBatch.begin_step` builds the step's :class:`TreeStep` (one object: every
+row's parents, offsets, node depths gathered from the proposals, seeds), checks the trees once on the
 host (:func:`tkernels.spec.check_trees`), moves them to the device once, and overwrites the tree
 nodes' RoPE positions; the attention backend plans with the host copies (no read back from the
 device) and masks each tree node to its ancestors; :meth:`TreeBatch.verify` verifies the trees
-(``checked=``: not validated again, one device read for unusable logits) and compacts the
-accepted paths' K/V (``checked=True``: no device read).
+(``checked=``: not validated again, one device read for unusable logits), compacts the
+accepted paths' K/V (``checked=True``: no device read) and leaves the accepted nodes, copied to
+the host without a sync (:func:`host_copy`), for the proposer to learn from.
 
 Verification. The step's logits (row ``j`` of a request = tree node ``j``) go to
 :func:`tkernels.spec.verify_greedy` (all requests greedy) or :func:`tkernels.spec.verify_sampling`

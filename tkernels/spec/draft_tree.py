@@ -1,5 +1,7 @@
-"""The drafters' data: :class:`DraftTree` (one request's draft) and :class:`RetrievalCalibration`
-(the acceptance estimates of retrieval candidates); :mod:`tkernels.spec.drafters` re-exports both."""
+"""The drafters' data: :class:`DraftTree` (one request's draft), :class:`DraftBatch` (a step's
+drafts as one ragged batch, what a server's step carries from drafting to learning) and
+:class:`RetrievalCalibration` (the acceptance estimates of retrieval candidates);
+:mod:`tkernels.spec.drafters` re-exports the three."""
 
 from __future__ import annotations
 
