@@ -139,6 +139,8 @@ class TreeDrafter:
         self.retrieval_calibration = RetrievalCalibration()
         self._contexts: dict[Hashable, SuffixAutomaton] = {}
         self._own: dict[Hashable, dict[int, tuple[list[int], list[float]]]] = {}  # hybrid: per request, token -> row
+        if self.compiled is not None:  # load (or, on a fresh install, compile) the kernels now, not at the first requests
+            self._batch.warm_up(self)
 
     @property
     def uses_retrieval(self) -> bool:

@@ -14,7 +14,7 @@ from .compiled import CompiledState, Features, flatten
 from .hybrid import hybrid_trees
 from .retrieval import retrieval_trees
 
-__all__ = ["CompiledState", "draft_hybrid", "draft_pld", "draft_retrieval", "draft_tr_static", "flatten", "observe"]
+__all__ = ["CompiledState", "draft_hybrid", "draft_pld", "draft_retrieval", "draft_tr_static", "flatten", "observe", "warm_up"]
 
 
 def _check_tokens(name: str, tokens: np.ndarray, vocab_size: int) -> None:
@@ -47,6 +47,22 @@ def observe(state: CompiledState, recycling, batch: DraftBatch, topk_ids: torch.
                    np.ascontiguousarray(tokens, np.int64), ids, half.view(torch.int16).numpy().view(np.uint16))
     if own_rows:
         state.write_own_rows(batch.keys, batch.sizes, tokens, ids, half.float().numpy())
+
+
+def warm_up(drafter) -> None:
+    """Run every compiled kernel ``drafter`` uses once, on a throw-away request and on empty
+    learning inputs (its state unchanged), so a server loads them from numba's cache (or compiles
+    them, the first time on a machine) when it builds the drafter rather than mid-serving."""
+    key = object()  # no caller's key
+    drafter.draft_batch([key], [np.zeros(2, np.int64)], 2)
+    drafter.release(key)
+    recycling, state = drafter.recycling, drafter.compiled
+    if recycling is None:
+        return
+    ids, bits = np.zeros((0, recycling.k), np.int32), np.zeros((0, recycling.k), np.uint16)
+    K.recycle_rows(recycling.adjacency.numpy(), recycling.probs.view(torch.int16).numpy().view(np.uint16),
+                   np.zeros(0, np.int64), ids, bits)
+    state.write_own_rows([], [], np.zeros(0, np.int64), ids, np.zeros((0, recycling.k), np.float32))
 
 
 def _depths(parents: np.ndarray, cu: np.ndarray) -> np.ndarray:

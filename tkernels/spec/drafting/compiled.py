@@ -32,6 +32,62 @@ def _rehash(old, new):
             new[j, 0], new[j, 1] = old[i, 0], old[i, 1]
 
 
+# The typed lists are only ever touched inside compiled code: numba compiles its own Python-side
+# typed-list operations (append, item get/set, len) afresh in every process, about 2.5 s in all,
+# which a server would pay at its first requests, mid-serving; these helpers are cached on disk.
+@njit(cache=True)
+def _new_lists():
+    return (typed.List.empty_list(_INT32_2D), typed.List.empty_list(_INT32_2D), typed.List.empty_list(_INT64_2D),
+            typed.List.empty_list(_INT64_1D), typed.List.empty_list(_INT64_2D), typed.List.empty_list(_INT32_2D),
+            typed.List.empty_list(_F32_2D))
+
+
+@njit(cache=True)
+def _add_slot(states, edges, tables, tokens, own_tables, own_ids, own_probs, k):
+    states.append(np.zeros((2, 6), np.int32))
+    edges.append(np.zeros((4, 3), np.int32))
+    tables.append(np.full((8, 2), -1, np.int64))
+    tokens.append(np.zeros(1, np.int64))
+    own_tables.append(np.full((16, 2), -1, np.int64))
+    own_ids.append(np.zeros((8, k), np.int32))
+    own_probs.append(np.zeros((8, k), np.float32))
+
+
+@njit(cache=True)
+def _clear_table(tables, s):
+    tables[s][:, 0] = -1
+
+
+@njit(cache=True)
+def _grow_rows(arrays, s, rows):
+    """``arrays[s]`` (2-D) grown to ``rows`` rows, zero-filled."""
+    old = arrays[s]
+    new = np.zeros((rows, old.shape[1]), old.dtype)
+    new[:old.shape[0]] = old
+    arrays[s] = new
+
+
+@njit(cache=True)
+def _grow_vector(arrays, s, n):
+    old = arrays[s]
+    new = np.zeros(n, old.dtype)
+    new[:old.shape[0]] = old
+    arrays[s] = new
+
+
+@njit(cache=True)
+def _grow_table(tables, s, rows):
+    """``tables[s]`` rehashed into ``rows`` (a power of two) rows."""
+    new = np.empty((rows, 2), np.int64)
+    _rehash(tables[s], new)
+    tables[s] = new
+
+
+@njit(cache=True)
+def _item(arrays, s):
+    return arrays[s]
+
+
 def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 1).bit_length()
 
@@ -120,13 +176,9 @@ class CompiledState:
         self.meta = np.zeros((8, 8), np.int64)
         self.capacity = np.zeros(8, np.int64)  # tokens a slot's automaton has room for
         self.own_capacity = np.zeros(8, np.int64)  # own rows a slot has room for (not read from the typed lists)
-        self.states = typed.List.empty_list(_INT32_2D)
-        self.edges = typed.List.empty_list(_INT32_2D)
-        self.tables = typed.List.empty_list(_INT64_2D)
-        self.tokens = typed.List.empty_list(_INT64_1D)
-        self.own_tables = typed.List.empty_list(_INT64_2D)
-        self.own_ids = typed.List.empty_list(_INT32_2D)
-        self.own_probs = typed.List.empty_list(_F32_2D)
+        self.num_slots = 0
+        (self.states, self.edges, self.tables, self.tokens, self.own_tables, self.own_ids,
+         self.own_probs) = _new_lists()
 
     def slot(self, key: Hashable) -> int:
         s = self.slots.get(key)
@@ -135,21 +187,17 @@ class CompiledState:
         if self.free:
             s = self.free.pop()
         else:
-            s = len(self.states)
+            s = self.num_slots
+            self.num_slots += 1
             if s >= self.meta.shape[0]:
                 self.meta = _grown(self.meta, 2 * s)
                 self.capacity = _grown(self.capacity, 2 * s)
                 self.own_capacity = _grown(self.own_capacity, 2 * s)
-            self.states.append(np.zeros((2, 6), np.int32))
-            self.edges.append(np.zeros((4, 3), np.int32))
-            self.tables.append(np.full((8, 2), -1, np.int64))
-            self.tokens.append(np.zeros(1, np.int64))
-            self.own_tables.append(np.full((16, 2), -1, np.int64))
-            self.own_ids.append(np.zeros((8, self.k), np.int32))
-            self.own_probs.append(np.zeros((8, self.k), np.float32))
+            _add_slot(self.states, self.edges, self.tables, self.tokens, self.own_tables, self.own_ids, self.own_probs,
+                      self.k)
             self.own_capacity[s] = 8
         self.meta[s] = 0  # no automaton yet (0 states): the next sync builds it
-        self.own_tables[s][:, 0] = -1
+        _clear_table(self.own_tables, s)
         self.slots[key] = s
         return s
 
@@ -166,12 +214,10 @@ class CompiledState:
 
     def _grow_context(self, s: int, n: int) -> None:
         n = max(n, 2 * int(self.capacity[s]))  # doubling: amortised O(1) per token
-        self.states[s] = _grown(self.states[s], 2 * n + 2)
-        self.edges[s] = _grown(self.edges[s], 3 * n + 4)
-        self.tokens[s] = _grown(self.tokens[s], n)
-        table = np.empty((_pow2(2 * (3 * n + 4)), 2), np.int64)
-        _rehash(self.tables[s], table)
-        self.tables[s] = table
+        _grow_rows(self.states, s, 2 * n + 2)
+        _grow_rows(self.edges, s, 3 * n + 4)
+        _grow_vector(self.tokens, s, n)
+        _grow_table(self.tables, s, _pow2(2 * (3 * n + 4)))
         self.capacity[s] = n
 
     def sync_contexts(self, slots: np.ndarray, flat: np.ndarray, cu: np.ndarray) -> None:
@@ -183,7 +229,7 @@ class CompiledState:
     def context_tokens(self, key: Hashable) -> list[int]:
         """The tokens a request's automaton holds (tests)."""
         s = self.slots[key]
-        return self.tokens[s][:self.meta[s, K.M_TOKENS]].tolist()
+        return _item(self.tokens, s)[:self.meta[s, K.M_TOKENS]].tolist()
 
     # --- own rows ---------------------------------------------------------------------------------
 
@@ -205,11 +251,9 @@ class CompiledState:
             if needs[b] <= self.own_capacity[s]:  # grown already (a shared slot)
                 continue
             rows = max(int(needs[b]), 2 * int(self.own_capacity[s]))
-            self.own_ids[s] = _grown(self.own_ids[s], rows)
-            self.own_probs[s] = _grown(self.own_probs[s], rows)
-            table = np.empty((_pow2(2 * rows), 2), np.int64)
-            _rehash(self.own_tables[s], table)
-            self.own_tables[s] = table
+            _grow_rows(self.own_ids, s, rows)
+            _grow_rows(self.own_probs, s, rows)
+            _grow_table(self.own_tables, s, _pow2(2 * rows))
             self.own_capacity[s] = rows
         K.write_own_rows(self.own_tables, self.own_ids, self.own_probs, self.meta, slots, cu,
                          np.ascontiguousarray(tokens, np.int64), np.ascontiguousarray(ids, np.int32),
@@ -220,5 +264,5 @@ class CompiledState:
         s = self.slots.get(key)
         if s is None or self.meta[s, K.M_OWN] == 0:
             return None
-        row = K._get(self.own_tables[s], np.int64(token))
-        return None if row < 0 else (self.own_ids[s][row].tolist(), self.own_probs[s][row].tolist())
+        row = K._get(_item(self.own_tables, s), np.int64(token))
+        return None if row < 0 else (_item(self.own_ids, s)[row].tolist(), _item(self.own_probs, s)[row].tolist())
