@@ -254,14 +254,18 @@ class TkernelsAttentionImpl(TritonAttentionImpl):
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if kv_cache.is_cuda:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        # CPU (interpreter tests): vLLM's Triton cache writer needs a GPU; slot -1 marks padding.
-        # As there, tokens beyond slot_mapping are not cached.
-        k_cache, v_cache = self._kv_caches(kv_cache)
-        real = slot_mapping >= 0
-        slots = slot_mapping[real].long()
-        block, offset = slots // k_cache.shape[1], slots % k_cache.shape[1]
-        k_cache[block, offset] = key[: slot_mapping.shape[0]][real]
-        v_cache[block, offset] = value[: slot_mapping.shape[0]][real]
+        # CPU: vLLM's Triton cache writer needs a GPU; slot -1 marks padding. As there, tokens
+        # beyond slot_mapping are not cached. K and V are the two halves of each cache row
+        # ([blocks, kv_heads, block_size, 2 * head_size]): one write of both, a few torch calls per
+        # layer (every layer of every step pays them).
+        n = slot_mapping.shape[0]
+        slots = slot_mapping.long()
+        rows = torch.cat([key[:n], value[:n]], dim=-1)
+        if bool((slots < 0).any()):  # padding rows (host tensors on a CPU: no sync)
+            real = slots >= 0
+            slots, rows = slots[real], rows[real]
+        block_size = kv_cache.shape[2]
+        kv_cache[slots // block_size, :, slots % block_size] = rows.to(kv_cache.dtype)
 
 
 class TkernelsAttentionBackend(AttentionBackend):
