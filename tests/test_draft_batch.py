@@ -91,6 +91,8 @@ def test_compiled_recycling_keeps_what_recycle_topk_keeps():
         assert torch.equal(drafter.recycling.probs, reference.probs)
     with pytest.raises(ValueError, match="topk_ids"):
         drafter.observe(trees, torch.full((n, k), vocab), probs, [[0]])
+    with pytest.raises(ValueError, match="topk_ids: must be an integer tensor"):
+        drafter.observe(trees, ids.float(), probs, [[0]])
     with pytest.raises(ValueError, match="topk_probs"):
         drafter.observe(trees, ids, torch.full((n, k), float("nan")), [[0]])
 

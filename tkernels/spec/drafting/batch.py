@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 import tkernels.jit  # noqa: F401  (llvmlite's fix, before the modules below load numba)
+from tkernels.checks import fail
 
 from ..draft_tree import DraftBatch, _offsets
 from . import kernels as K
@@ -35,6 +36,8 @@ def observe(state: CompiledState, recycling, batch: DraftBatch, topk_ids: torch.
         raise ValueError(f"topk_ids must be [{tokens.numel()}, {recycling.k}], got {tuple(topk_ids.shape)}")
     if topk_probs is not None and topk_probs.shape != topk_ids.shape:
         raise ValueError(f"topk_probs must have topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_probs.shape)}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
+        fail("topk_ids", f"must be an integer tensor of token ids, got {topk_ids.dtype}")
     tokens, ids = tokens.cpu().numpy(), topk_ids.cpu()
     _check_tokens("draft_tokens", tokens, recycling.vocab_size)
     _check_tokens("topk_ids", ids.numpy(), recycling.vocab_size)
