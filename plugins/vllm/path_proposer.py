@@ -63,6 +63,7 @@ class TokenRecyclingProposer:
         # Only the harness's drafters read the probabilities: the others skip the logsumexp
         # over the whole [rows, vocab] logits (and their fp32 copy) on every target step.
         self._capture_probs = False
+        self._capture = True  # whether the drafter learns from the target's top-k at all
         self._drafts: list[_Draft | None] = []  # per persistent-batch row
         self.stats = {"steps": 0, "recycled_steps": 0, "skipped_steps": 0, "recycled_rows": 0}
 
@@ -80,6 +81,8 @@ class TokenRecyclingProposer:
                 if logits.shape[1] != self.drafter.vocab_size:
                     raise ValueError(f"TokenRecyclingProposer: the target's logits have {logits.shape[1]} columns "
                                      f"but model_config.get_vocab_size() is {self.drafter.vocab_size}")
+                if not self._capture:
+                    return logits
                 top = top_k_probs(logits, self.drafter.k) if self._capture_probs \
                     else (logits.topk(self.drafter.k, dim=-1).indices, None)
                 # to the host without a sync (read in propose, after vLLM's read of the sampled tokens)

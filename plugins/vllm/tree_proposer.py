@@ -105,6 +105,9 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             self.tree_drafter = TreeDrafter(self.drafter.vocab_size, drafter, TOP_K, step_time=step_time,
                                             recycling=self.drafter)  # one adjacency: what prompt_topk and the capture feed
         self._capture_probs = self.tree_drafter.method != DYNAMIC
+        # pld keeps no adjacency: no top-k (nor the log-sum-exp of its probabilities) over the
+        # whole vocabulary every step for nothing to recycle
+        self._capture = self.tree_drafter.recycling is not None
         self._draft_caps: dict[int, int] = {}  # drafting requests -> nodes drafted per request (per_batch)
         self.stats.update(prompt_topk_rows=0, prompt_topk_s=0.0, prompt_forward_s=0.0, foreign_drafts=0,
                           undrafted_steps=0)
@@ -236,7 +239,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             part_rows.append(roots)
         if not parts:
             return
-        if top is None:
+        if top is None and self._capture:
             self.stats["skipped_steps"] += 1
             return
         trees, index, on_path = DraftBatch.cat(parts), np.concatenate(index), np.concatenate(on_path)
@@ -244,8 +247,8 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             order = np.argsort(np.concatenate(part_rows), kind="stable")
             nodes = ragged_arange(trees.cu[:-1][order], trees.sizes[order])
             trees, index, on_path = trees.rows(order), index[nodes], on_path[nodes]
-        ids, probs = top  # on the host already (load_model's capture)
-        if index.size != total:  # every verified node learns in the common step: no gather
+        ids, probs = top or (None, None)  # on the host already (load_model's capture); none without an adjacency
+        if ids is not None and index.size != total:  # every verified node learns in the common step: no gather
             rows = torch.from_numpy(index)
             ids, probs = ids[rows], probs[rows]
         self.tree_drafter.observe_batch(trees, ids, probs, on_path)

@@ -192,6 +192,27 @@ def test_harness_drafters_draft_no_more_per_request_than_the_batch_pays_for(draf
         assert budgets == [expected[1], expected[32]]
 
 
+def test_a_drafter_without_token_recycling_captures_no_top_k(rng):
+    """pld keeps no adjacency: the target's logits pass through untouched (no top-k, no
+    log-sum-exp over the vocabulary every step) and its steps still draft and learn."""
+    proposer, target = make_tree_proposer(num_spec=4, additional_config={"tkernels_tree": {"size": "fixed",
+                                                                                          "drafter": "pld"}})
+    assert proposer.tree_drafter.recycling is None and not proposer._capture
+    batch = Batch([[5, 6, 7, 8, 5, 6]])
+    fake_step(proposer, ["a"], [[]])
+    target.compute_logits(logits_preferring([7], rng))
+    assert proposer._captured == []
+    batch.commit([[7]])
+    drafts = proposer.propose([[7]], batch.num_tokens.copy(), batch.token_ids)
+    assert drafts == [[8, 5, 6, 7]]  # what followed "5 6 7" in the prompt
+    fake_step(proposer, ["a"], drafts)
+    target.compute_logits(logits_preferring([8, 5, 9, 0, 0], rng))
+    batch.commit([[8, 5, 9]])
+    verified(proposer, [[8, 5, 9]])
+    proposer.propose([[8, 5, 9]], batch.num_tokens.copy(), batch.token_ids)
+    assert proposer.stats["skipped_steps"] == 0 and proposer.stats["recycled_steps"] == 2
+
+
 def test_tree_recycles_every_verified_node_including_rejected_branches(rng):
     proposer, target = make_tree_proposer(additional_config=DYNAMIC)
     batch = Batch([[3]])

@@ -294,10 +294,11 @@ class TreeDrafter:
         on_path[[int(batch.cu[b]) + n for b, path in enumerate(accepted) for n in path]] = True
         self.observe_batch(batch, topk_ids, topk_probs, on_path)
 
-    def observe_batch(self, batch: DraftBatch, topk_ids: torch.Tensor, topk_probs: torch.Tensor | None,
+    def observe_batch(self, batch: DraftBatch, topk_ids: torch.Tensor | None, topk_probs: torch.Tensor | None,
                       on_path: np.ndarray) -> None:
         """:meth:`observe` of a :class:`DraftBatch`: ``on_path`` bool [N], the nodes of every
-        tree's accepted path (roots included)."""
+        tree's accepted path (roots included); ``topk_ids`` may be None for a method without Token
+        Recycling (``pld``, ``retrieval``: nothing to recycle)."""
         total = batch.num_nodes
         if self.recycling is not None and topk_ids.shape[0] != total:
             raise ValueError(f"topk_ids: one row per tree node ({total}), got {tuple(topk_ids.shape)}")
