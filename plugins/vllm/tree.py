@@ -59,7 +59,7 @@ from tkernels.spec import (
     verify_sampling,
     verify_sampling_reference,
 )
-from tkernels.spec.draft_tree import DraftBatch, ragged_arange
+from tkernels.spec.draft_tree import DraftBatch, offsets, ragged_arange
 from tkernels.spec.verify.inputs import UNIFORM_COLUMNS
 
 TREE_PROPOSER = "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"
@@ -241,8 +241,7 @@ class TreeBatch:
         a BFS prefix of its proposal is that tree; any other row is a chain (no draft: the
         1-node chain)."""
         num_nodes = np.array([len(d) + 1 for d in drafts], dtype=np.int64)
-        cu_nodes = np.zeros(len(drafts) + 1, dtype=np.int64)
-        np.cumsum(num_nodes, out=cu_nodes[1:])
+        cu_nodes = offsets(num_nodes)
         local = np.arange(cu_nodes[-1], dtype=np.int64) - np.repeat(cu_nodes[:-1], num_nodes)
         parents, node_depths = (local - 1).astype(np.int32), local  # a chain's depth is its local index
         proposals = [(i, self._row_tree(req_ids[i], drafts[i], int(scheduled_tokens[i])))

@@ -209,12 +209,13 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         cu_nodes = step.cu_nodes.numpy().astype(np.int64)
         total = int(cu_nodes[-1])
         top = next(((ids, probs) for ids, probs in captured if ids.shape[0] == total), None)
-        tree_rows = np.flatnonzero(step.is_tree) if step.accepted is not None else np.zeros(0, np.int64)
-        nodes, num = (t.numpy() for t in step.accepted) if tree_rows.size else (None, None)
-        # a tree row's sampled tokens are its accepted path's drafts and the bonus token
-        learn = (counts[tree_rows] > 0) & (counts[tree_rows] == (num[tree_rows] if tree_rows.size else 0))
         parts, index, on_path, part_rows = [], [], [], []
-        if learn.any():
+        tree_rows = np.flatnonzero(step.is_tree) if step.accepted is not None else np.zeros(0, np.int64)
+        if tree_rows.size:
+            nodes, num = (t.numpy() for t in step.accepted)
+            # a tree row's sampled tokens are its accepted path's drafts and the bonus token
+            learn = (counts[tree_rows] > 0) & (counts[tree_rows] == num[tree_rows])
+        if tree_rows.size and learn.any():
             trees = step.trees.rows(np.flatnonzero(learn))
             rows = tree_rows[learn]
             width = nodes.shape[1]

@@ -44,6 +44,7 @@ from tkernels.attention.plan import (
     default_config,
     shared_memory_estimate,
 )
+from tkernels.config import next_power_of_2
 from tkernels.registry import gpu_compile_check
 
 LOG2E = 1.4426950408889634
@@ -180,7 +181,7 @@ def compile_launch(config: dict[str, Any], head_dim: int, dtype: torch.dtype, q_
     return Launch(
         label=label or (f"{_DTYPES[dtype]} d{head_dim} {cfg['prefill_block_m']}x{cfg['prefill_block_n']}/"
                         f"{cfg['decode_block_m']}x{cfg['decode_block_n']} w{cfg['num_warps']}s{cfg['num_stages']}"),
-        constexprs=dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), GROUP=_CHECK_GROUP,
+        constexprs=dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=next_power_of_2(head_dim), GROUP=_CHECK_GROUP,
                         PAGE_SIZE=16, PREFILL_BLOCK_M=cfg["prefill_block_m"], PREFILL_BLOCK_N=cfg["prefill_block_n"],
                         DECODE_BLOCK_M=cfg["decode_block_m"], DECODE_BLOCK_N=cfg["decode_block_n"],
                         HAS_TREE=features, HAS_WINDOW=features, HAS_SOFTCAP=features, **LAYOUT),
@@ -277,7 +278,7 @@ def _merge_heads(num_q_heads: int, head_dim_pad: int) -> int:
     # Query heads per merge program: the [heads, head_dim] fp32 accumulator and one split's
     # outputs stay in registers at 1024 elements each (4 warps; all heads of a token in one
     # program spilled from 64 heads x 128 up, 2048 elements by 4 B on sm_80).
-    return min(triton.next_power_of_2(num_q_heads), max(1, 1024 // head_dim_pad))
+    return min(next_power_of_2(num_q_heads), max(1, 1024 // head_dim_pad))
 
 
 def _merge_launches(shared_limit: int | None):
@@ -287,7 +288,7 @@ def _merge_launches(shared_limit: int | None):
 
     for name in _DTYPES.values():
         for heads, head_dim in ((32, 64), (32, 128), (32, 256), (2, 128)):
-            head_dim_pad = triton.next_power_of_2(head_dim)
+            head_dim_pad = next_power_of_2(head_dim)
             block = _merge_heads(heads, head_dim_pad)
             yield Launch(f"{name} d{head_dim} {block} of {heads} heads",
                          dict(HEADS_BLOCK=block, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, **MERGE_LAYOUT),

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import torch
-import triton
 
 from tkernels.attention.kernels import (
     LAYOUT,
@@ -17,6 +16,7 @@ from tkernels.attention.kernels import (
 from tkernels.attention.plan import MixedAttentionPlan, _check_window, plan_mixed_attention
 from tkernels.checks import fail as _fail
 from tkernels.checks import real
+from tkernels.config import cdiv, next_power_of_2
 
 
 def mixed_attention(
@@ -77,7 +77,7 @@ def mixed_attention(
     ws_o = torch.empty((plan.ws_rows, Hq, D), dtype=torch.float32, device=q.device)
     ws_lse = torch.empty((plan.ws_rows, Hq), dtype=torch.float32, device=q.device)
     scale = D ** -0.5 if scale is None else scale
-    head_dim_pad = triton.next_power_of_2(D)
+    head_dim_pad = next_power_of_2(D)
     mixed_attention_kernel[(plan.items.shape[0],)](
         q, k_cache, v_cache, out, ws_o, ws_lse, plan.items,
         cu_seqlens_q, seq_lens, block_table, plan.is_tree, plan.ancestors.view(torch.int32), plan.positions,
@@ -94,7 +94,7 @@ def mixed_attention(
     )
     if plan.merge.shape[0]:
         heads = _merge_heads(Hq, head_dim_pad)
-        merge_split_kv_kernel[(plan.merge.shape[0], triton.cdiv(Hq, heads))](
+        merge_split_kv_kernel[(plan.merge.shape[0], cdiv(Hq, heads))](
             out, ws_o, ws_lse, plan.merge, out.stride(0), out.stride(1), Hq,
             HEADS_BLOCK=heads, HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, **MERGE_LAYOUT,
         )

@@ -37,11 +37,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import triton
 
 from tkernels.checks import fail as _fail
 from tkernels.checks import integer
-from tkernels.config import launch_config
+from tkernels.config import launch_config, next_power_of_2
 from tkernels.spec.tree import MAX_TREE_NODES, ancestor_bits, ancestor_words, depths, validate_parents
 
 PREFILL, DECODE = 0, 1
@@ -125,7 +124,7 @@ def shared_memory_estimate(config: dict[str, Any], head_dim: int) -> int:
     Triton 3.6 and 3.9 compiles for sm_80 and sm_90; the compile check (``python -m
     tkernels.registry --candidates``) fails when a compile needs more than this.
     """
-    d = triton.next_power_of_2(head_dim)
+    d = next_power_of_2(head_dim)
 
     def tile(m: int, n: int) -> int:
         return max(m * d * 4, (m + 2 * n) * d * 2)
@@ -409,13 +408,13 @@ def _launch_config(group: int, head_dim: int, block_size: int, q_len: np.ndarray
     # A tuned bucket (measured in bf16) replaces the defaults for every dtype.
     cfg = launch_config("mixed_attention", {"head_dim": head_dim, "group": group, "block_size": block_size},
                         default_config(head_dim, dtype), override)
-    min_rows = triton.next_power_of_2(group)
+    min_rows = next_power_of_2(group)
     cfg["prefill_block_m"] = max(cfg["prefill_block_m"], min_rows)
     # A decode tile only needs as many rows as the longest decode/tree query fills (>= 16 for tl.dot).
     q_len = np.asarray(q_len)
     decode_q = q_len[(q_len > 0) & (q_len <= cfg["decode_max_q"])]
     longest = int(decode_q.max()) if decode_q.size else 1
-    cfg["decode_block_m"] = max(min(cfg["decode_block_m"], triton.next_power_of_2(group * longest)), 16, min_rows)
+    cfg["decode_block_m"] = max(min(cfg["decode_block_m"], next_power_of_2(group * longest)), 16, min_rows)
     return cfg
 
 

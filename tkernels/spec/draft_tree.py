@@ -14,7 +14,7 @@ import torch
 
 from tkernels.checks import real
 
-__all__ = ["DraftBatch", "DraftTree", "RetrievalCalibration", "ragged_arange"]
+__all__ = ["DraftBatch", "DraftTree", "RetrievalCalibration", "offsets", "ragged_arange"]
 
 
 @dataclass
@@ -144,7 +144,9 @@ def ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()), dtype=np.int64)
 
 
-def _offsets(sizes: np.ndarray) -> np.ndarray:
+def offsets(sizes) -> np.ndarray:
+    """Ragged offsets ``[0, cumsum(sizes)...]`` (int64 [len(sizes) + 1]) of per-row counts."""
+    sizes = np.asarray(sizes, np.int64)
     cu = np.zeros(sizes.shape[0] + 1, np.int64)
     np.cumsum(sizes, out=cu[1:])
     return cu
@@ -202,17 +204,7 @@ class DraftBatch:
         """One batch of ``trees`` (copies; fields a tree lacks are filled: NaN TR probabilities,
         no retrieval features)."""
         sizes = np.fromiter((len(t) for t in trees), np.int64, len(trees))
-        cu = _offsets(sizes)
-        if not trees:
-            return cls(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), cu, [])
-        tokens = torch.cat([t.tokens for t in trees])
-        parents = torch.cat([t.parents for t in trees]).int()
-        scores = None if any(t.scores is None for t in trees) else torch.cat([t.scores for t in trees])
-        tr_probs = None if all(t.tr_probs is None for t in trees) else torch.cat(
-            [t.tr_probs if t.tr_probs is not None else torch.full((len(t),), float("nan")) for t in trees])
-        retrieval = None if all(t.retrieval is None for t in trees) else _cat_features(
-            [t.retrieval if t.retrieval is not None else [None] * len(t) for t in trees])
-        return cls(tokens, parents, cu, [t.key for t in trees], scores, tr_probs, retrieval)
+        return cls._join(trees, sizes.tolist(), sizes, [t.key for t in trees], None)
 
     @classmethod
     def cat(cls, batches: Sequence[DraftBatch]) -> DraftBatch:
@@ -220,19 +212,24 @@ class DraftBatch:
         if len(batches) == 1:
             return batches[0]
         sizes = np.concatenate([b.sizes for b in batches]) if batches else np.zeros(0, np.int64)
-        if not batches or not sizes.size:
-            return cls(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), _offsets(sizes), [])
-        n = [b.num_nodes for b in batches]
-        tokens = torch.cat([b.tokens for b in batches])
-        parents = torch.cat([b.parents for b in batches]).int()
-        scores = None if any(b.scores is None for b in batches) else torch.cat([b.scores for b in batches])
-        tr_probs = None if all(b.tr_probs is None for b in batches) else torch.cat(
-            [b.tr_probs if b.tr_probs is not None else torch.full((m,), float("nan")) for b, m in zip(batches, n)])
-        retrieval = None if all(b.retrieval is None for b in batches) else _cat_features(
-            [b.retrieval if b.retrieval is not None else [None] * m for b, m in zip(batches, n)])
-        depths = np.concatenate([b.depths for b in batches])
-        return cls(tokens, parents, _offsets(sizes), [k for b in batches for k in b.keys], scores, tr_probs, retrieval,
-                   depths)
+        depths = np.concatenate([b.depths for b in batches]) if batches else None
+        return cls._join(batches, [b.num_nodes for b in batches], sizes, [k for b in batches for k in b.keys], depths)
+
+    @classmethod
+    def _join(cls, parts, nodes: list[int], sizes: np.ndarray, keys: list, depths: np.ndarray | None) -> DraftBatch:
+        """``parts`` (trees or batches, ``nodes[i]`` nodes each) concatenated field by field, into
+        trees of ``sizes``; a field some part lacks is filled (NaN TR probabilities, no retrieval
+        features), one every part lacks stays None."""
+        if not sizes.size:
+            return cls(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), offsets(sizes), [])
+        tokens = torch.cat([p.tokens for p in parts])
+        parents = torch.cat([p.parents for p in parts]).int()
+        scores = None if any(p.scores is None for p in parts) else torch.cat([p.scores for p in parts])
+        tr_probs = None if all(p.tr_probs is None for p in parts) else torch.cat(
+            [p.tr_probs if p.tr_probs is not None else torch.full((m,), float("nan")) for p, m in zip(parts, nodes)])
+        retrieval = None if all(p.retrieval is None for p in parts) else _cat_features(
+            [p.retrieval if p.retrieval is not None else [None] * m for p, m in zip(parts, nodes)])
+        return cls(tokens, parents, offsets(sizes), keys, scores, tr_probs, retrieval, depths)
 
     def trees(self) -> list[DraftTree]:
         """One :class:`DraftTree` per request (views of the batch's fields)."""
@@ -260,7 +257,7 @@ class DraftBatch:
         if rows.shape[0] == len(self) and (rows == np.arange(len(self))).all() and (sizes == self.sizes).all():
             return self  # every tree, whole (a server's common step): nothing to gather
         nodes = ragged_arange(self.cu[:-1][rows], sizes)
-        return self._gather(nodes, _offsets(sizes), self.parents[torch.from_numpy(nodes)], [self.keys[r] for r in rows])
+        return self._gather(nodes, offsets(sizes), self.parents[torch.from_numpy(nodes)], [self.keys[r] for r in rows])
 
     def select(self, keep: np.ndarray) -> DraftBatch:
         """The sub-trees of the nodes where ``keep`` (bool [N]) holds: every kept node's parent and
@@ -269,7 +266,7 @@ class DraftBatch:
         nodes = np.flatnonzero(keep)
         new = np.cumsum(keep) - 1  # a kept node's index in the new batch
         rows = np.repeat(np.arange(len(self)), self.sizes)[nodes]
-        cu = _offsets(np.bincount(rows, minlength=len(self)))
+        cu = offsets(np.bincount(rows, minlength=len(self)))
         parent = self.global_parents()[nodes]
         if not keep[self.cu[:-1][self.sizes > 0]].all() or not keep[parent[parent >= 0]].all():
             raise ValueError("keep: must hold every root and the parent of every kept node")

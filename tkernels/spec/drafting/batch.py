@@ -9,7 +9,7 @@ import torch
 import tkernels.jit  # noqa: F401  (llvmlite's fix, before the modules below load numba)
 from tkernels.checks import fail
 
-from ..draft_tree import DraftBatch, _offsets
+from ..draft_tree import DraftBatch, offsets
 from . import kernels as K
 from .compiled import CompiledState, Features, flatten
 from .hybrid import hybrid_trees
@@ -95,31 +95,26 @@ def draft_tr_static(state: CompiledState, recycling, slots: np.ndarray, roots: n
         raise ValueError(f"shape uses rank {int(shape.ranks.max())} but the adjacency keeps k={recycling.k}")
     batch, n = roots.shape[0], len(shape)
     out = np.empty((batch, n), np.int64)
+    parents, parents32, ranks, depths = _template(shape)
     K.fill_template(state.own_tables, state.own_ids, state.meta, slots, roots, recycling.adjacency.numpy(),
-                    shape.parents.numpy().astype(np.int64), shape.ranks.numpy().astype(np.int64), out)
-    return DraftBatch(torch.from_numpy(out.reshape(-1)), torch.from_numpy(np.tile(_shape_parents(shape), batch)),
-                      np.arange(0, (batch + 1) * n, n, dtype=np.int64), keys,
-                      node_depths=np.tile(_shape_depths(shape), batch))
+                    parents, ranks, out)
+    return DraftBatch(torch.from_numpy(out.reshape(-1)), torch.from_numpy(np.tile(parents32, batch)),
+                      np.arange(0, (batch + 1) * n, n, dtype=np.int64), keys, node_depths=np.tile(depths, batch))
 
 
-def _shape_parents(shape) -> np.ndarray:
-    """A template's parents (int32 numpy), converted once per shape."""
-    parents = getattr(shape, "_parents_np", None)
-    if parents is None:
-        parents = shape.parents.numpy().astype(np.int32)
-        object.__setattr__(shape, "_parents_np", parents)
-    return parents
+def _template(shape) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A template's arrays as the kernels and the batch take them, converted once per shape (the
+    templates are cached, :func:`~tkernels.spec.drafting.static_template`): parents int64 and int32,
+    ranks int64, node depths int64."""
+    arrays = getattr(shape, "_kernel_arrays", None)
+    if arrays is None:
+        from ..tree import depths
 
-
-def _shape_depths(shape) -> np.ndarray:
-    """A template's node depths (int64 numpy), computed once per shape."""
-    depths = getattr(shape, "_node_depths", None)
-    if depths is None:
-        from ..tree import depths as tree_depths
-
-        depths = tree_depths(shape.parents).numpy().astype(np.int64)
-        object.__setattr__(shape, "_node_depths", depths)
-    return depths
+        parents = shape.parents.numpy().astype(np.int64)
+        arrays = (parents, parents.astype(np.int32), shape.ranks.numpy().astype(np.int64),
+                  depths(shape.parents).numpy().astype(np.int64))
+        object.__setattr__(shape, "_kernel_arrays", arrays)
+    return arrays
 
 
 def _outputs(batch: int, n: int) -> tuple[np.ndarray, ...]:
@@ -148,14 +143,15 @@ def draft_hybrid(drafter, state: CompiledState, slots: np.ndarray, flat: np.ndar
     batch, n = slots.shape[0], num_nodes
     roots = flat[cu[1:] - 1]
     out_tokens, out_parents, out_scores, out_trp, out_feat, out_share, out_n = _outputs(batch, n)
+    template_parents, _, template_ranks, _ = _template(template)
     hybrid_trees(state.states, state.edges, state.own_tables, state.own_ids, state.own_probs, state.meta, slots, roots,
                  recycling.adjacency.numpy(), recycling.probs.view(torch.int16).numpy().view(np.uint16),
                  drafter.tr_policy.factors().numpy(), *_calibration(calibration),
-                 template.parents.numpy().astype(np.int64), template.ranks.numpy().astype(np.int64), n,
+                 template_parents, template_ranks, n,
                  drafter.max_depth, root_contexts, max_children,
                  out_tokens, out_parents, out_scores, out_trp, out_feat, out_share, out_n)
     mask = _flat(out_n, n)
-    parents, cu = out_parents[mask], _offsets(out_n)
+    parents, cu = out_parents[mask], offsets(out_n)
     return DraftBatch(torch.from_numpy(out_tokens[mask]), torch.from_numpy(parents), cu, keys,
                       torch.from_numpy(out_scores[mask]), torch.from_numpy(out_trp[mask]),
                       Features(out_feat[mask], out_share[mask]), _depths(parents, cu))
@@ -173,7 +169,7 @@ def draft_retrieval(drafter, state: CompiledState, slots: np.ndarray, flat: np.n
                     n, 2 * drafter.max_depth, max_children,
                     out_tokens, out_parents, out_scores, out_feat, out_share, out_n)
     mask = _flat(out_n, n)
-    parents, cu = out_parents[mask], _offsets(out_n)
+    parents, cu = out_parents[mask], offsets(out_n)
     return DraftBatch(torch.from_numpy(out_tokens[mask]), torch.from_numpy(parents), cu, keys,
                       torch.from_numpy(out_scores[mask]), None, Features(out_feat[mask], out_share[mask]),
                       _depths(parents, cu))

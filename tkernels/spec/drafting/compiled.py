@@ -15,6 +15,9 @@ import numpy as np
 import torch
 from numba import njit, typed, types
 
+from tkernels.config import next_power_of_2
+
+from ..draft_tree import offsets
 from . import kernels as K
 
 _INT32_2D = types.Array(types.int32, 2, "C")
@@ -88,10 +91,6 @@ def _item(arrays, s):
     return arrays[s]
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 1).bit_length()
-
-
 def _grown(array: np.ndarray, rows: int, fill: int = 0) -> np.ndarray:
     out = np.full((rows,) + array.shape[1:], fill, dtype=array.dtype)
     out[:array.shape[0]] = array
@@ -102,8 +101,7 @@ def flatten(histories: Sequence) -> tuple[np.ndarray, np.ndarray]:
     """Histories (lists, 1-D tensors or arrays) as one int64 array and offsets ``cu`` [B + 1]."""
     arrays = [h if isinstance(h, np.ndarray) else h.numpy() if isinstance(h, torch.Tensor) else np.asarray(h, np.int64)
               for h in histories]
-    cu = np.zeros(len(arrays) + 1, np.int64)
-    np.cumsum([a.shape[0] for a in arrays], out=cu[1:])
+    cu = offsets([a.shape[0] for a in arrays])
     return np.concatenate(arrays).astype(np.int64, copy=False), cu
 
 
@@ -217,7 +215,7 @@ class CompiledState:
         _grow_rows(self.states, s, 2 * n + 2)
         _grow_rows(self.edges, s, 3 * n + 4)
         _grow_vector(self.tokens, s, n)
-        _grow_table(self.tables, s, _pow2(2 * (3 * n + 4)))
+        _grow_table(self.tables, s, next_power_of_2(2 * (3 * n + 4)))
         self.capacity[s] = n
 
     def sync_contexts(self, slots: np.ndarray, flat: np.ndarray, cu: np.ndarray) -> None:
@@ -237,8 +235,7 @@ class CompiledState:
                        probs: np.ndarray) -> None:
         """Per tree (``keys``, node counts ``sizes``, nodes concatenated) own[token] := its node's row."""
         slots = self.slots_of(keys)
-        cu = np.zeros(len(sizes) + 1, np.int64)
-        np.cumsum(sizes, out=cu[1:])
+        cu = offsets(sizes)
         # At most one new row per node. Several trees may share a slot (one request's trees, or
         # trees without a key), so the room is counted per slot over all of them: a table filled
         # past its size would make the kernel's probe loop forever.
@@ -253,7 +250,7 @@ class CompiledState:
             rows = max(int(needs[b]), 2 * int(self.own_capacity[s]))
             _grow_rows(self.own_ids, s, rows)
             _grow_rows(self.own_probs, s, rows)
-            _grow_table(self.own_tables, s, _pow2(2 * rows))
+            _grow_table(self.own_tables, s, next_power_of_2(2 * rows))
             self.own_capacity[s] = rows
         K.write_own_rows(self.own_tables, self.own_ids, self.own_probs, self.meta, slots, cu,
                          np.ascontiguousarray(tokens, np.int64), np.ascontiguousarray(ids, np.int32),
