@@ -692,7 +692,7 @@ def test_tree_speculation_without_tkernels_attention_fails_at_start_up():
     out = _bench("tr-tree", "tiny", 4, 1, cpu_backend="")
     assert out.returncode != 0
     assert "tree speculation on vLLM-CPU needs tkernels' attention" in out.stderr
-    assert "set TKERNELS_VLLM_CPU_ATTENTION=torch" in out.stderr
+    assert "set TKERNELS_VLLM_CPU_ATTENTION=native" in out.stderr
     assert "Model loading took" not in out.stderr and "EngineCore" not in out.stderr
 
 
