@@ -75,7 +75,7 @@ from tkernels.attention import (
 )
 from tkernels.attention.plan import BatchLayout, describe_batch
 from tkernels.attention.torch_path import TorchAttentionPlan, mixed_attention_torch, plan_torch_attention
-from tkernels.plugins.vllm.compat import CPU_PYTORCH_MODES, cpu_test_mode, require_supported_vllm
+from tkernels.plugins.vllm.compat import CPU_ATTENTION_ENV, CPU_PYTORCH_MODES, cpu_test_mode, require_supported_vllm
 from tkernels.plugins.vllm.cpu_attention import (
     NativeCpuPlan,
     native_cpu_attention,
@@ -138,14 +138,16 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
         # the torch path (said once, here).
         self.native_windows = set()
         if self.mode == "native":
+            model_dtype = model_config.dtype  # q and the layers' new K/V; the kernel takes one dtype for all
             for window in self.windows:
                 capped = any(layer.impl.softcap for layer in self.layers if layer.impl.window == window)
-                reason = native_unavailable_reason(self.dtype, window, capped)
+                reason = native_unavailable_reason(model_dtype, window, capped) if model_dtype == self.dtype else \
+                    f"the KV cache ({self.dtype}) and the model ({model_dtype}) differ in dtype"
                 if reason is None:
                     self.native_windows.add(window)
                 else:
                     logger.warning("tkernels: %s=native: %s; layers of window %s run the vectorised PyTorch path",
-                                   "TKERNELS_VLLM_CPU_ATTENTION", reason, window)
+                                   CPU_ATTENTION_ENV, reason, window)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TkernelsAttentionMetadata:

@@ -29,6 +29,7 @@ checked batch (:class:`~tkernels.attention.plan.BatchLayout`) and shared by ever
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,10 @@ from tkernels.attention.plan import BatchLayout
 NATIVE_DTYPES = (torch.bfloat16,)
 
 
+@functools.cache
 def _op():
-    """vLLM-CPU's extend-attention op, or None (not built into this vLLM, or without a tree mask)."""
+    """vLLM-CPU's extend-attention op, or None (not built into this vLLM, or without a tree mask);
+    looked up once (every layer of every step calls it)."""
     try:
         import vllm._custom_ops  # noqa: F401  (loads vLLM's _C library and registers its ops)
 
