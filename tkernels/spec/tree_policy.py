@@ -128,18 +128,19 @@ class DynamicTreePolicy:
         _check_integer_tensor("num_observed", num_observed)
         if accepted_ranks.dim() != 2 or num_observed.shape != accepted_ranks.shape[:1]:
             raise ValueError(f"accepted_ranks must be [B, W] and num_observed [B], got {tuple(accepted_ranks.shape)}, {tuple(num_observed.shape)}")
-        # numpy on the host: a server updates every step, and these are a few hundred entries
-        ranks = accepted_ranks[:, : self.max_depth].cpu().long().numpy()
+        # numpy on the host, in place on the estimates' memory: a server updates every step, and
+        # these are a few hundred entries (torch calls would cost more than the counting)
+        ranks = accepted_ranks[:, : self.max_depth].cpu().numpy()
         if ranks.size and int(ranks.min()) < -1:  # -1: none of the k; ranks >= k count as none too
             fail("accepted_ranks", f"must be >= -1 (-1: none of the k candidates), got {int(ranks.min())}")
-        depth = np.broadcast_to(np.arange(ranks.shape[1]), ranks.shape)
-        seen = depth < num_observed.cpu().long().numpy()[:, None]
-        self.hits *= self.decay
-        self.trials *= self.decay
-        self.trials += torch.from_numpy(np.bincount(depth[seen], minlength=self.max_depth)[: self.max_depth].astype(np.float64))
+        depth = np.arange(ranks.shape[1])
+        seen = depth < num_observed.cpu().numpy()[:, None]
         hit = seen & (ranks >= 0) & (ranks < self.k)
-        counts = np.bincount(depth[hit] * self.k + ranks[hit], minlength=self.max_depth * self.k).astype(np.float64)
-        self.hits += torch.from_numpy(counts.reshape(self.max_depth, self.k))
+        hits, trials = self.hits.numpy(), self.trials.numpy()
+        hits *= self.decay
+        trials *= self.decay
+        trials[:ranks.shape[1]] += seen.sum(0)
+        hits += np.bincount((depth * self.k + ranks)[hit], minlength=self.max_depth * self.k).reshape(self.max_depth, self.k)
 
     def choose(self, batch_size: int, max_nodes: int, other_tokens: int = 0) -> TreeShape:
         """This step's tree for each of ``batch_size`` requests, at most ``max_nodes`` nodes.

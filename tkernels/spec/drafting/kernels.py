@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+
+from tkernels.jit import njit
 
 M_TOKENS, M_STATES, M_EDGES, M_LAST, M_OWN = 0, 1, 2, 3, 4
 BULK = 64  # retrieval._BULK: above this many tokens at once, counts are recomputed in one pass
@@ -309,6 +310,40 @@ def own_rows_needed(meta, own_capacity, slots, sizes, out):
         out[b] = total if total > own_capacity[s] else 0
         short += out[b] > 0
     return short
+
+
+@njit(cache=True)
+def accepted_paths(parents, cu, depths, nodes, num, rows, max_depth, on_path, ranks, observed):
+    """A verify step's accepted paths in BFS trees ``b`` (nodes ``cu[b]:cu[b + 1]``, local
+    ``parents``, node ``depths``): the nodes ``nodes[rows[b], :num[rows[b]]]`` (local indices,
+    verification's accepted path, root first) marked in ``on_path`` bool [N], and what the tree
+    proposer's size policy learns from them, ``batch_sibling_ranks``' (its reference, in
+    ``plugins/vllm/tree_proposer.py``) ``ranks`` int64 [B, max_depth] (-1 padded) and
+    ``observed`` int64 [B]: at each depth of the path the accepted node's rank among its siblings
+    (BFS keeps them together), then one depth more when the last accepted node has children."""
+    on_path[:] = False
+    ranks[:] = -1
+    for b in range(cu.shape[0] - 1):
+        start, end, r = cu[b], cu[b + 1], rows[b]
+        for j in range(num[r]):
+            on_path[start + nodes[r, j]] = True
+        last = -1
+        for i in range(start, end):
+            if not on_path[i]:
+                continue
+            last = i
+            column = min(depths[i], max_depth + 1) - 1
+            if 0 <= column < max_depth:
+                first = i
+                while first - 1 > start and parents[first - 1] == parents[i]:
+                    first -= 1
+                ranks[b, column] = i - first
+        has_child = 0
+        for i in range(last + 1, end):
+            if parents[i] == last - start:
+                has_child = 1
+                break
+        observed[b] = min(depths[last] + has_child, max_depth)
 
 
 @njit(cache=True)
