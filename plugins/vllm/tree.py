@@ -43,6 +43,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -84,9 +85,9 @@ def _cpu_reference_mode() -> bool:
 # --- the per-step tree state -------------------------------------------------------------------
 
 
-@dataclass
-class Proposal:
-    """A request's proposed tree: row ``row`` of the step's proposed trees (one batch for the step)."""
+class Proposal(NamedTuple):
+    """A request's proposed tree: row ``row`` of the step's proposed trees (one batch for the step;
+    a tuple: a server makes one per request per step)."""
 
     tokens: list[int]  # the row's draft list: tree nodes 1..n in BFS order
     trees: DraftBatch  # the proposing step's trees, every drafted row
@@ -213,6 +214,9 @@ class TreeBatch:
         """Record the trees the requests were proposed: request ``req_ids[i]`` drafted
         ``drafts[i]``, the nodes 1.. of tree ``rows[i]`` of ``trees`` (one batch for the step); no
         draft: forget any older one."""
+        if all(drafts):  # every request drafted (a server's common step): one bulk update
+            self.proposed.update(zip(req_ids, map(Proposal, drafts, itertools.repeat(trees), rows)))
+            return
         for i, (req_id, tokens) in enumerate(zip(req_ids, drafts)):
             if tokens:
                 self.proposed[req_id] = Proposal(tokens, trees, rows[i])

@@ -188,10 +188,14 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         if (trees.sizes > room).any():
             trees = trees.rows(np.arange(len(trees)), np.minimum(trees.sizes, room))  # BFS prefixes: still trees
         tokens, bounds = trees.tokens.tolist(), trees.cu.tolist()
-        batch_rows = [-1] * len(drafts)
-        for b, i in enumerate(rows):
-            drafts[i] = tokens[bounds[b] + 1:bounds[b + 1]]
-            batch_rows[i] = b
+        if len(rows) == len(drafts):  # every row drafted (a server's common step)
+            drafts = [tokens[start + 1:end] for start, end in itertools.pairwise(bounds)]
+            batch_rows = range(len(rows))
+        else:
+            batch_rows = [-1] * len(drafts)
+            for b, i in enumerate(rows):
+                drafts[i] = tokens[bounds[b] + 1:bounds[b + 1]]
+                batch_rows[i] = b
         self.tree_batch.propose(step.req_ids, drafts, trees, batch_rows)
         return drafts
 

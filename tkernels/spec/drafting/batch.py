@@ -108,12 +108,12 @@ def draft_pld(flat: np.ndarray, cu: np.ndarray, num_draft: int, keys) -> DraftBa
 
 
 def draft_tr_static(state: CompiledState, recycling, slots: np.ndarray, roots: np.ndarray, shape, keys) -> DraftBatch:
-    _check_tokens("histories", roots, recycling.vocab_size)
-    if int(shape.ranks.max()) >= recycling.k:
-        raise ValueError(f"shape uses rank {int(shape.ranks.max())} but the adjacency keeps k={recycling.k}")
+    """``roots``: checked by the caller (:meth:`TreeDrafter._check_roots`: in the vocabulary)."""
+    parents, parents32, ranks, depths = _template(shape)
+    if ranks.size and int(ranks.max()) >= recycling.k:
+        raise ValueError(f"shape uses rank {int(ranks.max())} but the adjacency keeps k={recycling.k}")
     batch, n = roots.shape[0], len(shape)
     out = np.empty((batch, n), np.int64)
-    parents, parents32, ranks, depths = _template(shape)
     K.fill_template(state.own_tables, state.own_ids, state.meta, slots, roots, recycling.adjacency.numpy(),
                     parents, ranks, out)
     return DraftBatch(torch.from_numpy(out.reshape(-1)), torch.from_numpy(np.tile(parents32, batch)),
