@@ -1,5 +1,7 @@
-"""CPU attention side by side: tkernels' vectorised PyTorch path, its plain reference and vLLM's
-own CPU attention op, on SmolLM2-like shapes (issue 23's engine target).
+"""CPU attention side by side: tkernels' vectorised PyTorch path, its plain reference, the
+plugin's native path (vLLM-CPU's extend-attention kernel with the tree mask, bf16:
+``TKERNELS_VLLM_CPU_ATTENTION=native``) and vLLM's own CPU attention op, on SmolLM2-like shapes
+(issue 23's engine target).
 
     python bench/attention_cpu.py [--batches 8,26] [--dtypes float32,bfloat16] [--repeats 15]
         [--note "2-core VM, loaded"] [--out bench/results/attention_cpu_vm.json]
@@ -11,7 +13,9 @@ uniformly from 100..1000 (seeded). Cases per batch size B: ``decode`` (B one-tok
 op (``torch.ops._C.cpu_attention_with_kv_cache``, called as ``vllm/v1/attention/backends/cpu_attn.py``
 calls it, on a cache in its own layout holding the same K/V) has no tree mask: it runs the
 same token counts causally, which is what an ``ngram`` step of K = 8 costs it; its output is
-checked against the reference on ``decode``, and tkernels' on every case.
+checked against the reference on ``decode``, and tkernels' on every case. The native path
+reads a token-major copy of the same cache (vLLM's ``LBNHC`` layout, the one it needs) and the
+new tokens' K/V from their cache slots, as the layer's inputs.
 
 Per case and implementation: ``layer_ms`` (median of ``--repeats`` calls after one warm-up:
 the per-layer cost, paid by every layer of a step) and ``plan_ms`` (the per-step part: tkernels'
@@ -100,6 +104,37 @@ def vllm_op(b, dtype: torch.dtype):
     return metadata, layer, isa
 
 
+def native_op(b, dtype: torch.dtype):
+    """(per-step plan fn, per-layer fn) of the plugin's native path, or None where it does not run."""
+    try:
+        from tkernels.plugins.vllm.cpu_attention import (
+            native_cpu_attention,
+            native_unavailable_reason,
+            plan_native_cpu_attention,
+        )
+    except Exception:  # any import failure: no vLLM here
+        return None
+    if native_unavailable_reason(dtype, None) is not None:
+        return None
+    from tkernels.attention.plan import describe_batch
+
+    kv = torch.cat([b.k_cache, b.v_cache], -1).contiguous().transpose(1, 2)  # token-major, logical [nb, Hkv, bs, 2D]
+    q_len = (b.cu_seqlens_q[1:] - b.cu_seqlens_q[:-1]).long()
+    tok = torch.repeat_interleave(torch.arange(q_len.numel()), q_len)
+    pos = (b.seq_lens.long() - q_len)[tok] + torch.arange(b.q.shape[0]) - b.cu_seqlens_q[:-1].long()[tok]
+    blocks = b.block_table[tok, pos // BLOCK].long()
+    key, value = b.k_cache[blocks, pos % BLOCK], b.v_cache[blocks, pos % BLOCK]  # this step's new K/V
+
+    def plan():
+        layout = describe_batch(b.cu_seqlens_q, b.seq_lens, b.block_table, num_q_heads=HQ, num_kv_heads=HKV,
+                                head_dim=HEAD, num_blocks=kv.shape[0], block_size=BLOCK, **b.tree_kwargs())
+        return plan_native_cpu_attention(layout, b.block_table, BLOCK)
+
+    p = plan()
+    out = torch.empty_like(b.q)
+    return plan, lambda: native_cpu_attention(b.q, key, value, kv, p, HEAD ** -0.5, out)
+
+
 def run_case(case: str, batch: int, dtype: torch.dtype, repeats: int) -> list[dict]:
     b = case_batch(case, batch, dtype, seed=batch)
     records = []
@@ -120,6 +155,12 @@ def run_case(case: str, batch: int, dtype: torch.dtype, repeats: int) -> list[di
     records.append({**common, "impl": "tkernels_reference", "plan_ms": 0.0,
                     "layer_ms": timed(lambda: mixed_attention_reference(*b.inputs(), **b.tree_kwargs()),
                                       max(3, repeats // 5))})
+    native = native_op(b, dtype)
+    if native is not None:
+        plan_fn, layer = native
+        records.append({**common, "impl": "tkernels_native", "plan_ms": timed(plan_fn, repeats),
+                        "layer_ms": timed(layer, repeats),
+                        "max_abs_err": (layer().float() - ref.float()).abs().max().item()})
     vllm = vllm_op(b, dtype)
     if vllm is not None:
         metadata, layer, isa = vllm

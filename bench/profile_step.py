@@ -1,8 +1,8 @@
 """Where a serving step's time goes: tkernels' tree proposer beside vLLM's ``ngram`` (issue 23, item 0).
 
     python bench/profile_step.py [--model smollm2|tiny|DIR] [--questions 8] [--max-tokens 48]
-        [--num-spec-tokens 8] [--methods none,ngram,tree] [--cpu-attention torch|reference]
-        [--out bench/results/step_profile_cpu_vm.json]
+        [--num-spec-tokens 8] [--methods none,ngram,tree] [--cpu-attention native|torch|reference]
+        [--dtype float32|bfloat16] [--out bench/results/step_profile_cpu_vm.json]
 
 Runs vLLM's real engine (in-process, one subprocess per method) on the Spec-Bench dev questions
 (first turns through the chat template, greedy, EOS ignored, all submitted at once, after a
@@ -25,7 +25,9 @@ the run; parts nest as listed):
 size (``size: fixed``, every step verifies ``--num-spec-tokens`` drafts, as ``ngram`` does at
 most), its default drafter, and on vLLM-CPU tkernels' attention in place of vLLM's
 (``TKERNELS_VLLM_CPU_ATTENTION``, ``--cpu-attention``: ``torch``, the vectorised path, by
-default; ``reference``, the plain-PyTorch loop the first profile ran): the ``attention`` line
+default; ``native``, vLLM-CPU's compiled kernel with the tree mask, bf16 only (``--dtype
+bfloat16``; fp32 runs ``torch``); ``reference``, the plain-PyTorch loop the first profile ran;
+every method runs in ``--dtype``, float32 by default): the ``attention`` line
 says what it costs against vLLM's own CPU attention, ``attention_metadata`` what its per-step
 plan does. The JSON holds per method the totals, per-step means and the tokens generated.
 """
@@ -62,7 +64,8 @@ def _timed(totals: dict, name: str, owner, attribute: str) -> None:
     setattr(owner, attribute, wrapper)
 
 
-def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int, cpu_attention: str) -> dict:
+def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int, cpu_attention: str,
+        dtype: str) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if method == "tree":
@@ -84,7 +87,7 @@ def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int,
         spec = {"method": "ngram", "num_speculative_tokens": num_spec, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
     elif method == "tree":
         spec = {"method": "custom_class", "model": TREE, "num_speculative_tokens": num_spec}
-    llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=2048, seed=0,
+    llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=2048, seed=0,
               max_num_seqs=max(questions, 1), speculative_config=spec, async_scheduling=False,
               additional_config={"tkernels_tree": {"size": "fixed"}} if method == "tree" else {})
     totals: dict[str, float] = defaultdict(float)
@@ -133,21 +136,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--num-spec-tokens", type=int, default=8)
     parser.add_argument("--methods", default="none,ngram,tree")
-    parser.add_argument("--cpu-attention", default="torch", choices=("torch", "reference"),
+    parser.add_argument("--cpu-attention", default="torch", choices=("native", "torch", "reference"),
                         help="tkernels' attention for the tree on vLLM-CPU (TKERNELS_VLLM_CPU_ATTENTION)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="every method's dtype")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # one method, in this process
     parser.add_argument("--note", default="", help="machine and load, recorded in the JSON (e.g. '2-core VM, loaded')")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.method:
         print(json.dumps(run(args.method, args.model, args.questions, args.max_tokens, args.num_spec_tokens,
-                             args.cpu_attention)))
+                             args.cpu_attention, args.dtype)))
         return 0
     records = []
     for method in args.methods.split(","):
         out = subprocess.run([sys.executable, __file__, "--method", method, "--model", args.model, "--questions",
                               str(args.questions), "--max-tokens", str(args.max_tokens), "--num-spec-tokens",
-                              str(args.num_spec_tokens), "--cpu-attention", args.cpu_attention],
+                              str(args.num_spec_tokens), "--cpu-attention", args.cpu_attention, "--dtype", args.dtype],
                              capture_output=True, text=True, timeout=3600)
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)

@@ -94,6 +94,17 @@ def test_greedy_random_trees(rng, poisoned, dtype):
     check_greedy_contract(out, *batch)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_max_indices_are_argmax_on_ties_and_nan(rng, dtype):
+    """The greedy reference takes each node's target token as ``max(-1).indices`` (a faster CPU
+    kernel than argmax's): the first maximum, as argmax, on rows full of ties and with NaN."""
+    for _ in range(20):
+        rows, vocab = int(torch.randint(1, 40, (1,), generator=rng)), int(torch.randint(1, 5000, (1,), generator=rng))
+        x = torch.randint(-3, 4, (rows, vocab), generator=rng).to(dtype)
+        x[0, int(torch.randint(0, vocab, (1,), generator=rng))] = float("nan")
+        assert torch.equal(x.max(-1).indices, x.argmax(-1))
+
+
 def test_greedy_large_vocab(rng, poisoned):
     batch = make_batch([SHAPES["chain"], [-1], SHAPES["binary"]], 128256, rng, torch.float16)
     out = V.verify_greedy(*batch)

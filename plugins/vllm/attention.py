@@ -26,10 +26,14 @@ vLLM's CPU platform ignores ``--attention-backend`` altogether and uses ``CPU_AT
 "Cannot use ... CUSTOM backend on CPU"). ``TKERNELS_VLLM_CPU_ATTENTION=interpreter`` (with
 ``TRITON_INTERPRET=1``; older name ``TKERNELS_VLLM_CPU_TEST_BACKEND=1``) makes
 :func:`tkernels.plugins.vllm.register_attention_backend` put this backend in ``CPU_ATTN``'s place,
-running the kernel under Triton's interpreter (tests); ``TKERNELS_VLLM_CPU_ATTENTION=torch`` runs
-:mod:`tkernels.attention.torch_path` instead (vectorised PyTorch, no interpreter: the CPU serving
-path), the builder building its per-step plan (:func:`~tkernels.attention.torch_path.plan_torch_attention`)
-in place of the Triton kernel's; ``TKERNELS_VLLM_CPU_ATTENTION=reference`` runs
+running the kernel under Triton's interpreter (tests); ``TKERNELS_VLLM_CPU_ATTENTION=native`` runs
+vLLM-CPU's own compiled extend-attention kernel with the step's tree mask
+(:mod:`tkernels.plugins.vllm.cpu_attention`: bf16 layers without window or softcap; the builder
+builds that plan, and the torch path's for the other layers, logged once);
+``TKERNELS_VLLM_CPU_ATTENTION=torch`` runs :mod:`tkernels.attention.torch_path` (vectorised
+PyTorch, no interpreter, any dtype), the builder building its per-step plan
+(:func:`~tkernels.attention.torch_path.plan_torch_attention`) in place of the Triton kernel's;
+the layer's forward runs whichever plan it is given. ``TKERNELS_VLLM_CPU_ATTENTION=reference`` runs
 :func:`tkernels.attention.mixed_attention_reference` (a Python loop per request; slow, kept to
 check against), the builder only checking the batch (:func:`~tkernels.attention.plan.describe_batch`).
 
@@ -71,7 +75,13 @@ from tkernels.attention import (
 )
 from tkernels.attention.plan import BatchLayout, describe_batch
 from tkernels.attention.torch_path import TorchAttentionPlan, mixed_attention_torch, plan_torch_attention
-from tkernels.plugins.vllm.compat import CPU_PYTORCH_MODES, cpu_test_mode, require_supported_vllm
+from tkernels.plugins.vllm.compat import CPU_ATTENTION_ENV, CPU_PYTORCH_MODES, cpu_test_mode, require_supported_vllm
+from tkernels.plugins.vllm.cpu_attention import (
+    NativeCpuPlan,
+    native_cpu_attention,
+    native_unavailable_reason,
+    plan_native_cpu_attention,
+)
 
 logger = logging.getLogger("tkernels")
 
@@ -90,9 +100,10 @@ class TkernelsAttentionMetadata:
     query_start_loc: torch.Tensor  # int32 [B + 1]
     seq_lens: torch.Tensor  # int32 [B], context including the new tokens
     block_table: torch.Tensor  # int32 [B, max_blocks]
-    # One per sliding window in the group: the Triton kernel's plan, the torch path's
-    # (TKERNELS_VLLM_CPU_ATTENTION=torch) or, for the reference, the checked batch alone.
-    plans: dict[int | None, MixedAttentionPlan | TorchAttentionPlan | BatchLayout]
+    # One per sliding window in the group: the Triton kernel's plan, vLLM-CPU's kernel's
+    # (TKERNELS_VLLM_CPU_ATTENTION=native), the torch path's (=torch, and =native where that
+    # kernel does not apply) or, for the reference, the checked batch alone.
+    plans: dict[int | None, MixedAttentionPlan | TorchAttentionPlan | NativeCpuPlan | BatchLayout]
     tree_parents: torch.Tensor | None = None  # int32 [T]: speculation trees' local parents (tree rows)
     is_tree: torch.Tensor | None = None  # bool [B]
 
@@ -123,6 +134,20 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
         # vLLM's host seq_lens are exact unless drafts are scheduled asynchronously (optimistic then).
         self.exact_host_seq_lens = not (getattr(vllm_config.scheduler_config, "async_scheduling", False)
                                         and vllm_config.speculative_config is not None)
+        # TKERNELS_VLLM_CPU_ATTENTION=native: the windows vLLM-CPU's kernel runs; the others run
+        # the torch path (said once, here).
+        self.native_windows = set()
+        if self.mode == "native":
+            model_dtype = model_config.dtype  # q and the layers' new K/V; the kernel takes one dtype for all
+            for window in self.windows:
+                capped = any(layer.impl.softcap for layer in self.layers if layer.impl.window == window)
+                reason = native_unavailable_reason(model_dtype, window, capped) if model_dtype == self.dtype else \
+                    f"the KV cache ({self.dtype}) and the model ({model_dtype}) differ in dtype"
+                if reason is None:
+                    self.native_windows.add(window)
+                else:
+                    logger.warning("tkernels: %s=native: %s; layers of window %s run the vectorised PyTorch path",
+                                   CPU_ATTENTION_ENV, reason, window)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TkernelsAttentionMetadata:
@@ -147,7 +172,9 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
                       num_blocks=num_blocks, block_size=self.block_size, tree_parents=tree_parents, is_tree=is_tree,
                       window=window, host=host, checked=host is not None)
         batch = (m.query_start_loc, m.seq_lens, m.block_table_tensor)
-        if self.mode == "torch":
+        if window in self.native_windows:
+            return plan_native_cpu_attention(describe_batch(*batch, **layout), m.block_table_tensor, self.block_size)
+        if self.mode in ("torch", "native"):
             return plan_torch_attention(*batch, **layout)
         if self.mode == "reference":  # the reference plans nothing; the batch is still checked
             return describe_batch(*batch, **layout)
@@ -206,6 +233,8 @@ class TkernelsAttentionImpl(TritonAttentionImpl):
                 ("attention sinks", sinks is not None),
                 ("chunked local attention", chunk_lookback != -1),
                 (f"attention type {attn_type}", attn_type != AttentionType.DECODER),
+                ("KV sharing between layers with TKERNELS_VLLM_CPU_ATTENTION=native (it reads each layer's new K/V)",
+                 kv_sharing_target_layer_name is not None and cpu_test_mode() == "native"),
                 (f"KV cache dtype {kv_cache_dtype}",
                  kv_cache_dtype not in TkernelsAttentionBackend.supported_kv_cache_dtypes),
             ) if asked
@@ -232,9 +261,12 @@ class TkernelsAttentionImpl(TritonAttentionImpl):
             return output.fill_(0)
         plan = attn_metadata.plans[self.window]
         num_tokens = plan.num_tokens  # the batch's real tokens; rows beyond are padding
+        if isinstance(plan, NativeCpuPlan):
+            native_cpu_attention(query, key, value, kv_cache, plan, self.scale, output, softcap=self.softcap)
+            return output
         k_cache, v_cache = self._kv_caches(kv_cache)
         m = attn_metadata
-        if self.mode == "torch":
+        if isinstance(plan, TorchAttentionPlan):
             mixed_attention_torch(query[:num_tokens], k_cache, v_cache, plan, self.scale, softcap=self.softcap,
                                   out=output[:num_tokens])
             return output

