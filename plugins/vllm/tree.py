@@ -43,6 +43,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -84,9 +85,9 @@ def _cpu_reference_mode() -> bool:
 # --- the per-step tree state -------------------------------------------------------------------
 
 
-@dataclass
-class Proposal:
-    """A request's proposed tree: row ``row`` of the step's proposed trees (one batch for the step)."""
+class Proposal(NamedTuple):
+    """A request's proposed tree: row ``row`` of the step's proposed trees (one batch for the step;
+    a tuple: a server makes one per request per step)."""
 
     tokens: list[int]  # the row's draft list: tree nodes 1..n in BFS order
     trees: DraftBatch  # the proposing step's trees, every drafted row
@@ -109,7 +110,7 @@ class TreeStep:
     num_nodes: np.ndarray  # 1 + len(drafts[i])
     parents: torch.Tensor  # int32 [sum(num_nodes)], the verification trees (local indices)
     cu_nodes: torch.Tensor  # int32 [num_reqs + 1]
-    seeds: list[int | None] | None = None  # each row's sampling seed (None: unseeded)
+    seeds: list[int | None] | None = None  # each row's sampling seed (None: unseeded), read by verify unless all greedy
     root_position: np.ndarray | None = None  # index in its sequence of each row's node 0 (logits row)
     node_depths: torch.Tensor | None = None  # int64 [sum(num_nodes)], depth of every node (computed once)
     is_tree: np.ndarray | None = None  # bool [num_reqs]: verified as its proposer's tree (else chain or no draft)
@@ -213,6 +214,9 @@ class TreeBatch:
         """Record the trees the requests were proposed: request ``req_ids[i]`` drafted
         ``drafts[i]``, the nodes 1.. of tree ``rows[i]`` of ``trees`` (one batch for the step); no
         draft: forget any older one."""
+        if all(drafts):  # every request drafted (a server's common step): one bulk update
+            self.proposed.update(zip(req_ids, map(Proposal, drafts, itertools.repeat(trees), rows)))
+            return
         for i, (req_id, tokens) in enumerate(zip(req_ids, drafts)):
             if tokens:
                 self.proposed[req_id] = Proposal(tokens, trees, rows[i])
@@ -240,19 +244,22 @@ class TreeBatch:
         int64) and the tree rows' :class:`DraftBatch` (None without one). A row whose draft is
         a BFS prefix of its proposal is that tree; any other row is a chain (no draft: the
         1-node chain)."""
-        num_nodes = np.array([len(d) + 1 for d in drafts], dtype=np.int64)
+        num_nodes = np.fromiter(map(len, drafts), np.int64, len(drafts)) + 1
         cu_nodes = offsets(num_nodes)
-        local = np.arange(cu_nodes[-1], dtype=np.int64) - np.repeat(cu_nodes[:-1], num_nodes)
-        parents, node_depths = (local - 1).astype(np.int32), local  # a chain's depth is its local index
-        proposals = [(i, self._row_tree(req_ids[i], drafts[i], int(scheduled_tokens[i])))
-                     for i in np.flatnonzero(num_nodes > 1).tolist()]
+        scheduled = scheduled_tokens.tolist()
+        proposals = [(i, self._row_tree(req_ids[i], drafts[i], scheduled[i])) for i in np.flatnonzero(num_nodes > 1).tolist()]
         proposals = [(i, p) for i, p in proposals if p is not None]
         is_tree = np.zeros(len(drafts), dtype=bool)
         trees = None
-        if proposals:  # their nodes' parents and depths: the proposals', gathered once
+        if proposals:
             rows = np.array([i for i, _ in proposals], np.int64)
             is_tree[rows] = True
             trees = _verified_trees([p for _, p in proposals], num_nodes[rows])
+            if rows.size == len(drafts):  # every row is its tree (a server's common step): the trees' own arrays
+                return num_nodes, cu_nodes, trees.parents.numpy(), trees.depths, is_tree, trees
+        local = np.arange(cu_nodes[-1], dtype=np.int64) - np.repeat(cu_nodes[:-1], num_nodes)
+        parents, node_depths = (local - 1).astype(np.int32), local  # a chain's depth is its local index
+        if proposals:  # the tree rows' nodes' parents and depths: the proposals', gathered once
             nodes = ragged_arange(cu_nodes[:-1][rows], num_nodes[rows])
             parents[nodes] = trees.parents.numpy()
             node_depths[nodes] = trees.depths
@@ -269,17 +276,17 @@ class TreeBatch:
         req_ids = list(runner.input_batch.req_ids[:num_reqs])
         prefix = runner.input_batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64)
         scheduled_tokens = np.asarray(num_scheduled_tokens[:num_reqs], dtype=np.int64)
-        starts = np.cumsum(scheduled_tokens) - scheduled_tokens
         scheduled = scheduler_output.scheduled_spec_decode_tokens
         drafts = [list(scheduled.get(req_id, ())) for req_id in req_ids]
         num_nodes, cu_nodes, parents, node_depths, is_tree, trees = self.verification_trees(req_ids, drafts,
                                                                                             scheduled_tokens)
+        host_depths = node_depths
         parents, node_depths = torch.from_numpy(parents), torch.from_numpy(node_depths)
         cu = torch.from_numpy(cu_nodes).int()
         device = runner.positions.device
         self.step = TreeStep(
             req_ids=req_ids, drafts=drafts, prefix=prefix, num_nodes=num_nodes, parents=parents, cu_nodes=cu,
-            seeds=[_seed(runner, req_id) for req_id in req_ids], root_position=prefix + scheduled_tokens - num_nodes,
+            root_position=prefix + scheduled_tokens - num_nodes,
             node_depths=node_depths, is_tree=is_tree, started=started, trees=trees,
             checked=check_trees(parents, cu, node_depths).to(device),  # the one validation of the step's trees
             device_trees=(parents.to(device), cu.to(device)),
@@ -290,6 +297,7 @@ class TreeBatch:
         generators = getattr(runner.input_batch, "generators", None)
         if generators:
             generators.clear()
+        starts = np.cumsum(scheduled_tokens) - scheduled_tokens  # each row's first token
         if getattr(getattr(runner, "drafter", None), "prompt_topk", False):
             self._prompt_positions(runner, scheduled_tokens, starts, prefix)
         if not is_tree.any():
@@ -297,19 +305,26 @@ class TreeBatch:
             return
         # Tree rows hold exactly 1 + n scheduled tokens, node j at token starts[i] + j.
         rows = np.flatnonzero(is_tree)
-        node_rows = np.repeat(rows, num_nodes[rows])
-        nodes = ragged_arange(cu_nodes[:-1][rows], num_nodes[rows])
-        token = starts[node_rows] + nodes - cu_nodes[node_rows]
-        tree_parents = np.full(int(scheduled_tokens.sum()), -1, dtype=np.int32)
-        tree_parents[token] = trees.parents.numpy()
-        tree_depths = np.zeros(tree_parents.size, dtype=np.int64)
-        tree_depths[token] = trees.depths
-        drafted = trees.depths > 0  # the roots keep vLLM's position (= prefix)
-        new_positions = torch.from_numpy(prefix[node_rows][drafted] + trees.depths[drafted])
-        runner.positions[torch.from_numpy(token[drafted]).to(device)] = new_positions.to(device, runner.positions.dtype)
-        tree_parents, host_is_tree = torch.from_numpy(tree_parents), torch.from_numpy(is_tree)
-        self.attention_trees(runner, (tree_parents.to(device), host_is_tree.to(device)),
-                             (tree_parents, host_is_tree, torch.from_numpy(tree_depths)))
+        if rows.size == num_reqs:  # every row a tree: the step's tokens are its nodes, in order
+            positions = np.repeat(prefix, num_nodes) + host_depths  # the roots' is vLLM's own (= prefix)
+            runner.positions[:positions.size] = torch.from_numpy(positions).to(device, runner.positions.dtype)
+            tree_parents, tree_depths, device_parents = parents, node_depths, self.step.device_trees[0]
+        else:
+            node_rows = np.repeat(rows, num_nodes[rows])
+            nodes = ragged_arange(cu_nodes[:-1][rows], num_nodes[rows])
+            token = starts[node_rows] + nodes - cu_nodes[node_rows]
+            tree_parents = np.full(int(scheduled_tokens.sum()), -1, dtype=np.int32)
+            tree_parents[token] = trees.parents.numpy()
+            tree_depths = np.zeros(tree_parents.size, dtype=np.int64)
+            tree_depths[token] = trees.depths
+            drafted = trees.depths > 0  # the roots keep vLLM's position (= prefix)
+            new_positions = torch.from_numpy(prefix[node_rows][drafted] + trees.depths[drafted])
+            runner.positions[torch.from_numpy(token[drafted]).to(device)] = new_positions.to(device, runner.positions.dtype)
+            tree_parents, tree_depths = torch.from_numpy(tree_parents), torch.from_numpy(tree_depths)
+            device_parents = tree_parents.to(device)
+        host_is_tree = torch.from_numpy(is_tree)
+        self.attention_trees(runner, (device_parents, host_is_tree.to(device)),
+                             (tree_parents, host_is_tree, tree_depths))
 
     def _prompt_positions(self, runner, num_scheduled_tokens: np.ndarray, starts: np.ndarray, prefix: np.ndarray) -> None:
         """Record which of the step's tokens are prompt tokens (prefill chunks), for prompt_topk."""
@@ -347,6 +362,8 @@ class TreeBatch:
         sampling = runner.input_batch.sampling_metadata
         # unseeded rows: torch's default generator, as vLLM's sampler (draw_uniforms' rule, sized
         # on the host); seeded rows: keyed by (seed, position)
+        if not sampling.all_greedy and step.seeds is None:
+            step.seeds = [_seed(runner, req_id) for req_id in step.req_ids]
         uniforms = None if sampling.all_greedy else \
             step.seeded_uniforms(torch.rand((int(step.num_nodes.sum()), UNIFORM_COLUMNS), dtype=torch.float32,
                                                 device=device))

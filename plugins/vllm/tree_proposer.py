@@ -188,10 +188,14 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         if (trees.sizes > room).any():
             trees = trees.rows(np.arange(len(trees)), np.minimum(trees.sizes, room))  # BFS prefixes: still trees
         tokens, bounds = trees.tokens.tolist(), trees.cu.tolist()
-        batch_rows = [-1] * len(drafts)
-        for b, i in enumerate(rows):
-            drafts[i] = tokens[bounds[b] + 1:bounds[b + 1]]
-            batch_rows[i] = b
+        if len(rows) == len(drafts):  # every row drafted (a server's common step)
+            drafts = [tokens[start + 1:end] for start, end in itertools.pairwise(bounds)]
+            batch_rows = range(len(rows))
+        else:
+            batch_rows = [-1] * len(drafts)
+            for b, i in enumerate(rows):
+                drafts[i] = tokens[bounds[b] + 1:bounds[b + 1]]
+                batch_rows[i] = b
         self.tree_batch.propose(step.req_ids, drafts, trees, batch_rows)
         return drafts
 
@@ -206,10 +210,10 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             return
         # rows that sampled tokens (a failed row's first is tree.FAILED_TOKEN: nothing to learn)
         counts = np.fromiter((len(s) if s and s[0] >= 0 else 0 for s in sampled_token_ids), np.int64, num_reqs)
-        cu_nodes = step.cu_nodes.numpy().astype(np.int64)
+        cu_nodes = step.cu_nodes.numpy()
         total = int(cu_nodes[-1])
         top = next(((ids, probs) for ids, probs in captured if ids.shape[0] == total), None)
-        parts, index, on_path, part_rows = [], [], [], []
+        parts, on_path, part_rows = [], [], []
         tree_rows = np.flatnonzero(step.is_tree) if step.accepted is not None else np.zeros(0, np.int64)
         if tree_rows.size:
             nodes, num = (t.numpy() for t in step.accepted)
@@ -218,16 +222,9 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         if tree_rows.size and learn.any():
             trees = step.trees.rows(np.flatnonzero(learn))
             rows = tree_rows[learn]
-            width = nodes.shape[1]
-            path = nodes[rows].astype(np.int64) + trees.cu[:-1, None]
-            path_mask = np.arange(width)[None, :] < num[rows, None]
-            accepted = np.zeros(trees.num_nodes, bool)
-            accepted[path[path_mask]] = True
             parts.append(trees)
-            index.append(ragged_arange(cu_nodes[rows], step.num_nodes[rows]))
-            on_path.append(accepted)
+            on_path.append(self._learn_acceptance(trees, nodes, num, rows))
             part_rows.append(rows)
-            self._learn_acceptance(trees, accepted)
         roots = np.flatnonzero((step.num_nodes == 1) & (counts > 0))  # no draft: its root's row alone
         if roots.size:
             lengths = np.asarray(num_tokens_no_spec[:num_reqs], dtype=np.int64)[roots]
@@ -235,7 +232,6 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             parts.append(DraftBatch(torch.from_numpy(tokens), torch.full((roots.size,), -1, dtype=torch.int32),
                                     np.arange(roots.size + 1, dtype=np.int64), [step.req_ids[r] for r in roots.tolist()],
                                     node_depths=np.zeros(roots.size, np.int64)))
-            index.append(cu_nodes[roots])
             on_path.append(np.ones(roots.size, bool))
             part_rows.append(roots)
         if not parts:
@@ -243,27 +239,40 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         if top is None and self._capture:
             self.stats["skipped_steps"] += 1
             return
-        trees, index, on_path = DraftBatch.cat(parts), np.concatenate(index), np.concatenate(on_path)
-        if len(parts) > 1:  # in row order, as the rows were verified (a token at several nodes: the last one's row)
-            order = np.argsort(np.concatenate(part_rows), kind="stable")
-            nodes = ragged_arange(trees.cu[:-1][order], trees.sizes[order])
-            trees, index, on_path = trees.rows(order), index[nodes], on_path[nodes]
+        trees, on_path = DraftBatch.cat(parts), np.concatenate(on_path) if len(on_path) > 1 else on_path[0]
         ids, probs = top or (None, None)  # on the host already (load_model's capture); none without an adjacency
-        if ids is not None and index.size != total:  # every verified node learns in the common step: no gather
-            rows = torch.from_numpy(index)
-            ids, probs = ids[rows], probs[rows]
+        if len(parts) > 1 or trees.num_nodes != total:
+            # the learning nodes' rows of the step (verified rows without a tree or a path teach
+            # nothing); in row order, as the rows were verified (a token at several nodes: the
+            # last one's row). In the common step every verified node learns, in order: no gather.
+            cu_nodes = cu_nodes.astype(np.int64)
+            index = np.concatenate([ragged_arange(cu_nodes[rows], step.num_nodes[rows]) for rows in part_rows])
+            if len(parts) > 1:
+                order = np.argsort(np.concatenate(part_rows), kind="stable")
+                nodes = ragged_arange(trees.cu[:-1][order], trees.sizes[order])
+                trees, index, on_path = trees.rows(order), index[nodes], on_path[nodes]
+            if ids is not None and index.size != total:
+                rows = torch.from_numpy(index)
+                ids, probs = ids[rows], probs[rows]
         self.tree_drafter.observe_batch(trees, ids, probs, on_path)
         self.stats["recycled_steps"] += 1
-        self.stats["recycled_rows"] += index.size
+        self.stats["recycled_rows"] += trees.num_nodes
 
-    def _learn_acceptance(self, trees: DraftBatch, on_path: np.ndarray) -> None:
-        """Teach the size policy (per-(depth, rank) estimates) what this drafter's trees achieve:
-        at each depth of an accepted path, the accepted node's rank among its siblings, and a
-        miss (-1) below the last accepted node when the tree had children there
-        (:func:`batch_sibling_ranks`)."""
-        if len(trees):
-            ranks, observed = batch_sibling_ranks(trees, on_path, self.policy.max_depth)
-            self.policy.update(torch.from_numpy(ranks), torch.from_numpy(observed))
+    def _learn_acceptance(self, trees: DraftBatch, nodes: np.ndarray, num: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The accepted paths of ``trees`` (verification's ``nodes[rows[b], :num[rows[b]]]`` for
+        tree ``b``) as a bool mask over their nodes, and what they teach the size policy
+        (per-(depth, rank) estimates) of this drafter's trees: at each depth of an accepted path,
+        the accepted node's rank among its siblings, and a miss (-1) below the last accepted node
+        when the tree had children there (:func:`batch_sibling_ranks`, in one compiled pass)."""
+        from tkernels.spec.drafting.kernels import accepted_paths  # numba: loaded on first use
+
+        on_path = np.empty(trees.num_nodes, bool)
+        ranks = np.empty((len(trees), self.policy.max_depth), np.int64)
+        observed = np.empty(len(trees), np.int64)
+        accepted_paths(trees.parents.numpy(), trees.cu, trees.depths, nodes, num, rows, self.policy.max_depth, on_path,
+                       ranks, observed)
+        self.policy.update(torch.from_numpy(ranks), torch.from_numpy(observed))
+        return on_path
 
     def recycle_prompt(self, hidden_states: torch.Tensor, forward_s: float) -> None:
         """With ``prompt_topk``: recycle the target's top-k at this step's prompt positions

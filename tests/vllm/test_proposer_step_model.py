@@ -33,12 +33,14 @@ def test_sibling_ranks_of_accepted_paths():
 
 @pytest.mark.parametrize("max_depth", [2, 8, 40])
 def test_batched_sibling_ranks_are_the_per_path_reference(max_depth):
-    """The step's trees at once (batch_sibling_ranks) against sibling_ranks tree by tree, on
+    """The step's trees at once (batch_sibling_ranks, and its compiled pass accepted_paths from
+    verification's accepted nodes, as the proposer learns) against sibling_ranks tree by tree, on
     random BFS trees (1 to 60 nodes) and random accepted paths."""
     import torch
 
     from tkernels.plugins.vllm.tree_proposer import batch_sibling_ranks, sibling_ranks
     from tkernels.spec.drafters import DraftBatch, DraftTree
+    from tkernels.spec.drafting.kernels import accepted_paths
 
     rng = np.random.default_rng(0)
     for _ in range(30):
@@ -59,6 +61,16 @@ def test_batched_sibling_ranks_are_the_per_path_reference(max_depth):
         for b, path in enumerate(paths):
             on_path[batch.cu[b] + np.array(path)] = True
         ranks, observed = batch_sibling_ranks(batch, on_path, max_depth)
+        # verification's form: accepted nodes [rows, width] (-1 padded) of rows in another order
+        rows = rng.permutation(len(trees))
+        nodes = np.full((len(trees), 1 + max(map(len, paths))), -1, np.int32)
+        for b, path in enumerate(paths):
+            nodes[rows[b], :len(path)] = path
+        num = np.zeros(len(trees), np.int32)
+        num[rows] = [len(p) for p in paths]
+        got = np.empty(batch.num_nodes, bool), np.empty_like(ranks), np.empty_like(observed)
+        accepted_paths(batch.parents.numpy(), batch.cu, batch.depths, nodes, num, rows, max_depth, *got)
+        assert (got[0] == on_path).all() and (got[1] == ranks).all() and (got[2] == observed).all()
         for b, (tree, path) in enumerate(zip(trees, paths)):
             want, seen = sibling_ranks(tree.parents.tolist(), path)
             want = (want + [-1] * max_depth)[:max_depth]
@@ -137,6 +149,8 @@ def test_the_size_policy_learns_the_drafters_acceptance():
     before = proposer.policy.accept_probs().clone()
     trees = DraftBatch.from_trees([DraftTree(torch.tensor([3, 4, 9, 5]), torch.tensor([-1, 0, 0, 1], dtype=torch.int32))])
     for _ in range(20):
-        proposer._learn_acceptance(trees, np.array([True, True, False, True]))  # rank 0 at depths 1 and 2, every time
+        # rank 0 at depths 1 and 2, every time
+        on_path = proposer._learn_acceptance(trees, np.array([[0, 1, 3]], np.int32), np.array([3], np.int32), np.array([0]))
+        assert on_path.tolist() == [True, True, False, True]
     after = proposer.policy.accept_probs()
     assert after[0, 0] > before[0, 0] and after[1, 0] > before[1, 0] and after[0, 1] < before[0, 1]

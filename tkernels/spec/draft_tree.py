@@ -122,8 +122,9 @@ class RetrievalCalibration:
         array [n, 3]) and whether the target picked them. One decay per call."""
         if len(features) != len(accepted):
             raise ValueError(f"accepted: one per feature tuple, got {len(accepted)} for {len(features)}")
-        self.tested *= self.decay
-        self.accepted *= self.decay
+        tested, accepted_sums = self.tested.numpy(), self.accepted.numpy()  # in place: numpy's calls cost less
+        tested *= self.decay
+        accepted_sums *= self.decay
         if not len(features):
             return
         # The cells of all candidates at once (a server's step tests ~1000): cell()'s bins, vectorised.
@@ -132,10 +133,9 @@ class RetrievalCalibration:
         m = np.maximum(np.searchsorted(self.MATCH_BINS, f[:, 1], side="right") - 1, 0)
         s = np.where(f[:, 2] >= 1, 0, np.where(f[:, 2] >= 0.5, 1, 2))
         flat = (d * len(self.MATCH_BINS) + m) * self.SHARE_BINS + s
-        size = self.tested.numel()
-        self.tested += torch.from_numpy(np.bincount(flat, minlength=size).astype(np.float64)).view_as(self.tested)
-        ok = np.asarray(accepted, dtype=np.float64)
-        self.accepted += torch.from_numpy(np.bincount(flat, weights=ok, minlength=size)).view_as(self.accepted)
+        size = tested.size
+        tested += np.bincount(flat, minlength=size).reshape(tested.shape)
+        accepted_sums += np.bincount(flat, weights=np.asarray(accepted, dtype=np.float64), minlength=size).reshape(tested.shape)
 
 
 def ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

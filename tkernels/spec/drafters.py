@@ -192,7 +192,7 @@ class TreeDrafter:
         if len(keys) != len(histories):
             raise ValueError(f"keys: one per history, got {len(keys)} keys and {len(histories)} histories")
         num_nodes = integer("num_nodes", num_nodes, minimum=1)
-        if any(len(h) < 1 for h in histories):
+        if histories and min(map(len, histories)) < 1:
             raise ValueError("histories: every request needs at least one token")
         if not keys:
             return DraftBatch.from_trees([])
@@ -327,21 +327,24 @@ class TreeDrafter:
             return
         if batch.tr_probs is None and not self.uses_retrieval:
             return
-        parent = torch.from_numpy(batch.global_parents())
-        has_parent = parent >= 0
-        tested = has_parent & on_path[parent.clamp(min=0)]
+        # numpy over the batch's nodes (a server's ~2000 a step: torch calls would cost more)
+        on_path = on_path.numpy() if isinstance(on_path, torch.Tensor) else np.asarray(on_path, bool)
+        parent = batch.global_parents()
+        tested = (parent >= 0) & on_path[np.maximum(parent, 0)]
         if batch.tr_probs is not None:  # one record (one decay) per step with TR nodes, as many as they are
-            mask = tested & ~torch.isnan(batch.tr_probs)
-            self.tr_policy.record(batch.tr_probs[mask], torch.from_numpy(batch.depths)[mask].int(), on_path[mask])
+            tr_probs = batch.tr_probs.numpy()
+            mask = tested & ~np.isnan(tr_probs)
+            self.tr_policy.record(torch.from_numpy(tr_probs[mask]), torch.from_numpy(batch.depths[mask].astype(np.int32)),
+                                  torch.from_numpy(on_path[mask]))
         if self.uses_retrieval:
             # only the tested nodes' features are read
-            nodes = tested.nonzero().flatten()
+            nodes = np.flatnonzero(tested)
             ret_features, ret_ok = [], []
             if hasattr(batch.retrieval, "arrays"):  # a compiled draft's: arrays, no tuple per node
-                ret_features, proposed = batch.retrieval.arrays(nodes.numpy())
-                ret_ok = on_path[nodes].numpy()[proposed]
+                ret_features, proposed = batch.retrieval.arrays(nodes)
+                ret_ok = on_path[nodes][proposed]
             elif batch.retrieval is not None:
-                for feature, ok in zip(features_of(batch.retrieval, nodes), on_path[nodes].tolist()):
+                for feature, ok in zip(features_of(batch.retrieval, torch.from_numpy(nodes)), on_path[nodes].tolist()):
                     if feature is not None:
                         ret_features.append(feature)
                         ret_ok.append(ok)

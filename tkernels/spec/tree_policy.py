@@ -128,18 +128,19 @@ class DynamicTreePolicy:
         _check_integer_tensor("num_observed", num_observed)
         if accepted_ranks.dim() != 2 or num_observed.shape != accepted_ranks.shape[:1]:
             raise ValueError(f"accepted_ranks must be [B, W] and num_observed [B], got {tuple(accepted_ranks.shape)}, {tuple(num_observed.shape)}")
-        # numpy on the host: a server updates every step, and these are a few hundred entries
-        ranks = accepted_ranks[:, : self.max_depth].cpu().long().numpy()
+        # numpy on the host, in place on the estimates' memory: a server updates every step, and
+        # these are a few hundred entries (torch calls would cost more than the counting)
+        ranks = accepted_ranks[:, : self.max_depth].cpu().numpy()
         if ranks.size and int(ranks.min()) < -1:  # -1: none of the k; ranks >= k count as none too
             fail("accepted_ranks", f"must be >= -1 (-1: none of the k candidates), got {int(ranks.min())}")
-        depth = np.broadcast_to(np.arange(ranks.shape[1]), ranks.shape)
-        seen = depth < num_observed.cpu().long().numpy()[:, None]
-        self.hits *= self.decay
-        self.trials *= self.decay
-        self.trials += torch.from_numpy(np.bincount(depth[seen], minlength=self.max_depth)[: self.max_depth].astype(np.float64))
+        depth = np.arange(ranks.shape[1])
+        seen = depth < num_observed.cpu().numpy()[:, None]
         hit = seen & (ranks >= 0) & (ranks < self.k)
-        counts = np.bincount(depth[hit] * self.k + ranks[hit], minlength=self.max_depth * self.k).astype(np.float64)
-        self.hits += torch.from_numpy(counts.reshape(self.max_depth, self.k))
+        hits, trials = self.hits.numpy(), self.trials.numpy()
+        hits *= self.decay
+        trials *= self.decay
+        trials[:ranks.shape[1]] += seen.sum(0)
+        hits += np.bincount((depth * self.k + ranks)[hit], minlength=self.max_depth * self.k).reshape(self.max_depth, self.k)
 
     def choose(self, batch_size: int, max_nodes: int, other_tokens: int = 0) -> TreeShape:
         """This step's tree for each of ``batch_size`` requests, at most ``max_nodes`` nodes.
@@ -294,20 +295,26 @@ class ConfidenceTreePolicy:
     def record(self, probs: torch.Tensor, depth: torch.Tensor, accepted: torch.Tensor) -> None:
         """Learn from tested candidates: stored probabilities ``probs`` float [m], ``depth`` int
         [m], ``accepted`` bool [m] (the target chose the candidate). One decay per call."""
+        # numpy on the host, in place on the sums' memory: a server records ~1000 nodes a step,
+        # and torch calls on them would cost more than the sums
         probs, depth, accepted = (t.cpu() if isinstance(t, torch.Tensor) else t for t in (probs, depth, accepted))
         if not isinstance(probs, torch.Tensor) or probs.dim() != 1 or not probs.is_floating_point() \
-                or not bool(((probs >= 0) & (probs <= 1)).all()):
+                or not ((p := probs.detach().double().numpy()) >= 0).all() or not (p <= 1).all():
             fail("probs", "must be a 1-D float tensor of probabilities in [0, 1] (no NaN)")
         _check_integer_tensor("depth", depth)
         if depth.shape != probs.shape or (depth.numel() and int(depth.min()) < 1):
             fail("depth", f"must be [{probs.numel()}] like probs, every depth >= 1, got {tuple(depth.shape)}")
         if not isinstance(accepted, torch.Tensor) or accepted.dtype != torch.bool or accepted.shape != probs.shape:
             fail("accepted", f"must be a bool tensor [{probs.numel()}] like probs, got {getattr(accepted, 'shape', accepted)}")
-        d, q_bin = self._cells(probs, depth)
-        self.mass *= self.decay
-        self.accepted *= self.decay
-        self.mass.index_put_((d, q_bin), probs.cpu().double(), accumulate=True)
-        self.accepted.index_put_((d, q_bin), accepted.cpu().double(), accumulate=True)
+        # _cells' cells (no NaN here), then the sums in node order (np.add.at, as torch's serial
+        # index_put_(accumulate=True): the same float64 additions)
+        q_bin = np.minimum(np.maximum(np.floor(-np.log2(np.maximum(p, 1e-30))), 0), self.bins - 1).astype(np.int64)
+        cell = (np.minimum(np.maximum(depth.numpy().astype(np.int64), 1), self.max_depth) - 1) * self.bins + q_bin
+        mass, hits = self.mass.view(-1).numpy(), self.accepted.view(-1).numpy()
+        mass *= self.decay
+        hits *= self.decay
+        np.add.at(mass, cell, p)
+        np.add.at(hits, cell, accepted.numpy().astype(np.float64))
 
     def choose(self, scores: torch.Tensor, other_tokens: int = 0) -> torch.Tensor:
         """Which nodes of :meth:`TokenRecycling.draft_best`'s trees to verify: bool [B, n].

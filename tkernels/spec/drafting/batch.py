@@ -28,9 +28,10 @@ def _check_tokens(name: str, tokens: np.ndarray, vocab_size: int) -> None:
 
 def observe(state: CompiledState, recycling, batch: DraftBatch, topk_ids: torch.Tensor,
             topk_probs: torch.Tensor | None, own_rows: bool) -> None:
-    """What :meth:`TreeDrafter.observe_batch` stores of a step for a host adjacency, checked and
-    converted once: every node's row recycled (:meth:`TokenRecycling.recycle_topk`'s checks and
-    rows kept, in one compiled pass in node order) and, with ``own_rows``, each request's own rows."""
+    """What :meth:`TreeDrafter.observe_batch` stores of a step for a host adjacency: every node's
+    row recycled (:meth:`TokenRecycling.recycle_topk`'s checks and rows kept) and, with
+    ``own_rows``, each request's own rows, checked, converted and written by one compiled pass
+    (:func:`.kernels.learn_rows`: a server learns from every node of every step)."""
     tokens = batch.tokens
     if topk_ids.dim() != 2 or topk_ids.shape != (tokens.numel(), recycling.k):
         raise ValueError(f"topk_ids must be [{tokens.numel()}, {recycling.k}], got {tuple(topk_ids.shape)}")
@@ -38,18 +39,35 @@ def observe(state: CompiledState, recycling, batch: DraftBatch, topk_ids: torch.
         raise ValueError(f"topk_probs must have topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_probs.shape)}")
     if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
         fail("topk_ids", f"must be an integer tensor of token ids, got {topk_ids.dtype}")
-    tokens, ids = tokens.cpu().numpy(), topk_ids.cpu()
-    _check_tokens("draft_tokens", tokens, recycling.vocab_size)
-    _check_tokens("topk_ids", ids.numpy(), recycling.vocab_size)
-    if topk_probs is not None and topk_probs.numel() and not bool(((topk_probs >= 0) & (topk_probs < np.inf)).all()):
-        raise ValueError("topk_probs: must hold finite probabilities >= 0 (no NaN, inf or negative values)")
-    # as the shared adjacency stores them: int32 ids, fp16 probabilities (own rows: those, as float32)
-    ids = ids.to(torch.int32).numpy()
-    half = torch.zeros(ids.shape, dtype=torch.float16) if topk_probs is None else topk_probs.cpu().to(torch.float16)
-    K.recycle_rows(recycling.adjacency.numpy(), recycling.probs.view(torch.int16).numpy().view(np.uint16),
-                   np.ascontiguousarray(tokens, np.int64), ids, half.view(torch.int16).numpy().view(np.uint16))
-    if own_rows:
-        state.write_own_rows(batch.keys, batch.sizes, tokens, ids, half.float().numpy())
+    tokens, ids = np.ascontiguousarray(tokens.cpu().numpy(), np.int64), np.ascontiguousarray(topk_ids.cpu().numpy())
+    probs = None if topk_probs is None else topk_probs.cpu()
+    # float32 probabilities (the capture's) are checked in the pass; others here, as they are,
+    # after the ids (the pass's order), then converted to float32 (torch's float16 conversion
+    # goes through float32 too)
+    in_pass = probs is None or probs.dtype == torch.float32
+    if not in_pass:
+        _check_tokens("draft_tokens", tokens, recycling.vocab_size)
+        _check_tokens("topk_ids", ids, recycling.vocab_size)
+        if probs.numel() and not bool(((probs >= 0) & (probs < np.inf)).all()):
+            _bad_probs()
+    probs = torch.zeros(ids.shape) if probs is None else probs.float().contiguous()
+    slots, cu = state.own_room(batch.keys, batch.sizes) if own_rows else (_NO_SLOTS, _NO_SLOTS)
+    bad = K.learn_rows(recycling.adjacency.numpy(), recycling.probs.view(torch.int16).numpy().view(np.uint16), tokens,
+                       ids, probs.numpy(), in_pass, state.own_tables, state.own_ids, state.own_probs, state.meta,
+                       slots, cu)
+    if bad == 1:
+        _check_tokens("draft_tokens", tokens, recycling.vocab_size)
+    if bad == 2:
+        _check_tokens("topk_ids", ids, recycling.vocab_size)
+    if bad == 3:
+        _bad_probs()
+
+
+def _bad_probs():
+    raise ValueError("topk_probs: must hold finite probabilities >= 0 (no NaN, inf or negative values)")
+
+
+_NO_SLOTS = np.zeros(0, np.int64)
 
 
 def warm_up(drafter) -> None:
@@ -62,10 +80,10 @@ def warm_up(drafter) -> None:
     recycling, state = drafter.recycling, drafter.compiled
     if recycling is None:
         return
-    ids, bits = np.zeros((0, recycling.k), np.int32), np.zeros((0, recycling.k), np.uint16)
-    K.recycle_rows(recycling.adjacency.numpy(), recycling.probs.view(torch.int16).numpy().view(np.uint16),
-                   np.zeros(0, np.int64), ids, bits)
-    state.write_own_rows([], [], np.zeros(0, np.int64), ids, np.zeros((0, recycling.k), np.float32))
+    # a step's learning with no node, as a server's capture hands it (int64 ids, float32 probabilities)
+    empty = DraftBatch(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), np.zeros(1, np.int64))
+    observe(state, recycling, empty, torch.zeros(0, recycling.k, dtype=torch.int64),
+            torch.zeros(0, recycling.k), own_rows=True)
 
 
 def _depths(parents: np.ndarray, cu: np.ndarray) -> np.ndarray:
@@ -90,12 +108,12 @@ def draft_pld(flat: np.ndarray, cu: np.ndarray, num_draft: int, keys) -> DraftBa
 
 
 def draft_tr_static(state: CompiledState, recycling, slots: np.ndarray, roots: np.ndarray, shape, keys) -> DraftBatch:
-    _check_tokens("histories", roots, recycling.vocab_size)
-    if int(shape.ranks.max()) >= recycling.k:
-        raise ValueError(f"shape uses rank {int(shape.ranks.max())} but the adjacency keeps k={recycling.k}")
+    """``roots``: checked by the caller (:meth:`TreeDrafter._check_roots`: in the vocabulary)."""
+    parents, parents32, ranks, depths = _template(shape)
+    if ranks.size and int(ranks.max()) >= recycling.k:
+        raise ValueError(f"shape uses rank {int(ranks.max())} but the adjacency keeps k={recycling.k}")
     batch, n = roots.shape[0], len(shape)
     out = np.empty((batch, n), np.int64)
-    parents, parents32, ranks, depths = _template(shape)
     K.fill_template(state.own_tables, state.own_ids, state.meta, slots, roots, recycling.adjacency.numpy(),
                     parents, ranks, out)
     return DraftBatch(torch.from_numpy(out.reshape(-1)), torch.from_numpy(np.tile(parents32, batch)),

@@ -175,6 +175,7 @@ class CompiledState:
         self.capacity = np.zeros(8, np.int64)  # tokens a slot's automaton has room for
         self.own_capacity = np.zeros(8, np.int64)  # own rows a slot has room for (not read from the typed lists)
         self.num_slots = 0
+        self._last: tuple[list, np.ndarray] | None = None  # slots_of's last keys and their slots
         (self.states, self.edges, self.tables, self.tokens, self.own_tables, self.own_ids,
          self.own_probs) = _new_lists()
 
@@ -200,11 +201,20 @@ class CompiledState:
         return s
 
     def slots_of(self, keys: Sequence[Hashable]) -> np.ndarray:
-        return np.fromiter((self.slot(key) for key in keys), np.int64, len(keys))
+        """The slots of ``keys`` (new keys get one), int64 [len(keys)]. A server's step asks for
+        the same keys twice or more (learning, then drafting, step after step): the last list's
+        slots are kept until a release (the only change of a kept key's slot)."""
+        last = self._last
+        if last is not None and isinstance(keys, list) and last[0] == keys:
+            return last[1]
+        slots = np.fromiter((self.slot(key) for key in keys), np.int64, len(keys))
+        self._last = (list(keys), slots) if isinstance(keys, list) else None
+        return slots
 
     def release(self, key: Hashable) -> None:
         s = self.slots.pop(key, None)
         if s is not None:
+            self._last = None
             self.meta[s] = 0
             self.free.append(s)
 
@@ -231,30 +241,28 @@ class CompiledState:
 
     # --- own rows ---------------------------------------------------------------------------------
 
-    def write_own_rows(self, keys: Sequence[Hashable], sizes: Sequence[int], tokens: np.ndarray, ids: np.ndarray,
-                       probs: np.ndarray) -> None:
-        """Per tree (``keys``, node counts ``sizes``, nodes concatenated) own[token] := its node's row."""
+    def own_room(self, keys: Sequence[Hashable], sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Room in the own rows of ``keys``' slots for one step of trees of ``sizes`` nodes (a
+        row per node at most; a slot's tables grown here, on the host, before the kernel
+        writes); returns the trees' slots and node offsets, :func:`.kernels.learn_rows`' own-row
+        arguments."""
         slots = self.slots_of(keys)
-        cu = offsets(sizes)
-        # At most one new row per node. Several trees may share a slot (one request's trees, or
-        # trees without a key), so the room is counted per slot over all of them: a table filled
-        # past its size would make the kernel's probe loop forever.
         sizes = np.asarray(sizes, np.int64)
-        needs = self.meta[slots, K.M_OWN] + sizes
-        if len(set(slots.tolist())) < slots.shape[0]:  # a slot of several trees: their nodes together
-            needs = self.meta[slots, K.M_OWN] + np.bincount(slots, sizes, self.meta.shape[0]).astype(np.int64)[slots]
-        for b in np.flatnonzero(needs > self.own_capacity[slots]).tolist():
-            s = int(slots[b])
-            if needs[b] <= self.own_capacity[s]:  # grown already (a shared slot)
-                continue
-            rows = max(int(needs[b]), 2 * int(self.own_capacity[s]))
-            _grow_rows(self.own_ids, s, rows)
-            _grow_rows(self.own_probs, s, rows)
-            _grow_table(self.own_tables, s, next_power_of_2(2 * rows))
-            self.own_capacity[s] = rows
-        K.write_own_rows(self.own_tables, self.own_ids, self.own_probs, self.meta, slots, cu,
-                         np.ascontiguousarray(tokens, np.int64), np.ascontiguousarray(ids, np.int32),
-                         np.ascontiguousarray(probs, np.float32))
+        # Several trees may share a slot (one request's trees, or trees without a key), so the
+        # room is counted per slot over all of them: a table filled past its size would make
+        # the kernel's probe loop forever.
+        needs = np.empty(slots.shape[0], np.int64)
+        if K.own_rows_needed(self.meta, self.own_capacity, slots, sizes, needs):
+            for b in np.flatnonzero(needs).tolist():
+                s = int(slots[b])
+                if needs[b] <= self.own_capacity[s]:  # grown already (a shared slot)
+                    continue
+                rows = max(int(needs[b]), 2 * int(self.own_capacity[s]))
+                _grow_rows(self.own_ids, s, rows)
+                _grow_rows(self.own_probs, s, rows)
+                _grow_table(self.own_tables, s, next_power_of_2(2 * rows))
+                self.own_capacity[s] = rows
+        return slots, offsets(sizes)
 
     def own_row(self, key: Hashable, token: int) -> tuple[list[int], list[float]] | None:
         """A request's own row of ``token`` (tests)."""

@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+
+from tkernels.jit import njit
 
 M_TOKENS, M_STATES, M_EDGES, M_LAST, M_OWN = 0, 1, 2, 3, 4
 BULK = 64  # retrieval._BULK: above this many tokens at once, counts are recomputed in one pass
@@ -62,6 +63,34 @@ def half_to_float(bits):
     if e == 31:
         return sign * math.inf if m == 0 else math.nan
     return sign * (1024 + m) * 2.0 ** (e - 25)
+
+
+@njit(cache=True, inline="always")
+def float_to_half(value):
+    """The fp16 bits (uint16) of float32 ``value``, rounded to nearest even as torch's
+    ``.to(torch.float16)`` rounds (numpy's ``npy_floatbits_to_halfbits``; checked against torch
+    on every finite float32). A NaN, which learning refuses, becomes 0x7E00."""
+    f = np.int64(np.float32(value).view(np.uint32))
+    sign = (f & 0x80000000) >> 16
+    f_exp = f & 0x7F800000
+    if f_exp >= 0x47800000:  # overflow, inf, NaN
+        if f_exp == 0x7F800000 and f & 0x007FFFFF:
+            return np.uint16(sign + 0x7E00)
+        return np.uint16(sign + 0x7C00)
+    if f_exp <= 0x38000000:  # a subnormal half or a signed zero
+        if f_exp < 0x33000000:
+            return np.uint16(sign)
+        e = f_exp >> 23
+        sig = 0x00800000 + (f & 0x007FFFFF)
+        shifted = sig >> (113 - e)
+        # round half to even: the bits shifted out (the original's low bits included) decide
+        if (shifted & 0x00003FFF) != 0x00001000 or (f & 0x000007FF):
+            shifted += 0x00001000
+        return np.uint16(sign + (shifted >> 13))
+    sig = f & 0x007FFFFF
+    if (sig & 0x00003FFF) != 0x00001000:
+        sig += 0x00001000
+    return np.uint16(sign + ((f_exp - 0x38000000) >> 13) + (sig >> 13))
 
 
 # --- suffix automaton (retrieval.SuffixAutomaton) ----------------------------------------------
@@ -267,22 +296,54 @@ def _own_row(own_table, own_rows, token):
 
 
 @njit(cache=True)
-def write_own_rows(l_own_tables, l_own_ids, l_own_probs, meta, slots, cu, tokens, ids, probs):
-    """TreeDrafter.observe's own rows: per tree (slot ``slots[b]``, nodes ``cu[b]:cu[b+1]``)
-    ``own[token] := (ids[i], probs[i])``, the last node of a repeated token winning. Capacity
-    ensured by the caller."""
+def own_rows_needed(meta, own_capacity, slots, sizes, out):
+    """The rows each tree's slot may need for one :func:`learn_rows` of trees of ``sizes``
+    nodes (at most one new row per node, counted over every tree of a shared slot) where its
+    capacity is short, into ``out`` [B] (0: room enough); returns how many are short."""
+    need = np.zeros(own_capacity.shape[0], np.int64)
+    for b in range(slots.shape[0]):
+        need[slots[b]] += sizes[b]
+    short = 0
     for b in range(slots.shape[0]):
         s = slots[b]
-        table, own_ids, own_probs = l_own_tables[s], l_own_ids[s], l_own_probs[s]
-        for i in range(cu[b], cu[b + 1]):
-            key = np.int64(tokens[i])
-            j = _probe(table, key)
-            if table[j, 0] != key:
-                table[j, 0], table[j, 1] = key, meta[s, M_OWN]
-                meta[s, M_OWN] += 1
-            row = table[j, 1]
-            own_ids[row, :] = ids[i, :]
-            own_probs[row, :] = probs[i, :]
+        total = meta[s, M_OWN] + need[s]
+        out[b] = total if total > own_capacity[s] else 0
+        short += out[b] > 0
+    return short
+
+
+@njit(cache=True)
+def accepted_paths(parents, cu, depths, nodes, num, rows, max_depth, on_path, ranks, observed):
+    """A verify step's accepted paths in BFS trees ``b`` (nodes ``cu[b]:cu[b + 1]``, local
+    ``parents``, node ``depths``): the nodes ``nodes[rows[b], :num[rows[b]]]`` (local indices,
+    verification's accepted path, root first) marked in ``on_path`` bool [N], and what the tree
+    proposer's size policy learns from them, ``batch_sibling_ranks``' (its reference, in
+    ``plugins/vllm/tree_proposer.py``) ``ranks`` int64 [B, max_depth] (-1 padded) and
+    ``observed`` int64 [B]: at each depth of the path the accepted node's rank among its siblings
+    (BFS keeps them together), then one depth more when the last accepted node has children."""
+    on_path[:] = False
+    ranks[:] = -1
+    for b in range(cu.shape[0] - 1):
+        start, end, r = cu[b], cu[b + 1], rows[b]
+        for j in range(num[r]):
+            on_path[start + nodes[r, j]] = True
+        last = -1
+        for i in range(start, end):
+            if not on_path[i]:
+                continue
+            last = i
+            column = min(depths[i], max_depth + 1) - 1
+            if 0 <= column < max_depth:
+                first = i
+                while first - 1 > start and parents[first - 1] == parents[i]:
+                    first -= 1
+                ranks[b, column] = i - first
+        has_child = 0
+        for i in range(last + 1, end):
+            if parents[i] == last - start:
+                has_child = 1
+                break
+        observed[b] = min(depths[last] + has_child, max_depth)
 
 
 @njit(cache=True)
@@ -296,12 +357,49 @@ def bfs_depths(parents, cu, out):
 
 
 @njit(cache=True)
-def recycle_rows(adjacency, probs, tokens, ids, node_probs):
-    """TokenRecycling.recycle_topk on the host adjacency: row ``tokens[i]`` := ``ids[i]`` and its
-    probabilities (float16 bits), in node order, so a token at several nodes keeps the last one's."""
-    for i in range(tokens.shape[0]):
-        adjacency[tokens[i], :] = ids[i, :]
-        probs[tokens[i], :] = node_probs[i, :]
+def learn_rows(adjacency, prob_bits, tokens, ids, probs, check_probs, l_own_tables, l_own_ids, l_own_probs, meta,
+               slots, cu):
+    """TreeDrafter.observe's rows of a step, checked first: returns 1 (a token outside the
+    vocabulary), 2 (an id outside it) or 3 (with ``check_probs``: a probability that is not
+    finite and >= 0), the first check that failed, before writing anything; else 0, once
+    TokenRecycling.recycle_topk's rows (row ``tokens[i]`` := ``ids[i]`` and ``probs[i]`` as
+    float16 bits, in node order, so a token at several nodes keeps the last one's) and, for
+    trees ``b`` (slot ``slots[b]``, nodes ``cu[b]:cu[b+1]``; none without slots), the own rows
+    (``own[token] := (ids[i], probs[i] as stored)``, the last node of a repeated token winning)
+    are written. Own-row capacity ensured by the caller."""
+    vocab = adjacency.shape[0]
+    n, k = ids.shape[0], ids.shape[1]
+    for i in range(n):
+        if tokens[i] < 0 or tokens[i] >= vocab:
+            return 1
+    for i in range(n):
+        for j in range(k):
+            if ids[i, j] < 0 or ids[i, j] >= vocab:
+                return 2
+    if check_probs:
+        for i in range(n):
+            for j in range(k):
+                if not (probs[i, j] >= 0 and probs[i, j] < np.inf):
+                    return 3
+    for i in range(n):
+        t = tokens[i]
+        for j in range(k):
+            adjacency[t, j] = ids[i, j]
+            prob_bits[t, j] = float_to_half(probs[i, j])
+    for b in range(slots.shape[0]):
+        s = slots[b]
+        table, own_ids, own_probs = l_own_tables[s], l_own_ids[s], l_own_probs[s]
+        for i in range(cu[b], cu[b + 1]):
+            key = np.int64(tokens[i])
+            h = _probe(table, key)
+            if table[h, 0] != key:
+                table[h, 0], table[h, 1] = key, meta[s, M_OWN]
+                meta[s, M_OWN] += 1
+            row = table[h, 1]
+            for j in range(k):
+                own_ids[row, j] = ids[i, j]
+                own_probs[row, j] = half_to_float(float_to_half(probs[i, j]))
+    return 0
 
 
 @njit(cache=True)
