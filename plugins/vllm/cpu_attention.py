@@ -81,7 +81,8 @@ class NativeCall:
     extend_starts: torch.Tensor  # int32 [R]: first row of each request's new tokens in q / k / v / out
     max_extend: int
     tree_mask: torch.Tensor | None = None  # bool [R, L, L]: query node i sees new token j
-    rows: torch.Tensor | None = None  # int64 [R * L]: row of q / key / value read per padded row (trees)
+    # Trees of several sizes, padded (None: the kernel reads and writes the layer's own rows):
+    rows: torch.Tensor | None = None  # int64 [R * L]: row of q / key / value read per padded row
     real: torch.Tensor | None = None  # int64 [n]: the padded rows that are real tokens
     out_rows: torch.Tensor | None = None  # int64 [n]: their rows in out
 
@@ -118,13 +119,16 @@ def _tree_call(layout: BatchLayout, table: torch.Tensor, trees: torch.Tensor, fi
                block_size: int) -> NativeCall:
     """The tree requests, each padded to the longest tree's ``L`` rows (the kernel takes one
     mask size): padding rows read the request's first row and see only themselves among the new
-    tokens (no row without a visible key, so no NaN), and are dropped from the output."""
+    tokens (no row without a visible key, so no NaN), and are dropped from the output. When every
+    tree has ``L`` nodes (a fixed tree size: the common step) nothing is padded and the kernel
+    reads and writes the layer's own rows (no copies)."""
     n = layout.q_len[trees]
     L = int(n.max())
     R = trees.numel()
     i = torch.arange(L)
     real = i[None, :] < n[:, None]
     rows = torch.where(real, first[trees][:, None] + i[None, :], first[trees][:, None]).flatten()
+    uniform = bool((n == L).all())
     # Node i sees new token j where bit j of its ancestor-or-self row is set.
     bits = layout.ancestors[rows]  # [R * L, words]
     word = bits[:, i // 64]
@@ -136,8 +140,9 @@ def _tree_call(layout: BatchLayout, table: torch.Tensor, trees: torch.Tensor, fi
     return NativeCall(
         req_to_token=_req_to_token(table, trees, int(prefix.max()) + L, block_size),
         pool_indices=torch.arange(R), seq_lens=prefix + L, extend_lens=torch.full((R,), L, dtype=torch.int32),
-        extend_starts=(torch.arange(R) * L).int(), max_extend=L, tree_mask=mask.contiguous(),
-        rows=rows, real=real_idx, out_rows=rows[real_idx],
+        extend_starts=(first[trees] if uniform else torch.arange(R) * L).int(), max_extend=L,
+        tree_mask=mask.contiguous(), rows=None if uniform else rows, real=None if uniform else real_idx,
+        out_rows=None if uniform else rows[real_idx],
     )
 
 
@@ -174,9 +179,9 @@ def native_cpu_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         raise ValueError(f"softcap: the native CPU kernel does not apply vLLM's softcap, got {softcap}")
     k_buffer, v_buffer = token_buffers(kv_cache)
     for c in plan.calls:
-        if c.tree_mask is None:
+        if c.rows is None:  # the layer's own rows: causal requests, or trees all of one size
             op(q, key, value, out, k_buffer, v_buffer, c.req_to_token, c.pool_indices, c.seq_lens, c.extend_lens,
-               c.extend_starts, c.max_extend, scale, 0.0, False, -1, None, None, None)
+               c.extend_starts, c.max_extend, scale, 0.0, False, -1, None, None, c.tree_mask)
             continue
         qp, kp, vp = q.index_select(0, c.rows), key.index_select(0, c.rows), value.index_select(0, c.rows)
         op_out = torch.empty_like(qp)

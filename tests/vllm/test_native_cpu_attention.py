@@ -16,12 +16,14 @@ def _random_tree(n: int, gen: torch.Generator) -> list[int]:
     return [-1] + sorted(int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n))
 
 
-def _step(seed: int, dtype: torch.dtype):
+def _step(seed: int, dtype: torch.dtype, tree_size: int | None = None):
+    """A random step; ``tree_size``: every tree has that many nodes (else 1 to 40 each)."""
     gen = torch.Generator().manual_seed(seed)
     B = int(torch.randint(1, 9, (1,), generator=gen))
     kinds = torch.randint(0, 4, (B,), generator=gen)  # 0 decode, 1 chunk, 2 tree, 3 idle
+    sizes = torch.randint(1, 41, (B,), generator=gen) if tree_size is None else torch.full((B,), tree_size)
     q_len = torch.where(kinds == 0, 1, torch.where(kinds == 1, torch.randint(2, 80, (B,), generator=gen),
-                                                   torch.where(kinds == 2, torch.randint(1, 41, (B,), generator=gen), 0)))
+                                                   torch.where(kinds == 2, sizes, 0)))
     prefix = torch.randint(0, 300, (B,), generator=gen)
     prefix = torch.where(kinds == 2, prefix.clamp(min=1), prefix)  # a tree's root follows at least one token
     ctx = prefix + q_len
@@ -55,8 +57,9 @@ def _step(seed: int, dtype: torch.dtype):
                 parents=torch.tensor(parents, dtype=torch.int32), is_tree=is_tree, T=T, num_blocks=num_blocks)
 
 
+@pytest.mark.parametrize("tree_size", [None, 9], ids=["ragged-trees", "trees-of-one-size"])
 @pytest.mark.parametrize("seed", range(12))
-def test_native_matches_the_reference(seed):
+def test_native_matches_the_reference(seed, tree_size):
     from tkernels.attention import mixed_attention_reference
     from tkernels.attention.plan import describe_batch
     from tkernels.plugins.vllm.cpu_attention import (
@@ -68,11 +71,13 @@ def test_native_matches_the_reference(seed):
     reason = native_unavailable_reason(torch.bfloat16, None)
     if reason:
         pytest.skip(reason)
-    s = _step(seed, torch.bfloat16)
+    s = _step(seed, torch.bfloat16, tree_size)
     layout = describe_batch(s["cu"], s["ctx"], s["table"], num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
                             num_blocks=s["num_blocks"], block_size=BLOCK_SIZE, tree_parents=s["parents"],
                             is_tree=s["is_tree"])
     plan = plan_native_cpu_attention(layout, s["table"], BLOCK_SIZE)
+    if tree_size is not None:  # one size: the kernel reads and writes the layer's own rows
+        assert all(c.rows is None for c in plan.calls)
     out = torch.full_like(s["q"], float("nan"))
     native_cpu_attention(s["q"], s["key"], s["value"], s["kv_cache"], plan, D ** -0.5, out)
     T = s["T"]
