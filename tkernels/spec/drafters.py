@@ -192,7 +192,7 @@ class TreeDrafter:
         if len(keys) != len(histories):
             raise ValueError(f"keys: one per history, got {len(keys)} keys and {len(histories)} histories")
         num_nodes = integer("num_nodes", num_nodes, minimum=1)
-        if histories and min(map(len, histories)) < 1:
+        if len(histories) and min(map(len, histories)) < 1:  # len(): histories may be a [B, L] tensor (SGLang)
             raise ValueError("histories: every request needs at least one token")
         if not keys:
             return DraftBatch.from_trees([])
