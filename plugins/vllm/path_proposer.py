@@ -14,7 +14,6 @@ import torch
 from tkernels.plugins.vllm import tree as tree_step
 from tkernels.spec import TOP_K, TokenRecycling, TreeShape, host_topk
 from tkernels.spec.drafters import DYNAMIC, DraftTree, TreeDrafter
-from tkernels.spec.host_topk import top_k_ids
 from tkernels.spec.token_recycling import top_k_probs
 from tkernels.spec.tree import token_recycling_tree
 
@@ -85,7 +84,7 @@ class TokenRecyclingProposer:
                 if not self._capture:
                     return logits
                 top = top_k_probs(logits, self.drafter.k) if self._capture_probs \
-                    else (top_k_ids(logits, self.drafter.k), None)  # compiled on a CPU: every target step pays it
+                    else (host_topk.top_k_ids(logits, self.drafter.k), None)  # compiled on a CPU: every target step pays it
                 # to the host without a sync (read in propose, after vLLM's read of the sampled tokens)
                 n = len(self._captured)
                 self._captured.append(tuple(None if t is None else tree_step.host_copy(t, self._host_buffers, f"{name}{n}")
@@ -93,7 +92,8 @@ class TokenRecyclingProposer:
             return logits
 
         target_model.compute_logits = compute_logits
-        host_topk.warm_up()  # the capture's compiled top-k (CPU logits), loaded before serving
+        if self._capture and not torch.cuda.is_available():  # logits on the host: the compiled top-k captures them
+            host_topk.warm_up()  # loaded (or compiled, on a machine's first run) before serving, not in a step
 
     def propose(
         self,

@@ -38,6 +38,7 @@ from .tree_contract import (
     select_subtree,
     to_sglang,
     to_vllm_linear,
+    unpack_ancestor_bits,
     validate_parents,
 )
 from .tree_shapes import (
@@ -61,6 +62,7 @@ __all__ = [
     "ancestor_words",
     "ancestor_bits",
     "ancestor_mask",
+    "unpack_ancestor_bits",
     "leaf_paths",
     "retrieve_indices",
     "best_path",

@@ -19,6 +19,7 @@ __all__ = [
     "ancestor_words",
     "ancestor_bits",
     "ancestor_mask",
+    "unpack_ancestor_bits",
     "leaf_paths",
     "retrieve_indices",
     "best_path",
@@ -212,9 +213,15 @@ def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     """bool[n, n] tree attention mask of one tree: ``mask[i, j]`` iff j is i or an ancestor of i
     (:func:`ancestor_bits` unpacked)."""
     _check_parents_tensor(parents)
-    n = parents.numel()
-    j = torch.arange(n, device=parents.device)
-    words = ancestor_bits(parents)[:, j // 64]  # [n, n]: the word holding bit j of row i
+    return unpack_ancestor_bits(ancestor_bits(parents), parents.numel())
+
+
+def unpack_ancestor_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """bool[rows, n]: bits 0..n-1 of each row of packed :func:`ancestor_bits` rows (int64
+    [rows, words]), i.e. whether each of a tree's first ``n`` nodes is the row's node or an
+    ancestor of it."""
+    j = torch.arange(n, device=bits.device)
+    words = bits[:, j // 64]  # [rows, n]: the word holding bit j of each row
     return (torch.bitwise_right_shift(words, j % 64) & 1).bool()
 
 
