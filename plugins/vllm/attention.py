@@ -73,6 +73,13 @@ from tkernels.attention import (
     mixed_attention_reference,
     plan_mixed_attention,
 )
+from tkernels.attention.compiled_path import (
+    COMPILED_DTYPES,
+    CompiledAttentionPlan,
+    mixed_attention_compiled,
+    plan_compiled_attention,
+)
+from tkernels.attention.compiled_path import warm_up as warm_up_compiled
 from tkernels.attention.plan import BatchLayout, describe_batch
 from tkernels.attention.torch_path import TorchAttentionPlan, mixed_attention_torch, plan_torch_attention
 from tkernels.plugins.vllm.compat import CPU_ATTENTION_ENV, CPU_PYTORCH_MODES, cpu_test_mode, require_supported_vllm
@@ -101,9 +108,10 @@ class TkernelsAttentionMetadata:
     seq_lens: torch.Tensor  # int32 [B], context including the new tokens
     block_table: torch.Tensor  # int32 [B, max_blocks]
     # One per sliding window in the group: the Triton kernel's plan, vLLM-CPU's kernel's
-    # (TKERNELS_VLLM_CPU_ATTENTION=native), the torch path's (=torch, and =native where that
-    # kernel does not apply) or, for the reference, the checked batch alone.
-    plans: dict[int | None, MixedAttentionPlan | TorchAttentionPlan | NativeCpuPlan | BatchLayout]
+    # (TKERNELS_VLLM_CPU_ATTENTION=native), the compiled CPU path's (=compiled, and =native where
+    # that kernel does not apply; fp32/bf16), the torch path's (=torch, other dtypes) or, for the
+    # reference, the checked batch alone.
+    plans: dict[int | None, MixedAttentionPlan | TorchAttentionPlan | CompiledAttentionPlan | NativeCpuPlan | BatchLayout]
     tree_parents: torch.Tensor | None = None  # int32 [T]: speculation trees' local parents (tree rows)
     is_tree: torch.Tensor | None = None  # bool [B]
 
@@ -146,8 +154,15 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
                 if reason is None:
                     self.native_windows.add(window)
                 else:
-                    logger.warning("tkernels: %s=native: %s; layers of window %s run the vectorised PyTorch path",
-                                   CPU_ATTENTION_ENV, reason, window)
+                    logger.warning("tkernels: %s=native: %s; layers of window %s run %s", CPU_ATTENTION_ENV, reason,
+                                   window, "tkernels' compiled CPU attention" if self.dtype in COMPILED_DTYPES
+                                   else "the vectorised PyTorch path")
+        if self.mode in ("native", "compiled") and self.dtype in COMPILED_DTYPES and \
+                self.native_windows != self.windows:
+            warm_up_compiled(self.dtype)  # compiled (or loaded) now, not in the first requests' steps
+        if self.mode == "compiled" and self.dtype not in COMPILED_DTYPES:
+            logger.warning("tkernels: %s=compiled runs float32 and bfloat16 caches, not %s: the vectorised PyTorch "
+                           "path runs instead", CPU_ATTENTION_ENV, self.dtype)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> TkernelsAttentionMetadata:
@@ -174,7 +189,9 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
         batch = (m.query_start_loc, m.seq_lens, m.block_table_tensor)
         if window in self.native_windows:
             return plan_native_cpu_attention(describe_batch(*batch, **layout), m.block_table_tensor, self.block_size)
-        if self.mode in ("torch", "native"):
+        if self.mode in ("native", "compiled") and self.dtype in COMPILED_DTYPES:
+            return plan_compiled_attention(*batch, **layout)
+        if self.mode in ("torch", "native", "compiled"):
             return plan_torch_attention(*batch, **layout)
         if self.mode == "reference":  # the reference plans nothing; the batch is still checked
             return describe_batch(*batch, **layout)
@@ -266,6 +283,10 @@ class TkernelsAttentionImpl(TritonAttentionImpl):
             return output
         k_cache, v_cache = self._kv_caches(kv_cache)
         m = attn_metadata
+        if isinstance(plan, CompiledAttentionPlan):
+            mixed_attention_compiled(query[:num_tokens], k_cache, v_cache, plan, self.scale, softcap=self.softcap,
+                                     out=output[:num_tokens])
+            return output
         if isinstance(plan, TorchAttentionPlan):
             mixed_attention_torch(query[:num_tokens], k_cache, v_cache, plan, self.scale, softcap=self.softcap,
                                   out=output[:num_tokens])

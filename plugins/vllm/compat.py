@@ -50,29 +50,31 @@ CPU_ATTENTION_ENV = "TKERNELS_VLLM_CPU_ATTENTION"
 # mask: the tree proposer there needs tkernels' attention in its place, asked for with
 # TKERNELS_VLLM_CPU_ATTENTION: "native" runs vLLM-CPU's own compiled extend-attention kernel with
 # a tree mask (plugins/vllm/cpu_attention.py: bf16/fp16 without a sliding window; other KV-cache
-# groups run "torch"); "torch" runs tkernels.attention.torch_path (vectorised PyTorch, planned
+# groups run "torch"); "compiled" runs tkernels.attention.compiled_path (a compiled loop over the
+# paged cache, fp32 and bf16 caches; others run "torch"); "torch" runs tkernels.attention.torch_path (vectorised PyTorch, planned
 # once per step); "reference" runs the plain-PyTorch reference (a
 # Python loop per request and layer; slow, kept to check against); both verify and compact with
 # the torch references; "interpreter" runs tkernels' Triton kernels under Triton's CPU
 # interpreter (TRITON_INTERPRET=1; tests only, slow). The variable is read when the plugin
 # registers the backends, before anyone knows whether tree speculation will run, so no mode is
 # the default: a default would swap vLLM-CPU's attention for every model the plugin loads with.
-CPU_ATTENTION_MODES = {"native": "native", "torch": "torch", "reference": "reference", "interpreter": "1"}
+CPU_ATTENTION_MODES = {"native": "native", "compiled": "compiled", "torch": "torch", "reference": "reference",
+                       "interpreter": "1"}
 # The modes that run no Triton kernel (verification and compaction run their torch references).
-CPU_PYTORCH_MODES = ("native", "torch", "reference")
+CPU_PYTORCH_MODES = ("native", "compiled", "torch", "reference")
 # The variable's first name, for tests: "1" (interpreter) or "reference"; still read.
 CPU_TEST_ENV = "TKERNELS_VLLM_CPU_TEST_BACKEND"
 CPU_TEST_MODES = ("1", "reference")
 CPU_ATTENTION_HINT = (f"set {CPU_ATTENTION_ENV}=native (vLLM-CPU's compiled attention kernel with tkernels' tree "
-                      f"mask, bf16/fp16; other dtypes run {CPU_ATTENTION_ENV}=torch, tkernels' attention in vectorised "
+                      f"mask, bf16; {CPU_ATTENTION_ENV}=compiled, tkernels' compiled CPU attention, fp32/bf16; other dtypes run {CPU_ATTENTION_ENV}=torch, tkernels' attention in vectorised "
                       f"PyTorch; or {CPU_ATTENTION_ENV}=reference, its plain-PyTorch reference, or {CPU_ATTENTION_ENV}=interpreter "
                       f"with TRITON_INTERPRET=1, the Triton kernels under the interpreter)")
 
 
 def cpu_test_mode() -> str | None:
-    """The CPU attention mode asked for in ``TKERNELS_VLLM_CPU_ATTENTION`` (``native`` | ``torch`` |
+    """The CPU attention mode asked for in ``TKERNELS_VLLM_CPU_ATTENTION`` (``native`` | ``compiled`` | ``torch`` |
     ``reference`` | ``interpreter``) or its older name ``TKERNELS_VLLM_CPU_TEST_BACKEND``
-    (``reference`` | ``1``): ``"native"``, ``"torch"``, ``"reference"``, ``"1"`` (the interpreter) or None when
+    (``reference`` | ``1``): ``"native"``, ``"compiled"``, ``"torch"``, ``"reference"``, ``"1"`` (the interpreter) or None when
     neither is set (or both are empty)."""
     named = os.environ.get(CPU_ATTENTION_ENV) or None
     if named is not None and named not in CPU_ATTENTION_MODES:

