@@ -218,3 +218,30 @@ def test_the_batched_calibration_records_what_a_per_tree_loop_would(rng):
         any_tr = any(t.tr_probs is not None for t in trees)
         assert got_tr == ([(want_tr[0], want_tr[1], want_tr[2])] if any_tr else [])
         assert got_ret == [want_ret]
+
+
+def test_the_kernels_fp16_reads_and_probability_bins_are_the_references():
+    """:func:`half_to_float` (ldexp) is torch's fp16 -> float on every bit pattern, and the TR
+    estimate's probability bin from exponent bits is ``floor(-log2(p))`` (accept_prob_host's) on
+    every positive finite fp16 value and the 1e-30 floor."""
+    import math
+
+    import numpy as np
+    from numba import njit
+
+    from tkernels.spec.drafting import kernels as K
+
+    @njit
+    def reads(bits, out, bins):
+        for i in range(bits.shape[0]):
+            out[i] = K.half_to_float(bits[i])
+            bins[i] = K._neg_log2_floor(max(out[i], 1e-30)) if out[i] > 0 and out[i] < np.inf else 0
+
+    bits = np.arange(2**16, dtype=np.uint16)
+    out, bins = np.empty(bits.size), np.empty(bits.size, np.int64)
+    reads(bits, out, bins)
+    expected = torch.from_numpy(bits.view(np.int16)).view(torch.float16).double().numpy()
+    assert np.array_equal(out, expected, equal_nan=True)
+    positive = (expected > 0) & np.isfinite(expected)
+    assert bins[positive].tolist() == [math.floor(-math.log2(p)) for p in expected[positive].tolist()]
+    assert K._neg_log2_floor.py_func(1e-30) == math.floor(-math.log2(1e-30))

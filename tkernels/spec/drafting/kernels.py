@@ -59,10 +59,10 @@ def half_to_float(bits):
     e = (b >> 10) & 0x1F
     m = b & 0x3FF
     if e == 0:
-        return sign * m * 2.0 ** -24
+        return sign * math.ldexp(m, -24)  # ldexp: exact, and no pow() call per read
     if e == 31:
         return sign * math.inf if m == 0 else math.nan
-    return sign * (1024 + m) * 2.0 ** (e - 25)
+    return sign * math.ldexp(1024 + m, e - 25)
 
 
 @njit(cache=True, inline="always")
@@ -259,10 +259,21 @@ def _children(states, edges, state, max_children, out_tok, out_child, out_share,
 
 @njit(cache=True, inline="always")
 def _tr_accept(prob, depth, factors):
-    """ConfidenceTreePolicy.accept_prob_host."""
+    """ConfidenceTreePolicy.accept_prob_host of a stored probability (an fp16 value, > 0)."""
     bins, max_depth = factors.shape[1], factors.shape[0]
-    q_bin = min(max(math.floor(-math.log2(max(prob, 1e-30))), 0), bins - 1)
+    q_bin = min(max(_neg_log2_floor(max(prob, 1e-30)), 0), bins - 1)
     return min(prob * factors[min(max(depth, 1), max_depth) - 1, q_bin], 1.0)
+
+
+@njit(cache=True, inline="always")
+def _neg_log2_floor(value):
+    """``math.floor(-math.log2(value))`` of a positive normal float64 from its exponent bits (no
+    libm call): ``-exponent`` for a power of two, one less otherwise. Equal to the log2 form for
+    every value not within a few ulps of a power of two, so for every fp16 value and 1e-30
+    (tests/test_spec_drafting.py checks them all)."""
+    bits = np.float64(value).view(np.int64)
+    exponent = ((bits >> 52) & 0x7FF) - 1023
+    return -exponent if bits & 0xFFFFFFFFFFFFF == 0 else -exponent - 1
 
 
 @njit(cache=True, inline="always")
