@@ -102,6 +102,11 @@ def test_compiled_drafters_draft_the_reference_trees(method, vocab):
                 del live[key]
         assert sorted(compiled.keys()) == sorted(set(compiled.keys()))
     assert drafts > 300
+    # the calibrations learnt the same sums (the compiled drafter's one pass, the reference's numpy)
+    for name in ("mass", "accepted"):
+        assert torch.equal(getattr(compiled.tr_policy, name), getattr(reference.tr_policy, name)), name
+    for name in ("tested", "accepted"):
+        assert torch.equal(getattr(compiled.retrieval_calibration, name), getattr(reference.retrieval_calibration, name))
 
 
 def test_contexts_and_own_rows_follow_each_request_compiled():
@@ -245,3 +250,20 @@ def test_the_kernels_fp16_reads_and_probability_bins_are_the_references():
     positive = (expected > 0) & np.isfinite(expected)
     assert bins[positive].tolist() == [math.floor(-math.log2(p)) for p in expected[positive].tolist()]
     assert K._neg_log2_floor.py_func(1e-30) == math.floor(-math.log2(1e-30))
+
+
+def test_the_compiled_calibration_refuses_what_the_reference_refuses():
+    """Stored probabilities above 1 (recycling takes any finite value >= 0) reach the TR
+    calibration through a hybrid tree: both paths refuse them with ConfidenceTreePolicy.record's
+    error, the compiled one before recording anything."""
+    for compiled in (True, False):
+        drafter = TreeDrafter(40, "hybrid", compiled=compiled)
+        drafter.recycle(torch.arange(40), torch.arange(8).repeat(40, 1), torch.full((40, 8), 1.5))
+        trees = drafter.draft([0], [[1, 2, 3, 1, 2]], 9)
+        before = drafter.tr_policy.mass.clone(), drafter.retrieval_calibration.tested.clone()
+        ids = torch.arange(8).repeat(len(trees[0]), 1)
+        with pytest.raises(ValueError, match="^probs: "):
+            drafter.observe(trees, ids, torch.full(ids.shape, 0.5), [[0, 1]])
+        if compiled:
+            assert torch.equal(drafter.tr_policy.mass, before[0])
+            assert torch.equal(drafter.retrieval_calibration.tested, before[1])

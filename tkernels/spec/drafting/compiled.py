@@ -228,11 +228,12 @@ class CompiledState:
         _grow_table(self.tables, s, next_power_of_2(2 * (3 * n + 4)))
         self.capacity[s] = n
 
-    def sync_contexts(self, slots: np.ndarray, flat: np.ndarray, cu: np.ndarray) -> None:
-        """Every request's automaton holds its history (TreeDrafter._context)."""
+    def sync_contexts(self, slots: np.ndarray, flat: np.ndarray, cu: np.ndarray, vocab: int) -> bool:
+        """Every request's automaton holds its history (TreeDrafter._context); False, and nothing
+        synced, when a token of the histories lies outside ``[0, vocab)``."""
         for b in np.flatnonzero(np.diff(cu) > self.capacity[slots]).tolist():
             self._grow_context(int(slots[b]), int(cu[b + 1] - cu[b]))
-        K.sync_contexts(self.states, self.edges, self.tables, self.tokens, self.meta, slots, flat, cu)
+        return K.sync_contexts(self.states, self.edges, self.tables, self.tokens, self.meta, slots, flat, cu, vocab) == 0
 
     def context_tokens(self, key: Hashable) -> list[int]:
         """The tokens a request's automaton holds (tests)."""

@@ -125,10 +125,12 @@ def _find(ctok, ncand, node, token):
 def hybrid_trees(l_states, l_edges, l_own_tables, l_own_ids, l_own_probs, meta, slots, roots,
                  adjacency, prob_bits, factors, cal, prior, prior_weight, depth_bins, match_bins,
                  t_parents, t_ranks, num_nodes, max_depth, root_contexts, max_children,
-                 out_tokens, out_parents, out_scores, out_trp, out_feat, out_share, out_n):
-    """One hybrid tree per request ``b`` (slot ``slots[b]``, root ``roots[b]``); outputs ``[B, num_nodes]``, ``out_n[b]`` nodes used.
-    ``cal`` float64 [2, ...]: the retrieval calibration's accepted and tested counts; ``out_feat``
-    int64 [B, n, 2] (depth, match length; depth -1: no retrieval features)."""
+                 out_tokens, out_parents, out_scores, out_trp, out_depths, out_feat, out_share, out_cu):
+    """One hybrid tree per request ``b`` (slot ``slots[b]``, root ``roots[b]``), the batch's trees
+    concatenated: tree ``b``'s nodes are ``out_cu[b]:out_cu[b + 1]`` of the outputs (``B *
+    num_nodes`` long; ``out_cu`` [B + 1], ``out_cu[0]`` set by the caller), node depths in
+    ``out_depths``. ``cal`` float64 [2, ...]: the retrieval calibration's accepted and tested
+    counts; ``out_feat`` int64 [B * n, 2] (depth, match length; depth -1: no retrieval features)."""
     k = adjacency.shape[1]
     N = num_nodes
     C = k + root_contexts * max_children
@@ -290,10 +292,11 @@ def hybrid_trees(l_states, l_edges, l_own_tables, l_own_ids, l_own_probs, meta, 
             fd[v], fm[v], fs[v] = cfd[node, cj], cfm[node, cj], cfs[node, cj]
             cst[v], cln[v] = ccs[node, cj], ccl[node, cj]
         _bfs_order(par, count, nchild, first, kids, layout, new)
+        o = out_cu[b]
         for i in range(count):
             u = layout[i]
-            out_tokens[b, i], out_parents[b, i] = tok[u], new[par[u]] if par[u] >= 0 else -1
-            out_scores[b, i], out_trp[b, i] = score[u], trp[u]
-            out_feat[b, i, 0], out_feat[b, i, 1], out_share[b, i] = fd[u], fm[u], fs[u]
-        out_n[b] = count
+            out_tokens[o + i], out_parents[o + i] = tok[u], new[par[u]] if par[u] >= 0 else -1
+            out_scores[o + i], out_trp[o + i], out_depths[o + i] = score[u], trp[u], ndepth[u]
+            out_feat[o + i, 0], out_feat[o + i, 1], out_share[o + i] = fd[u], fm[u] if fd[u] >= 0 else 0, fs[u]
+        out_cu[b + 1] = o + count
     return 0

@@ -198,10 +198,17 @@ def _sam_extend(states, edges, table, toks, meta, s, history, lo, hi):
 
 
 @njit(cache=True)
-def sync_contexts(l_states, l_edges, l_tables, l_tokens, meta, slots, flat, cu):
+def sync_contexts(l_states, l_edges, l_tables, l_tokens, meta, slots, flat, cu, vocab):
     """TreeDrafter._context for every request: extend its automaton with the history's new
     tokens, or rebuild it when the history does not extend what it holds. Capacities were
-    ensured by the caller (2 n + 2 states, 3 n + 4 edges, hash >= 2 x edges)."""
+    ensured by the caller (2 n + 2 states, 3 n + 4 edges, hash >= 2 x edges). Returns 1, before
+    touching any automaton, when a token of ``flat`` lies outside ``[0, vocab)`` (the caller
+    raises), else 0."""
+    bad = False
+    for i in range(flat.shape[0]):  # no early exit: a vectorised pass
+        bad |= (flat[i] < 0) | (flat[i] >= vocab)
+    if bad:
+        return 1
     for b in range(slots.shape[0]):
         s = slots[b]
         states, edges, table, toks = l_states[s], l_edges[s], l_tables[s], l_tokens[s]
@@ -209,16 +216,17 @@ def sync_contexts(l_states, l_edges, l_tables, l_tokens, meta, slots, flat, cu):
         n = meta[s, M_TOKENS]
         same = n <= history.shape[0] and meta[s, M_STATES] > 0
         if same:
-            for i in range(n):
-                if toks[i] != history[i]:
-                    same = False
-                    break
+            differ = 0
+            for i in range(n):  # no early exit: a vectorised pass (the histories extend them, mostly)
+                differ |= toks[i] ^ history[i]
+            same = differ == 0
         if not same:
             table[:, 0] = -1
             _sam_reset(states, meta, s)
             n = 0
         if history.shape[0] > n:
             _sam_extend(states, edges, table, toks, meta, s, history, n, history.shape[0])
+    return 0
 
 
 @njit(cache=True)
@@ -358,13 +366,57 @@ def accepted_paths(parents, cu, depths, nodes, num, rows, max_depth, on_path, ra
 
 
 @njit(cache=True)
-def bfs_depths(parents, cu, out):
-    """Every node's depth (root 0) of BFS trees (``parents`` local, trees ``cu[b]:cu[b + 1]``):
-    a parent precedes its children, so one pass."""
+def record_tested(parents, cu, on_path, tr_probs, depths, feat, share, tr_mass, tr_hits, tr_decay, ret_tested,
+                  ret_accepted, ret_decay, depth_bins, match_bins):
+    """TreeDrafter._calibrate of a compiled draft, in one pass: every *tested* node (its parent on
+    the accepted path, ``on_path`` bool [N]; trees ``cu[b]:cu[b + 1]``, local ``parents``) is
+    recorded, as ConfidenceTreePolicy.record and RetrievalCalibration.record record them (one
+    decay each, then the sums in node order: the same float64 operations), in the TR
+    calibration's ``tr_mass`` / ``tr_hits`` [max_depth, bins] with its stored probability when
+    ``tr_probs`` (float32 [N], NaN: not TR's; size 0: no TR field, nothing recorded) holds one,
+    and in the retrieval calibration's ``ret_tested`` / ``ret_accepted`` [depth, match, share]
+    with its features when ``feat[i, 0] >= 0`` (size 0: no retrieval field, only the decay).
+    Returns 1, before recording anything, when a tested TR probability lies outside [0, 1]
+    (the caller raises ConfidenceTreePolicy.record's error), else 0."""
+    n = parents.shape[0]
+    use_tr = tr_probs.shape[0] == n and n > 0
+    if use_tr:
+        for b in range(cu.shape[0] - 1):
+            start = cu[b]
+            for i in range(start + 1, cu[b + 1]):
+                if parents[i] >= 0 and on_path[start + parents[i]]:
+                    p = tr_probs[i]
+                    if p == p and not (p >= 0 and p <= 1):
+                        return 1
+        max_depth, bins = tr_mass.shape[0], tr_mass.shape[1]
+        tr_mass *= tr_decay
+        tr_hits *= tr_decay
+    ret_tested *= ret_decay
+    ret_accepted *= ret_decay
+    use_ret = feat.shape[0] == n
+    step_tested = np.zeros(ret_tested.shape)
+    step_accepted = np.zeros(ret_tested.shape)
     for b in range(cu.shape[0] - 1):
         start = cu[b]
         for i in range(start, cu[b + 1]):
-            out[i] = 0 if parents[i] < 0 else out[start + parents[i]] + 1
+            if parents[i] < 0 or not on_path[start + parents[i]]:
+                continue
+            ok = 1.0 if on_path[i] else 0.0
+            if use_tr:
+                p = np.float64(tr_probs[i])
+                if p == p:
+                    q = min(max(math.floor(-math.log2(max(p, 1e-30))), 0), bins - 1)
+                    cell = (min(max(depths[i], 1), max_depth) - 1, q)
+                    tr_mass[cell] += p
+                    tr_hits[cell] += ok
+            if use_ret and feat[i, 0] >= 0:
+                sh = share[i]
+                cell3 = (_bin(feat[i, 0], depth_bins), _bin(feat[i, 1], match_bins), 0 if sh >= 1 else (1 if sh >= 0.5 else 2))
+                step_tested[cell3] += 1.0
+                step_accepted[cell3] += ok
+    ret_tested += step_tested
+    ret_accepted += step_accepted
+    return 0
 
 
 @njit(cache=True)
