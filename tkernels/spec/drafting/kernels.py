@@ -366,6 +366,30 @@ def accepted_paths(parents, cu, depths, nodes, num, rows, max_depth, on_path, ra
 
 
 @njit(cache=True)
+def update_rank_estimates(hits, trials, decay, ranks, observed):
+    """DynamicTreePolicy.update (its numpy is the reference) of :func:`accepted_paths`' ``ranks``
+    [B, W] (>= -1, W <= max_depth) and ``observed`` [B], in place on the estimates ``hits``
+    [max_depth, k] and ``trials`` [max_depth]: one decay, then each cell's count of the step
+    added once (the same float64 additions)."""
+    max_depth, k = hits.shape[0], hits.shape[1]
+    width = min(ranks.shape[1], max_depth)
+    seen = np.zeros(max_depth, np.int64)
+    hit = np.zeros((max_depth, k), np.int64)
+    for b in range(ranks.shape[0]):
+        for d in range(min(width, observed[b])):
+            seen[d] += 1
+            r = ranks[b, d]
+            if 0 <= r < k:
+                hit[d, r] += 1
+    hits *= decay
+    trials *= decay
+    for d in range(width):
+        trials[d] += seen[d]
+        for r in range(k):
+            hits[d, r] += hit[d, r]
+
+
+@njit(cache=True)
 def record_tested(parents, cu, on_path, tr_probs, depths, feat, share, tr_mass, tr_hits, tr_decay, ret_tested,
                   ret_accepted, ret_decay, depth_bins, match_bins):
     """TreeDrafter._calibrate of a compiled draft, in one pass: every *tested* node (its parent on
@@ -444,11 +468,13 @@ def learn_rows(adjacency, prob_bits, tokens, ids, probs, check_probs, l_own_tabl
             for j in range(k):
                 if not (probs[i, j] >= 0 and probs[i, j] < np.inf):
                     return 3
+    half = np.empty((n, k), np.uint16)  # every probability's fp16 bits, converted once
     for i in range(n):
         t = tokens[i]
         for j in range(k):
+            half[i, j] = float_to_half(probs[i, j])
             adjacency[t, j] = ids[i, j]
-            prob_bits[t, j] = float_to_half(probs[i, j])
+            prob_bits[t, j] = half[i, j]
     for b in range(slots.shape[0]):
         s = slots[b]
         table, own_ids, own_probs = l_own_tables[s], l_own_ids[s], l_own_probs[s]
@@ -461,7 +487,7 @@ def learn_rows(adjacency, prob_bits, tokens, ids, probs, check_probs, l_own_tabl
             row = table[h, 1]
             for j in range(k):
                 own_ids[row, j] = ids[i, j]
-                own_probs[row, j] = half_to_float(float_to_half(probs[i, j]))
+                own_probs[row, j] = half_to_float(half[i, j])
     return 0
 
 
