@@ -114,6 +114,13 @@ def _new_state(states, meta, s, length, link, count, clone):
 
 @njit(cache=True)
 def _add_edge(states, edges, table, meta, s, state, token, target):
+    key = (np.int64(state) << 32) | token
+    _add_edge_at(states, edges, table, meta, s, state, token, target, key, _probe(table, key))
+
+
+@njit(cache=True, inline="always")
+def _add_edge_at(states, edges, table, meta, s, state, token, target, key, i):
+    """:func:`_add_edge` where the probe for ``key`` already found its empty entry ``i``."""
     e = meta[s, M_EDGES]
     meta[s, M_EDGES] = e + 1
     edges[e, 0], edges[e, 1], edges[e, 2] = token, target, NONE
@@ -122,8 +129,6 @@ def _add_edge(states, edges, table, meta, s, state, token, target):
     else:
         edges[states[state, S_TAIL], 2] = e
     states[state, S_TAIL] = e
-    key = (np.int64(state) << 32) | token
-    i = _probe(table, key)
     table[i, 0], table[i, 1] = key, e
 
 
@@ -135,11 +140,17 @@ def _sam_add(states, edges, table, toks, meta, s, token, count):
     last = meta[s, M_LAST]
     cur = _new_state(states, meta, s, states[last, S_LEN] + 1, 0, 0, 0)
     p = last
-    while p != -1 and _get(table, (np.int64(p) << 32) | token) < 0:
-        _add_edge(states, edges, table, meta, s, p, token, cur)
+    found = -1  # the table entry of (p, token) where the walk stopped
+    while p != -1:  # one probe per state: a missing transition is added where the probe ended
+        key = (np.int64(p) << 32) | token
+        i = _probe(table, key)
+        if table[i, 0] == key:
+            found = i
+            break
+        _add_edge_at(states, edges, table, meta, s, p, token, cur, key, i)
         p = states[p, S_LINK]
     if p != -1:
-        q = edges[_get(table, (np.int64(p) << 32) | token), 1]
+        q = edges[table[found, 1], 1]
         if states[p, S_LEN] + 1 == states[q, S_LEN]:
             states[cur, S_LINK] = q
         else:
