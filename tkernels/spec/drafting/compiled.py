@@ -102,7 +102,7 @@ def flatten(histories: Sequence) -> tuple[np.ndarray, np.ndarray]:
     arrays = [h if isinstance(h, np.ndarray) else h.numpy() if isinstance(h, torch.Tensor) else np.asarray(h, np.int64)
               for h in histories]
     cu = offsets([a.shape[0] for a in arrays])
-    return np.concatenate(arrays).astype(np.int64, copy=False), cu
+    return np.concatenate(arrays, dtype=np.int64, casting="unsafe"), cu  # astype while copying (one pass)
 
 
 class Features(Sequence):
