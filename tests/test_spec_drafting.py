@@ -102,6 +102,11 @@ def test_compiled_drafters_draft_the_reference_trees(method, vocab):
                 del live[key]
         assert sorted(compiled.keys()) == sorted(set(compiled.keys()))
     assert drafts > 300
+    # the calibrations learnt the same sums (the compiled drafter's one pass, the reference's numpy)
+    for name in ("mass", "accepted"):
+        assert torch.equal(getattr(compiled.tr_policy, name), getattr(reference.tr_policy, name)), name
+    for name in ("tested", "accepted"):
+        assert torch.equal(getattr(compiled.retrieval_calibration, name), getattr(reference.retrieval_calibration, name))
 
 
 def test_contexts_and_own_rows_follow_each_request_compiled():
@@ -218,3 +223,47 @@ def test_the_batched_calibration_records_what_a_per_tree_loop_would(rng):
         any_tr = any(t.tr_probs is not None for t in trees)
         assert got_tr == ([(want_tr[0], want_tr[1], want_tr[2])] if any_tr else [])
         assert got_ret == [want_ret]
+
+
+def test_the_kernels_fp16_reads_and_probability_bins_are_the_references():
+    """:func:`half_to_float` (ldexp) is torch's fp16 -> float on every bit pattern, and the TR
+    estimate's probability bin from exponent bits is ``floor(-log2(p))`` (accept_prob_host's) on
+    every positive finite fp16 value and the 1e-30 floor."""
+    import math
+
+    import numpy as np
+    from numba import njit
+
+    from tkernels.spec.drafting import kernels as K
+
+    @njit
+    def reads(bits, out, bins):
+        for i in range(bits.shape[0]):
+            out[i] = K.half_to_float(bits[i])
+            bins[i] = K._neg_log2_floor(max(out[i], 1e-30)) if out[i] > 0 and out[i] < np.inf else 0
+
+    bits = np.arange(2**16, dtype=np.uint16)
+    out, bins = np.empty(bits.size), np.empty(bits.size, np.int64)
+    reads(bits, out, bins)
+    expected = torch.from_numpy(bits.view(np.int16)).view(torch.float16).double().numpy()
+    assert np.array_equal(out, expected, equal_nan=True)
+    positive = (expected > 0) & np.isfinite(expected)
+    assert bins[positive].tolist() == [math.floor(-math.log2(p)) for p in expected[positive].tolist()]
+    assert K._neg_log2_floor.py_func(1e-30) == math.floor(-math.log2(1e-30))
+
+
+def test_the_compiled_calibration_refuses_what_the_reference_refuses():
+    """Stored probabilities above 1 (recycling takes any finite value >= 0) reach the TR
+    calibration through a hybrid tree: both paths refuse them with ConfidenceTreePolicy.record's
+    error, the compiled one before recording anything."""
+    for compiled in (True, False):
+        drafter = TreeDrafter(40, "hybrid", compiled=compiled)
+        drafter.recycle(torch.arange(40), torch.arange(8).repeat(40, 1), torch.full((40, 8), 1.5))
+        trees = drafter.draft([0], [[1, 2, 3, 1, 2]], 9)
+        before = drafter.tr_policy.mass.clone(), drafter.retrieval_calibration.tested.clone()
+        ids = torch.arange(8).repeat(len(trees[0]), 1)
+        with pytest.raises(ValueError, match="^probs: "):
+            drafter.observe(trees, ids, torch.full(ids.shape, 0.5), [[0, 1]])
+        if compiled:
+            assert torch.equal(drafter.tr_policy.mass, before[0])
+            assert torch.equal(drafter.retrieval_calibration.tested, before[1])

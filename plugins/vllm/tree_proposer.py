@@ -264,14 +264,15 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         (per-(depth, rank) estimates) of this drafter's trees: at each depth of an accepted path,
         the accepted node's rank among its siblings, and a miss (-1) below the last accepted node
         when the tree had children there (:func:`batch_sibling_ranks`, in one compiled pass)."""
-        from tkernels.spec.drafting.kernels import accepted_paths  # numba: loaded on first use
+        from tkernels.spec.drafting.kernels import accepted_paths, update_rank_estimates  # numba: on first use
 
         on_path = np.empty(trees.num_nodes, bool)
         ranks = np.empty((len(trees), self.policy.max_depth), np.int64)
         observed = np.empty(len(trees), np.int64)
         accepted_paths(trees.parents.numpy(), trees.cu, trees.depths, nodes, num, rows, self.policy.max_depth, on_path,
                        ranks, observed)
-        self.policy.update(torch.from_numpy(ranks), torch.from_numpy(observed))
+        # policy.update(ranks, observed), compiled (its numpy is the reference; these ranks need no check)
+        update_rank_estimates(self.policy.hits.numpy(), self.policy.trials.numpy(), self.policy.decay, ranks, observed)
         return on_path
 
     def recycle_prompt(self, hidden_states: torch.Tensor, forward_s: float) -> None:

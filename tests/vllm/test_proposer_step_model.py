@@ -40,7 +40,8 @@ def test_batched_sibling_ranks_are_the_per_path_reference(max_depth):
 
     from tkernels.plugins.vllm.tree_proposer import batch_sibling_ranks, sibling_ranks
     from tkernels.spec.drafters import DraftBatch, DraftTree
-    from tkernels.spec.drafting.kernels import accepted_paths
+    from tkernels.spec.drafting.kernels import accepted_paths, update_rank_estimates
+    from tkernels.spec.tree_policy import DynamicTreePolicy
 
     rng = np.random.default_rng(0)
     for _ in range(30):
@@ -71,6 +72,12 @@ def test_batched_sibling_ranks_are_the_per_path_reference(max_depth):
         got = np.empty(batch.num_nodes, bool), np.empty_like(ranks), np.empty_like(observed)
         accepted_paths(batch.parents.numpy(), batch.cu, batch.depths, nodes, num, rows, max_depth, *got)
         assert (got[0] == on_path).all() and (got[1] == ranks).all() and (got[2] == observed).all()
+        # what the proposer then learns, compiled, against DynamicTreePolicy.update (bit for bit)
+        reference, compiled = DynamicTreePolicy(max_depth=max(max_depth, 4)), DynamicTreePolicy(max_depth=max(max_depth, 4))
+        for _ in range(2):
+            reference.update(torch.from_numpy(ranks), torch.from_numpy(observed))
+            update_rank_estimates(compiled.hits.numpy(), compiled.trials.numpy(), compiled.decay, ranks, observed)
+        assert torch.equal(compiled.hits, reference.hits) and torch.equal(compiled.trials, reference.trials)
         for b, (tree, path) in enumerate(zip(trees, paths)):
             want, seen = sibling_ranks(tree.parents.tolist(), path)
             want = (want + [-1] * max_depth)[:max_depth]

@@ -327,6 +327,10 @@ class TreeDrafter:
             return
         if batch.tr_probs is None and not self.uses_retrieval:
             return
+        if self.compiled is not None and (batch.retrieval is None or hasattr(batch.retrieval, "arrays")):
+            # a compiled draft's: one compiled pass (drafting.batch.calibrate); the numpy below is its reference
+            self._batch.calibrate(self, batch, on_path.numpy() if isinstance(on_path, torch.Tensor) else on_path)
+            return
         # numpy over the batch's nodes (a server's ~2000 a step: torch calls would cost more)
         on_path = on_path.numpy() if isinstance(on_path, torch.Tensor) else np.asarray(on_path, bool)
         parent = batch.global_parents()

@@ -9,7 +9,7 @@ import torch
 import tkernels.jit  # noqa: F401  (llvmlite's fix, before the modules below load numba)
 from tkernels.checks import fail
 
-from ..draft_tree import DraftBatch, offsets
+from ..draft_tree import DraftBatch
 from . import kernels as K
 from .compiled import CompiledState, Features, flatten
 from .hybrid import hybrid_trees
@@ -63,6 +63,31 @@ def observe(state: CompiledState, recycling, batch: DraftBatch, topk_ids: torch.
         _bad_probs()
 
 
+def calibrate(drafter, batch: DraftBatch, on_path: np.ndarray) -> None:
+    """TreeDrafter._calibrate (its numpy form is the reference) of a batch whose retrieval
+    features are a compiled draft's arrays (or absent): one compiled pass,
+    :func:`.kernels.record_tested`, writing the calibrations' sums in place."""
+    policy, retrieval = drafter.tr_policy, drafter.retrieval_calibration
+    uses_retrieval = drafter.uses_retrieval
+    tr_probs = _NO_PROBS if batch.tr_probs is None else batch.tr_probs.numpy()
+    feat, share = (batch.retrieval.feat, batch.retrieval.share) if batch.retrieval is not None else (_NO_FEAT, _NO_SHARE)
+    ret_tested, ret_accepted = (retrieval.tested.numpy(), retrieval.accepted.numpy()) if uses_retrieval else \
+        (np.zeros((1, 1, 1)), np.zeros((1, 1, 1)))
+    bins = _BINS.get(type(retrieval))
+    if bins is None:
+        bins = _BINS[type(retrieval)] = (np.array(retrieval.DEPTH_BINS, np.int64), np.array(retrieval.MATCH_BINS, np.int64))
+    if K.record_tested(batch.parents.numpy(), batch.cu, np.asarray(on_path, bool), tr_probs, batch.depths, feat, share,
+                       policy.mass.numpy(), policy.accepted.numpy(), policy.decay, ret_tested, ret_accepted,
+                       retrieval.decay, *bins):
+        fail("probs", "must be a 1-D float tensor of probabilities in [0, 1] (no NaN)")
+
+
+_NO_PROBS = np.zeros(0, np.float32)
+_NO_FEAT = np.zeros((0, 2), np.int64)
+_NO_SHARE = np.zeros(0, np.float64)
+_BINS: dict = {}
+
+
 def _bad_probs():
     raise ValueError("topk_probs: must hold finite probabilities >= 0 (no NaN, inf or negative values)")
 
@@ -77,6 +102,11 @@ def warm_up(drafter) -> None:
     key = object()  # no caller's key
     drafter.draft_batch([key], [np.zeros(2, np.int64)], 2)
     drafter.release(key)
+    # the calibrations' pass on throw-away sums (the drafter's own are not touched)
+    one = np.zeros((1, 1, 1))
+    K.record_tested(np.full(1, -1, np.int32), np.array([0, 1], np.int64), np.zeros(1, bool), _NO_PROBS,
+                    np.zeros(1, np.int64), _NO_FEAT, _NO_SHARE, one[0].copy(), one[0].copy(), 1.0, one, one.copy(), 1.0,
+                    np.zeros(1, np.int64), np.zeros(1, np.int64))
     recycling, state = drafter.recycling, drafter.compiled
     if recycling is None:
         return
@@ -84,17 +114,6 @@ def warm_up(drafter) -> None:
     empty = DraftBatch(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), np.zeros(1, np.int64))
     observe(state, recycling, empty, torch.zeros(0, recycling.k, dtype=torch.int64),
             torch.zeros(0, recycling.k), own_rows=True)
-
-
-def _depths(parents: np.ndarray, cu: np.ndarray) -> np.ndarray:
-    out = np.empty(parents.shape[0], np.int64)
-    K.bfs_depths(parents, cu, out)
-    return out
-
-
-def _flat(counts: np.ndarray, n: int) -> np.ndarray:
-    """The mask of a [B, n] output's first ``counts[b]`` entries per row (row-major: the ragged batch)."""
-    return np.arange(n)[None, :] < counts[:, None]
 
 
 def draft_pld(flat: np.ndarray, cu: np.ndarray, num_draft: int, keys) -> DraftBatch:
@@ -136,11 +155,23 @@ def _template(shape) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _outputs(batch: int, n: int) -> tuple[np.ndarray, ...]:
-    """The context kernels' outputs: tokens, parents, scores, TR probabilities (hybrid's only),
-    retrieval features (depth, match length) and shares per node, and each tree's node count."""
-    return (np.empty((batch, n), np.int64), np.empty((batch, n), np.int32), np.empty((batch, n), np.float64),
-            np.empty((batch, n), np.float32), np.empty((batch, n, 2), np.int64), np.empty((batch, n), np.float64),
-            np.empty(batch, np.int64))
+    """The context kernels' outputs, the batch's trees concatenated (room for ``batch * n``
+    nodes): tokens, parents, scores, TR probabilities (hybrid's only), depths, retrieval features
+    (depth, match length) and shares per node, and the trees' offsets (``cu[0] = 0``, the kernel
+    writes the rest)."""
+    total = batch * n
+    cu = np.empty(batch + 1, np.int64)
+    cu[0] = 0
+    return (np.empty(total, np.int64), np.empty(total, np.int32), np.empty(total, np.float64), np.empty(total, np.float32),
+            np.empty(total, np.int64), np.empty((total, 2), np.int64), np.empty(total, np.float64), cu)
+
+
+def _drafted(keys, tokens, parents, scores, tr_probs, depths, feat, share, cu) -> DraftBatch:
+    """The context kernels' trees as one :class:`DraftBatch` (views of the outputs' used part)."""
+    n = int(cu[-1])
+    return DraftBatch(torch.from_numpy(tokens[:n]), torch.from_numpy(parents[:n]), cu, keys,
+                      torch.from_numpy(scores[:n]), None if tr_probs is None else torch.from_numpy(tr_probs[:n]),
+                      Features(feat[:n], share[:n]), depths[:n])
 
 
 def _calibration(calibration) -> tuple:
@@ -156,38 +187,28 @@ def draft_hybrid(drafter, state: CompiledState, slots: np.ndarray, flat: np.ndar
     """:func:`.reference.draft_contexts` of ``hybrid`` for the batch (``template``: the static
     template of the breadth phase)."""
     recycling, calibration = drafter.recycling, drafter.retrieval_calibration
-    _check_tokens("histories", flat, recycling.vocab_size)
-    state.sync_contexts(slots, flat, cu)
+    if not state.sync_contexts(slots, flat, cu, recycling.vocab_size):  # the histories checked in its pass
+        _check_tokens("histories", flat, recycling.vocab_size)
     batch, n = slots.shape[0], num_nodes
     roots = flat[cu[1:] - 1]
-    out_tokens, out_parents, out_scores, out_trp, out_feat, out_share, out_n = _outputs(batch, n)
+    outputs = _outputs(batch, n)
     template_parents, _, template_ranks, _ = _template(template)
     hybrid_trees(state.states, state.edges, state.own_tables, state.own_ids, state.own_probs, state.meta, slots, roots,
                  recycling.adjacency.numpy(), recycling.probs.view(torch.int16).numpy().view(np.uint16),
                  drafter.tr_policy.factors().numpy(), *_calibration(calibration),
                  template_parents, template_ranks, n,
-                 drafter.max_depth, root_contexts, max_children,
-                 out_tokens, out_parents, out_scores, out_trp, out_feat, out_share, out_n)
-    mask = _flat(out_n, n)
-    parents, cu = out_parents[mask], offsets(out_n)
-    return DraftBatch(torch.from_numpy(out_tokens[mask]), torch.from_numpy(parents), cu, keys,
-                      torch.from_numpy(out_scores[mask]), torch.from_numpy(out_trp[mask]),
-                      Features(out_feat[mask], out_share[mask]), _depths(parents, cu))
+                 drafter.max_depth, root_contexts, max_children, *outputs)
+    return _drafted(keys, *outputs)
 
 
 def draft_retrieval(drafter, state: CompiledState, slots: np.ndarray, flat: np.ndarray, cu: np.ndarray,
                     num_nodes: int, max_children: int, keys) -> DraftBatch:
     """:func:`.reference.draft_contexts` of ``retrieval`` for the batch."""
     calibration = drafter.retrieval_calibration
-    _check_tokens("histories", flat, 2**31)  # the automaton's hash keys hold a token in 32 bits
-    state.sync_contexts(slots, flat, cu)
+    if not state.sync_contexts(slots, flat, cu, 2**31):  # the automaton's hash keys hold a token in 32 bits
+        _check_tokens("histories", flat, 2**31)
     batch, n = slots.shape[0], num_nodes
-    out_tokens, out_parents, out_scores, _, out_feat, out_share, out_n = _outputs(batch, n)
+    tokens, parents, scores, _, depths, feat, share, out_cu = _outputs(batch, n)
     retrieval_trees(state.states, state.edges, state.meta, slots, flat[cu[1:] - 1], *_calibration(calibration),
-                    n, 2 * drafter.max_depth, max_children,
-                    out_tokens, out_parents, out_scores, out_feat, out_share, out_n)
-    mask = _flat(out_n, n)
-    parents, cu = out_parents[mask], offsets(out_n)
-    return DraftBatch(torch.from_numpy(out_tokens[mask]), torch.from_numpy(parents), cu, keys,
-                      torch.from_numpy(out_scores[mask]), None, Features(out_feat[mask], out_share[mask]),
-                      _depths(parents, cu))
+                    n, 2 * drafter.max_depth, max_children, tokens, parents, scores, depths, feat, share, out_cu)
+    return _drafted(keys, tokens, parents, scores, None, depths, feat, share, out_cu)

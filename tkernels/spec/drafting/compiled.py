@@ -102,7 +102,7 @@ def flatten(histories: Sequence) -> tuple[np.ndarray, np.ndarray]:
     arrays = [h if isinstance(h, np.ndarray) else h.numpy() if isinstance(h, torch.Tensor) else np.asarray(h, np.int64)
               for h in histories]
     cu = offsets([a.shape[0] for a in arrays])
-    return np.concatenate(arrays).astype(np.int64, copy=False), cu
+    return np.concatenate(arrays, dtype=np.int64, casting="unsafe"), cu  # astype while copying (one pass)
 
 
 class Features(Sequence):
@@ -228,11 +228,12 @@ class CompiledState:
         _grow_table(self.tables, s, next_power_of_2(2 * (3 * n + 4)))
         self.capacity[s] = n
 
-    def sync_contexts(self, slots: np.ndarray, flat: np.ndarray, cu: np.ndarray) -> None:
-        """Every request's automaton holds its history (TreeDrafter._context)."""
+    def sync_contexts(self, slots: np.ndarray, flat: np.ndarray, cu: np.ndarray, vocab: int) -> bool:
+        """Every request's automaton holds its history (TreeDrafter._context); False, and nothing
+        synced, when a token of the histories lies outside ``[0, vocab)``."""
         for b in np.flatnonzero(np.diff(cu) > self.capacity[slots]).tolist():
             self._grow_context(int(slots[b]), int(cu[b + 1] - cu[b]))
-        K.sync_contexts(self.states, self.edges, self.tables, self.tokens, self.meta, slots, flat, cu)
+        return K.sync_contexts(self.states, self.edges, self.tables, self.tokens, self.meta, slots, flat, cu, vocab) == 0
 
     def context_tokens(self, key: Hashable) -> list[int]:
         """The tokens a request's automaton holds (tests)."""

@@ -1,8 +1,9 @@
 """Numba kernel of the ``hybrid`` drafter: :func:`hybrid_trees` grows every request's tree as
 :func:`.reference.hybrid_tree` (the readable reference) does, in one
 call for the batch. The reference's per-node candidate dicts become fixed-width rows of arrays
-(``[nodes, candidates]``, candidates in the dicts' insertion order), its ``waiting`` lists one
-ranked row per expanded node, and its heap a binary heap on (key, node, candidate), the same
+(``[nodes, candidates]``, candidates in the dicts' insertion order), its ``waiting`` lists a
+row of keys per expanded node whose next entry is selected when it is needed (:func:`_next_waiting`),
+and its heap a binary heap on (key, node, candidate), the same
 order as the reference's (key, (ordinal, position)) since a node's ordinal is its index.
 """
 
@@ -121,14 +122,34 @@ def _find(ctok, ncand, node, token):
     return -1
 
 
+@njit(cache=True, inline="always")
+def _next_waiting(wkey, waits, ncand, e, after_key, after_j):
+    """The reference's next entry of node ``e``'s ``waiting`` list after ``(after_key, after_j)``:
+    its waiting candidate of the smallest (key, position) past that pair, or -1. (The list is
+    sorted by key, ties by position, and read in order; selecting each next entry when it is
+    needed takes one scan, where sorting took a quadratic insertion per node. Keys are finite.)"""
+    best = -1
+    for j in range(ncand[e]):
+        if not waits[e, j]:
+            continue
+        k = wkey[e, j]
+        if k < after_key or (k == after_key and j <= after_j):
+            continue
+        if best < 0 or k < wkey[e, best]:
+            best = j
+    return best
+
+
 @njit(cache=True)
 def hybrid_trees(l_states, l_edges, l_own_tables, l_own_ids, l_own_probs, meta, slots, roots,
                  adjacency, prob_bits, factors, cal, prior, prior_weight, depth_bins, match_bins,
                  t_parents, t_ranks, num_nodes, max_depth, root_contexts, max_children,
-                 out_tokens, out_parents, out_scores, out_trp, out_feat, out_share, out_n):
-    """One hybrid tree per request ``b`` (slot ``slots[b]``, root ``roots[b]``); outputs ``[B, num_nodes]``, ``out_n[b]`` nodes used.
-    ``cal`` float64 [2, ...]: the retrieval calibration's accepted and tested counts; ``out_feat``
-    int64 [B, n, 2] (depth, match length; depth -1: no retrieval features)."""
+                 out_tokens, out_parents, out_scores, out_trp, out_depths, out_feat, out_share, out_cu):
+    """One hybrid tree per request ``b`` (slot ``slots[b]``, root ``roots[b]``), the batch's trees
+    concatenated: tree ``b``'s nodes are ``out_cu[b]:out_cu[b + 1]`` of the outputs (``B *
+    num_nodes`` long; ``out_cu`` [B + 1], ``out_cu[0]`` set by the caller), node depths in
+    ``out_depths``. ``cal`` float64 [2, ...]: the retrieval calibration's accepted and tested
+    counts; ``out_feat`` int64 [B * n, 2] (depth, match length; depth -1: no retrieval features)."""
     k = adjacency.shape[1]
     N = num_nodes
     C = k + root_contexts * max_children
@@ -153,10 +174,8 @@ def hybrid_trees(l_states, l_edges, l_own_tables, l_own_ids, l_own_probs, meta, 
     ccs = np.empty((N, C), np.int64)
     ccl = np.empty((N, C), np.int64)
     ctaken = np.empty((N, C), np.bool_)
-    wait = np.empty((N, C), np.int64)
-    wkey = np.empty(C, np.float64)
-    wpos = np.empty(N, np.int64)
-    wlen = np.empty(N, np.int64)
+    waits = np.empty((N, C), np.bool_)  # expanded nodes: which candidates wait, at which heap key
+    wkey = np.empty((N, C), np.float64)
     hk, hn, hj = _heap(2 * N + 2)
     at = np.empty(t_parents.shape[0], np.int64)
     root_state = np.empty(root_contexts, np.int64)
@@ -256,32 +275,23 @@ def hybrid_trees(l_states, l_edges, l_own_tables, l_own_ids, l_own_probs, meta, 
                 at[t_i] = count
                 break
             if node < 0:
-                while expanded < count:  # expand(): rank the node's candidates, push its best
+                while expanded < count:  # expand(): its waiting candidates' keys, push its best
                     e = expanded
                     expanded += 1
-                    n_w = 0
                     for j in range(ncand[e]):
                         p = max(cptr[e, j], cpret[e, j])
-                        if p > 0 and not ctaken[e, j]:
-                            key = -score[e] * p
-                            i = n_w
-                            while i > 0 and wkey[i - 1] > key:  # ascending key, ties by position
-                                wkey[i], wait[e, i] = wkey[i - 1], wait[e, i - 1]
-                                i -= 1
-                            wkey[i], wait[e, i] = key, j
-                            n_w += 1
-                    wlen[e], wpos[e] = n_w, 0
-                    if n_w:
-                        heap = _push(hk, hn, hj, heap, wkey[0], e, wait[e, 0])
-                        wpos[e] = 1
+                        waits[e, j] = p > 0 and not ctaken[e, j]
+                        wkey[e, j] = -score[e] * p
+                    j = _next_waiting(wkey, waits, ncand, e, -math.inf, -1)
+                    if j >= 0:
+                        heap = _push(hk, hn, hj, heap, wkey[e, j], e, j)
                 if heap == 0 or count >= N:
                     break
                 heap = _pop(hk, hn, hj, heap)
                 key, node, cj = hk[heap], hn[heap], hj[heap]
-                if wpos[node] < wlen[node]:  # its next sibling
-                    jn = wait[node, wpos[node]]
-                    wpos[node] += 1
-                    heap = _push(hk, hn, hj, heap, -score[node] * max(cptr[node, jn], cpret[node, jn]), node, jn)
+                jn = _next_waiting(wkey, waits, ncand, node, key, cj)
+                if jn >= 0:  # its next sibling
+                    heap = _push(hk, hn, hj, heap, wkey[node, jn], node, jn)
                 score[count] = -key
                 trp[count] = cstored[node, cj] if cptr[node, cj] > 0 else math.nan
             v = count
@@ -290,10 +300,11 @@ def hybrid_trees(l_states, l_edges, l_own_tables, l_own_ids, l_own_probs, meta, 
             fd[v], fm[v], fs[v] = cfd[node, cj], cfm[node, cj], cfs[node, cj]
             cst[v], cln[v] = ccs[node, cj], ccl[node, cj]
         _bfs_order(par, count, nchild, first, kids, layout, new)
+        o = out_cu[b]
         for i in range(count):
             u = layout[i]
-            out_tokens[b, i], out_parents[b, i] = tok[u], new[par[u]] if par[u] >= 0 else -1
-            out_scores[b, i], out_trp[b, i] = score[u], trp[u]
-            out_feat[b, i, 0], out_feat[b, i, 1], out_share[b, i] = fd[u], fm[u], fs[u]
-        out_n[b] = count
+            out_tokens[o + i], out_parents[o + i] = tok[u], new[par[u]] if par[u] >= 0 else -1
+            out_scores[o + i], out_trp[o + i], out_depths[o + i] = score[u], trp[u], ndepth[u]
+            out_feat[o + i, 0], out_feat[o + i, 1], out_share[o + i] = fd[u], fm[u] if fd[u] >= 0 else 0, fs[u]
+        out_cu[b + 1] = o + count
     return 0

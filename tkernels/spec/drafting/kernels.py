@@ -59,10 +59,10 @@ def half_to_float(bits):
     e = (b >> 10) & 0x1F
     m = b & 0x3FF
     if e == 0:
-        return sign * m * 2.0 ** -24
+        return sign * math.ldexp(m, -24)  # ldexp: exact, and no pow() call per read
     if e == 31:
         return sign * math.inf if m == 0 else math.nan
-    return sign * (1024 + m) * 2.0 ** (e - 25)
+    return sign * math.ldexp(1024 + m, e - 25)
 
 
 @njit(cache=True, inline="always")
@@ -114,6 +114,13 @@ def _new_state(states, meta, s, length, link, count, clone):
 
 @njit(cache=True)
 def _add_edge(states, edges, table, meta, s, state, token, target):
+    key = (np.int64(state) << 32) | token
+    _add_edge_at(states, edges, table, meta, s, state, token, target, key, _probe(table, key))
+
+
+@njit(cache=True, inline="always")
+def _add_edge_at(states, edges, table, meta, s, state, token, target, key, i):
+    """:func:`_add_edge` where the probe for ``key`` already found its empty entry ``i``."""
     e = meta[s, M_EDGES]
     meta[s, M_EDGES] = e + 1
     edges[e, 0], edges[e, 1], edges[e, 2] = token, target, NONE
@@ -122,8 +129,6 @@ def _add_edge(states, edges, table, meta, s, state, token, target):
     else:
         edges[states[state, S_TAIL], 2] = e
     states[state, S_TAIL] = e
-    key = (np.int64(state) << 32) | token
-    i = _probe(table, key)
     table[i, 0], table[i, 1] = key, e
 
 
@@ -135,11 +140,17 @@ def _sam_add(states, edges, table, toks, meta, s, token, count):
     last = meta[s, M_LAST]
     cur = _new_state(states, meta, s, states[last, S_LEN] + 1, 0, 0, 0)
     p = last
-    while p != -1 and _get(table, (np.int64(p) << 32) | token) < 0:
-        _add_edge(states, edges, table, meta, s, p, token, cur)
+    found = -1  # the table entry of (p, token) where the walk stopped
+    while p != -1:  # one probe per state: a missing transition is added where the probe ended
+        key = (np.int64(p) << 32) | token
+        i = _probe(table, key)
+        if table[i, 0] == key:
+            found = i
+            break
+        _add_edge_at(states, edges, table, meta, s, p, token, cur, key, i)
         p = states[p, S_LINK]
     if p != -1:
-        q = edges[_get(table, (np.int64(p) << 32) | token), 1]
+        q = edges[table[found, 1], 1]
         if states[p, S_LEN] + 1 == states[q, S_LEN]:
             states[cur, S_LINK] = q
         else:
@@ -198,10 +209,17 @@ def _sam_extend(states, edges, table, toks, meta, s, history, lo, hi):
 
 
 @njit(cache=True)
-def sync_contexts(l_states, l_edges, l_tables, l_tokens, meta, slots, flat, cu):
+def sync_contexts(l_states, l_edges, l_tables, l_tokens, meta, slots, flat, cu, vocab):
     """TreeDrafter._context for every request: extend its automaton with the history's new
     tokens, or rebuild it when the history does not extend what it holds. Capacities were
-    ensured by the caller (2 n + 2 states, 3 n + 4 edges, hash >= 2 x edges)."""
+    ensured by the caller (2 n + 2 states, 3 n + 4 edges, hash >= 2 x edges). Returns 1, before
+    touching any automaton, when a token of ``flat`` lies outside ``[0, vocab)`` (the caller
+    raises), else 0."""
+    bad = False
+    for i in range(flat.shape[0]):  # no early exit: a vectorised pass
+        bad |= (flat[i] < 0) | (flat[i] >= vocab)
+    if bad:
+        return 1
     for b in range(slots.shape[0]):
         s = slots[b]
         states, edges, table, toks = l_states[s], l_edges[s], l_tables[s], l_tokens[s]
@@ -209,16 +227,17 @@ def sync_contexts(l_states, l_edges, l_tables, l_tokens, meta, slots, flat, cu):
         n = meta[s, M_TOKENS]
         same = n <= history.shape[0] and meta[s, M_STATES] > 0
         if same:
-            for i in range(n):
-                if toks[i] != history[i]:
-                    same = False
-                    break
+            differ = 0
+            for i in range(n):  # no early exit: a vectorised pass (the histories extend them, mostly)
+                differ |= toks[i] ^ history[i]
+            same = differ == 0
         if not same:
             table[:, 0] = -1
             _sam_reset(states, meta, s)
             n = 0
         if history.shape[0] > n:
             _sam_extend(states, edges, table, toks, meta, s, history, n, history.shape[0])
+    return 0
 
 
 @njit(cache=True)
@@ -259,10 +278,21 @@ def _children(states, edges, state, max_children, out_tok, out_child, out_share,
 
 @njit(cache=True, inline="always")
 def _tr_accept(prob, depth, factors):
-    """ConfidenceTreePolicy.accept_prob_host."""
+    """ConfidenceTreePolicy.accept_prob_host of a stored probability (an fp16 value, > 0)."""
     bins, max_depth = factors.shape[1], factors.shape[0]
-    q_bin = min(max(math.floor(-math.log2(max(prob, 1e-30))), 0), bins - 1)
+    q_bin = min(max(_neg_log2_floor(max(prob, 1e-30)), 0), bins - 1)
     return min(prob * factors[min(max(depth, 1), max_depth) - 1, q_bin], 1.0)
+
+
+@njit(cache=True, inline="always")
+def _neg_log2_floor(value):
+    """``math.floor(-math.log2(value))`` of a positive normal float64 from its exponent bits (no
+    libm call): ``-exponent`` for a power of two, one less otherwise. Equal to the log2 form for
+    every value not within a few ulps of a power of two, so for every fp16 value and 1e-30
+    (tests/test_spec_drafting.py checks them all)."""
+    bits = np.float64(value).view(np.int64)
+    exponent = ((bits >> 52) & 0x7FF) - 1023
+    return -exponent if bits & 0xFFFFFFFFFFFFF == 0 else -exponent - 1
 
 
 @njit(cache=True, inline="always")
@@ -347,13 +377,81 @@ def accepted_paths(parents, cu, depths, nodes, num, rows, max_depth, on_path, ra
 
 
 @njit(cache=True)
-def bfs_depths(parents, cu, out):
-    """Every node's depth (root 0) of BFS trees (``parents`` local, trees ``cu[b]:cu[b + 1]``):
-    a parent precedes its children, so one pass."""
+def update_rank_estimates(hits, trials, decay, ranks, observed):
+    """DynamicTreePolicy.update (its numpy is the reference) of :func:`accepted_paths`' ``ranks``
+    [B, W] (>= -1, W <= max_depth) and ``observed`` [B], in place on the estimates ``hits``
+    [max_depth, k] and ``trials`` [max_depth]: one decay, then each cell's count of the step
+    added once (the same float64 additions)."""
+    max_depth, k = hits.shape[0], hits.shape[1]
+    width = min(ranks.shape[1], max_depth)
+    seen = np.zeros(max_depth, np.int64)
+    hit = np.zeros((max_depth, k), np.int64)
+    for b in range(ranks.shape[0]):
+        for d in range(min(width, observed[b])):
+            seen[d] += 1
+            r = ranks[b, d]
+            if 0 <= r < k:
+                hit[d, r] += 1
+    hits *= decay
+    trials *= decay
+    for d in range(width):
+        trials[d] += seen[d]
+        for r in range(k):
+            hits[d, r] += hit[d, r]
+
+
+@njit(cache=True)
+def record_tested(parents, cu, on_path, tr_probs, depths, feat, share, tr_mass, tr_hits, tr_decay, ret_tested,
+                  ret_accepted, ret_decay, depth_bins, match_bins):
+    """TreeDrafter._calibrate of a compiled draft, in one pass: every *tested* node (its parent on
+    the accepted path, ``on_path`` bool [N]; trees ``cu[b]:cu[b + 1]``, local ``parents``) is
+    recorded, as ConfidenceTreePolicy.record and RetrievalCalibration.record record them (one
+    decay each, then the sums in node order: the same float64 operations), in the TR
+    calibration's ``tr_mass`` / ``tr_hits`` [max_depth, bins] with its stored probability when
+    ``tr_probs`` (float32 [N], NaN: not TR's; size 0: no TR field, nothing recorded) holds one,
+    and in the retrieval calibration's ``ret_tested`` / ``ret_accepted`` [depth, match, share]
+    with its features when ``feat[i, 0] >= 0`` (size 0: no retrieval field, only the decay).
+    Returns 1, before recording anything, when a tested TR probability lies outside [0, 1]
+    (the caller raises ConfidenceTreePolicy.record's error), else 0."""
+    n = parents.shape[0]
+    use_tr = tr_probs.shape[0] == n and n > 0
+    if use_tr:
+        for b in range(cu.shape[0] - 1):
+            start = cu[b]
+            for i in range(start + 1, cu[b + 1]):
+                if parents[i] >= 0 and on_path[start + parents[i]]:
+                    p = tr_probs[i]
+                    if p == p and not (p >= 0 and p <= 1):
+                        return 1
+        max_depth, bins = tr_mass.shape[0], tr_mass.shape[1]
+        tr_mass *= tr_decay
+        tr_hits *= tr_decay
+    ret_tested *= ret_decay
+    ret_accepted *= ret_decay
+    use_ret = feat.shape[0] == n
+    step_tested = np.zeros(ret_tested.shape)
+    step_accepted = np.zeros(ret_tested.shape)
     for b in range(cu.shape[0] - 1):
         start = cu[b]
         for i in range(start, cu[b + 1]):
-            out[i] = 0 if parents[i] < 0 else out[start + parents[i]] + 1
+            if parents[i] < 0 or not on_path[start + parents[i]]:
+                continue
+            ok = 1.0 if on_path[i] else 0.0
+            if use_tr:
+                p = np.float64(tr_probs[i])
+                if p == p:
+                    q = min(max(math.floor(-math.log2(max(p, 1e-30))), 0), bins - 1)
+                    cell = (min(max(depths[i], 1), max_depth) - 1, q)
+                    tr_mass[cell] += p
+                    tr_hits[cell] += ok
+            if use_ret and feat[i, 0] >= 0:
+                sh = share[i]
+                cell3 = (_bin(feat[i, 0], depth_bins), _bin(feat[i, 1], match_bins), 0 if sh >= 1 else (1 if sh >= 0.5 else 2))
+                step_tested[cell3] += 1.0
+                step_accepted[cell3] += ok
+    ret_tested += step_tested
+    ret_accepted += step_accepted
+    return 0
 
 
 @njit(cache=True)
@@ -381,11 +479,13 @@ def learn_rows(adjacency, prob_bits, tokens, ids, probs, check_probs, l_own_tabl
             for j in range(k):
                 if not (probs[i, j] >= 0 and probs[i, j] < np.inf):
                     return 3
+    half = np.empty((n, k), np.uint16)  # every probability's fp16 bits, converted once
     for i in range(n):
         t = tokens[i]
         for j in range(k):
+            half[i, j] = float_to_half(probs[i, j])
             adjacency[t, j] = ids[i, j]
-            prob_bits[t, j] = float_to_half(probs[i, j])
+            prob_bits[t, j] = half[i, j]
     for b in range(slots.shape[0]):
         s = slots[b]
         table, own_ids, own_probs = l_own_tables[s], l_own_ids[s], l_own_probs[s]
@@ -398,7 +498,7 @@ def learn_rows(adjacency, prob_bits, tokens, ids, probs, check_probs, l_own_tabl
             row = table[h, 1]
             for j in range(k):
                 own_ids[row, j] = ids[i, j]
-                own_probs[row, j] = half_to_float(float_to_half(probs[i, j]))
+                own_probs[row, j] = half_to_float(half[i, j])
     return 0
 
 

@@ -17,9 +17,9 @@ from .kernels import M_LAST, S_LEN, S_LINK, _children, _children_scratch, _ret_a
 @njit(cache=True)
 def retrieval_trees(l_states, l_edges, meta, slots, roots, cal, prior, prior_weight, depth_bins, match_bins,
                     num_nodes, max_depth, max_children,
-                    out_tokens, out_parents, out_scores, out_feat, out_share, out_n):
+                    out_tokens, out_parents, out_scores, out_depths, out_feat, out_share, out_cu):
     """One tree per request (slot ``slots[b]``, root ``roots[b]``), outputs as
-    :func:`.hybrid.hybrid_trees`'s (``max_depth``: the automaton's, twice the drafter's)."""
+    :func:`.hybrid.hybrid_trees`'s, concatenated (``max_depth``: the automaton's, twice the drafter's)."""
     N = num_nodes
     P = max_children * N + max_children  # pushes: at most max_children per node
     par = np.empty(N, np.int64)
@@ -67,9 +67,11 @@ def retrieval_trees(l_states, l_edges, meta, slots, roots, cal, prior, prior_wei
                 ctx[node], share[node] = e_context[e], e_share[e]
                 from_state, context = e_child[e], e_context[e] + 1
         _bfs_order(par, count, nchild, first, kids, layout, new)
+        at = out_cu[b]
         for i in range(count):
             u = layout[i]
-            out_tokens[b, i], out_parents[b, i], out_scores[b, i] = tok[u], new[par[u]] if par[u] >= 0 else -1, score[u]
+            out_tokens[at + i], out_parents[at + i], out_scores[at + i] = tok[u], new[par[u]] if par[u] >= 0 else -1, score[u]
             d = depth[u]
-            out_feat[b, i, 0], out_feat[b, i, 1], out_share[b, i] = (d, ctx[u] - d + 1, share[u]) if u > 0 else (-1, 0, 0.0)
-        out_n[b] = count
+            out_depths[at + i] = d
+            out_feat[at + i, 0], out_feat[at + i, 1], out_share[at + i] = (d, ctx[u] - d + 1, share[u]) if u > 0 else (-1, 0, 0.0)
+        out_cu[b + 1] = at + count
