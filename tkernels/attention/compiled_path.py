@@ -9,7 +9,9 @@ other dtypes run :mod:`tkernels.attention.torch_path`.
 
 Against the vectorised PyTorch path it gathers nothing and pads nothing (a group of requests
 is not padded to its longest context, a tree's mask is not materialised); against vLLM-CPU's
-own kernels it takes any tree mask, on any x86 or Arm CPU numba compiles for.
+own kernels it takes any tree mask, on any x86 or Arm CPU numba compiles for. Prefill chunks
+(causal requests of more than the torch path's ``SHORT_MAX_Q`` new tokens) run the torch
+path's tiles, whose matmuls are faster there than the loop (bench/attention_cpu.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from tkernels.attention.launch import _check_inputs
 from tkernels.attention.plan import HostBatch, describe_batch
+from tkernels.attention.torch_path import TorchAttentionPlan, is_short, mixed_attention_torch, plan_from_layout
 from tkernels.checks import fail as _fail
 from tkernels.checks import real
 
@@ -44,6 +47,8 @@ class CompiledAttentionPlan:
     ancestors: np.ndarray  # int64 [T, words >= 1]
     positions: np.ndarray  # int64 [T]
     window: int  # 0: none
+    long: TorchAttentionPlan | None  # the prefill chunks' tiles (None: no chunk this step)
+    short_rows: torch.Tensor | None  # int64: the loop's query rows, where there are chunks too
     num_q_heads: int
     num_kv_heads: int
     block_size: int
@@ -77,8 +82,9 @@ def plan_compiled_attention(
                             head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,
                             tree_parents=tree_parents, is_tree=is_tree, window=window, num_tokens=num_tokens,
                             host=host, checked=checked)
+    short = is_short(layout).numpy()
     q_len = layout.q_len.numpy()
-    tiles = -(-q_len // Q_TILE)
+    tiles = np.where(short, -(-q_len // Q_TILE), 0)
     req = np.repeat(np.arange(q_len.size), tiles)
     first = (np.arange(req.size) - np.repeat(np.cumsum(tiles) - tiles, tiles)) * Q_TILE
     items = np.stack([req, first, np.minimum(first + Q_TILE, q_len[req])], 1).astype(np.int64)
@@ -87,6 +93,11 @@ def plan_compiled_attention(
     ctx = layout.ctx.numpy()
     cost = (ctx[req] - q_len[req] + items[:, 2]) * (items[:, 2] - items[:, 1])
     items = items[np.argsort(-cost, kind="stable")]
+    long = short_rows = None
+    if (~short & (q_len > 0)).any():
+        long = plan_from_layout(layout, block_table, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                                block_size=block_size, long_only=True)
+        short_rows = torch.from_numpy(np.flatnonzero(short[layout.token_req.numpy()]))
     ancestors = layout.ancestors.numpy()
     if ancestors.shape[1] == 0:
         ancestors = np.zeros((ancestors.shape[0], 1), np.int64)
@@ -94,7 +105,8 @@ def plan_compiled_attention(
         table=np.ascontiguousarray(block_table.cpu().numpy(), dtype=np.int32), items=items,
         cu=np.concatenate([[0], np.cumsum(q_len)]).astype(np.int64), ctx=layout.ctx.numpy().astype(np.int64),
         tree=layout.tree_req.numpy().astype(np.bool_), ancestors=np.ascontiguousarray(ancestors, dtype=np.int64),
-        positions=layout.positions.numpy().astype(np.int64), window=layout.window or 0, num_q_heads=num_q_heads,
+        positions=layout.positions.numpy().astype(np.int64), window=layout.window or 0, long=long, short_rows=short_rows,
+        num_q_heads=num_q_heads,
         num_kv_heads=num_kv_heads, block_size=block_size)
 
 
@@ -141,7 +153,11 @@ def mixed_attention_compiled(
                plan.ancestors, plan.positions, plan.window, np.float32(scale), np.float32(softcap))
     finally:
         numba.set_parallel_chunksize(chunk)
-    out.copy_(torch.from_numpy(result))
+    if plan.long is None:
+        out.copy_(torch.from_numpy(result))
+        return out
+    out[plan.short_rows] = torch.from_numpy(result)[plan.short_rows].to(out.dtype)
+    mixed_attention_torch(q, k_cache, v_cache, plan.long, scale, softcap=softcap or None, out=out)
     return out
 
 

@@ -102,10 +102,23 @@ def plan_torch_attention(
                             head_dim=head_dim, num_blocks=num_blocks, block_size=block_size,
                             tree_parents=tree_parents, is_tree=is_tree, window=window, num_tokens=num_tokens,
                             host=host, checked=checked)
+    return plan_from_layout(layout, block_table, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                            block_size=block_size)
+
+
+def is_short(layout: BatchLayout) -> torch.Tensor:
+    """bool [B]: the requests planned as short (trees, causal ones of at most SHORT_MAX_Q new tokens)."""
+    return (layout.tree_req | (layout.q_len <= SHORT_MAX_Q)) & (layout.q_len > 0)
+
+
+def plan_from_layout(layout: BatchLayout, block_table: torch.Tensor, *, num_q_heads: int, num_kv_heads: int,
+                     block_size: int, long_only: bool = False) -> TorchAttentionPlan:
+    """The groups of a checked batch (``long_only``: the long requests' alone; the compiled CPU
+    path runs the others)."""
     table = block_table.cpu().long()
     q_len = layout.q_len
-    short = (layout.tree_req | (q_len <= SHORT_MAX_Q)) & (q_len > 0)
-    problems = [(reqs, None) for reqs in _buckets(short.nonzero().flatten(), layout.ctx, block_size)]
+    short = is_short(layout)
+    problems = [] if long_only else [(reqs, None) for reqs in _buckets(short.nonzero().flatten(), layout.ctx, block_size)]
     for r in (~short & (q_len > 0)).nonzero().flatten().tolist():  # long requests: few per step
         for start in range(0, int(q_len[r]), LONG_Q_TILE):
             problems.append((torch.tensor([r]), (start, min(int(q_len[r]) - start, LONG_Q_TILE))))
