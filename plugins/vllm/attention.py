@@ -29,7 +29,9 @@ vLLM's CPU platform ignores ``--attention-backend`` altogether and uses ``CPU_AT
 running the kernel under Triton's interpreter (tests); ``TKERNELS_VLLM_CPU_ATTENTION=native`` runs
 vLLM-CPU's own compiled extend-attention kernel with the step's tree mask
 (:mod:`tkernels.plugins.vllm.cpu_attention`: bf16 layers without window or softcap; the builder
-builds that plan, and the torch path's for the other layers, logged once);
+builds that plan, and the compiled path's for the other layers, logged once);
+``TKERNELS_VLLM_CPU_ATTENTION=compiled`` runs :mod:`tkernels.attention.compiled_path` (a compiled
+loop over the paged cache, fp32 and bf16 caches; fp16 layers run the torch path);
 ``TKERNELS_VLLM_CPU_ATTENTION=torch`` runs :mod:`tkernels.attention.torch_path` (vectorised
 PyTorch, no interpreter, any dtype), the builder building its per-step plan
 (:func:`~tkernels.attention.torch_path.plan_torch_attention`) in place of the Triton kernel's;
