@@ -145,8 +145,10 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
         self.exact_host_seq_lens = not (getattr(vllm_config.scheduler_config, "async_scheduling", False)
                                         and vllm_config.speculative_config is not None)
         # TKERNELS_VLLM_CPU_ATTENTION=native: the windows vLLM-CPU's kernel runs; the others run
-        # the torch path (said once, here).
+        # the compiled path, or the torch path for dtypes it does not take (said once, here).
         self.native_windows = set()
+        # =compiled, and =native's other windows: the compiled CPU path where it takes the cache's dtype.
+        self.compiled = self.mode in ("native", "compiled") and self.dtype in COMPILED_DTYPES
         if self.mode == "native":
             model_dtype = model_config.dtype  # q and the layers' new K/V; the kernel takes one dtype for all
             for window in self.windows:
@@ -157,10 +159,9 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
                     self.native_windows.add(window)
                 else:
                     logger.warning("tkernels: %s=native: %s; layers of window %s run %s", CPU_ATTENTION_ENV, reason,
-                                   window, "tkernels' compiled CPU attention" if self.dtype in COMPILED_DTYPES
+                                   window, "tkernels' compiled CPU attention" if self.compiled
                                    else "the vectorised PyTorch path")
-        if self.mode in ("native", "compiled") and self.dtype in COMPILED_DTYPES and \
-                self.native_windows != self.windows:
+        if self.compiled and self.native_windows != self.windows:
             warm_up_compiled(self.dtype)  # compiled (or loaded) now, not in the first requests' steps
         if self.mode == "compiled" and self.dtype not in COMPILED_DTYPES:
             logger.warning("tkernels: %s=compiled runs float32 and bfloat16 caches, not %s: the vectorised PyTorch "
@@ -191,7 +192,7 @@ class TkernelsAttentionMetadataBuilder(AttentionMetadataBuilder[TkernelsAttentio
         batch = (m.query_start_loc, m.seq_lens, m.block_table_tensor)
         if window in self.native_windows:
             return plan_native_cpu_attention(describe_batch(*batch, **layout), m.block_table_tensor, self.block_size)
-        if self.mode in ("native", "compiled") and self.dtype in COMPILED_DTYPES:
+        if self.compiled:
             return plan_compiled_attention(*batch, **layout)
         if self.mode in ("torch", "native", "compiled"):
             return plan_torch_attention(*batch, **layout)

@@ -49,9 +49,10 @@ CPU_ATTENTION_ENV = "TKERNELS_VLLM_CPU_ATTENTION"
 # vLLM-CPU ignores --attention-backend and always runs its CPU_ATTN backend, which has no tree
 # mask: the tree proposer there needs tkernels' attention in its place, asked for with
 # TKERNELS_VLLM_CPU_ATTENTION: "native" runs vLLM-CPU's own compiled extend-attention kernel with
-# a tree mask (plugins/vllm/cpu_attention.py: bf16/fp16 without a sliding window; other KV-cache
-# groups run "torch"); "compiled" runs tkernels.attention.compiled_path (a compiled loop over the
-# paged cache, fp32 and bf16 caches; others run "torch"); "torch" runs tkernels.attention.torch_path (vectorised PyTorch, planned
+# a tree mask (plugins/vllm/cpu_attention.py: bf16 without a sliding window or softcap, where
+# vLLM-CPU's build has the op; other layers run "compiled"); "compiled" runs
+# tkernels.attention.compiled_path (a compiled loop over the paged cache, fp32 and bf16 caches;
+# others run "torch"); "torch" runs tkernels.attention.torch_path (vectorised PyTorch, planned
 # once per step); "reference" runs the plain-PyTorch reference (a
 # Python loop per request and layer; slow, kept to check against); both verify and compact with
 # the torch references; "interpreter" runs tkernels' Triton kernels under Triton's CPU

@@ -85,9 +85,9 @@ def attend(q, k_cache, v_cache, bf16, out, table, items, cu, ctx, tree, ancestor
         s = np.empty((rows, tile), np.float32)
         seen = np.empty((nq, tile), np.bool_)
         two_n = np.empty(tile, np.int32)  # exponent bits of the exps' 2^n factors
-        # A tile of K and V rows in fp32 (as bits, to widen bf16; zeros to start with: rows past
-        # a tile's keys stay finite).
-        bits = np.zeros(2 * D * tile, np.uint32)
+        # A tile of K and V rows in fp32 (as bits, to widen bf16); only a tile's first nk rows,
+        # and scores' first nk columns, are written and read.
+        bits = np.empty(2 * D * tile, np.uint32)
         kb = bits[:D * tile].view(np.float32).reshape((tile, D))
         vb = bits[D * tile:].view(np.float32).reshape((tile, D))
         kb_bits = bits[:D * tile].reshape((tile, D))
@@ -123,13 +123,13 @@ def attend(q, k_cache, v_cache, bf16, out, table, items, cu, ctx, tree, ancestor
                 for row in range(rows):
                     for j in range(nk):
                         s[row, j] = softcap * np.tanh(s[row, j] / softcap)
-            # Visibility: only tiles with new tokens, past the window's edge or partial.
-            if k0 + tile > prefix or window > 0 or k0 < key_lo or nk < tile:
+            # Visibility: only tiles with new tokens or past the window's edge.
+            if k0 + nk > prefix or window > 0 or k0 < key_lo:
                 for i in range(nq):
                     node = first + q0 + i
-                    for j in range(tile):
+                    for j in range(nk):
                         key = k0 + j
-                        ok = key >= key_lo and j < nk
+                        ok = key >= key_lo
                         if ok and key >= prefix:
                             new = key - prefix
                             if tree[r]:
@@ -143,7 +143,7 @@ def attend(q, k_cache, v_cache, bf16, out, table, items, cu, ctx, tree, ancestor
                         seen[i, j] = ok
                 for i in range(nq):
                     for g in range(G):
-                        for j in range(tile):
+                        for j in range(nk):
                             if not seen[i, j]:
                                 s[i * G + g, j] = -np.inf
             for row in range(rows):

@@ -103,7 +103,7 @@ def plan_compiled_attention(
         ancestors = np.zeros((ancestors.shape[0], 1), np.int64)
     return CompiledAttentionPlan(
         table=np.ascontiguousarray(block_table.cpu().numpy(), dtype=np.int32), items=items,
-        cu=np.concatenate([[0], np.cumsum(q_len)]).astype(np.int64), ctx=layout.ctx.numpy().astype(np.int64),
+        cu=np.concatenate([[0], np.cumsum(q_len)]).astype(np.int64), ctx=ctx.astype(np.int64),
         tree=layout.tree_req.numpy().astype(np.bool_), ancestors=np.ascontiguousarray(ancestors, dtype=np.int64),
         positions=layout.positions.numpy().astype(np.int64), window=layout.window or 0, long=long,
         short_rows=short_rows, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, block_size=block_size)
