@@ -64,6 +64,7 @@ def attention_builder(num_blocks: int):
     builder.exact_host_seq_lens = True
     builder.mode = None  # a GPU's: the Triton kernel's plan (not a CPU attention mode)
     builder.native_windows = set()  # no window runs vLLM-CPU's kernel (TKERNELS_VLLM_CPU_ATTENTION=native)
+    builder.compiled = False  # nor the compiled CPU path (=compiled)
     return builder
 
 
