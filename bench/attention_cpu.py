@@ -6,7 +6,7 @@
     python bench/attention_cpu.py [--batches 8,26] [--dtypes float32,bfloat16] [--repeats 15]
         [--note "2-core VM, loaded"] [--out bench/results/attention_cpu_vm.json]
 
-Shapes: 9 query heads, 3 KV heads, head size 64, block size 16 (SmolLM2-135M), contexts drawn
+Shapes: 9 query heads, 3 KV heads, head size 64 (SmolLM2-135M), block size 128 (vLLM-CPU's), contexts drawn
 uniformly from 100..1000 (seeded). Cases per batch size B: ``decode`` (B one-token decodes),
 ``tree9`` (B trees of 9 nodes, random BFS parents: the tree proposer at K = 8) and
 ``tree9+prefill`` (the same plus one 256-token prefill chunk after a 256-token prefix). vLLM's
@@ -19,9 +19,10 @@ new tokens' K/V from their cache slots, as the layer's inputs.
 
 Per case and implementation: ``layer_ms`` (median of ``--repeats`` calls after one warm-up:
 the per-layer cost, paid by every layer of a step) and ``plan_ms`` (the per-step part: tkernels'
-``plan_torch_attention`` / vLLM's scheduler metadata; the reference has none). One process, the
-machine's torch threads; the times are only comparable within one run (``load_before``/
-``load_after``: the 1-minute load average around it).
+planners / vLLM's scheduler metadata; the reference has none). The contenders of a case are
+timed in the same rounds, one call each per round (a VM's speed drifts within a minute). One
+process, the machine's torch threads; the times are only comparable within one run
+(``load_before``/``load_after``: the 1-minute load average around it).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from tkernels.attention import mixed_attention_reference, mixed_attention_torch,
 from tkernels.attention.batch import random_paged_batch
 from tkernels.attention.compiled_path import mixed_attention_compiled, plan_compiled_attention
 
-HQ, HKV, HEAD, BLOCK = 9, 3, 64, 16
+HQ, HKV, HEAD, BLOCK = 9, 3, 64, 128
 TREE_NODES, PREFILL, PREFILL_PREFIX = 9, 256, 256
 
 
@@ -60,14 +61,18 @@ def case_batch(case: str, batch: int, dtype: torch.dtype, seed: int):
     return b
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def timed_together(fns: dict, repeats: int) -> dict[str, float]:
+    """Median ms per call of each function, timed in ``repeats`` rounds that call each once (after
+    one warm-up call each)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def vllm_op(b, dtype: torch.dtype):
@@ -138,8 +143,10 @@ def native_op(b, dtype: torch.dtype):
 
 def run_case(case: str, batch: int, dtype: torch.dtype, repeats: int) -> list[dict]:
     b = case_batch(case, batch, dtype, seed=batch)
-    records = []
     ref = mixed_attention_reference(*b.inputs(), **b.tree_kwargs())
+    common = {"case": case, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
+              "tokens": b.q.shape[0], "max_ctx": int(b.seq_lens.max())}
+    contenders = {}  # impl -> (per-step plan fn or None, per-layer fn, output checked against the reference)
 
     def plan():
         return plan_torch_attention(b.cu_seqlens_q, b.seq_lens, b.block_table, num_q_heads=HQ, num_kv_heads=HKV,
@@ -147,15 +154,8 @@ def run_case(case: str, batch: int, dtype: torch.dtype, repeats: int) -> list[di
                                     **b.tree_kwargs())
 
     p = plan()
-    err = (mixed_attention_torch(b.q, b.k_cache, b.v_cache, p).float() - ref.float()).abs().max().item()
-    common = {"case": case, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
-              "tokens": b.q.shape[0], "max_ctx": int(b.seq_lens.max())}
-    records.append({**common, "impl": "tkernels_torch", "plan_ms": timed(plan, repeats),
-                    "layer_ms": timed(lambda: mixed_attention_torch(b.q, b.k_cache, b.v_cache, p), repeats),
-                    "max_abs_err": err})
-    records.append({**common, "impl": "tkernels_reference", "plan_ms": 0.0,
-                    "layer_ms": timed(lambda: mixed_attention_reference(*b.inputs(), **b.tree_kwargs()),
-                                      max(3, repeats // 5))})
+    contenders["tkernels_torch"] = (plan, lambda: mixed_attention_torch(b.q, b.k_cache, b.v_cache, p), True)
+    contenders["tkernels_reference"] = (None, lambda: mixed_attention_reference(*b.inputs(), **b.tree_kwargs()), False)
 
     def plan_compiled():
         return plan_compiled_attention(b.cu_seqlens_q, b.seq_lens, b.block_table, num_q_heads=HQ, num_kv_heads=HKV,
@@ -164,27 +164,23 @@ def run_case(case: str, batch: int, dtype: torch.dtype, repeats: int) -> list[di
 
     pc = plan_compiled()
     out = torch.empty_like(b.q)
-
-    def compiled():
-        return mixed_attention_compiled(b.q, b.k_cache, b.v_cache, pc, out=out)
-
-    records.append({**common, "impl": "tkernels_compiled", "plan_ms": timed(plan_compiled, repeats),
-                    "layer_ms": timed(compiled, repeats), "max_abs_err": (compiled().float() - ref.float()).abs().max().item()})
+    contenders["tkernels_compiled"] = (plan_compiled, lambda: mixed_attention_compiled(b.q, b.k_cache, b.v_cache, pc,
+                                                                                       out=out), True)
     native = native_op(b, dtype)
     if native is not None:
-        plan_fn, layer = native
-        records.append({**common, "impl": "tkernels_native", "plan_ms": timed(plan_fn, repeats),
-                        "layer_ms": timed(layer, repeats),
-                        "max_abs_err": (layer().float() - ref.float()).abs().max().item()})
+        contenders["tkernels_native"] = (*native, True)
     vllm = vllm_op(b, dtype)
     if vllm is not None:
         metadata, layer, isa = vllm
-        rec = {**common, "impl": f"vllm_cpu_attn ({isa}, causal)", "plan_ms": timed(metadata, repeats),
-               "layer_ms": timed(layer, repeats)}
-        if case == "decode":
-            rec["max_abs_err"] = (layer().float() - ref.float()).abs().max().item()
-        records.append(rec)
-    return records
+        contenders[f"vllm_cpu_attn ({isa}, causal)"] = (metadata, layer, case == "decode")  # no tree mask
+    # Every contender's output checked before timing, then all timed in the same rounds (the
+    # VM's speed drifts by tens of percent within a minute: interleaved, the ratios hold).
+    errors = {impl: (layer().float() - ref.float()).abs().max().item()
+              for impl, (_, layer, checked) in contenders.items() if checked}
+    layer_ms = timed_together({impl: layer for impl, (_, layer, _) in contenders.items()}, repeats)
+    plan_ms = timed_together({impl: plan_fn for impl, (plan_fn, _, _) in contenders.items() if plan_fn}, repeats)
+    return [{**common, "impl": impl, "plan_ms": plan_ms.get(impl, 0.0), "layer_ms": layer_ms[impl],
+             **({"max_abs_err": errors[impl]} if impl in errors else {})} for impl in contenders]
 
 
 def main(argv: list[str] | None = None) -> int:

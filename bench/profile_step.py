@@ -177,6 +177,32 @@ def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int,
             "verify_steps": _summary(verifying)}
 
 
+def _rounds_summary(records: list[dict]) -> dict:
+    """Per method, the median over rounds of the verification steps' ms per step (whole step and
+    attention kernel) and of tokens/s; per round, each method's verification step over the first
+    method's (the ratios the engine target is about)."""
+    methods = list(dict.fromkeys(r["method"] for r in records))
+
+    def median(values):
+        values = sorted(values)
+        return (values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2
+
+    def step_ms(r, part="step"):
+        return r["verify_steps"]["ms_per_step"].get(part, 0.0)
+
+    summary = {m: {"verify_step_ms": median([step_ms(r) for r in records if r["method"] == m]),
+                   "verify_attention_kernel_ms": median([step_ms(r, "attention_kernel") for r in records
+                                                        if r["method"] == m]),
+                   "tokens_per_s": median([r["tokens_per_s"] for r in records if r["method"] == m])}
+               for m in methods}
+    rounds = sorted({r["round"] for r in records})
+    summary["verify_step_ratio_per_round"] = {
+        f"{m}/{methods[0]}": [step_ms(next(r for r in records if r["round"] == i and r["method"] == m))
+                              / step_ms(next(r for r in records if r["round"] == i and r["method"] == methods[0]))
+                              for i in rounds] for m in methods[1:]}
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2")
@@ -189,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--category", help="only this Spec-Bench category's questions (e.g. summarization: long "
                         "prompts, where ngram's lookup drafts K tokens almost every step)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="every method's dtype")
+    parser.add_argument("--rounds", type=int, default=1, help="run every method this many times, in turn")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # one method, in this process
     parser.add_argument("--note", default="", help="machine and load, recorded in the JSON (e.g. '2-core VM, loaded')")
     parser.add_argument("--out", type=Path)
@@ -198,28 +225,36 @@ def main(argv: list[str] | None = None) -> int:
                              args.cpu_attention, args.dtype, args.category)))
         return 0
     records = []
-    for method in args.methods.split(","):
-        out = subprocess.run([sys.executable, __file__, "--method", method, "--model", args.model, "--questions",
-                              str(args.questions), "--max-tokens", str(args.max_tokens), "--num-spec-tokens",
-                              str(args.num_spec_tokens), "--cpu-attention", args.cpu_attention, "--dtype", args.dtype]
-                             + (["--category", args.category] if args.category else []),
-                             capture_output=True, text=True, timeout=3600)
-        if out.returncode:
-            print(out.stderr[-3000:], file=sys.stderr)
-            return out.returncode
-        records.append(json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{"))))
-    for title, views in (("every step", records), ("verification steps", [r["verify_steps"] for r in records])):
-        names = sorted({k for r in views for k in r["ms_per_step"]}, key=lambda k: (k == "step", k))
-        print(f"{'ms per step':<24}" + "".join(f"{r['method']:>12}" for r in records) + f"   ({title})")
-        for name in names:
-            print(f"{name:<24}" + "".join(f"{r['ms_per_step'].get(name, 0.0):>12.2f}" for r in views))
-        for name in ("rows", "prefill_rows", "scheduled_tokens", "draft_tokens"):
-            print(f"{name + ' / step':<24}" + "".join(f"{r['per_step'].get(name, 0.0):>12.1f}" for r in views))
-        print(f"{'steps':<24}" + "".join(f"{r['steps']:>12}" for r in views))
-    print(f"{'tokens/s':<24}" + "".join(f"{r['tokens_per_s']:>12.1f}" for r in records))
+    # Rounds of every method in turn: a VM's speed drifts by tens of percent between minutes, so
+    # each round's ratios are the comparison and the summary takes medians over rounds.
+    for round_ in range(args.rounds):
+        for method in args.methods.split(","):
+            out = subprocess.run([sys.executable, __file__, "--method", method, "--model", args.model, "--questions",
+                                  str(args.questions), "--max-tokens", str(args.max_tokens), "--num-spec-tokens",
+                                  str(args.num_spec_tokens), "--cpu-attention", args.cpu_attention, "--dtype",
+                                  args.dtype] + (["--category", args.category] if args.category else []),
+                                 capture_output=True, text=True, timeout=3600)
+            if out.returncode:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return out.returncode
+            record = json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("{")))
+            records.append({"round": round_, **record})
+    for round_ in range(args.rounds):
+        runs = [r for r in records if r["round"] == round_]
+        for title, views in (("every step", runs), ("verification steps", [r["verify_steps"] for r in runs])):
+            names = sorted({k for r in views for k in r["ms_per_step"]}, key=lambda k: (k == "step", k))
+            print(f"{'ms per step':<24}" + "".join(f"{r['method']:>12}" for r in runs) + f"   ({title}, round {round_})")
+            for name in names:
+                print(f"{name:<24}" + "".join(f"{r['ms_per_step'].get(name, 0.0):>12.2f}" for r in views))
+            for name in ("rows", "prefill_rows", "scheduled_tokens", "draft_tokens"):
+                print(f"{name + ' / step':<24}" + "".join(f"{r['per_step'].get(name, 0.0):>12.1f}" for r in views))
+            print(f"{'steps':<24}" + "".join(f"{r['steps']:>12}" for r in views))
+        print(f"{'tokens/s':<24}" + "".join(f"{r['tokens_per_s']:>12.1f}" for r in runs))
+    summary = _rounds_summary(records)
+    print(json.dumps(summary, indent=1))
     if args.out:
-        args.out.write_text(json.dumps({"workload": vars(args) | {"out": str(args.out)}, "records": records},
-                                       indent=1) + "\n")
+        args.out.write_text(json.dumps({"workload": vars(args) | {"out": str(args.out)}, "summary": summary,
+                                        "records": records}, indent=1) + "\n")
     return 0
 
 

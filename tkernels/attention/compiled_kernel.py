@@ -4,8 +4,8 @@ longest context), online softmax in fp32.
 
 :func:`attend` is the kernel; :mod:`tkernels.attention.compiled_path` plans a step's work items
 and launches it per layer; :func:`tkernels.attention.mixed_attention_reference` is the reference
-it is tested against. bf16 caches are read as their raw 16-bit patterns and widened to fp32 in
-registers (``bits << 16``: exact); fp32 caches directly.
+it is tested against. fp32 caches are read in place; bf16 caches as their raw 16-bit patterns,
+widened exactly to fp32 (``bits << 16``) into a tile of keys.
 """
 
 from __future__ import annotations
@@ -49,21 +49,26 @@ def _exp_shifted(row, n, top, two_n):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def attend(q, k_cache, v_cache, bf16, out, table, items, cu, ctx, tree, ancestors, positions, window, scale, softcap):
+def attend(q, k32, v32, k16, v16, bf16, layout, out, table, items, cu, ctx, tree, ancestors, positions, window, scale,
+           softcap):
     """One layer's attention for every work item, in parallel over items x KV heads.
 
-    ``q`` float32 [T, Hq, D]; ``k_cache``/``v_cache`` [num_blocks, block_size, Hkv, D], float32,
-    or int16 holding bf16 bit patterns when ``bf16``; ``out`` float32 [T, Hq, D] (rows of the
-    items' queries written); ``table`` int32 [B, max_blocks]; ``items`` int64 [N, 3]: (request,
-    first query, end query) of the request's new tokens; ``cu`` int64 [B + 1] query rows;
-    ``ctx`` int64 [B] context incl. the new tokens; ``tree`` bool [B]; ``ancestors`` int64
+    ``q`` float32 [T, Hq, D]; the caches [num_blocks, block_size, Hkv, D] as flat arrays over
+    their storage (``k32``/``v32`` float32, or ``k16``/``v16`` int16 holding bf16 bit patterns
+    when ``bf16``; the other pair is unused), ``layout`` int64 (block_size, Hkv, D, then K's and
+    V's element strides of block, slot and head; D's is 1); ``out`` float32 [T, Hq, D] (rows of
+    the items' queries written); ``table`` int32 [B, max_blocks]; ``items`` int64 [N, 3]:
+    (request, first query, end query) of the request's new tokens; ``cu`` int64 [B + 1] query
+    rows; ``ctx`` int64 [B] context incl. the new tokens; ``tree`` bool [B]; ``ancestors`` int64
     [T, words] ancestor-or-self bits of tree nodes; ``positions`` int64 [T]; ``window`` (0:
     none); ``softcap`` (0: none). Keys a query sees: the request's cached prefix, and among its
     new tokens the causal ones (``j <= i``), or on trees its ancestors; within ``window`` of its
-    position where one is set. Every query sees at least its own key."""
-    block_size = k_cache.shape[1]
-    num_kv = k_cache.shape[2]
-    D = k_cache.shape[3]
+    position where one is set. Every query sees at least its own key.
+
+    fp32 caches are read in place; bf16 rows are first widened into a tile. Row offsets are
+    unsigned: a signed computed index costs a negative-index check per element, which stops the
+    dot products and updates from vectorising (5x slower)."""
+    block_size, num_kv, D = layout[0], layout[1], layout[2]
     G = q.shape[1] // num_kv
     tile = max(block_size, (KEY_TILE // block_size) * block_size)  # keys per step of the online softmax
     for task in prange(items.shape[0] * num_kv):
@@ -85,13 +90,14 @@ def attend(q, k_cache, v_cache, bf16, out, table, items, cu, ctx, tree, ancestor
         s = np.empty((rows, tile), np.float32)
         seen = np.empty((nq, tile), np.bool_)
         two_n = np.empty(tile, np.int32)  # exponent bits of the exps' 2^n factors
-        # A tile of K and V rows in fp32 (as bits, to widen bf16); only a tile's first nk rows,
-        # and scores' first nk columns, are written and read.
-        bits = np.empty(2 * D * tile, np.uint32)
-        kb = bits[:D * tile].view(np.float32).reshape((tile, D))
-        vb = bits[D * tile:].view(np.float32).reshape((tile, D))
-        kb_bits = bits[:D * tile].reshape((tile, D))
-        vb_bits = bits[D * tile:].reshape((tile, D))
+        k_at = np.empty(tile, np.uint64)  # where the tile's K and V rows start in k_src / v_src
+        v_at = np.empty(tile, np.uint64)
+        # bf16: the tile's K and V rows widened to fp32 (as bits); rows j at j * D.
+        bits = np.empty(2 * D * tile if bf16 else 0, np.uint32)
+        k_src, v_src = k32, v32
+        if bf16:
+            k_src = bits[:D * tile].view(np.float32)
+            v_src = bits[D * tile:].view(np.float32)
         key_end = prefix + q1  # causal or tree: no query of the item sees a later key
         key_lo = 0
         if window > 0:
@@ -103,22 +109,38 @@ def attend(q, k_cache, v_cache, bf16, out, table, items, cu, ctx, tree, ancestor
             nk = min(tile, key_end - k0)
             for j in range(nk):
                 key = k0 + j
-                page = table[r, key // block_size]
-                slot = key % block_size
+                page, slot = table[r, key // block_size], key % block_size
+                k_row = np.uint64(page * layout[3] + slot * layout[4] + h * layout[5])
+                v_row = np.uint64(page * layout[6] + slot * layout[7] + h * layout[8])
                 if bf16:
+                    at = np.uint64(j * D)
                     for d in range(D):
-                        kb_bits[j, d] = np.uint32(np.uint16(k_cache[page, slot, h, d])) << np.uint32(16)
-                        vb_bits[j, d] = np.uint32(np.uint16(v_cache[page, slot, h, d])) << np.uint32(16)
-                else:
+                        bits[at + np.uint64(d)] = np.uint32(np.uint16(k16[k_row + np.uint64(d)])) << np.uint32(16)
+                    at += np.uint64(D * tile)
                     for d in range(D):
-                        kb[j, d] = k_cache[page, slot, h, d]
-                        vb[j, d] = v_cache[page, slot, h, d]
-            for j in range(nk):  # scores: dot products of contiguous rows (vectorised reductions)
+                        bits[at + np.uint64(d)] = np.uint32(np.uint16(v16[v_row + np.uint64(d)])) << np.uint32(16)
+                    k_row = v_row = np.uint64(j * D)
+                k_at[j], v_at[j] = k_row, v_row
+            j = 0
+            while j + 4 <= nk:  # scores: four keys per pass over a query row (four vectorised reductions)
+                a0, a1, a2, a3 = k_at[j], k_at[j + 1], k_at[j + 2], k_at[j + 3]
+                for row in range(rows):
+                    d0 = d1 = d2 = d3 = np.float32(0.0)
+                    for d in range(D):
+                        x, e = qb[row, d], np.uint64(d)
+                        d0 += x * k_src[a0 + e]
+                        d1 += x * k_src[a1 + e]
+                        d2 += x * k_src[a2 + e]
+                        d3 += x * k_src[a3 + e]
+                    s[row, j], s[row, j + 1], s[row, j + 2], s[row, j + 3] = d0, d1, d2, d3
+                j += 4
+            for jj in range(j, nk):
+                a0 = k_at[jj]
                 for row in range(rows):
                     dot = np.float32(0.0)
                     for d in range(D):
-                        dot += qb[row, d] * kb[j, d]
-                    s[row, j] = dot
+                        dot += qb[row, d] * k_src[a0 + np.uint64(d)]
+                    s[row, jj] = dot
             if softcap > 0:
                 for row in range(rows):
                     for j in range(nk):
@@ -162,13 +184,15 @@ def attend(q, k_cache, v_cache, bf16, out, table, items, cu, ctx, tree, ancestor
                 j = 0
                 while j + 4 <= nk:  # four keys per pass over the row's accumulator
                     p0, p1, p2, p3 = s[row, j], s[row, j + 1], s[row, j + 2], s[row, j + 3]
+                    a0, a1, a2, a3 = v_at[j], v_at[j + 1], v_at[j + 2], v_at[j + 3]
                     for d in range(D):
-                        acc[row, d] += p0 * vb[j, d] + p1 * vb[j + 1, d] + p2 * vb[j + 2, d] + p3 * vb[j + 3, d]
+                        e = np.uint64(d)
+                        acc[row, d] += p0 * v_src[a0 + e] + p1 * v_src[a1 + e] + p2 * v_src[a2 + e] + p3 * v_src[a3 + e]
                     j += 4
                 for jj in range(j, nk):
-                    p = s[row, jj]
+                    p, a0 = s[row, jj], v_at[jj]
                     for d in range(D):
-                        acc[row, d] += p * vb[jj, d]
+                        acc[row, d] += p * v_src[a0 + np.uint64(d)]
                 m[row] = top
         for i in range(nq):
             for g in range(G):

@@ -141,15 +141,18 @@ def mixed_attention_compiled(
     softcap = 0.0 if softcap is None else real("softcap", softcap, positive=True)
     out = torch.empty_like(q) if out is None else out
     bf16 = k_cache.dtype == torch.bfloat16
-    k, v = ((c.view(torch.int16) if bf16 else c).numpy() for c in (k_cache, v_cache))
+    (k, k_strides), (v, v_strides) = (_flat(c.view(torch.int16) if bf16 else c) for c in (k_cache, v_cache))
+    unused = np.empty(0, np.float32 if bf16 else np.int16)
+    k32, v32, k16, v16 = (unused, unused, k, v) if bf16 else (k, v, unused, unused)
+    layout = np.array([block_size, Hkv, D, *k_strides, *v_strides], np.int64)
     result = np.empty((T, Hq, D), np.float32)
     # torch's thread count (what the server gave its forward pass), items x heads dealt one at a
     # time (they differ in length).
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     chunk = numba.set_parallel_chunksize(1)
     try:
-        attend(q.float().contiguous().numpy(), k, v, bf16, result, plan.table, plan.items, plan.cu, plan.ctx, plan.tree,
-               plan.ancestors, plan.positions, plan.window, np.float32(scale), np.float32(softcap))
+        attend(q.float().contiguous().numpy(), k32, v32, k16, v16, bf16, layout, result, plan.table, plan.items, plan.cu,
+               plan.ctx, plan.tree, plan.ancestors, plan.positions, plan.window, np.float32(scale), np.float32(softcap))
     finally:
         numba.set_parallel_chunksize(chunk)
     if plan.long is None:
@@ -158,6 +161,17 @@ def mixed_attention_compiled(
     out[plan.short_rows] = torch.from_numpy(result)[plan.short_rows].to(out.dtype)
     mixed_attention_torch(q, k_cache, v_cache, plan.long, scale, softcap=softcap or None, out=out)
     return out
+
+
+def _flat(cache: torch.Tensor) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A cache [blocks, block_size, kv_heads, D] as a flat array over the storage it spans (a
+    view: vLLM's K and V are halves of one tensor) and its block, slot and head strides in
+    elements; rows (D) contiguous, copied where they are not."""
+    if cache.stride(-1) != 1:
+        cache = cache.contiguous()
+    span = 0 if cache.numel() == 0 else 1 + sum((n - 1) * stride for n, stride in zip(cache.shape, cache.stride()))
+    flat = torch.as_strided(cache, (span,), (1,), cache.storage_offset())
+    return flat.numpy(), cache.stride()[:3]
 
 
 def warm_up(dtype: torch.dtype) -> None:
