@@ -146,6 +146,9 @@ def test_errors_name_the_argument():
         mixed_attention_compiled(b.q[:2], b.k_cache, b.v_cache, compiled)
     with pytest.raises(ValueError, match="^plan: must be a CompiledAttentionPlan"):
         mixed_attention_compiled(b.q, b.k_cache, b.v_cache, plan)
+    # the loop reads the cache without bounds checks: a cache smaller than the one the table was checked against is refused
+    with pytest.raises(ValueError, match="^plan: was built for another batch, head layout, block size or cache size"):
+        mixed_attention_compiled(b.q, b.k_cache[:-1], b.v_cache[:-1], compiled)
     with pytest.raises(ValueError, match="^k_cache: must be float32 or bfloat16"):
         mixed_attention_compiled(b.q.half(), b.k_cache.half(), b.v_cache.half(), compiled)
     assert isinstance(compiled, CompiledAttentionPlan)

@@ -52,6 +52,7 @@ class CompiledAttentionPlan:
     num_q_heads: int
     num_kv_heads: int
     block_size: int
+    num_blocks: int  # the caches' blocks the table was checked against (the loop reads without bounds checks)
 
     @property
     def num_tokens(self) -> int:
@@ -106,7 +107,8 @@ def plan_compiled_attention(
         cu=np.concatenate([[0], np.cumsum(q_len)]).astype(np.int64), ctx=ctx.astype(np.int64),
         tree=layout.tree_req.numpy().astype(np.bool_), ancestors=np.ascontiguousarray(ancestors, dtype=np.int64),
         positions=layout.positions.numpy().astype(np.int64), window=layout.window or 0, long=long,
-        short_rows=short_rows, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, block_size=block_size)
+        short_rows=short_rows, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, block_size=block_size,
+        num_blocks=num_blocks)
 
 
 def mixed_attention_compiled(
@@ -131,8 +133,9 @@ def mixed_attention_compiled(
     _, block_size, Hkv, _ = k_cache.shape
     if not isinstance(plan, CompiledAttentionPlan):
         _fail("plan", f"must be a CompiledAttentionPlan (plan_compiled_attention), got {type(plan).__name__}")
-    if (plan.num_tokens, plan.num_q_heads, plan.num_kv_heads, plan.block_size) != (T, Hq, Hkv, block_size):
-        _fail("plan", "was built for another batch, head layout or block size")
+    if (plan.num_tokens, plan.num_q_heads, plan.num_kv_heads, plan.block_size, plan.num_blocks) != \
+            (T, Hq, Hkv, block_size, k_cache.shape[0]):
+        _fail("plan", "was built for another batch, head layout, block size or cache size")
     if q.device.type != "cpu":
         _fail("q", f"must be on the CPU for the compiled CPU attention, got {q.device}")
     if k_cache.dtype not in COMPILED_DTYPES:
