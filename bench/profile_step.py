@@ -43,6 +43,7 @@ import argparse
 import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -183,13 +184,10 @@ def _rounds_summary(records: list[dict]) -> dict:
     method's (the ratios the engine target is about)."""
     methods = list(dict.fromkeys(r["method"] for r in records))
 
-    def median(values):
-        values = sorted(values)
-        return (values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2
-
     def step_ms(r, part="step"):
         return r["verify_steps"]["ms_per_step"].get(part, 0.0)
 
+    median = statistics.median
     summary = {m: {"verify_step_ms": median([step_ms(r) for r in records if r["method"] == m]),
                    "verify_attention_kernel_ms": median([step_ms(r, "attention_kernel") for r in records
                                                         if r["method"] == m]),

@@ -3,6 +3,7 @@
 GPU time is scarce; a benchmark broken by a change should fail here, not on a lent GPU.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -22,16 +23,10 @@ def test_bench_suite_runs_on_tiny_shapes():
     assert not list((ROOT / "bench" / "results").glob("cpu*.json"))
 
 
-def test_cpu_attention_side_by_side_runs(tmp_path):
+def test_cpu_attention_side_by_side_runs(tmp_path, bench_script):
     """bench/attention_cpu.py on a small case: every contender's output checked against the
     reference (tkernels' paths) and timed in the same rounds."""
-    import json
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import attention_cpu
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    attention_cpu = bench_script("attention_cpu")
     out = tmp_path / "att.json"
     assert attention_cpu.main(["--batches", "2", "--dtypes", "float32", "--cases", "decode,tree9", "--repeats", "1",
                                "--out", str(out)]) == 0
@@ -44,13 +39,9 @@ def test_cpu_attention_side_by_side_runs(tmp_path):
             assert r["max_abs_err"] < 1e-4
 
 
-def test_step_profile_rounds_summary():
+def test_step_profile_rounds_summary(bench_script):
     """bench/profile_step.py's summary over rounds: medians per method, per-round ratios."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import profile_step
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    profile_step = bench_script("profile_step")
 
     def record(round_, method, step, kernel, tps):
         return {"round": round_, "method": method, "tokens_per_s": tps,

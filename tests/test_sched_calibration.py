@@ -178,19 +178,15 @@ def test_tree_size_follows_the_machine():
     assert all(len(h100.choose(b, 64)) > c for b, c in zip((1, 4, 32), cpu_sizes))
 
 
-def test_measured_rates_reach_every_reader_through_the_config_folder(tmp_path, monkeypatch):
+def test_measured_rates_reach_every_reader_through_the_config_folder(tmp_path, monkeypatch, bench_script):
     """bench/serve.py's cpu.json (measured rates only) is a valid config, and the readers of
     the per-GPU config (the scheduler's policy, the tree proposer's LatencyRates.from_config)
     get the measured rates from it."""
-    import importlib.util
     from dataclasses import asdict
-    from pathlib import Path
 
     from tkernels import config
 
-    spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).parents[1] / "bench" / "serve.py")
-    serve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(serve)
+    serve = bench_script("serve")
     path = serve.write_cpu_config(tmp_path, asdict(CPU), "a test")
     assert config.load(path)["latency_model"]["source"] == "a test"
     monkeypatch.setenv(config.ENV_CONFIG_DIR, str(tmp_path))

@@ -1,8 +1,6 @@
 """The MAT harness (bench/spec_mat.py) is lossless: speculative output == greedy, token for token."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +10,9 @@ from tkernels.data import Question
 pytest.importorskip("transformers")
 pytest.importorskip("tkernels.spec.verify", reason="verification (tkernels.spec.verify) not available yet")
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "spec_mat.py"
-
-
 @pytest.fixture(scope="module")
-def spec_mat():
-    spec = importlib.util.spec_from_file_location("spec_mat", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def spec_mat(bench_script):
+    return bench_script("spec_mat")
 
 
 @pytest.fixture(scope="module")

