@@ -226,7 +226,7 @@ def test_the_batched_calibration_records_what_a_per_tree_loop_would(rng):
 
 
 def test_the_kernels_fp16_reads_and_probability_bins_are_the_references():
-    """:func:`half_to_float` (ldexp) is torch's fp16 -> float on every bit pattern, and the TR
+    """:func:`half_to_float` (integer bits) is torch's fp16 -> float on every bit pattern, and the TR
     estimate's probability bin from exponent bits is ``floor(-log2(p))`` (accept_prob_host's) on
     every positive finite fp16 value and the 1e-30 floor."""
     import math

@@ -53,16 +53,19 @@ def _get(table, key):
 
 @njit(cache=True, inline="always")
 def half_to_float(bits):
-    """The value of fp16 ``bits`` (uint16) as float64, exactly (torch's fp16 -> float)."""
-    b = np.int64(bits)
-    sign = -1.0 if b & 0x8000 else 1.0
+    """The value of fp16 ``bits`` (uint16) as float64, exactly (torch's fp16 -> float): a normal,
+    infinite or NaN half becomes the float32 of the same sign, exponent rebiased and mantissa
+    widened, built in integer bits (no libm call per read: the drafters read a stored
+    probability per candidate); a subnormal is its mantissa times 2**-24."""
+    b = np.uint32(bits)
+    sign = (b & 0x8000) << 16
     e = (b >> 10) & 0x1F
     m = b & 0x3FF
     if e == 0:
-        return sign * math.ldexp(m, -24)  # ldexp: exact, and no pow() call per read
-    if e == 31:
-        return sign * math.inf if m == 0 else math.nan
-    return sign * math.ldexp(1024 + m, e - 25)
+        v = np.float64(m) * 5.9604644775390625e-08  # 2**-24: exact
+        return -v if sign else v
+    f = sign | (np.uint32(0x7F800000) if e == 31 else (e + 112) << 23) | (m << 13)
+    return np.float64(np.uint32(f).view(np.float32))
 
 
 @njit(cache=True, inline="always")
