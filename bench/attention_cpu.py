@@ -55,9 +55,11 @@ def case_batch(case: str, batch: int, dtype: torch.dtype, seed: int):
         q, ctx, trees = q + [PREFILL], ctx + [PREFILL + PREFILL_PREFIX], trees + [False]
     b = random_paged_batch(q, ctx, num_q_heads=HQ, num_kv_heads=HKV, head_dim=HEAD, block_size=BLOCK, dtype=dtype,
                            generator=gen, trees=trees, pad_block=0)
-    # The plugin's view of vLLM's cache [blocks, kv_heads, block_size, 2 * head] (K and V halves).
-    kv = torch.cat([b.k_cache, b.v_cache], -1).transpose(1, 2).contiguous()
-    b.k_cache, b.v_cache = kv.transpose(1, 2).split(HEAD, dim=-1)
+    # The plugin's view of vLLM's cache, logical [blocks, kv_heads, block_size, 2 * head] (K and V
+    # halves), in the physical order vLLM-CPU allocates it for the plugin's backend: a slot's heads
+    # side by side ([blocks, block_size, kv_heads, 2 * head], strides as the engine's).
+    kv = torch.cat([b.k_cache, b.v_cache], -1).contiguous()
+    b.k_cache, b.v_cache = kv.split(HEAD, dim=-1)
     return b
 
 

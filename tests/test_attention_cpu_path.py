@@ -151,6 +151,9 @@ def test_errors_name_the_argument():
         mixed_attention_compiled(b.q, b.k_cache[:-1], b.v_cache[:-1], compiled)
     with pytest.raises(ValueError, match="^k_cache: must be float32 or bfloat16"):
         mixed_attention_compiled(b.q.half(), b.k_cache.half(), b.v_cache.half(), compiled)
+    for bad_heads in (0, 3, True, 1.0):
+        with pytest.raises(ValueError, match="^heads_per_task: must be a divisor of the 2 KV heads"):
+            mixed_attention_compiled(b.q, b.k_cache, b.v_cache, compiled, heads_per_task=bad_heads)
     assert isinstance(compiled, CompiledAttentionPlan)
     # The batch checks are the Triton planner's, word for word.
     bad = b.block_table.clone()
@@ -185,3 +188,35 @@ def test_k_and_v_halves_of_one_cache_as_the_vllm_plugin_views_it(physical, path)
         kv = kv.transpose(1, 2).contiguous().transpose(1, 2)
     b.k_cache, b.v_cache = kv.split(32, dim=-1)
     check(b, path=path)
+
+
+@pytest.mark.parametrize("heads_per_task", [1, 2, 4])
+@pytest.mark.parametrize("physical", ["HND", "NHD"])
+@pytest.mark.parametrize("dtype", COMPILED_DTYPES)
+def test_compiled_tasks_of_any_head_group(heads_per_task, physical, dtype):
+    """The compiled loop's tasks take 1, some or all KV heads of an item (packing each tile's rows
+    of those heads); every grouping gives the reference's output, on both physical cache orders,
+    windowed and not, and the default grouping (by batch and threads) too."""
+    gen = torch.Generator().manual_seed(heads_per_task)
+    q_lens, ctxs, trees = mixed(gen, 7)
+    b = random_paged_batch([*q_lens, 9, 1], [*ctxs, 300, 260], num_q_heads=8, num_kv_heads=4, head_dim=32,
+                           block_size=16, dtype=dtype, generator=gen, trees=[*trees, True, False])
+    kv = torch.cat([b.k_cache, b.v_cache], -1)  # [blocks, block_size, kv_heads, 2D]: NHD
+    if physical == "HND":
+        kv = kv.transpose(1, 2).contiguous().transpose(1, 2)
+    b.k_cache, b.v_cache = kv.split(32, dim=-1)
+    for window in (None, 20):
+        ref = mixed_attention_reference(*b.inputs(), 0.2, window=window, **b.tree_kwargs())
+        plan = plan_for(b, window, path="compiled")
+        for heads in (heads_per_task, None):
+            out = mixed_attention_compiled(b.q, b.k_cache, b.v_cache, plan, 0.2, heads_per_task=heads)
+            torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_heads_per_task_leaves_two_tasks_per_thread():
+    from tkernels.attention.compiled_path import _heads_per_task
+
+    assert _heads_per_task(26, 3, 2) == 3  # a server's step: every head of an item in one task
+    assert _heads_per_task(1, 3, 2) == 1  # a lone decode: its heads spread over the threads
+    assert _heads_per_task(2, 8, 2) == 4 and _heads_per_task(1, 8, 4) == 1 and _heads_per_task(3, 8, 2) == 4
+    assert _heads_per_task(0, 2, 2) == 1 and _heads_per_task(5, 1, 2) == 1

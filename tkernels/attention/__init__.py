@@ -21,8 +21,8 @@ tables' layout; its loops numba-compiled in ``plan_compiled.py``, their plain-Py
 (:func:`mixed_attention`), ``reference.py`` (plain PyTorch, one request at a time),
 ``torch_path.py`` (vectorised PyTorch for CPUs: :func:`plan_torch_attention` per step,
 :func:`mixed_attention_torch` per layer), ``compiled_path.py`` (compiled for CPUs, the cache read
-in place: :func:`plan_compiled_attention` per step, :func:`mixed_attention_compiled` per layer;
-its numba loop in ``compiled_kernel.py``). docs/design.md has the design.
+where it lies, no gather: :func:`plan_compiled_attention` per step, :func:`mixed_attention_compiled`
+per layer; its numba loop in ``compiled_kernel.py``). docs/design.md has the design.
 """
 
 from tkernels.attention.compiled_path import CompiledAttentionPlan, mixed_attention_compiled, plan_compiled_attention

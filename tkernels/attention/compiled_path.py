@@ -4,8 +4,10 @@ its keys (cached prefix, causal new tokens or tree ancestors, the sliding window
 
 Two halves, as the other paths: :func:`plan_compiled_attention` once per step (shared by every
 layer: the checked batch as host arrays and the work items) and :func:`mixed_attention_compiled`
-once per layer. Caches in float32 (read in place) or bfloat16 (read as bit patterns, widened
-exactly into a tile of keys); other dtypes run :mod:`tkernels.attention.torch_path`.
+once per layer. Caches in float32 or bfloat16 (read as bit patterns, widened exactly), each
+tile of keys packed head-major by the task that reads it (:mod:`~tkernels.attention.compiled_kernel`
+says why); a task takes an item's KV heads together while the items leave two tasks per
+thread (:func:`_heads_per_task`). Other dtypes run :mod:`tkernels.attention.torch_path`.
 
 Against the vectorised PyTorch path it gathers nothing and pads nothing (a group of requests
 is not padded to its longest context, a tree's mask is not materialised); against vLLM-CPU's
@@ -120,10 +122,12 @@ def mixed_attention_compiled(
     *,
     softcap: float | None = None,
     out: torch.Tensor | None = None,
+    heads_per_task: int | None = None,
 ) -> torch.Tensor:
     """One layer's attention over the paged cache (layout as :func:`tkernels.attention.mixed_attention`'s,
     on the CPU) for the batch ``plan`` describes; returns ``out [T, Hq, D]`` (logits and softmax
-    in fp32, stored in q's dtype)."""
+    in fp32, stored in q's dtype). ``heads_per_task``: KV heads per task of the loop (a divisor
+    of the KV heads; None: :func:`heads_per_task`'s choice for the threads it runs on)."""
     import numba
 
     from tkernels.attention.compiled_kernel import attend
@@ -151,11 +155,17 @@ def mixed_attention_compiled(
     result = np.empty((T, Hq, D), np.float32)
     # torch's thread count (what the server gave its forward pass), items x heads dealt one at a
     # time (they differ in length).
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if heads_per_task is None:
+        heads_per_task = _heads_per_task(plan.items.shape[0], Hkv, threads)
+    elif isinstance(heads_per_task, bool) or not isinstance(heads_per_task, int) or heads_per_task < 1 \
+            or Hkv % heads_per_task:
+        _fail("heads_per_task", f"must be a divisor of the {Hkv} KV heads, got {heads_per_task!r}")
+    numba.set_num_threads(threads)
     chunk = numba.set_parallel_chunksize(1)
     try:
         attend(q.float().contiguous().numpy(), k32, v32, k16, v16, bf16, layout, result, plan.table, plan.items, plan.cu,
-               plan.ctx, plan.tree, plan.ancestors, plan.positions, plan.window, np.float32(scale), np.float32(softcap))
+               plan.ctx, plan.tree, plan.ancestors, plan.positions, plan.window, np.float32(scale), np.float32(softcap), heads_per_task)
     finally:
         numba.set_parallel_chunksize(chunk)
     if plan.long is None:
@@ -164,6 +174,16 @@ def mixed_attention_compiled(
     out[plan.short_rows] = torch.from_numpy(result)[plan.short_rows].to(out.dtype)
     mixed_attention_torch(q, k_cache, v_cache, plan.long, scale, softcap=softcap or None, out=out)
     return out
+
+
+def _heads_per_task(num_items: int, num_kv_heads: int, threads: int) -> int:
+    """The most KV heads one task of the loop takes (a divisor of ``num_kv_heads``) while the
+    items still make two tasks per thread: a task packs its heads' K/V rows of a tile in one
+    sequential read of each key's slot, but a lone decode still spreads its heads over threads."""
+    for heads in range(num_kv_heads, 1, -1):
+        if num_kv_heads % heads == 0 and num_items * (num_kv_heads // heads) >= 2 * threads:
+            return heads
+    return 1
 
 
 def _flat(cache: torch.Tensor) -> tuple[np.ndarray, tuple[int, int, int]]:
