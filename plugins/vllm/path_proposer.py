@@ -14,7 +14,6 @@ import torch
 from tkernels.plugins.vllm import tree as tree_step
 from tkernels.spec import TOP_K, TokenRecycling, TreeShape, host_topk
 from tkernels.spec.drafters import DYNAMIC, DraftTree, TreeDrafter
-from tkernels.spec.token_recycling import top_k_probs
 from tkernels.spec.tree import token_recycling_tree
 
 __all__ = ["TokenRecyclingProposer", "draft_tree"]
@@ -83,7 +82,7 @@ class TokenRecyclingProposer:
                                      f"but model_config.get_vocab_size() is {self.drafter.vocab_size}")
                 if not self._capture:
                     return logits
-                top = top_k_probs(logits, self.drafter.k) if self._capture_probs \
+                top = host_topk.top_k_probs(logits, self.drafter.k) if self._capture_probs \
                     else (host_topk.top_k_ids(logits, self.drafter.k), None)  # compiled on a CPU: every target step pays it
                 # to the host without a sync (read in propose, after vLLM's read of the sampled tokens)
                 n = len(self._captured)

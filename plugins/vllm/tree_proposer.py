@@ -13,10 +13,9 @@ import torch
 
 from tkernels.plugins.vllm.path_proposer import TokenRecyclingProposer, draft_tree
 from tkernels.plugins.vllm.settings import tree_options
-from tkernels.spec import TOP_K, TreeShape
+from tkernels.spec import TOP_K, TreeShape, host_topk
 from tkernels.spec.draft_tree import ragged_arange
 from tkernels.spec.drafters import DYNAMIC, DraftBatch, TreeDrafter
-from tkernels.spec.token_recycling import top_k_probs
 
 __all__ = ["TokenRecyclingTreeProposer"]
 
@@ -291,7 +290,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         step.prompt_rows = step.prompt_tokens = None  # once per step: a later dummy forward finds nothing
         for at in range(0, rows.numel(), PROMPT_TOPK_CHUNK):
             index = rows[at:at + PROMPT_TOPK_CHUNK].to(hidden_states.device)
-            ids, probs = top_k_probs(self._compute_logits(hidden_states[index]), self.drafter.k)
+            ids, probs = host_topk.top_k_probs(self._compute_logits(hidden_states[index]), self.drafter.k)
             self.tree_drafter.recycle(tokens[at:at + PROMPT_TOPK_CHUNK], ids, probs)
         if hidden_states.is_cuda:
             torch.cuda.synchronize(hidden_states.device)

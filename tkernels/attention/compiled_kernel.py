@@ -11,7 +11,8 @@ patterns, widened exactly: ``bits << 16``), reading each key's slot once, in cac
 physical cache keeps a slot's heads side by side (``[blocks, block_size, kv_heads, 2 * D]``),
 so one head's rows read in place are a strided walk over the whole tile, once per head; packed,
 the tile is one sequential read per group and every score and value pass runs over contiguous
-rows (on a 2-core AMD VM, 26 trees of 9 nodes: -18% per layer; 26 decodes: -40%).
+rows (on the project's 2-core AMD VM, 26 trees of 9 nodes: -13% per layer; 26 decodes: -31%;
+docs/step_profile.md, fifth round).
 """
 
 from __future__ import annotations
@@ -22,36 +23,11 @@ from tkernels.jit import njit  # isort: split
 
 from numba import prange  # after tkernels.jit (its llvmlite fix)
 
-# Reassociation and contraction let the dot products and updates vectorise; no "no infs": the
-# masked scores are -inf.
-FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+from tkernels.compiled_math import FASTMATH, exp_shifted
+
 KEY_TILE = 128  # keys per online-softmax step (whole cache blocks): long vectorised inner loops
 
 __all__ = ["attend"]
-
-# exp(x) = 2^n exp(r), r = x - n ln 2 in [-ln2/2, ln2/2]: cephes' expf polynomial (relative error
-# ~1e-7), vectorisable where libm's expf is one call per element.
-LOG2E, LN2_HI, LN2_LO = 1.44269504088896341, 0.693359375, -2.12194440e-4
-EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
-EXP_MIN = -87.0  # exp below it is taken as exactly 0 (masked keys' -inf among them)
-
-
-@njit(cache=True, fastmath=FASTMATH, inline="always")
-def _exp_shifted(row, n, top, two_n):
-    """``row[:n] = exp(row[:n] - top)`` in place (``two_n``: int32 scratch of >= n)."""
-    c0, c1, c2, c3, c4, c5 = EXP_POLY
-    for j in range(n):
-        x = row[j] - top
-        keep = x >= EXP_MIN
-        x = max(x, EXP_MIN)
-        t = np.floor(x * LOG2E + 0.5)
-        r = x - t * LN2_HI - t * LN2_LO
-        p = ((((c0 * r + c1) * r + c2) * r + c3) * r + c4) * r + c5
-        row[j] = (p * r * r + r + 1.0) if keep else 0.0
-        two_n[j] = (np.int32(t) + 127) << 23
-    scale = two_n[:n].view(np.float32)
-    for j in range(n):
-        row[j] *= scale[j]
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
@@ -194,7 +170,7 @@ def attend(q, k32, v32, k16, v16, bf16, layout, out, table, items, cu, ctx, tree
                     den[base + row] *= fix
                     for d in range(D):
                         acc[base + row, d] *= fix
-                    _exp_shifted(s[row], nk, top, two_n)
+                    exp_shifted(s[row], nk, top, two_n)
                     for j in range(nk):
                         den[base + row] += s[row, j]
                     j = 0

@@ -1,13 +1,18 @@
-"""The compiled kernel of :func:`tkernels.spec.host_topk.top_k_ids` (numba, ``cache=True``, one host
-thread; imported on first use, so importing tkernels does not load numba)."""
+"""The compiled kernels of :mod:`tkernels.spec.host_topk` (numba, ``cache=True``; imported on first
+use, so importing tkernels does not load numba): :func:`top_k_rows` (the ids, one host thread)
+and :func:`top_k_probs_rows` (ids and softmax probabilities of fp32 rows, rows over threads)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from tkernels.jit import njit
+from tkernels.jit import njit  # isort: split
 
-__all__ = ["SKIP_BLOCK", "top_k_rows"]
+from numba import prange  # after tkernels.jit (its llvmlite fix)
+
+from tkernels.compiled_math import FASTMATH, exp_shifted
+
+__all__ = ["SKIP_BLOCK", "top_k_probs_rows", "top_k_rows"]
 
 # Blocks of this many values are skipped on their maximum: a compile-time constant of the kernel
 # (its inner loop's trip count), a multiple of the vector width.
@@ -41,39 +46,73 @@ def _insert(keys, ids, n, k, key, i):
     return n + 1 if n < k else k
 
 
+@njit(cache=True, inline="always")
+def _row_top_k(row, k, mag, block_max, keys, ids):
+    """``ids`` (int64 [k]) := the ids of the k largest values of ``row`` (int16/int32 float bits,
+    ``mag`` their magnitude mask), largest first, lower id first among equals; ``k`` <= the row
+    length. Every block's maximum first (one vectorised pass, a constant block size), then only
+    the blocks whose maximum beats the list's last are read (``block_max``, ``keys``: scratch)."""
+    vocab = row.shape[0]
+    blocks = vocab // SKIP_BLOCK
+    for b in range(blocks):
+        best = _LOWEST
+        for i in range(b * SKIP_BLOCK, (b + 1) * SKIP_BLOCK):
+            best = max(best, _key(row[i], mag))
+        block_max[b] = best
+    n = 0
+    for j in range(k):
+        n = _insert(keys, ids, n, k, _key(row[j], mag), j)
+    for j in range(k, min(vocab, SKIP_BLOCK)):  # the rest of the first block
+        key = _key(row[j], mag)
+        if key > keys[k - 1]:
+            n = _insert(keys, ids, n, k, key, j)
+    for b in range(1, blocks):
+        if block_max[b] > keys[k - 1]:  # else nothing in the block enters the list
+            for j in range(b * SKIP_BLOCK, (b + 1) * SKIP_BLOCK):
+                key = _key(row[j], mag)
+                if key > keys[k - 1]:
+                    n = _insert(keys, ids, n, k, key, j)
+    for j in range(max(blocks * SKIP_BLOCK, SKIP_BLOCK), vocab):  # the tail past the last whole block
+        key = _key(row[j], mag)
+        if key > keys[k - 1]:
+            n = _insert(keys, ids, n, k, key, j)
+
+
 @njit(cache=True)
 def top_k_rows(bits, k, mag, out):
     """``out[r]`` (int64 [rows, k]) = the ids of the k largest values of ``bits[r]`` (int16/int32
-    float bits, ``mag`` their magnitude mask), largest first, lower id first among equals.
-    ``k`` <= the row length. Per row: every block's maximum first (one vectorised pass, a
-    constant block size), then only the blocks whose maximum beats the list's last are read."""
+    float bits, ``mag`` their magnitude mask), largest first, lower id first among equals
+    (:func:`_row_top_k`); ``k`` <= the row length."""
     rows, vocab = bits.shape
-    blocks = vocab // SKIP_BLOCK
-    block_max = np.empty(blocks, np.int32)
+    block_max = np.empty(vocab // SKIP_BLOCK, np.int32)
     keys = np.empty(k, np.int32)
     ids = np.empty(k, np.int64)
     for r in range(rows):
-        row = bits[r]
-        for b in range(blocks):
-            best = _LOWEST
-            for i in range(b * SKIP_BLOCK, (b + 1) * SKIP_BLOCK):
-                best = max(best, _key(row[i], mag))
-            block_max[b] = best
-        n = 0
-        for j in range(k):
-            n = _insert(keys, ids, n, k, _key(row[j], mag), j)
-        for j in range(k, min(vocab, SKIP_BLOCK)):  # the rest of the first block
-            key = _key(row[j], mag)
-            if key > keys[k - 1]:
-                n = _insert(keys, ids, n, k, key, j)
-        for b in range(1, blocks):
-            if block_max[b] > keys[k - 1]:  # else nothing in the block enters the list
-                for j in range(b * SKIP_BLOCK, (b + 1) * SKIP_BLOCK):
-                    key = _key(row[j], mag)
-                    if key > keys[k - 1]:
-                        n = _insert(keys, ids, n, k, key, j)
-        for j in range(max(blocks * SKIP_BLOCK, SKIP_BLOCK), vocab):  # the tail past the last whole block
-            key = _key(row[j], mag)
-            if key > keys[k - 1]:
-                n = _insert(keys, ids, n, k, key, j)
+        _row_top_k(bits[r], k, mag, block_max, keys, ids)
         out[r, :] = ids
+
+
+@njit(cache=True, fastmath=FASTMATH, parallel=True)
+def top_k_probs_rows(values, k, out_ids, out_probs):
+    """Per row of ``values`` (float32 [rows, vocab], finite or -inf; ``k`` <= vocab):
+    ``out_ids[r]`` (int64 [rows, k]) the ids of its k largest values as :func:`top_k_rows` orders
+    them, and ``out_probs[r]`` (float32 [rows, k]) their softmax probabilities,
+    ``exp(v - max) / sum(exp(row - max))``: the row's exponentials in one vectorised pass over
+    the row just read (still in cache), not a second pass over every row. Rows over threads."""
+    rows, vocab = values.shape
+    bits = values.view(np.int32)
+    for r in prange(rows):
+        keys = np.empty(k, np.int32)
+        ids = np.empty(k, np.int64)
+        _row_top_k(bits[r], k, np.int32(0x7FFFFFFF), np.empty(vocab // SKIP_BLOCK, np.int32), keys, ids)
+        row = values[r]
+        top = row[ids[0]]
+        e = np.empty(vocab, np.float32)
+        e[:] = row
+        exp_shifted(e, vocab, top, np.empty(vocab, np.int32))
+        total = np.float32(0.0)
+        for j in range(vocab):
+            total += e[j]
+        for j in range(k):
+            out_ids[r, j] = ids[j]
+            out_probs[r, j] = e[ids[j]] / total
