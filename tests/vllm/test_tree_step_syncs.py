@@ -172,7 +172,18 @@ def pinned_copies(monkeypatch):
     monkeypatch.setattr(tree, "host_copy", host_copy)
 
 
-def test_a_tree_step_syncs_once_in_verification(kernels, pinned_copies):
+@pytest.fixture
+def device_capture(monkeypatch):
+    """The proposer's top-k capture as on a GPU: ``host_topk.top_k_probs`` compiles only for
+    logits on the host (here every tensor is); a GPU's logits take its reference, torch's top-k
+    and log-sum-exp on the device, which read nothing back."""
+    from tkernels.spec import host_topk
+    from tkernels.spec.token_recycling import top_k_probs
+
+    monkeypatch.setattr(host_topk, "top_k_probs", top_k_probs)
+
+
+def test_a_tree_step_syncs_once_in_verification(kernels, pinned_copies, device_capture):
     from tree_step import TreeServingStep
 
     vocab, batch, nodes = 64, 4, 9

@@ -127,7 +127,7 @@ def mixed_attention_compiled(
     """One layer's attention over the paged cache (layout as :func:`tkernels.attention.mixed_attention`'s,
     on the CPU) for the batch ``plan`` describes; returns ``out [T, Hq, D]`` (logits and softmax
     in fp32, stored in q's dtype). ``heads_per_task``: KV heads per task of the loop (a divisor
-    of the KV heads; None: :func:`heads_per_task`'s choice for the threads it runs on)."""
+    of the KV heads; None: :func:`_heads_per_task`'s choice for the threads it runs on)."""
     import numba
 
     from tkernels.attention.compiled_kernel import attend
@@ -153,8 +153,8 @@ def mixed_attention_compiled(
     k32, v32, k16, v16 = (unused, unused, k, v) if bf16 else (k, v, unused, unused)
     layout = np.array([block_size, Hkv, D, *k_strides, *v_strides], np.int64)
     result = np.empty((T, Hq, D), np.float32)
-    # torch's thread count (what the server gave its forward pass), items x heads dealt one at a
-    # time (they differ in length).
+    # torch's thread count (what the server gave its forward pass), tasks (items x head groups)
+    # dealt one at a time (they differ in length).
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if heads_per_task is None:
         heads_per_task = _heads_per_task(plan.items.shape[0], Hkv, threads)
