@@ -38,4 +38,15 @@ _introspection_safe_llvmlite()
 
 from numba import njit  # noqa: E402  (after the fix above)
 
+
+def use_torch_threads() -> int:
+    """Give numba's parallel loops torch's thread count (what a server gave its forward pass),
+    within numba's own pool; returns it."""
+    import numba
+    import torch
+
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
+
 __all__ = ["njit"]

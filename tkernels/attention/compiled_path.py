@@ -131,6 +131,7 @@ def mixed_attention_compiled(
     import numba
 
     from tkernels.attention.compiled_kernel import attend
+    from tkernels.jit import use_torch_threads
 
     _check_inputs(q, k_cache, v_cache, out)
     T, Hq, D = q.shape
@@ -155,13 +156,12 @@ def mixed_attention_compiled(
     result = np.empty((T, Hq, D), np.float32)
     # torch's thread count (what the server gave its forward pass), tasks (items x head groups)
     # dealt one at a time (they differ in length).
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    threads = use_torch_threads()
     if heads_per_task is None:
         heads_per_task = _heads_per_task(plan.items.shape[0], Hkv, threads)
     elif isinstance(heads_per_task, bool) or not isinstance(heads_per_task, int) or heads_per_task < 1 \
             or Hkv % heads_per_task:
         _fail("heads_per_task", f"must be a divisor of the {Hkv} KV heads, got {heads_per_task!r}")
-    numba.set_num_threads(threads)
     chunk = numba.set_parallel_chunksize(1)
     try:
         attend(q.float().contiguous().numpy(), k32, v32, k16, v16, bf16, layout, result, plan.table, plan.items, plan.cu,

@@ -62,14 +62,15 @@ def top_k_probs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
         return reference_top_k_probs(logits, k)
     if integer("k", k, minimum=1) > logits.shape[1]:
         fail("k", f"must be at most the vocabulary ({logits.shape[1]}), got {k}")
-    import numba
-
+    from tkernels.jit import use_torch_threads
     from tkernels.spec.host_topk_compiled import top_k_probs_rows
 
     ids = torch.empty(logits.shape[0], k, dtype=torch.int64)
     probs = torch.empty(logits.shape[0], k, dtype=torch.float32)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    top_k_probs_rows(logits.contiguous().numpy(), k, ids.numpy(), probs.numpy())
+    values = logits.contiguous()
+    view, mag = _INT_VIEWS[torch.float32]
+    use_torch_threads()
+    top_k_probs_rows(values.numpy(), values.view(view).numpy(), k, np.int32(mag), ids.numpy(), probs.numpy())
     return ids, probs
 
 

@@ -93,18 +93,18 @@ def top_k_rows(bits, k, mag, out):
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
-def top_k_probs_rows(values, k, out_ids, out_probs):
-    """Per row of ``values`` (float32 [rows, vocab], finite or -inf; ``k`` <= vocab):
+def top_k_probs_rows(values, bits, k, mag, out_ids, out_probs):
+    """Per row of ``values`` (float32 [rows, vocab], finite or -inf; ``bits`` their int32 view,
+    ``mag`` its magnitude mask; ``k`` <= vocab):
     ``out_ids[r]`` (int64 [rows, k]) the ids of its k largest values as :func:`top_k_rows` orders
     them, and ``out_probs[r]`` (float32 [rows, k]) their softmax probabilities,
     ``exp(v - max) / sum(exp(row - max))``: the row's exponentials in one vectorised pass over
     the row just read (still in cache), not a second pass over every row. Rows over threads."""
     rows, vocab = values.shape
-    bits = values.view(np.int32)
     for r in prange(rows):
         keys = np.empty(k, np.int32)
         ids = np.empty(k, np.int64)
-        _row_top_k(bits[r], k, np.int32(0x7FFFFFFF), np.empty(vocab // SKIP_BLOCK, np.int32), keys, ids)
+        _row_top_k(bits[r], k, mag, np.empty(vocab // SKIP_BLOCK, np.int32), keys, ids)
         row = values[r]
         top = row[ids[0]]
         e = np.empty(vocab, np.float32)
