@@ -31,10 +31,11 @@ make every drafter look useless).
   default 250 ms: a decode step here is 50-100 ms, a whole prompt a second or more);
 - ``tree``: ``decode_maximal`` with the Token Recycling tree proposer at its default settings
   (the ``hybrid`` drafter, per-batch size from its own measured latency model and learnt
-  acceptance, at most ``--spec-tokens`` = 32 nodes), tkernels' attention as its vectorised
-  PyTorch path (``TKERNELS_VLLM_CPU_ATTENTION=torch``: the tree mask needs tkernels' attention,
-  and vLLM-CPU has no Triton);
-- ``decode_maximal_torch``: ``decode_maximal`` on that same attention: the plain decoding that
+  acceptance, at most ``--spec-tokens`` = 32 nodes), tkernels' CPU attention
+  (``TKERNELS_VLLM_CPU_ATTENTION``, ``--cpu-attention``: ``compiled`` by default, the compiled
+  loop over the paged cache; ``torch``, the vectorised PyTorch path, for older comparisons): the
+  tree mask needs tkernels' attention, and vLLM-CPU has no Triton;
+- ``decode_maximal_tk``: ``decode_maximal`` on that same attention: the plain decoding that
   ``tree``'s speed-up is measured against (same attention code);
 - ``ngram``: vLLM's scheduler with vLLM's ``ngram`` speculation (5 tokens), for comparison.
 
@@ -45,7 +46,7 @@ Each configuration that calibrates writes its rates as a ``cpu.json`` config (``
 section only) into the work folder, and the tkernels configurations after it start with
 ``TKERNELS_CONFIG_DIR`` there: their scheduler starts from the latest measured model, and the
 tree proposer sizes its trees from it (at start-up, from the per-GPU config; ``tree`` runs after
-``decode_maximal_torch``, whose steps run the same attention code; the proposer then refits its
+``decode_maximal_tk``, whose steps run the same attention code; the proposer then refits its
 own model from its steps). ``--latency-config DIR``
 starts every tkernels configuration from a given folder's ``cpu.json`` instead (not rewritten).
 
@@ -73,9 +74,10 @@ RESULTS = HERE / "results" / "serving_cpu_vm.json"
 SCHEDULER = "tkernels.plugins.vllm.scheduler.DecodeMaximalScheduler"
 TREE_PROPOSER = "tkernels.plugins.vllm.proposer.TokenRecyclingTreeProposer"
 CATEGORIES = ("summarization", "rag")
-CONFIGS = ("vllm_default", "vllm_chunk", "decode_maximal", "decode_maximal_torch", "tree", "ngram")
-# decode_maximal_torch before tree: tree starts from its measured rates (the same attention code)
-FULL_CONFIGS = ("vllm_default", "vllm_chunk", "decode_maximal", "decode_maximal_torch", "tree", "ngram")
+CONFIGS = ("vllm_default", "vllm_chunk", "decode_maximal", "decode_maximal_tk", "tree", "ngram")
+# decode_maximal_tk before tree: tree starts from its measured rates (the same attention code)
+FULL_CONFIGS = ("vllm_default", "vllm_chunk", "decode_maximal", "decode_maximal_tk", "tree", "ngram")
+CPU_ATTENTIONS = ("compiled", "torch")  # TKERNELS_VLLM_CPU_ATTENTION of tree and decode_maximal_tk
 QUICK_CONFIGS = ("vllm_default", "decode_maximal")
 FULL_RATES = (0.05, 0.15, 0.3, 0.45)  # 0.05: about one request at a time here
 QUICK_RATES = (0.2, 0.5)
@@ -97,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=None, help="output tokens per request (EOS ignored)")
     parser.add_argument("--slo-ms", type=float, default=250.0, help="TBT SLO (decode_maximal's budget, goodput, plot)")
     parser.add_argument("--chunk", type=int, default=128, help="vllm_chunk's max_num_batched_tokens")
+    parser.add_argument("--cpu-attention", choices=CPU_ATTENTIONS, default="compiled",
+                        help="tkernels' CPU attention of tree and decode_maximal_tk (TKERNELS_VLLM_CPU_ATTENTION)")
     parser.add_argument("--spec-tokens", type=int, default=32, help="tree: most nodes per request")
     parser.add_argument("--max-model-len", type=int, default=2560)
     parser.add_argument("--out", type=Path, default=None)
@@ -139,12 +143,12 @@ def server_setup(config: str, args, calibration_log: Path) -> tuple[list[str], d
     additional: dict = {}
     if config == "vllm_chunk":
         flags += ["--max-num-batched-tokens", str(args.chunk)]
-    if config in ("decode_maximal", "tree", "decode_maximal_torch"):
+    if config in ("decode_maximal", "tree", "decode_maximal_tk"):
         flags += ["--scheduler-cls", SCHEDULER]
         additional.update(sched["additional-config"])
         env.update(sched["env"])
-    if config in ("tree", "decode_maximal_torch"):
-        env["TKERNELS_VLLM_CPU_ATTENTION"] = "torch"
+    if config in ("tree", "decode_maximal_tk"):
+        env["TKERNELS_VLLM_CPU_ATTENTION"] = args.cpu_attention
     if config == "tree":
         flags += ["--speculative-config", json.dumps({"method": "custom_class", "model": TREE_PROPOSER,
                                                       "num_speculative_tokens": args.spec_tokens})]
@@ -327,7 +331,8 @@ def main(argv=None) -> int:
                      "output_len": args.output_len, "temperature": 0, "arrivals": "Poisson",
                      "prompts_per_rate": f"max({args.min_prompts}, rate x {args.seconds_per_rate:g} s)"},
         "slo_ms": args.slo_ms, "goodput": f"requests per second whose TPOT <= {args.slo_ms:g} ms",
-        "chunk": args.chunk, "spec_tokens": args.spec_tokens, "rates": args.rates, "configurations": args.configs,
+        "chunk": args.chunk, "spec_tokens": args.spec_tokens, "cpu_attention": args.cpu_attention, "rates": args.rates,
+        "configurations": args.configs,
         "machine": f"{os.cpu_count()} CPUs, shared with other work: timings are noisy",
         "records": [], "latency_model": {}, "servers": {},
     }
@@ -397,7 +402,7 @@ def summarize(out: dict) -> dict:
             best = rec["rate"]
         capacity[config] = best
     speedup = {}
-    for spec, plain in (("tree", "decode_maximal_torch"), ("tree", "decode_maximal"), ("ngram", "vllm_default")):
+    for spec, plain in (("tree", "decode_maximal_tk"), ("tree", "decode_maximal"), ("ngram", "vllm_default")):
         if spec in by_config and plain in by_config:
             plain_at = {r["rate"]: r["per_request_output_tokens_per_s_mean"] for r in by_config[plain]}
             speedup[f"{spec}/{plain}"] = {
