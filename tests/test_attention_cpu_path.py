@@ -154,6 +154,9 @@ def test_errors_name_the_argument():
     for bad_heads in (0, 3, True, 1.0):
         with pytest.raises(ValueError, match="^heads_per_task: must be a divisor of the 2 KV heads"):
             mixed_attention_compiled(b.q, b.k_cache, b.v_cache, compiled, heads_per_task=bad_heads)
+    for bad_splits in (0, True, 2.0):
+        with pytest.raises(ValueError, match="^key_splits: must be a positive integer"):
+            mixed_attention_compiled(b.q, b.k_cache, b.v_cache, compiled, key_splits=bad_splits)
     assert isinstance(compiled, CompiledAttentionPlan)
     # The batch checks are the Triton planner's, word for word.
     bad = b.block_table.clone()
@@ -211,6 +214,34 @@ def test_compiled_tasks_of_any_head_group(heads_per_task, physical, dtype):
         for heads in (heads_per_task, None):
             out = mixed_attention_compiled(b.q, b.k_cache, b.v_cache, plan, 0.2, heads_per_task=heads)
             torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("key_splits", [2, 3, 40])
+@pytest.mark.parametrize("dtype", COMPILED_DTYPES)
+def test_compiled_key_splits(key_splits, dtype):
+    """Split-KV: each task's keys in 2, 3 or more parts than it has tiles (idle parts), merged
+    per query row; the reference's output with any head grouping, windowed and not (a window
+    leaves parts whose keys no query sees), on trees, decodes and causal rows of 1 to 700 keys."""
+    gen = torch.Generator().manual_seed(key_splits)
+    q_lens, ctxs, trees = mixed(gen, 5)
+    b = random_paged_batch([*q_lens, 9, 1, 3], [*ctxs, 700, 1, 260], num_q_heads=8, num_kv_heads=4, head_dim=32,
+                           block_size=16, dtype=dtype, generator=gen, trees=[*trees, True, False, False])
+    for window in (None, 20):
+        ref = mixed_attention_reference(*b.inputs(), 0.2, window=window, **b.tree_kwargs())
+        plan = plan_for(b, window, path="compiled")
+        for heads in (1, 4):
+            out = mixed_attention_compiled(b.q, b.k_cache, b.v_cache, plan, 0.2, heads_per_task=heads,
+                                           key_splits=key_splits)
+            torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_key_splits_fill_the_threads():
+    from tkernels.attention.compiled_path import _key_splits
+
+    assert _key_splits(26, 2, 10) == 1  # a server's step: tasks enough
+    assert _key_splits(3, 2, 7) == 2  # a lone request's three heads on two threads: six tasks
+    assert _key_splits(3, 16, 7) == 7 and _key_splits(3, 16, 20) == 11  # at most one part per tile
+    assert _key_splits(1, 2, 1) == 1 and _key_splits(0, 2, 5) == 1
 
 
 def test_heads_per_task_leaves_two_tasks_per_thread():

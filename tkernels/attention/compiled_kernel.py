@@ -12,7 +12,9 @@ physical cache keeps a slot's heads side by side (``[blocks, block_size, kv_head
 so one head's rows read in place are a strided walk over the whole tile, once per head; packed,
 the tile is one sequential read per group and every score and value pass runs over contiguous
 rows (on the project's 2-core AMD VM, 26 trees of 9 nodes: -13% per layer; 26 decodes: -31%;
-docs/step_profile.md, fifth round).
+docs/step_profile.md, fifth round). A batch of too few tasks to occupy the threads splits each
+task's keys into contiguous runs of tiles (split-KV), each part leaving its running maximum,
+denominator and unnormalised output in a workspace that a second parallel pass merges per row.
 """
 
 from __future__ import annotations
@@ -27,14 +29,20 @@ from tkernels.compiled_math import FASTMATH, exp_shifted
 
 KEY_TILE = 128  # keys per online-softmax step (whole cache blocks): long vectorised inner loops
 
-__all__ = ["attend"]
+__all__ = ["KEY_TILE", "attend", "key_tile"]
+
+
+def key_tile(block_size: int) -> int:
+    """Keys per step of :func:`attend`'s online softmax for a cache of ``block_size`` slots per
+    block: whole blocks, about :data:`KEY_TILE`."""
+    return max(block_size, (KEY_TILE // block_size) * block_size)
 
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def attend(q, k32, v32, k16, v16, bf16, layout, out, table, items, cu, ctx, tree, ancestors, positions, window, scale,
-           softcap, heads_per_task):
+           softcap, heads_per_task, tile, splits, ws_m, ws_den, ws_acc):
     """One layer's attention for every work item, in parallel over tasks: items x groups of
-    ``heads_per_task`` KV heads (a divisor of the KV heads).
+    ``heads_per_task`` KV heads (a divisor of the KV heads) x ``splits`` parts of the item's keys.
 
     ``q`` float32 [T, Hq, D]; the caches [num_blocks, block_size, Hkv, D] as flat arrays over
     their storage (``k32``/``v32`` float32, or ``k16``/``v16`` int16 holding bf16 bit patterns
@@ -46,7 +54,13 @@ def attend(q, k32, v32, k16, v16, bf16, layout, out, table, items, cu, ctx, tree
     [T, words] ancestor-or-self bits of tree nodes; ``positions`` int64 [T]; ``window`` (0:
     none); ``softcap`` (0: none). Keys a query sees: the request's cached prefix, and among its
     new tokens the causal ones (``j <= i``), or on trees its ancestors; within ``window`` of its
-    position where one is set. Every query sees at least its own key.
+    position where one is set. Every query sees at least its own key. ``tile``: keys per step of
+    the online softmax (whole cache blocks). ``splits`` > 1 (split-KV, for batches of too few
+    tasks to occupy the threads): part ``p`` of an item walks the ``p``-th of ``splits`` runs of
+    its key tiles and leaves its running maximum, denominator and unnormalised output in
+    ``ws_m``/``ws_den`` [splits, T, Hq] and ``ws_acc`` [splits, T, Hq, D] float32, merged per
+    query row afterwards (an empty or fully masked part leaves ``-inf``, 0, 0); with
+    ``splits`` = 1 the workspaces are unused (empty) and every output is written directly.
 
     Offsets into the caches and the packed tiles are unsigned: a signed computed index costs a
     negative-index check per element, which stops the copies, dot products and updates from
@@ -55,9 +69,9 @@ def attend(q, k32, v32, k16, v16, bf16, layout, out, table, items, cu, ctx, tree
     G = q.shape[1] // num_kv
     hpt = heads_per_task
     groups = num_kv // hpt
-    tile = max(block_size, (KEY_TILE // block_size) * block_size)  # keys per step of the online softmax
-    for task in prange(items.shape[0] * groups):
-        item, h0 = task // groups, (task % groups) * hpt
+    for task in prange(items.shape[0] * groups * splits):
+        part, rest = task % splits, task // splits
+        item, h0 = rest // groups, (rest % groups) * hpt
         r, q0, q1 = items[item, 0], items[item, 1], items[item, 2]
         first = cu[r]
         prefix = ctx[r] - (cu[r + 1] - first)
@@ -88,7 +102,10 @@ def attend(q, k32, v32, k16, v16, bf16, layout, out, table, items, cu, ctx, tree
             for i in range(q0, q1):
                 low = min(low, positions[first + i])
             key_lo = max(0, low - window + 1)
-        for k0 in range((key_lo // block_size) * block_size, key_end, tile):
+        k_first = (key_lo // block_size) * block_size
+        num_tiles = (key_end - k_first + tile - 1) // tile
+        for k0 in range(k_first + (part * num_tiles // splits) * tile,
+                        min(k_first + ((part + 1) * num_tiles // splits) * tile, key_end), tile):
             nk = min(tile, key_end - k0)
             for j in range(nk):  # pack: each key's slot once, its heads in order (vLLM keeps them side by side)
                 key = k0 + j
@@ -190,7 +207,33 @@ def attend(q, k32, v32, k16, v16, bf16, layout, out, table, items, cu, ctx, tree
         for hh in range(hpt):
             for i in range(nq):
                 for g in range(G):
-                    row = hh * R + i * G + g
-                    inv = 1.0 / den[row]
+                    row, t, h = hh * R + i * G + g, first + q0 + i, (h0 + hh) * G + g
+                    if splits == 1:
+                        inv = 1.0 / den[row]
+                        for d in range(D):
+                            out[t, h, d] = acc[row, d] * inv
+                    else:
+                        ws_m[part, t, h], ws_den[part, t, h] = m[row], den[row]
+                        for d in range(D):
+                            ws_acc[part, t, h, d] = acc[row, d]
+    if splits > 1:  # merge the parts of every query row (each row sees its own key: some part is finite)
+        for item in prange(items.shape[0]):
+            r, q0, q1 = items[item, 0], items[item, 1], items[item, 2]
+            merged = np.empty(D, np.float32)
+            for t in range(cu[r] + q0, cu[r] + q1):
+                for h in range(q.shape[1]):
+                    top = -np.inf
+                    for p in range(splits):
+                        top = max(top, ws_m[p, t, h])
+                    total = np.float32(0.0)
+                    merged[:] = 0.0
+                    for p in range(splits):
+                        if ws_m[p, t, h] == -np.inf:
+                            continue
+                        w = np.exp(ws_m[p, t, h] - top)
+                        total += ws_den[p, t, h] * w
+                        for d in range(D):
+                            merged[d] += ws_acc[p, t, h, d] * w
+                    inv = 1.0 / total
                     for d in range(D):
-                        out[first + q0 + i, (h0 + hh) * G + g, d] = acc[row, d] * inv
+                        out[t, h, d] = merged[d] * inv

@@ -7,7 +7,9 @@ layer: the checked batch as host arrays and the work items) and :func:`mixed_att
 once per layer. Caches in float32 or bfloat16 (read as bit patterns, widened exactly), each
 tile of keys packed head-major by the task that reads it (:mod:`~tkernels.attention.compiled_kernel`
 says why); a task takes an item's KV heads together while the items leave two tasks per
-thread (:func:`_heads_per_task`). Other dtypes run :mod:`tkernels.attention.torch_path`.
+thread (:func:`_heads_per_task`), and a batch of too few tasks for the threads (a lone request)
+splits each task's keys into parts merged afterwards (split-KV, :func:`_key_splits`). Other
+dtypes run :mod:`tkernels.attention.torch_path`.
 
 Against the vectorised PyTorch path it gathers nothing and pads nothing (a group of requests
 is not padded to its longest context, a tree's mask is not materialised); against vLLM-CPU's
@@ -27,7 +29,7 @@ from tkernels.attention.launch import _check_inputs
 from tkernels.attention.plan import HostBatch, describe_batch
 from tkernels.attention.torch_path import TorchAttentionPlan, is_short, mixed_attention_torch, plan_from_layout
 from tkernels.checks import fail as _fail
-from tkernels.checks import real
+from tkernels.checks import integer, real
 
 __all__ = ["COMPILED_DTYPES", "CompiledAttentionPlan", "mixed_attention_compiled", "plan_compiled_attention", "warm_up"]
 
@@ -123,14 +125,17 @@ def mixed_attention_compiled(
     softcap: float | None = None,
     out: torch.Tensor | None = None,
     heads_per_task: int | None = None,
+    key_splits: int | None = None,
 ) -> torch.Tensor:
     """One layer's attention over the paged cache (layout as :func:`tkernels.attention.mixed_attention`'s,
     on the CPU) for the batch ``plan`` describes; returns ``out [T, Hq, D]`` (logits and softmax
     in fp32, stored in q's dtype). ``heads_per_task``: KV heads per task of the loop (a divisor
-    of the KV heads; None: :func:`_heads_per_task`'s choice for the threads it runs on)."""
+    of the KV heads; None: :func:`_heads_per_task`'s choice for the threads it runs on);
+    ``key_splits``: parts each task's keys are split into, merged afterwards (split-KV; an
+    integer >= 1; None: :func:`_key_splits`' choice, 1 unless the tasks are too few for the threads)."""
     import numba
 
-    from tkernels.attention.compiled_kernel import attend
+    from tkernels.attention.compiled_kernel import attend, key_tile
     from tkernels.jit import use_torch_threads
 
     _check_inputs(q, k_cache, v_cache, out)
@@ -162,10 +167,21 @@ def mixed_attention_compiled(
     elif isinstance(heads_per_task, bool) or not isinstance(heads_per_task, int) or heads_per_task < 1 \
             or Hkv % heads_per_task:
         _fail("heads_per_task", f"must be a divisor of the {Hkv} KV heads, got {heads_per_task!r}")
+    tile = key_tile(block_size)
+    if key_splits is None:
+        longest = int(plan.ctx[plan.items[:, 0]].max()) if plan.items.shape[0] else 0
+        key_splits = _key_splits(plan.items.shape[0] * (Hkv // heads_per_task), threads, -(-longest // tile))
+    else:
+        key_splits = integer("key_splits", key_splits, minimum=1)
+    split = key_splits > 1
+    ws_m = np.empty((key_splits, T, Hq) if split else (0, 0, 0), np.float32)
+    ws_den = np.empty(ws_m.shape, np.float32)
+    ws_acc = np.empty((key_splits, T, Hq, D) if split else (0, 0, 0, 0), np.float32)
     chunk = numba.set_parallel_chunksize(1)
     try:
         attend(q.float().contiguous().numpy(), k32, v32, k16, v16, bf16, layout, result, plan.table, plan.items, plan.cu,
-               plan.ctx, plan.tree, plan.ancestors, plan.positions, plan.window, np.float32(scale), np.float32(softcap), heads_per_task)
+               plan.ctx, plan.tree, plan.ancestors, plan.positions, plan.window, np.float32(scale), np.float32(softcap),
+               heads_per_task, tile, key_splits, ws_m, ws_den, ws_acc)
     finally:
         numba.set_parallel_chunksize(chunk)
     if plan.long is None:
@@ -184,6 +200,16 @@ def _heads_per_task(num_items: int, num_kv_heads: int, threads: int) -> int:
         if num_kv_heads % heads == 0 and num_items * (num_kv_heads // heads) >= 2 * threads:
             return heads
     return 1
+
+
+def _key_splits(num_tasks: int, threads: int, max_tiles: int) -> int:
+    """Parts each task's keys are split into (split-KV): 1 while the tasks make two per thread;
+    else enough parts for two tasks per thread (a lone request's three KV heads on two threads:
+    2, so 6 equal tasks, not 3 of which one thread runs two), at most one per key tile of the
+    longest item (a part of no tile is an idle task)."""
+    if num_tasks == 0 or num_tasks >= 2 * threads:
+        return 1
+    return max(1, min(-(-2 * threads // num_tasks), max_tiles))
 
 
 def _flat(cache: torch.Tensor) -> tuple[np.ndarray, tuple[int, int, int]]:
