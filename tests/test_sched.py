@@ -102,7 +102,7 @@ def test_budget_meets_slo_and_is_maximal(seed):
     step = granted(plan.tokens, decodes, spec, prefills)
     assert (sum(step[1]), sum(c for _, c in step[2])) == (plan.spec_tokens, plan.prefill_tokens)
     assert plan.predicted_us == pytest.approx(predicted_us(*step), rel=1e-9)
-    if plan.tokens > len(decodes):
+    if plan.tokens > len(decodes) and decodes:  # without decodes the prompts run whole (test below)
         assert plan.predicted_us <= target or plan.tokens == 16  # one tile always runs
     work = len(decodes) + sum(spec) + sum(p.remaining for p in prefills)
     next_cap = plan.tokens // 16 * 16 + 16
@@ -162,6 +162,21 @@ def test_budget_stops_at_the_work():
     p = policy(slo_ms=100.0)
     assert p.plan([100] * 5, 0, [Prefill(0, 20)]).tokens == 32  # 25 tokens, rounded up to a tile
     assert p.plan([]).tokens == 16  # nothing to run: one tile, never a zero budget
+
+
+@pytest.mark.parametrize("slo_ms", [5.0, 30.0])
+def test_without_decodes_prompts_run_whole(slo_ms):
+    """No running decode, no inter-token latency to protect: the step is the prompts' whole work
+    (rounded up to a tile) within the buffer, whatever the SLO; with one decode the SLO applies."""
+    p = policy(slo_ms=slo_ms, max_tokens=8192)
+    prompts = [Prefill(0, 3000), Prefill(500, 1200)]
+    plan = p.plan([], 0, prompts)
+    assert (plan.tokens, plan.decode_tokens, plan.prefill_tokens) == (4208, 0, 4200)
+    assert plan.predicted_us > slo_ms * 1e3  # over the SLO, which guards decodes only
+    assert p.plan([], 0, [Prefill(0, 100_000)]).prefill_tokens == 8192  # the buffer still bounds it
+    with_decode = p.plan([1024], 0, prompts)
+    assert with_decode.prefill_tokens < 4200 and with_decode.predicted_us <= slo_ms * 1e3 * 0.9 or \
+        with_decode.tokens == 16
 
 
 def test_no_slo_uses_config_budget_else_fallback(monkeypatch):

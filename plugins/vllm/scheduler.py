@@ -71,12 +71,12 @@ def describe_policy(policy: DecodeMaximalPolicy, slo_source: str, choice: Config
     if policy.slo_ms is None:
         budget = f"no TBT SLO: a fixed budget of {policy.fixed_budget} tokens per step"
     else:
-        alone = policy.plan([], 0, [Prefill(0, policy.max_tokens)])
+        one = policy.plan([1024], 0, [Prefill(0, policy.max_tokens)])
         busy = policy.plan([1024] * 16, 0, [Prefill(0, policy.max_tokens)])
         budget = (f"TBT SLO {policy.slo_ms:g} ms (from {slo_source}; target {policy.target_us / 1e3:g} ms after the "
-                  f"margin): budget {alone.tokens} tokens per step for a prompt alone (predicted "
-                  f"{alone.predicted_us / 1e3:.1f} ms), {busy.tokens} beside 16 decodes of 1k context (tile "
-                  f"{policy.tile}, at most max_num_batched_tokens = {policy.max_tokens})")
+                  f"margin): budget {one.tokens} tokens per step beside 1 decode of 1k context (predicted "
+                  f"{one.predicted_us / 1e3:.1f} ms), {busy.tokens} beside 16; prompts without any decode "
+                  f"run whole (tile {policy.tile}, at most max_num_batched_tokens = {policy.max_tokens})")
     return f"tkernels scheduler: {budget}; latency model: {rates_source(policy.model.rates, choice)}"
 
 

@@ -16,7 +16,10 @@ prompt is done (and the tree policy already weighed each draft node against its 
 step has a predicted time (:class:`~tkernels.sched.latency_model.LatencyModel`) within the TBT
 SLO times ``1 - margin``, never above ``max_tokens`` (the server's buffer size) and never above
 the work there is (rounded up to a tile), but at least one tile. A prefill chunk's attention
-cost grows with its cached prefix, so the chunk shrinks as its prompt advances.
+cost grows with its cached prefix, so the chunk shrinks as its prompt advances. A step without
+any running decode has no inter-token latency to protect: τ is then the work (rounded up to a
+tile, within ``max_tokens``), so prompts arriving at an idle server run whole, not in chunks that
+would only add steps to their time to first token.
 
 **Ageing bound** (no prompt starves). One tile is not enough for prompts to progress: with as
 many decodes as a tile (16 decodes under a 0.5 ms SLO, 64 at 2 ms) the decodes fill it, and
@@ -187,6 +190,11 @@ class DecodeMaximalPolicy:
         work = step.num_decodes + step.spec_allowed + step.prefill_work
         if self.target_us is None:
             cap = self.fixed_budget
+        elif not step.num_decodes:
+            # No decode runs: the TBT SLO protects no one this step, and a prompt's first token
+            # waits for its last chunk however it is cut, so the prompts run whole (up to the
+            # buffer): chunking them anyway would only add steps to their time to first token.
+            cap = max(self.tile, min(self.max_tokens // self.tile, -(-work // self.tile)) * self.tile)
         else:
             # Largest tile multiple whose granted step meets the target; a cap past the work
             # grants nothing more, so search no further than the work rounded up to a tile.
