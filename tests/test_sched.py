@@ -175,7 +175,7 @@ def test_without_decodes_prompts_run_whole(slo_ms):
     assert plan.predicted_us > slo_ms * 1e3  # over the SLO, which guards decodes only
     assert p.plan([], 0, [Prefill(0, 100_000)]).prefill_tokens == 8192  # the buffer still bounds it
     with_decode = p.plan([1024], 0, prompts)
-    assert with_decode.prefill_tokens < 4200 and with_decode.predicted_us <= slo_ms * 1e3 * 0.9 or \
+    assert (with_decode.prefill_tokens < 4200 and with_decode.predicted_us <= slo_ms * 1e3 * 0.9) or \
         with_decode.tokens == 16
 
 
