@@ -188,18 +188,20 @@ class DecodeMaximalPolicy:
         step = _Load(decode_context_lens, spec_tokens, prefills, tree_budget)
         step.reserve = min(self.tile, step.prefill_work) if step.max_waited_ms > self.max_wait_ms else 0
         work = step.num_decodes + step.spec_allowed + step.prefill_work
+        # The most tiles a step may hold: the work rounded up to a tile (a cap past the work
+        # grants nothing more), within the buffer, at least one tile (prompts always progress).
+        most = max(1, min(self.max_tokens // self.tile, -(-work // self.tile)))
         if self.target_us is None:
             cap = self.fixed_budget
         elif not step.num_decodes:
             # No decode runs: the TBT SLO protects no one this step, and a prompt's first token
             # waits for its last chunk however it is cut, so the prompts run whole (up to the
             # buffer): chunking them anyway would only add steps to their time to first token.
-            cap = max(self.tile, min(self.max_tokens // self.tile, -(-work // self.tile)) * self.tile)
+            cap = most * self.tile
         else:
-            # Largest tile multiple whose granted step meets the target; a cap past the work
-            # grants nothing more, so search no further than the work rounded up to a tile.
-            # At least one tile, so prompts progress even where the SLO is unattainable.
-            lo, hi = 1, max(1, min(self.max_tokens // self.tile, -(-work // self.tile)))
+            # Largest tile multiple up to `most` whose granted step meets the target (at least
+            # one tile, even where the SLO is unattainable).
+            lo, hi = 1, most
             while lo < hi:
                 mid = (lo + hi + 1) // 2
                 if self._predict(step, mid * self.tile) <= self.target_us:
