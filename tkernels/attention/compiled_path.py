@@ -51,6 +51,7 @@ class CompiledAttentionPlan:
     ancestors: np.ndarray  # int64 [T, words >= 1]
     positions: np.ndarray  # int64 [T]
     window: int  # 0: none
+    max_keys: int  # the most keys (context) of any item's request: bounds the split-KV parts
     long: TorchAttentionPlan | None  # the prefill chunks' tiles (None: no chunk this step)
     short_rows: torch.Tensor | None  # int64: the loop's query rows, where there are chunks too
     num_q_heads: int
@@ -110,7 +111,8 @@ def plan_compiled_attention(
         table=np.ascontiguousarray(block_table.cpu().numpy(), dtype=np.int32), items=items,
         cu=np.concatenate([[0], np.cumsum(q_len)]).astype(np.int64), ctx=ctx.astype(np.int64),
         tree=layout.tree_req.numpy().astype(np.bool_), ancestors=np.ascontiguousarray(ancestors, dtype=np.int64),
-        positions=layout.positions.numpy().astype(np.int64), window=layout.window or 0, long=long,
+        positions=layout.positions.numpy().astype(np.int64), window=layout.window or 0,
+        max_keys=int(ctx[req].max()) if req.size else 0, long=long,
         short_rows=short_rows, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, block_size=block_size,
         num_blocks=num_blocks)
 
@@ -169,8 +171,7 @@ def mixed_attention_compiled(
         _fail("heads_per_task", f"must be a divisor of the {Hkv} KV heads, got {heads_per_task!r}")
     tile = key_tile(block_size)
     if key_splits is None:
-        longest = int(plan.ctx[plan.items[:, 0]].max()) if plan.items.shape[0] else 0
-        key_splits = _key_splits(plan.items.shape[0] * (Hkv // heads_per_task), threads, -(-longest // tile))
+        key_splits = _key_splits(plan.items.shape[0] * (Hkv // heads_per_task), threads, -(-plan.max_keys // tile))
     else:
         key_splits = integer("key_splits", key_splits, minimum=1)
     split = key_splits > 1
