@@ -6,6 +6,7 @@ wide block tables."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,9 @@ from tkernels.attention.batch import PagedBatch, random_paged_batch, tree_parent
 from tkernels.attention.compiled_path import (
     COMPILED_DTYPES,
     CompiledAttentionPlan,
+    compiled_caches,
     mixed_attention_compiled,
+    mixed_attention_prepared,
     plan_compiled_attention,
 )
 from tkernels.attention.torch_path import LONG_Q_TILE, SHORT_MAX_Q, mixed_attention_torch, plan_torch_attention
@@ -251,3 +254,75 @@ def test_heads_per_task_leaves_two_tasks_per_thread():
     assert _heads_per_task(1, 3, 2) == 1  # a lone decode: its heads spread over the threads
     assert _heads_per_task(2, 8, 2) == 4 and _heads_per_task(1, 8, 4) == 1 and _heads_per_task(3, 8, 2) == 4
     assert _heads_per_task(0, 2, 2) == 1 and _heads_per_task(5, 1, 2) == 1
+
+
+@pytest.mark.parametrize("num_tasks", [0, 1, 2, 3, 7, 26, 78, 101])
+@pytest.mark.parametrize("workers", [1, 2, 3, 16])
+def test_deal_balances_the_workers(num_tasks, workers):
+    """The loop's tasks dealt to the threads: every task once, each worker's list one run of
+    ``order``, counts within one, and on tasks of falling sizes (the plan's order) each
+    worker's work within the largest task of the mean (a largest-first split would give one
+    thread every large task)."""
+    from tkernels.attention.compiled_path import _deal
+
+    order, starts = _deal(num_tasks, workers)
+    assert order.dtype == np.int64 and starts.dtype == np.int64 and starts.shape == (workers + 1,)
+    assert sorted(order.tolist()) == list(range(num_tasks)) and starts[0] == 0 and starts[-1] == num_tasks
+    counts = np.diff(starts)
+    assert counts.min() >= 0 and counts.max() - counts.min() <= 1
+    sizes = np.sort(np.random.default_rng(num_tasks).integers(1, 1000, num_tasks))[::-1]
+    work = np.array([sizes[order[starts[w]:starts[w + 1]]].sum() for w in range(workers)])
+    if num_tasks:
+        assert np.abs(work - sizes.sum() / workers).max() <= sizes.max()
+
+
+def test_prepared_caches_serve_every_step():
+    """A server's layer prepares its caches once (:func:`compiled_caches`): later writes to the
+    caches are read, plans of other steps run on them, and ``out`` of another layout than the
+    loop's (strided rows, bf16) is written through its buffer."""
+    gen = torch.Generator().manual_seed(11)
+    for dtype in COMPILED_DTYPES:
+        b = random_paged_batch([1, 9, 40, 1], [70, 30, 90, 1], num_q_heads=6, num_kv_heads=2, head_dim=32,
+                               block_size=16, dtype=dtype, generator=gen, trees=[False, True, False, False])
+        kv = torch.cat([b.k_cache, b.v_cache], -1).transpose(1, 2).contiguous().transpose(1, 2)
+        b.k_cache, b.v_cache = kv.split(32, dim=-1)
+        caches = compiled_caches(b.k_cache, b.v_cache)
+        for step in range(3):
+            if step:  # new K/V land in the cache, another batch is planned
+                kv.copy_(torch.randn(kv.shape, generator=gen).to(dtype))
+                b.q = torch.randn(b.q.shape, generator=gen).to(dtype)
+            plan = plan_for(b, path="compiled")
+            ref = mixed_attention_reference(*b.inputs(), 0.2, **b.tree_kwargs())
+            wide = torch.full((b.q.shape[0], b.q.shape[1], 64), 7.0, dtype=dtype)
+            out = wide[..., :32]  # rows contiguous, the tensor not: written through a buffer
+            for o in (None, out):
+                got = mixed_attention_prepared(b.q, caches, plan, 0.2, out=o)
+                torch.testing.assert_close(got.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+            assert (wide[..., 32:] == 7.0).all()
+
+
+def test_prepared_errors_name_the_argument():
+    gen = torch.Generator().manual_seed(0)
+    b = random_paged_batch([1, 3], [10, 3], num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=4,
+                           dtype=torch.float32, generator=gen)
+    caches, plan = compiled_caches(b.k_cache, b.v_cache), plan_for(b, path="compiled")
+    with pytest.raises(ValueError, match="^caches: must be CompiledCaches"):
+        mixed_attention_prepared(b.q, (b.k_cache, b.v_cache), plan)
+    with pytest.raises(ValueError, match="^q: must be a CPU tensor"):
+        mixed_attention_prepared(b.q.bfloat16(), caches, plan)
+    with pytest.raises(ValueError, match="^q: must be a CPU tensor"):
+        mixed_attention_prepared(b.q[..., :8], caches, plan)
+    with pytest.raises(ValueError, match="^out: must be a tensor like q"):
+        mixed_attention_prepared(b.q, caches, plan, out=torch.empty(2, 4, 16))
+    with pytest.raises(ValueError, match="^plan: was built for another batch"):
+        mixed_attention_prepared(b.q[:2], caches, plan)
+    with pytest.raises(ValueError, match="^scale: must be a positive number"):
+        mixed_attention_prepared(b.q, caches, plan, -1.0)
+    with pytest.raises(ValueError, match="^v_cache: shape"):
+        compiled_caches(b.k_cache, b.v_cache[:-1])
+    with pytest.raises(ValueError, match="^v_cache: dtype"):
+        compiled_caches(b.k_cache, b.v_cache.bfloat16())
+    with pytest.raises(ValueError, match="^k_cache: must be float32 or bfloat16"):
+        compiled_caches(b.k_cache.half(), b.v_cache.half())
+    with pytest.raises(ValueError, match="^k_cache: must be \\[num_blocks"):
+        compiled_caches(b.k_cache[0], b.v_cache[0])

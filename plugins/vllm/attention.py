@@ -55,6 +55,7 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from vllm.config import VllmConfig, get_layers_from_vllm_config
 from vllm.model_executor.layers.attention import Attention
@@ -78,12 +79,15 @@ from tkernels.attention import (
 from tkernels.attention.compiled_path import (
     COMPILED_DTYPES,
     CompiledAttentionPlan,
-    mixed_attention_compiled,
+    CompiledCaches,
+    compiled_caches,
+    mixed_attention_prepared,
     plan_compiled_attention,
 )
 from tkernels.attention.compiled_path import warm_up as warm_up_compiled
 from tkernels.attention.plan import BatchLayout, describe_batch
 from tkernels.attention.torch_path import TorchAttentionPlan, mixed_attention_torch, plan_torch_attention
+from tkernels.plugins.vllm.cache_write import cache_bits, write_kv
 from tkernels.plugins.vllm.compat import CPU_ATTENTION_ENV, CPU_PYTORCH_MODES, cpu_test_mode, require_supported_vllm
 from tkernels.plugins.vllm.cpu_attention import (
     NativeCpuPlan,
@@ -266,10 +270,25 @@ class TkernelsAttentionImpl(TritonAttentionImpl):
         self.window = sliding_window
         self.softcap = logits_soft_cap or None  # vLLM passes 0 or None for "no softcap"
         self.mode = cpu_test_mode()  # as the builder's: the plan it builds is the one forward takes
+        self._prepared: _PreparedCache | None = None
 
     def _kv_caches(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # [blocks, kv_heads, block_size, 2 * head_size] -> K, V views [blocks, block_size, kv_heads, head_size]
         return kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+
+    def _prepare(self, kv_cache: torch.Tensor) -> _PreparedCache:
+        """The layer's CPU cache prepared once (vLLM allocates it once and passes the same tensor
+        every step), not in every step's calls; prepared again if the tensor or its storage changes."""
+        prepared = self._prepared
+        if prepared is None or prepared.kv_cache is not kv_cache or prepared.data_ptr != kv_cache.data_ptr():
+            prepared = self._prepared = _PreparedCache(kv_cache, kv_cache.data_ptr(), cache_bits(kv_cache))
+        return prepared
+
+    def _compiled_caches(self, kv_cache: torch.Tensor) -> CompiledCaches:
+        prepared = self._prepare(kv_cache)
+        if prepared.compiled is None:
+            prepared.compiled = compiled_caches(*self._kv_caches(kv_cache))
+        return prepared.compiled
 
     def forward(self, layer: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: TkernelsAttentionMetadata | None, output: torch.Tensor,
@@ -284,12 +303,12 @@ class TkernelsAttentionImpl(TritonAttentionImpl):
         if isinstance(plan, NativeCpuPlan):
             native_cpu_attention(query, key, value, kv_cache, plan, self.scale, output, softcap=self.softcap)
             return output
+        if isinstance(plan, CompiledAttentionPlan):
+            mixed_attention_prepared(query[:num_tokens], self._compiled_caches(kv_cache), plan, self.scale,
+                                     softcap=self.softcap, out=output[:num_tokens])
+            return output
         k_cache, v_cache = self._kv_caches(kv_cache)
         m = attn_metadata
-        if isinstance(plan, CompiledAttentionPlan):
-            mixed_attention_compiled(query[:num_tokens], k_cache, v_cache, plan, self.scale, softcap=self.softcap,
-                                     out=output[:num_tokens])
-            return output
         if isinstance(plan, TorchAttentionPlan):
             mixed_attention_torch(query[:num_tokens], k_cache, v_cache, plan, self.scale, softcap=self.softcap,
                                   out=output[:num_tokens])
@@ -310,18 +329,18 @@ class TkernelsAttentionImpl(TritonAttentionImpl):
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if kv_cache.is_cuda:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        # CPU: vLLM's Triton cache writer needs a GPU; slot -1 marks padding. As there, tokens
-        # beyond slot_mapping are not cached. K and V are the two halves of each cache row
-        # ([blocks, kv_heads, block_size, 2 * head_size]): one write of both, a few torch calls per
-        # layer (every layer of every step pays them).
-        n = slot_mapping.shape[0]
-        slots = slot_mapping.long()
-        rows = torch.cat([key[:n], value[:n]], dim=-1)
-        if bool((slots < 0).any()):  # padding rows (host tensors on a CPU: no sync)
-            real = slots >= 0
-            slots, rows = slots[real], rows[real]
-        block_size = kv_cache.shape[2]
-        kv_cache[slots // block_size, :, slots % block_size] = rows.to(kv_cache.dtype)
+        # CPU: vLLM's Triton cache writer needs a GPU; one compiled copy per layer (cache_write.py).
+        write_kv(kv_cache, self._prepare(kv_cache).bits, key, value, slot_mapping)
+
+
+@dataclass(eq=False)
+class _PreparedCache:
+    """A layer's CPU cache as the compiled paths take it, kept by the layer's impl across steps."""
+
+    kv_cache: torch.Tensor
+    data_ptr: int
+    bits: np.ndarray | None  # cache_write.cache_bits
+    compiled: CompiledCaches | None = None  # the compiled attention's K/V views (built on its first call)
 
 
 class TkernelsAttentionBackend(AttentionBackend):

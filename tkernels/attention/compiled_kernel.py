@@ -40,7 +40,7 @@ def key_tile(block_size: int) -> int:
 
 @njit(cache=True, fastmath=FASTMATH, parallel=True)
 def attend(q, k32, v32, k16, v16, bf16, layout, out, table, items, cu, ctx, tree, ancestors, positions, window, scale,
-           softcap, heads_per_task, tile, splits, ws_m, ws_den, ws_acc):
+           softcap, heads_per_task, tile, splits, ws_m, ws_den, ws_acc, order, starts):
     """One layer's attention for every work item, in parallel over tasks: items x groups of
     ``heads_per_task`` KV heads (a divisor of the KV heads) x ``splits`` parts of the item's keys.
 
@@ -61,6 +61,10 @@ def attend(q, k32, v32, k16, v16, bf16, layout, out, table, items, cu, ctx, tree
     ``ws_m``/``ws_den`` [splits, T, Hq] and ``ws_acc`` [splits, T, Hq, D] float32, merged per
     query row afterwards (an empty or fully masked part leaves ``-inf``, 0, 0); with
     ``splits`` = 1 the workspaces are unused (empty) and every output is written directly.
+    ``order``/``starts`` int64: the tasks (numbered item-major, then head group, then key part)
+    dealt to workers, worker ``w`` running ``order[starts[w]:starts[w + 1]]`` in turn, one worker
+    per thread (numba deals a ``prange`` in equal contiguous runs, whatever the tasks' sizes:
+    the plan balances the lists, :func:`tkernels.attention.compiled_path._deal`).
 
     Offsets into the caches and the packed tiles are unsigned: a signed computed index costs a
     negative-index check per element, which stops the copies, dot products and updates from
@@ -69,153 +73,155 @@ def attend(q, k32, v32, k16, v16, bf16, layout, out, table, items, cu, ctx, tree
     G = q.shape[1] // num_kv
     hpt = heads_per_task
     groups = num_kv // hpt
-    for task in prange(items.shape[0] * groups * splits):
-        part, rest = task % splits, task // splits
-        item, h0 = rest // groups, (rest % groups) * hpt
-        r, q0, q1 = items[item, 0], items[item, 1], items[item, 2]
-        first = cu[r]
-        prefix = ctx[r] - (cu[r + 1] - first)
-        nq = q1 - q0
-        R = nq * G  # query rows per KV head: (query, head of the group)
-        rows = hpt * R
-        # The task's query rows (pre-scaled): head hh's at hh * R, one per (query, head of the group).
-        qb = np.empty((rows, D), np.float32)
-        for hh in range(hpt):
-            for i in range(nq):
-                for g in range(G):
-                    for d in range(D):
-                        qb[hh * R + i * G + g, d] = q[first + q0 + i, (h0 + hh) * G + g, d] * scale
-        m = np.full(rows, -np.inf, np.float32)
-        den = np.zeros(rows, np.float32)
-        acc = np.zeros((rows, D), np.float32)
-        s = np.empty((R, tile), np.float32)  # one head's scores at a time
-        seen = np.empty((nq, tile), np.bool_)
-        two_n = np.empty(tile, np.int32)  # exponent bits of the exps' 2^n factors
-        # The tile's K and V rows of the task's heads, packed head-major: head hh's key j at (hh * tile + j) * D.
-        k_tile = np.empty(hpt * tile * D, np.float32)
-        v_tile = np.empty(hpt * tile * D, np.float32)
-        k_bits, v_bits = k_tile.view(np.uint32), v_tile.view(np.uint32)  # bf16: widened bit patterns
-        key_end = prefix + q1  # causal or tree: no query of the item sees a later key
-        key_lo = 0
-        if window > 0:
-            low = positions[first + q0]
-            for i in range(q0, q1):
-                low = min(low, positions[first + i])
-            key_lo = max(0, low - window + 1)
-        k_first = (key_lo // block_size) * block_size
-        num_tiles = (key_end - k_first + tile - 1) // tile
-        for k0 in range(k_first + (part * num_tiles // splits) * tile,
-                        min(k_first + ((part + 1) * num_tiles // splits) * tile, key_end), tile):
-            nk = min(tile, key_end - k0)
-            for j in range(nk):  # pack: each key's slot once, its heads in order (vLLM keeps them side by side)
-                key = k0 + j
-                page, slot = table[r, key // block_size], key % block_size
-                for hh in range(hpt):
-                    k_row = np.uint64(page * layout[3] + slot * layout[4] + (h0 + hh) * layout[5])
-                    v_row = np.uint64(page * layout[6] + slot * layout[7] + (h0 + hh) * layout[8])
-                    at = np.uint64((hh * tile + j) * D)
-                    if bf16:  # one loop per row: a plain widening copy each (vectorised)
-                        for d in range(D):
-                            k_bits[at + np.uint64(d)] = np.uint32(np.uint16(k16[k_row + np.uint64(d)])) << np.uint32(16)
-                        for d in range(D):
-                            v_bits[at + np.uint64(d)] = np.uint32(np.uint16(v16[v_row + np.uint64(d)])) << np.uint32(16)
-                    else:
-                        for d in range(D):
-                            k_tile[at + np.uint64(d)] = k32[k_row + np.uint64(d)]
-                        for d in range(D):
-                            v_tile[at + np.uint64(d)] = v32[v_row + np.uint64(d)]
-            # Visibility (the same for every head): only tiles with new tokens or past the window's edge.
-            masked = k0 + nk > prefix or window > 0 or k0 < key_lo
-            if masked:
-                for i in range(nq):
-                    node = first + q0 + i
-                    for j in range(nk):
-                        key = k0 + j
-                        ok = key >= key_lo
-                        if ok and key >= prefix:
-                            new = key - prefix
-                            if tree[r]:
-                                ok = ((ancestors[node, new >> 6] >> (new & 63)) & 1) == 1
-                            else:
-                                ok = new <= q0 + i
-                            if ok and window > 0:
-                                ok = positions[node] - positions[first + new] < window
-                        elif ok and window > 0:
-                            ok = positions[node] - key < window
-                        seen[i, j] = ok
+    for worker in prange(starts.shape[0] - 1):  # one worker per thread (the plan's threads)
+        for at in range(starts[worker], starts[worker + 1]):
+            task = order[at]
+            part, rest = task % splits, task // splits
+            item, h0 = rest // groups, (rest % groups) * hpt
+            r, q0, q1 = items[item, 0], items[item, 1], items[item, 2]
+            first = cu[r]
+            prefix = ctx[r] - (cu[r + 1] - first)
+            nq = q1 - q0
+            R = nq * G  # query rows per KV head: (query, head of the group)
+            rows = hpt * R
+            # The task's query rows (pre-scaled): head hh's at hh * R, one per (query, head of the group).
+            qb = np.empty((rows, D), np.float32)
             for hh in range(hpt):
-                base = hh * R  # the head's query rows
-                tile_at = np.uint64(hh * tile * D)  # and its keys' rows in the packed tiles
-                j = 0
-                while j + 4 <= nk:  # scores: four keys per pass over a query row (four vectorised reductions)
-                    a0 = tile_at + np.uint64(j * D)
-                    a1, a2, a3 = a0 + np.uint64(D), a0 + np.uint64(2 * D), a0 + np.uint64(3 * D)
-                    for row in range(R):
-                        d0 = d1 = d2 = d3 = np.float32(0.0)
+                for i in range(nq):
+                    for g in range(G):
                         for d in range(D):
-                            x, e = qb[base + row, d], np.uint64(d)
-                            d0 += x * k_tile[a0 + e]
-                            d1 += x * k_tile[a1 + e]
-                            d2 += x * k_tile[a2 + e]
-                            d3 += x * k_tile[a3 + e]
-                        s[row, j], s[row, j + 1], s[row, j + 2], s[row, j + 3] = d0, d1, d2, d3
-                    j += 4
-                for jj in range(j, nk):
-                    a0 = tile_at + np.uint64(jj * D)
-                    for row in range(R):
-                        dot = np.float32(0.0)
-                        for d in range(D):
-                            dot += qb[base + row, d] * k_tile[a0 + np.uint64(d)]
-                        s[row, jj] = dot
-                if softcap > 0:
-                    for row in range(R):
-                        for j in range(nk):
-                            s[row, j] = softcap * np.tanh(s[row, j] / softcap)
+                            qb[hh * R + i * G + g, d] = q[first + q0 + i, (h0 + hh) * G + g, d] * scale
+            m = np.full(rows, -np.inf, np.float32)
+            den = np.zeros(rows, np.float32)
+            acc = np.zeros((rows, D), np.float32)
+            s = np.empty((R, tile), np.float32)  # one head's scores at a time
+            seen = np.empty((nq, tile), np.bool_)
+            two_n = np.empty(tile, np.int32)  # exponent bits of the exps' 2^n factors
+            # The tile's K and V rows of the task's heads, packed head-major: head hh's key j at (hh * tile + j) * D.
+            k_tile = np.empty(hpt * tile * D, np.float32)
+            v_tile = np.empty(hpt * tile * D, np.float32)
+            k_bits, v_bits = k_tile.view(np.uint32), v_tile.view(np.uint32)  # bf16: widened bit patterns
+            key_end = prefix + q1  # causal or tree: no query of the item sees a later key
+            key_lo = 0
+            if window > 0:
+                low = positions[first + q0]
+                for i in range(q0, q1):
+                    low = min(low, positions[first + i])
+                key_lo = max(0, low - window + 1)
+            k_first = (key_lo // block_size) * block_size
+            num_tiles = (key_end - k_first + tile - 1) // tile
+            for k0 in range(k_first + (part * num_tiles // splits) * tile,
+                            min(k_first + ((part + 1) * num_tiles // splits) * tile, key_end), tile):
+                nk = min(tile, key_end - k0)
+                for j in range(nk):  # pack: each key's slot once, its heads in order (vLLM keeps them side by side)
+                    key = k0 + j
+                    page, slot = table[r, key // block_size], key % block_size
+                    for hh in range(hpt):
+                        k_row = np.uint64(page * layout[3] + slot * layout[4] + (h0 + hh) * layout[5])
+                        v_row = np.uint64(page * layout[6] + slot * layout[7] + (h0 + hh) * layout[8])
+                        at = np.uint64((hh * tile + j) * D)
+                        if bf16:  # one loop per row: a plain widening copy each (vectorised)
+                            for d in range(D):
+                                k_bits[at + np.uint64(d)] = np.uint32(np.uint16(k16[k_row + np.uint64(d)])) << np.uint32(16)
+                            for d in range(D):
+                                v_bits[at + np.uint64(d)] = np.uint32(np.uint16(v16[v_row + np.uint64(d)])) << np.uint32(16)
+                        else:
+                            for d in range(D):
+                                k_tile[at + np.uint64(d)] = k32[k_row + np.uint64(d)]
+                            for d in range(D):
+                                v_tile[at + np.uint64(d)] = v32[v_row + np.uint64(d)]
+                # Visibility (the same for every head): only tiles with new tokens or past the window's edge.
+                masked = k0 + nk > prefix or window > 0 or k0 < key_lo
                 if masked:
                     for i in range(nq):
-                        for g in range(G):
-                            for j in range(nk):
-                                if not seen[i, j]:
-                                    s[i * G + g, j] = -np.inf
-                for row in range(R):
-                    top = m[base + row]
-                    for j in range(nk):
-                        top = max(top, s[row, j])
-                    if top == -np.inf:
-                        continue
-                    fix = np.exp(m[base + row] - top)
-                    den[base + row] *= fix
-                    for d in range(D):
-                        acc[base + row, d] *= fix
-                    exp_shifted(s[row], nk, top, two_n)
-                    for j in range(nk):
-                        den[base + row] += s[row, j]
+                        node = first + q0 + i
+                        for j in range(nk):
+                            key = k0 + j
+                            ok = key >= key_lo
+                            if ok and key >= prefix:
+                                new = key - prefix
+                                if tree[r]:
+                                    ok = ((ancestors[node, new >> 6] >> (new & 63)) & 1) == 1
+                                else:
+                                    ok = new <= q0 + i
+                                if ok and window > 0:
+                                    ok = positions[node] - positions[first + new] < window
+                            elif ok and window > 0:
+                                ok = positions[node] - key < window
+                            seen[i, j] = ok
+                for hh in range(hpt):
+                    base = hh * R  # the head's query rows
+                    tile_at = np.uint64(hh * tile * D)  # and its keys' rows in the packed tiles
                     j = 0
-                    while j + 4 <= nk:  # four keys per pass over the row's accumulator
-                        p0, p1, p2, p3 = s[row, j], s[row, j + 1], s[row, j + 2], s[row, j + 3]
+                    while j + 4 <= nk:  # scores: four keys per pass over a query row (four vectorised reductions)
                         a0 = tile_at + np.uint64(j * D)
                         a1, a2, a3 = a0 + np.uint64(D), a0 + np.uint64(2 * D), a0 + np.uint64(3 * D)
-                        for d in range(D):
-                            e = np.uint64(d)
-                            acc[base + row, d] += p0 * v_tile[a0 + e] + p1 * v_tile[a1 + e] + p2 * v_tile[a2 + e] + p3 * v_tile[a3 + e]
+                        for row in range(R):
+                            d0 = d1 = d2 = d3 = np.float32(0.0)
+                            for d in range(D):
+                                x, e = qb[base + row, d], np.uint64(d)
+                                d0 += x * k_tile[a0 + e]
+                                d1 += x * k_tile[a1 + e]
+                                d2 += x * k_tile[a2 + e]
+                                d3 += x * k_tile[a3 + e]
+                            s[row, j], s[row, j + 1], s[row, j + 2], s[row, j + 3] = d0, d1, d2, d3
                         j += 4
                     for jj in range(j, nk):
-                        p, a0 = s[row, jj], tile_at + np.uint64(jj * D)
+                        a0 = tile_at + np.uint64(jj * D)
+                        for row in range(R):
+                            dot = np.float32(0.0)
+                            for d in range(D):
+                                dot += qb[base + row, d] * k_tile[a0 + np.uint64(d)]
+                            s[row, jj] = dot
+                    if softcap > 0:
+                        for row in range(R):
+                            for j in range(nk):
+                                s[row, j] = softcap * np.tanh(s[row, j] / softcap)
+                    if masked:
+                        for i in range(nq):
+                            for g in range(G):
+                                for j in range(nk):
+                                    if not seen[i, j]:
+                                        s[i * G + g, j] = -np.inf
+                    for row in range(R):
+                        top = m[base + row]
+                        for j in range(nk):
+                            top = max(top, s[row, j])
+                        if top == -np.inf:
+                            continue
+                        fix = np.exp(m[base + row] - top)
+                        den[base + row] *= fix
                         for d in range(D):
-                            acc[base + row, d] += p * v_tile[a0 + np.uint64(d)]
-                    m[base + row] = top
-        for hh in range(hpt):
-            for i in range(nq):
-                for g in range(G):
-                    row, t, h = hh * R + i * G + g, first + q0 + i, (h0 + hh) * G + g
-                    if splits == 1:
-                        inv = 1.0 / den[row]
-                        for d in range(D):
-                            out[t, h, d] = acc[row, d] * inv
-                    else:
-                        ws_m[part, t, h], ws_den[part, t, h] = m[row], den[row]
-                        for d in range(D):
-                            ws_acc[part, t, h, d] = acc[row, d]
+                            acc[base + row, d] *= fix
+                        exp_shifted(s[row], nk, top, two_n)
+                        for j in range(nk):
+                            den[base + row] += s[row, j]
+                        j = 0
+                        while j + 4 <= nk:  # four keys per pass over the row's accumulator
+                            p0, p1, p2, p3 = s[row, j], s[row, j + 1], s[row, j + 2], s[row, j + 3]
+                            a0 = tile_at + np.uint64(j * D)
+                            a1, a2, a3 = a0 + np.uint64(D), a0 + np.uint64(2 * D), a0 + np.uint64(3 * D)
+                            for d in range(D):
+                                e = np.uint64(d)
+                                acc[base + row, d] += p0 * v_tile[a0 + e] + p1 * v_tile[a1 + e] + p2 * v_tile[a2 + e] + p3 * v_tile[a3 + e]
+                            j += 4
+                        for jj in range(j, nk):
+                            p, a0 = s[row, jj], tile_at + np.uint64(jj * D)
+                            for d in range(D):
+                                acc[base + row, d] += p * v_tile[a0 + np.uint64(d)]
+                        m[base + row] = top
+            for hh in range(hpt):
+                for i in range(nq):
+                    for g in range(G):
+                        row, t, h = hh * R + i * G + g, first + q0 + i, (h0 + hh) * G + g
+                        if splits == 1:
+                            inv = 1.0 / den[row]
+                            for d in range(D):
+                                out[t, h, d] = acc[row, d] * inv
+                        else:
+                            ws_m[part, t, h], ws_den[part, t, h] = m[row], den[row]
+                            for d in range(D):
+                                ws_acc[part, t, h, d] = acc[row, d]
     if splits > 1:  # merge the parts of every query row (each row sees its own key: some part is finite)
         for item in prange(items.shape[0]):
             r, q0, q1 = items[item, 0], items[item, 1], items[item, 2]
