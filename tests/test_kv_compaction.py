@@ -172,3 +172,30 @@ def test_launch_config_bad_row_size():
     for bad in (0, 2.5, "64"):
         with pytest.raises(ValueError, match=r"^kv_dim\b"):
             launch_config(bad)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cpu_compaction_matches_the_reference(seed):
+    """compact_kv_cpu (vLLM-CPU's path: no-op moves dropped, nothing done without a move)
+    against the reference on random accepted paths, chains of first children (no move) and
+    empty acceptances, every cache of a list moved."""
+    from tkernels.spec.kv_compaction import compact_kv_cpu
+
+    gen = torch.Generator().manual_seed(seed)
+    batch, block_size, blocks_per_req = 5, 4, 6
+    table = torch.randperm(batch * blocks_per_req, generator=gen).view(batch, blocks_per_req).int()
+    prefix = torch.randint(0, 8, (batch,), generator=gen).int()
+    for case in ("random", "no move", "nothing accepted"):
+        nodes = torch.full((batch, 5), -1, dtype=torch.int32)
+        num = torch.zeros(batch, dtype=torch.int32)
+        for b in range(batch):
+            n = int(torch.randint(1, 6, (1,), generator=gen)) if case != "nothing accepted" else 1
+            path = [0] + sorted(torch.randperm(10, generator=gen)[:n - 1].add(1).tolist()) if case == "random" \
+                else list(range(n))
+            nodes[b, :n], num[b] = torch.tensor(path, dtype=torch.int32), n
+        caches = [torch.randn(2, batch * blocks_per_req, block_size, 3, 8, generator=gen) for _ in range(3)]
+        ref = [c.clone() for c in caches]
+        compact_kv_cpu(caches, table, prefix, nodes, num)
+        compact_kv_reference(ref, table, prefix, nodes, num)
+        for got, want in zip(caches, ref):
+            assert torch.equal(got, want)

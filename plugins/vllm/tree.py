@@ -32,8 +32,8 @@ as a chain: causal attention, the draft tokens in order, which is exactly lossle
 draft. That row is counted (``TreeBatch.foreign_drafts``) and the first one logged; no
 inconsistency in one request raises out of the engine.
 
-With ``TKERNELS_VLLM_CPU_ATTENTION=native``, ``=compiled``, ``=torch`` or ``=reference`` verification and compaction run
-their torch references (no Triton kernel runs on vLLM-CPU).
+With ``TKERNELS_VLLM_CPU_ATTENTION=native``, ``=compiled``, ``=torch`` or ``=reference`` verification runs its torch
+reference and compaction :func:`tkernels.spec.compact_kv_cpu` (no Triton kernel runs on vLLM-CPU).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from tkernels.spec import (
     CheckedTrees,
     check_trees,
     compact_kv,
-    compact_kv_reference,
+    compact_kv_cpu,
     depths,
     keyed_uniforms,
     verify_greedy,
@@ -417,7 +417,7 @@ class TreeBatch:
             index = torch.from_numpy(rows).to(nodes.device)
             block_table, nodes, num, prefix = block_table[index], nodes[index], num[index], prefix[rows]
         prefix = torch.from_numpy(prefix.astype(np.int32)).to(nodes.device)
-        compact = compact_kv_reference if reference else compact_kv
+        compact = compact_kv_cpu if reference else compact_kv  # vLLM-CPU's modes: Triton needs a GPU
         # verification's outputs, vLLM's block table and the host-built prefixes: trusted (no device read)
         compact(self.kv_planes(runner), block_table, prefix, nodes, num, checked=True)
 

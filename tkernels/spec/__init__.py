@@ -1,6 +1,6 @@
 """Speculation: tree contract and templates, drafters, dynamic tree shapes, verification."""
 
-from .kv_compaction import compact_kv, compact_kv_reference
+from .kv_compaction import compact_kv, compact_kv_cpu, compact_kv_reference
 from .ngram import propose_ngram
 from .token_recycling import TokenRecycling
 from .tree import (
@@ -81,5 +81,6 @@ __all__ = [
     "verify_sampling",
     "verify_sampling_reference",
     "compact_kv",
+    "compact_kv_cpu",
     "compact_kv_reference",
 ]
