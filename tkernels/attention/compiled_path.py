@@ -119,11 +119,8 @@ def plan_compiled_attention(
                                 block_size=block_size, long_only=True)
         short_rows = torch.from_numpy(np.flatnonzero(short[layout.token_req.numpy()]))
     max_keys = int(ctx[req].max()) if req.size else 0
-    threads = use_torch_threads()
-    heads_per_task = _heads_per_task(items.shape[0], num_kv_heads, threads)
-    tile = key_tile(block_size)
-    key_splits = _key_splits(items.shape[0] * (num_kv_heads // heads_per_task), threads, -(-max_keys // tile))
-    order, starts = _deal(items.shape[0] * (num_kv_heads // heads_per_task) * key_splits, threads)
+    threads, tile = use_torch_threads(), key_tile(block_size)
+    heads_per_task, key_splits, order, starts = _launch(items.shape[0], num_kv_heads, threads, -(-max_keys // tile))
     ancestors = layout.ancestors.numpy()
     if ancestors.shape[1] == 0:
         ancestors = np.zeros((ancestors.shape[0], 1), np.int64)
@@ -244,17 +241,8 @@ def mixed_attention_prepared(
     if heads_per_task is None and key_splits is None:
         heads_per_task, key_splits, order, starts = plan.heads_per_task, plan.key_splits, plan.order, plan.starts
     else:
-        if heads_per_task is None:
-            heads_per_task = _heads_per_task(plan.items.shape[0], Hkv, plan.threads)
-        elif isinstance(heads_per_task, bool) or not isinstance(heads_per_task, int) or heads_per_task < 1 \
-                or Hkv % heads_per_task:
-            _fail("heads_per_task", f"must be a divisor of the {Hkv} KV heads, got {heads_per_task!r}")
-        if key_splits is None:
-            key_splits = _key_splits(plan.items.shape[0] * (Hkv // heads_per_task), plan.threads,
-                                     -(-plan.max_keys // plan.tile))
-        else:
-            key_splits = integer("key_splits", key_splits, minimum=1)
-        order, starts = _deal(plan.items.shape[0] * (Hkv // heads_per_task) * key_splits, plan.threads)
+        heads_per_task, key_splits, order, starts = _launch(plan.items.shape[0], Hkv, plan.threads,
+                                                            -(-plan.max_keys // plan.tile), heads_per_task, key_splits)
     if key_splits > 1:
         ws_m, ws_den = np.empty((key_splits, T, Hq), np.float32), np.empty((key_splits, T, Hq), np.float32)
         ws_acc = np.empty((key_splits, T, Hq, D), np.float32)
@@ -297,6 +285,25 @@ def _describe(t) -> str:
     if not isinstance(t, torch.Tensor):
         return type(t).__name__
     return f"{tuple(t.shape)} {t.dtype} on {t.device}, strides {t.stride()}"
+
+
+def _launch(num_items: int, num_kv_heads: int, threads: int, max_tiles: int, heads_per_task: int | None = None,
+            key_splits: int | None = None) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """The loop's launch for ``num_items`` items on ``threads`` threads: ``(heads_per_task,
+    key_splits, order, starts)``, the first two as given (checked) or chosen
+    (:func:`_heads_per_task`, :func:`_key_splits`; ``max_tiles``: key tiles of the longest item),
+    the tasks dealt by :func:`_deal`. The plan's choice once per step; a call's own with explicit values."""
+    if heads_per_task is None:
+        heads_per_task = _heads_per_task(num_items, num_kv_heads, threads)
+    elif isinstance(heads_per_task, bool) or not isinstance(heads_per_task, int) or heads_per_task < 1 \
+            or num_kv_heads % heads_per_task:
+        _fail("heads_per_task", f"must be a divisor of the {num_kv_heads} KV heads, got {heads_per_task!r}")
+    groups = num_kv_heads // heads_per_task
+    if key_splits is None:
+        key_splits = _key_splits(num_items * groups, threads, max_tiles)
+    else:
+        key_splits = integer("key_splits", key_splits, minimum=1)
+    return (heads_per_task, key_splits, *_deal(num_items * groups * key_splits, threads))
 
 
 def _heads_per_task(num_items: int, num_kv_heads: int, threads: int) -> int:
