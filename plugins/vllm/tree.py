@@ -26,11 +26,14 @@ bookkeeping, ``num_computed_tokens`` rollback and spec-decode metrics (accepted 
 work unchanged. KV compaction (:func:`tkernels.spec.compact_kv`) then moves the accepted path's
 K/V from position ``num_computed + node`` to ``num_computed + depth`` in every layer's cache.
 
-A draft that is not (a BFS prefix of) the tree the proposer made for that request (vLLM padded
-or replaced it, or the request was rescheduled in a way the proposer did not see) is verified
+A draft that is not (a BFS prefix of) the tree the proposer made for that request (vLLM
+replaced it, or the request was rescheduled in a way the proposer did not see) is verified
 as a chain: causal attention, the draft tokens in order, which is exactly lossless for any
 draft. That row is counted (``TreeBatch.foreign_drafts``) and the first one logged; no
-inconsistency in one request raises out of the engine.
+inconsistency in one request raises out of the engine. vLLM's own placeholder drafts (``-1``
+tokens: it pads a request scheduled a single token, such as a new request whose prompt is in
+the prefix cache, to the speculative budget) are chains too, counted apart
+(``TreeBatch.padded_drafts``) and not logged.
 
 With ``TKERNELS_VLLM_CPU_ATTENTION=native``, ``=compiled``, ``=torch`` or ``=reference`` verification runs its torch
 reference and compaction :func:`tkernels.spec.compact_kv_cpu` (no Triton kernel runs on vLLM-CPU).
@@ -69,6 +72,9 @@ logger = logging.getLogger("vllm.tkernels")  # vLLM's handlers and format, with 
 # in vLLM's SamplerOutput: negative, so never a token id, and not vLLM's placeholder (-1), so
 # vLLM's output parsing keeps it. Patch 6 (patches.py) turns it into vLLM's per-request error.
 FAILED_TOKEN = -2
+# The token vLLM's scheduler fills a draft with when it pads a request scheduled one token to
+# 1 + num_speculative_tokens (a new request whose prompt is in the prefix cache but its last token).
+PLACEHOLDER_DRAFT = -1
 
 
 def is_tree_config(speculative_config) -> bool:
@@ -190,6 +196,7 @@ class TreeBatch:
         self.step: TreeStep | None = None
         self._kv_planes: list[torch.Tensor] | None = None
         self.foreign_drafts = 0  # rows verified as a chain: their draft was not their proposer's tree
+        self.padded_drafts = 0  # rows verified as a chain: vLLM's placeholder draft (not logged)
         self._builders: list = []  # the runner's builders the step's trees are handed to
         self.trees: tuple[torch.Tensor, torch.Tensor] | None = None
         self.trees_host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -223,20 +230,20 @@ class TreeBatch:
             else:
                 self.proposed.pop(req_id, None)
 
-    def _row_tree(self, req_id: str, draft: list[int], num_scheduled: int) -> Proposal | None:
-        """The proposal a row's scheduled draft is a BFS prefix of, or None when it is not one
-        scheduled as ``1 + n`` tokens (then verified as a chain)."""
-        proposal = self.proposed.pop(req_id, None)
-        n = len(draft)
-        if proposal is not None and num_scheduled == n + 1 and proposal.tokens[:n] == draft:
-            return proposal
+    def _foreign(self, req_id: str, draft: list[int], num_scheduled: int) -> None:
+        """Count a row whose scheduled draft is not (a BFS prefix of) its proposal (verified as a
+        chain): vLLM's placeholder padding (``-1`` drafts for a request scheduled a single token,
+        e.g. a prompt found whole in the prefix cache) apart, as it is expected; any other is
+        logged the first time."""
+        if draft[0] == PLACEHOLDER_DRAFT:
+            self.padded_drafts += 1
+            return
         self.foreign_drafts += 1
         if self.foreign_drafts == 1:
             logger.warning("tkernels tree speculation: request %s was scheduled a draft of %d tokens in %d that is not "
                            "(a BFS prefix of) its proposer's tree; it is verified as a chain (lossless). Such rows "
                            "are counted in the proposer's stats['foreign_drafts']; this is logged once.",
-                           req_id, n, num_scheduled)
-        return None
+                           req_id, len(draft), num_scheduled)
 
     def verification_trees(self, req_ids: Sequence[str], drafts: Sequence[list[int]], scheduled_tokens: np.ndarray):
         """Each row's verification tree, from the requests' proposals: ``(num_nodes, cu_nodes,
@@ -247,14 +254,25 @@ class TreeBatch:
         num_nodes = np.fromiter(map(len, drafts), np.int64, len(drafts)) + 1
         cu_nodes = offsets(num_nodes)
         scheduled = scheduled_tokens.tolist()
-        proposals = [(i, self._row_tree(req_ids[i], drafts[i], scheduled[i])) for i in np.flatnonzero(num_nodes > 1).tolist()]
-        proposals = [(i, p) for i, p in proposals if p is not None]
+        pop = self.proposed.pop
+        proposals, rows = [], []
+        # A row is its tree when it was scheduled 1 + n tokens and its draft is the first n of its
+        # proposal's (a BFS prefix); else a chain (one loop: a server's step checks every row).
+        for i in np.flatnonzero(num_nodes > 1).tolist():
+            proposal, draft = pop(req_ids[i], None), drafts[i]
+            n = len(draft)
+            if (proposal is not None and scheduled[i] == n + 1
+                    and (proposal.tokens == draft if len(proposal.tokens) == n else proposal.tokens[:n] == draft)):
+                proposals.append(proposal)
+                rows.append(i)
+            else:
+                self._foreign(req_ids[i], draft, scheduled[i])
         is_tree = np.zeros(len(drafts), dtype=bool)
         trees = None
         if proposals:
-            rows = np.array([i for i, _ in proposals], np.int64)
+            rows = np.array(rows, np.int64)
             is_tree[rows] = True
-            trees = _verified_trees([p for _, p in proposals], num_nodes[rows])
+            trees = _verified_trees(proposals, num_nodes[rows])
             if rows.size == len(drafts):  # every row is its tree (a server's common step): the trees' own arrays
                 return num_nodes, cu_nodes, trees.parents.numpy(), trees.depths, is_tree, trees
         local = np.arange(cu_nodes[-1], dtype=np.int64) - np.repeat(cu_nodes[:-1], num_nodes)

@@ -109,7 +109,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         self._capture = self.tree_drafter.recycling is not None
         self._draft_caps: dict[int, int] = {}  # drafting requests -> nodes drafted per request (per_batch)
         self.stats.update(prompt_topk_rows=0, prompt_topk_s=0.0, prompt_forward_s=0.0, foreign_drafts=0,
-                          undrafted_steps=0)
+                          padded_drafts=0, undrafted_steps=0)
         logger.info("tkernels tree proposer: drafter %s, %s trees of at most %d draft tokens; %s", drafter,
                     options["size"], self.num_speculative_tokens, self.step_model.describe())
 
@@ -143,6 +143,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
 
     def _propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings) -> list[list[int]]:
         self.stats["foreign_drafts"] = self.tree_batch.foreign_drafts  # rows verified as chains (tree.py)
+        self.stats["padded_drafts"] = self.tree_batch.padded_drafts  # vLLM's placeholder drafts, chains too
         if self.tree_drafter.method == DYNAMIC:
             return super().propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings)
         step = self.tree_batch.step

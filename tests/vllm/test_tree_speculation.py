@@ -542,6 +542,31 @@ def test_verify_returns_vllm_layout_and_compacts_the_accepted_path(monkeypatch, 
     assert torch.equal(cache, expected)
 
 
+def test_vllms_placeholder_draft_is_a_chain_counted_apart_and_not_logged(monkeypatch):
+    """vLLM pads a request scheduled one token (a prompt found whole in the prefix cache) to the
+    speculative budget with -1 drafts: that row is a chain, counted in ``padded_drafts``, not as a
+    foreign draft, and nothing is logged; a proposed row beside it keeps its tree."""
+    from tkernels.plugins.vllm import tree
+
+    batch = tree.TreeBatch()
+    tree_parents = torch.tensor([-1, 0, 0, 1], dtype=torch.int32)
+    propose_tree(batch, "t", [8, 9, 12], tree_parents)
+    runner = fake_runner(["t", "p"], [10, 20], 4 + 4, torch.arange(8).view(2, 4).int())
+    drafts = {"t": [8, 9, 12], "p": [tree.PLACEHOLDER_DRAFT] * 3}
+    logged = []
+    monkeypatch.setattr(tree.logger, "warning", lambda *args: logged.append(args))
+    batch.begin_step(runner, SimpleNamespace(finished_req_ids=set(), scheduled_spec_decode_tokens=drafts),
+                     np.array([4, 4]))
+    assert batch.step.is_tree.tolist() == [True, False]
+    assert (batch.padded_drafts, batch.foreign_drafts) == (1, 0) and not logged
+    propose_tree(batch, "t", [8, 9, 12], tree_parents)  # a step's proposals are used once
+    drafts["p"] = [7, 7, 7]  # the same row with a draft nobody proposed: foreign, logged
+    batch.begin_step(runner, SimpleNamespace(finished_req_ids=set(), scheduled_spec_decode_tokens=drafts),
+                     np.array([4, 4]))
+    assert (batch.padded_drafts, batch.foreign_drafts) == (1, 1) and len(logged) == 1
+    assert batch.step.parents.tolist() == [-1, 0, 0, 1] + [-1, 0, 1, 2]
+
+
 def test_a_request_with_unusable_logits_fails_alone(monkeypatch, rng):
     """Verification refusing one request's logits (NaN) fails that request (FAILED_TOKEN, no KV
     moved) and verifies the others as if it were not there."""

@@ -470,18 +470,27 @@ def learn_rows(adjacency, prob_bits, tokens, ids, probs, check_probs, l_own_tabl
     are written. Own-row capacity ensured by the caller."""
     vocab = adjacency.shape[0]
     n, k = ids.shape[0], ids.shape[1]
+    # The checks as flags without early exits (vectorised passes: a valid step, the common
+    # case, reads every value anyway); the first failed check is reported, in this order.
+    bad_token = False
     for i in range(n):
-        if tokens[i] < 0 or tokens[i] >= vocab:
-            return 1
+        bad_token |= (tokens[i] < 0) | (tokens[i] >= vocab)
+    if bad_token:
+        return 1
+    bad_id = False
     for i in range(n):
         for j in range(k):
-            if ids[i, j] < 0 or ids[i, j] >= vocab:
-                return 2
+            bad_id |= (ids[i, j] < 0) | (ids[i, j] >= vocab)
+    if bad_id:
+        return 2
     if check_probs:
+        bad_prob = False
         for i in range(n):
             for j in range(k):
-                if not (probs[i, j] >= 0 and probs[i, j] < np.inf):
-                    return 3
+                p = probs[i, j]
+                bad_prob |= not ((p >= 0) & (p < np.inf))
+        if bad_prob:
+            return 3
     half = np.empty((n, k), np.uint16)  # every probability's fp16 bits, converted once
     for i in range(n):
         t = tokens[i]
