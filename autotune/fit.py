@@ -33,9 +33,8 @@ def derive(shape: ModelShape, costs, measured_us, slos_ms: list[float]) -> dict:
         per_slo[f"{slo:g}"] = policy.plan(**reference).tokens
     default_slo = sorted(slos_ms)[len(slos_ms) // 2]
 
-    step_time = _DecodeStepTime(model)
-    tree = DynamicTreePolicy(step_time=step_time)
-    tree_budgets = {str(b): len(tree.choose(b, TREE_MAX_NODES)) for b in TREE_BATCH_SIZES}
+    tree = DynamicTreePolicy(step_time=model)  # every node attends to the reference context (priced)
+    tree_budgets = {str(b): len(tree.choose(b, TREE_MAX_NODES, context=REFERENCE_CONTEXT)) for b in TREE_BATCH_SIZES}
     return {
         "latency_model": {**asdict(rates), "fit_max_rel_error": max(errors), "fit_median_rel_error":
                           float(np.median(errors)), "points": len(costs)},
@@ -45,18 +44,6 @@ def derive(shape: ModelShape, costs, measured_us, slos_ms: list[float]) -> dict:
         "tree_budgets": {"nodes_per_request": tree_budgets, "context": REFERENCE_CONTEXT,
                          "acceptance": "DynamicTreePolicy prior (measured acceptance replaces it online)"},
     }, predicted
-
-
-class _DecodeStepTime:
-    """Verify-step time of ``batch_tokens`` tree tokens spread over decodes at the reference
-    context, for the tree policy (its StepTime protocol)."""
-
-    def __init__(self, model: LatencyModel):
-        self.model = model
-
-    def step_time(self, batch_tokens: int) -> float:
-        # Each token reads the context once (a tree's nodes share one prefix but query it each).
-        return self.model.step_us(batch_tokens, REFERENCE_CONTEXT, batch_tokens * REFERENCE_CONTEXT)
 
 
 def plot(path, points, measured_us, predicted_us, budgets: dict, title: str) -> None:

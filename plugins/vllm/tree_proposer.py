@@ -107,7 +107,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         # pld keeps no adjacency: no top-k (nor the log-sum-exp of its probabilities) over the
         # whole vocabulary every step for nothing to recycle
         self._capture = self.tree_drafter.recycling is not None
-        self._draft_caps: dict[int, int] = {}  # drafting requests -> nodes drafted per request (per_batch)
+        self._draft_caps: dict[tuple[int, int], int] = {}  # (drafting requests, context octave) -> nodes per request
         self.stats.update(prompt_topk_rows=0, prompt_topk_s=0.0, prompt_forward_s=0.0, foreign_drafts=0,
                           padded_drafts=0, undrafted_steps=0)
         logger.info("tkernels tree proposer: drafter %s, %s trees of at most %d draft tokens; %s", drafter,
@@ -168,11 +168,16 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             # The policy learns the drafter's real acceptance on this path (_learn_acceptance: the
             # accepted nodes' ranks among their siblings), so the sizes are recomputed every
             # CAP_REFRESH_STEPS steps, and at every refit of the latency model (_measure_step).
+            # Every node attends to its request's context: priced at the drafting requests' mean,
+            # caps kept per batch size and context octave (a lone request at 1k tokens on a CPU
+            # pays ~5 ms of attention per node, ten times its matmuls: docs/vllm.md).
             if self.stats["steps"] % CAP_REFRESH_STEPS == 0:
                 self._draft_caps.clear()
-            if active.size not in self._draft_caps:
-                self._draft_caps[active.size] = len(self.policy.choose(active.size, num_nodes))
-            num_nodes = self._draft_caps[active.size]
+            context = int(lengths[active].mean())
+            key = (active.size, context.bit_length())
+            if key not in self._draft_caps:
+                self._draft_caps[key] = len(self.policy.choose(active.size, num_nodes, context=context))
+            num_nodes = self._draft_caps[key]
             if num_nodes <= 1:  # no draft pays at this batch on this machine: skip drafting altogether
                 self.stats["undrafted_steps"] += 1
         if not active.size or num_nodes <= 1:
@@ -182,8 +187,8 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         lengths = lengths[active]
         trees = self.tree_drafter.draft_batch([step.req_ids[i] for i in rows],
                                               [token_ids_cpu[i, :n] for i, n in zip(rows, lengths.tolist())], num_nodes)
-        if self.per_batch:
-            trees = self.tree_drafter.choose_batch(trees)  # methods with estimates; others keep the whole budget
+        if self.per_batch:  # methods with estimates; others keep the whole budget
+            trees = self.tree_drafter.choose_batch(trees, context=context)
         room = self.max_model_len - lengths  # nodes that fit before the context limit, root included
         if (trees.sizes > room).any():
             trees = trees.rows(np.arange(len(trees)), np.minimum(trees.sizes, room))  # BFS prefixes: still trees
@@ -300,9 +305,10 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         self.stats["prompt_forward_s"] += forward_s
 
     def _draft(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu):
-        drafting = sum(1 for s in sampled_token_ids if s)
-        if drafting and self.per_batch:
-            self._num_nodes = len(self.policy.choose(drafting, self.num_speculative_tokens + 1))
+        rows = [i for i, s in enumerate(sampled_token_ids) if s]
+        if rows and self.per_batch:  # priced as _propose prices them, at the drafting rows' mean context
+            context = int(np.asarray(num_tokens_no_spec, dtype=np.int64)[rows].mean())
+            self._num_nodes = len(self.policy.choose(len(rows), self.num_speculative_tokens + 1, context=context))
         return super()._draft(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
 
     def _verified_drafts(self, row: int, sampled: list[int], num_tokens: int, token_ids_cpu: np.ndarray) -> list[int]:

@@ -124,7 +124,7 @@ def test_tree_size_follows_the_step_time_at_this_batch_size(size):
     proposer, _ = make_tree_proposer(num_spec=6, additional_config={"tkernels_tree": {"size": size, "drafter": "dynamic"}})
     learn(proposer, {4: [8, 9, 10, 11], 8: [12, 13, 14], 9: [20, 21], 12: [30, 31], 10: [40]})
     # A fixed cost per step plus one per token: free nodes for one request, dear ones for 64.
-    proposer.policy.step_time = SimpleNamespace(step_time=lambda tokens: 100.0 + tokens)
+    proposer.policy.step_time = SimpleNamespace(step_time=lambda tokens, requests=0, context=0: 100.0 + tokens)
     sizes = {}
     for batch_size in (1, 64):
         batch = Batch([[3]] * batch_size)
@@ -134,6 +134,34 @@ def test_tree_size_follows_the_step_time_at_this_batch_size(size):
         sizes[batch_size] = {len(d) for d in drafts}
     # prior acceptance 0.5 * 0.5**rank: at batch 64 one draft per request pays, no more
     assert sizes == ({1: {6}, 64: {1}} if size == "per_batch" else {1: {6}, 64: {6}})
+
+
+@pytest.mark.parametrize("drafter", ["dynamic", "hybrid"])
+def test_tree_sizes_price_the_attention_of_the_drafting_requests_context(drafter):
+    """Every node attends to its request's context: the size policy (and, for the harness
+    drafters, the pricing of the drafted nodes) is handed the drafting rows' mean context, and a
+    longer context, whose attention costs more per node, makes smaller trees."""
+    proposer, _ = make_tree_proposer(num_spec=6, additional_config={"tkernels_tree": {"drafter": drafter}})
+    if drafter == "dynamic":  # the hybrid drafts from the histories' repeats
+        learn(proposer, {4: [8, 9, 10, 11], 8: [12, 13, 14], 9: [20, 21], 12: [30, 31], 10: [40]})
+    contexts = []
+
+    def step_time(tokens, requests=0, context=0):  # 1 µs per scored (query, key) pair
+        contexts.append((requests, context))
+        return 100.0 + tokens + tokens * context
+
+    proposer.policy.step_time = proposer.tree_drafter.tr_policy.step_time = SimpleNamespace(step_time=step_time)
+    sizes = {}
+    for length in (2, 40):
+        # "3 4 5" repeats (retrieval has continuations); the tokens after 4 are learnt (TR's rows)
+        batch = Batch([([3, 4, 5] * 20)[-(length - 1):], ([3, 4, 5] * 20)[-(length + 1):], [3]])
+        fake_step(proposer, ["a", "b", "c"], [[]] * 3)
+        batch.commit([[4], [4], []])  # "c" is mid-prefill: it drafts nothing and is not priced
+        drafts = proposer.propose([[4], [4], []], batch.num_tokens.copy(), batch.token_ids)
+        assert contexts and set(contexts) == {(2, length + 1)}  # the two drafting rows' mean: (length + length + 2) / 2
+        contexts.clear()
+        sizes[length] = max(map(len, drafts))
+    assert sizes[40] < sizes[2]
 
 
 def test_lone_request_drafts_past_64_nodes_on_an_8b_model_and_a_batch_small_trees():

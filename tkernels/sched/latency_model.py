@@ -149,10 +149,14 @@ class LatencyModel:
         attn_us = attn_pairs * shape.flops_per_pair / (rates.attn_tflops * 1e6)
         return rates.overhead_us + math.hypot(weights_us, matmul_us) + kv_us + attn_us
 
-    def step_time(self, batch_tokens: int) -> float:
-        """Step time without attention, in µs: :class:`tkernels.spec.StepTime`, so the tree policy
-        prices its trees with the same per-GPU model as the token budget."""
-        return self.step_us(batch_tokens, 0, 0)
+    def step_time(self, batch_tokens: int, requests: int = 0, context: int = 0) -> float:
+        """µs of a verify step of ``batch_tokens`` query tokens from ``requests`` requests holding
+        ``context`` cached tokens each, every query attending to its request's (K/V read once per
+        request; the new tokens' own keys, a few per query, left out): :class:`tkernels.spec.StepTime`,
+        so the tree policy prices its trees with the same per-GPU model as the token budget.
+        Without ``context``, attention is not priced."""
+        requests, context = integer("requests", requests, minimum=0), integer("context", context, minimum=0)
+        return self.step_us(batch_tokens, requests * context, batch_tokens * context)
 
     def steps_us(self, costs) -> np.ndarray:
         """:meth:`step_us` of many steps at once: ``costs`` ``[n, 3]`` rows of (tokens, kv_tokens,

@@ -243,12 +243,14 @@ class TreeDrafter:
         return self._batch.draft_hybrid(self, self.compiled, slots, flat, cu, num_nodes, template, ROOT_CONTEXTS,
                                         MAX_CHILDREN, keys)
 
-    def choose(self, trees: list[DraftTree], batch_size: int | None = None, other_tokens: int = 0) -> list[DraftTree]:
+    def choose(self, trees: list[DraftTree], batch_size: int | None = None, other_tokens: int = 0,
+               context: int = 0) -> list[DraftTree]:
         """Price the batch's nodes: keep, over all trees, the best-scoring nodes that maximise
         expected tokens per second under the step-time model
         (:meth:`ConfidenceTreePolicy.choose`). ``batch_size``: price one tree as if that many
-        requests drafted it (the harness's single request standing for a batch). Trees without
-        scores (``pld``, ``tr_static``) are returned unchanged.
+        requests drafted it (the harness's single request standing for a batch). ``context``:
+        the requests' cached tokens (mean), whose attention every node pays (0: unpriced).
+        Trees without scores (``pld``, ``tr_static``) are returned unchanged.
         """
         if batch_size is not None:
             integer("batch_size", batch_size, minimum=1)
@@ -256,9 +258,10 @@ class TreeDrafter:
             return trees
         if batch_size is not None and len(trees) != 1:
             raise ValueError(f"batch_size: prices one tree as a batch, got {len(trees)} trees")
-        return self.choose_batch(DraftBatch.from_trees(trees), batch_size, other_tokens).trees()
+        return self.choose_batch(DraftBatch.from_trees(trees), batch_size, other_tokens, context).trees()
 
-    def choose_batch(self, batch: DraftBatch, batch_size: int | None = None, other_tokens: int = 0) -> DraftBatch:
+    def choose_batch(self, batch: DraftBatch, batch_size: int | None = None, other_tokens: int = 0,
+                     context: int = 0) -> DraftBatch:
         """:meth:`choose` of a :class:`DraftBatch` (returned as is without scores)."""
         if batch_size is not None:
             integer("batch_size", batch_size, minimum=1)
@@ -269,7 +272,8 @@ class TreeDrafter:
         local = np.arange(batch.num_nodes) - batch.cu[:-1][rows]
         scores = torch.zeros(len(batch), int(sizes.max()), dtype=torch.float64)
         scores[torch.from_numpy(rows), torch.from_numpy(local)] = batch.scores
-        keep = self.tr_policy.choose(scores.expand(batch_size, -1) if batch_size else scores, other_tokens)[:len(batch)]
+        keep = self.tr_policy.choose(scores.expand(batch_size, -1) if batch_size else scores, other_tokens,
+                                     context)[:len(batch)]
         # zero-score padding is never worth its time; a kept node's parent scores at least as high
         return batch.select(keep.numpy()[rows, local])
 

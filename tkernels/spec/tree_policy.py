@@ -37,9 +37,27 @@ __all__ = [
 ]
 
 class StepTime(Protocol):
-    """A verify-step latency model; ``tkernels autotune`` supplies a per-GPU one."""
+    """A verify-step latency model; ``tkernels autotune`` supplies a per-GPU one.
 
-    def step_time(self, batch_tokens: int) -> float: ...
+    ``step_time(batch_tokens)``: µs of a step of ``batch_tokens`` query tokens, attention
+    unpriced. The policies price attention too when they are given the requests' context
+    (``choose(..., context=c)``): they then call ``step_time(batch_tokens, requests=B,
+    context=c)``, a step whose ``B`` requests each hold ``c`` cached tokens, which every query
+    token attends to (:class:`tkernels.sched.latency_model.LatencyModel` implements both). On a
+    machine where attention is slow against the matmuls (a CPU; long contexts) a draft node costs
+    mostly its attention, and a model without it would size trees several times too large."""
+
+    def step_time(self, batch_tokens: int, requests: int = 0, context: int = 0) -> float: ...
+
+
+def _step_times(step_time: StepTime, tokens, requests: int, context: int) -> torch.Tensor:
+    """float64 µs of one step per entry of ``tokens`` (query tokens), from ``requests`` requests
+    over ``context`` cached tokens each; with no context the one-argument form (a StepTime that
+    does not price attention need not take the others)."""
+    if context:
+        return torch.tensor([step_time.step_time(int(t), requests=requests, context=context) for t in tokens],
+                            dtype=torch.float64)
+    return torch.tensor([step_time.step_time(int(t)) for t in tokens], dtype=torch.float64)
 
 
 def greedy_tree(accept_probs: torch.Tensor, num_nodes: int):
@@ -142,18 +160,20 @@ class DynamicTreePolicy:
         trials[:ranks.shape[1]] += seen.sum(0)
         hits += np.bincount((depth * self.k + ranks)[hit], minlength=self.max_depth * self.k).reshape(self.max_depth, self.k)
 
-    def choose(self, batch_size: int, max_nodes: int, other_tokens: int = 0) -> TreeShape:
+    def choose(self, batch_size: int, max_nodes: int, other_tokens: int = 0, context: int = 0) -> TreeShape:
         """This step's tree for each of ``batch_size`` requests, at most ``max_nodes`` nodes.
 
         Maximises useful tokens per second, ``(other_tokens + B * E[accepted](m)) / T(other_tokens
         + B * m)``: ``other_tokens`` (e.g. a prefill chunk sharing the step) count as useful work,
-        so a step already full of them leaves little room for speculative nodes.
+        so a step already full of them leaves little room for speculative nodes. ``context``: the
+        requests' cached tokens (mean), which every node attends to: ``T`` prices that attention
+        (:class:`StepTime`; 0: unpriced).
         """
         batch_size, max_nodes = integer("batch_size", batch_size, minimum=1), integer("max_nodes", max_nodes, minimum=1)
-        other_tokens = integer("other_tokens", other_tokens, minimum=0)
+        other_tokens, context = integer("other_tokens", other_tokens, minimum=0), integer("context", context, minimum=0)
         shape, expected = greedy_tree(self.accept_probs(), max_nodes)
-        sizes = torch.arange(1, expected.numel() + 1)
-        times = torch.tensor([self.step_time.step_time(other_tokens + batch_size * int(m)) for m in sizes], dtype=torch.float64)
+        sizes = range(1, expected.numel() + 1)
+        times = _step_times(self.step_time, [other_tokens + batch_size * m for m in sizes], batch_size, context)
         goodput = (other_tokens + batch_size * expected) / times
         best = int(goodput.argmax()) + 1  # argmax takes the first: ties go to the smaller tree
         return shape if best == len(shape) else greedy_tree(self.accept_probs(), best)[0]
@@ -316,26 +336,27 @@ class ConfidenceTreePolicy:
         np.add.at(mass, cell, p)
         np.add.at(hits, cell, accepted.numpy().astype(np.float64))
 
-    def choose(self, scores: torch.Tensor, other_tokens: int = 0) -> torch.Tensor:
+    def choose(self, scores: torch.Tensor, other_tokens: int = 0, context: int = 0) -> torch.Tensor:
         """Which nodes of :meth:`TokenRecycling.draft_best`'s trees to verify: bool [B, n].
 
         ``scores`` float [B, n] (node 0 = root, rows in BFS order) estimate each node's chance
         of acceptance, so keeping the batch's ``j`` best non-root nodes yields ``B + their sum``
         expected tokens in a step of ``B + j`` tokens. Maximises useful tokens per second,
         ``(other_tokens + B + sum) / T(other_tokens + B + j)`` over j: one budget for the batch,
-        spent where the scores are highest, so requests get different trees.
+        spent where the scores are highest, so requests get different trees. ``context``: the
+        requests' cached tokens (mean), priced as :meth:`DynamicTreePolicy.choose` prices them.
         """
         if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[1] < 1 or not scores.is_floating_point():
             raise ValueError(f"scores must be a float tensor [B, n] with n >= 1, got {getattr(scores, 'shape', scores)}")
-        other_tokens = integer("other_tokens", other_tokens, minimum=0)
+        other_tokens, context = integer("other_tokens", other_tokens, minimum=0), integer("context", context, minimum=0)
         batch, n = scores.shape
         rest = scores[:, 1:].double().cpu().reshape(-1)
         if not bool(torch.isfinite(rest).all()):
             fail("scores", "must be finite (no NaN or inf)")
         order = rest.argsort(descending=True, stable=True)  # ties: lower (row, node) first, parents before children
         expected = other_tokens + batch + torch.cat([torch.zeros(1, dtype=torch.float64), rest[order].cumsum(0)])
-        times = torch.tensor([self.step_time.step_time(other_tokens + batch + j) for j in range(order.numel() + 1)],
-                             dtype=torch.float64)
+        times = _step_times(self.step_time, range(other_tokens + batch, other_tokens + batch + order.numel() + 1), batch,
+                            context)
         best = int((expected / times).argmax())  # the first maximum: ties go to the smaller step
         keep = torch.zeros(batch * (n - 1), dtype=torch.bool)
         keep[order[:best]] = True
