@@ -105,6 +105,12 @@ def test_trees_pay_for_their_attention_when_the_context_is_given():
                                            attn_tflops=0.0132))
     assert cpu.step_time(9, requests=1, context=1000) == cpu.step_us(9, 1000, 9000)
     assert cpu.step_time(9) == cpu.step_us(9, 0, 0) == cpu.step_time(9, requests=4)
+    # the policies price many candidate sizes in one vectorised call (steps_us): the same values
+    from tkernels.spec.tree_policy import _step_times
+
+    for requests, context in ((3, 700), (0, 0), (64, 0)):
+        looped = [cpu.step_time(t, requests=requests, context=context) for t in range(1, 300)]
+        assert _step_times(cpu, range(1, 300), requests, context).tolist() == pytest.approx(looped, rel=1e-12)
     with pytest.raises(ValueError, match="^context"):
         cpu.step_time(9, requests=1, context=-1)
     policy = DynamicTreePolicy(step_time=cpu)
