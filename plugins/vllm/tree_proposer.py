@@ -34,6 +34,12 @@ def sibling_ranks(parents: list[int], path: list[int]) -> tuple[list[int], int]:
     return ranks, len(ranks)
 
 
+def mean_context(num_tokens, rows) -> int:
+    """The drafting rows' mean context (their tokens so far), which every draft node attends to:
+    what the size policies price a node's attention at (``choose(..., context=)``)."""
+    return int(np.asarray(num_tokens, dtype=np.int64)[rows].mean())
+
+
 def batch_sibling_ranks(trees: DraftBatch, on_path: np.ndarray, max_depth: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`sibling_ranks` of every tree of a batch at once: ``ranks`` int64 [B, max_depth]
     (-1 padded) and ``observed`` int64 [B], both cut at ``max_depth``; ``on_path`` bool [N] the
@@ -173,7 +179,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             # pays ~5 ms of attention per node, ten times its matmuls: docs/vllm.md).
             if self.stats["steps"] % CAP_REFRESH_STEPS == 0:
                 self._draft_caps.clear()
-            context = int(lengths[active].mean())
+            context = mean_context(lengths, active)
             key = (active.size, context.bit_length())
             if key not in self._draft_caps:
                 self._draft_caps[key] = len(self.policy.choose(active.size, num_nodes, context=context))
@@ -307,7 +313,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
     def _draft(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu):
         rows = [i for i, s in enumerate(sampled_token_ids) if s]
         if rows and self.per_batch:  # priced as _propose prices them, at the drafting rows' mean context
-            context = int(np.asarray(num_tokens_no_spec, dtype=np.int64)[rows].mean())
+            context = mean_context(num_tokens_no_spec, rows)
             self._num_nodes = len(self.policy.choose(len(rows), self.num_speculative_tokens + 1, context=context))
         return super()._draft(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
 
