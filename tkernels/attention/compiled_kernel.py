@@ -152,11 +152,45 @@ def attend(q, k32, v32, k16, v16, bf16, layout, out, table, items, cu, ctx, tree
                 for hh in range(hpt):
                     base = hh * R  # the head's query rows
                     tile_at = np.uint64(hh * tile * D)  # and its keys' rows in the packed tiles
-                    j = 0
-                    while j + 4 <= nk:  # scores: four keys per pass over a query row (four vectorised reductions)
-                        a0 = tile_at + np.uint64(j * D)
-                        a1, a2, a3 = a0 + np.uint64(D), a0 + np.uint64(2 * D), a0 + np.uint64(3 * D)
-                        for row in range(R):
+                    # scores: two query rows x four keys per pass over D (eight vectorised
+                    # reductions: each key row loaded once for two rows; three or four rows
+                    # at once, or the keys in sub-blocks kept in L1, were no faster)
+                    row = 0
+                    while row + 2 <= R:
+                        qa, qc = base + row, base + row + 1
+                        j = 0
+                        while j + 4 <= nk:
+                            a0 = tile_at + np.uint64(j * D)
+                            a1, a2, a3 = a0 + np.uint64(D), a0 + np.uint64(2 * D), a0 + np.uint64(3 * D)
+                            d0 = d1 = d2 = d3 = e0 = e1 = e2 = e3 = np.float32(0.0)
+                            for d in range(D):
+                                x, y, e = qb[qa, d], qb[qc, d], np.uint64(d)
+                                c0, c1, c2, c3 = k_tile[a0 + e], k_tile[a1 + e], k_tile[a2 + e], k_tile[a3 + e]
+                                d0 += x * c0
+                                d1 += x * c1
+                                d2 += x * c2
+                                d3 += x * c3
+                                e0 += y * c0
+                                e1 += y * c1
+                                e2 += y * c2
+                                e3 += y * c3
+                            s[row, j], s[row, j + 1], s[row, j + 2], s[row, j + 3] = d0, d1, d2, d3
+                            s[row + 1, j], s[row + 1, j + 1], s[row + 1, j + 2], s[row + 1, j + 3] = e0, e1, e2, e3
+                            j += 4
+                        for jj in range(j, nk):
+                            a0 = tile_at + np.uint64(jj * D)
+                            d0 = e0 = np.float32(0.0)
+                            for d in range(D):
+                                kk = k_tile[a0 + np.uint64(d)]
+                                d0 += qb[qa, d] * kk
+                                e0 += qb[qc, d] * kk
+                            s[row, jj], s[row + 1, jj] = d0, e0
+                        row += 2
+                    if row < R:  # an odd row last: one row x four keys
+                        j = 0
+                        while j + 4 <= nk:
+                            a0 = tile_at + np.uint64(j * D)
+                            a1, a2, a3 = a0 + np.uint64(D), a0 + np.uint64(2 * D), a0 + np.uint64(3 * D)
                             d0 = d1 = d2 = d3 = np.float32(0.0)
                             for d in range(D):
                                 x, e = qb[base + row, d], np.uint64(d)
@@ -165,10 +199,9 @@ def attend(q, k32, v32, k16, v16, bf16, layout, out, table, items, cu, ctx, tree
                                 d2 += x * k_tile[a2 + e]
                                 d3 += x * k_tile[a3 + e]
                             s[row, j], s[row, j + 1], s[row, j + 2], s[row, j + 3] = d0, d1, d2, d3
-                        j += 4
-                    for jj in range(j, nk):
-                        a0 = tile_at + np.uint64(jj * D)
-                        for row in range(R):
+                            j += 4
+                        for jj in range(j, nk):
+                            a0 = tile_at + np.uint64(jj * D)
                             dot = np.float32(0.0)
                             for d in range(D):
                                 dot += qb[base + row, d] * k_tile[a0 + np.uint64(d)]
@@ -184,9 +217,19 @@ def attend(q, k32, v32, k16, v16, bf16, layout, out, table, items, cu, ctx, tree
                                     if not seen[i, j]:
                                         s[i * G + g, j] = -np.inf
                     for row in range(R):
-                        top = m[base + row]
-                        for j in range(nk):
-                            top = max(top, s[row, j])
+                        # the row's maximum in eight independent chains: in one chain every key
+                        # waits for the previous compare (a sixth of the layer on the Xeon VM)
+                        t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = m[base + row]
+                        j = 0
+                        while j + 8 <= nk:
+                            t0, t1 = max(t0, s[row, j]), max(t1, s[row, j + 1])
+                            t2, t3 = max(t2, s[row, j + 2]), max(t3, s[row, j + 3])
+                            t4, t5 = max(t4, s[row, j + 4]), max(t5, s[row, j + 5])
+                            t6, t7 = max(t6, s[row, j + 6]), max(t7, s[row, j + 7])
+                            j += 8
+                        for jj in range(j, nk):
+                            t0 = max(t0, s[row, jj])
+                        top = max(max(max(t0, t1), max(t2, t3)), max(max(t4, t5), max(t6, t7)))
                         if top == -np.inf:
                             continue
                         fix = np.exp(m[base + row] - top)

@@ -15,7 +15,7 @@ Against the vectorised PyTorch path it gathers nothing and pads nothing (a group
 is not padded to its longest context, a tree's mask is not materialised); against vLLM-CPU's
 own kernels it takes any tree mask, on any x86 or Arm CPU numba compiles for. Prefill chunks
 (causal requests of more than the torch path's ``SHORT_MAX_Q`` new tokens) run the torch
-path's tiles, whose matmuls are faster there than the loop (bench/attention_cpu.py).
+path's tiles (torch's fused attention), faster there than the loop (bench/attention_cpu.py).
 """
 
 from __future__ import annotations
