@@ -369,6 +369,8 @@ def format_table(records: list[dict]) -> str:
 def merge_raw(documents: list[dict], question_ids: list[int] | None = None) -> dict[str, list[dict]]:
     """Per method, the raw records of the documents that ran it over every question (``question_ids``,
     default the first document's): runs of different methods merge, incomplete ones are dropped."""
+    if question_ids is None and documents:
+        question_ids = documents[0].get("question_ids")
     merged: dict[str, list[dict]] = {}
     for doc in documents:
         for spec, per_question in doc.get("raw", {}).items():
@@ -414,7 +416,15 @@ def main(argv=None) -> None:
         args.out.write_text(json.dumps({**meta, "records": summarize(raw, draft_us), "raw": raw}, indent=1) + "\n")
 
     if args.merge:
-        raw = merge_raw([json.loads(p.read_text()) for p in args.merge], question_ids)
+        documents = [json.loads(p.read_text()) for p in args.merge]
+        # the questions: --questions-per-category's where given, else the first file's
+        raw = merge_raw(documents, question_ids if args.questions_per_category is not None else None)
+        if not raw:  # never overwrite --out (the committed results, by default) with nothing
+            which = (f"the {len(question_ids)} questions of --questions-per-category {args.questions_per_category}"
+                     if args.questions_per_category is not None else "the first file's questions")
+            raise SystemExit(f"--merge: no method of {[str(p) for p in args.merge]} ran over every one of {which}; "
+                             f"{args.out} left as it was")
+        meta["question_ids"] = [r["question_id"] for r in next(iter(raw.values()))]
         save(raw)
         print(format_table(summarize(raw, draft_us)))
         print(f"wrote {args.out}")

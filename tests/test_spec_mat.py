@@ -155,3 +155,19 @@ def test_method_specs(spec_mat):
     for bad in ("hybrid:80+other", "tr:x", "tr_static:16@8", "nope:16", "tr"):
         with pytest.raises(ValueError, match="--methods"):
             spec_mat.make_drafter(bad, 100)
+
+
+def test_merge_keeps_the_files_questions_and_never_writes_nothing(spec_mat, tmp_path):
+    """--merge without --questions-per-category merges over the first file's questions (the
+    committed runs' subset); a merge that finds no complete method refuses, --out untouched."""
+    record = {"category": "a", "tokens": 10, "forwards": 4, "step_nodes": [9, 9, 5], "equal": True}
+    doc = {"question_ids": [1, 2], "raw": {"pld:9": [{**record, "question_id": 1}, {**record, "question_id": 2}]}}
+    source, out = tmp_path / "a.json", tmp_path / "out.json"
+    source.write_text(json.dumps(doc))
+    spec_mat.main(["--merge", str(source), "--out", str(out)])
+    merged = json.loads(out.read_text())
+    assert merged["question_ids"] == [1, 2] and list(merged["raw"]) == ["pld:9"]
+    out.write_text("kept")
+    with pytest.raises(SystemExit, match="--merge: no method"):
+        spec_mat.main(["--merge", str(source), "--out", str(out), "--questions-per-category", "1"])
+    assert out.read_text() == "kept"
