@@ -156,13 +156,27 @@ class LatencyModel:
         so the tree policy prices its trees with the same per-GPU model as the token budget.
         Without ``context``, attention is not priced."""
         requests, context = integer("requests", requests, minimum=0), integer("context", context, minimum=0)
-        return self.step_us(batch_tokens, requests * context, batch_tokens * context)
+        return self.step_us(*_verify_costs(batch_tokens, requests, context))
+
+    def step_times(self, batch_tokens, requests: int = 0, context: int = 0) -> np.ndarray:
+        """:meth:`step_time` of many token counts at once (float64 µs, one vectorised call): the
+        tree policies price every candidate size of a step's batch (hundreds) with it."""
+        requests, context = integer("requests", requests, minimum=0), integer("context", context, minimum=0)
+        costs = _verify_costs(np.asarray(batch_tokens, dtype=np.int64), requests, context)
+        return self.steps_us(np.stack(np.broadcast_arrays(*costs), axis=1))
 
     def steps_us(self, costs) -> np.ndarray:
         """:meth:`step_us` of many steps at once: ``costs`` ``[n, 3]`` rows of (tokens, kv_tokens,
         attn_pairs); float64 ``[n]`` µs (the same formula, vectorised for fitting)."""
         return _steps_us(self.shape, np.asarray([getattr(self.rates, n) for n in RATE_NAMES], dtype=np.float64),
                          np.asarray(costs, dtype=np.float64).reshape(-1, 3))
+
+
+def _verify_costs(tokens, requests: int, context: int):
+    """A verify step's (tokens, kv_tokens, attn_pairs) (:meth:`LatencyModel.step_us`'s costs) for
+    ``tokens`` query tokens (an int or an array) from ``requests`` requests of ``context``
+    cached tokens each: K/V read once per request, every query scoring its request's context."""
+    return tokens, requests * context, tokens * context
 
 
 RATE_NAMES = tuple(f.name for f in fields(LatencyRates))

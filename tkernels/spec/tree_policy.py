@@ -54,14 +54,13 @@ def _step_times(step_time: StepTime, tokens, requests: int, context: int) -> tor
     """float64 µs of one step per entry of ``tokens`` (query tokens), from ``requests`` requests
     over ``context`` cached tokens each; with no context the one-argument form (a StepTime that
     does not price attention need not take the others). A model that prices many steps at once
-    (``steps_us``, :class:`~tkernels.sched.latency_model.LatencyModel`'s: the same formula,
+    (``step_times``, :class:`~tkernels.sched.latency_model.LatencyModel`'s: ``step_time``
     vectorised) prices them in one call: a server's step weighs every candidate count of its
     batch's nodes (hundreds), each a Python call otherwise."""
-    steps_us = getattr(step_time, "steps_us", None)
-    if steps_us is not None:
-        counts = np.asarray(tokens, dtype=np.int64)
-        costs = np.stack([counts, np.full_like(counts, requests * context), counts * context], axis=1)
-        return torch.from_numpy(np.asarray(steps_us(costs), dtype=np.float64))
+    step_times = getattr(step_time, "step_times", None)
+    if step_times is not None:
+        return torch.from_numpy(np.asarray(step_times(np.asarray(tokens, dtype=np.int64), requests, context),
+                                           dtype=np.float64))
     if context:
         return torch.tensor([step_time.step_time(int(t), requests=requests, context=context) for t in tokens],
                             dtype=torch.float64)
