@@ -164,6 +164,10 @@ STEP_BATCH, STEP_NODES = (8, 9) if TINY else (64, 32)
 STEP_DRAFTERS = ("hybrid", "tr_static", "pld")
 STEP_LOGITS_VOCAB = 128  # logits columns: the device's own work per row kept negligible on both sides
 STEP_ROUNDS = 5 if TINY else 30
+# Drafts each row accepts per step: every tree's whole first-child path (~19 of 32 nodes: the
+# most the automata and the learning take per step), and 2 (a mean acceptance length of 3,
+# above the tree proposer's 2.1-2.6 in every serving run of docs/serving.md).
+STEP_ACCEPTS = (None, 2)
 # The step's context: room for the warm-up and timed steps' accepted tokens after D1's 600-token
 # histories (each step commits a whole first-child path; the proposer drafts within the context).
 STEP_MAX_MODEL_LEN = 2048
@@ -255,13 +259,15 @@ def test_vllm_ngram_rejection_step(benchmark, records, monkeypatch, k):
                                  "check": "rejection sampler output shape"})
 
 
+@pytest.mark.parametrize("accept", STEP_ACCEPTS, ids=lambda a: "path" if a is None else f"a{a}")
 @pytest.mark.parametrize("method", STEP_DRAFTERS)
-def test_tree_step(benchmark, records, monkeypatch, method):
+def test_tree_step(benchmark, records, monkeypatch, method, accept):
     """The tree proposer's host work per step at STEP_BATCH x STEP_NODES (``bench/tree_step.py``:
     the plugin's own code on a stand-in runner): ``begin_step`` (the step's trees, checked once;
     positions), the attention builder's plan, ``TreeBatch.verify`` (verification and compaction
     bookkeeping; the kernels stubbed, :class:`_NoLaunch`) and the proposer's ``propose``
-    (recycling the verified top-k, drafting the next trees). Histories: D1's, 600 tokens."""
+    (recycling the verified top-k, drafting the next trees). Histories: D1's, 600 tokens; each
+    row accepts its tree's first-child path, or its first ``accept`` drafts."""
     pytest.importorskip("vllm")
     from tree_step import TreeServingStep
 
@@ -275,11 +281,11 @@ def test_tree_step(benchmark, records, monkeypatch, method):
     if step.proposer.tree_drafter.recycling is not None:
         step.proposer.tree_drafter.recycle(torch.arange(VOCAB), top_ids, top_probs)
     parts = {"begin_step": [], "plan": [], "verify": [], "propose": []}
-    nodes = []
+    nodes, accepted = [], []
 
     def setup():
         step.schedule()
-        outputs[0] = step.greedy_outputs()
+        outputs[0] = step.greedy_outputs(accept)
         step.proposer._captured = [step.capture(step.runner.input_ids.gpu)]  # the target's top-k (a kernel)
         return (torch.zeros(int(step.scheduled.sum()), STEP_LOGITS_VOCAB),), {}
 
@@ -298,6 +304,7 @@ def test_tree_step(benchmark, records, monkeypatch, method):
         for part, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t5 - t4)):
             parts[part].append(seconds)
         nodes.append(sum(step.last_tree_sizes))
+        accepted.append(int(outputs[0][2].sum()) - STEP_BATCH)  # drafts: the roots are not
 
     for _ in range(3):  # drafts for every row, own rows written, numba loaded
         run(*setup()[0])
@@ -312,13 +319,16 @@ def test_tree_step(benchmark, records, monkeypatch, method):
     for values in parts.values():
         values.clear()
     nodes.clear()
+    accepted.clear()
     benchmark.pedantic(run, setup=setup, rounds=STEP_ROUNDS, iterations=1)
     total = [sum(p) for p in zip(*parts.values())]
     ms = statistics.median(total) * 1e3
-    record = {"workload": f"H2-step-{method}-b{STEP_BATCH}-n{STEP_NODES}", "impl": f"tree-{method}",
-              "nodes": STEP_NODES, "batch": STEP_BATCH, "ms": ms,
+    suffix = "" if accept is None else f"-a{accept}"
+    record = {"workload": f"H2-step-{method}-b{STEP_BATCH}-n{STEP_NODES}{suffix}", "impl": f"tree-{method}",
+              "nodes": STEP_NODES, "batch": STEP_BATCH, "accept": accept, "ms": ms,
               "parts_ms": {p: statistics.median(v) * 1e3 for p, v in parts.items()},
-              "mean_tree_nodes": statistics.mean(nodes) / STEP_BATCH, "check": "accepted paths committed"}
+              "mean_tree_nodes": statistics.mean(nodes) / STEP_BATCH,
+              "mean_accepted": statistics.mean(accepted) / STEP_BATCH, "check": "accepted paths committed"}
     for k, contender in _step_ms.items():
         record[f"x_ngram_k{k}"] = ms / contender
     _record(benchmark, records, record)
@@ -345,17 +355,22 @@ def table(path: str) -> str:
     steps = [b["extra_info"] for b in benches if b.get("extra_info", {}).get("workload", "").startswith("H2-")]
     if steps:
         contenders = sorted(r["k"] for r in steps if "k" in r)
-        lines += ["", "| per step (host) | batch x nodes | ms | begin_step / plan / verify / propose ms | "
+        lines += ["", "| per step (host) | batch x nodes | drafts accepted per request | ms | "
+                  "begin_step / plan / verify / propose ms | "
                   + " | ".join(f"x ngram + rejection K = {k}" for k in contenders) + " |",
-                  "|---|---|---|---|" + "---|" * len(contenders)]
+                  "|---|---|---|---|---|" + "---|" * len(contenders)]
         for r in steps:
             if "k" in r:
                 name, parts = f"vLLM `ngram` K = {r['k']} + rejection sampler", f"{r['mean_drafts']:.1f} drafts per request"
+                accepted = ""
             else:
                 name = f"tree proposer, `{r['impl'].removeprefix('tree-')}`"
                 parts = " / ".join(f"{v:.2f}" for v in r["parts_ms"].values())
+                # records before the accept cases accepted whole paths and did not count them
+                how = "path" if r.get("accept") is None else f"<= {r['accept']}"
+                accepted = f"{how}: {r['mean_accepted']:.1f}" if "mean_accepted" in r else how
             ratios = " | ".join(f"{r[f'x_ngram_k{k}']:.1f}" if f"x_ngram_k{k}" in r else "" for k in contenders)
-            lines.append(f"| {name} | {r['batch']} x {r['nodes']} | {r['ms']:.2f} | {parts} | {ratios} |")
+            lines.append(f"| {name} | {r['batch']} x {r['nodes']} | {accepted} | {r['ms']:.2f} | {parts} | {ratios} |")
     return "\n".join(lines)
 
 

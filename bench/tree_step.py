@@ -192,10 +192,12 @@ class TreeServingStep:
         out = self.verify(self.logits())
         self.propose(self.commit(out))
 
-    def greedy_outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def greedy_outputs(self, accept: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What greedy verification returns for :meth:`logits`' rows (the first-child path of
         every scheduled tree, then the bonus token 1), from the proposer's trees on the host:
-        ``(accepted_tokens, accepted_nodes, num_accepted)`` for a stand-in of the kernels."""
+        ``(accepted_tokens, accepted_nodes, num_accepted)`` for a stand-in of the kernels. With
+        ``accept``, at most that many drafts of each path are accepted (the bonus token follows
+        them), as if the target had chosen another token there."""
         from tkernels.spec import depths
 
         paths, width = [], 1
@@ -204,7 +206,7 @@ class TreeServingStep:
             parents = [-1] if not draft else proposal.parents[:1 + len(draft)].tolist()
             width = max(width, int(depths(torch.tensor(parents, dtype=torch.int32)).max()) + 1)
             path = [0]
-            while True:
+            while accept is None or len(path) <= accept:
                 children = [j for j in range(path[-1] + 1, len(parents)) if parents[j] == path[-1]]
                 if not children:
                     break
