@@ -1,7 +1,7 @@
 """Where a serving step's time goes: tkernels' tree proposer beside vLLM's ``ngram`` (issue 23, item 0).
 
     python bench/profile_step.py [--model smollm2|tiny|DIR] [--questions 8] [--max-tokens 48]
-        [--num-spec-tokens 8] [--methods none,ngram,tree,none_tk] [--cpu-attention native|compiled|torch|reference]
+        [--num-spec-tokens 8] [--methods none,ngram,tree,tree_sized,none_tk] [--cpu-attention native|compiled|torch|reference]
         [--dtype float32|bfloat16] [--category C] [--out bench/results/step_profile_cpu_vm.json]
 
 Runs vLLM's real engine (in-process, one subprocess per method) on the Spec-Bench dev questions
@@ -28,7 +28,9 @@ the *verification steps* (``verify_steps``: no prompt tokens, drafts verified; p
 pure decode steps), where two methods' steps of K drafts compare: ``--category summarization``
 (long prompts) makes ``ngram``'s lookup draft nearly every step. ``tree`` is tkernels' tree proposer at a fixed
 size (``size: fixed``, every step verifies ``--num-spec-tokens`` drafts, as ``ngram`` does at
-most), its default drafter, and on vLLM-CPU tkernels' attention in place of vLLM's
+most), its default drafter; ``tree_sized`` the same proposer as a server runs it, sizing its
+trees per batch (``size: per_batch``, up to ``--num-spec-tokens``) from its latency model
+(started from ``$TKERNELS_CONFIG_DIR``'s ``cpu.json`` where one is set, refit online); and on vLLM-CPU tkernels' attention in place of vLLM's
 (``TKERNELS_VLLM_CPU_ATTENTION``, ``--cpu-attention``: ``torch``, the vectorised path, by
 default; ``native``, vLLM-CPU's compiled kernel with the tree mask, bf16 only (``--dtype
 bfloat16``; fp32 runs ``torch``); ``reference``, the plain-PyTorch loop the first profile ran;
@@ -109,7 +111,7 @@ def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int,
         dtype: str, category: str | None = None) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    if method in ("tree", "none_tk"):
+    if method in ("tree", "tree_sized", "none_tk"):
         os.environ.pop("TKERNELS_VLLM_CPU_TEST_BACKEND", None)
         os.environ["TKERNELS_VLLM_CPU_ATTENTION"] = cpu_attention
     from vllm import LLM, SamplingParams
@@ -128,7 +130,7 @@ def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int,
     spec = None
     if method == "ngram":
         spec = {"method": "ngram", "num_speculative_tokens": num_spec, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
-    elif method == "tree":
+    elif method in ("tree", "tree_sized"):
         spec = {"method": "custom_class", "model": TREE, "num_speculative_tokens": num_spec}
     llm = LLM(model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=2048, seed=0,
               max_num_seqs=max(questions, 1), speculative_config=spec, async_scheduling=False,
@@ -252,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = _rounds_summary(records)
     print(json.dumps(summary, indent=1))
     if args.out:
-        args.out.write_text(json.dumps({"workload": vars(args) | {"out": str(args.out)}, "summary": summary,
-                                        "records": records}, indent=1) + "\n")
+        # the rates tree_sized's latency model started from (None: the analytic default, refit online)
+        config_dir = os.environ.get("TKERNELS_CONFIG_DIR")
+        config = Path(config_dir, "cpu.json") if config_dir else None
+        latency_start = json.loads(config.read_text()).get("latency_model") if config and config.is_file() else None
+        args.out.write_text(json.dumps({"workload": vars(args) | {"out": str(args.out)}, "latency_start": latency_start,
+                                        "summary": summary, "records": records}, indent=1) + "\n")
     return 0
 
 
