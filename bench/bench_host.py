@@ -164,12 +164,13 @@ STEP_BATCH, STEP_NODES = (8, 9) if TINY else (64, 32)
 STEP_DRAFTERS = ("hybrid", "tr_static", "pld")
 STEP_LOGITS_VOCAB = 128  # logits columns: the device's own work per row kept negligible on both sides
 STEP_ROUNDS = 5 if TINY else 30
-# Drafts each row accepts per step: every tree's whole first-child path (~19 of 32 nodes: the
-# most the automata and the learning take per step), and 2 (a mean acceptance length of 3,
-# above the tree proposer's 2.1-2.6 in every serving run of docs/serving.md).
+# Drafts each row accepts per step: every tree's whole first-child path (~18 drafts for the
+# hybrid, 3 for the template, 1 for prompt lookup: the most the automata and the learning take
+# per step), and at most 2 (a mean acceptance length of 3, above the tree proposer's 2.1-2.6 in
+# every serving run of docs/serving.md).
 STEP_ACCEPTS = (None, 2)
 # The step's context: room for the warm-up and timed steps' accepted tokens after D1's 600-token
-# histories (each step commits a whole first-child path; the proposer drafts within the context).
+# histories (a step commits up to a whole first-child path; the proposer drafts within the context).
 STEP_MAX_MODEL_LEN = 2048
 _step_ms: dict[int, float] = {}  # vLLM ngram + rejection sampler per step, by K
 

