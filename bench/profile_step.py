@@ -25,7 +25,10 @@ the run; parts nest as listed):
 ``other`` is ``step`` minus the top-level parts. Per step the schedule's rows, tokens, drafts and
 rows with prompt tokens are counted too; beside the means over every step the JSON has them over
 the *verification steps* (``verify_steps``: no prompt tokens, drafts verified; plain decoding's
-pure decode steps), where two methods' steps of K drafts compare: ``--category summarization``
+pure decode steps), where two methods' steps of K drafts compare, and over the *decode phase*
+(``decode_steps``: every step without prompt tokens, drafted or not; the summary's ``decode_s``
+and ``decode_speedup_per_round``), where methods compare without the prompt steps' run-to-run
+spread: ``--category summarization``
 (long prompts) makes ``ngram``'s lookup draft nearly every step. ``tree`` is tkernels' tree proposer at a fixed
 size (``size: fixed``, every step verifies ``--num-spec-tokens`` drafts, as ``ngram`` does at
 most), its default drafter; ``tree_sized`` the same proposer as a server runs it, sizing its
@@ -177,9 +180,13 @@ def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int,
     # Verification steps: no prompt tokens in the step and drafts verified (for plain decoding,
     # the pure decode steps): where "a step of K drafts" of two methods compare.
     verifying = [s for s in steps if not s.get("prefill_rows#count") and (s.get("draft_tokens#count") or not spec)]
+    # The decode phase: every step without prompt tokens, drafted or not (a sized tree's undrafted
+    # steps are in it). At 26 long prompts the prompt steps take most of a run and vary by
+    # ±1.5 s run to run, more than the methods' differences: compare methods here.
+    decoding = [s for s in steps if not s.get("prefill_rows#count")]
     return {"method": method, "num_spec_tokens": num_spec if spec else 0, "tokens": tokens,
             "wall_s": wall, "tokens_per_s": tokens / wall, **_summary(steps),
-            "verify_steps": _summary(verifying)}
+            "verify_steps": _summary(verifying), "decode_steps": _summary(decoding)}
 
 
 def _rounds_summary(records: list[dict]) -> dict:
@@ -191,16 +198,26 @@ def _rounds_summary(records: list[dict]) -> dict:
     def step_ms(r, part="step"):
         return r["verify_steps"]["ms_per_step"].get(part, 0.0)
 
+    def decode_s(r):  # the decode phase's seconds (records without it: None)
+        steps = r.get("decode_steps")
+        return steps and steps["steps"] * steps["ms_per_step"].get("step", 0.0) / 1e3
+
     median = statistics.median
     summary = {m: {"verify_step_ms": median([step_ms(r) for r in records if r["method"] == m]),
                    "verify_attention_kernel_ms": median([step_ms(r, "attention_kernel") for r in records
                                                         if r["method"] == m]),
-                   "tokens_per_s": median([r["tokens_per_s"] for r in records if r["method"] == m])}
+                   "tokens_per_s": median([r["tokens_per_s"] for r in records if r["method"] == m]),
+                   "decode_s": median([decode_s(r) or 0.0 for r in records if r["method"] == m])}
                for m in methods}
     rounds = sorted({r["round"] for r in records})
     summary["verify_step_ratio_per_round"] = {
         f"{m}/{methods[0]}": [step_ms(next(r for r in records if r["round"] == i and r["method"] == m))
                               / step_ms(next(r for r in records if r["round"] == i and r["method"] == methods[0]))
+                              for i in rounds] for m in methods[1:]}
+    # the first method's decode phase over each method's: > 1 where the method decodes faster
+    summary["decode_speedup_per_round"] = {
+        f"{m}/{methods[0]}": [decode_s(next(r for r in records if r["round"] == i and r["method"] == methods[0]))
+                              / decode_s(next(r for r in records if r["round"] == i and r["method"] == m))
                               for i in rounds] for m in methods[1:]}
     return summary
 
@@ -243,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             records.append({"round": round_, **record})
     for round_ in range(args.rounds):
         runs = [r for r in records if r["round"] == round_]
-        for title, views in (("every step", runs), ("verification steps", [r["verify_steps"] for r in runs])):
+        for title, views in (("every step", runs), ("verification steps", [r["verify_steps"] for r in runs]),
+                             ("decode phase", [r["decode_steps"] for r in runs])):
             names = sorted({k for r in views for k in r["ms_per_step"]}, key=lambda k: (k == "step", k))
             print(f"{'ms per step':<24}" + "".join(f"{r['method']:>12}" for r in runs) + f"   ({title}, round {round_})")
             for name in names:

@@ -3,6 +3,7 @@
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -245,6 +246,34 @@ def test_choose_spends_one_budget_where_scores_are_high(rng):
     assert ConfidenceTreePolicy(step_time=Flat()).choose(scores).equal(scores > 0)
 
 
+def test_kept_nodes_worth_less_than_their_scores_make_smaller_batches():
+    """choose() keeps the best-scoring nodes, whose scores came out high: record_kept learns what
+    kept nodes were worth (accepted / summed scores, decayed, prior factor 1) and choose() prices
+    the scores at that factor, so overconfident scores stop buying nodes that do not pay."""
+    from tkernels.spec.tree_policy import KEPT_PRIOR
+
+    class Linear:  # 100 µs a step plus 10 µs a token
+        def step_time(self, batch_tokens, requests=0, context=0):
+            return 100.0 + 10.0 * batch_tokens
+
+    policy = ConfidenceTreePolicy(step_time=Linear(), decay=0.9)
+    assert policy.kept_factor() == 1.0
+    scores = torch.tensor([[1.0, 0.6, 0.5, 0.4, 0.3, 0.2]]).expand(8, -1)
+    before = int(policy.choose(scores).sum())
+    for _ in range(60):  # kept nodes scored 0.5 on average, one in four was accepted
+        policy.record_kept(np.full(8, 0.5), np.arange(8) % 4 == 0)
+    assert policy.kept_factor() == pytest.approx(0.5, rel=0.01)
+    after = int(policy.choose(scores).sum())
+    assert after < before
+    # the factor is the scores' only change: ranking kept, a factor-1 policy with halved scores agrees
+    halved = ConfidenceTreePolicy(step_time=Linear()).choose(scores * policy.kept_factor())
+    assert policy.choose(scores).equal(halved)
+    # the prior: a first step of nothing accepted moves the factor, not to zero
+    fresh = ConfidenceTreePolicy(step_time=Linear(), decay=1.0)
+    fresh.record_kept(np.full(4, 0.5), np.zeros(4, bool))
+    assert fresh.kept_factor() == pytest.approx(KEPT_PRIOR / (KEPT_PRIOR + 2.0))
+
+
 def test_calibration_learns_from_tested_candidates_only():
     policy = ConfidenceTreePolicy(max_depth=2, bins=2, decay=0.9, prior_weight=1.0)
     # root -> a (q 0.6), b (q 0.3); a -> c (q 0.8); b -> d (q 0.7). The target accepts a, then rejects c.
@@ -350,6 +379,10 @@ _CU = torch.tensor([0, 4])
     ("accepted", lambda: ConfidenceTreePolicy().record(torch.rand(2), torch.ones(2, dtype=torch.long), torch.ones(2))),
     ("other_tokens", lambda: ConfidenceTreePolicy().choose(torch.rand(1, 5), other_tokens=-1)),
     ("scores", lambda: ConfidenceTreePolicy().choose(torch.full((1, 5), float("nan")))),
+    ("scores", lambda: ConfidenceTreePolicy().record_kept([0.5, float("nan")], np.ones(2, bool))),
+    ("scores", lambda: ConfidenceTreePolicy().record_kept([-0.5], np.ones(1, bool))),
+    ("accepted", lambda: ConfidenceTreePolicy().record_kept([0.5, 0.5], np.ones(3, bool))),
+    ("accepted", lambda: ConfidenceTreePolicy().record_kept([0.5], [1])),
     ("cu_nodes", lambda: find_tested_nodes(_P, torch.tensor([0, 3]), torch.zeros(1, 3, dtype=torch.int32), torch.tensor([1]))),
     ("num_accepted", lambda: find_tested_nodes(_P, _CU, torch.tensor([[0, 1, 3]]), torch.tensor([9]))),
     ("accepted_nodes", lambda: find_tested_nodes(_P, _CU, torch.tensor([[0, 9, 3]]), torch.tensor([3]))),

@@ -72,8 +72,9 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
     (:mod:`tkernels.spec.tree_policy`); the best path is one of them. ``n`` follows the hardware
     and the batch: each step the policy picks the node count that maximises expected tokens per
     second for this many drafting requests, priced by the step-latency model of the served
-    model's shape on this machine (per-GPU config, else the documented analytic default, refit
-    from the engine's measured steps: :mod:`tkernels.plugins.vllm.step_model`), so a lone
+    model's shape on this machine (per-GPU config, refit from the engine's measured steps;
+    without a config, one draft a request on every other step until the first fit:
+    :mod:`tkernels.plugins.vllm.step_model`), so a lone
     request on a GPU verifies the whole budget, a large batch small trees, and a machine where
     no draft pays none at all.
     ``--additional-config '{"tkernels_tree": {"size": "fixed"}}'`` always drafts the whole
@@ -115,7 +116,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         self._capture = self.tree_drafter.recycling is not None
         self._draft_caps: dict[tuple[int, int], int] = {}  # (drafting requests, context octave) -> nodes per request
         self.stats.update(prompt_topk_rows=0, prompt_topk_s=0.0, prompt_forward_s=0.0, foreign_drafts=0,
-                          padded_drafts=0, undrafted_steps=0)
+                          padded_drafts=0, undrafted_steps=0, probe_steps=0)
         logger.info("tkernels tree proposer: drafter %s, %s trees of at most %d draft tokens; %s", drafter,
                     options["size"], self.num_speculative_tokens, self.step_model.describe())
 
@@ -146,6 +147,13 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         if self.tree_drafter.method != DYNAMIC:
             self.tree_drafter.tr_policy.step_time = model
         self._draft_caps.clear()
+
+    def _probe_nodes(self) -> int:
+        """Nodes per request (root included) while no measured model prices a draft
+        (step_model.py): one draft on every other step, none on the others, so the first fit
+        sees the same batch with and without drafts. Counted in ``stats["probe_steps"]``."""
+        self.stats["probe_steps"] += 1
+        return min(2, self.num_speculative_tokens + 1) if self.stats["steps"] % 2 else 1
 
     def _propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings) -> list[list[int]]:
         self.stats["foreign_drafts"] = self.tree_batch.foreign_drafts  # rows verified as chains (tree.py)
@@ -181,11 +189,14 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
                 self._draft_caps.clear()
             context = mean_context(lengths, active)
             key = (active.size, context.bit_length())
-            if key not in self._draft_caps:
-                self._draft_caps[key] = len(self.policy.choose(active.size, num_nodes, context=context))
-            num_nodes = self._draft_caps[key]
-            if num_nodes <= 1:  # no draft pays at this batch on this machine: skip drafting altogether
-                self.stats["undrafted_steps"] += 1
+            if not self.step_model.measured:  # nothing prices a draft yet: probe (step_model.py)
+                num_nodes = self._probe_nodes()
+            else:
+                if key not in self._draft_caps:
+                    self._draft_caps[key] = len(self.policy.choose(active.size, num_nodes, context=context))
+                num_nodes = self._draft_caps[key]
+                if num_nodes <= 1:  # no draft pays at this batch on this machine: skip drafting altogether
+                    self.stats["undrafted_steps"] += 1
         if not active.size or num_nodes <= 1:
             self.tree_batch.propose(step.req_ids, drafts)
             return drafts
@@ -193,7 +204,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
         lengths = lengths[active]
         trees = self.tree_drafter.draft_batch([step.req_ids[i] for i in rows],
                                               [token_ids_cpu[i, :n] for i, n in zip(rows, lengths.tolist())], num_nodes)
-        if self.per_batch:  # methods with estimates; others keep the whole budget
+        if self.per_batch and self.step_model.measured:  # methods with estimates; others keep the whole budget
             trees = self.tree_drafter.choose_batch(trees, context=context)
         room = self.max_model_len - lengths  # nodes that fit before the context limit, root included
         if (trees.sizes > room).any():
@@ -242,6 +253,7 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
             tokens = token_ids_cpu[roots, lengths - counts[roots] - 1].astype(np.int64)
             parts.append(DraftBatch(torch.from_numpy(tokens), torch.full((roots.size,), -1, dtype=torch.int32),
                                     np.arange(roots.size + 1, dtype=np.int64), [step.req_ids[r] for r in roots.tolist()],
+                                    scores=torch.ones(roots.size, dtype=torch.float64),  # a root is committed
                                     node_depths=np.zeros(roots.size, np.int64)))
             on_path.append(np.ones(roots.size, bool))
             part_rows.append(roots)
@@ -312,7 +324,9 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
 
     def _draft(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu):
         rows = [i for i, s in enumerate(sampled_token_ids) if s]
-        if rows and self.per_batch:  # priced as _propose prices them, at the drafting rows' mean context
+        if rows and self.per_batch and not self.step_model.measured:
+            self._num_nodes = self._probe_nodes()
+        elif rows and self.per_batch:  # priced as _propose prices them, at the drafting rows' mean context
             context = mean_context(num_tokens_no_spec, rows)
             self._num_nodes = len(self.policy.choose(len(rows), self.num_speculative_tokens + 1, context=context))
         return super()._draft(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)

@@ -115,6 +115,21 @@ def test_measured_steps_refit_the_model_to_this_machine():
     assert off.record(measured_step(truth, [10], [1])) is None and "not calibrated" in off.describe()
 
 
+def test_steps_with_a_prompt_chunk_are_not_measured():
+    """The size policy prices decodes and verified drafts; a prompt token costs less (no LM head,
+    sampler or top-k capture), so a step with a prompt chunk in it is left out of the fit."""
+    from tkernels.config import ConfigChoice
+    from tkernels.plugins.vllm.step_model import MeasuredSteps
+
+    truth = LatencyModel(SHAPE, CPU_RATES)
+    steps = MeasuredSteps(SHAPE, choice=ConfigChoice(None, "no config in this test"))
+    chunk = measured_step(truth, [0, 40], [1, 1])
+    chunk.root_position = np.array([63, 40])  # row 0 ran a 64-token prompt chunk (its root is its last token)
+    assert steps.record(chunk) is None and chunk.started is None and steps.calibration.steps == 0
+    steps.record(measured_step(truth, [0, 40], [1, 3]))  # a decode and a verified 2-draft chain
+    assert steps.calibration.steps == 1
+
+
 def propose_at(proposer, batch_size):
     batch = Batch([[3, 4, 5, 3, 4]] * batch_size)  # "3 4" repeats: the hybrid's retrieval drafts
     fake_step(proposer, [f"r{i}" for i in range(batch_size)], [[]] * batch_size)
@@ -161,3 +176,28 @@ def test_the_size_policy_learns_the_drafters_acceptance():
         assert on_path.tolist() == [True, True, False, True]
     after = proposer.policy.accept_probs()
     assert after[0, 0] > before[0, 0] and after[1, 0] > before[1, 0] and after[0, 1] < before[0, 1]
+
+
+@pytest.mark.parametrize("drafter", ["hybrid", "dynamic"])
+def test_an_unmeasured_proposer_probes_until_its_first_fit(drafter):
+    """No config for this machine and no fit yet: nothing prices a draft (the analytic default is
+    an H100's), so the proposer drafts one node a request on every other step and none on the
+    others, whatever the default would size; the first fit of those steps ends the probing."""
+    proposer, _ = make_tree_proposer(measured=False, num_spec=8, shape=LLAMA3_8B,
+                                     additional_config={"tkernels_tree": {"drafter": drafter}})
+    if drafter == "dynamic":
+        from test_tree_speculation import learn
+
+        learn(proposer, {3: [4, 5], 4: [5, 3]})
+    assert not proposer.step_model.measured and "probing" in proposer.step_model.describe()
+    sizes = [{len(d) for d in propose_at(proposer, 8)} for _ in range(6)]
+    assert sizes == [{1}, {0}] * 3 and proposer.stats["probe_steps"] == 6
+    truth = LatencyModel(proposer.step_model.model.shape, CPU_RATES)
+    rng = np.random.default_rng(1)
+    for _ in range(20):  # this machine's steps, measured; the first fit ends the probing
+        rows = int(rng.integers(1, 9))
+        proposer.step_model.record(measured_step(truth, rng.integers(10, 600, rows), rng.integers(1, 10, rows)))
+    proposer.step_model.calibration.wait()
+    assert proposer.step_model.measured and "probing" not in proposer.step_model.describe()
+    propose_at(proposer, 8)
+    assert proposer.stats["probe_steps"] == 6

@@ -44,10 +44,23 @@ def vllm_config(num_spec=NUM_SPEC, async_scheduling=False, max_model_len=256, ad
 DYNAMIC = {"tkernels_tree": {"drafter": "dynamic"}}  # the per-(depth, rank) drafter (the default is hybrid)
 
 
-def make_tree_proposer(**config):
-    from tkernels.plugins.vllm.proposer import TokenRecyclingTreeProposer
+def make_tree_proposer(measured=True, **config):
+    """A tree proposer on a fake target. ``measured``: its step model's rates come from a config
+    for this machine (holding the analytic default's H100-class rates, the sizes these tests
+    reason about), so it sizes trees from its first step; False: no config, as on a machine
+    nobody profiled (it probes until its first fit: step_model.py)."""
+    from dataclasses import asdict
+    from pathlib import Path
+    from unittest import mock
 
-    proposer = TokenRecyclingTreeProposer(vllm_config(**config))
+    from tkernels.config import ConfigChoice
+    from tkernels.plugins.vllm.proposer import TokenRecyclingTreeProposer
+    from tkernels.sched.latency_model import DEFAULT_RATES
+
+    choice = ConfigChoice(Path("test.json"), "override (a test's config)", {"latency_model": asdict(DEFAULT_RATES)}) \
+        if measured else ConfigChoice(None, "no config in this test")
+    with mock.patch("tkernels.plugins.vllm.step_model.current", return_value=choice):
+        proposer = TokenRecyclingTreeProposer(vllm_config(**config))
     target = FakeTarget()
     super(TokenRecyclingTreeProposer, proposer).load_model(target)  # the capture only: no engine layers here
     return proposer, target

@@ -319,7 +319,11 @@ class TreeDrafter:
                 own = self._own.setdefault(key, {})
                 for i in range(int(batch.cu[b]), int(batch.cu[b + 1])):  # a token at several nodes: the last one's
                     own[tokens[i]] = (ids[i], probs[i])
-        self._calibrate(batch, torch.from_numpy(np.asarray(on_path, bool)))
+        on_path = np.asarray(on_path, bool)
+        if batch.scores is not None and len(batch):  # what the kept nodes were worth (choose's factor)
+            drafted = batch.depths > 0
+            self.tr_policy.record_kept(batch.scores.numpy()[drafted], on_path[drafted])
+        self._calibrate(batch, torch.from_numpy(on_path))
 
     def _calibrate(self, batch: DraftBatch, on_path: torch.Tensor) -> None:
         """Record every *tested* node (its parent is on the accepted path) in the TR and retrieval

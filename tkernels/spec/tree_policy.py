@@ -36,6 +36,11 @@ __all__ = [
     "tested_nodes",
 ]
 
+# ConfidenceTreePolicy.record_kept's prior: this many kept nodes' worth of scores, all accepted
+# (factor 1), so the first verified steps move the factor and a step or two no longer dominates
+KEPT_PRIOR = 4.0
+
+
 class StepTime(Protocol):
     """A verify-step latency model; ``tkernels autotune`` supplies a per-GPU one.
 
@@ -247,6 +252,16 @@ class ConfidenceTreePolicy:
     (``q`` in (1/2, 1], (1/4, 1/2], ..., the last takes the rest); depths past ``max_depth``
     share its cell. The prior is factor 1 with ``prior_weight`` pseudo-observations per cell.
     Every :meth:`update` multiplies the sums by ``decay`` first (window ~ 1 / (1 - decay) steps).
+
+    Kept nodes: :meth:`choose` keeps the batch's best-scoring nodes, and a node's score is an
+    estimate, so the kept ones are those whose estimates came out high: as a set they are
+    overconfident even where every estimate is unbiased (on the CPU VM at 26 requests the hybrid's
+    kept nodes scored 1.36x the drafts the target accepted; docs/step_profile.md, tenth round),
+    and a step priced on them drafts past what pays. :meth:`record_kept` learns, from every
+    verified step, the ratio of the kept nodes' accepted count to their summed scores (decayed
+    sums, ``decay``; a prior of :data:`KEPT_PRIOR` nodes at ratio 1), and :meth:`choose`
+    multiplies the scores by it (:meth:`kept_factor`): one factor keeps their order and moves the
+    size.
     """
 
     def __init__(
@@ -265,6 +280,7 @@ class ConfidenceTreePolicy:
         typical_q = 2.0 ** -(torch.arange(bins, dtype=torch.float64) + 0.5)  # a q inside each bin
         self.mass = (prior_weight * typical_q).expand(max_depth, bins).clone()  # decayed sum of tested q
         self.accepted = self.mass.clone()  # decayed sum of acceptances (prior: factor 1)
+        self.kept_scores = self.kept_accepted = KEPT_PRIOR  # record_kept's decayed sums (prior: factor 1)
 
     def _cells(self, probs: torch.Tensor, depth: int | torch.Tensor):
         # NaN goes to the last bin (its estimate stays NaN, which choose() refuses) instead of
@@ -307,6 +323,24 @@ class ConfidenceTreePolicy:
 
         return accept_prob
 
+    def kept_factor(self) -> float:
+        """The kept nodes' accepted count over their summed scores (:meth:`record_kept`), which
+        :meth:`choose` multiplies the scores by."""
+        return self.kept_accepted / self.kept_scores
+
+    def record_kept(self, scores, accepted) -> None:
+        """Learn from one verified step's kept (drafted) nodes: their scores as :meth:`choose`
+        was given them (float [m], before its factor) and whether each was accepted (bool [m]).
+        One decay per call."""
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        accepted = np.asarray(accepted).reshape(-1)
+        if accepted.dtype != np.bool_ or accepted.shape != scores.shape:
+            fail("accepted", f"must be bools, one per score ({scores.size}), got {accepted.dtype} {accepted.shape}")
+        if not (np.isfinite(scores).all() and (scores >= 0).all()):
+            fail("scores", "must be finite and >= 0")
+        self.kept_scores = self.kept_scores * self.decay + float(scores.sum())
+        self.kept_accepted = self.kept_accepted * self.decay + float(np.count_nonzero(accepted))
+
     def update(self, node_probs, parents, cu_nodes, accepted_nodes, num_accepted) -> None:
         """Learn from one verify step of the ragged batch ``(parents, cu_nodes)`` that
         :meth:`TokenRecycling.draft_best` drafted (``node_probs``: its ``probs`` at those nodes)
@@ -348,7 +382,8 @@ class ConfidenceTreePolicy:
 
         ``scores`` float [B, n] (node 0 = root, rows in BFS order) estimate each node's chance
         of acceptance, so keeping the batch's ``j`` best non-root nodes yields ``B + their sum``
-        expected tokens in a step of ``B + j`` tokens. Maximises useful tokens per second,
+        expected tokens in a step of ``B + j`` tokens (the scores times :meth:`kept_factor`, what
+        kept nodes turned out to be worth). Maximises useful tokens per second,
         ``(other_tokens + B + sum) / T(other_tokens + B + j)`` over j: one budget for the batch,
         spent where the scores are highest, so requests get different trees. ``context``: the
         requests' cached tokens (mean), priced as :meth:`DynamicTreePolicy.choose` prices them.
@@ -361,7 +396,8 @@ class ConfidenceTreePolicy:
         if not bool(torch.isfinite(rest).all()):
             fail("scores", "must be finite (no NaN or inf)")
         order = rest.argsort(descending=True, stable=True)  # ties: lower (row, node) first, parents before children
-        expected = other_tokens + batch + torch.cat([torch.zeros(1, dtype=torch.float64), rest[order].cumsum(0)])
+        worth = (rest[order] * self.kept_factor()).clamp(max=1.0)
+        expected = other_tokens + batch + torch.cat([torch.zeros(1, dtype=torch.float64), worth.cumsum(0)])
         times = _step_times(self.step_time, range(other_tokens + batch, other_tokens + batch + order.numel() + 1), batch,
                             context)
         best = int((expected / times).argmax())  # the first maximum: ties go to the smaller step
