@@ -15,6 +15,7 @@ from tkernels.spec.drafters import (
     static_template,
 )
 from tkernels.spec.retrieval import SuffixAutomaton, bfs_order
+from tkernels.spec.tree_policy import KEPT_PRIOR
 
 V = 50
 
@@ -159,6 +160,10 @@ def test_observe_calibrates_each_source_on_its_tested_candidates():
     assert cal.tested[cal.cell(2, 4, 1.0)].item() == 1 and cal.accepted[cal.cell(2, 4, 1.0)].item() == 0
     # TR tested its two depth-1 candidates (probs 0.3 and 0.6); node 4 (below the rejected 1) is untested
     assert drafter.tr_policy.mass.sum().item() == pytest.approx(before_tr + 0.9)
+    # what the verified (kept) drafts were worth, beside: their scores 0.8 + 0.5 + 0.72 + 0.25, one accepted
+    policy = drafter.tr_policy
+    assert policy.kept_scores == pytest.approx(KEPT_PRIOR * policy.decay + 2.27)
+    assert policy.kept_accepted == pytest.approx(KEPT_PRIOR * policy.decay + 1)
 
 
 def test_retrieval_calibration_converges_to_the_observed_rate():
