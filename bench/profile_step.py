@@ -189,6 +189,11 @@ def run(method: str, model: str, questions: int, max_tokens: int, num_spec: int,
             "verify_steps": _summary(verifying), "decode_steps": _summary(decoding)}
 
 
+def _median_or_none(values: list) -> float | None:
+    """The median, or None where a record lacks the value (files before the decode phase)."""
+    return None if any(v is None for v in values) else statistics.median(values)
+
+
 def _rounds_summary(records: list[dict]) -> dict:
     """Per method, the median over rounds of the verification steps' ms per step (whole step and
     attention kernel) and of tokens/s; per round, each method's verification step over the first
@@ -207,7 +212,7 @@ def _rounds_summary(records: list[dict]) -> dict:
                    "verify_attention_kernel_ms": median([step_ms(r, "attention_kernel") for r in records
                                                         if r["method"] == m]),
                    "tokens_per_s": median([r["tokens_per_s"] for r in records if r["method"] == m]),
-                   "decode_s": median([decode_s(r) or 0.0 for r in records if r["method"] == m])}
+                   "decode_s": _median_or_none([decode_s(r) for r in records if r["method"] == m])}
                for m in methods}
     rounds = sorted({r["round"] for r in records})
     summary["verify_step_ratio_per_round"] = {
@@ -215,10 +220,11 @@ def _rounds_summary(records: list[dict]) -> dict:
                               / step_ms(next(r for r in records if r["round"] == i and r["method"] == methods[0]))
                               for i in rounds] for m in methods[1:]}
     # the first method's decode phase over each method's: > 1 where the method decodes faster
-    summary["decode_speedup_per_round"] = {
-        f"{m}/{methods[0]}": [decode_s(next(r for r in records if r["round"] == i and r["method"] == methods[0]))
-                              / decode_s(next(r for r in records if r["round"] == i and r["method"] == m))
-                              for i in rounds] for m in methods[1:]}
+    def speedup(i: int, m: str) -> float | None:
+        first, this = (decode_s(next(r for r in records if r["round"] == i and r["method"] == k)) for k in (methods[0], m))
+        return first / this if first and this else None  # records without a decode phase: None
+
+    summary["decode_speedup_per_round"] = {f"{m}/{methods[0]}": [speedup(i, m) for i in rounds] for m in methods[1:]}
     return summary
 
 

@@ -45,12 +45,17 @@ def test_step_profile_rounds_summary(bench_script):
 
     def record(round_, method, step, kernel, tps):
         return {"round": round_, "method": method, "tokens_per_s": tps,
-                "verify_steps": {"ms_per_step": {"step": step, "attention_kernel": kernel}}}
+                "verify_steps": {"ms_per_step": {"step": step, "attention_kernel": kernel}},
+                "decode_steps": {"steps": 10, "ms_per_step": {"step": step}}}
 
     records = [record(0, "ngram", 200.0, 60.0, 20.0), record(0, "tree", 300.0, 100.0, 18.0),
                record(1, "ngram", 100.0, 30.0, 30.0), record(1, "tree", 120.0, 40.0, 35.0),
                record(2, "ngram", 150.0, 50.0, 25.0), record(2, "tree", 150.0, 70.0, 26.0)]
     summary = profile_step._rounds_summary(records)
-    assert summary["ngram"] == {"verify_step_ms": 150.0, "verify_attention_kernel_ms": 50.0, "tokens_per_s": 25.0}
+    assert summary["ngram"] == {"verify_step_ms": 150.0, "verify_attention_kernel_ms": 50.0, "tokens_per_s": 25.0,
+                                "decode_s": 1.5}
+    assert summary["decode_speedup_per_round"]["tree/ngram"] == pytest.approx([2 / 3, 1 / 1.2, 1.0])
+    older = [{k: v for k, v in r.items() if k != "decode_steps"} for r in records]  # files before the decode phase
+    assert profile_step._rounds_summary(older)["ngram"]["decode_s"] is None
     assert summary["tree"]["verify_step_ms"] == 150.0
     assert summary["verify_step_ratio_per_round"] == {"tree/ngram": [1.5, 1.2, 1.0]}
