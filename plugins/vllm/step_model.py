@@ -27,7 +27,7 @@ tree policies, so its trees shrink to what pays on this machine at this batch, d
 Until the model is :attr:`MeasuredSteps.measured` (rates from this GPU's config, written by
 ``tkernels autotune``, or a first refit of this engine's steps) nothing prices a draft: the
 analytic default is another machine's (an H100's), and on the 2-core CPU VM trusting it drafted
-8 nodes a request at 26 requests for the first 16 steps, each step twice a plain one
+8 nodes a request at 26 requests for the first 16 steps, each step two to three times a plain one
 (docs/step_profile.md, tenth round). The proposer then *probes* instead: one draft a request on
 every other step, none on the others, so the first fit sees steps of the same batch with and
 without drafts and learns what a draft token costs here (steps of decodes alone leave a draft's

@@ -324,11 +324,12 @@ class TokenRecyclingTreeProposer(TokenRecyclingProposer):
 
     def _draft(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu):
         rows = [i for i, s in enumerate(sampled_token_ids) if s]
-        if rows and self.per_batch and not self.step_model.measured:
-            self._num_nodes = self._probe_nodes()
-        elif rows and self.per_batch:  # priced as _propose prices them, at the drafting rows' mean context
-            context = mean_context(num_tokens_no_spec, rows)
-            self._num_nodes = len(self.policy.choose(len(rows), self.num_speculative_tokens + 1, context=context))
+        if rows and self.per_batch:  # as _propose sizes them: a probe, or priced at the drafting rows' mean context
+            if not self.step_model.measured:
+                self._num_nodes = self._probe_nodes()
+            else:
+                context = mean_context(num_tokens_no_spec, rows)
+                self._num_nodes = len(self.policy.choose(len(rows), self.num_speculative_tokens + 1, context=context))
         return super()._draft(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
 
     def _verified_drafts(self, row: int, sampled: list[int], num_tokens: int, token_ids_cpu: np.ndarray) -> list[int]:
